@@ -1,0 +1,20 @@
+//! Port-I/O devices of luo-vmm.
+//!
+//! Every port access a vCPU makes goes through one [`PioBus`]; the devices behind it are
+//! the 8250 serial console and the i8042 controller from `vm-superio`, the handover
+//! [`probe`] port that the guest agent writes marks to, and a sink that answers the
+//! legacy ports Linux probes without claiming them.
+
+pub mod bus;
+pub mod console;
+pub mod i8042;
+pub mod legacy;
+pub mod probe;
+pub mod serial;
+
+pub use bus::{BusError, PioBus, PioDevice};
+pub use console::ConsoleOutput;
+pub use i8042::{ResetDevice, I8042_LEN, I8042_PORT};
+pub use legacy::{Sink, LEGACY_SINK_RANGES};
+pub use probe::{ProbeEvent, ProbeMark, ProbePort, PROBE_PORT};
+pub use serial::{SerialConsole, COM1_IRQ, COM1_PORT};

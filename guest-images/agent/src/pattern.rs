@@ -1,0 +1,123 @@
+//! The content of the preserved memfds: every byte is a function of (round, session, file,
+//! offset), so stage 2 can check each byte and name the first one that differs.
+//!
+//! Words of 8 bytes are a SplitMix64-style hash of the word index, seeded by
+//! (round, session, file): a few multiplications and shifts per 8 bytes, cheap even under an
+//! instruction emulator, and a stale page from another file or round never matches.
+
+/// The seed of one memfd.
+pub fn seed(round: u32, session: u32, file: u32) -> u64 {
+    (u64::from(round) << 48) ^ (u64::from(session) << 24) ^ u64::from(file) ^ 0x4c55_4f2d_564d_4d00
+}
+
+/// The 8-byte word at word index `index` of the memfd with seed `seed`.
+#[inline]
+pub fn word(seed: u64, index: u64) -> u64 {
+    let mut z = seed.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_4476_d1ce_4e5b);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The expected byte at `offset`.
+pub fn byte_at(seed: u64, offset: u64) -> u8 {
+    word(seed, offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+/// Fills `buf` with the pattern of bytes `offset..offset + buf.len()`.
+/// `offset` must be a multiple of 8.
+pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
+    debug_assert_eq!(offset % 8, 0);
+    let first = offset / 8;
+    for (k, chunk) in buf.chunks_mut(8).enumerate() {
+        let w = word(seed, first + k as u64).to_le_bytes();
+        chunk.copy_from_slice(&w[..chunk.len()]);
+    }
+}
+
+/// A byte that is not what the pattern says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Offset in the memfd.
+    pub offset: u64,
+    /// What the pattern says.
+    pub expected: u8,
+    /// What was read.
+    pub got: u8,
+}
+
+/// Checks `buf`, which holds bytes `offset..offset + buf.len()`; returns the first wrong byte.
+/// `offset` must be a multiple of 8.
+pub fn check(seed: u64, offset: u64, buf: &[u8]) -> Option<Mismatch> {
+    debug_assert_eq!(offset % 8, 0);
+    let first = offset / 8;
+    for (k, chunk) in buf.chunks(8).enumerate() {
+        let w = word(seed, first + k as u64).to_le_bytes();
+        if chunk != &w[..chunk.len()] {
+            let i = chunk.iter().zip(w).position(|(g, e)| *g != e)?;
+            return Some(Mismatch {
+                offset: offset + (k * 8 + i) as u64,
+                expected: w[i],
+                got: chunk[i],
+            });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_then_check_passes() {
+        let s = seed(0, 1, 2);
+        let mut buf = vec![0u8; 4096 + 5];
+        fill(s, 8192, &mut buf);
+        assert_eq!(check(s, 8192, &buf), None);
+        for (i, b) in buf.iter().enumerate() {
+            assert_eq!(*b, byte_at(s, 8192 + i as u64));
+        }
+    }
+
+    #[test]
+    fn chunked_fill_equals_whole_fill() {
+        let s = seed(3, 0, 0);
+        let mut whole = vec![0u8; 256];
+        fill(s, 0, &mut whole);
+        let mut parts = vec![0u8; 256];
+        let (a, b) = parts.split_at_mut(64);
+        fill(s, 0, a);
+        fill(s, 64, b);
+        assert_eq!(whole, parts);
+    }
+
+    #[test]
+    fn reports_first_mismatch() {
+        let s = seed(0, 0, 0);
+        let mut buf = vec![0u8; 1024];
+        fill(s, 0, &mut buf);
+        buf[77] ^= 0x40;
+        buf[900] ^= 1;
+        let m = check(s, 4096, &buf[..]);
+        // Checked at the wrong offset: the very first byte is already wrong.
+        assert_eq!(m.map(|m| m.offset), Some(4096));
+        let m = check(s, 0, &buf).unwrap();
+        assert_eq!(m.offset, 77);
+        assert_eq!(m.expected, byte_at(s, 77));
+        assert_eq!(m.got, byte_at(s, 77) ^ 0x40);
+    }
+
+    #[test]
+    fn files_and_rounds_differ() {
+        let mut a = [0u8; 64];
+        let mut b = [0u8; 64];
+        fill(seed(0, 0, 0), 0, &mut a);
+        fill(seed(0, 0, 1), 0, &mut b);
+        assert_ne!(a, b);
+        fill(seed(1, 0, 0), 0, &mut b);
+        assert_ne!(a, b);
+        fill(seed(0, 1, 0), 0, &mut b);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,97 @@
+//! Thin wrappers around the system calls the agent needs that `std` does not offer.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `mount(source, target, fstype, 0, NULL)`; an already mounted target (EBUSY) is fine.
+pub fn mount(source: &CStr, target: &CStr, fstype: &CStr) -> io::Result<()> {
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call; data is NULL.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    match check(ret.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// `memfd_create(name, 0)`.
+pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
+    let name = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) }.into())?;
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `kexec_file_load(kernel, initrd, cmdline, flags = 0)`: loads the next kernel.
+pub fn kexec_file_load(
+    kernel: BorrowedFd<'_>,
+    initrd: BorrowedFd<'_>,
+    cmdline: &str,
+) -> io::Result<()> {
+    let cmdline = CString::new(cmdline).map_err(io::Error::other)?;
+    let len = cmdline.as_bytes_with_nul().len();
+    // SAFETY: the descriptors are open; the command line pointer and its length (which
+    // includes the NUL, as the syscall requires) describe a live buffer.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel.as_raw_fd(),
+            initrd.as_raw_fd(),
+            len,
+            cmdline.as_ptr(),
+            0u64,
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `reboot(cmd)`; returns only on failure.
+pub fn reboot(cmd: libc::c_int) -> io::Error {
+    // SAFETY: reboot takes no pointers; on success it does not return.
+    unsafe { libc::reboot(cmd) };
+    io::Error::last_os_error()
+}
+
+/// `sync()`.
+pub fn sync() {
+    // SAFETY: no arguments, no memory touched.
+    unsafe { libc::sync() };
+}
+
+/// `CLOCK_MONOTONIC` in seconds (comparable to the kernel's printk timestamps).
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Number of CPUs this process may run on (`sched_getaffinity`).
+pub fn affinity_cpus() -> Option<u32> {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed.
+    let ret = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    // SAFETY: `set` was filled in by the kernel.
+    (ret == 0).then(|| unsafe { libc::CPU_COUNT(&set) } as u32)
+}

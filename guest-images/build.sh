@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# Build the luo-vmm reference guest: a Linux kernel with KHO + LUO + memfd preservation
+# (patched for the emulation profile, see patches/), the upstream LUO selftests, and an
+# uncompressed initramfs whose /init is the guest agent (agent/).
+#
+# Usage: guest-images/build.sh [--print-dir]
+#
+#   --print-dir   print the image directory of the last build if its kernel inputs are
+#                 unchanged and it is complete (exit 0), else exit 1; builds nothing.
+#
+# Environment:
+#   LUO_KERNEL_TARBALL=/path/linux-*.tar.*  use this kernel source instead of Debian's
+#   LUO_KERNEL_REFRESH=1   ask Debian sid for a newer linux-source-* even if one is cached
+#   LUO_KEEP_BUILD=0       delete the kernel build tree after a successful build
+#   XDG_CACHE_HOME         the cache lives in ${XDG_CACHE_HOME:-$HOME/.cache}/luo-vmm
+#   CARGO_TARGET_DIR       where cargo builds the agent (default: the workspace's target/)
+#
+# Cache layout (see docs/guest-image.md):
+#   apt/                       private apt dir for Debian sid (sources.list, lists, cache, *.deb)
+#   build/<kkey>/              kernel build tree and build.log (the latest one is kept)
+#   kernels/<kkey>/            vmlinux bzImage System.map kernel-version .config selftests/
+#                              gen_init_cpio build.log   (<kkey> = <version>-<hash>)
+#   initramfs/<ikey>.cpio      uncompressed newc initramfs (<ikey> = hash of its inputs)
+#   images/<kkey>-<ikey>/      what the VMM needs: symlinks to the above
+#
+# All progress goes to stderr; the last line on stdout is `LUO_IMAGE_DIR=<dir>`.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/luo-vmm
+APT_DIR=$CACHE/apt
+MIN_KERNEL=6.19 # LUO was merged in 6.19
+AGENT_TARGET=x86_64-unknown-linux-gnu
+JOBS=$(nproc)
+
+# Binaries built from tools/testing/selftests/liveupdate (see its Makefile).
+SELFTESTS=(liveupdate luo_kexec_simple luo_multi_session luo_stress_sessions luo_stress_files)
+
+log() { printf 'build.sh: %s\n' "$*" >&2; }
+die() {
+	log "ERROR: $*"
+	exit 1
+}
+sha() { sha256sum | cut -c1-16; }
+
+# ---------------------------------------------------------------------------------------
+# Kernel source: a user tarball, or the newest linux-source-* (>= 6.19) of Debian sid.
+# Sets SRC_KIND (tarball|deb), SRC_FILE and KVER.
+# ---------------------------------------------------------------------------------------
+
+apt_opts() {
+	echo "-o Dir::Etc::sourcelist=$APT_DIR/sources.list -o Dir::Etc::sourceparts=/dev/null" \
+		"-o Dir::State::Lists=$APT_DIR/lists -o Dir::Cache=$APT_DIR/cache"
+}
+
+# Newest cached linux-source-*.deb with a version >= MIN_KERNEL, or nothing.
+newest_cached_deb() {
+	local f v best="" bestv=""
+	for f in "$APT_DIR"/linux-source-*_all.deb; do
+		[[ -e $f ]] || continue
+		v=$(basename "$f" | sed -E 's/^linux-source-[^_]+_([^_]+)_all\.deb$/\1/')
+		version_ge "$v" "$MIN_KERNEL" || continue
+		if [[ -z $bestv ]] || version_ge "$v" "$bestv"; then
+			best=$f bestv=$v
+		fi
+	done
+	[[ -n $best ]] && echo "$best"
+	return 0
+}
+
+version_ge() { [[ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" == "$2" ]]; }
+
+download_debian_source() {
+	mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial"
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" \
+		>"$APT_DIR/sources.list"
+	local A pkg
+	# shellcheck disable=SC2046 # apt_opts is a list of words
+	A=$(apt_opts)
+	log "apt-get update (Debian sid, private apt dir $APT_DIR)"
+	# shellcheck disable=SC2086
+	apt-get $A -q update >&2 || die "apt-get update for Debian sid failed"
+	# shellcheck disable=SC2086
+	pkg=$(apt-cache $A search --names-only '^linux-source-[0-9]+\.[0-9]+$' |
+		awk '{print $1}' | sed 's/^linux-source-//' | sort -V | tail -n1)
+	[[ -n $pkg ]] || die "Debian sid serves no linux-source-* package"
+	version_ge "$pkg" "$MIN_KERNEL" || die "newest Debian linux-source-$pkg is older than $MIN_KERNEL"
+	log "downloading linux-source-$pkg"
+	# shellcheck disable=SC2086
+	(cd "$APT_DIR" && apt-get $A -q download "linux-source-$pkg" >&2) ||
+		die "apt-get download linux-source-$pkg failed"
+}
+
+pick_source() {
+	if [[ -n ${LUO_KERNEL_TARBALL:-} ]]; then
+		[[ -f $LUO_KERNEL_TARBALL ]] || die "LUO_KERNEL_TARBALL=$LUO_KERNEL_TARBALL: no such file"
+		SRC_KIND=tarball
+		SRC_FILE=$(readlink -f "$LUO_KERNEL_TARBALL")
+		KVER=$(basename "$SRC_FILE" | sed -E 's/^linux-//; s/\.tar\..*$//; s/\.tgz$//')
+		# A tarball name says little: its content hash is part of the key.
+		KVER="$KVER-$(sha <"$SRC_FILE" | cut -c1-8)"
+		return
+	fi
+	SRC_KIND=deb
+	SRC_FILE=$(newest_cached_deb)
+	if [[ -z $SRC_FILE || ${LUO_KERNEL_REFRESH:-0} == 1 ]]; then
+		download_debian_source
+		SRC_FILE=$(newest_cached_deb)
+		[[ -n $SRC_FILE ]] || die "no linux-source-*.deb in $APT_DIR after download"
+	fi
+	# linux-source-7.2_7.2.13-1_all.deb -> 7.2.13-1 (Debian version, upstream 7.2.13)
+	KVER=$(basename "$SRC_FILE" | sed -E 's/^linux-source-[^_]+_([^_]+)_all\.deb$/\1/')
+}
+
+# ---------------------------------------------------------------------------------------
+# The kernel part. The text of these functions is part of the cache key.
+# ---------------------------------------------------------------------------------------
+
+# Extract SRC_FILE into $1 (which must not exist) so that $1 is the top of the tree.
+kernel_extract() {
+	local dst=$1 tmp
+	tmp=$(mktemp -d "$dst.extract.XXXXXX")
+	if [[ $SRC_KIND == deb ]]; then
+		log "extracting $(basename "$SRC_FILE")"
+		local inner
+		inner=$(dpkg-deb -c "$SRC_FILE" | awk '{print $6}' | grep -E '^\./usr/src/linux-source-.*\.tar\.xz$' | head -n1)
+		[[ -n $inner ]] || die "$SRC_FILE holds no usr/src/linux-source-*.tar.xz"
+		dpkg-deb --fsys-tarfile "$SRC_FILE" | tar -xO "$inner" | tar -xJ -C "$tmp"
+	else
+		log "extracting $(basename "$SRC_FILE")"
+		tar -xf "$SRC_FILE" -C "$tmp"
+	fi
+	local top
+	top=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n1)
+	[[ -f $top/Makefile && -d $top/kernel ]] || die "no kernel tree in $SRC_FILE"
+	mv "$top" "$dst"
+	rmdir "$tmp"
+}
+
+kernel_patch() {
+	local src=$1 p
+	for p in "$HERE"/patches/*.patch; do
+		[[ -e $p ]] || continue
+		log "applying patches/$(basename "$p")"
+		patch -d "$src" -p1 --forward --quiet <"$p" || die "patch $(basename "$p") does not apply"
+	done
+}
+
+# tinyconfig + kernel.config + olddefconfig, then check that every option of the fragment
+# kept the value asked for (Kconfig silently drops options whose dependencies are unmet).
+kernel_configure() {
+	local src=$1 buildlog=$2
+	make -C "$src" tinyconfig >>"$buildlog" 2>&1 || die "make tinyconfig failed (see $buildlog)"
+	cat "$HERE/kernel.config" >>"$src/.config"
+	make -C "$src" olddefconfig >>"$buildlog" 2>&1 || die "make olddefconfig failed (see $buildlog)"
+	local bad=0 key want got
+	while IFS='=' read -r key want; do
+		got=$(grep -E "^$key=" "$src/.config" | cut -d= -f2- || true)
+		if [[ $want == n ]]; then
+			[[ -z $got || $got == n ]] && continue
+		elif [[ $got == "$want" ]]; then
+			continue
+		fi
+		log "config: $key=$want requested, got '${got:-not set}'"
+		bad=1
+	done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$HERE/kernel.config")
+	[[ $bad == 0 ]] || die "kernel.config options lost by olddefconfig (unmet dependencies?)"
+	log "config verified: every option of kernel.config is set as asked"
+}
+
+# `make` with one progress line every 100 compiled files instead of the full output; the
+# full output goes to the log, whose tail is shown on failure.
+kernel_make() {
+	local src=$1 buildlog=$2 what=$3 expect=$4
+	shift 4
+	local start=$SECONDS
+	if ! make -C "$src" -j"$JOBS" "$@" 2>&1 | tee -a "$buildlog" |
+		awk -v what="$what" -v expect="$expect" -v start="$start" '
+			/^  (CC|AS|LD|AR|HOSTCC|OBJCOPY|LZ4|GEN|UPD)/ {
+				n++
+				if (n % 100 == 0) {
+					printf "build.sh: %s: %d/~%d steps\n", what, n, expect > "/dev/stderr"
+					fflush("/dev/stderr")
+				}
+			}
+			END { printf "build.sh: %s: %d steps\n", what, n > "/dev/stderr" }'; then
+		log "make $* failed; last lines of $buildlog:"
+		tail -n 40 "$buildlog" >&2
+		die "kernel build failed"
+	fi
+	log "$what done in $((SECONDS - start)) s"
+}
+
+kernel_build() {
+	local src=$1 buildlog=$2 out=$3
+	kernel_make "$src" "$buildlog" "kernel" 1500 vmlinux bzImage
+	kernel_make "$src" "$buildlog" "headers" 200 headers
+	# The upstream LUO selftests, linked statically (the initramfs has no libc).
+	make -C "$src/tools/testing/selftests/liveupdate" LDFLAGS=-static >>"$buildlog" 2>&1 || {
+		tail -n 40 "$buildlog" >&2
+		die "LUO selftests build failed"
+	}
+	mkdir -p "$out/selftests"
+	local t
+	for t in "${SELFTESTS[@]}"; do
+		local bin=$src/tools/testing/selftests/liveupdate/$t
+		[[ -x $bin ]] || die "selftest $t was not built"
+		file "$bin" | grep -q 'statically linked' || die "selftest $t is not statically linked"
+		cp "$bin" "$out/selftests/$t"
+	done
+	cc -O2 -o "$out/gen_init_cpio" "$src/usr/gen_init_cpio.c" >>"$buildlog" 2>&1 ||
+		die "cannot build usr/gen_init_cpio"
+	cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$src/System.map" "$src/.config" "$out/"
+	make -s -C "$src" kernelrelease >"$out/kernel-version"
+	cp "$buildlog" "$out/build.log"
+}
+
+KERNEL_FUNCS=(kernel_extract kernel_patch kernel_configure kernel_make kernel_build)
+
+kernel_key() {
+	local h
+	h=$({
+		cat "$HERE/kernel.config"
+		cat "$HERE"/patches/*.patch 2>/dev/null || true
+		declare -f "${KERNEL_FUNCS[@]}"
+		printf '%s\n' "${SELFTESTS[@]}"
+	} | sha)
+	echo "$KVER-$h"
+}
+
+kernel_complete() {
+	local d=$1 f
+	for f in vmlinux bzImage System.map kernel-version gen_init_cpio; do
+		[[ -s $d/$f ]] || return 1
+	done
+}
+
+ensure_kernel() {
+	KDIR=$CACHE/kernels/$KKEY
+	if kernel_complete "$KDIR"; then
+		log "kernel cached: $KDIR"
+		return
+	fi
+	local bdir=$CACHE/build/$KKEY
+	local src=$bdir/linux buildlog=$bdir/build.log
+	# Whatever an interrupted run left is not trusted: start from a fresh tree.
+	rm -rf "$bdir"
+	mkdir -p "$bdir" "$CACHE/kernels"
+	: >"$buildlog"
+	local t0=$SECONDS
+	kernel_extract "$src"
+	kernel_patch "$src"
+	kernel_configure "$src" "$buildlog"
+	log "building kernel $KVER with $JOBS jobs (full log: $buildlog)"
+	local out
+	out=$(mktemp -d "$CACHE/kernels/.$KKEY.XXXXXX")
+	kernel_build "$src" "$buildlog" "$out"
+	rm -rf "$KDIR"
+	mv "$out" "$KDIR"
+	log "kernel built in $((SECONDS - t0)) s: $KDIR"
+	# Keep the newest build tree only (for debugging); they are large.
+	local old
+	for old in "$CACHE"/build/*; do
+		[[ $old == "$bdir" ]] || rm -rf "$old"
+	done
+	if [[ ${LUO_KEEP_BUILD:-1} == 0 ]]; then rm -rf "$bdir"; fi
+}
+
+# ---------------------------------------------------------------------------------------
+# The agent and the initramfs.
+# ---------------------------------------------------------------------------------------
+
+build_agent() {
+	local tdir=${CARGO_TARGET_DIR:-$REPO/target}
+	log "building luo-agent (static, $AGENT_TARGET)"
+	(cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$tdir \
+		cargo build --release -p luo-agent --target "$AGENT_TARGET" >&2) ||
+		die "cargo build of luo-agent failed"
+	AGENT=$tdir/$AGENT_TARGET/release/luo-agent
+	file "$AGENT" | grep -Eq 'statically linked|static-pie linked' ||
+		die "luo-agent is not statically linked: $(file "$AGENT")"
+}
+
+# gen_init_cpio description of the initramfs (uncompressed newc: decompression is very slow
+# under emulation).
+initramfs_list() {
+	cat <<EOF
+dir /dev 0755 0 0
+nod /dev/console 0600 0 0 c 5 1
+dir /proc 0755 0 0
+dir /sys 0755 0 0
+dir /tmp 1777 0 0
+dir /boot 0755 0 0
+dir /selftests 0755 0 0
+file /init $AGENT 0755 0 0
+file /boot/bzImage $KDIR/bzImage 0644 0 0
+EOF
+	local t
+	for t in "${SELFTESTS[@]}"; do
+		echo "file /selftests/$t $KDIR/selftests/$t 0755 0 0"
+	done
+}
+
+ensure_initramfs() {
+	mkdir -p "$CACHE/initramfs"
+	local list ikey
+	list=$(initramfs_list)
+	# Key: the list (paths) and the content of every file in it.
+	ikey=$({
+		echo "$list"
+		sha256sum "$AGENT" "$KDIR/bzImage" "$KDIR"/selftests/* | cut -d' ' -f1
+	} | sha)
+	INITRAMFS=$CACHE/initramfs/$ikey.cpio
+	IKEY=$ikey
+	if [[ -s $INITRAMFS ]]; then
+		log "initramfs cached: $INITRAMFS"
+		return
+	fi
+	local tmp
+	tmp=$(mktemp "$INITRAMFS.XXXXXX")
+	"$KDIR/gen_init_cpio" - <<<"$list" >"$tmp" || die "gen_init_cpio failed"
+	mv "$tmp" "$INITRAMFS"
+	log "initramfs built: $INITRAMFS ($(stat -c %s "$INITRAMFS") bytes, uncompressed)"
+}
+
+# The clearcpuid= list of the emulation profile (features the emulator cannot execute but
+# the guest sees in the host's CPUID), for reference; luo-vmm adds it together with
+# `luo_emulation` on an emulating KVM only.
+EMULATION_CLEARCPUID="popcnt,smap,smep,xsave,avx,avx2,avx512f,bmi1,bmi2,fsgsbase,pcid,invpcid,rdpid,pku,rdrand,rdseed,ssse3,sse4_1,sse4_2,pclmulqdq,aes,sha_ni,movbe,erms,fsrm,xsaves,xsavec,xsaveopt,clflushopt,clwb,gfni,vaes,vpclmulqdq,adx,abm,umip"
+
+make_image_dir() {
+	IMG=$CACHE/images/$KKEY-$IKEY
+	if [[ ! -d $IMG ]]; then
+		local tmp
+		mkdir -p "$CACHE/images"
+		tmp=$(mktemp -d "$CACHE/images/.$KKEY-$IKEY.XXXXXX")
+		local f
+		for f in vmlinux bzImage System.map kernel-version selftests; do
+			ln -s "$KDIR/$f" "$tmp/$f"
+		done
+		ln -s "$INITRAMFS" "$tmp/initramfs.cpio"
+		echo "luo_emulation clearcpuid=$EMULATION_CLEARCPUID" >"$tmp/emulation-cmdline"
+		chmod 755 "$tmp"
+		mv "$tmp" "$IMG"
+	fi
+	echo "$IMG" >"$CACHE/last-image-dir"
+}
+
+main() {
+	local print_dir=0
+	case "${1:-}" in
+	--print-dir) print_dir=1 ;;
+	"") ;;
+	-h | --help)
+		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+		exit 0
+		;;
+	*) die "unknown argument $1 (try --help)" ;;
+	esac
+
+	if [[ $print_dir == 1 ]]; then
+		[[ -s $CACHE/last-image-dir ]] || exit 1
+		local img
+		img=$(cat "$CACHE/last-image-dir")
+		[[ -e $img/initramfs.cpio ]] || exit 1
+		# Only offline sources: never download here.
+		if [[ -z ${LUO_KERNEL_TARBALL:-} && -z $(newest_cached_deb) ]]; then exit 1; fi
+		LUO_KERNEL_REFRESH=0 pick_source
+		KKEY=$(kernel_key)
+		[[ $(basename "$img") == "$KKEY"-* ]] || exit 1
+		kernel_complete "$CACHE/kernels/$KKEY" || exit 1
+		echo "$img"
+		exit 0
+	fi
+
+	mkdir -p "$CACHE"
+	pick_source
+	KKEY=$(kernel_key)
+	log "kernel source: $SRC_FILE ($SRC_KIND)"
+	log "kernel version: $KVER (cache key $KKEY)"
+	ensure_kernel
+	log "kernel release: $(cat "$KDIR/kernel-version")"
+	build_agent
+	ensure_initramfs
+	make_image_dir
+	log "image dir: $IMG"
+	echo "LUO_IMAGE_DIR=$IMG"
+}
+
+main "$@"

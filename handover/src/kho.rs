@@ -1,0 +1,281 @@
+//! The KHO root FDT (`kho-v4`), the scratch-area list and the `kexec-metadata` blob.
+//!
+//! ABI: `include/linux/kho/abi/kexec_handover.h`, `include/linux/kho/abi/kexec_metadata.h`,
+//! `include/linux/kexec_handover.h` (`struct kho_scratch`), and `kho_populate()`,
+//! `kho_add_subtree()`, `kho_retrieve_subtree()` in `kernel/liveupdate/kexec_handover.c`.
+//!
+//! Address-valued properties (`preserved-memory-map`, `preserved-data`, `blob-size`) are
+//! `u64`s in CPU byte order (little-endian on x86), not big-endian FDT cells: the kernel writes
+//! them with `fdt_setprop(fdt, off, name, &phys, sizeof(phys))`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bootparams::KhoData;
+use crate::fdt::{self, FdtError, FdtLimits, FDT_HEADER_SIZE};
+use crate::mem::{c_string, read_array, read_vec, GuestMemoryRead, LeBytes, MemError};
+
+/// `KHO_FDT_COMPATIBLE`.
+pub const KHO_FDT_COMPATIBLE: &str = "kho-v4";
+/// `KHO_FDT_MEMORY_MAP_PROP_NAME`.
+pub const MEMORY_MAP_PROP: &str = "preserved-memory-map";
+/// `KHO_SUB_TREE_PROP_NAME`.
+pub const SUB_TREE_PROP: &str = "preserved-data";
+/// `KHO_SUB_TREE_SIZE_PROP_NAME`.
+pub const SUB_TREE_SIZE_PROP: &str = "blob-size";
+/// `KHO_METADATA_NODE_NAME`.
+pub const METADATA_NODE: &str = "kexec-metadata";
+/// `KHO_KEXEC_METADATA_VERSION`.
+pub const METADATA_VERSION: u32 = 1;
+/// `sizeof(struct kho_kexec_metadata)` (packed: u32 + char[65] + u32).
+pub const METADATA_SIZE: usize = 4 + 65 + 4;
+/// `sizeof(struct kho_scratch)`.
+pub const SCRATCH_ENTRY_SIZE: u64 = 16;
+/// Largest FDT this reader accepts (the kernel's is one page).
+pub const MAX_FDT_SIZE: u64 = 1 << 20;
+/// Most scratch areas accepted (the kernel has one per NUMA node plus two).
+pub const MAX_SCRATCH_AREAS: u64 = 4096;
+
+/// Errors from reading the KHO FDT and its companions.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum KhoError {
+    /// Guest memory could not be read.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// The FDT blob is malformed.
+    #[error("KHO FDT: {0}")]
+    Fdt(#[from] FdtError),
+    /// The FDT is larger than `fdt_size` or [`MAX_FDT_SIZE`].
+    #[error("KHO FDT totalsize {total} exceeds the {limit} bytes allowed")]
+    FdtTooLarge {
+        /// `totalsize` from the header.
+        total: u64,
+        /// `min(fdt_size, MAX_FDT_SIZE)`.
+        limit: u64,
+    },
+    /// The root `compatible` is not `kho-v4`.
+    #[error("KHO FDT compatible is {0:?}, expected {KHO_FDT_COMPATIBLE:?}")]
+    Incompatible(String),
+    /// A required property is absent or not 8 bytes.
+    #[error("KHO FDT node {node:?}: property {prop:?} missing or not a u64")]
+    BadProperty {
+        /// Node name ("" for the root).
+        node: String,
+        /// Property name.
+        prop: &'static str,
+    },
+    /// The scratch list is larger than [`MAX_SCRATCH_AREAS`] records.
+    #[error("scratch list of {0} bytes is too large")]
+    ScratchTooLarge(u64),
+    /// `kexec-metadata` is too small, or of another version.
+    #[error("kexec-metadata: {0}")]
+    Metadata(&'static str),
+}
+
+/// One subsystem blob registered with `kho_add_subtree()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KhoSubtree {
+    /// Node name, e.g. `LUO` or `kexec-metadata`.
+    pub name: String,
+    /// `preserved-data`: physical address of the blob.
+    pub preserved_data: u64,
+    /// `blob-size`: its size in bytes.
+    pub blob_size: u64,
+}
+
+/// The decoded KHO root FDT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KhoFdt {
+    /// `preserved-memory-map`: root of the radix tree.
+    pub preserved_memory_map: u64,
+    /// Subnodes in blob order.
+    pub subtrees: Vec<KhoSubtree>,
+}
+
+impl KhoFdt {
+    /// The subtree called `name`.
+    pub fn subtree(&self, name: &str) -> Option<&KhoSubtree> {
+        self.subtrees.iter().find(|s| s.name == name)
+    }
+}
+
+/// Decodes a KHO FDT blob.
+pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
+    let root = fdt::parse(blob, FdtLimits::default())?;
+    let compatible = root.property_str("compatible").unwrap_or_default();
+    if compatible != KHO_FDT_COMPATIBLE {
+        return Err(KhoError::Incompatible(compatible));
+    }
+    let bad = |node: &str, prop| KhoError::BadProperty {
+        node: node.to_owned(),
+        prop,
+    };
+    let preserved_memory_map = root
+        .property_u64_le(MEMORY_MAP_PROP)
+        .ok_or_else(|| bad("", MEMORY_MAP_PROP))?;
+    let subtrees = root
+        .children
+        .iter()
+        .map(|n| {
+            Ok(KhoSubtree {
+                name: n.name.clone(),
+                preserved_data: n.property_u64_le(SUB_TREE_PROP).ok_or_else(|| bad(&n.name, SUB_TREE_PROP))?,
+                blob_size: n
+                    .property_u64_le(SUB_TREE_SIZE_PROP)
+                    .ok_or_else(|| bad(&n.name, SUB_TREE_SIZE_PROP))?,
+            })
+        })
+        .collect::<Result<_, KhoError>>()?;
+    Ok(KhoFdt {
+        preserved_memory_map,
+        subtrees,
+    })
+}
+
+/// Reads and decodes the FDT that `kho` points at: the header first, then `totalsize` bytes,
+/// which must fit in `fdt_size` (what the kernel maps) and [`MAX_FDT_SIZE`].
+pub fn read_kho_fdt(mem: &(impl GuestMemoryRead + ?Sized), kho: &KhoData) -> Result<KhoFdt, KhoError> {
+    let header: [u8; FDT_HEADER_SIZE] = read_array(mem, kho.fdt_addr)?;
+    let total = u64::from(fdt::total_size(&header)?);
+    let limit = kho.fdt_size.min(MAX_FDT_SIZE);
+    if total > limit {
+        return Err(KhoError::FdtTooLarge { total, limit });
+    }
+    parse_kho_fdt(&read_vec(mem, kho.fdt_addr, total as usize)?)
+}
+
+/// One KHO scratch area: memory the next kernel may allocate from before KHO has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScratchArea {
+    /// Start address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Reads the scratch list (`scratch_size / 16` records at `scratch_addr`, the remainder
+/// ignored like `kho_populate()` does).
+pub fn read_scratch_areas(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    kho: &KhoData,
+) -> Result<Vec<ScratchArea>, KhoError> {
+    let n = kho.scratch_size / SCRATCH_ENTRY_SIZE;
+    if n > MAX_SCRATCH_AREAS {
+        return Err(KhoError::ScratchTooLarge(kho.scratch_size));
+    }
+    let raw = read_vec(mem, kho.scratch_addr, (n * SCRATCH_ENTRY_SIZE) as usize)?;
+    Ok(raw
+        .chunks_exact(SCRATCH_ENTRY_SIZE as usize)
+        .map(|c| ScratchArea {
+            addr: c.u64_at(0).unwrap_or(0),
+            size: c.u64_at(8).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// `struct kho_kexec_metadata`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KexecMetadata {
+    /// Kernel release that performed the kexec.
+    pub previous_release: String,
+    /// Kexec boots since the last cold boot.
+    pub kexec_count: u32,
+}
+
+/// Reads the `kexec-metadata` blob, with the same checks as `kho_in_kexec_metadata()`.
+pub fn read_kexec_metadata(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    subtree: &KhoSubtree,
+) -> Result<KexecMetadata, KhoError> {
+    if subtree.blob_size < 4 {
+        return Err(KhoError::Metadata("blob smaller than its version field"));
+    }
+    let b: [u8; METADATA_SIZE] = read_array(mem, subtree.preserved_data)?;
+    if b.u32_at(0) != Some(METADATA_VERSION) {
+        return Err(KhoError::Metadata("unsupported version"));
+    }
+    if subtree.blob_size < METADATA_SIZE as u64 {
+        return Err(KhoError::Metadata("blob smaller than struct kho_kexec_metadata"));
+    }
+    Ok(KexecMetadata {
+        previous_release: c_string(b.get(4..69).unwrap_or_default()),
+        kexec_count: b.u32_at(69).unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{kho_fdt_blob, metadata_blob, WriteMem};
+    use crate::mem::VecMemory;
+
+    fn subtrees() -> Vec<KhoSubtree> {
+        vec![
+            KhoSubtree { name: "LUO".into(), preserved_data: 0x3000, blob_size: 32 },
+            KhoSubtree { name: METADATA_NODE.into(), preserved_data: 0x4000, blob_size: 73 },
+        ]
+    }
+
+    #[test]
+    fn fdt_round_trip() {
+        let blob = kho_fdt_blob(KHO_FDT_COMPATIBLE, 0x9000, &subtrees());
+        let f = parse_kho_fdt(&blob).unwrap();
+        assert_eq!(f.preserved_memory_map, 0x9000);
+        assert_eq!(f.subtrees, subtrees());
+        assert_eq!(f.subtree("LUO").unwrap().preserved_data, 0x3000);
+
+        let mut m = VecMemory::zeroed(0, 0x10000);
+        m.put(0x1000, &blob).unwrap();
+        let kho = KhoData { fdt_addr: 0x1000, fdt_size: 4096, scratch_addr: 0x2000, scratch_size: 40 };
+        assert_eq!(read_kho_fdt(&m, &kho).unwrap(), f);
+        let tiny = KhoData { fdt_size: 16, ..kho };
+        assert!(matches!(read_kho_fdt(&m, &tiny), Err(KhoError::FdtTooLarge { .. })));
+    }
+
+    #[test]
+    fn fdt_semantic_errors() {
+        let blob = kho_fdt_blob("kho-v3", 0x9000, &[]);
+        assert_eq!(parse_kho_fdt(&blob), Err(KhoError::Incompatible("kho-v3".into())));
+        let mut w = vm_fdt::FdtWriter::new().unwrap();
+        let r = w.begin_node("").unwrap();
+        w.property_string("compatible", KHO_FDT_COMPATIBLE).unwrap();
+        w.property_u32(MEMORY_MAP_PROP, 0x9000).unwrap(); // 4 bytes: not a u64
+        w.end_node(r).unwrap();
+        assert!(matches!(
+            parse_kho_fdt(&w.finish().unwrap()),
+            Err(KhoError::BadProperty { prop: MEMORY_MAP_PROP, .. })
+        ));
+    }
+
+    #[test]
+    fn scratch_list() {
+        let mut m = VecMemory::zeroed(0, 0x10000);
+        for (i, (a, s)) in [(0x100_0000u64, 0x80_0000u64), (0x4000_0000, 0x1000_0000)].iter().enumerate() {
+            m.put(0x2000 + i as u64 * 16, &a.to_le_bytes()).unwrap();
+            m.put(0x2008 + i as u64 * 16, &s.to_le_bytes()).unwrap();
+        }
+        let kho = KhoData { fdt_addr: 0, fdt_size: 0, scratch_addr: 0x2000, scratch_size: 40 };
+        let areas = read_scratch_areas(&m, &kho).unwrap();
+        assert_eq!(areas, vec![
+            ScratchArea { addr: 0x100_0000, size: 0x80_0000 },
+            ScratchArea { addr: 0x4000_0000, size: 0x1000_0000 }
+        ]);
+        let huge = KhoData { scratch_size: u64::MAX, ..kho };
+        assert!(matches!(read_scratch_areas(&m, &huge), Err(KhoError::ScratchTooLarge(_))));
+    }
+
+    #[test]
+    fn kexec_metadata() {
+        let mut m = VecMemory::zeroed(0, 0x10000);
+        m.put(0x4000, &metadata_blob("7.2.13", 3)).unwrap();
+        let st = &subtrees()[1];
+        assert_eq!(
+            read_kexec_metadata(&m, st).unwrap(),
+            KexecMetadata { previous_release: "7.2.13".into(), kexec_count: 3 }
+        );
+        let short = KhoSubtree { blob_size: 10, ..st.clone() };
+        assert!(read_kexec_metadata(&m, &short).is_err());
+        m.put(0x4000, &2u32.to_le_bytes()).unwrap();
+        assert_eq!(read_kexec_metadata(&m, st), Err(KhoError::Metadata("unsupported version")));
+    }
+}

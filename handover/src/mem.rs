@@ -1,0 +1,270 @@
+//! Reading guest-physical memory.
+//!
+//! Every parser in this crate reads the guest through [`GuestMemoryRead`], so the same code
+//! runs on a live VM (the VMM implements the trait over `vm-memory`), on a RAM dump, and on the
+//! byte buffers of the unit tests, benches and fuzz target ([`VecMemory`], [`SparseMemory`]).
+//!
+//! All multi-byte values of the handover ABIs are little-endian (x86 CPU byte order).
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+/// Size of a guest page (x86 base page).
+pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Errors from reading guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MemError {
+    /// `[gpa, gpa + len)` is not (entirely) backed by guest memory.
+    #[error("guest range {gpa:#x}+{len:#x} is outside guest memory")]
+    OutOfRange {
+        /// First byte asked for.
+        gpa: u64,
+        /// Number of bytes asked for.
+        len: u64,
+    },
+}
+
+/// Read access to guest-physical memory.
+pub trait GuestMemoryRead {
+    /// Fills `buf` with the guest bytes at `[gpa, gpa + buf.len())`.
+    ///
+    /// Fails, without a partial guarantee on `buf`, when any byte of the range is not backed.
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
+}
+
+impl<M: GuestMemoryRead + ?Sized> GuestMemoryRead for &M {
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        (**self).read_at(gpa, buf)
+    }
+}
+
+/// Reads a little-endian `u64` at `gpa`.
+pub fn read_u64_le(mem: &(impl GuestMemoryRead + ?Sized), gpa: u64) -> Result<u64, MemError> {
+    read_array(mem, gpa).map(u64::from_le_bytes)
+}
+
+/// Reads a little-endian `u32` at `gpa`.
+pub fn read_u32_le(mem: &(impl GuestMemoryRead + ?Sized), gpa: u64) -> Result<u32, MemError> {
+    read_array(mem, gpa).map(u32::from_le_bytes)
+}
+
+/// Reads `N` bytes at `gpa`.
+pub fn read_array<const N: usize>(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    gpa: u64,
+) -> Result<[u8; N], MemError> {
+    let mut buf = [0u8; N];
+    mem.read_at(gpa, &mut buf)?;
+    Ok(buf)
+}
+
+/// Reads `len` bytes at `gpa` into a new vector; `len` must already be validated by the caller.
+pub fn read_vec(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    gpa: u64,
+    len: usize,
+) -> Result<Vec<u8>, MemError> {
+    let mut buf = vec![0u8; len];
+    mem.read_at(gpa, &mut buf)?;
+    Ok(buf)
+}
+
+/// Little-endian field accessors over a byte slice that never panic: out-of-bounds reads are
+/// `None`. Used on structures already copied out of the guest.
+pub(crate) trait LeBytes {
+    /// The `u64` at `off`, if the slice holds it.
+    fn u64_at(&self, off: usize) -> Option<u64>;
+    /// The `u32` at `off`, if the slice holds it.
+    fn u32_at(&self, off: usize) -> Option<u32>;
+    /// The `u16` at `off`, if the slice holds it.
+    fn u16_at(&self, off: usize) -> Option<u16>;
+}
+
+impl LeBytes for [u8] {
+    fn u64_at(&self, off: usize) -> Option<u64> {
+        let b = self.get(off..off.checked_add(8)?)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+    fn u32_at(&self, off: usize) -> Option<u32> {
+        let b = self.get(off..off.checked_add(4)?)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    }
+    fn u16_at(&self, off: usize) -> Option<u16> {
+        let b = self.get(off..off.checked_add(2)?)?;
+        Some(u16::from_le_bytes(b.try_into().ok()?))
+    }
+}
+
+/// A NUL-terminated (or NUL-padded) C string inside a fixed-size field, lossily decoded.
+pub(crate) fn c_string(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(field.get(..end).unwrap_or_default()).into_owned()
+}
+
+/// Whether `[gpa, gpa+len)` lies inside `[base, base+size)`, without overflow.
+fn within(base: u64, size: u64, gpa: u64, len: u64) -> Option<u64> {
+    let off = gpa.checked_sub(base)?;
+    let end = off.checked_add(len)?;
+    (end <= size).then_some(off)
+}
+
+/// Guest memory backed by one contiguous byte vector mapped at `base`.
+#[derive(Debug, Clone, Default)]
+pub struct VecMemory {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl VecMemory {
+    /// `bytes` become guest memory at `[base, base + bytes.len())`.
+    pub fn new(base: u64, bytes: Vec<u8>) -> Self {
+        VecMemory { base, bytes }
+    }
+
+    /// Zeroed guest memory of `size` bytes at `base`.
+    pub fn zeroed(base: u64, size: usize) -> Self {
+        Self::new(base, vec![0; size])
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        let len = data.len() as u64;
+        let off = within(self.base, self.bytes.len() as u64, gpa, len)
+            .ok_or(MemError::OutOfRange { gpa, len })?;
+        let off = off as usize;
+        self.bytes
+            .get_mut(off..off + data.len())
+            .ok_or(MemError::OutOfRange { gpa, len })?
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    /// The backing bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl GuestMemoryRead for VecMemory {
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        let err = MemError::OutOfRange { gpa, len };
+        let off = within(self.base, self.bytes.len() as u64, gpa, len).ok_or(err.clone())? as usize;
+        buf.copy_from_slice(self.bytes.get(off..off + buf.len()).ok_or(err)?);
+        Ok(())
+    }
+}
+
+/// A large guest address space `[base, base + size)` of which only written pages take host
+/// memory; unwritten pages read as zeros, like fresh guest RAM. Used to lay out KHO state of
+/// 64 GiB guests in tests and benches.
+#[derive(Debug, Clone, Default)]
+pub struct SparseMemory {
+    base: u64,
+    size: u64,
+    pages: BTreeMap<u64, Box<[u8]>>,
+}
+
+impl SparseMemory {
+    /// An all-zero guest address space of `size` bytes starting at `base` (page-aligned).
+    pub fn new(base: u64, size: u64) -> Self {
+        SparseMemory {
+            base,
+            size,
+            pages: BTreeMap::new(),
+        }
+    }
+
+    /// Number of pages that hold host memory.
+    pub fn resident_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        let len = data.len() as u64;
+        within(self.base, self.size, gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = gpa + done as u64;
+            let in_page = (at % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - in_page).min(data.len() - done);
+            let page = self
+                .pages
+                .entry(at / PAGE_SIZE)
+                .or_insert_with(|| vec![0u8; PAGE_SIZE as usize].into_boxed_slice());
+            if let (Some(dst), Some(src)) =
+                (page.get_mut(in_page..in_page + n), data.get(done..done + n))
+            {
+                dst.copy_from_slice(src);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemoryRead for SparseMemory {
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        within(self.base, self.size, gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa + done as u64;
+            let in_page = (at % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - in_page).min(buf.len() - done);
+            if let Some(dst) = buf.get_mut(done..done + n) {
+                match self.pages.get(&(at / PAGE_SIZE)) {
+                    Some(page) => dst.copy_from_slice(page.get(in_page..in_page + n).unwrap_or_default()),
+                    None => dst.fill(0),
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vec_memory_reads_inside_and_rejects_outside() {
+        let mut m = VecMemory::zeroed(0x1000, 0x2000);
+        m.write(0x1ff8, &0x1122_3344_5566_7788u64.to_le_bytes()).unwrap();
+        assert_eq!(read_u64_le(&m, 0x1ff8).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(read_u32_le(&m, 0x1ffc).unwrap(), 0x1122_3344);
+        assert!(read_u64_le(&m, 0x2ffc).is_err());
+        assert!(read_u64_le(&m, 0xff8).is_err());
+        assert!(read_u64_le(&m, u64::MAX - 3).is_err());
+        assert!(m.write(0x2fff, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn sparse_memory_spans_pages_and_reads_zero_elsewhere() {
+        let mut m = SparseMemory::new(0, 64 << 30);
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        m.write((8 << 30) - 100, &data).unwrap();
+        assert_eq!(read_vec(&m, (8 << 30) - 100, data.len()).unwrap(), data);
+        assert_eq!(m.resident_pages(), 4);
+        assert_eq!(read_u64_le(&m, 4 << 30).unwrap(), 0);
+        assert!(read_u64_le(&m, (64 << 30) - 4).is_err());
+        assert!(m.write(u64::MAX, &[0]).is_err());
+    }
+
+    #[test]
+    fn le_bytes_never_panics() {
+        let b = [1u8, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert_eq!(b.u64_at(0), Some(1));
+        assert_eq!(b.u64_at(2), None);
+        assert_eq!(b.u32_at(usize::MAX), None);
+        assert_eq!(b.u16_at(7), Some(0x200));
+        assert_eq!(c_string(b"memfd-v2\0\0junk"), "memfd-v2");
+        assert_eq!(c_string(b"no-nul"), "no-nul");
+    }
+}

@@ -1,0 +1,14 @@
+//! luo-vmm: a small KVM virtual machine monitor that runs Linux guests through Live
+//! Update (LUO over KHO) handovers and observes them from outside.
+
+pub mod arch;
+pub mod cmdline;
+pub mod console_input;
+pub mod guest;
+pub mod host;
+pub mod image;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
