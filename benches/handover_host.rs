@@ -1,1 +1,315 @@
-fn main(){}
+//! Host-side handover work, without KVM: how long the VMM needs to read KHO state at
+//! `next-kernel-start`, to intersect KVM's dirty log with the preserved extents, and to digest
+//! extents. Guest memory is a `SparseMemory` / `VecMemory` laid out by the same fixtures the
+//! tests use, byte for byte as Linux 7.2 lays it out.
+//!
+//! Run: `cargo bench --bench handover_host` (about a minute). After criterion's own output it
+//! prints a scaling summary measured with a plain timer.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use luo_handover::digest::ExtentDigests;
+use luo_handover::extents::{classify_dirty, DirtyBitmap, ExtentSet};
+use luo_handover::mem::{GuestMemoryRead, SparseMemory, VecMemory, PAGE_SIZE};
+use luo_handover::Handover;
+
+#[path = "../handover/tests/support/fixture.rs"]
+mod fixture;
+
+use fixture::{HandoverFixture, HandoverSpec, MemfdSpec, SessionSpec, XorShift};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// One KHO layout to parse.
+struct ParseCase {
+    name: &'static str,
+    mem: SparseMemory,
+    zero_page: u64,
+    pages: u64,
+}
+
+fn spec_with_memfd(folios: u64, extra_blocks: Vec<(u64, u32)>) -> HandoverSpec {
+    let mut spec = HandoverSpec::small();
+    spec.meta_base = 0x10_0000;
+    spec.radix_base = 0xc0_0000;
+    spec.sessions = vec![SessionSpec {
+        name: "bench".into(),
+        memfds: vec![MemfdSpec {
+            token: 1,
+            first_pfn: 0x1_0000,
+            folios,
+            size: folios * PAGE_SIZE,
+        }],
+        other_files: vec![],
+    }];
+    spec.extra_blocks = extra_blocks;
+    spec
+}
+
+fn parse_cases() -> Vec<ParseCase> {
+    let build = |name, spec: HandoverSpec| {
+        let mut mem = SparseMemory::new(0, 64 * GIB);
+        let fx = HandoverFixture::write(&mut mem, &spec).expect("fixture fits");
+        ParseCase {
+            name,
+            zero_page: fx.zero_page,
+            pages: fx.preserved_pages(),
+            mem,
+        }
+    };
+    // 10M: 19,000 order-9 (2 MiB) folios from 4 GiB, plus 272,000 order-0 pages, every other
+    // page from 48 GiB (fragmented: each is its own run). 19,000 * 512 + 272,000 = 10,000,000.
+    let mut big: Vec<(u64, u32)> = (0..19_000u64).map(|i| (4 * GIB + i * 2 * MIB, 9)).collect();
+    big.extend((0..272_000u64).map(|i| (48 * GIB + i * 2 * PAGE_SIZE, 0)));
+    vec![
+        build(
+            "1k_pages/memfd_1000_order0_folios",
+            spec_with_memfd(1_000, vec![]),
+        ),
+        build(
+            "100k_pages/memfd_100000_order0_folios",
+            spec_with_memfd(100_000, vec![]),
+        ),
+        build(
+            "10M_pages/19k_order9_folios+272k_order0_every_other_page",
+            spec_with_memfd(256, big),
+        ),
+    ]
+}
+
+fn bench_parse(c: &mut Criterion, cases: &[ParseCase]) {
+    let mut g = c.benchmark_group("kho_parse");
+    for case in cases {
+        g.throughput(Throughput::Elements(case.pages));
+        g.bench_function(BenchmarkId::new("read", case.name), |b| {
+            b.iter(|| Handover::read(&case.mem, black_box(case.zero_page)).expect("parses"))
+        });
+        let h = Handover::read(&case.mem, case.zero_page).expect("parses");
+        g.bench_function(BenchmarkId::new("labelled_extents", case.name), |b| {
+            b.iter(|| black_box(&h).preserved_extents())
+        });
+    }
+    g.finish();
+}
+
+/// A guest of `size` bytes with a dirty bitmap: `written` pages spread over the whole guest,
+/// one of them inside each of the 64 preserved extents (1 MiB each, in the first 512 MiB).
+struct DirtyCase {
+    size: u64,
+    words: Vec<u64>,
+}
+
+const EXTENTS: u64 = 64;
+const WRITTEN: u64 = 4096;
+
+fn preserved_set() -> ExtentSet {
+    let mut b = ExtentSet::builder();
+    for i in 0..EXTENTS {
+        let start = 64 * MIB + i * 6 * MIB;
+        b.add(start, start + MIB, "kho");
+    }
+    b.build()
+}
+
+fn scratch_set() -> ExtentSet {
+    let mut b = ExtentSet::builder();
+    b.add(16 * MIB, 48 * MIB, "scratch");
+    b.build()
+}
+
+fn dirty_case(size: u64) -> DirtyCase {
+    let pages = size / PAGE_SIZE;
+    let mut words = vec![0u64; (pages / 64) as usize];
+    let mut set = |page: u64| {
+        if let Some(w) = words.get_mut((page / 64) as usize) {
+            *w |= 1 << (page % 64);
+        }
+    };
+    for i in 0..EXTENTS {
+        set((64 * MIB + i * 6 * MIB + 4 * PAGE_SIZE) / PAGE_SIZE);
+    }
+    let mut rng = XorShift(size);
+    for _ in EXTENTS..WRITTEN {
+        set(rng.below(pages));
+    }
+    DirtyCase { size, words }
+}
+
+fn gib_label(size: u64) -> String {
+    if size >= GIB {
+        format!("{}GiB", size / GIB)
+    } else {
+        format!("{}MiB", size / MIB)
+    }
+}
+
+fn bench_dirty(c: &mut Criterion, cases: &[DirtyCase]) {
+    let (preserved, scratch) = (preserved_set(), scratch_set());
+    let mut g = c.benchmark_group("dirty_log_vs_extents");
+    for case in cases {
+        let bm = DirtyBitmap::new(0, &case.words);
+        let label = format!(
+            "{}_guest_{WRITTEN}_written_{EXTENTS}_extents",
+            gib_label(case.size)
+        );
+        g.bench_function(BenchmarkId::new("written_pages(intersect)", &label), |b| {
+            b.iter(|| preserved.written_pages(black_box(&bm)))
+        });
+        g.bench_function(
+            BenchmarkId::new("classify_dirty(+other_scan)", &label),
+            |b| b.iter(|| classify_dirty(black_box(&bm), &preserved, &scratch)),
+        );
+        g.bench_function(BenchmarkId::new("naive_scan_then_lookup", &label), |b| {
+            b.iter(|| {
+                black_box(&bm)
+                    .iter()
+                    .filter(|&p| preserved.contains(p))
+                    .count()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// 16 extents of 1 MiB spread over a 64 MiB guest.
+fn digest_setup() -> (VecMemory, ExtentSet) {
+    let mut rng = XorShift(7);
+    let bytes: Vec<u8> = (0..64 * MIB).map(|_| rng.next_u64() as u8).collect();
+    let mut b = ExtentSet::builder();
+    for i in 0..16 {
+        b.add(i * 4 * MIB, i * 4 * MIB + MIB, "kho");
+    }
+    (VecMemory::new(0, bytes), b.build())
+}
+
+fn memcpy_extents(mem: &VecMemory, set: &ExtentSet, dst: &mut [u8]) {
+    let mut at = 0usize;
+    for e in set.iter() {
+        let n = e.len() as usize;
+        if let Some(d) = dst.get_mut(at..at + n) {
+            mem.read_at(e.start, d).expect("in range");
+        }
+        at += n;
+    }
+}
+
+fn bench_digest(c: &mut Criterion, mem: &VecMemory, set: &ExtentSet) {
+    let mut g = c.benchmark_group("extent_digest_16MiB");
+    g.throughput(Throughput::Bytes(set.total_bytes()));
+    g.bench_function("sha256", |b| {
+        b.iter(|| ExtentDigests::compute(mem, black_box(set)).expect("reads"))
+    });
+    let mut dst = vec![0u8; set.total_bytes() as usize];
+    g.bench_function("memcpy", |b| {
+        b.iter(|| memcpy_extents(mem, black_box(set), &mut dst))
+    });
+    g.finish();
+}
+
+/// Median wall time of `f`, in ns, over enough runs to take ~`budget`.
+fn time_ns(budget: Duration, mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().max(Duration::from_nanos(50));
+    let runs = (budget.as_nanos() / once.as_nanos()).clamp(3, 2001) as usize;
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_nanos() as f64
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn human(ns: f64) -> String {
+    luo_handover::timeline::human_duration(ns as u64)
+}
+
+fn summary(parse: &[ParseCase], dirty: &[DirtyCase], mem: &VecMemory, set: &ExtentSet) {
+    let budget = Duration::from_millis(300);
+    println!("\n== handover_host summary (median of a plain timer) ==");
+    for case in parse {
+        let t = time_ns(budget, || {
+            black_box(Handover::read(&case.mem, case.zero_page).ok());
+        });
+        println!(
+            "kho_parse {:<58} {:>10}  ({:.1} ns/preserved page)",
+            case.name,
+            human(t),
+            t / case.pages as f64
+        );
+    }
+    let (preserved, scratch) = (preserved_set(), scratch_set());
+    let mut rows = Vec::new();
+    for case in dirty {
+        let bm = DirtyBitmap::new(0, &case.words);
+        let hits = preserved.written_pages(&bm).len();
+        let a = time_ns(budget, || {
+            black_box(preserved.written_pages(&bm));
+        });
+        let b = time_ns(budget, || {
+            black_box(classify_dirty(&bm, &preserved, &scratch));
+        });
+        let n = time_ns(budget, || {
+            black_box(bm.iter().filter(|&p| preserved.contains(p)).count());
+        });
+        println!(
+            "dirty ∩ extents {:>6} guest ({:>7} bitmap words, {WRITTEN} written, {hits} in {EXTENTS} extents): \
+             intersect {:>9}  classify {:>9}  naive {:>9}",
+            gib_label(case.size),
+            case.words.len(),
+            human(a),
+            human(b),
+            human(n)
+        );
+        rows.push((a, b, n));
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        let growth = dirty.last().map_or(1, |d| d.size) / dirty.first().map_or(1, |d| d.size);
+        println!(
+            "scaling 512MiB -> 64GiB (guest x{growth}): intersect x{:.2}, classify(+other scan) x{:.1}, naive x{:.1}",
+            last.0 / first.0,
+            last.1 / first.1,
+            last.2 / first.2
+        );
+    }
+    let bytes = set.total_bytes() as f64;
+    let sha = time_ns(budget, || {
+        black_box(ExtentDigests::compute(mem, set).ok());
+    });
+    let mut dst = vec![0u8; set.total_bytes() as usize];
+    let cpy = time_ns(budget, || memcpy_extents(mem, set, &mut dst));
+    println!(
+        "digest 16 MiB in 16 extents: sha256 {} ({:.0} MiB/s), memcpy {} ({:.0} MiB/s), sha256/memcpy = {:.1}x",
+        human(sha),
+        bytes / sha * 1e9 / MIB as f64,
+        human(cpy),
+        bytes / cpy * 1e9 / MIB as f64,
+        sha / cpy
+    );
+}
+
+fn main() {
+    let parse = parse_cases();
+    let dirty: Vec<DirtyCase> = [512 * MIB, 8 * GIB, 64 * GIB]
+        .into_iter()
+        .map(dirty_case)
+        .collect();
+    let (mem, set) = digest_setup();
+
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(800))
+        .configure_from_args();
+    bench_parse(&mut c, &parse);
+    bench_dirty(&mut c, &dirty);
+    bench_digest(&mut c, &mem, &set);
+    c.final_summary();
+    summary(&parse, &dirty, &mem, &set);
+}

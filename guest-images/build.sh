@@ -283,8 +283,9 @@ build_agent() {
 }
 
 # gen_init_cpio description of the initramfs (uncompressed newc: decompression is very slow
-# under emulation).
+# under emulation). $1: directory holding init, bzImage and selftests/.
 initramfs_list() {
+	local dir=$1 t
 	cat <<EOF
 dir /dev 0755 0 0
 nod /dev/console 0600 0 0 c 5 1
@@ -293,33 +294,40 @@ dir /sys 0755 0 0
 dir /tmp 1777 0 0
 dir /boot 0755 0 0
 dir /selftests 0755 0 0
-file /init $AGENT 0755 0 0
-file /boot/bzImage $KDIR/bzImage 0644 0 0
+file /init $dir/init 0755 0 0
+file /boot/bzImage $dir/bzImage 0644 0 0
 EOF
-	local t
 	for t in "${SELFTESTS[@]}"; do
-		echo "file /selftests/$t $KDIR/selftests/$t 0755 0 0"
+		echo "file /selftests/$t $dir/selftests/$t 0755 0 0"
 	done
 }
 
 ensure_initramfs() {
 	mkdir -p "$CACHE/initramfs"
-	local list ikey
-	list=$(initramfs_list)
-	# Key: the list (paths) and the content of every file in it.
-	ikey=$({
-		echo "$list"
+	# Key: the layout and the content of every input file.
+	IKEY=$({
+		initramfs_list STAGE
+		declare -f ensure_initramfs
 		sha256sum "$AGENT" "$KDIR/bzImage" "$KDIR"/selftests/* | cut -d' ' -f1
 	} | sha)
-	INITRAMFS=$CACHE/initramfs/$ikey.cpio
-	IKEY=$ikey
+	INITRAMFS=$CACHE/initramfs/$IKEY.cpio
 	if [[ -s $INITRAMFS ]]; then
 		log "initramfs cached: $INITRAMFS"
 		return
 	fi
-	local tmp
+	# Stripped copies: every byte of the initramfs is unpacked (and, for kexec, copied and
+	# loaded) by an emulated CPU.
+	local stage tmp t
+	stage=$(mktemp -d "$CACHE/initramfs/.stage.XXXXXX")
+	mkdir "$stage/selftests"
+	strip -s -o "$stage/init" "$AGENT"
+	cp "$KDIR/bzImage" "$stage/bzImage"
+	for t in "${SELFTESTS[@]}"; do
+		strip -s -o "$stage/selftests/$t" "$KDIR/selftests/$t"
+	done
 	tmp=$(mktemp "$INITRAMFS.XXXXXX")
-	"$KDIR/gen_init_cpio" - <<<"$list" >"$tmp" || die "gen_init_cpio failed"
+	"$KDIR/gen_init_cpio" - <<<"$(initramfs_list "$stage")" >"$tmp" || die "gen_init_cpio failed"
+	rm -rf "$stage"
 	mv "$tmp" "$INITRAMFS"
 	log "initramfs built: $INITRAMFS ($(stat -c %s "$INITRAMFS") bytes, uncompressed)"
 }

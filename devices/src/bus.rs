@@ -124,16 +124,25 @@ mod tests {
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x3fc, 8),
-            Err(BusError::Overlap { base: 0x3fc, len: 8 })
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 8
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0x3f0, 9),
-            Err(BusError::Overlap { base: 0x3f0, len: 9 })
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9
+            })
         );
         bus.insert(dev.clone(), 0x3f0, 8).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0xfff0, 0x20),
-            Err(BusError::InvalidRange { base: 0xfff0, len: 0x20 })
+            Err(BusError::InvalidRange {
+                base: 0xfff0,
+                len: 0x20
+            })
         );
 
         let mut buf = [0u8; 1];

@@ -98,7 +98,9 @@ mod tests {
         let mut out = ConsoleOutput::new(
             false,
             None,
-            Some(Arc::new(move |l: &str| sink.lock().unwrap().push(l.to_owned()))),
+            Some(Arc::new(move |l: &str| {
+                sink.lock().unwrap().push(l.to_owned())
+            })),
         );
         out.write_all(b"hel").unwrap();
         out.write_all(b"lo\r\nwor").unwrap();

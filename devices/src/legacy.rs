@@ -5,8 +5,7 @@
 use crate::bus::PioDevice;
 
 /// Port ranges answered by [`Sink`]: COM2, COM3, COM4 and the POST/delay port 0x80.
-pub const LEGACY_SINK_RANGES: [(u16, u16); 4] =
-    [(0x2f8, 8), (0x3e8, 8), (0x2e8, 8), (0x80, 1)];
+pub const LEGACY_SINK_RANGES: [(u16, u16); 4] = [(0x2f8, 8), (0x3e8, 8), (0x2e8, 8), (0x80, 1)];
 
 /// Reads zero, ignores writes.
 #[derive(Debug, Default)]

@@ -228,42 +228,18 @@ pub fn find_kho_data(
     }))
 }
 
-/// Serialises a `struct setup_data` header plus payload, as a loader would (test/bench helper).
-pub fn encode_setup_data(next: u64, kind: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(16 + payload.len());
-    v.extend_from_slice(&next.to_le_bytes());
-    v.extend_from_slice(&kind.to_le_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-impl KhoData {
-    /// The 32-byte `struct kho_data` encoding (test/bench helper).
-    pub fn encode(&self) -> [u8; KHO_DATA_SIZE] {
-        let mut b = [0u8; KHO_DATA_SIZE];
-        for (i, v) in [self.fdt_addr, self.fdt_size, self.scratch_addr, self.scratch_size]
-            .into_iter()
-            .enumerate()
-        {
-            if let Some(dst) = b.get_mut(i * 8..i * 8 + 8) {
-                dst.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        b
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixture::{kho_data_bytes, setup_data_bytes as encode_setup_data};
     use crate::mem::VecMemory;
 
     fn zero_page() -> [u8; BOOT_PARAMS_SIZE] {
         let mut z = [0u8; BOOT_PARAMS_SIZE];
         z[HEADER_MAGIC_OFFSET..HEADER_MAGIC_OFFSET + 4].copy_from_slice(b"HdrS");
         z[CMD_LINE_PTR_OFFSET..CMD_LINE_PTR_OFFSET + 4].copy_from_slice(&0x2_0000u32.to_le_bytes());
-        z[EXT_CMD_LINE_PTR_OFFSET..EXT_CMD_LINE_PTR_OFFSET + 4].copy_from_slice(&1u32.to_le_bytes());
+        z[EXT_CMD_LINE_PTR_OFFSET..EXT_CMD_LINE_PTR_OFFSET + 4]
+            .copy_from_slice(&1u32.to_le_bytes());
         z[E820_ENTRIES_OFFSET] = 2;
         let mut put = |i: usize, addr: u64, size: u64, kind: u32| {
             let o = E820_TABLE_OFFSET + i * 20;
@@ -284,13 +260,24 @@ mod tests {
         assert_eq!(
             bp.e820().unwrap(),
             vec![
-                E820Entry { addr: 0, size: 0x9fc00, kind: 1 },
-                E820Entry { addr: 0x10_0000, size: 0x1ff0_0000, kind: 1 }
+                E820Entry {
+                    addr: 0,
+                    size: 0x9fc00,
+                    kind: 1
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: 0x1ff0_0000,
+                    kind: 1
+                }
             ]
         );
         let mut z = zero_page();
         z[E820_ENTRIES_OFFSET] = 129;
-        assert_eq!(BootParams::from_bytes(z).e820(), Err(BootParamsError::TooManyE820(129)));
+        assert_eq!(
+            BootParams::from_bytes(z).e820(),
+            Err(BootParamsError::TooManyE820(129))
+        );
     }
 
     fn kho() -> KhoData {
@@ -308,13 +295,25 @@ mod tests {
         let mut z = zero_page();
         z[SETUP_DATA_OFFSET..SETUP_DATA_OFFSET + 8].copy_from_slice(&0x2000u64.to_le_bytes());
         m.write(0x1000, &z).unwrap();
-        m.write(0x2000, &encode_setup_data(0x3000, 9, &[0xaa; 32])).unwrap();
-        m.write(0x3000, &encode_setup_data(0, SETUP_KEXEC_KHO, &kho().encode())).unwrap();
+        m.write(0x2000, &encode_setup_data(0x3000, 9, &[0xaa; 32]))
+            .unwrap();
+        m.write(
+            0x3000,
+            &encode_setup_data(0, SETUP_KEXEC_KHO, &kho_data_bytes(&kho())),
+        )
+        .unwrap();
         let bp = BootParams::read(&m, 0x1000).unwrap();
         assert_eq!(bp.setup_data(), 0x2000);
         let list = setup_data_list(&m, bp.setup_data()).unwrap();
         assert_eq!(list.len(), 2);
-        assert_eq!(list[1], SetupData { gpa: 0x3000, kind: 10, len: 32 });
+        assert_eq!(
+            list[1],
+            SetupData {
+                gpa: 0x3000,
+                kind: 10,
+                len: 32
+            }
+        );
         assert_eq!(find_kho_data(&m, &list).unwrap(), Some(kho()));
         assert_eq!(find_kho_data(&m, &list[..1]).unwrap(), None);
     }
@@ -324,20 +323,32 @@ mod tests {
         let mut m = VecMemory::zeroed(0, 0x10000);
         m.write(0x2000, &encode_setup_data(0x3000, 1, &[])).unwrap();
         m.write(0x3000, &encode_setup_data(0x2000, 1, &[])).unwrap();
-        assert_eq!(setup_data_list(&m, 0x2000), Err(BootParamsError::Cycle(0x2000)));
-        m.write(0x3000, &encode_setup_data(0xffff_0000, 1, &[])).unwrap();
-        assert!(matches!(setup_data_list(&m, 0x2000), Err(BootParamsError::Mem(_))));
-        m.write(0x3000, &encode_setup_data(0, SETUP_KEXEC_KHO, &[0; 8])).unwrap();
+        assert_eq!(
+            setup_data_list(&m, 0x2000),
+            Err(BootParamsError::Cycle(0x2000))
+        );
+        m.write(0x3000, &encode_setup_data(0xffff_0000, 1, &[]))
+            .unwrap();
+        assert!(matches!(
+            setup_data_list(&m, 0x2000),
+            Err(BootParamsError::Mem(_))
+        ));
+        m.write(0x3000, &encode_setup_data(0, SETUP_KEXEC_KHO, &[0; 8]))
+            .unwrap();
         let list = setup_data_list(&m, 0x2000).unwrap();
         assert_eq!(
             find_kho_data(&m, &list),
-            Err(BootParamsError::ShortKho { gpa: 0x3000, len: 8 })
+            Err(BootParamsError::ShortKho {
+                gpa: 0x3000,
+                len: 8
+            })
         );
         // A long acyclic chain: 16-byte records back to back.
         let n = MAX_SETUP_DATA as u64 + 1;
         for i in 0..n {
             let next = if i + 1 == n { 0 } else { 0x4000 + (i + 1) * 16 };
-            m.write(0x4000 + i * 16, &encode_setup_data(next, 1, &[])).unwrap();
+            m.write(0x4000 + i * 16, &encode_setup_data(next, 1, &[]))
+                .unwrap();
         }
         assert_eq!(setup_data_list(&m, 0x4000), Err(BootParamsError::TooLong));
     }

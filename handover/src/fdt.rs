@@ -170,7 +170,9 @@ pub fn parse(blob: &[u8], limits: FdtLimits) -> Result<FdtNode, FdtError> {
     let blob = blob.get(..total).ok_or(truncated(total as u64))?;
     let block = |off: u32, size: u32, what| {
         let start = off as usize;
-        let end = start.checked_add(size as usize).ok_or(FdtError::BlockOutOfBounds(what))?;
+        let end = start
+            .checked_add(size as usize)
+            .ok_or(FdtError::BlockOutOfBounds(what))?;
         blob.get(start..end).ok_or(FdtError::BlockOutOfBounds(what))
     };
     let structure = block(off_struct, size_struct, "structure")?;
@@ -200,7 +202,8 @@ impl Walker<'_> {
     }
 
     fn token(&mut self) -> Result<u32, FdtError> {
-        let t = be32(self.s, self.pos).ok_or(self.malformed("structure block ends without FDT_END"))?;
+        let t =
+            be32(self.s, self.pos).ok_or(self.malformed("structure block ends without FDT_END"))?;
         self.pos += 4;
         Ok(t)
     }
@@ -220,7 +223,11 @@ impl Walker<'_> {
             .iter()
             .position(|&b| b == 0)
             .ok_or(self.malformed("unterminated node name"))?;
-        let name = String::from_utf8_lossy(self.take(len + 1, "node name")?.get(..len).unwrap_or_default());
+        let name = String::from_utf8_lossy(
+            self.take(len + 1, "node name")?
+                .get(..len)
+                .unwrap_or_default(),
+        );
         Ok(name.into_owned())
     }
 
@@ -273,7 +280,9 @@ impl Walker<'_> {
                         .push(FdtProperty { name, value });
                 }
                 FDT_END_NODE => {
-                    let node = stack.pop().ok_or(self.malformed("unbalanced FDT_END_NODE"))?;
+                    let node = stack
+                        .pop()
+                        .ok_or(self.malformed("unbalanced FDT_END_NODE"))?;
                     match stack.last_mut() {
                         Some(parent) => parent.children.push(node),
                         None => root = Some(node),
@@ -299,9 +308,11 @@ mod tests {
         let mut w = vm_fdt::FdtWriter::new().unwrap();
         let root = w.begin_node("").unwrap();
         w.property_string("compatible", "kho-v4").unwrap();
-        w.property("preserved-memory-map", &0x1234_5000u64.to_le_bytes()).unwrap();
+        w.property("preserved-memory-map", &0x1234_5000u64.to_le_bytes())
+            .unwrap();
         let luo = w.begin_node("LUO").unwrap();
-        w.property("preserved-data", &0x8000u64.to_le_bytes()).unwrap();
+        w.property("preserved-data", &0x8000u64.to_le_bytes())
+            .unwrap();
         w.end_node(luo).unwrap();
         w.end_node(root).unwrap();
         w.finish().unwrap()
@@ -312,7 +323,10 @@ mod tests {
         let root = parse(&sample(), FdtLimits::default()).unwrap();
         assert_eq!(root.name, "");
         assert_eq!(root.property_str("compatible").as_deref(), Some("kho-v4"));
-        assert_eq!(root.property_u64_le("preserved-memory-map"), Some(0x1234_5000));
+        assert_eq!(
+            root.property_u64_le("preserved-memory-map"),
+            Some(0x1234_5000)
+        );
         assert_eq!(root.property_u64_le("compatible"), None);
         let luo = root.child("LUO").unwrap();
         assert_eq!(luo.property_u64_le("preserved-data"), Some(0x8000));
@@ -322,17 +336,32 @@ mod tests {
     #[test]
     fn rejects_bad_headers() {
         let b = sample();
-        assert!(matches!(parse(&b[..20], FdtLimits::default()), Err(FdtError::Truncated { .. })));
-        assert!(matches!(parse(&b[..b.len() - 1], FdtLimits::default()), Err(FdtError::Truncated { .. })));
+        assert!(matches!(
+            parse(&b[..20], FdtLimits::default()),
+            Err(FdtError::Truncated { .. })
+        ));
+        assert!(matches!(
+            parse(&b[..b.len() - 1], FdtLimits::default()),
+            Err(FdtError::Truncated { .. })
+        ));
         let mut bad = b.clone();
         bad[0] = 0;
-        assert!(matches!(parse(&bad, FdtLimits::default()), Err(FdtError::BadMagic(_))));
+        assert!(matches!(
+            parse(&bad, FdtLimits::default()),
+            Err(FdtError::BadMagic(_))
+        ));
         let mut bad = b.clone();
         bad[8..12].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
-        assert!(matches!(parse(&bad, FdtLimits::default()), Err(FdtError::BlockOutOfBounds("structure"))));
+        assert!(matches!(
+            parse(&bad, FdtLimits::default()),
+            Err(FdtError::BlockOutOfBounds("structure"))
+        ));
         let mut bad = b.clone();
         bad[20..24].copy_from_slice(&1u32.to_be_bytes());
-        assert!(matches!(parse(&bad, FdtLimits::default()), Err(FdtError::Version { .. })));
+        assert!(matches!(
+            parse(&bad, FdtLimits::default()),
+            Err(FdtError::Version { .. })
+        ));
     }
 
     #[test]
@@ -341,12 +370,18 @@ mod tests {
             max_nodes: 1,
             max_depth: 16,
         };
-        assert_eq!(parse(&sample(), limits), Err(FdtError::Limit("too many nodes")));
+        assert_eq!(
+            parse(&sample(), limits),
+            Err(FdtError::Limit("too many nodes"))
+        );
         let limits = FdtLimits {
             max_nodes: 10,
             max_depth: 1,
         };
-        assert_eq!(parse(&sample(), limits), Err(FdtError::Limit("nesting too deep")));
+        assert_eq!(
+            parse(&sample(), limits),
+            Err(FdtError::Limit("nesting too deep"))
+        );
     }
 
     #[test]

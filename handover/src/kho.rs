@@ -119,7 +119,9 @@ pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
         .map(|n| {
             Ok(KhoSubtree {
                 name: n.name.clone(),
-                preserved_data: n.property_u64_le(SUB_TREE_PROP).ok_or_else(|| bad(&n.name, SUB_TREE_PROP))?,
+                preserved_data: n
+                    .property_u64_le(SUB_TREE_PROP)
+                    .ok_or_else(|| bad(&n.name, SUB_TREE_PROP))?,
                 blob_size: n
                     .property_u64_le(SUB_TREE_SIZE_PROP)
                     .ok_or_else(|| bad(&n.name, SUB_TREE_SIZE_PROP))?,
@@ -134,7 +136,10 @@ pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
 
 /// Reads and decodes the FDT that `kho` points at: the header first, then `totalsize` bytes,
 /// which must fit in `fdt_size` (what the kernel maps) and [`MAX_FDT_SIZE`].
-pub fn read_kho_fdt(mem: &(impl GuestMemoryRead + ?Sized), kho: &KhoData) -> Result<KhoFdt, KhoError> {
+pub fn read_kho_fdt(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    kho: &KhoData,
+) -> Result<KhoFdt, KhoError> {
     let header: [u8; FDT_HEADER_SIZE] = read_array(mem, kho.fdt_addr)?;
     let total = u64::from(fdt::total_size(&header)?);
     let limit = kho.fdt_size.min(MAX_FDT_SIZE);
@@ -195,7 +200,9 @@ pub fn read_kexec_metadata(
         return Err(KhoError::Metadata("unsupported version"));
     }
     if subtree.blob_size < METADATA_SIZE as u64 {
-        return Err(KhoError::Metadata("blob smaller than struct kho_kexec_metadata"));
+        return Err(KhoError::Metadata(
+            "blob smaller than struct kho_kexec_metadata",
+        ));
     }
     Ok(KexecMetadata {
         previous_release: c_string(b.get(4..69).unwrap_or_default()),
@@ -211,8 +218,16 @@ mod tests {
 
     fn subtrees() -> Vec<KhoSubtree> {
         vec![
-            KhoSubtree { name: "LUO".into(), preserved_data: 0x3000, blob_size: 32 },
-            KhoSubtree { name: METADATA_NODE.into(), preserved_data: 0x4000, blob_size: 73 },
+            KhoSubtree {
+                name: "LUO".into(),
+                preserved_data: 0x3000,
+                blob_size: 32,
+            },
+            KhoSubtree {
+                name: METADATA_NODE.into(),
+                preserved_data: 0x4000,
+                blob_size: 73,
+            },
         ]
     }
 
@@ -226,16 +241,30 @@ mod tests {
 
         let mut m = VecMemory::zeroed(0, 0x10000);
         m.put(0x1000, &blob).unwrap();
-        let kho = KhoData { fdt_addr: 0x1000, fdt_size: 4096, scratch_addr: 0x2000, scratch_size: 40 };
+        let kho = KhoData {
+            fdt_addr: 0x1000,
+            fdt_size: 4096,
+            scratch_addr: 0x2000,
+            scratch_size: 40,
+        };
         assert_eq!(read_kho_fdt(&m, &kho).unwrap(), f);
-        let tiny = KhoData { fdt_size: 16, ..kho };
-        assert!(matches!(read_kho_fdt(&m, &tiny), Err(KhoError::FdtTooLarge { .. })));
+        let tiny = KhoData {
+            fdt_size: 16,
+            ..kho
+        };
+        assert!(matches!(
+            read_kho_fdt(&m, &tiny),
+            Err(KhoError::FdtTooLarge { .. })
+        ));
     }
 
     #[test]
     fn fdt_semantic_errors() {
         let blob = kho_fdt_blob("kho-v3", 0x9000, &[]);
-        assert_eq!(parse_kho_fdt(&blob), Err(KhoError::Incompatible("kho-v3".into())));
+        assert_eq!(
+            parse_kho_fdt(&blob),
+            Err(KhoError::Incompatible("kho-v3".into()))
+        );
         let mut w = vm_fdt::FdtWriter::new().unwrap();
         let r = w.begin_node("").unwrap();
         w.property_string("compatible", KHO_FDT_COMPATIBLE).unwrap();
@@ -243,25 +272,51 @@ mod tests {
         w.end_node(r).unwrap();
         assert!(matches!(
             parse_kho_fdt(&w.finish().unwrap()),
-            Err(KhoError::BadProperty { prop: MEMORY_MAP_PROP, .. })
+            Err(KhoError::BadProperty {
+                prop: MEMORY_MAP_PROP,
+                ..
+            })
         ));
     }
 
     #[test]
     fn scratch_list() {
         let mut m = VecMemory::zeroed(0, 0x10000);
-        for (i, (a, s)) in [(0x100_0000u64, 0x80_0000u64), (0x4000_0000, 0x1000_0000)].iter().enumerate() {
+        for (i, (a, s)) in [(0x100_0000u64, 0x80_0000u64), (0x4000_0000, 0x1000_0000)]
+            .iter()
+            .enumerate()
+        {
             m.put(0x2000 + i as u64 * 16, &a.to_le_bytes()).unwrap();
             m.put(0x2008 + i as u64 * 16, &s.to_le_bytes()).unwrap();
         }
-        let kho = KhoData { fdt_addr: 0, fdt_size: 0, scratch_addr: 0x2000, scratch_size: 40 };
+        let kho = KhoData {
+            fdt_addr: 0,
+            fdt_size: 0,
+            scratch_addr: 0x2000,
+            scratch_size: 40,
+        };
         let areas = read_scratch_areas(&m, &kho).unwrap();
-        assert_eq!(areas, vec![
-            ScratchArea { addr: 0x100_0000, size: 0x80_0000 },
-            ScratchArea { addr: 0x4000_0000, size: 0x1000_0000 }
-        ]);
-        let huge = KhoData { scratch_size: u64::MAX, ..kho };
-        assert!(matches!(read_scratch_areas(&m, &huge), Err(KhoError::ScratchTooLarge(_))));
+        assert_eq!(
+            areas,
+            vec![
+                ScratchArea {
+                    addr: 0x100_0000,
+                    size: 0x80_0000
+                },
+                ScratchArea {
+                    addr: 0x4000_0000,
+                    size: 0x1000_0000
+                }
+            ]
+        );
+        let huge = KhoData {
+            scratch_size: u64::MAX,
+            ..kho
+        };
+        assert!(matches!(
+            read_scratch_areas(&m, &huge),
+            Err(KhoError::ScratchTooLarge(_))
+        ));
     }
 
     #[test]
@@ -271,11 +326,20 @@ mod tests {
         let st = &subtrees()[1];
         assert_eq!(
             read_kexec_metadata(&m, st).unwrap(),
-            KexecMetadata { previous_release: "7.2.13".into(), kexec_count: 3 }
+            KexecMetadata {
+                previous_release: "7.2.13".into(),
+                kexec_count: 3
+            }
         );
-        let short = KhoSubtree { blob_size: 10, ..st.clone() };
+        let short = KhoSubtree {
+            blob_size: 10,
+            ..st.clone()
+        };
         assert!(read_kexec_metadata(&m, &short).is_err());
         m.put(0x4000, &2u32.to_le_bytes()).unwrap();
-        assert_eq!(read_kexec_metadata(&m, st), Err(KhoError::Metadata("unsupported version")));
+        assert_eq!(
+            read_kexec_metadata(&m, st),
+            Err(KhoError::Metadata("unsupported version"))
+        );
     }
 }

@@ -219,7 +219,9 @@ impl GuestMemoryRead for SparseMemory {
             let n = (PAGE_SIZE as usize - in_page).min(buf.len() - done);
             if let Some(dst) = buf.get_mut(done..done + n) {
                 match self.pages.get(&(at / PAGE_SIZE)) {
-                    Some(page) => dst.copy_from_slice(page.get(in_page..in_page + n).unwrap_or_default()),
+                    Some(page) => {
+                        dst.copy_from_slice(page.get(in_page..in_page + n).unwrap_or_default())
+                    }
                     None => dst.fill(0),
                 }
             }
@@ -236,7 +238,8 @@ mod tests {
     #[test]
     fn vec_memory_reads_inside_and_rejects_outside() {
         let mut m = VecMemory::zeroed(0x1000, 0x2000);
-        m.write(0x1ff8, &0x1122_3344_5566_7788u64.to_le_bytes()).unwrap();
+        m.write(0x1ff8, &0x1122_3344_5566_7788u64.to_le_bytes())
+            .unwrap();
         assert_eq!(read_u64_le(&m, 0x1ff8).unwrap(), 0x1122_3344_5566_7788);
         assert_eq!(read_u32_le(&m, 0x1ffc).unwrap(), 0x1122_3344);
         assert!(read_u64_le(&m, 0x2ffc).is_err());

@@ -145,7 +145,9 @@ pub struct PreservedMemory {
 
 /// `kho_radix_encode_key()`; `None` for an order above [`MAX_ORDER`].
 pub fn encode_key(pa: u64, order: u32) -> Option<u64> {
-    let order_bit = ORDER_0_BIT.checked_sub(order).filter(|_| order <= MAX_ORDER)?;
+    let order_bit = ORDER_0_BIT
+        .checked_sub(order)
+        .filter(|_| order <= MAX_ORDER)?;
     Some(1u64 << order_bit | pa >> (PAGE_SHIFT + order))
 }
 
@@ -218,7 +220,11 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
             }
             self.out.runs.push(done);
         }
-        self.open = Some(PreservedRun { pa, order, count: 1 });
+        self.open = Some(PreservedRun {
+            pa,
+            order,
+            count: 1,
+        });
         Ok(())
     }
 
@@ -304,9 +310,17 @@ mod tests {
         assert_eq!(encode_key(0, 1), Some(1 << 51));
         assert_eq!(encode_key(0x20_0000, 9), Some(1 << 43 | 1));
         assert_eq!(encode_key(0, 52), None);
-        for (pa, order) in [(0x1000, 0), (0x7fff_f000, 0), (0x4000_0000, 18), (u64::MAX << 20, 8)] {
+        for (pa, order) in [
+            (0x1000, 0),
+            (0x7fff_f000, 0),
+            (0x4000_0000, 18),
+            (u64::MAX << 20, 8),
+        ] {
             let pa = pa & !((PAGE_SIZE << order) - 1);
-            assert_eq!(decode_key(encode_key(pa, order).unwrap()), Some((pa, order)));
+            assert_eq!(
+                decode_key(encode_key(pa, order).unwrap()),
+                Some((pa, order))
+            );
         }
         assert_eq!(decode_key(0), None);
         assert_eq!(decode_key(1 << 53), None);
@@ -340,10 +354,26 @@ mod tests {
         assert_eq!(
             p.runs,
             vec![
-                PreservedRun { pa: 0x8_0000_0000, order: 18, count: 1 },
-                PreservedRun { pa: 0x4000_0000, order: 9, count: 2 },
-                PreservedRun { pa: 0x20_0000, order: 0, count: 3 },
-                PreservedRun { pa: 0x20_5000, order: 0, count: 1 },
+                PreservedRun {
+                    pa: 0x8_0000_0000,
+                    order: 18,
+                    count: 1
+                },
+                PreservedRun {
+                    pa: 0x4000_0000,
+                    order: 9,
+                    count: 2
+                },
+                PreservedRun {
+                    pa: 0x20_0000,
+                    order: 0,
+                    count: 3
+                },
+                PreservedRun {
+                    pa: 0x20_5000,
+                    order: 0,
+                    count: 1
+                },
             ]
         );
         assert_eq!(p.blocks, 7);
@@ -354,24 +384,47 @@ mod tests {
     #[test]
     fn rejects_corrupt_trees() {
         let mut mem = VecMemory::zeroed(0, 0x10_0000);
-        assert_eq!(walk(&mem, 0, RadixLimits::default()), Err(RadixError::NullRoot));
-        assert!(matches!(walk(&mem, 0x20_0000, RadixLimits::default()), Err(RadixError::Unreadable { .. })));
+        assert_eq!(
+            walk(&mem, 0, RadixLimits::default()),
+            Err(RadixError::NullRoot)
+        );
+        assert!(matches!(
+            walk(&mem, 0x20_0000, RadixLimits::default()),
+            Err(RadixError::Unreadable { .. })
+        ));
         assert_eq!(
             walk(&mem, 0x1008, RadixLimits::default()),
-            Err(RadixError::Misaligned { pa: 0x1008, level: 5 })
+            Err(RadixError::Misaligned {
+                pa: 0x1008,
+                level: 5
+            })
         );
         // Root entry pointing back at the root: a cycle.
         mem.write(0x1000, &0x1000u64.to_le_bytes()).unwrap();
-        assert_eq!(walk(&mem, 0x1000, RadixLimits::default()), Err(RadixError::Revisited { pa: 0x1000 }));
+        assert_eq!(
+            walk(&mem, 0x1000, RadixLimits::default()),
+            Err(RadixError::Revisited { pa: 0x1000 })
+        );
         // A chain down to a leaf whose key has bits above the order-0 bit: invalid order.
         let mut m = VecMemory::zeroed(0, 0x10_0000);
         m.write(0x1000 + 8 * 8, &0x2000u64.to_le_bytes()).unwrap(); // level 5, index 8 (bit 54)
-        for (node, next) in [(0x2000u64, 0x3000u64), (0x3000, 0x4000), (0x4000, 0x5000), (0x5000, 0x6000)] {
+        for (node, next) in [
+            (0x2000u64, 0x3000u64),
+            (0x3000, 0x4000),
+            (0x4000, 0x5000),
+            (0x5000, 0x6000),
+        ] {
             m.write(node, &next.to_le_bytes()).unwrap();
         }
         m.write(0x6000, &[1]).unwrap();
-        assert!(matches!(walk(&m, 0x1000, RadixLimits::default()), Err(RadixError::InvalidKey { .. })));
-        let small = RadixLimits { max_nodes: 3, max_runs: 10 };
+        assert!(matches!(
+            walk(&m, 0x1000, RadixLimits::default()),
+            Err(RadixError::InvalidKey { .. })
+        ));
+        let small = RadixLimits {
+            max_nodes: 3,
+            max_runs: 10,
+        };
         assert_eq!(walk(&m, 0x1000, small), Err(RadixError::TooManyNodes(3)));
     }
 
@@ -383,9 +436,15 @@ mod tests {
             b.preserve_block(0x100_0000 + i * 0x2000, 0);
         }
         let root = b.write(&mut mem).unwrap();
-        let limits = RadixLimits { max_nodes: 100, max_runs: 9 };
+        let limits = RadixLimits {
+            max_nodes: 100,
+            max_runs: 9,
+        };
         assert_eq!(walk(&mem, root, limits), Err(RadixError::TooManyRuns(9)));
-        let limits = RadixLimits { max_nodes: 100, max_runs: 10 };
+        let limits = RadixLimits {
+            max_nodes: 100,
+            max_runs: 10,
+        };
         assert_eq!(walk(&mem, root, limits).unwrap().runs.len(), 10);
     }
 }

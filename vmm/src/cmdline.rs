@@ -9,16 +9,51 @@ pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 retain_initrd";
 /// CPU features the emulator cannot execute although the host's CPUID (which leaks into
 /// the guest) advertises them. See docs/emulated-kvm.md for each one.
 pub const EMULATION_CLEARCPUID: &[&str] = &[
-    "popcnt", "smap", "smep", "xsave", "avx", "avx2", "avx512f", "bmi1", "bmi2", "fsgsbase",
-    "pcid", "invpcid", "rdpid", "pku", "rdrand", "rdseed", "ssse3", "sse4_1", "sse4_2",
-    "pclmulqdq", "aes", "sha_ni", "movbe", "erms", "fsrm", "xsaves", "xsavec", "xsaveopt",
-    "clflushopt", "clwb", "gfni", "vaes", "vpclmulqdq", "adx", "abm", "umip",
+    "popcnt",
+    "smap",
+    "smep",
+    "xsave",
+    "avx",
+    "avx2",
+    "avx512f",
+    "bmi1",
+    "bmi2",
+    "fsgsbase",
+    "pcid",
+    "invpcid",
+    "rdpid",
+    "pku",
+    "rdrand",
+    "rdseed",
+    "ssse3",
+    "sse4_1",
+    "sse4_2",
+    "pclmulqdq",
+    "aes",
+    "sha_ni",
+    "movbe",
+    "erms",
+    "fsrm",
+    "xsaves",
+    "xsavec",
+    "xsaveopt",
+    "clflushopt",
+    "clwb",
+    "gfni",
+    "vaes",
+    "vpclmulqdq",
+    "adx",
+    "abm",
+    "umip",
 ];
 
 /// The emulation profile's parameters: `luo_emulation` switches on the reference
 /// guest's patches (guest-images/patches), `clearcpuid=` hides what cannot run.
 pub fn emulation_params() -> String {
-    format!("luo_emulation clearcpuid={}", EMULATION_CLEARCPUID.join(","))
+    format!(
+        "luo_emulation clearcpuid={}",
+        EMULATION_CLEARCPUID.join(",")
+    )
 }
 
 /// Joins the base, the emulation profile (when `emulated`), and the user's or the

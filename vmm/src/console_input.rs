@@ -19,10 +19,7 @@ struct StdinToSerial {
 impl MutEventSubscriber for StdinToSerial {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        let n = match std::io::stdin().lock().read(&mut buf) {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n: usize = std::io::stdin().lock().read(&mut buf).unwrap_or_default();
         // EOF (or a closed stdin): stop watching, or epoll would report it forever.
         if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
             let _ = ops.remove(Events::new(&std::io::stdin(), EventSet::IN));
@@ -53,10 +50,14 @@ pub fn spawn(serial: Arc<Mutex<SerialConsole>>) -> bool {
     thread::Builder::new()
         .name("console-input".into())
         .spawn(move || {
-            let Ok(mut em) = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new() else {
+            let Ok(mut em) = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            else {
                 return;
             };
-            let sub = Arc::new(Mutex::new(StdinToSerial { serial, done: false }));
+            let sub = Arc::new(Mutex::new(StdinToSerial {
+                serial,
+                done: false,
+            }));
             em.add_subscriber(sub.clone());
             while !sub.lock().map(|s| s.done).unwrap_or(true) {
                 if em.run_with_timeout(500).is_err() {

@@ -12,7 +12,7 @@ use crate::cmdline;
 use crate::host::{self, KvmBackend};
 use crate::image::{ensure_reference_image, GuestImage, ImageError};
 use crate::memory::{validate_size, MemoryError};
-use crate::vm::{Vm, VmConfig, VmError, VmExit};
+use crate::vm::{RunObserver, Vm, VmConfig, VmError, VmExit};
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -79,6 +79,9 @@ pub struct AgentView {
     pub lines: Vec<String>,
     /// Marks with their arrival time.
     pub marks: Vec<ProbeEvent>,
+    /// The guest kernel's panic line, if it panicked (it then resets, since luo-vmm
+    /// boots with `panic=-1`, which must not pass for a clean exit).
+    pub kernel_panic: Option<String>,
 }
 
 impl AgentView {
@@ -110,8 +113,13 @@ pub struct GuestOutcome {
     pub image: Option<GuestImage>,
 }
 
-/// Resolves, builds and runs the guest. `extra_cmdline` is added after the user's.
-pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome, GuestError> {
+/// Resolves, builds and runs the guest. `extra_cmdline` is added after the user's;
+/// `observer` (if any) gets its breakpoints armed and sees every probe mark.
+pub fn run_guest(
+    req: &GuestRequest,
+    extra_cmdline: &str,
+    observer: Option<Arc<dyn RunObserver>>,
+) -> Result<GuestOutcome, GuestError> {
     validate_size(req.mem_size)?;
     if req.vcpus == 0 || req.vcpus > crate::arch::mptable::MAX_VCPUS {
         return Err(GuestError::Vcpus(req.vcpus));
@@ -135,7 +143,11 @@ pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome
     match &backend {
         KvmBackend::Emulated { why } => eprintln!(
             "luo-vmm: /dev/kvm emulates instructions ({why}){}",
-            if emulated { "; using the emulation-safe guest profile" } else { "" }
+            if emulated {
+                "; using the emulation-safe guest profile"
+            } else {
+                ""
+            }
         ),
         KvmBackend::Hardware { module } => eprintln!("luo-vmm: hardware KVM ({module})"),
     }
@@ -149,7 +161,10 @@ pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome
                 image.kernel_version,
                 image.dir.display()
             );
-            let initrd = req.initrd.clone().unwrap_or_else(|| image.initramfs.clone());
+            let initrd = req
+                .initrd
+                .clone()
+                .unwrap_or_else(|| image.initramfs.clone());
             (image.vmlinux.clone(), Some(initrd), Some(image))
         }
     };
@@ -159,7 +174,12 @@ pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome
     let agent = Arc::new(Mutex::new(AgentView::default()));
     let seen = agent.clone();
     let vcpus = req.vcpus;
-    let observer: luo_devices::console::LineObserver = Arc::new(move |line: &str| {
+    let console_observer: luo_devices::console::LineObserver = Arc::new(move |line: &str| {
+        if line.contains("Kernel panic - not syncing") {
+            let mut a = seen.lock().unwrap_or_else(|e| e.into_inner());
+            a.kernel_panic.get_or_insert_with(|| line.trim().to_owned());
+            return;
+        }
         let Some(idx) = line.find("luo-agent:") else {
             return;
         };
@@ -186,7 +206,14 @@ pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome
         prefer_64bit: req.prefer_64bit,
         echo_console: req.echo_console,
         console_log: req.console_log.clone(),
-        console_observer: Some(observer),
+        console_observer: Some(console_observer),
+        breakpoints: observer
+            .as_ref()
+            .map(|o| o.breakpoints())
+            .unwrap_or_default(),
+        on_breakpoint: observer
+            .clone()
+            .map(|o| o as Arc<dyn crate::vm::BreakpointHandler>),
     };
     log::info!("kernel command line: {}", config.cmdline);
     let vm = Vm::new(&config)?;
@@ -199,7 +226,14 @@ pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome
                 ev.at.duration_since(started).as_secs_f64()
             );
         }
-        marks.lock().unwrap_or_else(|e| e.into_inner()).marks.push(*ev);
+        if let Some(o) = &observer {
+            o.on_probe(ev);
+        }
+        marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .marks
+            .push(*ev);
     })?;
     let agent = agent.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(GuestOutcome {
@@ -215,8 +249,18 @@ pub fn run_guest(req: &GuestRequest, extra_cmdline: &str) -> Result<GuestOutcome
 pub fn report_exit(outcome: &GuestOutcome) -> i32 {
     let secs = outcome.started.elapsed().as_secs_f64();
     match &outcome.exit {
+        VmExit::Reset if outcome.agent.kernel_panic.is_some() => {
+            let line = outcome.agent.kernel_panic.as_deref().unwrap_or_default();
+            eprintln!("luo-vmm: the guest kernel panicked after {secs:.1} s: {line}");
+            1
+        }
         VmExit::Reset => {
-            if outcome.agent.marks.iter().any(|e| e.mark == ProbeMark::AgentFailure) {
+            if outcome
+                .agent
+                .marks
+                .iter()
+                .any(|e| e.mark == ProbeMark::AgentFailure)
+            {
                 eprintln!("luo-vmm: the guest agent reported a failure (see its lines above); the VM reset after {secs:.1} s");
                 1
             } else {

@@ -55,7 +55,11 @@ pub fn detect() -> KvmBackend {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("flags").and_then(|r| r.split_once(':')).map(|(_, f)| f.to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("flags")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, f)| f.to_owned())
+        })
         .unwrap_or_default();
     classify(&modules, &flags)
 }
@@ -77,11 +81,15 @@ mod tests {
     fn vmx_or_svm_is_hardware() {
         assert_eq!(
             classify(&mods(&["kvm", "kvm_intel"]), "fpu vmx sse"),
-            KvmBackend::Hardware { module: "kvm_intel".into() }
+            KvmBackend::Hardware {
+                module: "kvm_intel".into()
+            }
         );
         assert_eq!(
             classify(&mods(&["kvm", "kvm_amd"]), "fpu svm"),
-            KvmBackend::Hardware { module: "kvm_amd".into() }
+            KvmBackend::Hardware {
+                module: "kvm_amd".into()
+            }
         );
     }
 

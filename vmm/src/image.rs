@@ -106,7 +106,8 @@ pub fn ensure_reference_image() -> Result<GuestImage, ImageError> {
     if !out.status.success() {
         return Err(ImageError::BuildFailed { status: out.status });
     }
-    let dir = parse_image_dir(&String::from_utf8_lossy(&out.stdout)).ok_or(ImageError::NoImageDir)?;
+    let dir =
+        parse_image_dir(&String::from_utf8_lossy(&out.stdout)).ok_or(ImageError::NoImageDir)?;
     GuestImage::from_dir(&dir)
 }
 

@@ -4,7 +4,10 @@
 pub mod arch;
 pub mod cmdline;
 pub mod console_input;
+pub mod debug;
+pub mod dirty;
 pub mod guest;
+pub mod handover;
 pub mod host;
 pub mod image;
 pub mod layout;

@@ -25,7 +25,9 @@ pub enum LoaderError {
         source: std::io::Error,
     },
     /// Neither ELF nor bzImage.
-    #[error("{0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" setup header)")]
+    #[error(
+        "{0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" setup header)"
+    )]
     UnknownFormat(PathBuf),
     /// linux-loader refused the image.
     #[error("cannot load kernel {path}: {source}")]
@@ -35,7 +37,11 @@ pub enum LoaderError {
     },
     /// No room for the initramfs.
     #[error("initramfs of {size} bytes does not fit below {limit:#x} above the kernel (ends at {kernel_end:#x}); give the guest more memory")]
-    InitrdTooLarge { size: u64, limit: u64, kernel_end: u64 },
+    InitrdTooLarge {
+        size: u64,
+        limit: u64,
+        kernel_end: u64,
+    },
     /// Writing into guest memory failed.
     #[error("cannot write {what} into guest memory: {source}")]
     GuestWrite {

@@ -6,11 +6,19 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use luo_vmm::guest::{report_exit, run_guest, GuestRequest, Profile};
+use luo_vmm::handover::report::render_text;
+use luo_vmm::handover::{
+    run_handover, write_json, Fault, HandoverError, HandoverRequest, InterceptOptions, Workload,
+};
 use luo_vmm::image::ensure_reference_image;
 use luo_vmm::memory::parse_size;
 
 #[derive(Parser)]
-#[command(name = "luo-vmm", version, about = "Run Linux guests through Live Update handovers on /dev/kvm and show what happens")]
+#[command(
+    name = "luo-vmm",
+    version,
+    about = "Run Linux guests through Live Update handovers on /dev/kvm and show what happens"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +28,11 @@ struct Cli {
 enum Command {
     /// Boot a guest (the reference guest unless --kernel is given) until it reboots.
     Boot(GuestArgs),
+    /// Run a LUO live update in the guest, intercept it, and report every phase.
+    Handover(HandoverArgs),
+    /// Run one of the kernel's own LUO selftests across a real handover; its result is
+    /// the exit status.
+    Selftest(SelftestArgs),
     /// The reference guest image.
     Image {
         #[command(subcommand)]
@@ -67,6 +80,58 @@ struct GuestArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct InterceptArgs {
+    /// vmlinux of the next kernel, for its symbols (default: the first kernel's).
+    #[arg(long)]
+    next_kernel: Option<PathBuf>,
+    /// Also compare SHA-256 digests of every preserved extent at point-of-no-return and
+    /// next-kernel-start (copies guest RAM at point-of-no-return).
+    #[arg(long)]
+    verify_digest: bool,
+    /// Inject a fault into the handover metadata at next-kernel-start.
+    #[arg(long, value_enum)]
+    inject: Option<Fault>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct HandoverArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    intercept: InterceptArgs,
+    /// LUO sessions to preserve.
+    #[arg(long, default_value_t = 1)]
+    sessions: u32,
+    /// memfds per session.
+    #[arg(long, default_value_t = 1)]
+    files: u32,
+    /// Size of each memfd, e.g. 1M.
+    #[arg(long, default_value = "1M", value_parser = parse_size_arg)]
+    memfd_size: u64,
+    /// Consecutive handovers in one VM.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// Selftest name: luo_kexec_simple, luo_multi_session, luo_stress_sessions,
+    /// luo_stress_files.
+    name: String,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    intercept: InterceptArgs,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
 fn parse_mem(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
@@ -88,17 +153,65 @@ impl GuestArgs {
     }
 }
 
+fn handover(
+    guest: &GuestArgs,
+    intercept: &InterceptArgs,
+    workload: Workload,
+) -> Result<i32, HandoverError> {
+    let req = HandoverRequest {
+        guest: guest.request(),
+        next_vmlinux: intercept.next_kernel.clone(),
+        workload,
+        intercept: InterceptOptions {
+            verify_digest: intercept.verify_digest,
+            inject: intercept.inject,
+        },
+    };
+    let (outcome, report) = run_handover(&req)?;
+    let guest_status = report_exit(&outcome);
+    print!("{}", render_text(&report));
+    if let Some(path) = &intercept.json {
+        write_json(&report, path)?;
+        eprintln!("luo-vmm: JSON report written to {}", path.display());
+    }
+    Ok(if report.first.verified && guest_status == 0 {
+        0
+    } else if guest_status != 0 {
+        guest_status
+    } else {
+        4
+    })
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
         Command::Boot(args) => {
-            let mode = if args.kernel.is_none() { "luo.mode=boot" } else { "" };
-            run_guest(&args.request(), mode)
+            let mode = if args.kernel.is_none() {
+                "luo.mode=boot"
+            } else {
+                ""
+            };
+            run_guest(&args.request(), mode, None)
                 .map(|outcome| report_exit(&outcome))
                 .map_err(Into::into)
         }
-        Command::Image { action: ImageAction::Build } => ensure_reference_image()
+        Command::Handover(a) => {
+            let workload = Workload::Memfds {
+                sessions: a.sessions,
+                files: a.files,
+                memfd_size: a.memfd_size,
+                repeat: a.repeat,
+            };
+            handover(&a.guest, &a.intercept, workload).map_err(Into::into)
+        }
+        Command::Selftest(a) => {
+            handover(&a.guest, &a.intercept, Workload::Selftest(a.name.clone())).map_err(Into::into)
+        }
+        Command::Image {
+            action: ImageAction::Build,
+        } => ensure_reference_image()
             .map(|img| {
                 println!("{}", img.dir.display());
                 0

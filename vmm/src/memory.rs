@@ -112,7 +112,11 @@ pub fn guest_memory_map(mem_size: u64) -> Vec<MemoryRange> {
     ];
     for (start, size) in ram_slots(mem_size) {
         let start = start.max(HIMEM_START);
-        let end = if start == HIMEM_START { size } else { start + size };
+        let end = if start == HIMEM_START {
+            size
+        } else {
+            start + size
+        };
         if end > start {
             map.push(MemoryRange {
                 start,
@@ -173,7 +177,13 @@ mod tests {
     fn large_guest_skips_the_mmio_hole() {
         let size = 8u64 << 30;
         let slots = ram_slots(size);
-        assert_eq!(slots, vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, size - MMIO_HOLE_START)]);
+        assert_eq!(
+            slots,
+            vec![
+                (0, MMIO_HOLE_START),
+                (HIGH_RAM_START, size - MMIO_HOLE_START)
+            ]
+        );
         let map = guest_memory_map(size);
         let ram: u64 = map
             .iter()

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_regs, kvm_sregs, CpuId, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use luo_devices::PioBus;
 use thiserror::Error;
@@ -99,6 +99,11 @@ impl Vcpu {
         Self { id, fd, memory }
     }
 
+    /// The guest memory this vCPU runs on.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
     fn kvm<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
         r.map_err(|source| VcpuError::Kvm {
             id: self.id,
@@ -156,7 +161,11 @@ impl Vcpu {
             "\n  bytes at rip: {}",
             bytes.map_or_else(
                 || "<not mapped>".into(),
-                |b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+                |b| b
+                    .iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )
         );
         out
@@ -166,7 +175,9 @@ impl Vcpu {
     /// when paging is on.
     pub fn bytes_at(&self, sregs: &kvm_sregs, va: u64, len: usize) -> Option<Vec<u8>> {
         let gpa = if sregs.cr0 & 0x8000_0000 != 0 {
-            translate(sregs.cr3, va, |pa| self.memory.read_obj::<u64>(GuestAddress(pa)).ok())?
+            translate(sregs.cr3, va, |pa| {
+                self.memory.read_obj::<u64>(GuestAddress(pa)).ok()
+            })?
         } else {
             va.wrapping_add(sregs.cs.base)
         };
@@ -188,8 +199,23 @@ pub fn format_regs(id: u8, r: &kvm_regs, s: &kvm_sregs) -> String {
         "vCPU {id}: rip={:#018x} rsp={:#018x} rflags={:#x}\n  \
          rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}\n  \
          cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} (l={} db={})",
-        r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cr0, s.cr2, s.cr3,
-        s.cr4, s.efer, s.cs.selector, s.cs.l, s.cs.db
+        r.rip,
+        r.rsp,
+        r.rflags,
+        r.rax,
+        r.rbx,
+        r.rcx,
+        r.rdx,
+        r.rsi,
+        r.rdi,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer,
+        s.cs.selector,
+        s.cs.l,
+        s.cs.db
     )
 }
 
@@ -212,9 +238,15 @@ mod tests {
         let dev = Arc::new(Mutex::new(Rec(vec![])));
         let mut bus = PioBus::new();
         bus.insert(dev.clone(), 0x600, 1).unwrap();
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x600, &[7]), &bus), ExitEvent::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x600, &[7]), &bus),
+            ExitEvent::Continue
+        );
         let mut data = [0u8; 1];
-        assert_eq!(handle_exit(VcpuExit::IoIn(0x600, &mut data), &bus), ExitEvent::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x600, &mut data), &bus),
+            ExitEvent::Continue
+        );
         assert_eq!(data, [0x42]);
         assert_eq!(dev.lock().unwrap().0, vec![7]);
     }
@@ -222,13 +254,28 @@ mod tests {
     #[test]
     fn fatal_exits_are_classified() {
         let bus = PioBus::new();
-        assert_eq!(handle_exit(VcpuExit::Shutdown, &bus), ExitEvent::TripleFault);
-        assert_eq!(handle_exit(VcpuExit::InternalError, &bus), ExitEvent::InternalError);
-        assert_eq!(handle_exit(VcpuExit::FailEntry(0x80000021, 0), &bus), ExitEvent::FailEntry(0x80000021));
+        assert_eq!(
+            handle_exit(VcpuExit::Shutdown, &bus),
+            ExitEvent::TripleFault
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::InternalError, &bus),
+            ExitEvent::InternalError
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::FailEntry(0x80000021, 0), &bus),
+            ExitEvent::FailEntry(0x80000021)
+        );
         assert_eq!(handle_exit(VcpuExit::Hlt, &bus), ExitEvent::Continue);
         let mut d = [0u8; 4];
-        assert_eq!(handle_exit(VcpuExit::MmioRead(0xfed0_0000, &mut d), &bus), ExitEvent::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::MmioRead(0xfed0_0000, &mut d), &bus),
+            ExitEvent::Continue
+        );
         assert_eq!(d, [0xff; 4]);
-        assert!(matches!(handle_exit(VcpuExit::Unknown, &bus), ExitEvent::Unexpected(_)));
+        assert!(matches!(
+            handle_exit(VcpuExit::Unknown, &bus),
+            ExitEvent::Unexpected(_)
+        ));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::loader::Cmdline;
 use luo_devices::console::LineObserver;
@@ -18,7 +18,7 @@ use luo_devices::{
     I8042_LEN, I8042_PORT, LEGACY_SINK_RANGES, PROBE_PORT,
 };
 use thiserror::Error;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot_params::{build_boot_params, BootInputs, BootParamsError};
@@ -26,6 +26,8 @@ use crate::arch::mptable::{build_mptable, MpTableError};
 use crate::arch::paging::identity_tables;
 use crate::arch::pvh::build_pvh;
 use crate::arch::regs::EntryMode;
+use crate::debug::{guest_debug, slot_of, DR6_BS};
+use crate::dirty::set_slots;
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, PVH_INFO_START,
     PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
@@ -112,6 +114,34 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Sees every console line.
     pub console_observer: Option<LineObserver>,
+    /// Guest-virtual addresses of instruction breakpoints armed on every vCPU (at most 4).
+    pub breakpoints: Vec<u64>,
+    /// Called on the vCPU's thread, with the vCPU stopped, at each breakpoint.
+    pub on_breakpoint: Option<Arc<dyn BreakpointHandler>>,
+}
+
+/// What a breakpoint handler can reach while its vCPU is stopped at the breakpoint.
+pub struct StoppedVcpu<'a> {
+    /// The stopped vCPU (registers, guest page tables).
+    pub vcpu: &'a Vcpu,
+    /// The VM (dirty logs).
+    pub vm_fd: &'a VmFd,
+}
+
+/// Observes breakpoints. The guest continues when `on_breakpoint` returns, as if nothing
+/// had happened.
+pub trait BreakpointHandler: Send + Sync {
+    /// Breakpoint `slot` (an index into `VmConfig::breakpoints`) was hit at `pc`.
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64);
+}
+
+/// Watches a whole run: the breakpoints it wants armed, what happens at them, and the
+/// guest agent's probe marks.
+pub trait RunObserver: BreakpointHandler {
+    /// Guest-virtual addresses to break at (at most four).
+    fn breakpoints(&self) -> Vec<u64>;
+    /// A probe mark arrived.
+    fn on_probe(&self, ev: &ProbeEvent);
 }
 
 /// How a VM run ended.
@@ -153,6 +183,8 @@ pub struct Vm {
     probe_rx: Receiver<ProbeEvent>,
     /// The console device, for input.
     serial: Arc<Mutex<SerialConsole>>,
+    breakpoints: Vec<u64>,
+    on_breakpoint: Option<Arc<dyn BreakpointHandler>>,
     /// The kernel as loaded.
     pub kernel: LoadedKernel,
 }
@@ -177,7 +209,9 @@ impl Vm {
         vm_fd
             .set_tss_address(0xfffb_d000)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -185,19 +219,8 @@ impl Vm {
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let memory = Arc::new(create_guest_memory(config.mem_size)?);
-        for (slot, region) in memory.iter().enumerate() {
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mmap owned by `memory`, which the VM keeps
-            // alive (Arc) for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(mr) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        // The Vm keeps `memory` alive as long as `vm_fd`.
+        set_slots(&vm_fd, &memory, false).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
         let kernel = load_kernel(&memory, &config.kernel, config.prefer_64bit)?;
         let map = guest_memory_map(config.mem_size);
@@ -235,6 +258,8 @@ impl Vm {
             reset,
             probe_rx,
             serial,
+            breakpoints: config.breakpoints.clone(),
+            on_breakpoint: config.on_breakpoint.clone(),
             kernel,
         })
     }
@@ -255,10 +280,17 @@ impl Vm {
         let (tx, rx) = channel::<VcpuReport>();
         let stop = Arc::new(AtomicBool::new(false));
         for vcpu in self.vcpus {
-            spawn_vcpu(vcpu, self.bus.clone(), tx.clone(), stop.clone())?;
+            let ctx = VcpuContext {
+                bus: self.bus.clone(),
+                vm_fd: self.vm_fd.clone(),
+                breakpoints: self.breakpoints.clone(),
+                on_breakpoint: self.on_breakpoint.clone(),
+                tx: tx.clone(),
+                stop: stop.clone(),
+            };
+            spawn_vcpu(vcpu, ctx)?;
         }
         let _input = crate::console_input::spawn(self.serial.clone());
-        let _vm_fd = self.vm_fd;
 
         loop {
             for ev in self.probe_rx.try_iter() {
@@ -277,7 +309,7 @@ impl Vm {
                     return Ok(exit);
                 }
                 Ok(VcpuReport::Debug { vcpu, pc }) => {
-                    log::info!("vCPU {vcpu}: debug exit at {pc:#x}");
+                    log::warn!("vCPU {vcpu}: debug exit at {pc:#x} that is no breakpoint of ours");
                 }
                 Err(_) => {}
             }
@@ -292,16 +324,26 @@ impl Vm {
 }
 
 fn write_cmdline(memory: &GuestMemoryMmap, text: &str) -> Result<usize, VmError> {
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))?;
-    cmdline
-        .insert_str(text)
-        .map_err(|e| VmError::Cmdline(format!("{e} ({} bytes, at most {})", text.len(), CMDLINE_MAX_SIZE - 1)))?;
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))?;
+    cmdline.insert_str(text).map_err(|e| {
+        VmError::Cmdline(format!(
+            "{e} ({} bytes, at most {})",
+            text.len(),
+            CMDLINE_MAX_SIZE - 1
+        ))
+    })?;
     linux_loader::loader::load_cmdline(memory, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| VmError::Cmdline(e.to_string()))?;
     Ok(text.len())
 }
 
-fn write<T: ByteValued>(memory: &GuestMemoryMmap, what: &'static str, obj: T, at: u64) -> Result<(), VmError> {
+fn write<T: ByteValued>(
+    memory: &GuestMemoryMmap,
+    what: &'static str,
+    obj: T,
+    at: u64,
+) -> Result<(), VmError> {
     memory
         .write_obj(obj, GuestAddress(at))
         .map_err(|source| VmError::GuestWrite { what, source })
@@ -322,7 +364,10 @@ fn write_boot_structures(
     write(memory, "IDT", 0u64, BOOT_IDT_START)?;
     memory
         .write_slice(&build_mptable(vcpus)?, GuestAddress(EBDA_START))
-        .map_err(|source| VmError::GuestWrite { what: "MP table", source })?;
+        .map_err(|source| VmError::GuestWrite {
+            what: "MP table",
+            source,
+        })?;
 
     match kernel.mode {
         EntryMode::LongMode => {
@@ -346,17 +391,32 @@ fn write_boot_structures(
             }
             write(memory, "hvm_start_info", pvh.start_info, PVH_INFO_START)?;
             for (i, m) in pvh.modules.iter().enumerate() {
-                write(memory, "PVH module list", *m, PVH_MODLIST_START + 32 * i as u64)?;
+                write(
+                    memory,
+                    "PVH module list",
+                    *m,
+                    PVH_MODLIST_START + 32 * i as u64,
+                )?;
             }
             for (i, e) in pvh.memmap.iter().enumerate() {
-                write(memory, "PVH memory map", *e, PVH_MEMMAP_START + 24 * i as u64)?;
+                write(
+                    memory,
+                    "PVH memory map",
+                    *e,
+                    PVH_MEMMAP_START + 24 * i as u64,
+                )?;
             }
         }
     }
     Ok(())
 }
 
-type Devices = (PioBus, EventFd, Receiver<ProbeEvent>, Arc<Mutex<SerialConsole>>);
+type Devices = (
+    PioBus,
+    EventFd,
+    Receiver<ProbeEvent>,
+    Arc<Mutex<SerialConsole>>,
+);
 
 fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
     let host = |what| move |source| VmError::Host { what, source };
@@ -368,7 +428,10 @@ fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| VmError::ConsoleLog { path: path.clone(), source })
+                .map_err(|source| VmError::ConsoleLog {
+                    path: path.clone(),
+                    source,
+                })
         })
         .transpose()?;
     let irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
@@ -388,9 +451,14 @@ fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
         source: std::io::Error::other(e.to_string()),
     };
     bus.insert(serial.clone(), COM1_PORT, 8).map_err(bus_err)?;
-    bus.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_LEN).map_err(bus_err)?;
-    bus.insert(Arc::new(Mutex::new(ProbePort::new(probe_tx))), PROBE_PORT, 1)
+    bus.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_LEN)
         .map_err(bus_err)?;
+    bus.insert(
+        Arc::new(Mutex::new(ProbePort::new(probe_tx))),
+        PROBE_PORT,
+        1,
+    )
+    .map_err(bus_err)?;
     let sink = Arc::new(Mutex::new(Sink));
     for (base, len) in LEGACY_SINK_RANGES {
         bus.insert(sink.clone(), base, len).map_err(bus_err)?;
@@ -398,18 +466,23 @@ fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
     Ok((bus, reset, probe_rx, serial))
 }
 
-fn spawn_vcpu(
-    vcpu: Vcpu,
+/// What a vCPU thread works with besides its vCPU.
+struct VcpuContext {
     bus: PioBus,
+    vm_fd: Arc<VmFd>,
+    breakpoints: Vec<u64>,
+    on_breakpoint: Option<Arc<dyn BreakpointHandler>>,
     tx: Sender<VcpuReport>,
     stop: Arc<AtomicBool>,
-) -> Result<(), VmError> {
+}
+
+fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuContext) -> Result<(), VmError> {
     thread::Builder::new()
         .name(format!("vcpu{}", vcpu.id))
         .spawn(move || {
             let mut vcpu = vcpu;
-            let exit = run_vcpu(&mut vcpu, &bus, &tx, &stop);
-            let _ = tx.send(VcpuReport::Stopped(exit));
+            let exit = run_vcpu(&mut vcpu, &ctx);
+            let _ = ctx.tx.send(VcpuReport::Stopped(exit));
         })
         .map(|_| ())
         .map_err(|source| VmError::Host {
@@ -418,55 +491,84 @@ fn spawn_vcpu(
         })
 }
 
-fn run_vcpu(vcpu: &mut Vcpu, bus: &PioBus, tx: &Sender<VcpuReport>, stop: &AtomicBool) -> VmExit {
+fn set_debug(vcpu: &Vcpu, debug: &kvm_bindings::kvm_guest_debug) -> Result<(), VmExit> {
+    vcpu.fd.set_guest_debug(debug).map_err(|e| VmExit::Failed {
+        vcpu: vcpu.id,
+        reason: format!("KVM_SET_GUEST_DEBUG: {e}"),
+    })
+}
+
+fn run_vcpu(vcpu: &mut Vcpu, ctx: &VcpuContext) -> VmExit {
+    match run_vcpu_loop(vcpu, ctx) {
+        Ok(exit) | Err(exit) => exit,
+    }
+}
+
+fn run_vcpu_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) -> Result<VmExit, VmExit> {
     let id = vcpu.id;
-    while !stop.load(Ordering::Relaxed) {
+    let bps = &ctx.breakpoints;
+    if !bps.is_empty() {
+        set_debug(vcpu, &guest_debug(bps, None, false))?;
+    }
+    // The breakpoint being stepped over, if any.
+    let mut stepping: Option<usize> = None;
+    while !ctx.stop.load(Ordering::Relaxed) {
         let event = match vcpu.fd.run() {
-            Ok(exit) => handle_exit(exit, bus),
+            Ok(exit) => handle_exit(exit, &ctx.bus),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => {
-                return VmExit::Failed {
+                return Err(VmExit::Failed {
                     vcpu: id,
                     reason: format!("KVM_RUN: {e}"),
-                }
+                })
             }
         };
-        match event {
-            ExitEvent::Continue => {}
-            ExitEvent::TripleFault => {
-                return VmExit::TripleFault {
-                    vcpu: id,
-                    dump: vcpu.dump(),
+        let fatal = match event {
+            ExitEvent::Continue => continue,
+            ExitEvent::Debug { pc, dr6 } => {
+                if stepping.take().is_some() {
+                    // One instruction past the breakpoint: arm it again.
+                    set_debug(vcpu, &guest_debug(bps, None, false))?;
+                } else if let Some(slot) = slot_of(bps, pc) {
+                    if let Some(h) = &ctx.on_breakpoint {
+                        h.on_breakpoint(
+                            StoppedVcpu {
+                                vcpu: &*vcpu,
+                                vm_fd: &ctx.vm_fd,
+                            },
+                            slot,
+                            pc,
+                        );
+                    }
+                    set_debug(vcpu, &guest_debug(bps, Some(slot), true))?;
+                    stepping = Some(slot);
+                } else if dr6 & DR6_BS == 0 {
+                    let _ = ctx.tx.send(VcpuReport::Debug { vcpu: id, pc });
                 }
+                continue;
             }
-            ExitEvent::InternalError => {
-                return VmExit::InternalError {
-                    vcpu: id,
-                    dump: vcpu.dump(),
-                }
-            }
-            ExitEvent::FailEntry(reason) => {
-                return VmExit::Failed {
-                    vcpu: id,
-                    reason: format!("KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}"),
-                }
-            }
-            ExitEvent::SystemEvent(kind) => {
-                return VmExit::Failed {
-                    vcpu: id,
-                    reason: format!("KVM_EXIT_SYSTEM_EVENT type {kind}"),
-                }
-            }
-            ExitEvent::Debug { pc, .. } => {
-                let _ = tx.send(VcpuReport::Debug { vcpu: id, pc });
-            }
-            ExitEvent::Unexpected(what) => {
-                return VmExit::Failed {
-                    vcpu: id,
-                    reason: format!("unexpected exit {what}"),
-                }
-            }
-        }
+            ExitEvent::TripleFault => VmExit::TripleFault {
+                vcpu: id,
+                dump: vcpu.dump(),
+            },
+            ExitEvent::InternalError => VmExit::InternalError {
+                vcpu: id,
+                dump: vcpu.dump(),
+            },
+            ExitEvent::FailEntry(reason) => VmExit::Failed {
+                vcpu: id,
+                reason: format!("KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}"),
+            },
+            ExitEvent::SystemEvent(kind) => VmExit::Failed {
+                vcpu: id,
+                reason: format!("KVM_EXIT_SYSTEM_EVENT type {kind}"),
+            },
+            ExitEvent::Unexpected(what) => VmExit::Failed {
+                vcpu: id,
+                reason: format!("unexpected exit {what}"),
+            },
+        };
+        return Err(fatal);
     }
-    VmExit::Reset
+    Ok(VmExit::Reset)
 }

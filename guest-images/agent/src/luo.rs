@@ -119,18 +119,14 @@ impl Luo {
     pub fn create_session(&self, name: &str) -> io::Result<Session> {
         let mut arg = session_arg(name)?;
         ioctl(self.dev.as_fd(), IOCTL_CREATE_SESSION, &mut arg)?;
-        Ok(Session {
-            fd: owned(arg.fd)?,
-        })
+        Ok(Session { fd: owned(arg.fd)? })
     }
 
     /// Retrieves a session that the previous kernel preserved.
     pub fn retrieve_session(&self, name: &str) -> io::Result<Session> {
         let mut arg = session_arg(name)?;
         ioctl(self.dev.as_fd(), IOCTL_RETRIEVE_SESSION, &mut arg)?;
-        Ok(Session {
-            fd: owned(arg.fd)?,
-        })
+        Ok(Session { fd: owned(arg.fd)? })
     }
 }
 

@@ -20,6 +20,7 @@ pub fn word(seed: u64, index: u64) -> u64 {
 }
 
 /// The expected byte at `offset`.
+#[cfg(test)]
 pub fn byte_at(seed: u64, offset: u64) -> u8 {
     word(seed, offset / 8).to_le_bytes()[(offset % 8) as usize]
 }

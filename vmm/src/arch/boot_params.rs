@@ -72,8 +72,7 @@ fn low32(what: &'static str, addr: u64) -> Result<u32, BootParamsError> {
 
 /// Builds the zero page for the 64-bit boot protocol.
 pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, BootParamsError> {
-    let mut params = boot_params::default();
-    params.hdr = match inputs.header {
+    let hdr = match inputs.header {
         Some(hdr) => {
             let version = hdr.version;
             if version < 0x0206 {
@@ -87,6 +86,10 @@ pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, BootPar
             kernel_alignment: KERNEL_ALIGNMENT,
             ..Default::default()
         },
+    };
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
     };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.loadflags |= LOADED_HIGH;
@@ -122,15 +125,21 @@ mod tests {
         })
         .unwrap();
         let hdr = p.hdr;
-        assert_eq!(hdr.boot_flag, BOOT_FLAG_MAGIC);
-        assert_eq!(hdr.header, HDRS_MAGIC);
+        assert_eq!({ hdr.boot_flag }, BOOT_FLAG_MAGIC);
+        assert_eq!({ hdr.header }, HDRS_MAGIC);
         assert_eq!(hdr.type_of_loader, 0xff);
         assert_eq!((hdr.cmd_line_ptr, hdr.cmdline_size), (0x20000, 42));
-        assert_eq!((hdr.ramdisk_image, hdr.ramdisk_size), (0x1f00_0000, 0x10_0000));
+        assert_eq!(
+            (hdr.ramdisk_image, hdr.ramdisk_size),
+            (0x1f00_0000, 0x10_0000)
+        );
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
-        assert_eq!((last.addr, last.size, last.r#type), (0x10_0000, (512 << 20) - 0x10_0000, E820_RAM));
-        assert_eq!(p.e820_table[1].r#type, E820_RESERVED);
+        assert_eq!(
+            (last.addr, last.size, last.r#type),
+            (0x10_0000, (512 << 20) - 0x10_0000, E820_RAM)
+        );
+        assert_eq!({ p.e820_table[1].r#type }, E820_RESERVED);
     }
 
     #[test]
@@ -160,7 +169,10 @@ mod tests {
             }),
             ..inputs
         };
-        assert_eq!(build_boot_params(&old), Err(BootParamsError::ProtocolTooOld(0x0204)));
+        assert_eq!(
+            build_boot_params(&old),
+            Err(BootParamsError::ProtocolTooOld(0x0204))
+        );
     }
 
     #[test]
@@ -174,7 +186,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(p.e820_entries, 4);
-        assert_eq!(p.e820_table[3].addr, 1 << 32);
+        assert_eq!({ p.e820_table[3].addr }, 1 << 32);
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// Decodes a GDT descriptor at `index` into the segment KVM loads into the vCPU.
 pub fn kvm_segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     // With the granularity bit set the limit counts 4 KiB pages.
@@ -79,7 +79,10 @@ mod tests {
     #[test]
     fn protected_mode_segments_are_flat_32_bit() {
         let cs = kvm_segment_from_gdt(GDT_PROTECTED_MODE[1], CODE_INDEX);
-        assert_eq!((cs.l, cs.db, cs.g, cs.base, cs.limit), (0, 1, 1, 0, 0xffff_ffff));
+        assert_eq!(
+            (cs.l, cs.db, cs.g, cs.base, cs.limit),
+            (0, 1, 1, 0, 0xffff_ffff)
+        );
         let ds = kvm_segment_from_gdt(GDT_PROTECTED_MODE[2], DATA_INDEX);
         assert_eq!((ds.type_, ds.selector), (3, 0x10));
         let tr = kvm_segment_from_gdt(GDT_PROTECTED_MODE[3], TSS_INDEX);

@@ -132,9 +132,14 @@ mod tests {
         let cfg = &t[16..];
         let count = u16::from_le_bytes([cfg[34], cfg[35]]);
         assert_eq!(count, 4 + 1 + 1 + 16 + 2);
-        let cpus: Vec<_> = (0..4).map(|i| &cfg[44 + i * 20..44 + (i + 1) * 20]).collect();
+        let cpus: Vec<_> = (0..4)
+            .map(|i| &cfg[44 + i * 20..44 + (i + 1) * 20])
+            .collect();
         assert!(cpus.iter().all(|c| c[0] == 0));
-        assert_eq!(cpus.iter().map(|c| c[1]).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            cpus.iter().map(|c| c[1]).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
         assert_eq!(cpus.iter().filter(|c| c[3] & CPU_BSP != 0).count(), 1);
     }
 

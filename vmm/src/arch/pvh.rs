@@ -49,7 +49,11 @@ pub fn build_pvh(cmdline_addr: u64, initrd: Option<(u64, u64)>, map: &[MemoryRan
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         nr_modules: modules.len() as u32,
-        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_START },
+        modlist_paddr: if modules.is_empty() {
+            0
+        } else {
+            PVH_MODLIST_START
+        },
         cmdline_paddr: cmdline_addr,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
@@ -83,6 +87,9 @@ mod tests {
     fn no_initrd_means_no_module_list() {
         let map = guest_memory_map(1 << 30);
         let b = build_pvh(0x20000, None, &map);
-        assert_eq!((b.start_info.nr_modules, b.start_info.modlist_paddr), (0, 0));
+        assert_eq!(
+            (b.start_info.nr_modules, b.start_info.modlist_paddr),
+            (0, 0)
+        );
     }
 }

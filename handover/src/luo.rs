@@ -1,0 +1,593 @@
+//! LUO's preserved state: sessions, their files, FLBs, and memfd contents.
+//!
+//! ABI: `include/linux/kho/abi/luo.h` (`luo-v5`), `include/linux/kho/abi/block.h` (linked
+//! 4 KiB blocks of entries), `include/linux/kho/abi/memfd.h` (`memfd-v2`) and the vmalloc
+//! preservation in `include/linux/kho/abi/kexec_handover.h`; readers in
+//! `kernel/liveupdate/luo_core.c`, `luo_session.c`, `luo_file.c`, `luo_flb.c`, `kho_block.c`,
+//! `mm/memfd_luo.c` and `kho_restore_vmalloc()`.
+//!
+//! ```text
+//! FDT node "LUO" --preserved-data--> struct luo_ser {compatible "luo-v5", liveupdate_num,
+//!                                                    sessions_pa, flbs_pa}
+//!   sessions_pa -> block {next, count} + luo_session_ser[count] {name[64], files, count} -> ...
+//!     files   -> block {next, count} + luo_file_ser[count] {compatible[48], data, token} -> ...
+//!       data (memfd-v2) -> memfd_luo_ser {pos, size, seals, flags, nr_folios, kho_vmalloc}
+//!         kho_vmalloc.first -> chunk {next, phys[511] (0-terminated)} -> ...
+//!           phys[i] -> 2^order pages of memfd_luo_folio_ser[nr_folios] {pfn:52|flags:12, index}
+//!   flbs_pa -> luo_flb_header_ser {pgcnt, count} + luo_flb_ser[count] {name[48], data, count}
+//! ```
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::kho::KhoSubtree;
+use crate::mem::{
+    c_string, read_array, read_vec, GuestMemoryRead, LeBytes, MemError, PAGE_SHIFT, PAGE_SIZE,
+};
+
+/// `LUO_KHO_ENTRY_NAME`.
+pub const LUO_NODE: &str = "LUO";
+/// `LUO_ABI_COMPATIBLE`.
+pub const LUO_ABI_COMPATIBLE: &str = "luo-v5";
+/// `MEMFD_LUO_FH_COMPATIBLE`.
+pub const MEMFD_COMPATIBLE: &str = "memfd-v2";
+/// `sizeof(struct luo_ser)`: `ALIGN(sizeof("luo-v5"), 8)` + 3 u64.
+pub const LUO_SER_SIZE: usize = 8 + 24;
+/// `sizeof(struct kho_block_header_ser)`.
+pub const BLOCK_HEADER_SIZE: usize = 16;
+/// `sizeof(struct luo_session_ser)`: name[64] + luo_file_set_ser.
+pub const SESSION_SER_SIZE: usize = 64 + 16;
+/// `sizeof(struct luo_file_ser)`: compatible[48] + data + token.
+pub const FILE_SER_SIZE: usize = 48 + 16;
+/// `sizeof(struct luo_flb_ser)`: name[48] + data + count.
+pub const FLB_SER_SIZE: usize = 48 + 16;
+/// `sizeof(struct memfd_luo_ser)`: pos, size, seals, flags, nr_folios, kho_vmalloc(16).
+pub const MEMFD_SER_SIZE: usize = 48;
+/// `sizeof(struct memfd_luo_folio_ser)`.
+pub const FOLIO_SER_SIZE: usize = 16;
+/// `KHO_MAX_BLOCKS` (kernel/liveupdate/kho_block.c): longest block list accepted.
+pub const MAX_BLOCKS: usize = 10_000;
+/// Entries of `phys[]` in one `struct kho_vmalloc_chunk`.
+pub const VMALLOC_CHUNK_ENTRIES: usize = (PAGE_SIZE as usize - 8) / 8;
+/// Most memfd folio records read for one file (64 GiB of order-0 folios).
+pub const MAX_MEMFD_FOLIOS: u64 = 1 << 24;
+
+/// Errors from reading LUO state.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LuoError {
+    /// Guest memory could not be read.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// The `LUO` blob is smaller than `struct luo_ser`.
+    #[error("LUO blob of {0} bytes is smaller than struct luo_ser")]
+    ShortBlob(u64),
+    /// `compatible` is not `luo-v5`.
+    #[error("LUO compatible is {0:?}, expected {LUO_ABI_COMPATIBLE:?}")]
+    Incompatible(String),
+    /// A block list loops.
+    #[error("{what} block list loops back to {pa:#x}")]
+    Cycle {
+        /// Which list.
+        what: &'static str,
+        /// The block seen twice.
+        pa: u64,
+    },
+    /// A block list is longer than [`MAX_BLOCKS`].
+    #[error("{0} block list longer than {MAX_BLOCKS} blocks")]
+    TooManyBlocks(&'static str),
+    /// A block's `count` is 0 or more than fits in a block (as `kho_block_set_restore()`).
+    #[error("{what} block at {pa:#x} has invalid entry count {count}")]
+    BadBlockCount {
+        /// Which list.
+        what: &'static str,
+        /// The block.
+        pa: u64,
+        /// Its count.
+        count: u64,
+    },
+    /// A session's file count disagrees with its blocks (as `luo_file_deserialize()`).
+    #[error("session {session:?}: {declared} files declared, {found} found")]
+    FileCountMismatch {
+        /// Session name.
+        session: String,
+        /// `luo_file_set_ser.count`.
+        declared: u64,
+        /// Entries in the blocks.
+        found: u64,
+    },
+    /// The FLB header's count does not fit in its pages.
+    #[error("FLB header claims {count} entries in {pgcnt} pages")]
+    BadFlbCount {
+        /// `pgcnt`.
+        pgcnt: u64,
+        /// `count`.
+        count: u64,
+    },
+    /// A memfd's vmalloc descriptor is inconsistent.
+    #[error("memfd at {pa:#x}: {what}")]
+    Memfd {
+        /// The `memfd_luo_ser`.
+        pa: u64,
+        /// What was wrong.
+        what: &'static str,
+    },
+}
+
+/// The whole LUO state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LuoState {
+    /// Where `struct luo_ser` is.
+    pub ser_pa: u64,
+    /// Live updates so far, this one included.
+    pub liveupdate_num: u64,
+    /// Sessions in serialisation order.
+    pub sessions: Vec<Session>,
+    /// File-lifecycle-bound global objects.
+    pub flbs: Vec<Flb>,
+    /// `flbs_pa` (0 if none).
+    pub flb_pa: u64,
+    /// Guest addresses of the session block pages.
+    pub session_blocks: Vec<u64>,
+}
+
+/// One preserved session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Name given at `LIVEUPDATE_IOCTL_CREATE_SESSION`.
+    pub name: String,
+    /// Its files.
+    pub files: Vec<PreservedFile>,
+    /// Guest addresses of its file block pages.
+    pub file_blocks: Vec<u64>,
+}
+
+/// One preserved file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreservedFile {
+    /// File handler compatible, e.g. `memfd-v2`.
+    pub compatible: String,
+    /// User token.
+    pub token: u64,
+    /// Handler-private `data` (for memfd: the address of `struct memfd_luo_ser`).
+    pub data: u64,
+    /// Decoded memfd state, for `memfd-v2` files.
+    pub memfd: Option<Memfd>,
+}
+
+/// A preserved memfd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memfd {
+    /// File position.
+    pub pos: u64,
+    /// File size in bytes.
+    pub size: u64,
+    /// `F_SEAL_*` seals.
+    pub seals: u32,
+    /// File flags.
+    pub flags: u32,
+    /// The folios holding the file's contents.
+    pub folios: Vec<MemfdFolio>,
+    /// Pages of the vmalloc'ed folio array and of its chunk list (metadata, not contents).
+    pub metadata_pages: Vec<u64>,
+}
+
+/// `struct memfd_luo_folio_ser`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemfdFolio {
+    /// Page frame number (0 marks a hole the kernel skips).
+    pub pfn: u64,
+    /// `MEMFD_LUO_FOLIO_*` flags.
+    pub flags: u16,
+    /// Page offset in the file.
+    pub index: u64,
+}
+
+/// `struct luo_flb_ser`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flb {
+    /// Compatible name.
+    pub name: String,
+    /// Opaque handle.
+    pub data: u64,
+    /// Files depending on it.
+    pub count: u64,
+}
+
+/// Reads the entries of a `kho_block_header_ser` list the way `kho_block_set_restore()` and
+/// the block iterator do; returns the block addresses and the concatenated entries.
+fn read_blocks(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    head: u64,
+    entry_size: usize,
+    what: &'static str,
+) -> Result<(Vec<u64>, Vec<Vec<u8>>), LuoError> {
+    let per_block = ((PAGE_SIZE as usize - BLOCK_HEADER_SIZE) / entry_size) as u64;
+    let mut seen = HashSet::new();
+    let (mut blocks, mut entries) = (Vec::new(), Vec::new());
+    let mut at = head;
+    while at != 0 {
+        if !seen.insert(at) {
+            return Err(LuoError::Cycle { what, pa: at });
+        }
+        if blocks.len() == MAX_BLOCKS {
+            return Err(LuoError::TooManyBlocks(what));
+        }
+        let page = read_vec(mem, at, PAGE_SIZE as usize)?;
+        let (next, count) = (page.u64_at(0).unwrap_or(0), page.u64_at(8).unwrap_or(0));
+        if count == 0 || count > per_block {
+            return Err(LuoError::BadBlockCount {
+                what,
+                pa: at,
+                count,
+            });
+        }
+        blocks.push(at);
+        let body = page.get(BLOCK_HEADER_SIZE..).unwrap_or_default();
+        entries.extend(
+            body.chunks_exact(entry_size)
+                .take(count as usize)
+                .map(<[u8]>::to_vec),
+        );
+        at = next;
+    }
+    Ok((blocks, entries))
+}
+
+/// Reads LUO's state from its KHO subtree.
+pub fn read_luo(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    subtree: &KhoSubtree,
+) -> Result<LuoState, LuoError> {
+    if subtree.blob_size < LUO_SER_SIZE as u64 {
+        return Err(LuoError::ShortBlob(subtree.blob_size));
+    }
+    let ser: [u8; LUO_SER_SIZE] = read_array(mem, subtree.preserved_data)?;
+    let compatible = c_string(ser.get(..8).unwrap_or_default());
+    if compatible != LUO_ABI_COMPATIBLE {
+        return Err(LuoError::Incompatible(compatible));
+    }
+    let field = |off| ser.u64_at(off).unwrap_or(0);
+    let (liveupdate_num, sessions_pa, flb_pa) = (field(8), field(16), field(24));
+    let (session_blocks, raw_sessions) =
+        read_blocks(mem, sessions_pa, SESSION_SER_SIZE, "session")?;
+    let sessions = raw_sessions
+        .iter()
+        .map(|s| read_session(mem, s))
+        .collect::<Result<_, _>>()?;
+    Ok(LuoState {
+        ser_pa: subtree.preserved_data,
+        liveupdate_num,
+        sessions,
+        flbs: read_flbs(mem, flb_pa)?,
+        flb_pa,
+        session_blocks,
+    })
+}
+
+fn read_session(mem: &(impl GuestMemoryRead + ?Sized), raw: &[u8]) -> Result<Session, LuoError> {
+    let name = c_string(raw.get(..64).unwrap_or_default());
+    let files_pa = raw.u64_at(64).unwrap_or(0);
+    let declared = raw.u64_at(72).unwrap_or(0);
+    let (file_blocks, raw_files) = read_blocks(mem, files_pa, FILE_SER_SIZE, "file")?;
+    if raw_files.len() as u64 != declared {
+        return Err(LuoError::FileCountMismatch {
+            session: name,
+            declared,
+            found: raw_files.len() as u64,
+        });
+    }
+    let files = raw_files
+        .iter()
+        .map(|f| {
+            let compatible = c_string(f.get(..48).unwrap_or_default());
+            let data = f.u64_at(48).unwrap_or(0);
+            let memfd = match compatible.as_str() {
+                MEMFD_COMPATIBLE => Some(read_memfd(mem, data)?),
+                _ => None,
+            };
+            Ok(PreservedFile {
+                token: f.u64_at(56).unwrap_or(0),
+                compatible,
+                data,
+                memfd,
+            })
+        })
+        .collect::<Result<_, LuoError>>()?;
+    Ok(Session {
+        name,
+        files,
+        file_blocks,
+    })
+}
+
+fn read_flbs(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Vec<Flb>, LuoError> {
+    if pa == 0 {
+        return Ok(Vec::new());
+    }
+    let hdr: [u8; 16] = read_array(mem, pa)?;
+    let (pgcnt, count) = (hdr.u64_at(0).unwrap_or(0), hdr.u64_at(8).unwrap_or(0));
+    // The kernel trusts `count` (luo_flb.c); here it must fit in the `pgcnt` pages.
+    let room = pgcnt
+        .checked_mul(PAGE_SIZE)
+        .and_then(|b| b.checked_sub(16))
+        .map_or(0, |b| b / FLB_SER_SIZE as u64)
+        .min(MAX_BLOCKS as u64);
+    if count > room {
+        return Err(LuoError::BadFlbCount { pgcnt, count });
+    }
+    let raw = read_vec(mem, pa.saturating_add(16), count as usize * FLB_SER_SIZE)?;
+    Ok(raw
+        .chunks_exact(FLB_SER_SIZE)
+        .map(|e| Flb {
+            name: c_string(e.get(..48).unwrap_or_default()),
+            data: e.u64_at(48).unwrap_or(0),
+            count: e.u64_at(56).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// Reads `struct memfd_luo_ser` at `pa` and the folio array behind its vmalloc descriptor,
+/// checking what `kho_restore_vmalloc()` checks (pages add up to `total_pages`).
+pub fn read_memfd(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Memfd, LuoError> {
+    let err = |what| LuoError::Memfd { pa, what };
+    let s: [u8; MEMFD_SER_SIZE] = read_array(mem, pa)?;
+    let f = |off| s.u64_at(off).unwrap_or(0);
+    let nr_folios = f(24);
+    let first_chunk = f(32);
+    let total_pages = u64::from(s.u32_at(40).unwrap_or(0));
+    let order = u32::from(s.u16_at(46).unwrap_or(0));
+    if nr_folios > MAX_MEMFD_FOLIOS {
+        return Err(err("too many folios"));
+    }
+    let needed_bytes = nr_folios * FOLIO_SER_SIZE as u64;
+    if needed_bytes > total_pages * PAGE_SIZE {
+        return Err(err("folio array larger than its vmalloc area"));
+    }
+    let contig = 1u64
+        .checked_shl(order)
+        .filter(|&c| c <= total_pages.max(1))
+        .ok_or(err("vmalloc order too large"))?;
+    // vcalloc(nr_folios, 16) maps just enough pages (rounded up to the mapping order).
+    if total_pages > needed_bytes.div_ceil(PAGE_SIZE).next_multiple_of(contig) {
+        return Err(err("vmalloc area larger than the folio array needs"));
+    }
+
+    // Chunk list -> pages of the vmalloc area, in order.
+    let mut metadata_pages = Vec::new();
+    let mut area_pages: Vec<u64> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut chunk = if nr_folios == 0 { 0 } else { first_chunk };
+    while chunk != 0 {
+        if !seen.insert(chunk) || seen.len() > MAX_BLOCKS {
+            return Err(err("vmalloc chunk list loops or is too long"));
+        }
+        metadata_pages.push(chunk);
+        let page = read_vec(mem, chunk, PAGE_SIZE as usize)?;
+        for phys in page
+            .chunks_exact(8)
+            .skip(1)
+            .map(|b| b.u64_at(0).unwrap_or(0))
+        {
+            if phys == 0 {
+                break;
+            }
+            if area_pages.len() as u64 + contig > total_pages {
+                return Err(err("vmalloc chunks list more pages than total_pages"));
+            }
+            area_pages.extend((0..contig).map(|i| phys.wrapping_add(i << PAGE_SHIFT)));
+        }
+        chunk = page.u64_at(0).unwrap_or(0);
+    }
+    if nr_folios != 0 && area_pages.len() as u64 != total_pages {
+        return Err(err("vmalloc chunks list fewer pages than total_pages"));
+    }
+
+    let mut folios = Vec::with_capacity(nr_folios as usize);
+    let mut left = nr_folios as usize;
+    for &page_pa in &area_pages {
+        if left == 0 {
+            break;
+        }
+        metadata_pages.push(page_pa);
+        let page = read_vec(mem, page_pa, PAGE_SIZE as usize)?;
+        for e in page.chunks_exact(FOLIO_SER_SIZE).take(left) {
+            let w = e.u64_at(0).unwrap_or(0);
+            folios.push(MemfdFolio {
+                pfn: w & ((1 << 52) - 1),
+                flags: (w >> 52) as u16,
+                index: e.u64_at(8).unwrap_or(0),
+            });
+        }
+        left = nr_folios as usize - folios.len();
+    }
+    Ok(Memfd {
+        pos: f(0),
+        size: f(8),
+        seals: s.u32_at(16).unwrap_or(0),
+        flags: s.u32_at(20).unwrap_or(0),
+        folios,
+        metadata_pages,
+    })
+}
+
+impl LuoState {
+    /// Every guest range LUO's state refers to, with an owner label: the `luo_ser` blob,
+    /// block pages, memfd descriptors, vmalloc chunks and folio arrays, and memfd contents
+    /// (one page per folio: the folio's order lives only in the radix tree).
+    pub fn owned_ranges(&self) -> Vec<(u64, u64, String)> {
+        let page = |pa: u64, label: String| (pa, pa.saturating_add(PAGE_SIZE), label);
+        let mut out = vec![(
+            self.ser_pa,
+            self.ser_pa.saturating_add(LUO_SER_SIZE as u64),
+            "LUO".to_owned(),
+        )];
+        out.extend(
+            self.session_blocks
+                .iter()
+                .map(|&b| page(b, "LUO/sessions".into())),
+        );
+        if self.flb_pa != 0 {
+            out.push(page(self.flb_pa, "LUO/flb".into()));
+        }
+        for s in &self.sessions {
+            out.extend(
+                s.file_blocks
+                    .iter()
+                    .map(|&b| page(b, format!("session:{}/files", s.name))),
+            );
+            for f in &s.files {
+                let Some(m) = &f.memfd else { continue };
+                let who = format!("memfd:{}/{:#x}", s.name, f.token);
+                out.push((
+                    f.data,
+                    f.data.saturating_add(MEMFD_SER_SIZE as u64),
+                    who.clone(),
+                ));
+                out.extend(
+                    m.metadata_pages
+                        .iter()
+                        .map(|&p| page(p, format!("{who}/meta"))),
+                );
+                out.extend(
+                    m.folios
+                        .iter()
+                        .filter(|fo| fo.pfn != 0)
+                        .map(|fo| page(fo.pfn << PAGE_SHIFT, format!("{who}/data"))),
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{LuoLayout, MemfdSpec, SessionSpec, WriteMem};
+    use crate::mem::SparseMemory;
+
+    fn layout() -> (SparseMemory, LuoLayout) {
+        let mut mem = SparseMemory::new(0, 1 << 32);
+        let sessions = vec![
+            SessionSpec {
+                name: "state".into(),
+                memfds: vec![MemfdSpec {
+                    token: 7,
+                    first_pfn: 0x1_0000,
+                    folios: 256,
+                    size: 1 << 20,
+                }],
+                other_files: vec![("liveupdate-test-v1".into(), 9)],
+            },
+            SessionSpec {
+                name: "empty".into(),
+                memfds: vec![],
+                other_files: vec![],
+            },
+        ];
+        let l = LuoLayout::write(&mut mem, 0x100_0000, 4, &sessions).unwrap();
+        (mem, l)
+    }
+
+    #[test]
+    fn reads_sessions_files_and_memfd_folios() {
+        let (mem, l) = layout();
+        let st = read_luo(&mem, &l.subtree).unwrap();
+        assert_eq!(st.liveupdate_num, 4);
+        assert_eq!(st.sessions.len(), 2);
+        let s = &st.sessions[0];
+        assert_eq!(s.name, "state");
+        assert_eq!(s.files.len(), 2);
+        let m = s.files[0].memfd.as_ref().unwrap();
+        assert_eq!(s.files[0].compatible, MEMFD_COMPATIBLE);
+        assert_eq!(s.files[0].token, 7);
+        assert_eq!(m.size, 1 << 20);
+        assert_eq!(m.folios.len(), 256);
+        assert_eq!(
+            m.folios[3],
+            MemfdFolio {
+                pfn: 0x1_0003,
+                flags: 3,
+                index: 3
+            }
+        );
+        assert_eq!(s.files[1].compatible, "liveupdate-test-v1");
+        assert!(s.files[1].memfd.is_none());
+        assert!(st.sessions[1].files.is_empty());
+        assert_eq!(
+            st.flbs,
+            vec![Flb {
+                name: "test-flb".into(),
+                data: 0xabc,
+                count: 1
+            }]
+        );
+        let owned = st.owned_ranges();
+        assert_eq!(owned.iter().filter(|r| r.2.ends_with("/data")).count(), 256);
+    }
+
+    #[test]
+    fn many_sessions_span_blocks() {
+        let mut mem = SparseMemory::new(0, 1 << 32);
+        let sessions: Vec<_> = (0..120)
+            .map(|i| SessionSpec {
+                name: format!("s{i}"),
+                memfds: vec![],
+                other_files: vec![],
+            })
+            .collect();
+        let l = LuoLayout::write(&mut mem, 0x100_0000, 1, &sessions).unwrap();
+        let st = read_luo(&mem, &l.subtree).unwrap();
+        assert_eq!(st.sessions.len(), 120);
+        assert_eq!(st.session_blocks.len(), 3, "51 sessions per block");
+        assert_eq!(st.sessions[119].name, "s119");
+    }
+
+    #[test]
+    fn corruption_is_reported() {
+        let (mut mem, l) = layout();
+        let short = KhoSubtree {
+            blob_size: 8,
+            ..l.subtree.clone()
+        };
+        assert_eq!(read_luo(&mem, &short), Err(LuoError::ShortBlob(8)));
+        // Session block pointing at itself.
+        let first_block = l.session_block;
+        mem.put(first_block, &first_block.to_le_bytes()).unwrap();
+        assert!(matches!(
+            read_luo(&mem, &l.subtree),
+            Err(LuoError::Cycle {
+                what: "session",
+                ..
+            })
+        ));
+        mem.put(first_block, &0u64.to_le_bytes()).unwrap();
+        mem.put(first_block + 8, &52u64.to_le_bytes()).unwrap();
+        assert!(matches!(
+            read_luo(&mem, &l.subtree),
+            Err(LuoError::BadBlockCount { count: 52, .. })
+        ));
+        mem.put(first_block + 8, &2u64.to_le_bytes()).unwrap();
+        // File count mismatch in session 0.
+        mem.put(first_block + 16 + 72, &5u64.to_le_bytes()).unwrap();
+        assert!(matches!(
+            read_luo(&mem, &l.subtree),
+            Err(LuoError::FileCountMismatch { declared: 5, .. })
+        ));
+        mem.put(first_block + 16 + 72, &2u64.to_le_bytes()).unwrap();
+        assert!(read_luo(&mem, &l.subtree).is_ok());
+        // memfd total_pages too small for nr_folios.
+        mem.put(l.memfd_ser[0] + 40, &0u32.to_le_bytes()).unwrap();
+        assert!(matches!(
+            read_luo(&mem, &l.subtree),
+            Err(LuoError::Memfd { .. })
+        ));
+        mem.put(l.subtree.preserved_data, b"luo-v4\0\0").unwrap();
+        assert_eq!(
+            read_luo(&mem, &l.subtree),
+            Err(LuoError::Incompatible("luo-v4".into()))
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! The whole handover as the next kernel finds it at `start_kernel`: zero page -> setup_data
+//! -> `struct kho_data` -> KHO FDT -> radix tree, scratch list, `kexec-metadata`, LUO.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bootparams::{
+    find_kho_data, setup_data_list, BootParams, BootParamsError, KhoData, SetupData,
+};
+use crate::extents::ExtentSet;
+use crate::kho::{
+    read_kexec_metadata, read_kho_fdt, read_scratch_areas, KexecMetadata, KhoError, KhoFdt,
+    ScratchArea, METADATA_NODE,
+};
+use crate::luo::{read_luo, LuoError, LuoState, LUO_NODE};
+use crate::mem::{GuestMemoryRead, PAGE_SIZE};
+use crate::radix::{self, PreservedMemory, RadixError, RadixLimits};
+
+/// Owner label of preserved memory no subsystem claimed.
+pub const OWNER_KHO: &str = "kho";
+/// Owner label of the KHO FDT page.
+pub const OWNER_KHO_FDT: &str = "kho-fdt";
+/// Owner label of scratch areas.
+pub const OWNER_SCRATCH: &str = "scratch";
+
+/// Errors from reading a handover.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandoverError {
+    /// Zero page or setup_data.
+    #[error("boot_params: {0}")]
+    BootParams(#[from] BootParamsError),
+    /// No `SETUP_KEXEC_KHO` record: not a KHO boot.
+    #[error("no SETUP_KEXEC_KHO record in setup_data")]
+    NoKho,
+    /// FDT, scratch list or kexec-metadata.
+    #[error("KHO: {0}")]
+    Kho(#[from] KhoError),
+    /// Preserved-memory radix tree.
+    #[error("KHO radix tree: {0}")]
+    Radix(#[from] RadixError),
+    /// LUO state.
+    #[error("LUO: {0}")]
+    Luo(#[from] LuoError),
+}
+
+/// Everything a KHO handover carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The setup_data records.
+    pub setup_data: Vec<SetupData>,
+    /// The `SETUP_KEXEC_KHO` payload.
+    pub kho_data: KhoData,
+    /// The KHO FDT.
+    pub fdt: KhoFdt,
+    /// Scratch areas.
+    pub scratch: Vec<ScratchArea>,
+    /// The radix tree's contents.
+    pub preserved: PreservedMemory,
+    /// `kexec-metadata`, if the previous kernel exported it.
+    pub metadata: Option<KexecMetadata>,
+    /// LUO state, if a `LUO` subtree is present.
+    pub luo: Option<LuoState>,
+}
+
+/// Preserved extents labelled by owner, and what subsystems reference but KHO does not
+/// preserve (should be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelledExtents {
+    /// The radix tree's extents, relabelled by the FDT, its subtrees, and LUO.
+    pub set: ExtentSet,
+    /// `(start, end, owner)` ranges referenced by the FDT or LUO yet not preserved.
+    pub not_preserved: Vec<(u64, u64, String)>,
+}
+
+impl Handover {
+    /// Reads the handover whose zero page is at `zero_page_gpa` (at `start_kernel`: the
+    /// physical address of the next kernel's `boot_params` symbol).
+    pub fn read(
+        mem: &(impl GuestMemoryRead + ?Sized),
+        zero_page_gpa: u64,
+    ) -> Result<Self, HandoverError> {
+        Self::read_with(mem, zero_page_gpa, RadixLimits::default())
+    }
+
+    /// [`Self::read`] with explicit radix-tree limits.
+    pub fn read_with(
+        mem: &(impl GuestMemoryRead + ?Sized),
+        zero_page_gpa: u64,
+        limits: RadixLimits,
+    ) -> Result<Self, HandoverError> {
+        let bp = BootParams::read(mem, zero_page_gpa)?;
+        let setup_data = setup_data_list(mem, bp.setup_data())?;
+        let kho_data = find_kho_data(mem, &setup_data)?.ok_or(HandoverError::NoKho)?;
+        Self::from_kho_data(mem, setup_data, kho_data, limits)
+    }
+
+    /// Reads everything `kho_data` points at.
+    pub fn from_kho_data(
+        mem: &(impl GuestMemoryRead + ?Sized),
+        setup_data: Vec<SetupData>,
+        kho_data: KhoData,
+        limits: RadixLimits,
+    ) -> Result<Self, HandoverError> {
+        let fdt = read_kho_fdt(mem, &kho_data)?;
+        let scratch = read_scratch_areas(mem, &kho_data)?;
+        let preserved = radix::walk(mem, fdt.preserved_memory_map, limits)?;
+        let metadata = fdt
+            .subtree(METADATA_NODE)
+            .map(|s| read_kexec_metadata(mem, s))
+            .transpose()?;
+        let luo = fdt
+            .subtree(LUO_NODE)
+            .map(|s| read_luo(mem, s))
+            .transpose()?;
+        Ok(Handover {
+            setup_data,
+            kho_data,
+            fdt,
+            scratch,
+            preserved,
+            metadata,
+            luo,
+        })
+    }
+
+    /// The preserved extents, labelled: `kho` by default, `kho-fdt` for the FDT page, the
+    /// subtree name for each blob, and LUO's finer labels (sessions, memfd metadata and data).
+    pub fn preserved_extents(&self) -> LabelledExtents {
+        let mut b = ExtentSet::builder();
+        for r in &self.preserved.runs {
+            b.add(r.pa, r.end(), OWNER_KHO);
+        }
+        let base = b.build();
+        let page_end = |pa: u64, len: u64| {
+            pa.saturating_add(len).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
+        };
+        let mut labels = vec![(
+            self.kho_data.fdt_addr,
+            page_end(
+                self.kho_data.fdt_addr,
+                self.kho_data.fdt_size.min(PAGE_SIZE),
+            ),
+            OWNER_KHO_FDT.to_owned(),
+        )];
+        labels.extend(self.fdt.subtrees.iter().map(|s| {
+            (
+                s.preserved_data,
+                page_end(s.preserved_data, s.blob_size.max(1)),
+                s.name.clone(),
+            )
+        }));
+        if let Some(luo) = &self.luo {
+            labels.extend(luo.owned_ranges());
+        }
+        let (set, not_preserved) = base.relabel(&labels);
+        LabelledExtents { set, not_preserved }
+    }
+
+    /// The scratch areas as an extent set.
+    pub fn scratch_extents(&self) -> ExtentSet {
+        let mut b = ExtentSet::builder();
+        for a in &self.scratch {
+            b.add(a.addr, a.addr.saturating_add(a.size), OWNER_SCRATCH);
+        }
+        b.build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{HandoverFixture, HandoverSpec, WriteMem};
+    use crate::mem::SparseMemory;
+
+    fn small() -> (SparseMemory, HandoverFixture) {
+        let mut mem = SparseMemory::new(0, 1 << 30);
+        let fx = HandoverFixture::write(&mut mem, &HandoverSpec::small()).unwrap();
+        (mem, fx)
+    }
+
+    #[test]
+    fn reads_a_complete_handover() {
+        let (mem, fx) = small();
+        let h = Handover::read(&mem, fx.zero_page).unwrap();
+        assert_eq!(h.kho_data, fx.kho);
+        assert_eq!(h.setup_data.len(), 2);
+        assert_eq!(h.scratch.len(), 2);
+        assert_eq!(h.preserved.pages, fx.preserved_pages());
+        assert_eq!(h.preserved.node_pages.len(), fx.radix_nodes);
+        assert_eq!(h.metadata.as_ref().unwrap().previous_release, "7.2.13");
+        let luo = h.luo.as_ref().unwrap();
+        assert_eq!(
+            luo.sessions[0].files[0]
+                .memfd
+                .as_ref()
+                .unwrap()
+                .folios
+                .len(),
+            256
+        );
+
+        let ext = h.preserved_extents();
+        assert!(ext.not_preserved.is_empty(), "{:?}", ext.not_preserved);
+        assert_eq!(ext.set.total_pages(), fx.preserved_pages());
+        assert_eq!(ext.set.find(fx.kho.fdt_addr).unwrap().owner, OWNER_KHO_FDT);
+        assert_eq!(
+            ext.set.find(0x200 << 12).unwrap().owner,
+            "memfd:luo-agent/0x1/data"
+        );
+        assert_eq!(
+            ext.set.find(fx.luo.subtree.preserved_data).unwrap().owner,
+            "LUO"
+        );
+        assert_eq!(h.scratch_extents().total_bytes(), 0x600_0000);
+    }
+
+    #[test]
+    fn unpreserved_references_are_reported() {
+        let mut mem = SparseMemory::new(0, 1 << 30);
+        let fx = HandoverFixture::write(&mut mem, &HandoverSpec::small()).unwrap();
+        // Rebuild the tree without the memfd's first folio.
+        let mut radix = crate::fixture::RadixBuilder::new(0x3000_0000);
+        for &(pa, o) in fx.preserved.iter().filter(|&&(pa, _)| pa != 0x200 << 12) {
+            radix.preserve_block(pa, o);
+        }
+        let root = radix.write(&mut mem).unwrap();
+        let h = Handover::read(&mem, fx.zero_page).unwrap();
+        let mut fdt = h.fdt.clone();
+        fdt.preserved_memory_map = root;
+        let blob =
+            crate::fixture::kho_fdt_blob(crate::kho::KHO_FDT_COMPATIBLE, root, &fdt.subtrees);
+        mem.put(fx.kho.fdt_addr, &blob).unwrap();
+        let h = Handover::read(&mem, fx.zero_page).unwrap();
+        let ext = h.preserved_extents();
+        assert_eq!(
+            ext.not_preserved,
+            vec![(0x20_0000, 0x20_1000, "memfd:luo-agent/0x1/data".to_string())]
+        );
+    }
+
+    #[test]
+    fn no_kho_record() {
+        let mut mem = SparseMemory::new(0, 1 << 20);
+        mem.put(0x1000, &crate::fixture::zero_page(0)).unwrap();
+        assert_eq!(Handover::read(&mem, 0x1000), Err(HandoverError::NoKho));
+    }
+}

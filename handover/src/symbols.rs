@@ -1,0 +1,268 @@
+//! Kernel symbol addresses from a `vmlinux` ELF (or `System.map`), and the kernel image's
+//! virtual-to-physical mapping, so the VMM can arm breakpoints on `liveupdate_reboot`,
+//! `machine_kexec`, `start_kernel` and read `boot_params` of a kernel without KASLR.
+
+use std::collections::HashMap;
+
+use object::elf::PT_LOAD;
+use object::read::elf::{ElfFile64, ProgramHeader};
+use object::{Endianness, Object, ObjectSymbol, SymbolKind};
+use thiserror::Error;
+
+/// `__START_KERNEL_map` on x86-64: a kernel-image virtual address minus this is its physical
+/// address when `phys_base` is 0 (no relocation, no KASLR).
+pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+
+/// Errors from loading symbols or translating addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SymbolError {
+    /// The file is not a 64-bit ELF.
+    #[error("not a 64-bit ELF file: {0}")]
+    NotElf(String),
+    /// No definition of the symbol.
+    #[error("symbol {0:?} not found")]
+    Missing(String),
+    /// Several local definitions and no global one.
+    #[error("symbol {0:?} is defined more than once (local symbols)")]
+    Ambiguous(String),
+    /// A System.map line that is not `ADDRESS TYPE NAME`.
+    #[error("System.map line {line}: {text:?}")]
+    BadSystemMap {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// The address is in no loadable segment of the image.
+    #[error("virtual address {0:#x} is in no PT_LOAD segment of the kernel image")]
+    Unmapped(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sym {
+    addr: u64,
+    global: bool,
+    ambiguous: bool,
+}
+
+/// A `PT_LOAD` segment: `[vaddr, vaddr + memsz)` is loaded at `paddr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSegment {
+    /// `p_vaddr`.
+    pub vaddr: u64,
+    /// `p_paddr`.
+    pub paddr: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+}
+
+/// Symbols and load segments of one kernel image.
+#[derive(Debug, Clone, Default)]
+pub struct KernelSymbols {
+    symbols: HashMap<String, Sym>,
+    segments: Vec<LoadSegment>,
+}
+
+impl KernelSymbols {
+    fn insert(&mut self, name: &str, addr: u64, global: bool) {
+        use std::collections::hash_map::Entry;
+        match self.symbols.entry(name.to_owned()) {
+            Entry::Vacant(v) => {
+                v.insert(Sym {
+                    addr,
+                    global,
+                    ambiguous: false,
+                });
+            }
+            Entry::Occupied(mut o) => {
+                let s = o.get_mut();
+                if global && !s.global {
+                    *s = Sym {
+                        addr,
+                        global,
+                        ambiguous: false,
+                    };
+                } else if !global && !s.global && s.addr != addr {
+                    s.ambiguous = true;
+                }
+            }
+        }
+    }
+
+    /// Loads the symbol table and `PT_LOAD` segments of a 64-bit ELF `vmlinux`.
+    pub fn from_elf(data: &[u8]) -> Result<Self, SymbolError> {
+        let elf =
+            ElfFile64::<Endianness>::parse(data).map_err(|e| SymbolError::NotElf(e.to_string()))?;
+        let mut out = KernelSymbols::default();
+        for s in elf.symbols() {
+            if !s.is_definition()
+                || !matches!(
+                    s.kind(),
+                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown
+                )
+            {
+                continue;
+            }
+            if let Ok(name) = s.name() {
+                if !name.is_empty() {
+                    out.insert(name, s.address(), s.is_global());
+                }
+            }
+        }
+        let endian = elf.endian();
+        out.segments = elf
+            .elf_program_headers()
+            .iter()
+            .filter(|ph| ph.p_type(endian) == PT_LOAD)
+            .map(|ph| LoadSegment {
+                vaddr: ph.p_vaddr(endian),
+                paddr: ph.p_paddr(endian),
+                memsz: ph.p_memsz(endian),
+            })
+            .collect();
+        Ok(out)
+    }
+
+    /// Parses `System.map` text (`ffffffff81000000 T _text` per line). Upper-case types are
+    /// global. There are no segments: [`Self::virt_to_phys`] falls back to
+    /// [`START_KERNEL_MAP`].
+    pub fn from_system_map(text: &str) -> Result<Self, SymbolError> {
+        let mut out = KernelSymbols::default();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = || SymbolError::BadSystemMap {
+                line: i + 1,
+                text: line.to_owned(),
+            };
+            let mut f = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
+                return Err(bad());
+            };
+            let addr = u64::from_str_radix(addr, 16).map_err(|_| bad())?;
+            let global = kind.chars().next().is_some_and(|c| c.is_ascii_uppercase());
+            out.insert(name, addr, global);
+        }
+        Ok(out)
+    }
+
+    /// The address of `name` (global definitions win over local ones).
+    pub fn address(&self, name: &str) -> Result<u64, SymbolError> {
+        match self.symbols.get(name) {
+            None => Err(SymbolError::Missing(name.to_owned())),
+            Some(s) if s.ambiguous => Err(SymbolError::Ambiguous(name.to_owned())),
+            Some(s) => Ok(s.addr),
+        }
+    }
+
+    /// Number of distinct symbol names.
+    pub fn len(&self) -> usize {
+        self.symbols.len()
+    }
+
+    /// Whether no symbol was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// The `PT_LOAD` segments (empty for System.map).
+    pub fn segments(&self) -> &[LoadSegment] {
+        &self.segments
+    }
+
+    /// Translates a kernel-image virtual address to the physical address it is loaded at,
+    /// through the segment holding it; without segments, `vaddr - __START_KERNEL_map`.
+    /// Valid for a kernel that was not relocated (no KASLR, `phys_base` = 0).
+    pub fn virt_to_phys(&self, vaddr: u64) -> Result<u64, SymbolError> {
+        if self.segments.is_empty() {
+            return vaddr
+                .checked_sub(START_KERNEL_MAP)
+                .ok_or(SymbolError::Unmapped(vaddr));
+        }
+        self.segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.memsz)
+            .map(|s| s.paddr + (vaddr - s.vaddr))
+            .ok_or(SymbolError::Unmapped(vaddr))
+    }
+
+    /// `virt_to_phys(address(name))`.
+    pub fn physical_address(&self, name: &str) -> Result<u64, SymbolError> {
+        self.virt_to_phys(self.address(name)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::tiny_kernel_elf;
+
+    #[test]
+    fn elf_symbols_and_translation() {
+        let elf = tiny_kernel_elf(&[
+            ("start_kernel", 0xffff_ffff_8300_0100, true),
+            ("machine_kexec", 0xffff_ffff_8100_2000, true),
+            ("liveupdate_reboot", 0xffff_ffff_8100_3000, true),
+            ("boot_params", 0xffff_ffff_8240_0000, true),
+            ("helper", 0xffff_ffff_8100_4000, false),
+            ("helper", 0xffff_ffff_8100_5000, false),
+            ("dup", 0xffff_ffff_8100_6000, false),
+            ("dup", 0xffff_ffff_8100_7000, true),
+        ]);
+        let k = KernelSymbols::from_elf(&elf).unwrap();
+        assert_eq!(k.address("machine_kexec").unwrap(), 0xffff_ffff_8100_2000);
+        assert_eq!(k.address("dup").unwrap(), 0xffff_ffff_8100_7000);
+        assert_eq!(
+            k.address("helper"),
+            Err(SymbolError::Ambiguous("helper".into()))
+        );
+        assert_eq!(k.address("nope"), Err(SymbolError::Missing("nope".into())));
+        assert_eq!(k.segments().len(), 2);
+        // Segment 1: text at 0xffffffff81000000 -> 0x1000000; segment 2: data -> 0x2400000.
+        assert_eq!(k.physical_address("liveupdate_reboot").unwrap(), 0x100_3000);
+        assert_eq!(k.physical_address("boot_params").unwrap(), 0x240_0000);
+        assert_eq!(
+            k.virt_to_phys(0xffff_ffff_8300_0100),
+            Err(SymbolError::Unmapped(0xffff_ffff_8300_0100))
+        );
+    }
+
+    #[test]
+    fn not_elf() {
+        assert!(matches!(
+            KernelSymbols::from_elf(b"\x7fELF but not really"),
+            Err(SymbolError::NotElf(_))
+        ));
+        assert!(matches!(
+            KernelSymbols::from_elf(&[]),
+            Err(SymbolError::NotElf(_))
+        ));
+        let mut elf = tiny_kernel_elf(&[("x", 0xffff_ffff_8100_0000, true)]);
+        for cut in [10, 64, 100, elf.len() - 1] {
+            let _ = KernelSymbols::from_elf(&elf[..cut]);
+        }
+        elf[4] = 1; // ELFCLASS32
+        assert!(KernelSymbols::from_elf(&elf).is_err());
+    }
+
+    #[test]
+    fn system_map() {
+        let map = "ffffffff81000000 T _text\nffffffff81002000 T machine_kexec\n\
+                   ffffffff81004000 t helper\nffffffff81005000 t helper\nffffffff82400000 D boot_params\n";
+        let k = KernelSymbols::from_system_map(map).unwrap();
+        assert_eq!(k.len(), 4);
+        assert_eq!(k.physical_address("_text").unwrap(), 0x100_0000);
+        assert_eq!(k.physical_address("boot_params").unwrap(), 0x240_0000);
+        assert!(matches!(
+            k.address("helper"),
+            Err(SymbolError::Ambiguous(_))
+        ));
+        assert!(matches!(
+            KernelSymbols::from_system_map("ffffffff81000000 T\n"),
+            Err(SymbolError::BadSystemMap { line: 1, .. })
+        ));
+        assert!(KernelSymbols::from_system_map("zzzz T x").is_err());
+        assert_eq!(k.virt_to_phys(0x1000), Err(SymbolError::Unmapped(0x1000)));
+    }
+}

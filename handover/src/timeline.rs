@@ -1,0 +1,548 @@
+//! The handover timeline: marks with host-monotonic timestamps, the phases between them, the
+//! blackout, and the [`HandoverReport`].
+
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::DigestVerdict;
+use crate::extents::{DirtyClassification, ExtentSet};
+use crate::kho::ScratchArea;
+
+/// The marks of one handover, in the order they must occur.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mark {
+    /// The guest agent is about to call `reboot()` (probe port).
+    RebootRequested,
+    /// The old kernel entered `liveupdate_reboot` (breakpoint).
+    SerializeStart,
+    /// The old kernel entered `machine_kexec` (breakpoint).
+    PointOfNoReturn,
+    /// The next kernel entered `start_kernel` (breakpoint).
+    NextKernelStart,
+    /// The guest agent runs in the next kernel (probe port).
+    UserspaceUp,
+    /// The agent retrieved its sessions and verified them (probe port).
+    WorkloadResumed,
+}
+
+impl Mark {
+    /// All marks in order.
+    pub const ALL: [Mark; 6] = [
+        Mark::RebootRequested,
+        Mark::SerializeStart,
+        Mark::PointOfNoReturn,
+        Mark::NextKernelStart,
+        Mark::UserspaceUp,
+        Mark::WorkloadResumed,
+    ];
+
+    /// The kebab-case name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mark::RebootRequested => "reboot-requested",
+            Mark::SerializeStart => "serialize-start",
+            Mark::PointOfNoReturn => "point-of-no-return",
+            Mark::NextKernelStart => "next-kernel-start",
+            Mark::UserspaceUp => "userspace-up",
+            Mark::WorkloadResumed => "workload-resumed",
+        }
+    }
+
+    /// Name of the phase that starts at this mark and ends at the next one.
+    fn phase_name(self) -> &'static str {
+        match self {
+            Mark::RebootRequested => "reboot-syscall",
+            Mark::SerializeStart => "serialize",
+            Mark::PointOfNoReturn => "kexec-jump",
+            Mark::NextKernelStart => "kernel-boot",
+            Mark::UserspaceUp => "workload-restore",
+            Mark::WorkloadResumed => "resumed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Mark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Marks as they were recorded, possibly over several handover rounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline {
+    marks: Vec<(Mark, u64)>,
+}
+
+/// One round: at most one timestamp per mark, plus what was wrong with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Round {
+    /// Timestamp of each mark, indexed like [`Mark::ALL`].
+    pub at: [Option<u64>; 6],
+    /// Ordering problems and duplicates found while splitting.
+    pub issues: Vec<String>,
+}
+
+/// A phase between two present marks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    /// Phase name (`serialize`, `kexec-jump`, ...; `a..b` when marks between are missing).
+    pub name: String,
+    /// Start, in ns since the round's first mark.
+    pub t_ns: u64,
+    /// Duration in ns.
+    pub duration_ns: u64,
+}
+
+impl Timeline {
+    /// An empty timeline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `mark` at host-monotonic `t_ns`.
+    pub fn record(&mut self, mark: Mark, t_ns: u64) {
+        self.marks.push((mark, t_ns));
+    }
+
+    /// Marks in recording order.
+    pub fn marks(&self) -> &[(Mark, u64)] {
+        &self.marks
+    }
+
+    /// Splits the marks into rounds: a round ends when a mark comes that is not later in the
+    /// canonical order than the previous one (normally the next `reboot-requested`).
+    pub fn rounds(&self) -> Vec<Round> {
+        let mut rounds: Vec<Round> = Vec::new();
+        let mut last: Option<(Mark, u64)> = None;
+        for &(mark, t) in &self.marks {
+            let new_round = match last {
+                None => true,
+                Some((prev, _)) => mark <= prev,
+            };
+            if new_round {
+                rounds.push(Round::default());
+            }
+            if let Some(round) = rounds.last_mut() {
+                if let Some((prev, pt)) = last.filter(|_| !new_round) {
+                    if t < pt {
+                        round
+                            .issues
+                            .push(format!("{mark} at {t} ns is before {prev} at {pt} ns"));
+                    }
+                }
+                if let Some(slot) = round.at.get_mut(mark.index()) {
+                    *slot = Some(t);
+                }
+            }
+            last = Some((mark, t));
+        }
+        rounds
+    }
+}
+
+impl Round {
+    /// Timestamp of `mark`.
+    pub fn get(&self, mark: Mark) -> Option<u64> {
+        self.at.get(mark.index()).copied().flatten()
+    }
+
+    /// Marks absent from this round.
+    pub fn missing(&self) -> Vec<Mark> {
+        Mark::ALL
+            .into_iter()
+            .filter(|&m| self.get(m).is_none())
+            .collect()
+    }
+
+    /// `workload-resumed - reboot-requested`, when both are present and ordered.
+    pub fn blackout_ns(&self) -> Option<u64> {
+        self.get(Mark::WorkloadResumed)?
+            .checked_sub(self.get(Mark::RebootRequested)?)
+    }
+
+    /// Phases between consecutive present marks (negative spans clamp to 0 and are already
+    /// listed in `issues`).
+    pub fn phases(&self) -> Vec<Phase> {
+        let present: Vec<(Mark, u64)> = Mark::ALL
+            .into_iter()
+            .filter_map(|m| Some((m, self.get(m)?)))
+            .collect();
+        let origin = present.first().map_or(0, |&(_, t)| t);
+        present
+            .windows(2)
+            .filter_map(|w| match w {
+                [(a, ta), (b, tb)] => Some(Phase {
+                    name: if b.index() == a.index() + 1 {
+                        a.phase_name().to_owned()
+                    } else {
+                        format!("{a}..{b}")
+                    },
+                    t_ns: ta.saturating_sub(origin),
+                    duration_ns: tb.saturating_sub(*ta),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Count and size of the preserved extents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentSummary {
+    /// Number of extents.
+    pub count: usize,
+    /// Bytes preserved.
+    pub bytes: u64,
+}
+
+/// What one handover round looked like from outside. Serialises to the JSON the benches and
+/// CI read; [`fmt::Display`] renders the same as an aligned table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverReport {
+    /// `workload-resumed - reboot-requested`, if both were seen.
+    pub blackout_ns: Option<u64>,
+    /// Phases between consecutive marks.
+    pub phases: Vec<Phase>,
+    /// Marks that never came.
+    pub missing_marks: Vec<Mark>,
+    /// Ordering problems.
+    pub issues: Vec<String>,
+    /// Preserved extents at `next-kernel-start`.
+    pub extents: ExtentSummary,
+    /// Preserved pages written between `point-of-no-return` and `next-kernel-start`.
+    pub preserved_pages_written: Option<u64>,
+    /// Scratch pages written in that window.
+    pub scratch_pages_written: Option<u64>,
+    /// Other pages written in that window.
+    pub other_pages_written: Vec<u64>,
+    /// The digest comparison, if one was taken.
+    pub digest: Option<DigestVerdict>,
+    /// KHO scratch areas.
+    pub scratch: Vec<ScratchArea>,
+    /// The agent's final line.
+    pub agent_line: String,
+    /// Whether the agent said it verified its data.
+    pub agent_ok: bool,
+    /// All marks present and ordered, the dirty log was read and no preserved page was
+    /// written, the digest (if any) unchanged, and the agent verified its data.
+    pub verified: bool,
+}
+
+impl HandoverReport {
+    /// A report for `round`; the `with_*` methods add the rest.
+    pub fn new(round: &Round) -> Self {
+        let mut r = HandoverReport {
+            blackout_ns: round.blackout_ns(),
+            phases: round.phases(),
+            missing_marks: round.missing(),
+            issues: round.issues.clone(),
+            ..Self::default()
+        };
+        r.update_verified();
+        r
+    }
+
+    /// Adds the preserved extents and the scratch areas.
+    pub fn with_extents(mut self, preserved: &ExtentSet, scratch: &[ScratchArea]) -> Self {
+        self.extents = ExtentSummary {
+            count: preserved.len(),
+            bytes: preserved.total_bytes(),
+        };
+        self.scratch = scratch.to_vec();
+        self
+    }
+
+    /// Adds the dirty-log classification.
+    pub fn with_dirty(mut self, dirty: &DirtyClassification) -> Self {
+        self.preserved_pages_written = Some(dirty.preserved.len() as u64);
+        self.scratch_pages_written = Some(dirty.scratch);
+        self.other_pages_written = dirty.other.clone();
+        self.update_verified();
+        self
+    }
+
+    /// Adds a digest comparison.
+    pub fn with_digest(mut self, verdict: DigestVerdict) -> Self {
+        self.digest = Some(verdict);
+        self.update_verified();
+        self
+    }
+
+    /// Adds the agent's final line and whether it reported success.
+    pub fn with_agent(mut self, line: &str, ok: bool) -> Self {
+        self.agent_line = line.to_owned();
+        self.agent_ok = ok;
+        self.update_verified();
+        self
+    }
+
+    fn update_verified(&mut self) {
+        self.verified = self.missing_marks.is_empty()
+            && self.issues.is_empty()
+            && self.preserved_pages_written == Some(0)
+            && self.digest.as_ref().is_none_or(DigestVerdict::unchanged)
+            && self.agent_ok;
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// `1.234 s`, `12.3 ms`, `456 µs`, `789 ns`.
+pub fn human_duration(ns: u64) -> String {
+    let f = ns as f64;
+    match ns {
+        0..=999 => format!("{ns} ns"),
+        1_000..=999_999 => format!("{:.1} µs", f / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} ms", f / 1e6),
+        _ => format!("{:.3} s", f / 1e9),
+    }
+}
+
+/// `4.0 KiB`, `1.0 MiB`, ...
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{b} B"),
+        _ => format!("{v:.1} {}", UNITS.get(unit).copied().unwrap_or("B")),
+    }
+}
+
+impl fmt::Display for HandoverReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::new();
+        let width = self
+            .phases
+            .iter()
+            .map(|p| p.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let _ = writeln!(s, "{:<width$}  {:>12}  {:>12}", "phase", "at", "duration");
+        for p in &self.phases {
+            let _ = writeln!(
+                s,
+                "{:<width$}  {:>12}  {:>12}",
+                p.name,
+                human_duration(p.t_ns),
+                human_duration(p.duration_ns)
+            );
+        }
+        let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "{:<width$}  {:>12}  {:>12}",
+            "blackout",
+            "",
+            self.blackout_ns.map_or("-".into(), human_duration)
+        );
+        if !self.missing_marks.is_empty() {
+            let names: Vec<&str> = self.missing_marks.iter().map(|m| m.name()).collect();
+            let _ = writeln!(s, "missing marks: {}", names.join(", "));
+        }
+        for i in &self.issues {
+            let _ = writeln!(s, "issue: {i}");
+        }
+        let _ = writeln!(
+            s,
+            "preserved: {} extents, {}",
+            self.extents.count,
+            human_bytes(self.extents.bytes)
+        );
+        let _ = writeln!(
+            s,
+            "written pages: preserved {}, scratch {}, other {}",
+            opt(self.preserved_pages_written),
+            opt(self.scratch_pages_written),
+            self.other_pages_written.len()
+        );
+        for p in &self.other_pages_written {
+            let _ = writeln!(s, "  other page written: {p:#x}");
+        }
+        for a in &self.scratch {
+            let _ = writeln!(s, "scratch: {:#x} + {}", a.addr, human_bytes(a.size));
+        }
+        if let Some(d) = &self.digest {
+            let _ = writeln!(
+                s,
+                "digest: {} extents compared, {} changed, {} unmatched",
+                d.compared,
+                d.changed.len(),
+                d.unmatched.len()
+            );
+        }
+        if !self.agent_line.is_empty() {
+            let _ = writeln!(s, "agent: {}", self.agent_line);
+        }
+        let _ = write!(s, "verified: {}", if self.verified { "yes" } else { "NO" });
+        f.write_str(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(t0: u64) -> Vec<(Mark, u64)> {
+        Mark::ALL
+            .into_iter()
+            .zip([0, 10, 30, 60, 100, 150].map(|d| t0 + d * 1_000_000))
+            .collect()
+    }
+
+    #[test]
+    fn phases_and_blackout() {
+        let mut tl = Timeline::new();
+        for (m, t) in full(5_000) {
+            tl.record(m, t);
+        }
+        let rounds = tl.rounds();
+        assert_eq!(rounds.len(), 1);
+        let r = &rounds[0];
+        assert_eq!(r.blackout_ns(), Some(150_000_000));
+        let names: Vec<String> = r.phases().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "reboot-syscall",
+                "serialize",
+                "kexec-jump",
+                "kernel-boot",
+                "workload-restore"
+            ]
+        );
+        assert_eq!(
+            r.phases()[2],
+            Phase {
+                name: "kexec-jump".into(),
+                t_ns: 30_000_000,
+                duration_ns: 30_000_000
+            }
+        );
+        assert!(r.missing().is_empty() && r.issues.is_empty());
+    }
+
+    #[test]
+    fn repeated_rounds_and_missing_marks() {
+        let mut tl = Timeline::new();
+        for (m, t) in full(0) {
+            tl.record(m, t);
+        }
+        for (m, t) in full(1_000_000_000) {
+            if m != Mark::SerializeStart && m != Mark::WorkloadResumed {
+                tl.record(m, t);
+            }
+        }
+        let rounds = tl.rounds();
+        assert_eq!(rounds.len(), 2);
+        let r = &rounds[1];
+        assert_eq!(
+            r.missing(),
+            vec![Mark::SerializeStart, Mark::WorkloadResumed]
+        );
+        assert_eq!(r.blackout_ns(), None);
+        assert_eq!(r.phases()[0].name, "reboot-requested..point-of-no-return");
+        let report = HandoverReport::new(r);
+        assert!(!report.verified);
+        assert!(report
+            .to_string()
+            .contains("missing marks: serialize-start, workload-resumed"));
+    }
+
+    #[test]
+    fn out_of_order_timestamps_are_issues() {
+        let mut tl = Timeline::new();
+        tl.record(Mark::RebootRequested, 100);
+        tl.record(Mark::SerializeStart, 50);
+        let r = &tl.rounds()[0];
+        assert_eq!(r.issues.len(), 1);
+        assert_eq!(r.phases()[0].duration_ns, 0);
+    }
+
+    #[test]
+    fn report_verification_json_and_text() {
+        let mut tl = Timeline::new();
+        for (m, t) in full(0) {
+            tl.record(m, t);
+        }
+        let round = &tl.rounds()[0];
+        let preserved = ExtentSet::builder()
+            .add(0x1000, 0x101000, "kho")
+            .clone()
+            .build();
+        let clean = DirtyClassification {
+            preserved: vec![],
+            scratch: 2057,
+            other: vec![0x9000, 0xa000],
+        };
+        let r = HandoverReport::new(round)
+            .with_extents(
+                &preserved,
+                &[ScratchArea {
+                    addr: 0x100_0000,
+                    size: 64 << 20,
+                }],
+            )
+            .with_dirty(&clean)
+            .with_digest(DigestVerdict {
+                compared: 1,
+                ..Default::default()
+            })
+            .with_agent("agent: 1 MiB verified", true);
+        assert!(r.verified);
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        for key in [
+            "blackout_ns",
+            "phases",
+            "extents",
+            "preserved_pages_written",
+            "verified",
+            "digest",
+            "agent_line",
+            "scratch",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["extents"]["count"], 1);
+        assert_eq!(v["phases"][0]["name"], "reboot-syscall");
+        assert_eq!(v["missing_marks"], serde_json::json!([]));
+        let text = r.to_string();
+        assert!(text.contains("kexec-jump"), "{text}");
+        assert!(
+            text.contains("150.0 ms") && text.contains("verified: yes"),
+            "{text}"
+        );
+        let dirty = DirtyClassification {
+            preserved: vec![0x2000],
+            ..clean
+        };
+        assert!(!r.clone().with_dirty(&dirty).verified);
+        assert!(!r.with_agent("agent: FAIL", false).verified);
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_duration(789), "789 ns");
+        assert_eq!(human_duration(456_000), "456.0 µs");
+        assert_eq!(human_duration(12_300_000), "12.3 ms");
+        assert_eq!(human_duration(1_234_000_000), "1.234 s");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1 << 20), "1.0 MiB");
+        assert_eq!(human_bytes(64 << 30), "64.0 GiB");
+        assert_eq!(Mark::PointOfNoReturn.to_string(), "point-of-no-return");
+    }
+}

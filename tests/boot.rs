@@ -1,0 +1,88 @@
+//! Booting the reference guest, and the errors a user meets before any guest runs.
+
+mod common;
+
+use common::{luo_vmm, reference_image, text, GUEST_TIMEOUT_S};
+
+#[test]
+fn reference_guest_boots_to_the_agent_and_exits_cleanly() {
+    reference_image();
+    let out = luo_vmm(&["boot", "--timeout", GUEST_TIMEOUT_S]);
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "luo-vmm boot failed: {:?}",
+        out.status
+    );
+    assert!(
+        stdout.contains("Linux version"),
+        "no kernel log on the console"
+    );
+    assert!(stdout.contains("luo-agent: userspace up (cpus=1)"));
+    assert!(stderr.contains("guest agent up"), "no boot time reported");
+    assert!(stderr.contains("clean exit"));
+}
+
+#[test]
+fn two_vcpus_are_both_brought_up() {
+    reference_image();
+    let out = luo_vmm(&["boot", "--vcpus", "2", "--timeout", GUEST_TIMEOUT_S]);
+    let (stdout, stderr) = text(&out);
+    if stderr.contains("did not start") {
+        // The one case in which the KVM, not luo-vmm, is at fault: say so, don't pass.
+        panic!("the second vCPU did not start on this KVM: {stderr}");
+    }
+    assert!(out.status.success());
+    assert!(stdout.contains("smp: Brought up 1 node, 2 CPUs"));
+    assert!(stdout.contains("luo-agent: userspace up (cpus=2)"));
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let out = luo_vmm(args);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "{args:?} must fail");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "{:?} lacks {needle:?}",
+        errors[0]
+    );
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    assert_one_line_error(
+        &["boot", "--kernel", "/nonexistent"],
+        "/nonexistent does not exist",
+    );
+
+    let junk = std::env::temp_dir().join(format!("luo-junk-kernel-{}", std::process::id()));
+    // Deterministic pseudo-random bytes (xorshift), not a valid image of any kind.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&junk, bytes).unwrap();
+    let junk_path = junk.to_str().unwrap();
+    assert_one_line_error(
+        &["boot", "--kernel", junk_path],
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    std::fs::remove_file(&junk).unwrap();
+
+    assert_one_line_error(
+        &["boot", "--kernel", "/nonexistent", "--mem", "1K"],
+        "memory size 1024 bytes is out of range",
+    );
+    assert_one_line_error(
+        &["boot", "--vcpus", "9", "--kernel", "/nonexistent"],
+        "--vcpus 9",
+    );
+}

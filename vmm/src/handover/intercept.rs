@@ -1,0 +1,273 @@
+//! The interception of a live update from outside the guest: hardware breakpoints on
+//! the old kernel's `liveupdate_reboot` and `machine_kexec` and the next kernel's
+//! `start_kernel`, dirty-page logging between the last two, and the reading of the KHO
+//! state the next kernel is handed, all while the vCPU is stopped at the breakpoint.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use luo_devices::probe::{ProbeEvent, ProbeMark};
+use luo_handover::digest::{DigestVerdict, ExtentDigests};
+use luo_handover::extents::{classify_dirty, DirtyBitmap, DirtyClassification, ExtentSet};
+use luo_handover::kho::ScratchArea;
+use luo_handover::timeline::{Mark, Timeline};
+use luo_handover::{Handover, LabelledExtents};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::guest_ram::{LiveRam, RamSnapshot};
+use crate::arch::paging::translate;
+use crate::dirty::{set_slots, take_bitmaps};
+use crate::vm::{BreakpointHandler, RunObserver, StoppedVcpu};
+
+/// The symbols luo-vmm breaks on, in breakpoint-slot order.
+pub const BREAKPOINT_SYMBOLS: [&str; 3] = ["liveupdate_reboot", "machine_kexec", "start_kernel"];
+const SLOT_SERIALIZE: usize = 0;
+const SLOT_POINT_OF_NO_RETURN: usize = 1;
+const SLOT_START_KERNEL: usize = 2;
+
+/// A fault luo-vmm injects into the handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Overwrite the KHO FDT header the next kernel is about to read.
+    CorruptKhoFdt,
+}
+
+/// What the interceptor learned about one handover.
+#[derive(Debug, Default)]
+pub struct RoundCapture {
+    /// The KHO state handed to the next kernel, or why it could not be read.
+    pub handover: Option<Result<HandoverState, String>>,
+    /// Pages written between point-of-no-return and next-kernel-start.
+    pub dirty: Option<Result<DirtyClassification, String>>,
+    /// Extent digests before and after, when asked for.
+    pub digest: Option<Result<DigestVerdict, String>>,
+    /// What was injected, and where.
+    pub injected: Option<String>,
+    /// Host time luo-vmm spent with the guest stopped in its hooks this round.
+    pub hook_ns: u64,
+}
+
+/// The parts of the KHO state the report needs.
+#[derive(Debug)]
+pub struct HandoverState {
+    /// Preserved extents with owners.
+    pub extents: LabelledExtents,
+    /// Scratch areas.
+    pub scratch: Vec<ScratchArea>,
+    /// The full parse.
+    pub handover: Handover,
+}
+
+#[derive(Default)]
+struct State {
+    marks: Vec<(Mark, Instant)>,
+    /// Between point-of-no-return and next-kernel-start.
+    in_kexec: bool,
+    /// The next userspace-up belongs to a handover (not to the first boot).
+    await_userspace: bool,
+    snapshot: Option<RamSnapshot>,
+    rounds: Vec<RoundCapture>,
+    current: RoundCapture,
+}
+
+/// Options of the interception.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InterceptOptions {
+    /// Compare extent digests taken at point-of-no-return and next-kernel-start.
+    pub verify_digest: bool,
+    /// A fault to inject at next-kernel-start.
+    pub inject: Option<Fault>,
+}
+
+/// Observes the handover; shared between the vCPU threads and the main thread.
+pub struct Interceptor {
+    breakpoints: Vec<u64>,
+    boot_params_va: u64,
+    options: InterceptOptions,
+    state: Mutex<State>,
+}
+
+/// What the interceptor hands back after the run.
+#[derive(Debug)]
+pub struct Interception {
+    /// All marks, host-monotonic ns since VM start.
+    pub timeline: Timeline,
+    /// One capture per handover that reached the next kernel.
+    pub rounds: Vec<RoundCapture>,
+}
+
+impl Interceptor {
+    /// An interceptor breaking at `breakpoints` (the addresses of [`BREAKPOINT_SYMBOLS`],
+    /// in that order) and reading `boot_params` (the next kernel's symbol) at
+    /// next-kernel-start.
+    pub fn new(breakpoints: [u64; 3], boot_params_va: u64, options: InterceptOptions) -> Self {
+        Self {
+            breakpoints: breakpoints.to_vec(),
+            boot_params_va,
+            options,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything captured, with times relative to `started`; call after the VM stopped.
+    pub fn finish(&self, started: Instant) -> Interception {
+        let mut s = self.lock();
+        let mut timeline = Timeline::new();
+        for (mark, at) in std::mem::take(&mut s.marks) {
+            timeline.record(
+                mark,
+                at.saturating_duration_since(started).as_nanos() as u64,
+            );
+        }
+        Interception {
+            timeline,
+            rounds: std::mem::take(&mut s.rounds),
+        }
+    }
+
+    fn point_of_no_return(&self, at: &StoppedVcpu<'_>, s: &mut State) {
+        s.in_kexec = true;
+        let memory = at.vcpu.memory();
+        let dirty = set_slots(at.vm_fd, memory, true)
+            .and_then(|()| take_bitmaps(at.vm_fd, memory).map(drop));
+        if let Err(e) = dirty {
+            s.current.dirty = Some(Err(format!("cannot start dirty logging: {e}")));
+        }
+        if self.options.verify_digest {
+            s.snapshot = Some(RamSnapshot::take(memory));
+        }
+    }
+
+    fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State) {
+        s.in_kexec = false;
+        s.await_userspace = true;
+        let memory = at.vcpu.memory();
+        let bitmaps = take_bitmaps(at.vm_fd, memory);
+        if let Err(e) = set_slots(at.vm_fd, memory, false) {
+            log::warn!("cannot stop dirty logging: {e}");
+        }
+        let live = LiveRam(memory);
+        let state = self.read_handover(at);
+        if let Ok(st) = &state {
+            let scratch = st.handover.scratch_extents();
+            if s.current.dirty.is_none() {
+                s.current.dirty = Some(
+                    bitmaps
+                        .map(|maps| merge_classifications(&maps, &st.extents.set, &scratch))
+                        .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
+                );
+            }
+            if let Some(before) = s.snapshot.take() {
+                s.current.digest = Some(digest_verdict(&before, &live, &st.extents.set));
+            }
+            if self.options.inject == Some(Fault::CorruptKhoFdt) {
+                s.current.injected = Some(corrupt_fdt(memory, st.handover.kho_data.fdt_addr));
+            }
+        }
+        s.current.handover = Some(state);
+    }
+
+    fn read_handover(&self, at: &StoppedVcpu<'_>) -> Result<HandoverState, String> {
+        let memory = at.vcpu.memory();
+        let sregs = at
+            .vcpu
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
+        let zero_page = translate(sregs.cr3, self.boot_params_va, read).ok_or_else(|| {
+            format!(
+                "boot_params at {:#x} is not mapped by the next kernel's page tables",
+                self.boot_params_va
+            )
+        })?;
+        let handover = Handover::read(&LiveRam(memory), zero_page).map_err(|e| e.to_string())?;
+        Ok(HandoverState {
+            extents: handover.preserved_extents(),
+            scratch: handover.scratch.clone(),
+            handover,
+        })
+    }
+}
+
+/// Overwrites the magic and total size of the KHO FDT; returns what was done.
+fn corrupt_fdt(memory: &GuestMemoryMmap, fdt_addr: u64) -> String {
+    let garbage = [0xdeu8, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff];
+    match memory.write_slice(&garbage, GuestAddress(fdt_addr)) {
+        Ok(()) => format!("overwrote the KHO FDT header at {fdt_addr:#x} with {garbage:02x?}"),
+        Err(e) => format!("could not corrupt the KHO FDT at {fdt_addr:#x}: {e}"),
+    }
+}
+
+fn merge_classifications(
+    maps: &[crate::dirty::SlotBitmap],
+    preserved: &ExtentSet,
+    scratch: &ExtentSet,
+) -> DirtyClassification {
+    let mut all = DirtyClassification::default();
+    for m in maps {
+        let c = classify_dirty(&DirtyBitmap::new(m.base, &m.words), preserved, scratch);
+        all.preserved.extend(c.preserved);
+        all.scratch += c.scratch;
+        all.other.extend(c.other);
+    }
+    all
+}
+
+fn digest_verdict(
+    before: &RamSnapshot,
+    after: &LiveRam<'_>,
+    set: &ExtentSet,
+) -> Result<DigestVerdict, String> {
+    let a = ExtentDigests::compute(before, set).map_err(|e| e.to_string())?;
+    let b = ExtentDigests::compute(after, set).map_err(|e| e.to_string())?;
+    Ok(a.compare(&b))
+}
+
+impl RunObserver for Interceptor {
+    fn breakpoints(&self) -> Vec<u64> {
+        self.breakpoints.clone()
+    }
+
+    fn on_probe(&self, ev: &ProbeEvent) {
+        let mut s = self.lock();
+        match ev.mark {
+            ProbeMark::RebootRequested => s.marks.push((Mark::RebootRequested, ev.at)),
+            ProbeMark::UserspaceUp if s.await_userspace => {
+                s.await_userspace = false;
+                s.marks.push((Mark::UserspaceUp, ev.at));
+            }
+            ProbeMark::WorkloadResumed => s.marks.push((Mark::WorkloadResumed, ev.at)),
+            _ => {}
+        }
+    }
+}
+
+impl BreakpointHandler for Interceptor {
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) {
+        let hit = Instant::now();
+        let mut s = self.lock();
+        match slot {
+            SLOT_SERIALIZE => s.marks.push((Mark::SerializeStart, hit)),
+            SLOT_POINT_OF_NO_RETURN => {
+                s.marks.push((Mark::PointOfNoReturn, hit));
+                self.point_of_no_return(&at, &mut s);
+            }
+            // The first start_kernel is the first boot, not a handover.
+            SLOT_START_KERNEL if s.in_kexec => {
+                s.marks.push((Mark::NextKernelStart, hit));
+                self.next_kernel_start(&at, &mut s);
+                s.current.hook_ns += hit.elapsed().as_nanos() as u64;
+                let done = std::mem::take(&mut s.current);
+                s.rounds.push(done);
+                return;
+            }
+            _ => {}
+        }
+        s.current.hook_ns += hit.elapsed().as_nanos() as u64;
+    }
+}
