@@ -27,7 +27,7 @@ pub const SUB_TREE_SIZE_PROP: &str = "blob-size";
 pub const METADATA_NODE: &str = "kexec-metadata";
 /// `KHO_KEXEC_METADATA_VERSION`.
 pub const METADATA_VERSION: u32 = 1;
-/// `sizeof(struct kho_kexec_metadata)` (packed: u32 + char[65] + u32).
+/// `sizeof(struct kho_kexec_metadata)` (packed: `u32 + char[65] + u32`).
 pub const METADATA_SIZE: usize = 4 + 65 + 4;
 /// `sizeof(struct kho_scratch)`.
 pub const SCRATCH_ENTRY_SIZE: u64 = 16;
@@ -102,9 +102,13 @@ impl KhoFdt {
 /// Decodes a KHO FDT blob.
 pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
     let root = fdt::parse(blob, FdtLimits::default())?;
-    let compatible = root.property_str("compatible").unwrap_or_default();
-    if compatible != KHO_FDT_COMPATIBLE {
-        return Err(KhoError::Incompatible(compatible));
+    // Like fdt_node_check_compatible(): any entry of the string list may match.
+    let compatible = root.property("compatible").unwrap_or_default();
+    if !compatible
+        .split(|&b| b == 0)
+        .any(|c| c == KHO_FDT_COMPATIBLE.as_bytes())
+    {
+        return Err(KhoError::Incompatible(c_string(compatible)));
     }
     let bad = |node: &str, prop| KhoError::BadProperty {
         node: node.to_owned(),

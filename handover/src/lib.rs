@@ -111,6 +111,20 @@ mod no_panic {
         assert!(fuzz_one(&img) >= 1);
     }
 
+    /// Writes the seed image for `cargo fuzz` (path from `LUO_FUZZ_SEED`, relative to the
+    /// workspace root; default `fuzz/corpus/kho_parse/seed`).
+    #[test]
+    #[ignore = "writes a file; run on demand"]
+    fn write_fuzz_seed() {
+        let rel =
+            std::env::var("LUO_FUZZ_SEED").unwrap_or_else(|_| "fuzz/corpus/kho_parse/seed".into());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, seed_image()).unwrap();
+    }
+
     #[test]
     fn random_buffers_never_panic() {
         let mut rng = XorShift(0x1234_5678_9abc_def1);
@@ -135,7 +149,12 @@ mod no_panic {
         let mut rng = XorShift(0xfeed_f00d_dead_beef);
         let mut img = seed.clone();
         let mut parsed = 0;
-        for round in 0..3000 {
+        // LUO_FUZZ_ITERS raises the count for a longer soak (e.g. in release mode).
+        let iters = std::env::var("LUO_FUZZ_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        for round in 0..iters {
             img.copy_from_slice(&seed);
             for _ in 0..1 + rng.below(4) {
                 let at = if rng.below(4) == 0 {

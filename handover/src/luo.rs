@@ -37,11 +37,11 @@ pub const MEMFD_COMPATIBLE: &str = "memfd-v2";
 pub const LUO_SER_SIZE: usize = 8 + 24;
 /// `sizeof(struct kho_block_header_ser)`.
 pub const BLOCK_HEADER_SIZE: usize = 16;
-/// `sizeof(struct luo_session_ser)`: name[64] + luo_file_set_ser.
+/// `sizeof(struct luo_session_ser)`: `name[64]` + `luo_file_set_ser`.
 pub const SESSION_SER_SIZE: usize = 64 + 16;
-/// `sizeof(struct luo_file_ser)`: compatible[48] + data + token.
+/// `sizeof(struct luo_file_ser)`: `compatible[48]` + data + token.
 pub const FILE_SER_SIZE: usize = 48 + 16;
-/// `sizeof(struct luo_flb_ser)`: name[48] + data + count.
+/// `sizeof(struct luo_flb_ser)`: `name[48]` + data + count.
 pub const FLB_SER_SIZE: usize = 48 + 16;
 /// `sizeof(struct memfd_luo_ser)`: pos, size, seals, flags, nr_folios, kho_vmalloc(16).
 pub const MEMFD_SER_SIZE: usize = 48;
@@ -451,15 +451,30 @@ impl LuoState {
                         .map(|&p| page(p, format!("{who}/meta"))),
                 );
                 out.extend(
-                    m.folios
-                        .iter()
-                        .filter(|fo| fo.pfn != 0)
-                        .map(|fo| page(fo.pfn << PAGE_SHIFT, format!("{who}/data"))),
+                    pfn_ranges(m.folios.iter().map(|fo| fo.pfn))
+                        .map(|(s, e)| (s, e, format!("{who}/data"))),
                 );
             }
         }
         out
     }
+}
+
+/// Coalesces page frame numbers (0 = hole, skipped) into sorted `[start, end)` byte ranges.
+fn pfn_ranges(pfns: impl Iterator<Item = u64>) -> impl Iterator<Item = (u64, u64)> {
+    let mut v: Vec<u64> = pfns.filter(|&p| p != 0).collect();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for pfn in v {
+        let start = pfn << PAGE_SHIFT; // pfn < 2^52: no bits lost
+        let end = start.saturating_add(PAGE_SIZE);
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out.into_iter()
 }
 
 #[cfg(test)]
@@ -525,7 +540,11 @@ mod tests {
             }]
         );
         let owned = st.owned_ranges();
-        assert_eq!(owned.iter().filter(|r| r.2.ends_with("/data")).count(), 256);
+        let data: Vec<_> = owned.iter().filter(|r| r.2.ends_with("/data")).collect();
+        assert_eq!(data.len(), 1, "256 contiguous folios coalesce");
+        assert_eq!((data[0].0, data[0].1), (0x1_0000 << 12, 0x1_0100 << 12));
+        let r: Vec<_> = pfn_ranges([5, 0, 3, 4, 9, 4].into_iter()).collect();
+        assert_eq!(r, vec![(3 << 12, 6 << 12), (9 << 12, 10 << 12)]);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! All multi-byte values of the handover ABIs are little-endian (x86 CPU byte order).
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
@@ -231,9 +232,138 @@ impl GuestMemoryRead for SparseMemory {
     }
 }
 
+/// Wraps guest memory and remembers every page read through it, so that the pages a
+/// handover reader needed can be saved as a small fixture ([`RecordingMemory::page_dump`]) and
+/// replayed later ([`SparseMemory::from_page_dump`]).
+#[derive(Debug)]
+pub struct RecordingMemory<M> {
+    inner: M,
+    pages: RefCell<BTreeSet<u64>>,
+}
+
+/// Magic at the start of a page dump.
+pub const PAGE_DUMP_MAGIC: &[u8; 8] = b"LUOPGDMP";
+
+/// Errors from decoding a page dump.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DumpError {
+    /// Wrong magic, truncated, or a record that does not fit the address space.
+    #[error("bad page dump: {0}")]
+    Malformed(&'static str),
+    /// A page lies outside the address space given to the loader.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+}
+
+impl<M: GuestMemoryRead> RecordingMemory<M> {
+    /// Starts recording reads of `inner`.
+    pub fn new(inner: M) -> Self {
+        RecordingMemory {
+            inner,
+            pages: RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    /// Page addresses read so far, ascending.
+    pub fn pages(&self) -> Vec<u64> {
+        self.pages.borrow().iter().copied().collect()
+    }
+
+    /// The pages read so far, re-read from the inner memory, as a dump:
+    /// `"LUOPGDMP"`, `u64` count, then per page `u64` address + 4096 bytes (little-endian).
+    /// Pages that cannot be read whole are left out.
+    pub fn page_dump(&self) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut records = Vec::new();
+        for gpa in self.pages() {
+            if self.inner.read_at(gpa, &mut page).is_ok() {
+                records.extend_from_slice(&gpa.to_le_bytes());
+                records.extend_from_slice(&page);
+            }
+        }
+        let count = (records.len() / (8 + PAGE_SIZE as usize)) as u64;
+        let mut out = PAGE_DUMP_MAGIC.to_vec();
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&records);
+        out
+    }
+}
+
+impl<M: GuestMemoryRead> GuestMemoryRead for RecordingMemory<M> {
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.inner.read_at(gpa, buf)?;
+        if let Some(last) = gpa.checked_add(buf.len().max(1) as u64 - 1) {
+            let mut pages = self.pages.borrow_mut();
+            let mut p = gpa & !(PAGE_SIZE - 1);
+            while p <= last {
+                pages.insert(p);
+                match p.checked_add(PAGE_SIZE) {
+                    Some(n) => p = n,
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SparseMemory {
+    /// Loads a [`RecordingMemory::page_dump`] into a `size`-byte address space at `base`.
+    pub fn from_page_dump(base: u64, size: u64, dump: &[u8]) -> Result<Self, DumpError> {
+        let body = dump
+            .strip_prefix(PAGE_DUMP_MAGIC.as_slice())
+            .ok_or(DumpError::Malformed("no LUOPGDMP magic"))?;
+        let count = body
+            .u64_at(0)
+            .ok_or(DumpError::Malformed("no page count"))?;
+        let records = body.get(8..).unwrap_or_default();
+        let rec = 8 + PAGE_SIZE as usize;
+        if records.len() % rec != 0 || (records.len() / rec) as u64 != count {
+            return Err(DumpError::Malformed("length does not match the page count"));
+        }
+        let mut mem = SparseMemory::new(base, size);
+        for r in records.chunks_exact(rec) {
+            let gpa = r.u64_at(0).ok_or(DumpError::Malformed("record"))?;
+            mem.write(gpa, r.get(8..).unwrap_or_default())?;
+        }
+        Ok(mem)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_memory_dumps_what_was_read_and_replays_it() {
+        let mut m = VecMemory::zeroed(0, 0x10000);
+        m.write(0x2ff8, &7u64.to_le_bytes()).unwrap();
+        m.write(0x3000, &9u64.to_le_bytes()).unwrap();
+        let rec = RecordingMemory::new(&m);
+        let mut b = [0u8; 16];
+        rec.read_at(0x2ff8, &mut b).unwrap(); // spans two pages
+        assert!(rec.read_at(0xfff8, &mut b).is_err()); // failed reads are not recorded
+        assert_eq!(read_u64_le(&rec, 0x8000).unwrap(), 0);
+        assert_eq!(rec.pages(), vec![0x2000, 0x3000, 0x8000]);
+        let dump = rec.page_dump();
+        assert_eq!(dump.len(), 16 + 3 * (8 + 4096));
+        let back = SparseMemory::from_page_dump(0, 0x10000, &dump).unwrap();
+        assert_eq!(read_u64_le(&back, 0x2ff8).unwrap(), 7);
+        assert_eq!(read_u64_le(&back, 0x3000).unwrap(), 9);
+        assert_eq!(back.resident_pages(), 3);
+        assert!(matches!(
+            SparseMemory::from_page_dump(0, 0x10000, &dump[..100]),
+            Err(DumpError::Malformed(_))
+        ));
+        assert!(matches!(
+            SparseMemory::from_page_dump(0, 0x10000, b"nope"),
+            Err(DumpError::Malformed(_))
+        ));
+        assert!(matches!(
+            SparseMemory::from_page_dump(0, 0x4000, &dump),
+            Err(DumpError::Mem(_))
+        ));
+    }
 
     #[test]
     fn vec_memory_reads_inside_and_rejects_outside() {

@@ -126,11 +126,10 @@ impl Handover {
     /// The preserved extents, labelled: `kho` by default, `kho-fdt` for the FDT page, the
     /// subtree name for each blob, and LUO's finer labels (sessions, memfd metadata and data).
     pub fn preserved_extents(&self) -> LabelledExtents {
-        let mut b = ExtentSet::builder();
-        for r in &self.preserved.runs {
-            b.add(r.pa, r.end(), OWNER_KHO);
-        }
-        let base = b.build();
+        let base = ExtentSet::from_ranges(
+            OWNER_KHO,
+            self.preserved.runs.iter().map(|r| (r.pa, r.end())),
+        );
         let page_end = |pa: u64, len: u64| {
             pa.saturating_add(len).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
         };
@@ -158,11 +157,12 @@ impl Handover {
 
     /// The scratch areas as an extent set.
     pub fn scratch_extents(&self) -> ExtentSet {
-        let mut b = ExtentSet::builder();
-        for a in &self.scratch {
-            b.add(a.addr, a.addr.saturating_add(a.size), OWNER_SCRATCH);
-        }
-        b.build()
+        ExtentSet::from_ranges(
+            OWNER_SCRATCH,
+            self.scratch
+                .iter()
+                .map(|a| (a.addr, a.addr.saturating_add(a.size))),
+        )
     }
 }
 

@@ -13,6 +13,15 @@ use thiserror::Error;
 /// address when `phys_base` is 0 (no relocation, no KASLR).
 pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 
+/// Entered by the old kernel when serialisation starts (`serialize-start`).
+pub const SYM_LIVEUPDATE_REBOOT: &str = "liveupdate_reboot";
+/// Entered by the old kernel at the point of no return (`point-of-no-return`).
+pub const SYM_MACHINE_KEXEC: &str = "machine_kexec";
+/// Entered by the next kernel (`next-kernel-start`).
+pub const SYM_START_KERNEL: &str = "start_kernel";
+/// The next kernel's copy of the zero page, filled before `start_kernel`.
+pub const SYM_BOOT_PARAMS: &str = "boot_params";
+
 /// Errors from loading symbols or translating addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SymbolError {
@@ -183,7 +192,7 @@ impl KernelSymbols {
         self.segments
             .iter()
             .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.memsz)
-            .map(|s| s.paddr + (vaddr - s.vaddr))
+            .and_then(|s| s.paddr.checked_add(vaddr - s.vaddr))
             .ok_or(SymbolError::Unmapped(vaddr))
     }
 

@@ -388,7 +388,7 @@ impl fmt::Display for HandoverReport {
         if !self.agent_line.is_empty() {
             let _ = writeln!(s, "agent: {}", self.agent_line);
         }
-        let _ = write!(s, "verified: {}", if self.verified { "yes" } else { "NO" });
+        let _ = writeln!(s, "verified: {}", if self.verified { "yes" } else { "NO" });
         f.write_str(&s)
     }
 }

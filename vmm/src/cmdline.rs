@@ -1,10 +1,18 @@
 //! The guest kernel command line: the base every luo-vmm guest gets, and the
 //! emulation-safe additions used only on an instruction-emulating KVM.
 
-/// What every guest gets: the serial console, a reset through the i8042 on reboot,
-/// no waiting on a panic, and the initramfs kept so the agent can hand it to the next
-/// kernel.
-pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 retain_initrd";
+/// What every guest gets: the serial console (and the early console on the same port,
+/// so a kernel that dies before its console driver registers is still heard), a reset
+/// through the i8042 on reboot, no waiting on a panic, and the initramfs kept so the
+/// agent can hand it to the next kernel.
+///
+/// `nox2apic`: without ACPI, a kexec'd kernel that finds the local APIC already in
+/// x2APIC mode (left so by the kernel before it) runs with the xAPIC MMIO driver and no
+/// APIC mapping until its APIC routing switches to x2APIC; an interrupt in that window
+/// (a KVM async-PF "page ready" was seen here) oopses in `native_apic_mem_eoi`. See
+/// docs/emulated-kvm.md. Up to 8 vCPUs need no x2APIC.
+pub const BASE: &str =
+    "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 retain_initrd nox2apic";
 
 /// CPU features the emulator cannot execute although the host's CPUID (which leaks into
 /// the guest) advertises them. See docs/emulated-kvm.md for each one.

@@ -89,6 +89,10 @@ struct InterceptArgs {
     /// next-kernel-start (copies guest RAM at point-of-no-return).
     #[arg(long)]
     verify_digest: bool,
+    /// Do not log dirty pages during the kexec (no in-place proof; measures the cost of
+    /// the interception).
+    #[arg(long)]
+    no_dirty_log: bool,
     /// Inject a fault into the handover metadata at next-kernel-start.
     #[arg(long, value_enum)]
     inject: Option<Fault>,
@@ -164,6 +168,7 @@ fn handover(
         workload,
         intercept: InterceptOptions {
             verify_digest: intercept.verify_digest,
+            no_dirty_log: intercept.no_dirty_log,
             inject: intercept.inject,
         },
     };

@@ -73,6 +73,9 @@ struct State {
 /// Options of the interception.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InterceptOptions {
+    /// Do not log dirty pages between point-of-no-return and next-kernel-start (the
+    /// in-place proof is then missing; for measuring the interception's own cost).
+    pub no_dirty_log: bool,
     /// Compare extent digests taken at point-of-no-return and next-kernel-start.
     pub verify_digest: bool,
     /// A fault to inject at next-kernel-start.
@@ -146,9 +149,12 @@ impl Interceptor {
         s.in_kexec = false;
         s.await_userspace = true;
         let memory = at.vcpu.memory();
+        let logging = s.current.dirty.is_none();
         let bitmaps = take_bitmaps(at.vm_fd, memory);
-        if let Err(e) = set_slots(at.vm_fd, memory, false) {
-            log::warn!("cannot stop dirty logging: {e}");
+        if logging {
+            if let Err(e) = set_slots(at.vm_fd, memory, false) {
+                log::warn!("cannot stop dirty logging: {e}");
+            }
         }
         let live = LiveRam(memory);
         let state = self.read_handover(at);

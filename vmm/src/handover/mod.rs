@@ -70,9 +70,9 @@ impl Workload {
                 memfd_size,
                 repeat,
             } => format!(
-                "luo.mode=handover luo.sessions={sessions} luo.files={files} luo.memfd_size={memfd_size} luo.repeat={repeat}"
+                "liveupdate=1 luo.mode=handover luo.sessions={sessions} luo.files={files} luo.memfd_size={memfd_size} luo.repeat={repeat}"
             ),
-            Workload::Selftest(name) => format!("luo.mode=selftest:{name}"),
+            Workload::Selftest(name) => format!("liveupdate=1 luo.mode=selftest:{name}"),
         }
     }
 }
@@ -159,11 +159,11 @@ mod tests {
         };
         assert_eq!(
             w.cmdline(),
-            "luo.mode=handover luo.sessions=3 luo.files=2 luo.memfd_size=8388608 luo.repeat=1"
+            "liveupdate=1 luo.mode=handover luo.sessions=3 luo.files=2 luo.memfd_size=8388608 luo.repeat=1"
         );
         assert_eq!(
             Workload::Selftest("luo_kexec_simple".into()).cmdline(),
-            "luo.mode=selftest:luo_kexec_simple"
+            "liveupdate=1 luo.mode=selftest:luo_kexec_simple"
         );
     }
 }

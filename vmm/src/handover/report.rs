@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use luo_devices::probe::ProbeMark;
-use luo_handover::timeline::{human_bytes, human_duration, HandoverReport};
+use luo_handover::timeline::{human_bytes, human_duration, HandoverReport, Mark};
 use serde::Serialize;
 
 use super::intercept::{Interception, RoundCapture};
@@ -22,6 +22,8 @@ pub struct RunReport {
     pub rounds: Vec<HandoverReport>,
     /// Preserved extents of each handover: (start, length, owner).
     pub extent_list: Vec<Vec<ExtentEntry>>,
+    /// The marks of each handover: name and host time since the VM started.
+    pub marks: Vec<Vec<MarkEntry>>,
     /// What ran.
     pub run: RunInfo,
     /// Whether the VM ended cleanly and the agent reported success.
@@ -41,6 +43,15 @@ pub struct ExtentEntry {
     pub len: u64,
     /// Owner (kho, kho-fdt, LUO, LUO/sessions, memfd, ...).
     pub owner: String,
+}
+
+/// One mark of a handover.
+#[derive(Debug, Clone, Serialize)]
+pub struct MarkEntry {
+    /// Mark name (`reboot-requested`, ...).
+    pub name: &'static str,
+    /// Host-monotonic nanoseconds since the VM started.
+    pub t_ns: u64,
 }
 
 /// The run's parameters.
@@ -126,7 +137,14 @@ pub fn build_report(outcome: &GuestOutcome, got: Interception, req: &HandoverReq
     let mut errors = Vec::new();
     let mut extent_list = Vec::new();
     let mut rounds = Vec::new();
+    let mut marks = Vec::new();
     for (i, round) in got.timeline.rounds().iter().enumerate() {
+        marks.push(
+            Mark::ALL
+                .iter()
+                .filter_map(|&m| Some(MarkEntry { name: m.name(), t_ns: round.get(m)? }))
+                .collect(),
+        );
         let line = verified_lines.get(i).map_or("", |s| s.as_str());
         // A round is the agent's success only if it resumed its workload in it.
         let ok =
@@ -149,6 +167,7 @@ pub fn build_report(outcome: &GuestOutcome, got: Interception, req: &HandoverReq
         first,
         rounds,
         extent_list,
+        marks,
         run: RunInfo {
             kvm: match &outcome.backend {
                 KvmBackend::Hardware { .. } => "hardware".into(),
@@ -175,6 +194,11 @@ pub fn render_text(report: &RunReport) -> String {
     let mut s = String::new();
     for (i, r) in report.rounds.iter().enumerate() {
         let _ = writeln!(s, "\n== handover {} of {} ==", i + 1, report.rounds.len());
+        let marks = report.marks.get(i).map(Vec::as_slice).unwrap_or_default();
+        let origin = marks.first().map_or(0, |m| m.t_ns);
+        for m in marks {
+            let _ = writeln!(s, "mark {:<20} +{}", m.name, human_duration(m.t_ns - origin));
+        }
         let _ = write!(s, "{r}");
         if let Some(w) = r.preserved_pages_written {
             let pages = r.extents.bytes / 4096;
@@ -195,9 +219,6 @@ pub fn render_text(report: &RunReport) -> String {
                 "luo-vmm hook time (guest stopped, included above): {}",
                 human_duration(*ns)
             );
-        }
-        if !r.agent_line.is_empty() {
-            let _ = writeln!(s, "agent: {}", r.agent_line);
         }
     }
     for e in &report.errors {
