@@ -81,8 +81,7 @@ download_debian_source() {
 	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" \
 		>"$APT_DIR/sources.list"
 	local A pkg
-	# shellcheck disable=SC2046 # apt_opts is a list of words
-	A=$(apt_opts)
+	A=$(apt_opts) # a list of words: used unquoted below
 	log "apt-get update (Debian sid, private apt dir $APT_DIR)"
 	# shellcheck disable=SC2086
 	apt-get $A -q update >&2 || die "apt-get update for Debian sid failed"

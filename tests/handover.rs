@@ -30,7 +30,9 @@ fn assert_round_verified(r: &Value) {
     assert!(r["blackout_ns"].as_u64().unwrap() > 0, "no blackout in {r}");
     let phases = r["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 5, "five phases between six marks: {r}");
-    assert!(phases.iter().all(|p| p["name"].is_string() && p["t_ns"].is_u64()));
+    assert!(phases
+        .iter()
+        .all(|p| p["name"].is_string() && p["t_ns"].is_u64()));
     assert!(r["extents"]["count"].as_u64().unwrap() >= 1);
     assert!(r["extents"]["bytes"].as_u64().unwrap() >= 4096);
     assert_eq!(r["preserved_pages_written"].as_u64(), Some(0));
@@ -41,15 +43,27 @@ fn assert_round_verified(r: &Value) {
 fn default_handover_is_intercepted_and_verified() {
     reference_image();
     let json = json_report("default");
-    let out = luo_vmm(&["handover", "--timeout", GUEST_TIMEOUT_S, "--json", json.to_str().unwrap()]);
+    let out = luo_vmm(&[
+        "handover",
+        "--timeout",
+        GUEST_TIMEOUT_S,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let (stdout, _) = text(&out);
     assert!(out.status.success(), "handover failed: {:?}", out.status);
     for m in MARKS {
-        assert!(stdout.contains(&format!("mark {m}")), "mark {m} missing from the report");
+        assert!(
+            stdout.contains(&format!("mark {m}")),
+            "mark {m} missing from the report"
+        );
     }
     assert!(stdout.contains("0 preserved pages written"));
     assert!(stdout.contains("luo-agent: verified 1 sessions, 1 memfds, 1048576 bytes"));
-    assert!(stdout.contains("memfd:luo-vmm-s0"), "the memfd's extent has no owner");
+    assert!(
+        stdout.contains("memfd:luo-vmm-s0"),
+        "the memfd's extent has no owner"
+    );
 
     let report = read_json(&json);
     assert_round_verified(&report);
@@ -91,7 +105,9 @@ fn several_sessions_files_and_consecutive_handovers() {
     let (stdout, _) = text(&out);
     assert!(out.status.success(), "handover failed: {:?}", out.status);
     assert_eq!(
-        stdout.matches("luo-agent: verified 3 sessions, 6 memfds, 50331648 bytes").count(),
+        stdout
+            .matches("luo-agent: verified 3 sessions, 6 memfds, 50331648 bytes")
+            .count(),
         3,
         "each of the three handovers must verify 6 memfds of 8 MiB"
     );
@@ -113,9 +129,16 @@ fn selftest_passes(name: &str) {
     reference_image();
     let out = luo_vmm(&["selftest", name, "--timeout", GUEST_TIMEOUT_S]);
     let (stdout, _) = text(&out);
-    assert!(out.status.success(), "selftest {name} failed: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "selftest {name} failed: {:?}",
+        out.status
+    );
     assert!(stdout.contains("0 preserved pages written"));
-    assert!(stdout.contains("# PASSED") || stdout.contains("ok "), "no kselftest result for {name}");
+    assert!(
+        stdout.contains("# PASSED") || stdout.contains("ok "),
+        "no kselftest result for {name}"
+    );
 }
 
 #[test]

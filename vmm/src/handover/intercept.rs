@@ -119,13 +119,7 @@ impl Interceptor {
     /// Everything captured, with times relative to `started`; call after the VM stopped.
     pub fn finish(&self, started: Instant) -> Interception {
         let mut s = self.lock();
-        let mut timeline = Timeline::new();
-        for (mark, at) in std::mem::take(&mut s.marks) {
-            timeline.record(
-                mark,
-                at.saturating_duration_since(started).as_nanos() as u64,
-            );
-        }
+        let timeline = timeline_from(std::mem::take(&mut s.marks), started);
         Interception {
             timeline,
             rounds: std::mem::take(&mut s.rounds),
@@ -209,6 +203,21 @@ fn corrupt_fdt(memory: &GuestMemoryMmap, fdt_addr: u64) -> String {
     }
 }
 
+/// Orders marks by when they happened (probe marks reach the interceptor through a
+/// channel, breakpoint marks directly, so recording order is not time order) and makes
+/// them relative to `started`.
+pub fn timeline_from(mut marks: Vec<(Mark, Instant)>, started: Instant) -> Timeline {
+    marks.sort_by_key(|&(_, at)| at);
+    let mut timeline = Timeline::new();
+    for (mark, at) in marks {
+        timeline.record(
+            mark,
+            at.saturating_duration_since(started).as_nanos() as u64,
+        );
+    }
+    timeline
+}
+
 fn merge_classifications(
     maps: &[crate::dirty::SlotBitmap],
     preserved: &ExtentSet,
@@ -275,5 +284,30 @@ impl BreakpointHandler for Interceptor {
             _ => {}
         }
         s.current.hook_ns += hit.elapsed().as_nanos() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn marks_are_ordered_by_time_not_by_arrival() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The probe's reboot-requested was recorded after the breakpoint that followed it.
+        let marks = vec![
+            (Mark::SerializeStart, at(10)),
+            (Mark::RebootRequested, at(5)),
+            (Mark::PointOfNoReturn, at(40)),
+            (Mark::NextKernelStart, at(1000)),
+            (Mark::UserspaceUp, at(2000)),
+            (Mark::WorkloadResumed, at(2500)),
+        ];
+        let rounds = timeline_from(marks, t0).rounds();
+        assert_eq!(rounds.len(), 1);
+        assert!(rounds[0].missing().is_empty());
+        assert_eq!(rounds[0].blackout_ns(), Some(2_495_000_000));
     }
 }

@@ -142,7 +142,12 @@ pub fn build_report(outcome: &GuestOutcome, got: Interception, req: &HandoverReq
         marks.push(
             Mark::ALL
                 .iter()
-                .filter_map(|&m| Some(MarkEntry { name: m.name(), t_ns: round.get(m)? }))
+                .filter_map(|&m| {
+                    Some(MarkEntry {
+                        name: m.name(),
+                        t_ns: round.get(m)?,
+                    })
+                })
                 .collect(),
         );
         let line = verified_lines.get(i).map_or("", |s| s.as_str());
@@ -197,7 +202,12 @@ pub fn render_text(report: &RunReport) -> String {
         let marks = report.marks.get(i).map(Vec::as_slice).unwrap_or_default();
         let origin = marks.first().map_or(0, |m| m.t_ns);
         for m in marks {
-            let _ = writeln!(s, "mark {:<20} +{}", m.name, human_duration(m.t_ns - origin));
+            let _ = writeln!(
+                s,
+                "mark {:<20} +{}",
+                m.name,
+                human_duration(m.t_ns - origin)
+            );
         }
         let _ = write!(s, "{r}");
         if let Some(w) = r.preserved_pages_written {
