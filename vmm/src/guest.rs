@@ -220,7 +220,14 @@ pub fn run_guest(
     let started = Instant::now();
     let marks = agent.clone();
     let exit = vm.run(req.timeout, move |ev| {
-        if ev.mark == ProbeMark::UserspaceUp {
+        let first_up = ev.mark == ProbeMark::UserspaceUp
+            && !marks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .marks
+                .iter()
+                .any(|e| e.mark == ProbeMark::UserspaceUp);
+        if first_up {
             eprintln!(
                 "luo-vmm: guest agent up {:.2} s after VM start",
                 ev.at.duration_since(started).as_secs_f64()

@@ -13,5 +13,6 @@ pub mod image;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod summary;
 pub mod vcpu;
 pub mod vm;

@@ -12,6 +12,7 @@ use luo_vmm::handover::{
 };
 use luo_vmm::image::ensure_reference_image;
 use luo_vmm::memory::parse_size;
+use luo_vmm::summary;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,18 @@ enum Command {
     /// Run one of the kernel's own LUO selftests across a real handover; its result is
     /// the exit status.
     Selftest(SelftestArgs),
+    /// Turn handover JSON reports into a table and an SVG of blackout per phase.
+    Report {
+        /// JSON reports written by `handover --json`.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Where to write the SVG picture.
+        #[arg(long, default_value = "handover-phases.svg")]
+        svg: PathBuf,
+        /// Title of the picture.
+        #[arg(long, default_value = "luo-vmm: blackout per phase")]
+        title: String,
+    },
     /// The reference guest image.
     Image {
         #[command(subcommand)]
@@ -93,6 +106,9 @@ struct InterceptArgs {
     /// the interception).
     #[arg(long)]
     no_dirty_log: bool,
+    /// Arm no breakpoints and log no dirty pages: only the guest agent's marks are timed.
+    #[arg(long)]
+    no_intercept: bool,
     /// Inject a fault into the handover metadata at next-kernel-start.
     #[arg(long, value_enum)]
     inject: Option<Fault>,
@@ -169,6 +185,7 @@ fn handover(
         intercept: InterceptOptions {
             verify_digest: intercept.verify_digest,
             no_dirty_log: intercept.no_dirty_log,
+            no_intercept: intercept.no_intercept,
             inject: intercept.inject,
         },
     };
@@ -214,6 +231,18 @@ fn main() -> ExitCode {
         Command::Selftest(a) => {
             handover(&a.guest, &a.intercept, Workload::Selftest(a.name.clone())).map_err(Into::into)
         }
+        Command::Report {
+            reports,
+            svg,
+            title,
+        } => summary::load(&reports)
+            .and_then(|runs| {
+                print!("{}", summary::table(&runs));
+                summary::write_svg(&svg, &summary::svg(&runs, &title))?;
+                eprintln!("luo-vmm: picture written to {}", svg.display());
+                Ok(0)
+            })
+            .map_err(Into::into),
         Command::Image {
             action: ImageAction::Build,
         } => ensure_reference_image()

@@ -63,7 +63,8 @@ struct State {
     marks: Vec<(Mark, Instant)>,
     /// Between point-of-no-return and next-kernel-start.
     in_kexec: bool,
-    /// The next userspace-up belongs to a handover (not to the first boot).
+    /// The next userspace-up belongs to a handover (not to the first boot): set by
+    /// reboot-requested.
     await_userspace: bool,
     snapshot: Option<RamSnapshot>,
     rounds: Vec<RoundCapture>,
@@ -76,6 +77,9 @@ pub struct InterceptOptions {
     /// Do not log dirty pages between point-of-no-return and next-kernel-start (the
     /// in-place proof is then missing; for measuring the interception's own cost).
     pub no_dirty_log: bool,
+    /// Arm no breakpoints at all: only the agent's marks are timed (for measuring the
+    /// interception's own cost against a run without it).
+    pub no_intercept: bool,
     /// Compare extent digests taken at point-of-no-return and next-kernel-start.
     pub verify_digest: bool,
     /// A fault to inject at next-kernel-start.
@@ -141,7 +145,6 @@ impl Interceptor {
 
     fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State) {
         s.in_kexec = false;
-        s.await_userspace = true;
         let memory = at.vcpu.memory();
         let logging = s.current.dirty.is_none();
         let bitmaps = take_bitmaps(at.vm_fd, memory);
@@ -245,13 +248,21 @@ fn digest_verdict(
 
 impl RunObserver for Interceptor {
     fn breakpoints(&self) -> Vec<u64> {
-        self.breakpoints.clone()
+        if self.options.no_intercept {
+            Vec::new()
+        } else {
+            self.breakpoints.clone()
+        }
     }
 
     fn on_probe(&self, ev: &ProbeEvent) {
         let mut s = self.lock();
         match ev.mark {
-            ProbeMark::RebootRequested => s.marks.push((Mark::RebootRequested, ev.at)),
+            ProbeMark::RebootRequested => {
+                // The next userspace-up is the next kernel's.
+                s.await_userspace = true;
+                s.marks.push((Mark::RebootRequested, ev.at));
+            }
             ProbeMark::UserspaceUp if s.await_userspace => {
                 s.await_userspace = false;
                 s.marks.push((Mark::UserspaceUp, ev.at));
