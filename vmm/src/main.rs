@@ -106,6 +106,10 @@ struct InterceptArgs {
     /// the interception).
     #[arg(long)]
     no_dirty_log: bool,
+    /// Save the KHO pages read at the first next-kernel-start, and what was parsed from
+    /// them, as a luo-handover test fixture in this directory.
+    #[arg(long)]
+    capture_fixture: Option<PathBuf>,
     /// Arm no breakpoints and log no dirty pages: only the guest agent's marks are timed.
     #[arg(long)]
     no_intercept: bool,
@@ -186,6 +190,7 @@ fn handover(
             verify_digest: intercept.verify_digest,
             no_dirty_log: intercept.no_dirty_log,
             no_intercept: intercept.no_intercept,
+            capture_fixture: intercept.capture_fixture.clone(),
             inject: intercept.inject,
         },
     };

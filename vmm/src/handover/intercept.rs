@@ -10,9 +10,12 @@ use luo_devices::probe::{ProbeEvent, ProbeMark};
 use luo_handover::digest::{DigestVerdict, ExtentDigests};
 use luo_handover::extents::{classify_dirty, DirtyBitmap, DirtyClassification, ExtentSet};
 use luo_handover::kho::ScratchArea;
+use luo_handover::mem::RecordingMemory;
 use luo_handover::timeline::{Mark, Timeline};
 use luo_handover::{Handover, LabelledExtents};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use super::guest_ram::{LiveRam, RamSnapshot};
 use crate::arch::paging::translate;
@@ -72,8 +75,11 @@ struct State {
 }
 
 /// Options of the interception.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct InterceptOptions {
+    /// Save the pages the KHO reader touched at the first next-kernel-start, with what
+    /// was parsed from them, as a test fixture in this directory.
+    pub capture_fixture: Option<std::path::PathBuf>,
     /// Do not log dirty pages between point-of-no-return and next-kernel-start (the
     /// in-place proof is then missing; for measuring the interception's own cost).
     pub no_dirty_log: bool,
@@ -188,7 +194,23 @@ impl Interceptor {
                 self.boot_params_va
             )
         })?;
-        let handover = Handover::read(&LiveRam(memory), zero_page).map_err(|e| e.to_string())?;
+        let live = LiveRam(memory);
+        let handover = match &self.options.capture_fixture {
+            Some(dir) => {
+                let rec = RecordingMemory::new(&live);
+                let h = Handover::read(&rec, zero_page).map_err(|e| e.to_string())?;
+                let size = memory
+                    .iter()
+                    .map(|r| r.start_addr().raw_value() + r.len())
+                    .max()
+                    .unwrap_or(0);
+                if let Err(e) = super::fixture::save(dir, &rec, zero_page, size, &h) {
+                    log::warn!("cannot save the fixture in {}: {e}", dir.display());
+                }
+                h
+            }
+            None => Handover::read(&live, zero_page).map_err(|e| e.to_string())?,
+        };
         Ok(HandoverState {
             extents: handover.preserved_extents(),
             scratch: handover.scratch.clone(),

@@ -1,6 +1,7 @@
 //! `luo-vmm handover` and `luo-vmm selftest`: a real LUO live update inside the guest,
 //! intercepted and reported from outside.
 
+pub mod fixture;
 pub mod guest_ram;
 pub mod intercept;
 pub mod report;
@@ -128,7 +129,7 @@ pub fn run_handover(req: &HandoverRequest) -> Result<(GuestOutcome, RunReport), 
         address(&second, &next, BREAKPOINT_SYMBOLS[2])?,
     ];
     let boot_params = address(&second, &next, "boot_params")?;
-    let interceptor = Arc::new(Interceptor::new(bps, boot_params, req.intercept));
+    let interceptor = Arc::new(Interceptor::new(bps, boot_params, req.intercept.clone()));
     let outcome = run_guest(&guest, &req.workload.cmdline(), Some(interceptor.clone()))?;
     let interception = interceptor.finish(outcome.started);
     let report = build_report(&outcome, interception, req);

@@ -115,19 +115,33 @@ fn round_report(
     r.with_agent(agent_line, agent_ok)
 }
 
+/// The agent's result line of each handover: `luo-agent: verified ...` for our own
+/// workload, the stage-2 `... exited: ...` line of a selftest.
+fn result_lines<'a>(lines: &'a [String], workload: &Workload) -> Vec<&'a String> {
+    match workload {
+        Workload::Memfds { .. } => lines
+            .iter()
+            .filter(|l| l.starts_with("luo-agent: verified"))
+            .collect(),
+        Workload::Selftest(_) => {
+            let mut stage2 = false;
+            lines
+                .iter()
+                .filter(|l| {
+                    stage2 |= l.contains(" stage 2 ");
+                    stage2 && l.contains(" exited: ")
+                })
+                .collect()
+        }
+    }
+}
+
 /// Builds the report from the run and what the interceptor saw.
 pub fn build_report(outcome: &GuestOutcome, got: Interception, req: &HandoverRequest) -> RunReport {
     let agent_ok = outcome.exit.is_clean()
         && outcome.agent.kernel_panic.is_none()
         && outcome.agent.succeeded();
-    let verified_lines: Vec<&String> = outcome
-        .agent
-        .lines
-        .iter()
-        .filter(|l| {
-            l.starts_with("luo-agent: verified") || l.contains("PASS") || l.contains("FAIL")
-        })
-        .collect();
+    let verified_lines = result_lines(&outcome.agent.lines, &req.workload);
     let resumed = outcome
         .agent
         .marks
@@ -247,4 +261,37 @@ pub fn render_text(report: &RunReport) -> String {
         }
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn result_lines_per_workload() {
+        let memfd = lines(&[
+            "luo-agent: userspace up (cpus=1)",
+            "luo-agent: verified 1 sessions, 1 memfds, 1048576 bytes [t=1s]",
+        ]);
+        let w = Workload::Memfds {
+            sessions: 1,
+            files: 1,
+            memfd_size: 1 << 20,
+            repeat: 1,
+        };
+        assert_eq!(result_lines(&memfd, &w).len(), 1);
+
+        let st = lines(&[
+            "luo-agent: mode Selftest(\"x\") stage 1 round 0/1",
+            "luo-agent: /selftests/x exited: exit status: 0",
+            "luo-agent: mode Selftest(\"x\") stage 2 round 1/1",
+            "luo-agent: /selftests/x exited: exit status: 0 [t=2s]",
+        ]);
+        let got = result_lines(&st, &Workload::Selftest("x".into()));
+        assert_eq!(got, vec![&st[3]]);
+    }
 }
