@@ -16,13 +16,33 @@ const MARKS: [&str; 6] = [
     "workload-resumed",
 ];
 
-fn json_report(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("luo-{name}-{}.json", std::process::id()))
+/// What one luo-vmm run left: exit status, output, and its JSON report.
+struct Run {
+    out: std::process::Output,
+    stdout: String,
+    stderr: String,
+    json: Value,
 }
 
-fn read_json(path: &std::path::Path) -> Value {
-    let text = std::fs::read_to_string(path).expect("no JSON report written");
-    serde_json::from_str(&text).expect("the JSON report does not parse")
+/// Runs `luo-vmm ARGS --timeout .. --json <tmp>` against the reference guest.
+fn luo_vmm_json(name: &str, args: &[&str]) -> Run {
+    reference_image();
+    let path = std::env::temp_dir().join(format!("luo-{name}-{}.json", std::process::id()));
+    let path_str = path.to_str().unwrap().to_owned();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--timeout", GUEST_TIMEOUT_S, "--json", &path_str]);
+    let out = luo_vmm(&all);
+    let (stdout, stderr) = text(&out);
+    let json = std::fs::read_to_string(&path)
+        .map(|t| serde_json::from_str(&t).expect("the JSON report does not parse"))
+        .unwrap_or(Value::Null);
+    let _ = std::fs::remove_file(&path);
+    Run {
+        out,
+        stdout,
+        stderr,
+        json,
+    }
 }
 
 /// Checks one handover report (a JSON object with the report keys).
@@ -41,44 +61,32 @@ fn assert_round_verified(r: &Value) {
 
 #[test]
 fn three_consecutive_handovers_are_intercepted_and_verified() {
-    reference_image();
-    let json = json_report("repeat");
-    let out = luo_vmm(&[
-        "handover",
-        "--repeat",
-        "3",
-        "--timeout",
-        GUEST_TIMEOUT_S,
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let (stdout, _) = text(&out);
-    assert!(out.status.success(), "handover failed: {:?}", out.status);
+    let run = luo_vmm_json("repeat", &["handover", "--repeat", "3"]);
+    assert!(
+        run.out.status.success(),
+        "handover failed: {:?}",
+        run.out.status
+    );
     for m in MARKS {
         assert_eq!(
-            stdout.matches(&format!("mark {m}")).count(),
+            run.stdout.matches(&format!("mark {m}")).count(),
             3,
-            "mark {m} not in every handover"
+            "mark {m} is not in every handover"
         );
     }
-    assert_eq!(stdout.matches("0 preserved pages written").count(), 3);
-    assert_eq!(
-        stdout
-            .matches("luo-agent: verified 1 sessions, 1 memfds, 1048576 bytes")
-            .count(),
-        3
-    );
+    assert_eq!(run.stdout.matches("0 preserved pages written").count(), 3);
+    let verified = "luo-agent: verified 1 sessions, 1 memfds, 1048576 bytes";
+    assert_eq!(run.stdout.matches(verified).count(), 3);
     assert!(
-        stdout.contains("memfd:luo-vmm-s0"),
+        run.stdout.contains("memfd:luo-vmm-s0"),
         "the memfd's extent has no owner"
     );
 
-    let report = read_json(&json);
-    assert_round_verified(&report);
-    let rounds = report["rounds"].as_array().unwrap();
+    assert_round_verified(&run.json);
+    let rounds = run.json["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
     rounds.iter().for_each(assert_round_verified);
-    for round_marks in report["marks"].as_array().unwrap() {
+    for round_marks in run.json["marks"].as_array().unwrap() {
         let names: Vec<&str> = round_marks
             .as_array()
             .unwrap()
@@ -87,14 +95,11 @@ fn three_consecutive_handovers_are_intercepted_and_verified() {
             .collect();
         assert_eq!(names, MARKS);
     }
-    std::fs::remove_file(&json).unwrap();
 }
 
 #[test]
 fn several_sessions_and_files_on_two_vcpus_with_digests() {
-    reference_image();
-    let json = json_report("multi");
-    let out = luo_vmm(&[
+    let args = [
         "handover",
         "--sessions",
         "3",
@@ -105,38 +110,39 @@ fn several_sessions_and_files_on_two_vcpus_with_digests() {
         "--vcpus",
         "2",
         "--verify-digest",
-        "--timeout",
-        GUEST_TIMEOUT_S,
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let (stdout, _) = text(&out);
-    assert!(out.status.success(), "handover failed: {:?}", out.status);
-    assert!(stdout.contains("luo-agent: verified 3 sessions, 6 memfds, 50331648 bytes"));
-    assert!(stdout.contains("luo-agent: userspace up (cpus=2)"));
-    let report = read_json(&json);
-    assert_round_verified(&report);
-    assert!(report["extents"]["bytes"].as_u64().unwrap() >= 48 << 20);
-    let digest = &report["digest"];
+    ];
+    let run = luo_vmm_json("multi", &args);
+    assert!(
+        run.out.status.success(),
+        "handover failed: {:?}",
+        run.out.status
+    );
+    assert!(run
+        .stdout
+        .contains("luo-agent: verified 3 sessions, 6 memfds, 50331648 bytes"));
+    assert!(run.stdout.contains("luo-agent: userspace up (cpus=2)"));
+    assert_round_verified(&run.json);
+    assert!(run.json["extents"]["bytes"].as_u64().unwrap() >= 48 << 20);
+    let digest = &run.json["digest"];
     assert!(digest["compared"].as_u64().unwrap() >= 6);
     assert_eq!(digest["changed"].as_array().unwrap().len(), 0);
-    std::fs::remove_file(&json).unwrap();
 }
 
 fn selftest_passes(name: &str) {
-    reference_image();
-    let out = luo_vmm(&["selftest", name, "--timeout", GUEST_TIMEOUT_S]);
-    let (stdout, _) = text(&out);
+    let run = luo_vmm_json(name, &["selftest", name]);
     assert!(
-        out.status.success(),
+        run.out.status.success(),
         "selftest {name} failed: {:?}",
-        out.status
+        run.out.status
     );
-    assert!(stdout.contains("0 preserved pages written"));
     assert!(
-        stdout.contains("# PASSED") || stdout.contains("ok "),
-        "no kselftest result for {name}"
+        run.stdout.contains(&format!(
+            "luo-agent: /selftests/{name} exited: exit status: 0"
+        )),
+        "the selftest's stage 2 did not exit 0"
     );
+    assert!(run.stdout.contains("0 preserved pages written"));
+    assert_round_verified(&run.json);
 }
 
 #[test]
@@ -151,25 +157,17 @@ fn upstream_selftest_luo_multi_session() {
 
 #[test]
 fn corrupt_kho_fdt_is_reported_and_never_crashes_the_vmm() {
-    reference_image();
-    let json = json_report("corrupt");
-    let out = luo_vmm(&[
-        "handover",
-        "--inject",
-        "corrupt-kho-fdt",
-        "--timeout",
-        GUEST_TIMEOUT_S,
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&out);
-    assert!(!stderr.contains("panicked"), "luo-vmm panicked");
-    assert!(!out.status.success(), "a corrupted handover must not pass");
-    assert!(stdout.contains("injected: overwrote the KHO FDT header"));
-    // The extents were read before the corruption, so the proof still stands.
-    assert!(stdout.contains("0 preserved pages written"));
-    let report = read_json(&json);
-    assert_eq!(report["verified"].as_bool(), Some(false));
-    assert_eq!(report["injected"].as_array().unwrap().len(), 1);
-    std::fs::remove_file(&json).unwrap();
+    let run = luo_vmm_json("corrupt", &["handover", "--inject", "corrupt-kho-fdt"]);
+    assert!(!run.stderr.contains("panicked"), "luo-vmm panicked");
+    assert!(
+        !run.out.status.success(),
+        "a corrupted handover must not pass"
+    );
+    assert!(run
+        .stdout
+        .contains("injected: overwrote the KHO FDT header"));
+    // The extents were read before the corruption, so the in-place proof still stands.
+    assert!(run.stdout.contains("0 preserved pages written"));
+    assert_eq!(run.json["verified"].as_bool(), Some(false));
+    assert_eq!(run.json["injected"].as_array().unwrap().len(), 1);
 }

@@ -1,12 +1,11 @@
 //! The i8042 keyboard controller, only for its "pulse reset line" command: that is how a
 //! Linux guest with `reboot=k` asks for a reset, and luo-vmm turns it into a clean exit.
 
-use std::io;
-
-use vm_superio::{I8042Device, Trigger};
+use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::PioDevice;
+use crate::EventFdTrigger;
 
 /// Base port of the i8042 (data 0x60, command/status 0x64).
 pub const I8042_PORT: u16 = 0x60;
@@ -14,23 +13,13 @@ pub const I8042_PORT: u16 = 0x60;
 /// KVM's in-kernel PIT answers before the exit reaches us.
 pub const I8042_LEN: u16 = 5;
 
-/// Signals the reset `EventFd`.
-pub struct ResetTrigger(pub EventFd);
-
-impl Trigger for ResetTrigger {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
-
 /// The i8042 device.
-pub struct ResetDevice(I8042Device<ResetTrigger>);
+pub struct ResetDevice(I8042Device<EventFdTrigger>);
 
 impl ResetDevice {
     /// An i8042 whose CPU-reset command signals `reset`.
     pub fn new(reset: EventFd) -> Self {
-        Self(I8042Device::new(ResetTrigger(reset)))
+        Self(I8042Device::new(EventFdTrigger(reset)))
     }
 }
 

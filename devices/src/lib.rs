@@ -18,3 +18,14 @@ pub use i8042::{ResetDevice, I8042_LEN, I8042_PORT};
 pub use legacy::{Sink, LEGACY_SINK_RANGES};
 pub use probe::{ProbeEvent, ProbeMark, ProbePort, PROBE_PORT};
 pub use serial::{SerialConsole, COM1_IRQ, COM1_PORT};
+
+/// A `vm-superio` trigger that signals an `EventFd`: the UART's interrupt line (an
+/// irqfd) or the i8042's reset line.
+pub struct EventFdTrigger(pub vmm_sys_util::eventfd::EventFd);
+
+impl vm_superio::Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

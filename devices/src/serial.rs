@@ -2,37 +2,28 @@
 
 use std::io;
 
-use vm_superio::{Serial, Trigger};
+use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::PioDevice;
 use crate::console::ConsoleOutput;
+use crate::EventFdTrigger;
 
 /// Base port of COM1.
 pub const COM1_PORT: u16 = 0x3f8;
 /// Legacy IRQ line of COM1.
 pub const COM1_IRQ: u32 = 4;
 
-/// An `EventFd` that raises the UART's interrupt line when triggered.
-pub struct IrqTrigger(pub EventFd);
-
-impl Trigger for IrqTrigger {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
-
 /// The serial console device.
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
 }
 
 impl SerialConsole {
     /// A UART that signals `irq` and writes to `out`.
     pub fn new(irq: EventFd, out: ConsoleOutput) -> Self {
         Self {
-            uart: Serial::new(IrqTrigger(irq), out),
+            uart: Serial::new(EventFdTrigger(irq), out),
         }
     }
 

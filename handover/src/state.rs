@@ -166,6 +166,50 @@ impl Handover {
     }
 }
 
+/// The counts that characterise a handover: what a captured fixture records and its
+/// test checks again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverSummary {
+    /// 4 KiB pages in the preserved-memory tree.
+    pub preserved_pages: u64,
+    /// Labelled preserved extents.
+    pub preserved_extents: u64,
+    /// KHO scratch areas.
+    pub scratch_areas: u64,
+    /// LUO sessions.
+    pub sessions: u64,
+    /// Preserved files over all sessions.
+    pub files: u64,
+    /// Bytes of all preserved memfds.
+    pub memfd_bytes: u64,
+    /// LUO's live-update counter.
+    pub liveupdate_num: u64,
+}
+
+impl Handover {
+    /// Counts of what this handover carries.
+    pub fn summary(&self) -> HandoverSummary {
+        let luo = self.luo.as_ref();
+        let files = || {
+            luo.into_iter()
+                .flat_map(|l| &l.sessions)
+                .flat_map(|s| &s.files)
+        };
+        HandoverSummary {
+            preserved_pages: self.preserved.pages,
+            preserved_extents: self.preserved_extents().set.len() as u64,
+            scratch_areas: self.scratch.len() as u64,
+            sessions: luo.map_or(0, |l| l.sessions.len() as u64),
+            files: files().count() as u64,
+            memfd_bytes: files()
+                .filter_map(|f| f.memfd.as_ref())
+                .map(|m| m.size)
+                .sum(),
+            liveupdate_num: luo.map_or(0, |l| l.liveupdate_num),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,25 +128,13 @@ fn captured_fixtures_parse() {
         let h = Handover::read(&mem, num("zero_page_gpa"))
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let ext = h.preserved_extents();
-        let luo = h.luo.as_ref();
-        let files = luo.map_or(0, |l| l.sessions.iter().map(|s| s.files.len() as u64).sum());
-        let memfd_bytes = luo.map_or(0, |l| {
-            l.sessions
-                .iter()
-                .flat_map(|s| &s.files)
-                .filter_map(|f| f.memfd.as_ref())
-                .map(|m| m.size)
-                .sum()
-        });
-        let actual = [
-            ("preserved_pages", h.preserved.pages),
-            ("preserved_extents", ext.set.len() as u64),
-            ("scratch_areas", h.scratch.len() as u64),
-            ("sessions", luo.map_or(0, |l| l.sessions.len() as u64)),
-            ("files", files),
-            ("memfd_bytes", memfd_bytes),
-            ("liveupdate_num", luo.map_or(0, |l| l.liveupdate_num)),
-        ];
+        let summary = serde_json::to_value(h.summary()).unwrap();
+        let actual: Vec<(&str, u64)> = summary
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_u64().unwrap()))
+            .collect();
         for (key, got) in actual {
             if let Some(want) = meta["expect"][key].as_u64() {
                 assert_eq!(got, want, "{}: {key}", dir.display());

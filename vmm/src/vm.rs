@@ -20,6 +20,7 @@ use luo_devices::{
 use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::boot_params::{build_boot_params, BootInputs, BootParamsError};
 use crate::arch::mptable::{build_mptable, MpTableError};
@@ -272,14 +273,16 @@ impl Vm {
     /// Runs the VM until it resets, dies or `timeout` passes. `on_mark` sees each probe
     /// mark as it arrives.
     pub fn run(
-        self,
+        mut self,
         timeout: Option<Duration>,
         mut on_mark: impl FnMut(&ProbeEvent),
     ) -> Result<VmExit, VmError> {
         let started = Instant::now();
         let (tx, rx) = channel::<VcpuReport>();
         let stop = Arc::new(AtomicBool::new(false));
-        for vcpu in self.vcpus {
+        install_kick_handler()?;
+        let mut threads = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
             let ctx = VcpuContext {
                 bus: self.bus.clone(),
                 vm_fd: self.vm_fd.clone(),
@@ -288,8 +291,21 @@ impl Vm {
                 tx: tx.clone(),
                 stop: stop.clone(),
             };
-            spawn_vcpu(vcpu, ctx)?;
+            threads.push(spawn_vcpu(vcpu, ctx)?);
         }
+        let exit = self.wait(started, timeout, &rx, &mut on_mark);
+        stop.store(true, Ordering::SeqCst);
+        stop_vcpus(threads);
+        Ok(exit)
+    }
+
+    fn wait(
+        &self,
+        started: Instant,
+        timeout: Option<Duration>,
+        rx: &Receiver<VcpuReport>,
+        on_mark: &mut impl FnMut(&ProbeEvent),
+    ) -> VmExit {
         let _input = crate::console_input::spawn(self.serial.clone());
 
         loop {
@@ -297,16 +313,14 @@ impl Vm {
                 on_mark(&ev);
             }
             if self.reset.read().is_ok() {
-                stop.store(true, Ordering::SeqCst);
-                return Ok(VmExit::Reset);
+                return VmExit::Reset;
             }
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(VcpuReport::Stopped(exit)) => {
-                    stop.store(true, Ordering::SeqCst);
                     for ev in self.probe_rx.try_iter() {
                         on_mark(&ev);
                     }
-                    return Ok(exit);
+                    return exit;
                 }
                 Ok(VcpuReport::Debug { vcpu, pc }) => {
                     log::warn!("vCPU {vcpu}: debug exit at {pc:#x} that is no breakpoint of ours");
@@ -315,8 +329,7 @@ impl Vm {
             }
             if let Some(t) = timeout {
                 if started.elapsed() > t {
-                    stop.store(true, Ordering::SeqCst);
-                    return Ok(VmExit::Timeout { after: t });
+                    return VmExit::Timeout { after: t };
                 }
             }
         }
@@ -476,7 +489,37 @@ struct VcpuContext {
     stop: Arc<AtomicBool>,
 }
 
-fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuContext) -> Result<(), VmError> {
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs (once) the handler of the signal that kicks a vCPU thread out of `KVM_RUN`:
+/// it does nothing, so the ioctl returns `EINTR` and the thread sees the stop flag.
+fn install_kick_handler() -> Result<(), VmError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| e.errno()))
+        .map_err(|errno| VmError::Host {
+            what: "installing the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+}
+
+/// Stops every vCPU thread: kicks each out of `KVM_RUN` until it has returned (the stop
+/// flag is already set), for at most a second; a thread still running then ends with
+/// the process.
+fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            let _ = t.kill(SIGRTMIN());
+            thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuContext) -> Result<thread::JoinHandle<()>, VmError> {
     thread::Builder::new()
         .name(format!("vcpu{}", vcpu.id))
         .spawn(move || {
@@ -484,7 +527,6 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuContext) -> Result<(), VmError> {
             let exit = run_vcpu(&mut vcpu, &ctx);
             let _ = ctx.tx.send(VcpuReport::Stopped(exit));
         })
-        .map(|_| ())
         .map_err(|source| VmError::Host {
             what: "spawning a vCPU thread",
             source,

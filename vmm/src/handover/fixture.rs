@@ -18,31 +18,12 @@ pub fn save<M: GuestMemoryRead>(
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("pages.bin"), rec.page_dump())?;
-    let ext = h.preserved_extents();
-    let luo = h.luo.as_ref();
-    let files: usize = luo.map_or(0, |l| l.sessions.iter().map(|s| s.files.len()).sum());
-    let memfd_bytes: u64 = luo.map_or(0, |l| {
-        l.sessions
-            .iter()
-            .flat_map(|s| &s.files)
-            .filter_map(|f| f.memfd.as_ref())
-            .map(|m| m.size)
-            .sum()
-    });
     let meta = json!({
         "description": "captured by `luo-vmm handover --capture-fixture` at the next kernel's start_kernel breakpoint",
         "guest_base": 0,
         "guest_size": guest_size,
         "zero_page_gpa": zero_page,
-        "expect": {
-            "preserved_pages": h.preserved.pages,
-            "preserved_extents": ext.set.len(),
-            "scratch_areas": h.scratch.len(),
-            "sessions": luo.map_or(0, |l| l.sessions.len()),
-            "files": files,
-            "memfd_bytes": memfd_bytes,
-            "liveupdate_num": luo.map_or(0, |l| l.liveupdate_num),
-        }
+        "expect": h.summary(),
     });
     std::fs::write(
         dir.join("meta.json"),
