@@ -14,7 +14,7 @@
 #   LUO_KEEP_BUILD=0       delete the kernel build tree after a successful build
 #   LUO_SELFTEST_CC=cc     compiler for the LUO selftests (default: musl-gcc if installed)
 #   XDG_CACHE_HOME         the cache lives in ${XDG_CACHE_HOME:-$HOME/.cache}/luo-vmm
-#   CARGO_TARGET_DIR       where cargo builds the agent (default: the workspace's target/)
+#   LUO_AGENT_TARGET_DIR   where cargo builds the agent (default: target/guest-agent)
 #
 # Cache layout (see docs/guest-image.md):
 #   apt/                       private apt dir for Debian sid (sources.list, lists, cache, *.deb)
@@ -280,7 +280,9 @@ ensure_kernel() {
 # ---------------------------------------------------------------------------------------
 
 build_agent() {
-	local tdir=${CARGO_TARGET_DIR:-$REPO/target}
+	# A target dir of its own: the build may run while an outer cargo (cargo test, which
+	# builds the image on first use) holds the workspace's target/ lock.
+	local tdir=${LUO_AGENT_TARGET_DIR:-$REPO/target/guest-agent}
 	log "building luo-agent (static, $AGENT_TARGET)"
 	(cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$tdir \
 		cargo build --release -p luo-agent --target "$AGENT_TARGET" >&2) ||
