@@ -351,9 +351,8 @@ fn run_selftest(agent: &mut Agent, name: &str, stage: Option<u32>) -> Result<()>
     if status.success() {
         Ok(())
     } else {
-        Err(Failure(format!(
-            "selftest {name} stage {stage:?}: {status}"
-        )))
+        let stage = stage.map_or(String::new(), |s| format!(" --stage {s}"));
+        Err(Failure(format!("{path}{stage}: {status}")))
     }
 }
 
