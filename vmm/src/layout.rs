@@ -66,5 +66,9 @@ pub const MAX_MEM_SIZE: u64 = 1 << 40;
 
 /// Local APIC MMIO base (default, as the MP table and the kernel expect it).
 pub const APIC_DEFAULT_BASE: u32 = 0xfee0_0000;
+/// Three pages KVM needs for the TSS on Intel (`KVM_SET_TSS_ADDR`), just below the BIOS
+/// area at the top of the 32-bit space, where no RAM is.
+pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
 /// IO-APIC MMIO base.
 pub const IOAPIC_DEFAULT_BASE: u32 = 0xfec0_0000;

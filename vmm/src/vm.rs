@@ -30,8 +30,8 @@ use crate::arch::regs::EntryMode;
 use crate::debug::{guest_debug, slot_of, DR6_BS};
 use crate::dirty::set_slots;
 use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, PVH_INFO_START,
-    PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, KVM_TSS_ADDRESS,
+    PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use crate::loader::{load_initrd, load_kernel, LoadedKernel, LoaderError};
 use crate::memory::{create_guest_memory, guest_memory_map, MemoryError};
@@ -76,6 +76,9 @@ pub enum VmError {
         what: &'static str,
         source: vm_memory::GuestMemoryError,
     },
+    /// More memory ranges than the PVH memory map has room for.
+    #[error("the PVH memory map has {0} ranges; luo-vmm has room for {max}", max = PVH_MEMMAP_MAX_ENTRIES)]
+    PvhMemmap(usize),
     /// The console log file.
     #[error("cannot open console log {path}: {source}")]
     ConsoleLog {
@@ -208,7 +211,7 @@ impl Vm {
         let kvm = open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
-            .set_tss_address(0xfffb_d000)
+            .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm_fd
             .create_irq_chip()
@@ -400,7 +403,7 @@ fn write_boot_structures(
         EntryMode::Pvh => {
             let pvh = build_pvh(CMDLINE_START, initrd, map);
             if pvh.memmap.len() > PVH_MEMMAP_MAX_ENTRIES {
-                return Err(VmError::Cmdline("PVH memory map too long".into()));
+                return Err(VmError::PvhMemmap(pvh.memmap.len()));
             }
             write(memory, "hvm_start_info", pvh.start_info, PVH_INFO_START)?;
             for (i, m) in pvh.modules.iter().enumerate() {
