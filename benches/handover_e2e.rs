@@ -115,6 +115,9 @@ fn out_dir() -> PathBuf {
 /// Runs one VM with `SAMPLES` handovers of `cfg` and returns what luo-vmm measured.
 fn run(cfg: &Config) -> Vec<Sample> {
     let json = out_dir().join(format!("{}.json", cfg.name));
+    // The console goes to a file (follow it with tail -f to see the handovers go by).
+    let console = out_dir().join(format!("{}.console", cfg.name));
+    let _ = std::fs::remove_file(&console);
     let repeat = SAMPLES.to_string();
     let sessions = cfg.sessions.to_string();
     let mut args = vec![
@@ -132,6 +135,8 @@ fn run(cfg: &Config) -> Vec<Sample> {
         "20000",
         "--json",
         json.to_str().unwrap(),
+        "--console-log",
+        console.to_str().unwrap(),
     ];
     if !cfg.intercept {
         args.push("--no-intercept");
