@@ -99,8 +99,16 @@ pub fn summarize(report: &SavedReport) -> RunSummary {
     for (_, sum) in &mut phases {
         *sum /= n;
     }
+    let mode = w
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("luo.mode="))
+        .unwrap_or("handover");
+    let label = match mode {
+        "handover" => format!("{sessions}x{files}x{}", human_bytes(size).replace(' ', "")),
+        other => other.to_owned(),
+    };
     RunSummary {
-        label: format!("{sessions}x{files}x{}", human_bytes(size).replace(' ', "")),
+        label,
         bytes: sessions * files * size,
         handovers: complete.len(),
         blackout_ns: complete.iter().filter_map(|r| r.blackout_ns).sum::<u64>() / n,
@@ -164,6 +172,9 @@ fn phase_names(runs: &[RunSummary]) -> Vec<String> {
     names
 }
 
+/// Horizontal distance between bars in the picture.
+const BAR_PITCH: f64 = 150.0;
+
 const COLOURS: [&str; 6] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948",
 ];
@@ -171,7 +182,9 @@ const COLOURS: [&str; 6] = [
 /// An SVG of stacked bars: one bar per run, one segment per phase, height = duration.
 pub fn svg(runs: &[RunSummary], title: &str) -> String {
     let names = phase_names(runs);
-    let (w, h, left, bottom, top) = (160.0 + 110.0 * runs.len() as f64, 420.0, 80.0, 60.0, 40.0);
+    let (h, left, bottom, top) = (420.0, 80.0, 60.0, 40.0);
+    let bars_end = left + 20.0 + BAR_PITCH * runs.len() as f64;
+    let w = bars_end + 170.0;
     let max = runs
         .iter()
         .map(|r| r.phases.iter().map(|p| p.1).sum::<u64>())
@@ -194,7 +207,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
         s,
         r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
         h - bottom,
-        w - 150.0,
+        bars_end,
         h - bottom
     );
     for tick in 0..=4 {
@@ -208,7 +221,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
         );
     }
     for (i, r) in runs.iter().enumerate() {
-        let x = left + 20.0 + 110.0 * i as f64;
+        let x = left + 20.0 + BAR_PITCH * i as f64;
         let mut y = h - bottom;
         for (k, n) in names.iter().enumerate() {
             let d = r.phases.iter().find(|(p, _)| p == n).map_or(0, |(_, d)| *d) as f64 * scale;
@@ -241,9 +254,9 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
         let _ = writeln!(
             s,
             r#"<rect x="{}" y="{y}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#,
-            w - 140.0,
+            bars_end + 20.0,
             COLOURS[k % COLOURS.len()],
-            w - 122.0,
+            bars_end + 38.0,
             y + 10.0,
             xml_escape(n)
         );
