@@ -10,8 +10,8 @@
 //!
 //!     cargo bench -p luo-vmm --bench handover_e2e
 //!
-//! Afterwards the JSON reports of every run are in target/luo-e2e/, and
-//! `luo-vmm report target/luo-e2e/*.json` turns them into a table and a picture.
+//! Afterwards the JSON reports of every run are in target/luo-e2e/; the bench prints their
+//! table and writes target/luo-e2e/phases.svg (through `luo-vmm report`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -249,11 +249,32 @@ fn handover_e2e(c: &mut Criterion) {
             on / off
         );
     }
-    println!(
-        "JSON reports: {}  (luo-vmm report {}/*.json)",
-        out_dir().display(),
-        out_dir().display()
-    );
+    write_table_and_picture();
+}
+
+/// The table and the picture of every report in target/luo-e2e (this run's and earlier
+/// ones), by `luo-vmm report`.
+fn write_table_and_picture() {
+    let dir = out_dir();
+    let mut reports: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    reports.sort();
+    let svg = dir.join("phases.svg");
+    let status = Command::new(LUO_VMM)
+        .arg("report")
+        .args(&reports)
+        .arg("--svg")
+        .arg(&svg)
+        .status();
+    match status {
+        Ok(s) if s.success() => println!("table above; picture: {}", svg.display()),
+        other => eprintln!("handover_e2e: luo-vmm report failed: {other:?}"),
+    }
 }
 
 criterion_group!(benches, handover_e2e);
