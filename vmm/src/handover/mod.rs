@@ -112,15 +112,21 @@ fn address(syms: &KernelSymbols, path: &Path, name: &str) -> Result<u64, Handove
 /// Runs the handover and builds its report.
 pub fn run_handover(req: &HandoverRequest) -> Result<(GuestOutcome, RunReport), HandoverError> {
     let mut guest = req.guest.clone();
-    let vmlinux = match &guest.kernel {
-        Some(k) => k.clone(),
+    let image = match &guest.kernel {
+        Some(_) => None,
         None => {
             let image = ensure_reference_image()?;
+            eprintln!(
+                "luo-vmm: reference guest: Linux {} ({})",
+                image.kernel_version,
+                image.dir.display()
+            );
             guest.kernel = Some(image.vmlinux.clone());
             guest.initrd.get_or_insert(image.initramfs.clone());
-            image.vmlinux
+            Some(image)
         }
     };
+    let vmlinux = guest.kernel.clone().unwrap_or_default();
     let next = req.next_vmlinux.clone().unwrap_or_else(|| vmlinux.clone());
     let (first, second) = (symbols(&vmlinux)?, symbols(&next)?);
     let bps = [
@@ -130,7 +136,8 @@ pub fn run_handover(req: &HandoverRequest) -> Result<(GuestOutcome, RunReport), 
     ];
     let boot_params = address(&second, &next, "boot_params")?;
     let interceptor = Arc::new(Interceptor::new(bps, boot_params, req.intercept.clone()));
-    let outcome = run_guest(&guest, &req.workload.cmdline(), Some(interceptor.clone()))?;
+    let mut outcome = run_guest(&guest, &req.workload.cmdline(), Some(interceptor.clone()))?;
+    outcome.image = outcome.image.or(image);
     let interception = interceptor.finish(outcome.started);
     let report = build_report(&outcome, interception, req);
     Ok((outcome, report))
