@@ -130,9 +130,14 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<RunSummary>, SummaryError> {
                 path: path.clone(),
                 source,
             })?;
-        out.push(summarize(&report));
+        let mut run = summarize(&report);
+        // The file's name says what the workload alone does not (e.g. "1M-no-intercept").
+        if let Some(stem) = path.file_stem() {
+            run.label = format!("{} ({})", stem.to_string_lossy(), run.label);
+        }
+        out.push(run);
     }
-    out.sort_by_key(|s| s.bytes);
+    out.sort_by(|a, b| a.bytes.cmp(&b.bytes).then_with(|| a.label.cmp(&b.label)));
     Ok(out)
 }
 
@@ -142,15 +147,15 @@ pub fn table(runs: &[RunSummary]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "{:<24} {:>4} {:>9}",
-        "sessions x files x size", "n", "kvm"
+        "{:<32} {:>4} {:>9}",
+        "run (sessions x files x size)", "n", "kvm"
     );
     for n in &names {
         let _ = write!(s, " {n:>16}");
     }
     let _ = writeln!(s, " {:>12}", "blackout");
     for r in runs {
-        let _ = write!(s, "{:<24} {:>4} {:>9}", r.label, r.handovers, r.kvm);
+        let _ = write!(s, "{:<32} {:>4} {:>9}", r.label, r.handovers, r.kvm);
         for n in &names {
             let d = r.phases.iter().find(|(p, _)| p == n).map_or(0, |(_, d)| *d);
             let _ = write!(s, " {:>16}", human_duration(d));
