@@ -23,17 +23,35 @@ fn reference_guest_boots_to_the_agent_and_exits_cleanly() {
     assert!(stderr.contains("clean exit"));
 }
 
+/// The guest's init dying of SIGSEGV in its first instructions with two vCPUs: an
+/// intermittent fault of the instruction-emulating KVM (docs/emulated-kvm.md), not of
+/// luo-vmm; the kernel has brought both CPUs up by then.
+fn emulator_init_segfault(stdout: &str) -> bool {
+    stdout.contains("init[1]: segfault at") && stdout.contains("Attempted to kill init")
+}
+
 #[test]
 fn two_vcpus_are_both_brought_up() {
     reference_image();
-    let out = luo_vmm(&["boot", "--vcpus", "2", "--timeout", GUEST_TIMEOUT_S]);
-    let (stdout, stderr) = text(&out);
-    if stderr.contains("did not start") {
-        // The one case in which the KVM, not luo-vmm, is at fault: say so, don't pass.
-        panic!("the second vCPU did not start on this KVM: {stderr}");
-    }
-    assert!(out.status.success());
+    let mut attempt = 0;
+    let (out, stdout, stderr) = loop {
+        attempt += 1;
+        let out = luo_vmm(&["boot", "--vcpus", "2", "--timeout", GUEST_TIMEOUT_S]);
+        let (stdout, stderr) = text(&out);
+        if attempt < 3 && emulator_init_segfault(&stdout) {
+            eprintln!(
+                "attempt {attempt}: the guest's init segfaulted (known emulator fault); again"
+            );
+            continue;
+        }
+        break (out, stdout, stderr);
+    };
+    assert!(
+        !stderr.contains("did not start"),
+        "the second vCPU did not start on this KVM: {stderr}"
+    );
     assert!(stdout.contains("smp: Brought up 1 node, 2 CPUs"));
+    assert!(out.status.success());
     assert!(stdout.contains("luo-agent: userspace up (cpus=2)"));
 }
 
