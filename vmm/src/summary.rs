@@ -189,7 +189,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
     let names = phase_names(runs);
     let (h, left, bottom, top) = (420.0, 80.0, 60.0, 40.0);
     let bars_end = left + 20.0 + BAR_PITCH * runs.len() as f64;
-    let w = bars_end + 170.0;
+    let w = bars_end + 240.0;
     let max = runs
         .iter()
         .map(|r| r.phases.iter().map(|p| p.1).sum::<u64>())
