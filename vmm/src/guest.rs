@@ -113,6 +113,27 @@ pub struct GuestOutcome {
     pub image: Option<GuestImage>,
 }
 
+/// Where `req` names no kernel, the reference guest (built if the cache lacks it): its
+/// vmlinux, and its initramfs unless the request names one. Returns the completed
+/// request and the image used, if any.
+pub fn with_reference_image(
+    req: &GuestRequest,
+) -> Result<(GuestRequest, Option<GuestImage>), ImageError> {
+    let mut req = req.clone();
+    if req.kernel.is_some() {
+        return Ok((req, None));
+    }
+    let image = ensure_reference_image()?;
+    eprintln!(
+        "luo-vmm: reference guest: Linux {} ({})",
+        image.kernel_version,
+        image.dir.display()
+    );
+    req.kernel = Some(image.vmlinux.clone());
+    req.initrd.get_or_insert_with(|| image.initramfs.clone());
+    Ok((req, Some(image)))
+}
+
 /// Resolves, builds and runs the guest. `extra_cmdline` is added after the user's;
 /// `observer` (if any) gets its breakpoints armed and sees every probe mark.
 pub fn run_guest(
@@ -152,22 +173,9 @@ pub fn run_guest(
         KvmBackend::Hardware { module } => eprintln!("luo-vmm: hardware KVM ({module})"),
     }
 
-    let (kernel, initrd, image) = match &req.kernel {
-        Some(k) => (k.clone(), req.initrd.clone(), None),
-        None => {
-            let image = ensure_reference_image()?;
-            eprintln!(
-                "luo-vmm: reference guest: Linux {} ({})",
-                image.kernel_version,
-                image.dir.display()
-            );
-            let initrd = req
-                .initrd
-                .clone()
-                .unwrap_or_else(|| image.initramfs.clone());
-            (image.vmlinux.clone(), Some(initrd), Some(image))
-        }
-    };
+    let (req, image) = with_reference_image(req)?;
+    let kernel = req.kernel.clone().unwrap_or_default();
+    let initrd = req.initrd.clone();
     let user = [req.cmdline.trim(), extra_cmdline.trim()].join(" ");
     let cmdline = cmdline::compose(emulated, &user);
 

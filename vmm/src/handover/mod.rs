@@ -12,8 +12,8 @@ use std::sync::Arc;
 use luo_handover::symbols::{KernelSymbols, SymbolError};
 use thiserror::Error;
 
-use crate::guest::{run_guest, GuestError, GuestOutcome, GuestRequest};
-use crate::image::{ensure_reference_image, ImageError};
+use crate::guest::{run_guest, with_reference_image, GuestError, GuestOutcome, GuestRequest};
+use crate::image::ImageError;
 pub use intercept::{Fault, InterceptOptions, Interceptor, BREAKPOINT_SYMBOLS};
 pub use report::{build_report, RunReport};
 
@@ -111,21 +111,7 @@ fn address(syms: &KernelSymbols, path: &Path, name: &str) -> Result<u64, Handove
 
 /// Runs the handover and builds its report.
 pub fn run_handover(req: &HandoverRequest) -> Result<(GuestOutcome, RunReport), HandoverError> {
-    let mut guest = req.guest.clone();
-    let image = match &guest.kernel {
-        Some(_) => None,
-        None => {
-            let image = ensure_reference_image()?;
-            eprintln!(
-                "luo-vmm: reference guest: Linux {} ({})",
-                image.kernel_version,
-                image.dir.display()
-            );
-            guest.kernel = Some(image.vmlinux.clone());
-            guest.initrd.get_or_insert(image.initramfs.clone());
-            Some(image)
-        }
-    };
+    let (guest, image) = with_reference_image(&req.guest)?;
     let vmlinux = guest.kernel.clone().unwrap_or_default();
     let next = req.next_vmlinux.clone().unwrap_or_else(|| vmlinux.clone());
     let (first, second) = (symbols(&vmlinux)?, symbols(&next)?);
