@@ -24,13 +24,21 @@ struct Run {
     json: Value,
 }
 
-/// Runs `luo-vmm ARGS --timeout .. --json <tmp>` against the reference guest.
+/// Runs `luo-vmm ARGS --vcpus 2 --timeout .. --json <tmp>` against the reference guest:
+/// every handover test runs on two vCPUs, the next kernel must bring both up again.
 fn luo_vmm_json(name: &str, args: &[&str]) -> Run {
     reference_image();
     let path = std::env::temp_dir().join(format!("luo-{name}-{}.json", std::process::id()));
     let path_str = path.to_str().unwrap().to_owned();
     let mut all = args.to_vec();
-    all.extend_from_slice(&["--timeout", GUEST_TIMEOUT_S, "--json", &path_str]);
+    all.extend_from_slice(&[
+        "--vcpus",
+        "2",
+        "--timeout",
+        GUEST_TIMEOUT_S,
+        "--json",
+        &path_str,
+    ]);
     let out = luo_vmm(&all);
     let (stdout, stderr) = text(&out);
     let json = std::fs::read_to_string(&path)
@@ -105,9 +113,6 @@ fn three_consecutive_handovers_are_intercepted_and_verified() {
 
 #[test]
 fn several_sessions_and_files_with_digests() {
-    // One vCPU: with two, the guest's init has been seen to segfault under the
-    // instruction-emulating KVM (docs/emulated-kvm.md); the two-vCPU path is covered by
-    // the boot test.
     let args = [
         "handover",
         "--sessions",
@@ -127,6 +132,14 @@ fn several_sessions_and_files_with_digests() {
     assert!(run
         .stdout
         .contains("luo-agent: verified 3 sessions, 6 memfds, 50331648 bytes"));
+    // Both kernels, the one before the kexec and the next one, brought up both CPUs.
+    assert_eq!(
+        run.stdout
+            .matches("luo-agent: userspace up (cpus=2)")
+            .count(),
+        2,
+        "a kernel did not bring up both vCPUs"
+    );
     assert_round_verified(&run.json);
     assert!(run.json["extents"]["bytes"].as_u64().unwrap() >= 48 << 20);
     let digest = &run.json["digest"];

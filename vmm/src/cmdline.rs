@@ -55,11 +55,33 @@ pub const EMULATION_CLEARCPUID: &[&str] = &[
     "umip",
 ];
 
+/// glibc's ifunc choices that user space must not make on an emulating KVM, set as
+/// `GLIBC_TUNABLES` in init's environment (the kernel passes an unknown `NAME=value`
+/// parameter to init as an environment variable; init's children inherit it).
+///
+/// The guest kernel runs without XSAVE there (`clearcpuid=xsave`: the emulator cannot
+/// execute `xsave`/`xrstor`), so it context-switches only the legacy FXSAVE state: x87
+/// and the low 128 bits of xmm0-15. The emulator still executes AVX and AVX-512, and
+/// user space still finds them (the host's CPUID and XCR0 leak through). A task that
+/// holds data in ymm/zmm registers and is switched to another CPU resumes with the other
+/// CPU's register contents. glibc's `memcpy` of the TLS image in a static binary's
+/// start-up (zmm16/zmm17 on an AVX-512 host) did exactly that in about one two-vCPU
+/// boot in twenty: init died on a zeroed TLS slot (docs/emulated-kvm.md, "two vCPUs").
+///
+/// `-AVX_Fast_Unaligned_Load` is needed besides `-AVX2`: glibc derives it before the
+/// tunables apply, and its memcpy keeps using ymm registers without it. The other
+/// entries keep glibc away from extensions the emulator cannot execute (`popcnt`,
+/// BMI2, SSE4.2 string instructions), as `clearcpuid=` does for the kernel.
+pub const EMULATION_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,\
+-AVX512VL,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load,-BMI1,-BMI2,-ERMS,-FSRM,-FMA,-LZCNT,\
+-MOVBE,-POPCNT,-SSE4_1,-SSE4_2,-SSSE3,-XSAVEC,-OSXSAVE";
+
 /// The emulation profile's parameters: `luo_emulation` switches on the reference
-/// guest's patches (guest-images/patches), `clearcpuid=` hides what cannot run.
+/// guest's patches (guest-images/patches), `clearcpuid=` hides what cannot run from the
+/// kernel, and [`EMULATION_GLIBC_TUNABLES`] from glibc-based user space.
 pub fn emulation_params() -> String {
     format!(
-        "luo_emulation clearcpuid={}",
+        "luo_emulation clearcpuid={} GLIBC_TUNABLES={EMULATION_GLIBC_TUNABLES}",
         EMULATION_CLEARCPUID.join(",")
     )
 }
@@ -86,6 +108,22 @@ mod tests {
         let c = compose(false, "luo.mode=boot");
         assert_eq!(c, format!("{BASE} luo.mode=boot"));
         assert!(!c.contains("clearcpuid"));
+    }
+
+    #[test]
+    fn glibc_tunables_reach_init_as_one_environment_variable() {
+        let c = compose(true, "");
+        let word = c
+            .split_whitespace()
+            .find(|w| w.starts_with("GLIBC_TUNABLES="))
+            .expect("no GLIBC_TUNABLES in the emulation profile");
+        // The kernel hands `NAME=value` to init only when NAME has no '.' (else it is an
+        // unknown module parameter) and the word has no space.
+        let (name, value) = word.split_once('=').unwrap();
+        assert!(!name.contains('.'));
+        assert!(value.starts_with("glibc.cpu.hwcaps=-AVX,"));
+        assert!(value.contains("-AVX_Fast_Unaligned_Load"));
+        assert!(!compose(false, "").contains("GLIBC_TUNABLES"));
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod image;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod soak;
 pub mod summary;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;

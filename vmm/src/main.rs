@@ -5,14 +5,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use luo_vmm::guest::{report_exit, run_guest, GuestRequest, Profile};
+use std::sync::Arc;
+
+use luo_handover::symbols::KernelSymbols;
+use luo_vmm::guest::{report_exit, run_guest, with_reference_image, GuestRequest, Profile};
 use luo_vmm::handover::report::render_text;
 use luo_vmm::handover::{
     run_handover, write_json, Fault, HandoverError, HandoverRequest, InterceptOptions, Workload,
 };
 use luo_vmm::image::ensure_reference_image;
 use luo_vmm::memory::parse_size;
+use luo_vmm::soak::{self, SoakPlan};
 use luo_vmm::summary;
+use luo_vmm::trace::{PeekSpec, TraceSpec, Tracer};
+use luo_vmm::vm::RunObserver;
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +34,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest (the reference guest unless --kernel is given) until it reboots.
-    Boot(GuestArgs),
+    Boot {
+        #[command(flatten)]
+        guest: GuestArgs,
+        #[command(flatten)]
+        trace: TraceArgs,
+    },
+    /// Boot a guest K times, P at a time, and count clean runs and distinct failures.
+    Soak(SoakArgs),
     /// Run a LUO live update in the guest, intercept it, and report every phase.
     Handover(HandoverArgs),
     /// Run one of the kernel's own LUO selftests across a real handover; its result is
@@ -91,6 +104,38 @@ struct GuestArgs {
     /// Do not echo the guest console to stdout.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// How many boots.
+    #[arg(long, default_value_t = 10)]
+    boots: u32,
+    /// How many boots run at a time (2 oversubscribes a 2-core host with 2-vCPU guests).
+    #[arg(long, default_value_t = 1)]
+    parallel: u32,
+    /// Where each boot's logs go: boot-NNN.log (console), boot-NNN.vmm.log (luo-vmm).
+    #[arg(long, default_value = "soak-logs")]
+    log_dir: PathBuf,
+    /// Arguments for every `luo-vmm boot`, after `--`: e.g. `-- --vcpus 2 --timeout 600`.
+    #[arg(last = true)]
+    boot_args: Vec<String>,
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// Stop a vCPU each time it reaches this kernel address (SYMBOL or SYMBOL+OFFSET, at
+    /// most four), print its registers, MSRs and peeks, and let it go on.
+    #[arg(long, value_name = "SYMBOL[+OFFSET]")]
+    trace: Vec<TraceSpec>,
+    /// With --trace: also print guest memory at BASE[+|-OFFSET][:LEN], BASE a register
+    /// (rax..r15, rsp, rip), fs, gs, an address, or [BASE+-OFFSET] (the u64 stored
+    /// there); read through the vCPU's page tables.
+    #[arg(long, value_name = "BASE[+-OFFSET][:LEN]", requires = "trace")]
+    peek: Vec<PeekSpec>,
+    /// With --trace: print at most this many hits of each traced address.
+    #[arg(long, default_value_t = 20, requires = "trace")]
+    trace_max: u32,
 }
 
 #[derive(Args)]
@@ -210,20 +255,76 @@ fn handover(
     })
 }
 
+fn soak(a: &SoakArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    let plan = SoakPlan {
+        boots: a.boots,
+        parallel: a.parallel,
+        boot_args: a.boot_args.clone(),
+        log_dir: a.log_dir.clone(),
+    };
+    plan.validate()?;
+    // This very binary, even if a rebuild has replaced the file since it started.
+    let exe = PathBuf::from("/proc/self/exe");
+    // Build (or find) the reference image once, not in every child at the same time.
+    if !a.boot_args.iter().any(|x| x == "--kernel") {
+        ensure_reference_image()?;
+    }
+    let results = soak::run(&exe, &plan)?;
+    print!("{}", soak::summary(&results));
+    Ok(i32::from(results.iter().any(|r| r.failure.is_some())))
+}
+
+fn boot(args: &GuestArgs, trace: &TraceArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    let mode = if args.kernel.is_none() {
+        "luo.mode=boot"
+    } else {
+        ""
+    };
+    let (req, _) = with_reference_image(&args.request())?;
+    let observer: Option<Arc<dyn RunObserver>> = if trace.trace.is_empty() {
+        None
+    } else {
+        let kernel = req.kernel.clone().unwrap_or_default();
+        let data = std::fs::read(&kernel)
+            .map_err(|e| format!("--trace: cannot read {}: {e}", kernel.display()))?;
+        let symbols = KernelSymbols::from_elf(&data).map_err(|e| {
+            format!(
+                "--trace needs an ELF vmlinux with symbols ({}): {e}",
+                kernel.display()
+            )
+        })?;
+        Some(Arc::new(Tracer::new(
+            &symbols,
+            &trace.trace,
+            trace.peek.clone(),
+            trace.trace_max,
+        )?))
+    };
+    let outcome = run_guest(&req, mode, observer)?;
+    let status = report_exit(&outcome);
+    if status != 0 || args.kernel.is_some() {
+        return Ok(status);
+    }
+    // The reference guest's agent reports how many CPUs its kernel brought up.
+    match outcome.agent.cpus_online.first() {
+        Some(&n) if n == u32::from(args.vcpus) => Ok(0),
+        Some(&n) => {
+            eprintln!("luo-vmm: the guest brought up {n} of {} CPUs", args.vcpus);
+            Ok(1)
+        }
+        None => {
+            eprintln!("luo-vmm: the guest reset before its agent reported");
+            Ok(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
-        Command::Boot(args) => {
-            let mode = if args.kernel.is_none() {
-                "luo.mode=boot"
-            } else {
-                ""
-            };
-            run_guest(&args.request(), mode, None)
-                .map(|outcome| report_exit(&outcome))
-                .map_err(Into::into)
-        }
+        Command::Boot { guest, trace } => boot(&guest, &trace),
+        Command::Soak(a) => soak(&a),
         Command::Handover(a) => {
             let workload = Workload::Memfds {
                 sessions: a.sessions,

@@ -30,13 +30,6 @@ use std::process::Command;
 use config::{Config, Mode, TOKENS_PER_SESSION};
 use probe::{Mark, Probe};
 
-/// glibc tunables for the selftests (static glibc): keep its ifunc selection away from
-/// instruction set extensions that an emulating KVM may not execute. The host's CPUID is
-/// visible to user space whatever `clearcpuid=` says.
-const GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,-AVX512VL,\
--AVX512DQ,-AVX512CD,-BMI1,-BMI2,-ERMS,-FSRM,-FMA,-LZCNT,-MOVBE,-POPCNT,-SSE4_1,-SSE4_2,\
--SSSE3,-XSAVEC,-OSXSAVE";
-
 /// Selftests that run in one stage (no `--stage`, no kexec).
 const SINGLE_STAGE_TESTS: &[&str] = &["liveupdate"];
 
@@ -338,7 +331,6 @@ fn copy_initrd() -> Result<File> {
 fn run_selftest(agent: &mut Agent, name: &str, stage: Option<u32>) -> Result<()> {
     let path = format!("/selftests/{name}");
     let mut cmd = Command::new(&path);
-    cmd.env("GLIBC_TUNABLES", GLIBC_TUNABLES);
     if let Some(stage) = stage {
         cmd.arg("--stage").arg(stage.to_string());
     }
