@@ -3,10 +3,16 @@
 # (patched for the emulation profile, see patches/), the upstream LUO selftests, and an
 # uncompressed initramfs whose /init is the guest agent (agent/).
 #
-# Usage: guest-images/build.sh [--print-dir]
+# Usage: guest-images/build.sh [--variant NAME] [--print-dir]
 #
-#   --print-dir   print the image directory of the last build if its kernel inputs are
-#                 unchanged and it is complete (exit 0), else exit 1; builds nothing.
+#   --variant NAME  a kernel variant: the reference source, config and patches plus
+#                   variants/NAME/config (a Kconfig fragment) and variants/NAME/*.patch
+#                   (see variants/README.md). Cached under its own key; built from a copy
+#                   of the reference's object tree, so only what the variant changes is
+#                   compiled again (the reference is built first if its tree is gone).
+#   --print-dir     print the image directory of the last build (of that variant) if its
+#                   kernel inputs are unchanged and it is complete (exit 0), else exit 1;
+#                   builds nothing.
 #
 # Environment:
 #   LUO_KERNEL_TARBALL=/path/linux-*.tar.*  use this kernel source instead of Debian's
@@ -18,11 +24,13 @@
 #
 # Cache layout (see docs/guest-image.md):
 #   apt/                       private apt dir for Debian sid (sources.list, lists, cache, *.deb)
-#   build/<kkey>/              kernel build tree and build.log (the latest one is kept)
+#   build/<kkey>/              kernel build tree and build.log (the reference's and the
+#                              latest variant's are kept)
 #   kernels/<kkey>/            vmlinux bzImage System.map kernel-version .config selftests/
 #                              gen_init_cpio build.log   (<kkey> = <version>-<hash>)
 #   initramfs/<ikey>.cpio      uncompressed newc initramfs (<ikey> = hash of its inputs)
 #   images/<kkey>-<ikey>/      what the VMM needs: symlinks to the above
+#   (a variant's <kkey> is <version>-<variant>-<hash>)
 #
 # All progress goes to stderr; the last line on stdout is `LUO_IMAGE_DIR=<dir>`.
 set -euo pipefail
@@ -41,6 +49,9 @@ SELFTEST_CC=${LUO_SELFTEST_CC:-$(command -v musl-gcc || echo gcc)}
 
 # Binaries built from tools/testing/selftests/liveupdate (see its Makefile).
 SELFTESTS=(liveupdate luo_kexec_simple luo_multi_session luo_stress_sessions luo_stress_files)
+
+# The variant being built (--variant), or empty for the reference kernel.
+VARIANT=""
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
 die() {
@@ -237,6 +248,79 @@ kernel_key() {
 	echo "$KVER-$h"
 }
 
+# ---------------------------------------------------------------------------------------
+# Variants: the reference plus variants/NAME/config and variants/NAME/*.patch.
+# ---------------------------------------------------------------------------------------
+
+VARIANT_FUNCS=(variant_configure variant_build)
+
+variant_dir() { echo "$HERE/variants/$VARIANT"; }
+
+# The key of a variant: the reference's key, the variant's files, and how it is built.
+variant_key() {
+	local h d
+	d=$(variant_dir)
+	h=$({
+		echo "$1"
+		cat "$d/config" 2>/dev/null || true
+		cat "$d"/*.patch 2>/dev/null || true
+		declare -f "${VARIANT_FUNCS[@]}"
+	} | sha)
+	echo "$KVER-$VARIANT-$h"
+}
+
+check_variant() {
+	[[ $VARIANT =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "--variant $VARIANT: not a variant name"
+	local d
+	d=$(variant_dir)
+	if [[ ! -d $d ]]; then
+		local known
+		known=$(find "$HERE/variants" -mindepth 1 -maxdepth 1 -type d -printf '%f ' 2>/dev/null)
+		die "no variant $VARIANT in $HERE/variants (known: ${known:-none})"
+	fi
+	[[ -f $d/README.md ]] || die "variant $VARIANT has no README.md saying what it changes"
+	compgen -G "$d/*.patch" >/dev/null || [[ -f $d/config ]] ||
+		die "variant $VARIANT has neither a config fragment nor a patch"
+}
+
+# Appends the variant's config fragment to an already configured tree, and checks that
+# every option kept the value asked for.
+variant_configure() {
+	local src=$1 buildlog=$2 frag
+	frag="$(variant_dir)/config"
+	[[ -f $frag ]] || return 0
+	cat "$frag" >>"$src/.config"
+	make -C "$src" olddefconfig >>"$buildlog" 2>&1 || die "make olddefconfig failed (see $buildlog)"
+	local bad=0 key want got
+	while IFS='=' read -r key want; do
+		got=$(grep -E "^$key=" "$src/.config" | cut -d= -f2- || true)
+		if [[ $want == n ]]; then
+			[[ -z $got || $got == n ]] && continue
+		elif [[ $got == "$want" ]]; then
+			continue
+		fi
+		log "config: $key=$want requested by the variant, got '${got:-not set}'"
+		bad=1
+	done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$frag")
+	[[ $bad == 0 ]] || die "variant $VARIANT: config options lost by olddefconfig"
+	log "variant config verified"
+}
+
+# Builds the variant in a copy of the reference's object tree ($1), so that make compiles
+# only what the variant's patches and options change.
+variant_build() {
+	local ref=$1 src=$2 buildlog=$3 out=$4 p
+	log "copying the reference build tree ($ref)"
+	cp -a --reflink=auto "$ref" "$src"
+	for p in "$(variant_dir)"/*.patch; do
+		[[ -e $p ]] || continue
+		log "applying variants/$VARIANT/$(basename "$p")"
+		patch -d "$src" -p1 --forward --quiet <"$p" || die "variant patch $(basename "$p") does not apply"
+	done
+	variant_configure "$src" "$buildlog"
+	kernel_build "$src" "$buildlog" "$out"
+}
+
 kernel_complete() {
 	local d=$1 f
 	for f in vmlinux bzImage System.map kernel-version gen_init_cpio; do
@@ -246,7 +330,9 @@ kernel_complete() {
 
 ensure_kernel() {
 	KDIR=$CACHE/kernels/$KKEY
-	if kernel_complete "$KDIR"; then
+	# REBUILD_TREE=1: build even if the kernel is cached (a variant needs the reference's
+	# object tree, which may have been deleted).
+	if [[ ${REBUILD_TREE:-0} == 0 ]] && kernel_complete "$KDIR"; then
 		log "kernel cached: $KDIR"
 		return
 	fi
@@ -256,21 +342,30 @@ ensure_kernel() {
 	rm -rf "$bdir"
 	mkdir -p "$bdir" "$CACHE/kernels"
 	: >"$buildlog"
-	local t0=$SECONDS
-	kernel_extract "$src"
-	kernel_patch "$src"
-	kernel_configure "$src" "$buildlog"
-	log "building kernel $KVER with $JOBS jobs (full log: $buildlog)"
-	local out
+	local t0=$SECONDS out
 	out=$(mktemp -d "$CACHE/kernels/.$KKEY.XXXXXX")
-	kernel_build "$src" "$buildlog" "$out"
+	if [[ -n $VARIANT ]]; then
+		local ref=$CACHE/build/$REFKEY/linux
+		if [[ ! -f $ref/vmlinux ]]; then
+			log "variant $VARIANT starts from the reference's object tree, which is not kept: building the reference first"
+			(VARIANT="" KKEY=$REFKEY LUO_KEEP_BUILD=1 REBUILD_TREE=1 ensure_kernel)
+		fi
+		log "building variant $VARIANT of $KVER (full log: $buildlog)"
+		variant_build "$ref" "$src" "$buildlog" "$out"
+	else
+		kernel_extract "$src"
+		kernel_patch "$src"
+		kernel_configure "$src" "$buildlog"
+		log "building kernel $KVER with $JOBS jobs (full log: $buildlog)"
+		kernel_build "$src" "$buildlog" "$out"
+	fi
 	rm -rf "$KDIR"
 	mv "$out" "$KDIR"
 	log "kernel built in $((SECONDS - t0)) s: $KDIR"
-	# Keep the newest build tree only (for debugging); they are large.
+	# Build trees are large: keep the reference's (variants start from it) and this one.
 	local old
 	for old in "$CACHE"/build/*; do
-		[[ $old == "$bdir" ]] || rm -rf "$old"
+		[[ $old == "$bdir" || $old == "$CACHE/build/$REFKEY" ]] || rm -rf "$old"
 	done
 	if [[ ${LUO_KEEP_BUILD:-1} == 0 ]]; then rm -rf "$bdir"; fi
 }
@@ -362,30 +457,45 @@ make_image_dir() {
 		chmod 755 "$tmp"
 		mv "$tmp" "$IMG"
 	fi
-	echo "$IMG" >"$CACHE/last-image-dir"
+	echo "$IMG" >"$(last_image_file)"
 }
+
+# Where the last image directory of this variant (or of the reference) is remembered.
+last_image_file() { echo "$CACHE/last-image-dir${VARIANT:+-$VARIANT}"; }
 
 main() {
 	local print_dir=0
-	case "${1:-}" in
-	--print-dir) print_dir=1 ;;
-	"") ;;
-	-h | --help)
-		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
-		exit 0
-		;;
-	*) die "unknown argument $1 (try --help)" ;;
-	esac
+	while (($#)); do
+		case "$1" in
+		--print-dir) print_dir=1 ;;
+		--variant)
+			(($# >= 2)) || die "--variant needs a name"
+			VARIANT=$2
+			shift
+			;;
+		-h | --help)
+			sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+			exit 0
+			;;
+		*) die "unknown argument $1 (try --help)" ;;
+		esac
+		shift
+	done
+	[[ -z $VARIANT ]] || check_variant
 
 	if [[ $print_dir == 1 ]]; then
-		[[ -s $CACHE/last-image-dir ]] || exit 1
+		local last
+		last=$(last_image_file)
+		[[ -s $last ]] || exit 1
 		local img
-		img=$(cat "$CACHE/last-image-dir")
+		img=$(cat "$last")
 		[[ -e $img/initramfs.cpio ]] || exit 1
 		# Only offline sources: never download here.
 		if [[ -z ${LUO_KERNEL_TARBALL:-} && -z $(newest_cached_deb) ]]; then exit 1; fi
 		LUO_KERNEL_REFRESH=0 pick_source
-		KKEY=$(kernel_key)
+		REFKEY=$(kernel_key)
+		KKEY=$REFKEY
+		[[ -z $VARIANT ]] || KKEY=$(variant_key "$REFKEY")
 		[[ $(basename "$img") == "$KKEY"-* ]] || exit 1
 		kernel_complete "$CACHE/kernels/$KKEY" || exit 1
 		echo "$img"
@@ -394,9 +504,11 @@ main() {
 
 	mkdir -p "$CACHE"
 	pick_source
-	KKEY=$(kernel_key)
+	REFKEY=$(kernel_key)
+	KKEY=$REFKEY
+	[[ -z $VARIANT ]] || KKEY=$(variant_key "$REFKEY")
 	log "kernel source: $SRC_FILE ($SRC_KIND)"
-	log "kernel version: $KVER (cache key $KKEY)"
+	log "kernel version: $KVER${VARIANT:+, variant $VARIANT} (cache key $KKEY)"
 	ensure_kernel
 	log "kernel release: $(cat "$KDIR/kernel-version")"
 	build_agent

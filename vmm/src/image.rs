@@ -24,6 +24,9 @@ pub enum ImageError {
     /// A file the image must have is missing.
     #[error("the guest image at {dir} lacks {file}")]
     Incomplete { dir: PathBuf, file: &'static str },
+    /// `--variant NAME` names no folder of guest-images/variants.
+    #[error("no kernel variant {name:?} (known: {known}); see guest-images/variants/README.md")]
+    UnknownVariant { name: String, known: String },
 }
 
 /// The files of the reference guest.
@@ -90,12 +93,52 @@ pub fn parse_image_dir(stdout: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The kernel variants that guest-images/variants holds (one folder each), sorted.
+pub fn variant_names() -> Vec<String> {
+    let dir = build_script().with_file_name("variants");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Checks that `name` is a variant of guest-images/variants, before anything is built.
+pub fn check_variant(name: &str) -> Result<(), ImageError> {
+    let names = variant_names();
+    if names.iter().any(|n| n == name) {
+        return Ok(());
+    }
+    Err(ImageError::UnknownVariant {
+        name: name.to_owned(),
+        known: if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        },
+    })
+}
+
 /// Returns the reference guest, building what the cache lacks. The script shows its
 /// progress on stderr; a cached image costs a few seconds of hashing.
 pub fn ensure_reference_image() -> Result<GuestImage, ImageError> {
+    ensure_image(None)
+}
+
+/// Returns the reference guest or one of its kernel variants
+/// (guest-images/variants/NAME), building what the cache lacks.
+pub fn ensure_image(variant: Option<&str>) -> Result<GuestImage, ImageError> {
+    if let Some(name) = variant {
+        check_variant(name)?;
+    }
     let script = build_script();
     let out = Command::new("bash")
         .arg(&script)
+        .args(variant.map(|v| ["--variant", v]).into_iter().flatten())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -121,6 +164,22 @@ mod tests {
         assert_eq!(parse_image_dir(out), Some(PathBuf::from("/c/d")));
         assert_eq!(parse_image_dir("LUO_IMAGE_DIR=\n"), None);
         assert_eq!(parse_image_dir("nothing"), None);
+    }
+
+    #[test]
+    fn variants_of_the_source_tree_are_known() {
+        let names = variant_names();
+        assert!(
+            names.iter().any(|n| n == "luo-reboot-unlocked"),
+            "{names:?}"
+        );
+        assert!(check_variant("luo-no-unfreeze").is_ok());
+        match check_variant("no-such-variant") {
+            Err(ImageError::UnknownVariant { known, .. }) => {
+                assert!(known.contains("luo-reboot-unlocked"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use luo_vmm::handover::report::render_text;
 use luo_vmm::handover::{
     run_handover, write_json, Fault, HandoverError, HandoverRequest, InterceptOptions, Workload,
 };
-use luo_vmm::image::ensure_reference_image;
+use luo_vmm::image::{ensure_image, ensure_reference_image};
 use luo_vmm::memory::parse_size;
 use luo_vmm::soak::{self, SoakPlan};
 use luo_vmm::summary;
@@ -69,7 +69,11 @@ enum Command {
 #[derive(Subcommand)]
 enum ImageAction {
     /// Build the reference guest (kernel, selftests, initramfs) unless it is cached.
-    Build,
+    Build {
+        /// A kernel variant of guest-images/variants instead of the reference kernel.
+        #[arg(long)]
+        variant: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -350,8 +354,8 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Image {
-            action: ImageAction::Build,
-        } => ensure_reference_image()
+            action: ImageAction::Build { variant },
+        } => ensure_image(variant.as_deref())
             .map(|img| {
                 println!("{}", img.dir.display());
                 0
