@@ -464,33 +464,6 @@ pub fn classify_dirty(
     }
 }
 
-/// A list of written pages split by where they are.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageClasses {
-    /// Pages touched by the preserved set.
-    pub preserved: Vec<u64>,
-    /// Pages in the scratch areas (and not preserved).
-    pub scratch: Vec<u64>,
-    /// Everything else.
-    pub other: Vec<u64>,
-}
-
-/// Classifies a list of page addresses (e.g. from a dirty ring) with two binary searches each.
-pub fn classify_pages(pages: &[u64], preserved: &ExtentSet, scratch: &ExtentSet) -> PageClasses {
-    let mut c = PageClasses::default();
-    for &p in pages {
-        let page = p & !(PAGE_SIZE - 1);
-        if preserved.touches_page(page) {
-            c.preserved.push(page);
-        } else if scratch.touches_page(page) {
-            c.scratch.push(page);
-        } else {
-            c.other.push(page);
-        }
-    }
-    c
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,11 +611,6 @@ mod tests {
         assert_eq!(c.preserved, vec![10 << 12, 11 << 12]);
         assert_eq!(c.scratch, 1);
         assert_eq!(c.other, vec![1 << 12, 150 << 12]);
-        let pages: Vec<u64> = bm.iter().collect();
-        let pc = classify_pages(&pages, &preserved, &scratch);
-        assert_eq!(pc.preserved, c.preserved);
-        assert_eq!(pc.scratch, vec![100 << 12]);
-        assert_eq!(pc.other, c.other);
         // Nothing outside known sets: no scan needed, and the result is empty.
         let all = set(&[(0, 256 << 12, "scratch")]);
         assert!(classify_dirty(&bm, &preserved, &all).other.is_empty());
