@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
+use crate::mem::{to_usize, PAGE_SHIFT, PAGE_SIZE};
 
 /// One extent: `[start, end)` and an index into the set's owner table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +74,8 @@ impl ExtentSetBuilder {
         if let Some(&id) = self.owner_ids.get(owner) {
             return id;
         }
-        let id = self.owners.len() as u32;
+        // Owners come from one bounded parse, far fewer than 2^32; saturating only guards.
+        let id = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
         self.owners.push(owner.to_owned());
         self.owner_ids.insert(owner.to_owned(), id);
         id
@@ -257,7 +258,7 @@ impl ExtentSet {
                 .owners
                 .iter()
                 .enumerate()
-                .map(|(i, o)| (o.clone(), i as u32))
+                .map(|(i, o)| (o.clone(), u32::try_from(i).unwrap_or(u32::MAX)))
                 .collect(),
         }
     }
@@ -395,7 +396,7 @@ impl<'a> DirtyBitmap<'a> {
         let first = (lo - self.base) >> PAGE_SHIFT;
         let last = (hi - 1 - self.base) >> PAGE_SHIFT; // inclusive
         for wi in first / 64..=last / 64 {
-            let Some(&w) = self.words.get(wi as usize) else {
+            let Some(&w) = self.words.get(to_usize(wi)) else {
                 break;
             };
             let mut mask = u64::MAX;
