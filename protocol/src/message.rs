@@ -240,12 +240,10 @@ pub enum Action {
     KexecLoad,
     /// `reboot(LINUX_REBOOT_CMD_KEXEC)`; arg: 0. Its result only comes if it failed.
     Reboot,
-    /// A selftest binary; arg: its stage (0: single-stage).
-    Selftest,
 }
 
 impl Action {
-    const ALL: [Action; 9] = [
+    const ALL: [Action; 8] = [
         Action::CreateSession,
         Action::RetrieveSession,
         Action::PreserveFd,
@@ -254,7 +252,6 @@ impl Action {
         Action::CloseSession,
         Action::KexecLoad,
         Action::Reboot,
-        Action::Selftest,
     ];
 
     /// The wire code (1-based; 0 is never an action).
@@ -278,7 +275,6 @@ impl Action {
             Action::CloseSession => "close-session",
             Action::KexecLoad => "kexec-load",
             Action::Reboot => "reboot",
-            Action::Selftest => "selftest",
         }
     }
 }

@@ -147,7 +147,7 @@ pub(crate) fn run_guest(
         if let Ok(Message::UserspaceUp { cpus_online }) = &ev.item {
             if agent.first_cpus_online().is_none() {
                 eprintln!(
-                    "luo-vmm: guest agent up {:.2} s after VM start",
+                    "luo-vmm: guest agent up {:.2} s after VM start, {cpus_online} CPUs online",
                     ev.at.duration_since(started).as_secs_f64()
                 );
             }

@@ -1,6 +1,7 @@
 //! Guest memory: the supported sizes, the RAM map around the 32-bit MMIO hole, and the
 //! vm-memory backing.
 
+use luo_handover::mem::to_usize;
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -113,7 +114,7 @@ pub fn guest_memory_map(mem_size: u64) -> Vec<MemoryRange> {
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges: Vec<_> = ram_slots(mem_size)
         .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .map(|(start, size)| (GuestAddress(start), to_usize(size)))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Mmap {
         size: mem_size,

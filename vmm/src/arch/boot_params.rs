@@ -97,7 +97,7 @@ pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, ZeroPag
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.loadflags |= LOADED_HIGH;
     params.hdr.cmd_line_ptr = low32("command line", inputs.cmdline.0)?;
-    params.hdr.cmdline_size = inputs.cmdline.1 as u32;
+    params.hdr.cmdline_size = low32("command line length", inputs.cmdline.1 as u64)?;
     if let Some((addr, size)) = inputs.initrd {
         params.hdr.ramdisk_image = low32("initramfs", addr)?;
         params.hdr.ramdisk_size = low32("initramfs size", size)?;
@@ -107,7 +107,8 @@ pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, ZeroPag
     if entries.len() > E820_MAX {
         return Err(ZeroPageError::TooManyE820Entries(entries.len()));
     }
-    params.e820_entries = entries.len() as u8;
+    params.e820_entries = u8::try_from(entries.len())
+        .map_err(|_| ZeroPageError::TooManyE820Entries(entries.len()))?;
     params.e820_table[..entries.len()].copy_from_slice(&entries);
     Ok(params)
 }

@@ -128,6 +128,14 @@ fn phase_names(runs: &[RunSummary]) -> Vec<String> {
     names
 }
 
+/// A duration computed in `f64` for the picture, back in whole nanoseconds.
+fn ns_of(v: f64) -> u64 {
+    // Scaled sums of u64 durations: finite and non-negative; `as` saturates.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let ns = v.round() as u64;
+    ns
+}
+
 /// Horizontal distance between bars in the picture.
 const BAR_PITCH: f64 = 150.0;
 
@@ -173,7 +181,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
             s,
             r#"<text x="{}" y="{y:.1}" text-anchor="end">{}</text>"#,
             left - 6.0,
-            human_duration(v as u64)
+            human_duration(ns_of(v))
         );
     }
     for (i, r) in runs.iter().enumerate() {
@@ -187,7 +195,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
                 r#"<rect x="{x}" y="{y:.1}" width="70" height="{d:.1}" fill="{}"><title>{}: {}</title></rect>"#,
                 COLOURS[k % COLOURS.len()],
                 xml_escape(n),
-                human_duration((d / scale) as u64)
+                human_duration(ns_of(d / scale))
             );
         }
         let _ = writeln!(

@@ -245,13 +245,16 @@ mod tests {
         }
     }
 
-    /// Runs the loop on a script with breakpoint `BP`; returns the stop, the hook calls
-    /// and the notices.
+    /// What a scripted run left: how it stopped, the hook calls `(slot, pc)`, the
+    /// notices, and the debug armings applied.
+    type Script = (VcpuStop, Vec<(usize, u64)>, Vec<VcpuNotice>, Vec<Arming>);
+
+    /// Runs the loop on a script with breakpoint `BP`.
     fn run_script(
         control: &Arc<VcpuControl>,
         exits: Vec<Result<ExitEvent, i32>>,
         action: HookAction,
-    ) -> (VcpuStop, Vec<(usize, u64)>, Vec<VcpuNotice>, Vec<Arming>) {
+    ) -> Script {
         let mut vcpu = FakeVcpu::new(control, exits);
         let mut stepper = Stepper::new(vec![BP]);
         let hits = Mutex::new(Vec::new());
