@@ -708,3 +708,203 @@ pub fn read_json(path: &Path) -> Result<RunReport, ReportError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use clap::Parser;
+    use luo_devices::ProbeEvent;
+    use luo_handover::extents::DirtyClassification;
+    use luo_handover::timeline::Timeline;
+    use luo_protocol::message::{Message, SessionName, Step, Verdict};
+    use luo_protocol::workload::{Memfds, Selftest};
+    use luo_protocol::TapCounts;
+
+    use super::*;
+    use crate::agent::AgentLog;
+    use crate::options::{Cli, Command};
+
+    fn opts() -> GuestOptions {
+        match Cli::try_parse_from(["luo-vmm", "boot"]).unwrap().command {
+            Command::Boot(o) => o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn outcome(msgs: Vec<Message>) -> GuestOutcome {
+        let mut agent = AgentLog::default();
+        let at = Instant::now();
+        for m in msgs {
+            agent.push(&ProbeEvent { item: Ok(m), at });
+        }
+        GuestOutcome {
+            exit: VmExit::Reset,
+            agent,
+            kernel_panic: None,
+            started: at,
+            backend: KvmBackend::Emulated { why: "test".into() },
+        }
+    }
+
+    fn guest() -> ResolvedGuest {
+        ResolvedGuest {
+            kernel: "/vmlinux".into(),
+            initrd: None,
+            image: None,
+        }
+    }
+
+    /// One whole handover's marks, and a capture whose dirty log saw no preserved page.
+    fn one_handover() -> Interception {
+        let mut timeline = Timeline::new();
+        for (i, m) in (0u64..).zip(Mark::ALL) {
+            timeline.record(m, 1_000 + i * 1_000_000);
+        }
+        Interception {
+            timeline,
+            rounds: vec![RoundCapture {
+                dirty: Some(Ok(DirtyClassification {
+                    preserved: vec![],
+                    scratch: 10,
+                    other: vec![],
+                })),
+                ..RoundCapture::default()
+            }],
+        }
+    }
+
+    fn stage(selftest: Option<(Stage, i32)>, extra: Vec<Message>) -> Vec<Message> {
+        let mut v = vec![Message::UserspaceUp { cpus_online: 1 }];
+        if let Some((stage, code)) = selftest {
+            v.push(Message::Selftest(SelftestResult {
+                stage: Some(stage),
+                status: ExitStatus::Exited(code),
+                tap: TapCounts::default(),
+            }));
+        }
+        v.extend(extra);
+        v
+    }
+
+    #[test]
+    fn a_single_stage_selftest_has_no_rounds_and_its_tap_counts() {
+        let tap = TapCounts {
+            pass: 13,
+            fail: 2,
+            ..TapCounts::default()
+        };
+        let msgs = vec![
+            Message::UserspaceUp { cpus_online: 1 },
+            Message::Selftest(SelftestResult {
+                stage: None,
+                status: ExitStatus::Exited(1),
+                tap,
+            }),
+            Message::Verdict(Verdict::fail(Step::Selftest, 0)),
+        ];
+        let w = Workload::Selftest(Selftest::Liveupdate);
+        let r = build_report(&outcome(msgs), Interception::empty(), &opts(), &guest(), w);
+        assert!(r.rounds.is_empty() && !r.verified && !r.guest_ok);
+        assert_eq!(
+            (
+                r.selftests[0].passed,
+                r.selftests[0].failed,
+                r.selftests[0].stage
+            ),
+            (13, 2, None)
+        );
+        assert_eq!(
+            r.errors,
+            vec![RunError::AgentFailed {
+                step: "selftest".into(),
+                errno: 0
+            }]
+        );
+        assert!(render_text(&r).contains("result: FAILED"));
+    }
+
+    #[test]
+    fn a_round_takes_its_inventory_and_check_from_the_boots_around_it() {
+        let totals = |files| Message::InventoryEnd {
+            sessions: 1,
+            files,
+            bytes: 4096,
+        };
+        let checked = Message::Verified {
+            sessions: 1,
+            files: 1,
+            bytes: 4096,
+        };
+        let session = Message::InventorySession {
+            session: 0,
+            name: SessionName::new("luo-vmm-s0").unwrap(),
+        };
+        let run = |inventory_files| {
+            let mut msgs = stage(None, vec![session.clone(), totals(inventory_files)]);
+            msgs.extend(stage(
+                None,
+                vec![checked.clone(), Message::Verdict(Verdict::PASS)],
+            ));
+            let w = Workload::Handover(Memfds {
+                memfd_size: 4096,
+                ..Memfds::default()
+            });
+            build_report(&outcome(msgs), one_handover(), &opts(), &guest(), w)
+        };
+        let r = run(1);
+        let round = &r.rounds[0];
+        assert!(r.guest_ok && round.agent_ok && round.handover.intact);
+        assert_eq!(
+            round.inventory.as_ref().unwrap().sessions[0].name,
+            "luo-vmm-s0"
+        );
+        assert_eq!(round.checked.map(|c| c.bytes), Some(4096));
+        // The KHO state was not read in this fake capture: that is an error of the round.
+        assert_eq!(round.errors, vec![RoundError::KhoStateNotRead]);
+        assert!(!round.verified && !r.verified);
+        // What the agent checked is not what it preserved: not the agent's success.
+        assert!(!run(2).rounds[0].agent_ok);
+        // The typed report survives JSON both ways.
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<RunReport>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn a_two_stage_selftest_is_judged_by_its_stage_two() {
+        let mut msgs = stage(Some((Stage::One, 0)), vec![]);
+        msgs.extend(stage(
+            Some((Stage::Two, 1)),
+            vec![Message::Verdict(Verdict::fail(Step::Selftest, 0))],
+        ));
+        let w = Workload::Selftest(Selftest::KexecSimple);
+        let r = build_report(&outcome(msgs), one_handover(), &opts(), &guest(), w);
+        assert_eq!(r.selftests.len(), 2);
+        assert_eq!(
+            r.rounds[0].selftest.as_ref().and_then(|t| t.exit_code),
+            Some(1)
+        );
+        assert!(!r.rounds[0].agent_ok);
+    }
+
+    #[test]
+    fn missing_handovers_and_verdicts_are_typed_errors() {
+        let w = Workload::Handover(Memfds {
+            repeat: 2,
+            ..Memfds::default()
+        });
+        let r = build_report(
+            &outcome(stage(None, vec![])),
+            one_handover(),
+            &opts(),
+            &guest(),
+            w,
+        );
+        assert!(r.errors.contains(&RunError::MissingHandovers {
+            expected: 2,
+            seen: 1
+        }));
+        assert!(r.errors.contains(&RunError::NoVerdict));
+        assert!(!r.verified);
+    }
+}
