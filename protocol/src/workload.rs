@@ -16,6 +16,7 @@
 //! | `luo.repeat` | handovers in a row, 1 ..= [`MAX_REPEAT`] | 1 |
 //! | `luo.stage` | 1 before the handover, 2 after it | 1 |
 //! | `luo.round` | handovers done before this boot | 0 |
+//! | `luo.timeout_scale` | factor for the kselftest harness's per-test timeouts, 1 ..= [`MAX_TIMEOUT_SCALE`] | 1 |
 
 use std::fmt;
 
@@ -31,6 +32,16 @@ pub const MAX_FILES: u32 = 999;
 pub const MAX_MEMFD_SIZE: u64 = 1 << 40;
 /// Most handovers in a row.
 pub const MAX_REPEAT: u32 = 1000;
+/// Largest factor for the kselftest harness's timeouts.
+pub const MAX_TIMEOUT_SCALE: u32 = 1000;
+/// The factor luo-vmm asks for on an instruction-emulating KVM, where guest code runs
+/// about 1000 times slower: the harness's 30 s per case become 10 minutes.
+pub const EMULATED_TIMEOUT_SCALE: u32 = 20;
+
+/// The parameter that asks for harness timeouts `scale` times upstream's.
+pub fn timeout_scale_param(scale: u32) -> String {
+    format!("luo.timeout_scale={scale}")
+}
 
 /// Which side of a handover a boot is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -261,12 +272,24 @@ impl Default for Progress {
 }
 
 /// Everything `luo.*` on a command line says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentConfig {
     /// What to do.
     pub workload: Workload,
     /// Where this boot is.
     pub progress: Progress,
+    /// Factor for the kselftest harness's per-test timeouts (1: upstream's).
+    pub timeout_scale: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            workload: Workload::default(),
+            progress: Progress::default(),
+            timeout_scale: 1,
+        }
+    }
 }
 
 /// A workload the agent cannot run.
@@ -349,6 +372,7 @@ impl AgentConfig {
         let mut mode: Option<&str> = None;
         let mut memfds = Memfds::default();
         let mut progress = Progress::default();
+        let mut timeout_scale = 1;
         for token in cmdline.split_whitespace() {
             let Some(rest) = token.strip_prefix("luo.") else {
                 continue;
@@ -368,6 +392,16 @@ impl AgentConfig {
                 "memfd_size" => memfds.memfd_size = parse_size(value).ok_or_else(not_a_number)?,
                 "repeat" => memfds.repeat = number()?,
                 "round" => progress.round = number()?,
+                "timeout_scale" => {
+                    timeout_scale = number()?;
+                    if !(1..=MAX_TIMEOUT_SCALE).contains(&timeout_scale) {
+                        return Err(WorkloadError::OutOfRange {
+                            what: "timeout_scale",
+                            value: u64::from(timeout_scale),
+                            max: u64::from(MAX_TIMEOUT_SCALE),
+                        });
+                    }
+                }
                 "stage" => {
                     let n = number()?;
                     progress.stage = Stage::from_number(n).ok_or(WorkloadError::BadStage(n))?;
@@ -386,6 +420,7 @@ impl AgentConfig {
         Ok(AgentConfig {
             workload: workload.validate()?,
             progress,
+            timeout_scale,
         })
     }
 }
@@ -443,6 +478,10 @@ mod tests {
                 round: 2
             }
         );
+        assert_eq!(cfg.timeout_scale, 1);
+        let line = format!("luo.mode=selftest:liveupdate {}", timeout_scale_param(20));
+        assert_eq!(AgentConfig::parse(&line).unwrap().timeout_scale, 20);
+        assert!(AgentConfig::parse("luo.timeout_scale=0").is_err());
         assert_eq!(
             cfg.workload,
             Workload::Handover(Memfds {

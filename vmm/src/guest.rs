@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use luo_devices::{Gates, ProbeEvent};
 use luo_protocol::message::Message;
+use luo_protocol::workload::{timeout_scale_param, EMULATED_TIMEOUT_SCALE};
 use thiserror::Error;
 
 use crate::agent::AgentLog;
@@ -118,7 +119,13 @@ pub(crate) fn run_guest(
         ),
         KvmBackend::Hardware { module } => eprintln!("luo-vmm: hardware KVM ({module})"),
     }
-    let user = [opts.cmdline.trim(), workload_params.trim()].join(" ");
+    // The agent's harness timeouts follow the KVM: longer where guest code is emulated.
+    let scale = if emulated && !workload_params.is_empty() {
+        timeout_scale_param(EMULATED_TIMEOUT_SCALE)
+    } else {
+        String::new()
+    };
+    let user = [opts.cmdline.trim(), workload_params.trim(), &scale].join(" ");
     let cmdline = cmdline::compose(emulated, &user);
     log::info!("kernel command line: {cmdline}");
 

@@ -23,13 +23,14 @@
 mod luo;
 mod pattern;
 mod probe;
+mod stretch;
 mod sys;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -226,13 +227,15 @@ fn run(agent: &mut Agent) -> Result<()> {
                 Ok(())
             }
         }
-        (Workload::Selftest(t), _) if !t.two_stage() => run_selftest(agent, t, None),
+        (Workload::Selftest(t), _) if !t.two_stage() => {
+            run_selftest(agent, t, None, cfg.timeout_scale)
+        }
         (Workload::Selftest(t), Stage::One) => {
-            run_selftest(agent, t, Some(Stage::One))?;
+            run_selftest(agent, t, Some(Stage::One), cfg.timeout_scale)?;
             kexec_next(agent, round, cmdline)
         }
         (Workload::Selftest(t), Stage::Two) => {
-            run_selftest(agent, t, Some(Stage::Two))?;
+            run_selftest(agent, t, Some(Stage::Two), cfg.timeout_scale)?;
             agent.send(Message::WorkloadResumed);
             Ok(())
         }
@@ -473,8 +476,14 @@ fn copy_initrd() -> Result<File> {
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 
 /// Runs `/selftests/NAME [--stage N]`, echoing its output to the console and counting its
-/// TAP lines; sends its exit status and counts; fails unless it exited 0.
-fn run_selftest(agent: &mut Agent, test: Selftest, stage: Option<Stage>) -> Result<()> {
+/// TAP lines, with the harness's timeouts `timeout_scale` times upstream's (see
+/// [`stretch`]); sends its exit status and counts; fails unless it exited 0.
+fn run_selftest(
+    agent: &mut Agent,
+    test: Selftest,
+    stage: Option<Stage>,
+    timeout_scale: u32,
+) -> Result<()> {
     let path = format!("/selftests/{}", test.name());
     let mut cmd = Command::new(&path);
     cmd.env("GLIBC_TUNABLES", GLIBC_TUNABLES)
@@ -482,8 +491,16 @@ fn run_selftest(agent: &mut Agent, test: Selftest, stage: Option<Stage>) -> Resu
     if let Some(stage) = stage {
         cmd.arg("--stage").arg(stage.to_string());
     }
+    if timeout_scale > 1 {
+        // SAFETY: trace_me only calls ptrace(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(stretch::trace_me);
+        }
+    }
     let args = stage.map_or(String::new(), |s| format!(" --stage {s}"));
-    agent.log(&format!("running {path}{args}"));
+    agent.log(&format!(
+        "running {path}{args} (harness timeouts x{timeout_scale})"
+    ));
     let mut child = cmd.spawn().at(Step::Selftest, || format!("spawn {path}"))?;
     let (tx, rx) = mpsc::channel::<String>();
     if let Some(out) = child.stdout.take() {
@@ -497,18 +514,27 @@ fn run_selftest(agent: &mut Agent, test: Selftest, stage: Option<Stage>) -> Resu
             }
         });
     }
-    let status = child
-        .wait()
-        .at(Step::Selftest, || format!("wait for {path}"))?;
+    let status = if timeout_scale > 1 {
+        match stretch::run_traced(&child, timeout_scale)
+            .at(Step::Selftest, || format!("trace {path}"))?
+        {
+            stretch::Ended::Exited(code) => ExitStatus::Exited(code),
+            stretch::Ended::Signaled(sig) => ExitStatus::Signaled(sig),
+        }
+    } else {
+        let status = child
+            .wait()
+            .at(Step::Selftest, || format!("wait for {path}"))?;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitStatus::Exited(code),
+            (None, Some(sig)) => ExitStatus::Signaled(sig),
+            (None, None) => ExitStatus::Exited(-1),
+        }
+    };
     let mut tally = TapTally::new();
     while let Ok(line) = rx.recv_timeout(OUTPUT_DRAIN) {
         tally.line(&line);
     }
-    let status = match (status.code(), status.signal()) {
-        (Some(code), _) => ExitStatus::Exited(code),
-        (None, Some(sig)) => ExitStatus::Signaled(sig),
-        (None, None) => ExitStatus::Exited(-1),
-    };
     let result = SelftestResult {
         stage,
         status,
