@@ -30,8 +30,6 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -485,52 +483,44 @@ fn run_selftest(
     timeout_scale: u32,
 ) -> Result<()> {
     let path = format!("/selftests/{}", test.name());
-    let mut cmd = Command::new(&path);
-    cmd.env("GLIBC_TUNABLES", GLIBC_TUNABLES)
-        .stdout(Stdio::piped());
-    if let Some(stage) = stage {
-        cmd.arg("--stage").arg(stage.to_string());
-    }
-    if timeout_scale > 1 {
-        // SAFETY: trace_me only calls ptrace(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(stretch::trace_me);
-        }
-    }
-    let args = stage.map_or(String::new(), |s| format!(" --stage {s}"));
-    agent.log(&format!(
-        "running {path}{args} (harness timeouts x{timeout_scale})"
-    ));
-    let mut child = cmd.spawn().at(Step::Selftest, || format!("spawn {path}"))?;
-    let (tx, rx) = mpsc::channel::<String>();
-    if let Some(out) = child.stdout.take() {
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                println!("{line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let status = if timeout_scale > 1 {
-        match stretch::run_traced(&child, timeout_scale)
-            .at(Step::Selftest, || format!("trace {path}"))?
-        {
-            stretch::Ended::Exited(code) => ExitStatus::Exited(code),
-            stretch::Ended::Signaled(sig) => ExitStatus::Signaled(sig),
-        }
-    } else {
-        let status = child
-            .wait()
-            .at(Step::Selftest, || format!("wait for {path}"))?;
-        match (status.code(), status.signal()) {
-            (Some(code), _) => ExitStatus::Exited(code),
-            (None, Some(sig)) => ExitStatus::Signaled(sig),
-            (None, None) => ExitStatus::Exited(-1),
-        }
+    let stage_arg = stage.map(|s| s.to_string());
+    let args: Vec<&str> = match &stage_arg {
+        Some(s) => vec!["--stage", s],
+        None => vec![],
     };
+    let env: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k != "GLIBC_TUNABLES")
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(std::iter::once(format!("GLIBC_TUNABLES={GLIBC_TUNABLES}")))
+        .collect();
+    let shown = format!("{path} {}", args.join(" "));
+    let shown = shown.trim_end();
+    agent.log(&format!(
+        "running {shown} (harness timeouts x{timeout_scale})"
+    ));
+    let child = stretch::spawn(&path, &args, &env, timeout_scale > 1)
+        .at(Step::Selftest, || format!("start {path}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child
+        .stdout
+        .try_clone()
+        .at(Step::Selftest, || "dup the selftest's stdout".into())?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            println!("{line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let status = match stretch::run(&child, timeout_scale)
+        .at(Step::Selftest, || format!("wait for {path}"))?
+    {
+        stretch::Ended::Exited(code) => ExitStatus::Exited(code),
+        stretch::Ended::Signaled(sig) => ExitStatus::Signaled(sig),
+    };
+    drop(child);
     let mut tally = TapTally::new();
     while let Ok(line) = rx.recv_timeout(OUTPUT_DRAIN) {
         tally.line(&line);
@@ -543,16 +533,13 @@ fn run_selftest(
     agent.send(Message::Selftest(result));
     let t = result.tap;
     agent.log(&format!(
-        "{path}{args}: {status}; TAP pass {} fail {} skip {}",
+        "{shown}: {status}; TAP pass {} fail {} skip {}",
         t.pass, t.fail, t.skip
     ));
     if status.success() {
         Ok(())
     } else {
-        Err(Failure::new(
-            Step::Selftest,
-            format!("{path}{args}: {status}"),
-        ))
+        Err(Failure::new(Step::Selftest, format!("{shown}: {status}")))
     }
 }
 
