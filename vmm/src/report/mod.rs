@@ -697,7 +697,7 @@ pub(crate) fn write_json(report: &RunReport, path: &Path) -> Result<(), ReportEr
     })
 }
 
-/// Reads a report written by [`write_json`].
+/// Reads a report written by `--json`.
 pub fn read_json(path: &Path) -> Result<RunReport, ReportError> {
     let text = std::fs::read_to_string(path).map_err(|source| ReportError::Io {
         path: path.into(),
