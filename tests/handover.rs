@@ -147,6 +147,26 @@ fn upstream_selftest_luo_multi_session() {
 }
 
 #[test]
+fn upstream_selftest_liveupdate_runs_single_stage_with_every_case_passed() {
+    let run = luo_vmm_json("liveupdate", &["selftest", "liveupdate"]);
+    assert!(
+        run.out.status.success(),
+        "selftest liveupdate failed: {:?}",
+        run.out.status
+    );
+    let r = &run.report;
+    assert!(r.verified && r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        r.rounds.is_empty(),
+        "a single-stage selftest has no handover"
+    );
+    let t = &r.selftests[..];
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].stage, t[0].exit_code), (None, Some(0)));
+    assert_eq!((t[0].passed, t[0].failed, t[0].skipped), (15, 0, 0));
+}
+
+#[test]
 fn corrupt_kho_fdt_is_reported_and_never_crashes_the_vmm() {
     let run = luo_vmm_json("corrupt", &["handover", "--inject", "corrupt-kho-fdt"]);
     let (_, stderr) = text(&run.out);
