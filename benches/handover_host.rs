@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use luo_handover::digest::ExtentDigests;
 use luo_handover::extents::{classify_dirty, DirtyBitmap, ExtentSet};
-use luo_handover::mem::{GuestMemoryRead, SparseMemory, VecMemory, PAGE_SIZE};
+use luo_handover::mem::{to_usize, GuestMemoryRead, SparseMemory, VecMemory, PAGE_SIZE};
 use luo_handover::Handover;
 
 #[path = "../handover/tests/support/fixture.rs"]
@@ -186,7 +186,9 @@ fn bench_dirty(c: &mut Criterion, cases: &[DirtyCase]) {
 /// 16 extents of 1 MiB spread over a 64 MiB guest.
 fn digest_setup() -> (VecMemory, ExtentSet) {
     let mut rng = XorShift(7);
-    let bytes: Vec<u8> = (0..64 * MIB).map(|_| rng.next_u64() as u8).collect();
+    let bytes: Vec<u8> = (0..64 * MIB)
+        .map(|_| rng.next_u64().to_le_bytes()[0])
+        .collect();
     let mut b = ExtentSet::builder();
     for i in 0..16 {
         b.add(i * 4 * MIB, i * 4 * MIB + MIB, "kho");
@@ -197,7 +199,7 @@ fn digest_setup() -> (VecMemory, ExtentSet) {
 fn memcpy_extents(mem: &VecMemory, set: &ExtentSet, dst: &mut [u8]) {
     let mut at = 0usize;
     for e in set.iter() {
-        let n = e.len() as usize;
+        let n = to_usize(e.len());
         if let Some(d) = dst.get_mut(at..at + n) {
             mem.read_at(e.start, d).expect("in range");
         }
@@ -211,7 +213,7 @@ fn bench_digest(c: &mut Criterion, mem: &VecMemory, set: &ExtentSet) {
     g.bench_function("sha256", |b| {
         b.iter(|| ExtentDigests::compute(mem, black_box(set)).expect("reads"))
     });
-    let mut dst = vec![0u8; set.total_bytes() as usize];
+    let mut dst = vec![0u8; to_usize(set.total_bytes())];
     g.bench_function("memcpy", |b| {
         b.iter(|| memcpy_extents(mem, black_box(set), &mut dst))
     });
@@ -223,7 +225,7 @@ fn time_ns(budget: Duration, mut f: impl FnMut()) -> f64 {
     let t = Instant::now();
     f();
     let once = t.elapsed().max(Duration::from_nanos(50));
-    let runs = (budget.as_nanos() / once.as_nanos()).clamp(3, 2001) as usize;
+    let runs = usize::try_from((budget.as_nanos() / once.as_nanos()).clamp(3, 2001)).unwrap_or(3);
     let mut v: Vec<f64> = (0..runs)
         .map(|_| {
             let t = Instant::now();
@@ -236,7 +238,10 @@ fn time_ns(budget: Duration, mut f: impl FnMut()) -> f64 {
 }
 
 fn human(ns: f64) -> String {
-    luo_handover::timeline::human_duration(ns as u64)
+    // A median of elapsed times: finite and non-negative; `as` saturates beyond u64.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let ns = ns.round() as u64;
+    luo_handover::timeline::human_duration(ns)
 }
 
 fn summary(parse: &[ParseCase], dirty: &[DirtyCase], mem: &VecMemory, set: &ExtentSet) {
@@ -291,7 +296,7 @@ fn summary(parse: &[ParseCase], dirty: &[DirtyCase], mem: &VecMemory, set: &Exte
     let sha = time_ns(budget, || {
         black_box(ExtentDigests::compute(mem, set).ok());
     });
-    let mut dst = vec![0u8; set.total_bytes() as usize];
+    let mut dst = vec![0u8; to_usize(set.total_bytes())];
     let cpy = time_ns(budget, || memcpy_extents(mem, set, &mut dst));
     println!(
         "digest 16 MiB in 16 extents: sha256 {} ({:.0} MiB/s), memcpy {} ({:.0} MiB/s), sha256/memcpy = {:.1}x",

@@ -437,11 +437,6 @@ ensure_initramfs() {
 	log "initramfs built: $INITRAMFS ($(stat -c %s "$INITRAMFS") bytes, uncompressed)"
 }
 
-# The clearcpuid= list of the emulation profile (features the emulator cannot execute but
-# the guest sees in the host's CPUID), for reference; luo-vmm adds it together with
-# `luo_emulation` on an emulating KVM only.
-EMULATION_CLEARCPUID="popcnt,smap,smep,xsave,avx,avx2,avx512f,bmi1,bmi2,fsgsbase,pcid,invpcid,rdpid,pku,rdrand,rdseed,ssse3,sse4_1,sse4_2,pclmulqdq,aes,sha_ni,movbe,erms,fsrm,xsaves,xsavec,xsaveopt,clflushopt,clwb,gfni,vaes,vpclmulqdq,adx,abm,umip"
-
 make_image_dir() {
 	IMG=$CACHE/images/$KKEY-$IKEY
 	if [[ ! -d $IMG ]]; then
@@ -453,7 +448,6 @@ make_image_dir() {
 			ln -s "$KDIR/$f" "$tmp/$f"
 		done
 		ln -s "$INITRAMFS" "$tmp/initramfs.cpio"
-		echo "luo_emulation clearcpuid=$EMULATION_CLEARCPUID" >"$tmp/emulation-cmdline"
 		chmod 755 "$tmp"
 		mv "$tmp" "$IMG"
 	fi

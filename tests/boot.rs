@@ -18,8 +18,11 @@ fn reference_guest_boots_to_the_agent_and_exits_cleanly() {
         stdout.contains("Linux version"),
         "no kernel log on the console"
     );
-    assert!(stdout.contains("luo-agent: userspace up (cpus=1)"));
-    assert!(stderr.contains("guest agent up"), "no boot time reported");
+    // The agent's online CPU count, as luo-vmm received it over the probe.
+    assert!(
+        stderr.contains("after VM start, 1 CPUs online"),
+        "no boot time or CPU count reported"
+    );
     assert!(stderr.contains("clean exit"));
 }
 
@@ -34,12 +37,22 @@ fn two_vcpus_are_both_brought_up() {
         out.status.success(),
         "luo-vmm boot --vcpus 2 failed: {stderr}"
     );
+    // The agent's online CPU count, as luo-vmm received it over the probe.
+    assert!(
+        stderr.contains("after VM start, 2 CPUs online"),
+        "the second vCPU did not start on this KVM: {stderr}"
+    );
     assert!(stdout.contains("smp: Brought up 1 node, 2 CPUs"));
-    assert!(stdout.contains("luo-agent: userspace up (cpus=2)"));
 }
 
 fn assert_one_line_error(args: &[&str], needle: &str) {
+    let started = std::time::Instant::now();
     let out = luo_vmm(args);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{args:?} took {:?}: it must fail before any guest boots",
+        started.elapsed()
+    );
     let (_, stderr) = text(&out);
     assert!(!out.status.success(), "{args:?} must fail");
     assert!(!stderr.contains("panicked"), "{args:?} panicked");
@@ -67,7 +80,7 @@ fn bad_inputs_give_one_line_errors() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect();
     std::fs::write(&junk, bytes).unwrap();
@@ -107,4 +120,29 @@ fn a_trace_of_an_unknown_symbol_is_refused_before_the_guest_boots() {
         &["boot", "--trace", "start_kernel", "--peek", "rzz"],
         "--peek rzz",
     );
+}
+
+#[test]
+fn workloads_out_of_bounds_fail_before_any_guest_boots() {
+    for (args, needle) in [
+        (
+            &["handover", "--files", "100000"][..],
+            "files 100000 is out of range",
+        ),
+        (
+            &["handover", "--sessions", "0"],
+            "sessions 0 is out of range",
+        ),
+        (&["handover", "--repeat", "0"], "repeat 0 is out of range"),
+        (
+            &["handover", "--memfd-size", "0"],
+            "memfd_size 0 is out of range",
+        ),
+        (
+            &["selftest", "no_such_test"],
+            "no selftest \"no_such_test\"",
+        ),
+    ] {
+        assert_one_line_error(args, needle);
+    }
 }

@@ -1,27 +1,19 @@
 //! Live-update handovers of the reference guest, intercepted by luo-vmm: each test is a
 //! real guest doing a real LUO live update on /dev/kvm (minutes on an instruction-
-//! emulating KVM), so each run checks as much as it can.
+//! emulating KVM), so each run checks as much as it can. Results are read from the typed
+//! JSON report (`luo_vmm::report::RunReport`), never from the guest's console.
 
 mod common;
 
 use common::{luo_vmm, reference_image, text, GUEST_TIMEOUT_S};
-use serde_json::Value;
+use luo_protocol::Mark;
+use luo_vmm::report::{read_json, RoundReport, RunReport};
 
-const MARKS: [&str; 6] = [
-    "reboot-requested",
-    "serialize-start",
-    "point-of-no-return",
-    "next-kernel-start",
-    "userspace-up",
-    "workload-resumed",
-];
-
-/// What one luo-vmm run left: exit status, output, and its JSON report.
+/// What one luo-vmm run left: exit status, output, and its report.
 struct Run {
     out: std::process::Output,
     stdout: String,
-    stderr: String,
-    json: Value,
+    report: RunReport,
 }
 
 /// Runs `luo-vmm ARGS --vcpus 2 --timeout .. --json <tmp>` against the reference guest:
@@ -40,31 +32,31 @@ fn luo_vmm_json(name: &str, args: &[&str]) -> Run {
         &path_str,
     ]);
     let out = luo_vmm(&all);
-    let (stdout, stderr) = text(&out);
-    let json = std::fs::read_to_string(&path)
-        .map(|t| serde_json::from_str(&t).expect("the JSON report does not parse"))
-        .unwrap_or(Value::Null);
+    let (stdout, _) = text(&out);
+    let report = read_json(&path).expect("no readable JSON report");
     let _ = std::fs::remove_file(&path);
     Run {
         out,
         stdout,
-        stderr,
-        json,
+        report,
     }
 }
 
-/// Checks one handover report (a JSON object with the report keys).
-fn assert_round_verified(r: &Value) {
-    assert!(r["blackout_ns"].as_u64().unwrap() > 0, "no blackout in {r}");
-    let phases = r["phases"].as_array().unwrap();
-    assert_eq!(phases.len(), 5, "five phases between six marks: {r}");
-    assert!(phases
-        .iter()
-        .all(|p| p["name"].is_string() && p["t_ns"].is_u64()));
-    assert!(r["extents"]["count"].as_u64().unwrap() >= 1);
-    assert!(r["extents"]["bytes"].as_u64().unwrap() >= 4096);
-    assert_eq!(r["preserved_pages_written"].as_u64(), Some(0));
-    assert_eq!(r["verified"].as_bool(), Some(true));
+/// Checks one handover of a report.
+fn assert_round_verified(r: &RoundReport) {
+    let h = &r.handover;
+    assert!(h.blackout_ns.unwrap() > 0, "no blackout in {r:?}");
+    assert_eq!(h.phases.len(), 5, "five phases between six marks: {r:?}");
+    assert!(h.extents.count >= 1);
+    assert!(h.extents.bytes >= 4096);
+    assert_eq!(h.pages_written.as_ref().map(|p| p.preserved), Some(0));
+    assert!(h.intact && r.agent_ok && r.verified, "{r:?}");
+    let names: Vec<&str> = r.marks.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, Mark::ALL.map(Mark::name));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    // Two vCPUs (luo_vmm_json): both kernels brought both up.
+    let c = r.cpus_online;
+    assert_eq!((c.vcpus, c.before, c.after), (2, Some(2), Some(2)), "{c:?}");
 }
 
 #[test]
@@ -75,40 +67,31 @@ fn three_consecutive_handovers_are_intercepted_and_verified() {
         "handover failed: {:?}",
         run.out.status
     );
-    for m in MARKS {
+    let r = &run.report;
+    assert!(
+        r.verified && r.guest_ok && r.errors.is_empty(),
+        "{:?}",
+        r.errors
+    );
+    assert_eq!(r.rounds.len(), 3);
+    for round in &r.rounds {
+        assert_round_verified(round);
+        let inv = round.inventory.as_ref().expect("no stage-1 inventory");
+        assert_eq!(inv.files.len(), 1);
+        let checked = round.checked.expect("the agent did not check its data");
         assert_eq!(
-            run.stdout.matches(&format!("mark {m}")).count(),
-            3,
-            "mark {m} is not in every handover"
+            (checked.sessions, checked.files, checked.bytes),
+            (1, 1, 1 << 20)
+        );
+        assert!(
+            round
+                .extent_list
+                .iter()
+                .any(|e| e.owner.contains("memfd:luo-vmm-s0")),
+            "the memfd's extent has no owner"
         );
     }
     assert_eq!(run.stdout.matches("0 preserved pages written").count(), 3);
-    // The agent's own console lines (the report quotes them again after "agent: ").
-    let verified = "luo-agent: verified 1 sessions, 1 memfds, 1048576 bytes";
-    let console_lines = run
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with(verified))
-        .count();
-    assert_eq!(console_lines, 3);
-    assert!(
-        run.stdout.contains("memfd:luo-vmm-s0"),
-        "the memfd's extent has no owner"
-    );
-
-    assert_round_verified(&run.json);
-    let rounds = run.json["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 3);
-    rounds.iter().for_each(assert_round_verified);
-    for round_marks in run.json["marks"].as_array().unwrap() {
-        let names: Vec<&str> = round_marks
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, MARKS);
-    }
 }
 
 #[test]
@@ -129,64 +112,89 @@ fn several_sessions_and_files_with_digests() {
         "handover failed: {:?}",
         run.out.status
     );
-    assert!(run
-        .stdout
-        .contains("luo-agent: verified 3 sessions, 6 memfds, 50331648 bytes"));
-    // Both kernels, the one before the kexec and the next one, brought up both CPUs.
+    let round = &run.report.rounds[0];
+    assert_round_verified(round);
+    let checked = round.checked.unwrap();
     assert_eq!(
-        run.stdout
-            .matches("luo-agent: userspace up (cpus=2)")
-            .count(),
-        2,
-        "a kernel did not bring up both vCPUs"
+        (checked.sessions, checked.files, checked.bytes),
+        (3, 6, 48 << 20)
     );
-    assert_round_verified(&run.json);
-    assert!(run.json["extents"]["bytes"].as_u64().unwrap() >= 48 << 20);
-    let digest = &run.json["digest"];
-    assert!(digest["compared"].as_u64().unwrap() >= 6);
-    assert_eq!(digest["changed"].as_array().unwrap().len(), 0);
+    let inv = round.inventory.as_ref().unwrap();
+    assert_eq!((inv.sessions.len(), inv.files.len()), (3, 6));
+    assert!(round.handover.extents.bytes >= 48 << 20);
+    let digest = round.handover.digest.as_ref().expect("no digest");
+    assert!(digest.compared >= 6);
+    assert!(digest.changed.is_empty());
 }
 
-fn selftest_passes(name: &str) {
+fn two_stage_selftest_passes(name: &str) {
     let run = luo_vmm_json(name, &["selftest", name]);
     assert!(
         run.out.status.success(),
         "selftest {name} failed: {:?}",
         run.out.status
     );
-    assert!(
-        run.stdout.contains(&format!(
-            "luo-agent: /selftests/{name} exited: exit status: 0"
-        )),
-        "the selftest's stage 2 did not exit 0"
-    );
+    let r = &run.report;
+    assert!(r.verified, "{:?}", r.errors);
+    let stages: Vec<(Option<u8>, Option<i32>)> =
+        r.selftests.iter().map(|t| (t.stage, t.exit_code)).collect();
+    assert_eq!(stages, [(Some(1), Some(0)), (Some(2), Some(0))]);
+    assert_eq!(r.rounds.len(), 1);
+    assert_round_verified(&r.rounds[0]);
     assert!(run.stdout.contains("0 preserved pages written"));
-    assert_round_verified(&run.json);
 }
 
 #[test]
 fn upstream_selftest_luo_kexec_simple() {
-    selftest_passes("luo_kexec_simple");
+    two_stage_selftest_passes("luo_kexec_simple");
 }
 
 #[test]
 fn upstream_selftest_luo_multi_session() {
-    selftest_passes("luo_multi_session");
+    two_stage_selftest_passes("luo_multi_session");
+}
+
+#[test]
+fn upstream_selftest_liveupdate_runs_single_stage_with_every_case_passed() {
+    let run = luo_vmm_json("liveupdate", &["selftest", "liveupdate"]);
+    assert!(
+        run.out.status.success(),
+        "selftest liveupdate failed: {:?}",
+        run.out.status
+    );
+    let r = &run.report;
+    assert!(r.verified && r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        r.rounds.is_empty(),
+        "a single-stage selftest has no handover"
+    );
+    let t = &r.selftests[..];
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].stage, t[0].exit_code), (None, Some(0)));
+    assert_eq!((t[0].passed, t[0].failed, t[0].skipped), (15, 0, 0));
 }
 
 #[test]
 fn corrupt_kho_fdt_is_reported_and_never_crashes_the_vmm() {
     let run = luo_vmm_json("corrupt", &["handover", "--inject", "corrupt-kho-fdt"]);
-    assert!(!run.stderr.contains("panicked"), "luo-vmm panicked");
+    let (_, stderr) = text(&run.out);
+    assert!(!stderr.contains("panicked"), "luo-vmm panicked");
     assert!(
         !run.out.status.success(),
         "a corrupted handover must not pass"
     );
-    assert!(run
-        .stdout
-        .contains("injected: overwrote the KHO FDT header"));
+    let r = &run.report;
+    assert!(!r.verified);
+    let round = &r.rounds[0];
+    let injected = round.injected.as_deref().expect("nothing injected");
+    assert!(
+        injected.starts_with("overwrote the KHO FDT header"),
+        "{injected}"
+    );
     // The extents were read before the corruption, so the in-place proof still stands.
+    assert_eq!(
+        round.handover.pages_written.as_ref().map(|p| p.preserved),
+        Some(0)
+    );
     assert!(run.stdout.contains("0 preserved pages written"));
-    assert_eq!(run.json["verified"].as_bool(), Some(false));
-    assert_eq!(run.json["injected"].as_array().unwrap().len(), 1);
 }

@@ -18,10 +18,20 @@ pub trait PioDevice: Send {
 pub enum BusError {
     /// The new range overlaps a range that is already claimed.
     #[error("port range {base:#x}+{len:#x} overlaps a device already on the bus")]
-    Overlap { base: u16, len: u16 },
+    Overlap {
+        /// First port of the new range.
+        base: u16,
+        /// Its length.
+        len: u16,
+    },
     /// A range of zero length, or one that runs past port 0xffff.
     #[error("invalid port range {base:#x}+{len:#x}")]
-    InvalidRange { base: u16, len: u16 },
+    InvalidRange {
+        /// First port of the range.
+        base: u16,
+        /// Its length.
+        len: u16,
+    },
 }
 
 type SharedDevice = Arc<Mutex<dyn PioDevice>>;
@@ -110,7 +120,7 @@ mod tests {
 
     impl PioDevice for Recorder {
         fn read(&mut self, offset: u16, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
         }
         fn write(&mut self, offset: u16, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));

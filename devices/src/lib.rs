@@ -1,9 +1,9 @@
 //! Port-I/O devices of luo-vmm.
 //!
 //! Every port access a vCPU makes goes through one [`PioBus`]; the devices behind it are
-//! the 8250 serial console and the i8042 controller from `vm-superio`, the handover
-//! [`probe`] port that the guest agent writes marks to, and a sink that answers the
-//! legacy ports Linux probes without claiming them.
+//! the 8250 serial console and the i8042 controller from `vm-superio`, the [`probe`]
+//! window through which the guest agent talks to the VMM (protocol: `luo-protocol`), and a
+//! sink that answers the legacy ports Linux probes without claiming them.
 
 pub mod bus;
 pub mod console;
@@ -16,7 +16,7 @@ pub use bus::{BusError, PioBus, PioDevice};
 pub use console::ConsoleOutput;
 pub use i8042::{ResetDevice, I8042_LEN, I8042_PORT};
 pub use legacy::{Sink, LEGACY_SINK_RANGES};
-pub use probe::{ProbeEvent, ProbeMark, ProbePort, PROBE_PORT};
+pub use probe::{Gates, ProbeEvent, ProbePort, ProbeReceiver, PROBE_PORT, PROBE_PORTS};
 pub use serial::{SerialConsole, COM1_IRQ, COM1_PORT};
 
 /// A `vm-superio` trigger that signals an `EventFd`: the UART's interrupt line (an

@@ -1,99 +1,146 @@
-//! The handover probe: a one-port paravirtual device through which the guest agent
-//! tells the VMM where it is.
+//! The probe device: the VMM's end of the window of I/O ports through which the guest
+//! agent talks to luo-vmm. The protocol (frames, messages, registers, gates) is
+//! `luo_protocol::probe`; this device reassembles frames from port writes, timestamps
+//! each message with the host's monotonic clock when its first byte arrives (so the
+//! guest's own, possibly emulated, clock plays no part), and answers register reads.
 //!
-//! # Protocol
-//!
-//! The guest writes one byte to I/O port [`PROBE_PORT`] (0x600) per mark; from user space
-//! the agent does `pwrite(fd("/dev/port"), [code], 0x600)`, which the kernel turns into
-//! `outb code, 0x600`. The VMM timestamps each write on arrival with the host's monotonic
-//! clock, so the guest's own (possibly emulated, possibly paused) clock plays no part.
-//! Reads of the port return [`PROBE_SIGNATURE`] so a guest can tell the device is there.
-//!
-//! | code | mark | sent |
-//! | --- | --- | --- |
-//! | 0x01 | `userspace-up` | every boot, right after the agent's banner |
-//! | 0x02 | `reboot-requested` | just before `reboot(LINUX_REBOOT_CMD_KEXEC)` |
-//! | 0x03 | `workload-resumed` | in the next kernel, once every session and memfd is verified |
-//! | 0x10 | `agent-success` | before the final reboot when everything passed |
-//! | 0x11 | `agent-failure` | before the reboot after any failure |
-//!
-//! Unknown codes are reported as [`ProbeMark::Unknown`], never dropped silently.
+//! The guest is hostile: the decoder keeps one fixed buffer, and messages go to the VMM
+//! through a bounded channel; when it is full they are counted as dropped, never queued
+//! without bound, and the vCPU never blocks on it.
 
-use std::sync::mpsc::Sender;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::Instant;
+
+use luo_protocol::message::{DecodeError, Message};
+use luo_protocol::probe::{
+    Decoder, Feed, Gate, GATE_CLOSED, GATE_OPEN, REG_SIGNATURE, REG_VERSION, SIGNATURE, VERSION,
+};
+pub use luo_protocol::probe::{PROBE_PORT, PROBE_PORTS};
 
 use crate::bus::PioDevice;
 
-/// The probe's I/O port.
-pub const PROBE_PORT: u16 = 0x600;
-/// What a read of the probe port returns ('L' for luo-vmm).
-pub const PROBE_SIGNATURE: u8 = 0x4c;
+/// Messages the channel holds before the probe drops new ones (the VMM drains it every
+/// few milliseconds).
+pub const PROBE_QUEUE: usize = 4096;
 
-/// A mark the guest agent sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeMark {
-    /// The agent runs (any boot).
-    UserspaceUp,
-    /// The agent is about to call `reboot(KEXEC)`.
-    RebootRequested,
-    /// The agent has retrieved and verified all preserved state in the next kernel.
-    WorkloadResumed,
-    /// Everything the agent was asked to do passed.
-    AgentSuccess,
-    /// Something the agent was asked to do failed.
-    AgentFailure,
-    /// A code this VMM does not know.
-    Unknown(u8),
+/// A message (or why bytes were not one) with the host-monotonic instant its frame began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeEvent {
+    /// What the guest said.
+    pub item: Result<Message, DecodeError>,
+    /// When the first byte of its frame arrived.
+    pub at: Instant,
 }
 
-impl From<u8> for ProbeMark {
-    fn from(code: u8) -> Self {
-        match code {
-            0x01 => Self::UserspaceUp,
-            0x02 => Self::RebootRequested,
-            0x03 => Self::WorkloadResumed,
-            0x10 => Self::AgentSuccess,
-            0x11 => Self::AgentFailure,
-            other => Self::Unknown(other),
+/// The gates, shared by the device (which answers their registers) and the VMM (which
+/// opens and closes them). Every gate starts open.
+#[derive(Debug, Clone, Default)]
+pub struct Gates {
+    /// Bit g set: gate g is closed.
+    closed: Arc<AtomicU64>,
+}
+
+impl Gates {
+    /// Closes `gate`: the agent will wait there.
+    pub fn close(&self, gate: Gate) {
+        self.closed.fetch_or(1 << gate.id(), Ordering::SeqCst);
+    }
+
+    /// Opens `gate`: an agent waiting there goes on at its next poll.
+    pub fn open(&self, gate: Gate) {
+        self.closed.fetch_and(!(1 << gate.id()), Ordering::SeqCst);
+    }
+
+    /// Whether `gate` is open.
+    pub fn is_open(&self, gate: Gate) -> bool {
+        self.closed.load(Ordering::SeqCst) & (1 << gate.id()) == 0
+    }
+}
+
+/// The probe's receiving end, kept by the VMM.
+pub struct ProbeReceiver {
+    /// Messages in arrival order.
+    pub events: Receiver<ProbeEvent>,
+    /// Messages dropped because the queue was full.
+    pub dropped: Arc<AtomicU64>,
+}
+
+/// The probe device.
+pub struct ProbePort {
+    decoder: Decoder,
+    frame_start: Instant,
+    events: SyncSender<ProbeEvent>,
+    dropped: Arc<AtomicU64>,
+    gates: Gates,
+}
+
+impl ProbePort {
+    /// A probe answering gate registers from `gates`; the VMM reads what it decodes from
+    /// the returned receiver.
+    pub fn new(gates: Gates) -> (Self, ProbeReceiver) {
+        let (tx, rx) = sync_channel(PROBE_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let probe = ProbePort {
+            decoder: Decoder::new(),
+            frame_start: Instant::now(),
+            events: tx,
+            dropped: dropped.clone(),
+            gates,
+        };
+        (
+            probe,
+            ProbeReceiver {
+                events: rx,
+                dropped,
+            },
+        )
+    }
+
+    fn register(&self, offset: u16) -> u8 {
+        match offset {
+            REG_SIGNATURE => SIGNATURE,
+            REG_VERSION => VERSION,
+            _ => match Gate::at_register(offset) {
+                Some(g) if self.gates.is_open(g) => GATE_OPEN,
+                Some(_) => GATE_CLOSED,
+                None => 0,
+            },
+        }
+    }
+
+    fn emit(&self, item: Result<Message, DecodeError>, at: Instant) {
+        match self.events.try_send(ProbeEvent { item, at }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            // The VMM is shutting down; messages are moot.
+            Err(TrySendError::Disconnected(_)) => {}
         }
     }
 }
 
-/// A mark with the host-monotonic instant it arrived.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeEvent {
-    /// What the guest said.
-    pub mark: ProbeMark,
-    /// When the VMM saw it.
-    pub at: Instant,
-}
-
-/// The probe device: forwards every mark to a channel.
-pub struct ProbePort {
-    events: Sender<ProbeEvent>,
-}
-
-impl ProbePort {
-    /// A probe that sends what it sees to `events`.
-    pub fn new(events: Sender<ProbeEvent>) -> Self {
-        Self { events }
-    }
-}
-
 impl PioDevice for ProbePort {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
-        data.fill(PROBE_SIGNATURE);
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        for (port, b) in (offset..).zip(data.iter_mut()) {
+            *b = self.register(port);
+        }
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) {
-        let at = Instant::now();
-        // A wider write carries its mark in the low byte.
-        if let Some(&code) = data.first() {
-            // The receiver may be gone while the VM shuts down; marks are then moot.
-            let _ = self.events.send(ProbeEvent {
-                mark: ProbeMark::from(code),
-                at,
-            });
+    /// A wider access (`outw`, `outl`) writes its bytes at consecutive offsets, as
+    /// `/dev/port` does.
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        let now = Instant::now();
+        for (port, &b) in (offset..).zip(data) {
+            if port == 0 {
+                self.frame_start = now;
+            }
+            if let Feed::Done(item) = self.decoder.feed(port, b) {
+                let at = if item.is_ok() { self.frame_start } else { now };
+                self.emit(item, at);
+            }
         }
     }
 }
@@ -101,29 +148,71 @@ impl PioDevice for ProbePort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::channel;
+
+    fn write_frame(probe: &mut ProbePort, msg: &Message) {
+        for (i, &b) in (0u16..).zip(msg.encode().as_bytes()) {
+            probe.write(i, &[b]);
+        }
+    }
 
     #[test]
-    fn decodes_marks_in_order() {
-        let (tx, rx) = channel();
-        let mut probe = ProbePort::new(tx);
-        for code in [0x01, 0x02, 0x03, 0x10, 0x11, 0x7f] {
-            probe.write(0, &[code]);
+    fn messages_arrive_decoded_and_in_order() {
+        let (mut probe, rx) = ProbePort::new(Gates::default());
+        let sent = [
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::RebootRequested,
+            Message::WorkloadResumed,
+        ];
+        for m in &sent {
+            write_frame(&mut probe, m);
         }
-        let marks: Vec<_> = rx.try_iter().map(|e| e.mark).collect();
-        assert_eq!(
-            marks,
-            vec![
-                ProbeMark::UserspaceUp,
-                ProbeMark::RebootRequested,
-                ProbeMark::WorkloadResumed,
-                ProbeMark::AgentSuccess,
-                ProbeMark::AgentFailure,
-                ProbeMark::Unknown(0x7f),
-            ]
-        );
-        let mut b = [0u8];
-        probe.read(0, &mut b);
-        assert_eq!(b, [PROBE_SIGNATURE]);
+        // Garbage: a byte out of sequence.
+        probe.write(9, &[1]);
+        let got: Vec<_> = rx.events.try_iter().map(|e| e.item).collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[..3], sent.map(Ok));
+        assert!(matches!(got[3], Err(DecodeError::OutOfSequence { .. })));
+    }
+
+    #[test]
+    fn registers_and_gates() {
+        let gates = Gates::default();
+        let (mut probe, _rx) = ProbePort::new(gates.clone());
+        let mut b = [0u8; 2];
+        probe.read(REG_SIGNATURE, &mut b);
+        assert_eq!(b, [SIGNATURE, VERSION]);
+        let g = Gate::new(5).unwrap();
+        let mut r = [0u8];
+        probe.read(g.register(), &mut r);
+        assert_eq!(r, [GATE_OPEN], "gates start open");
+        gates.close(g);
+        probe.read(g.register(), &mut r);
+        assert_eq!(r, [GATE_CLOSED]);
+        assert!(gates.is_open(Gate::BEFORE_REBOOT));
+        gates.open(g);
+        probe.read(g.register(), &mut r);
+        assert_eq!(r, [GATE_OPEN]);
+        probe.read(0x3f, &mut r);
+        assert_eq!(r, [0]);
+    }
+
+    #[test]
+    fn a_flood_is_dropped_not_queued() {
+        let (mut probe, rx) = ProbePort::new(Gates::default());
+        for _ in 0..PROBE_QUEUE + 10 {
+            write_frame(&mut probe, &Message::RebootRequested);
+        }
+        assert_eq!(rx.events.try_iter().count(), PROBE_QUEUE);
+        assert_eq!(rx.dropped.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn wide_writes_fill_consecutive_offsets() {
+        let (mut probe, rx) = ProbePort::new(Gates::default());
+        let frame = Message::UserspaceUp { cpus_online: 7 }.encode();
+        // outl at 0 carries the whole 4-byte frame.
+        probe.write(0, frame.as_bytes());
+        let got: Vec<_> = rx.events.try_iter().map(|e| e.item).collect();
+        assert_eq!(got, vec![Ok(Message::UserspaceUp { cpus_online: 7 })]);
     }
 }

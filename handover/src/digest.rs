@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::extents::ExtentSet;
-use crate::mem::{GuestMemoryRead, MemError};
+use crate::mem::{to_usize, GuestMemoryRead, MemError};
 
 /// Bytes read from the guest per call while hashing.
 const CHUNK: usize = 256 * 1024;
@@ -67,7 +67,7 @@ impl ExtentDigests {
             let mut h = Sha256::new();
             let mut at = e.start;
             while at < e.end {
-                let n = (e.end - at).min(CHUNK as u64) as usize;
+                let n = to_usize((e.end - at).min(CHUNK as u64));
                 let chunk = buf.get_mut(..n).unwrap_or_default();
                 mem.read_at(at, chunk)?;
                 h.update(&*chunk);

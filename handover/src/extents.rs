@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mem::{PAGE_SHIFT, PAGE_SIZE};
+use crate::mem::{to_usize, PAGE_SHIFT, PAGE_SIZE};
 
 /// One extent: `[start, end)` and an index into the set's owner table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +74,8 @@ impl ExtentSetBuilder {
         if let Some(&id) = self.owner_ids.get(owner) {
             return id;
         }
-        let id = self.owners.len() as u32;
+        // Owners come from one bounded parse, far fewer than 2^32; saturating only guards.
+        let id = u32::try_from(self.owners.len()).unwrap_or(u32::MAX);
         self.owners.push(owner.to_owned());
         self.owner_ids.insert(owner.to_owned(), id);
         id
@@ -257,7 +258,7 @@ impl ExtentSet {
                 .owners
                 .iter()
                 .enumerate()
-                .map(|(i, o)| (o.clone(), i as u32))
+                .map(|(i, o)| (o.clone(), u32::try_from(i).unwrap_or(u32::MAX)))
                 .collect(),
         }
     }
@@ -395,7 +396,7 @@ impl<'a> DirtyBitmap<'a> {
         let first = (lo - self.base) >> PAGE_SHIFT;
         let last = (hi - 1 - self.base) >> PAGE_SHIFT; // inclusive
         for wi in first / 64..=last / 64 {
-            let Some(&w) = self.words.get(wi as usize) else {
+            let Some(&w) = self.words.get(to_usize(wi)) else {
                 break;
             };
             let mut mask = u64::MAX;
@@ -462,33 +463,6 @@ pub fn classify_dirty(
         scratch: scratch_only.len() as u64,
         other,
     }
-}
-
-/// A list of written pages split by where they are.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageClasses {
-    /// Pages touched by the preserved set.
-    pub preserved: Vec<u64>,
-    /// Pages in the scratch areas (and not preserved).
-    pub scratch: Vec<u64>,
-    /// Everything else.
-    pub other: Vec<u64>,
-}
-
-/// Classifies a list of page addresses (e.g. from a dirty ring) with two binary searches each.
-pub fn classify_pages(pages: &[u64], preserved: &ExtentSet, scratch: &ExtentSet) -> PageClasses {
-    let mut c = PageClasses::default();
-    for &p in pages {
-        let page = p & !(PAGE_SIZE - 1);
-        if preserved.touches_page(page) {
-            c.preserved.push(page);
-        } else if scratch.touches_page(page) {
-            c.scratch.push(page);
-        } else {
-            c.other.push(page);
-        }
-    }
-    c
 }
 
 #[cfg(test)]
@@ -638,11 +612,6 @@ mod tests {
         assert_eq!(c.preserved, vec![10 << 12, 11 << 12]);
         assert_eq!(c.scratch, 1);
         assert_eq!(c.other, vec![1 << 12, 150 << 12]);
-        let pages: Vec<u64> = bm.iter().collect();
-        let pc = classify_pages(&pages, &preserved, &scratch);
-        assert_eq!(pc.preserved, c.preserved);
-        assert_eq!(pc.scratch, vec![100 << 12]);
-        assert_eq!(pc.other, c.other);
         // Nothing outside known sets: no scan needed, and the result is empty.
         let all = set(&[(0, 256 << 12, "scratch")]);
         assert!(classify_dirty(&bm, &preserved, &all).other.is_empty());

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::bootparams::KhoData;
 use crate::fdt::{self, FdtError, FdtLimits, FDT_HEADER_SIZE};
-use crate::mem::{c_string, read_array, read_vec, GuestMemoryRead, LeBytes, MemError};
+use crate::mem::{c_string, read_array, read_vec, to_usize, GuestMemoryRead, LeBytes, MemError};
 
 /// `KHO_FDT_COMPATIBLE`.
 pub const KHO_FDT_COMPATIBLE: &str = "kho-v4";
@@ -150,7 +150,7 @@ pub fn read_kho_fdt(
     if total > limit {
         return Err(KhoError::FdtTooLarge { total, limit });
     }
-    parse_kho_fdt(&read_vec(mem, kho.fdt_addr, total as usize)?)
+    parse_kho_fdt(&read_vec(mem, kho.fdt_addr, to_usize(total))?)
 }
 
 /// One KHO scratch area: memory the next kernel may allocate from before KHO has run.
@@ -172,9 +172,9 @@ pub fn read_scratch_areas(
     if n > MAX_SCRATCH_AREAS {
         return Err(KhoError::ScratchTooLarge(kho.scratch_size));
     }
-    let raw = read_vec(mem, kho.scratch_addr, (n * SCRATCH_ENTRY_SIZE) as usize)?;
+    let raw = read_vec(mem, kho.scratch_addr, to_usize(n * SCRATCH_ENTRY_SIZE))?;
     Ok(raw
-        .chunks_exact(SCRATCH_ENTRY_SIZE as usize)
+        .chunks_exact(to_usize(SCRATCH_ENTRY_SIZE))
         .map(|c| ScratchArea {
             addr: c.u64_at(0).unwrap_or(0),
             size: c.u64_at(8).unwrap_or(0),

@@ -129,8 +129,8 @@ mod no_panic {
     fn random_buffers_never_panic() {
         let mut rng = XorShift(0x1234_5678_9abc_def1);
         for _ in 0..2000 {
-            let len = rng.below(3 * 4096) as usize;
-            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let len = mem::to_usize(rng.below(3 * 4096));
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64().to_le_bytes()[0]).collect();
             fuzz_one(&data);
         }
     }
@@ -158,9 +158,9 @@ mod no_panic {
             img.copy_from_slice(&seed);
             for _ in 0..1 + rng.below(4) {
                 let at = if rng.below(4) == 0 {
-                    rng.below(img.len() as u64) as usize
+                    mem::to_usize(rng.below(img.len() as u64))
                 } else {
-                    hot[rng.below(hot.len() as u64) as usize] & !7
+                    hot[mem::to_usize(rng.below(hot.len() as u64))] & !7
                 };
                 let v = match rng.below(6) {
                     0 => 0,
@@ -177,7 +177,7 @@ mod no_panic {
                 img[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
             if round % 2 == 1 {
-                let cut = rng.below(img.len() as u64) as usize;
+                let cut = mem::to_usize(rng.below(img.len() as u64));
                 parsed += fuzz_one(&img[..cut]);
             } else {
                 parsed += fuzz_one(&img);

@@ -24,7 +24,8 @@ use thiserror::Error;
 
 use crate::kho::KhoSubtree;
 use crate::mem::{
-    c_string, read_array, read_vec, GuestMemoryRead, LeBytes, MemError, PAGE_SHIFT, PAGE_SIZE,
+    c_string, read_array, read_vec, to_usize, GuestMemoryRead, LeBytes, MemError, PAGE_BYTES,
+    PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// `LUO_KHO_ENTRY_NAME`.
@@ -50,7 +51,7 @@ pub const FOLIO_SER_SIZE: usize = 16;
 /// `KHO_MAX_BLOCKS` (kernel/liveupdate/kho_block.c): longest block list accepted.
 pub const MAX_BLOCKS: usize = 10_000;
 /// Entries of `phys[]` in one `struct kho_vmalloc_chunk`.
-pub const VMALLOC_CHUNK_ENTRIES: usize = (PAGE_SIZE as usize - 8) / 8;
+pub const VMALLOC_CHUNK_ENTRIES: usize = (PAGE_BYTES - 8) / 8;
 /// Most memfd folio records read for one file (64 GiB of order-0 folios).
 pub const MAX_MEMFD_FOLIOS: u64 = 1 << 24;
 
@@ -203,7 +204,7 @@ fn read_blocks(
     entry_size: usize,
     what: &'static str,
 ) -> Result<(Vec<u64>, Vec<Vec<u8>>), LuoError> {
-    let per_block = ((PAGE_SIZE as usize - BLOCK_HEADER_SIZE) / entry_size) as u64;
+    let per_block = ((PAGE_BYTES - BLOCK_HEADER_SIZE) / entry_size) as u64;
     let mut seen = HashSet::new();
     let (mut blocks, mut entries) = (Vec::new(), Vec::new());
     let mut at = head;
@@ -214,7 +215,7 @@ fn read_blocks(
         if blocks.len() == MAX_BLOCKS {
             return Err(LuoError::TooManyBlocks(what));
         }
-        let page = read_vec(mem, at, PAGE_SIZE as usize)?;
+        let page = read_vec(mem, at, PAGE_BYTES)?;
         let (next, count) = (page.u64_at(0).unwrap_or(0), page.u64_at(8).unwrap_or(0));
         if count == 0 || count > per_block {
             return Err(LuoError::BadBlockCount {
@@ -227,7 +228,7 @@ fn read_blocks(
         let body = page.get(BLOCK_HEADER_SIZE..).unwrap_or_default();
         entries.extend(
             body.chunks_exact(entry_size)
-                .take(count as usize)
+                .take(to_usize(count))
                 .map(<[u8]>::to_vec),
         );
         at = next;
@@ -317,7 +318,7 @@ fn read_flbs(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Vec<Flb>,
     if count > room {
         return Err(LuoError::BadFlbCount { pgcnt, count });
     }
-    let raw = read_vec(mem, pa.saturating_add(16), count as usize * FLB_SER_SIZE)?;
+    let raw = read_vec(mem, pa.saturating_add(16), to_usize(count) * FLB_SER_SIZE)?;
     Ok(raw
         .chunks_exact(FLB_SER_SIZE)
         .map(|e| Flb {
@@ -364,7 +365,7 @@ pub fn read_memfd(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Memf
             return Err(err("vmalloc chunk list loops or is too long"));
         }
         metadata_pages.push(chunk);
-        let page = read_vec(mem, chunk, PAGE_SIZE as usize)?;
+        let page = read_vec(mem, chunk, PAGE_BYTES)?;
         for phys in page
             .chunks_exact(8)
             .skip(1)
@@ -384,14 +385,14 @@ pub fn read_memfd(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Memf
         return Err(err("vmalloc chunks list fewer pages than total_pages"));
     }
 
-    let mut folios = Vec::with_capacity(nr_folios as usize);
-    let mut left = nr_folios as usize;
+    let mut folios = Vec::with_capacity(to_usize(nr_folios));
+    let mut left = to_usize(nr_folios);
     for &page_pa in &area_pages {
         if left == 0 {
             break;
         }
         metadata_pages.push(page_pa);
-        let page = read_vec(mem, page_pa, PAGE_SIZE as usize)?;
+        let page = read_vec(mem, page_pa, PAGE_BYTES)?;
         for e in page.chunks_exact(FOLIO_SER_SIZE).take(left) {
             let w = e.u64_at(0).unwrap_or(0);
             folios.push(MemfdFolio {
@@ -400,7 +401,7 @@ pub fn read_memfd(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Memf
                 index: e.u64_at(8).unwrap_or(0),
             });
         }
-        left = nr_folios as usize - folios.len();
+        left = to_usize(nr_folios) - folios.len();
     }
     Ok(Memfd {
         pos: f(0),

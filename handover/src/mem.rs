@@ -15,6 +15,19 @@ use thiserror::Error;
 pub const PAGE_SIZE: u64 = 4096;
 /// log2 of [`PAGE_SIZE`].
 pub const PAGE_SHIFT: u32 = 12;
+/// [`PAGE_SIZE`] as a host buffer length.
+pub const PAGE_BYTES: usize = 4096;
+const _: () = assert!(PAGE_BYTES as u64 == PAGE_SIZE);
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("luo-handover holds 64-bit guest lengths in host buffers: it needs a 64-bit host");
+
+/// A guest length or offset as a host `usize`: lossless, since the host is 64-bit
+/// (checked at compile time above).
+#[allow(clippy::cast_possible_truncation)] // usize is 64 bits wide: see the compile_error above.
+pub const fn to_usize(v: u64) -> usize {
+    v as usize
+}
 
 /// Errors from reading guest memory.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -136,7 +149,7 @@ impl VecMemory {
         let len = data.len() as u64;
         let off = within(self.base, self.bytes.len() as u64, gpa, len)
             .ok_or(MemError::OutOfRange { gpa, len })?;
-        let off = off as usize;
+        let off = to_usize(off);
         self.bytes
             .get_mut(off..off + data.len())
             .ok_or(MemError::OutOfRange { gpa, len })?
@@ -154,7 +167,9 @@ impl GuestMemoryRead for VecMemory {
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         let len = buf.len() as u64;
         let err = MemError::OutOfRange { gpa, len };
-        let off = within(self.base, self.bytes.len() as u64, gpa, len).ok_or(err.clone())? as usize;
+        let off = within(self.base, self.bytes.len() as u64, gpa, len)
+            .ok_or(err.clone())
+            .map(to_usize)?;
         buf.copy_from_slice(self.bytes.get(off..off + buf.len()).ok_or(err)?);
         Ok(())
     }
@@ -193,11 +208,11 @@ impl SparseMemory {
         while done < data.len() {
             let at = gpa + done as u64;
             let in_page = (at % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - in_page).min(data.len() - done);
+            let n = (PAGE_BYTES - in_page).min(data.len() - done);
             let page = self
                 .pages
                 .entry(at / PAGE_SIZE)
-                .or_insert_with(|| vec![0u8; PAGE_SIZE as usize].into_boxed_slice());
+                .or_insert_with(|| vec![0u8; PAGE_BYTES].into_boxed_slice());
             if let (Some(dst), Some(src)) =
                 (page.get_mut(in_page..in_page + n), data.get(done..done + n))
             {
@@ -217,7 +232,7 @@ impl GuestMemoryRead for SparseMemory {
         while done < buf.len() {
             let at = gpa + done as u64;
             let in_page = (at % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - in_page).min(buf.len() - done);
+            let n = (PAGE_BYTES - in_page).min(buf.len() - done);
             if let Some(dst) = buf.get_mut(done..done + n) {
                 match self.pages.get(&(at / PAGE_SIZE)) {
                     Some(page) => {
@@ -273,7 +288,7 @@ impl<M: GuestMemoryRead> RecordingMemory<M> {
     /// `"LUOPGDMP"`, `u64` count, then per page `u64` address + 4096 bytes (little-endian).
     /// Pages that cannot be read whole are left out.
     pub fn page_dump(&self) -> Vec<u8> {
-        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut page = vec![0u8; PAGE_BYTES];
         let mut records = Vec::new();
         for gpa in self.pages() {
             if self.inner.read_at(gpa, &mut page).is_ok() {
@@ -281,7 +296,7 @@ impl<M: GuestMemoryRead> RecordingMemory<M> {
                 records.extend_from_slice(&page);
             }
         }
-        let count = (records.len() / (8 + PAGE_SIZE as usize)) as u64;
+        let count = (records.len() / (8 + PAGE_BYTES)) as u64;
         let mut out = PAGE_DUMP_MAGIC.to_vec();
         out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&records);
@@ -317,7 +332,7 @@ impl SparseMemory {
             .u64_at(0)
             .ok_or(DumpError::Malformed("no page count"))?;
         let records = body.get(8..).unwrap_or_default();
-        let rec = 8 + PAGE_SIZE as usize;
+        let rec = 8 + PAGE_BYTES;
         if records.len() % rec != 0 || (records.len() / rec) as u64 != count {
             return Err(DumpError::Malformed("length does not match the page count"));
         }

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::mem::{GuestMemoryRead, MemError, PAGE_SHIFT, PAGE_SIZE};
+use crate::mem::{GuestMemoryRead, MemError, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE};
 
 /// `KHO_ORDER_0_LOG2`: position of the order bit of an order-0 key.
 pub const ORDER_0_BIT: u32 = 64 - PAGE_SHIFT;
@@ -178,7 +178,7 @@ struct Walk<'m, M: ?Sized> {
     seen: HashSet<u64>,
     out: PreservedMemory,
     open: Option<PreservedRun>,
-    page: Box<[u8; PAGE_SIZE as usize]>,
+    page: Box<[u8; PAGE_BYTES]>,
 }
 
 impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
@@ -278,7 +278,7 @@ pub fn walk(
         seen: HashSet::new(),
         out: PreservedMemory::default(),
         open: None,
-        page: Box::new([0u8; PAGE_SIZE as usize]),
+        page: Box::new([0u8; PAGE_BYTES]),
     };
     w.run(root)?;
     if let Some(done) = w.open.take() {

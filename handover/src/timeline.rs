@@ -9,72 +9,33 @@ use crate::digest::DigestVerdict;
 use crate::extents::{DirtyClassification, ExtentSet};
 use crate::kho::ScratchArea;
 
-/// The marks of one handover, in the order they must occur.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mark {
-    /// The guest agent is about to call `reboot()` (probe port).
-    RebootRequested,
-    /// The old kernel entered `liveupdate_reboot` (breakpoint).
-    SerializeStart,
-    /// The old kernel entered `machine_kexec` (breakpoint).
-    PointOfNoReturn,
-    /// The next kernel entered `start_kernel` (breakpoint).
-    NextKernelStart,
-    /// The guest agent runs in the next kernel (probe port).
-    UserspaceUp,
-    /// The agent retrieved its sessions and verified them (probe port).
-    WorkloadResumed,
-}
+pub use luo_protocol::Mark;
 
-impl Mark {
-    /// All marks in order.
-    pub const ALL: [Mark; 6] = [
-        Mark::RebootRequested,
-        Mark::SerializeStart,
-        Mark::PointOfNoReturn,
-        Mark::NextKernelStart,
-        Mark::UserspaceUp,
-        Mark::WorkloadResumed,
-    ];
+/// Serialises a list of marks as their names (`luo-protocol` has no serde).
+pub mod mark_names {
+    use super::Mark;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    /// The kebab-case name used in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mark::RebootRequested => "reboot-requested",
-            Mark::SerializeStart => "serialize-start",
-            Mark::PointOfNoReturn => "point-of-no-return",
-            Mark::NextKernelStart => "next-kernel-start",
-            Mark::UserspaceUp => "userspace-up",
-            Mark::WorkloadResumed => "workload-resumed",
-        }
+    /// `[Mark]` as `["reboot-requested", ...]`.
+    pub fn serialize<S: Serializer>(marks: &[Mark], s: S) -> Result<S::Ok, S::Error> {
+        marks
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .serialize(s)
     }
 
-    /// Name of the phase that starts at this mark and ends at the next one.
-    fn phase_name(self) -> &'static str {
-        match self {
-            Mark::RebootRequested => "reboot-syscall",
-            Mark::SerializeStart => "serialize",
-            Mark::PointOfNoReturn => "kexec-jump",
-            Mark::NextKernelStart => "kernel-boot",
-            Mark::UserspaceUp => "workload-restore",
-            Mark::WorkloadResumed => "resumed",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Mark {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+    /// `["reboot-requested", ...]` as `Vec<Mark>`; an unknown name is an error.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Mark>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| n.parse().map_err(serde::de::Error::custom))
+            .collect()
     }
 }
 
 /// Marks as they were recorded, possibly over several handover rounds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Timeline {
     marks: Vec<(Mark, u64)>,
 }
@@ -201,8 +162,39 @@ pub struct ExtentSummary {
     pub bytes: u64,
 }
 
-/// What one handover round looked like from outside. Serialises to the JSON the benches and
-/// CI read; [`fmt::Display`] renders the same as an aligned table.
+/// Pages KVM's dirty log saw written between `point-of-no-return` and
+/// `next-kernel-start`: counts per class, and the addresses where a class must be empty
+/// or is worth a look.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagesWritten {
+    /// Preserved pages written (must be 0).
+    pub preserved: u64,
+    /// Pages written in the KHO scratch areas (expected: kexec segments, early boot).
+    pub scratch: u64,
+    /// Pages written in neither.
+    pub other: u64,
+    /// Guest-physical addresses of the preserved pages written.
+    pub preserved_at: Vec<u64>,
+    /// Guest-physical addresses of the other pages written.
+    pub other_at: Vec<u64>,
+}
+
+impl PagesWritten {
+    /// The report of a dirty-log classification.
+    pub fn from_classification(c: &DirtyClassification) -> Self {
+        PagesWritten {
+            preserved: c.preserved.len() as u64,
+            scratch: c.scratch,
+            other: c.other.len() as u64,
+            preserved_at: c.preserved.clone(),
+            other_at: c.other.clone(),
+        }
+    }
+}
+
+/// What one handover looked like from outside the guest (the agent's view is the VMM's
+/// to add). Serialises to the JSON the benches and CI read; [`fmt::Display`] renders the
+/// same as an aligned table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverReport {
     /// `workload-resumed - reboot-requested`, if both were seen.
@@ -210,28 +202,22 @@ pub struct HandoverReport {
     /// Phases between consecutive marks.
     pub phases: Vec<Phase>,
     /// Marks that never came.
+    #[serde(with = "mark_names")]
     pub missing_marks: Vec<Mark>,
     /// Ordering problems.
     pub issues: Vec<String>,
     /// Preserved extents at `next-kernel-start`.
     pub extents: ExtentSummary,
-    /// Preserved pages written between `point-of-no-return` and `next-kernel-start`.
-    pub preserved_pages_written: Option<u64>,
-    /// Scratch pages written in that window.
-    pub scratch_pages_written: Option<u64>,
-    /// Other pages written in that window.
-    pub other_pages_written: Vec<u64>,
+    /// Pages written between `point-of-no-return` and `next-kernel-start`, when the dirty
+    /// log was read.
+    pub pages_written: Option<PagesWritten>,
     /// The digest comparison, if one was taken.
     pub digest: Option<DigestVerdict>,
     /// KHO scratch areas.
     pub scratch: Vec<ScratchArea>,
-    /// The agent's final line.
-    pub agent_line: String,
-    /// Whether the agent said it verified its data.
-    pub agent_ok: bool,
-    /// All marks present and ordered, the dirty log was read and no preserved page was
-    /// written, the digest (if any) unchanged, and the agent verified its data.
-    pub verified: bool,
+    /// All marks present and ordered, the dirty log read and no preserved page written,
+    /// and the digest (if any) unchanged.
+    pub intact: bool,
 }
 
 impl HandoverReport {
@@ -244,7 +230,7 @@ impl HandoverReport {
             issues: round.issues.clone(),
             ..Self::default()
         };
-        r.update_verified();
+        r.update_intact();
         r
     }
 
@@ -260,34 +246,26 @@ impl HandoverReport {
 
     /// Adds the dirty-log classification.
     pub fn with_dirty(mut self, dirty: &DirtyClassification) -> Self {
-        self.preserved_pages_written = Some(dirty.preserved.len() as u64);
-        self.scratch_pages_written = Some(dirty.scratch);
-        self.other_pages_written = dirty.other.clone();
-        self.update_verified();
+        self.pages_written = Some(PagesWritten::from_classification(dirty));
+        self.update_intact();
         self
     }
 
     /// Adds a digest comparison.
     pub fn with_digest(mut self, verdict: DigestVerdict) -> Self {
         self.digest = Some(verdict);
-        self.update_verified();
+        self.update_intact();
         self
     }
 
-    /// Adds the agent's final line and whether it reported success.
-    pub fn with_agent(mut self, line: &str, ok: bool) -> Self {
-        self.agent_line = line.to_owned();
-        self.agent_ok = ok;
-        self.update_verified();
-        self
-    }
-
-    fn update_verified(&mut self) {
-        self.verified = self.missing_marks.is_empty()
+    fn update_intact(&mut self) {
+        self.intact = self.missing_marks.is_empty()
             && self.issues.is_empty()
-            && self.preserved_pages_written == Some(0)
-            && self.digest.as_ref().is_none_or(DigestVerdict::unchanged)
-            && self.agent_ok;
+            && self
+                .pages_written
+                .as_ref()
+                .is_some_and(|p| p.preserved == 0)
+            && self.digest.as_ref().is_none_or(DigestVerdict::unchanged);
     }
 
     /// The report as pretty JSON.
@@ -342,7 +320,6 @@ impl fmt::Display for HandoverReport {
                 human_duration(p.duration_ns)
             );
         }
-        let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
         let _ = writeln!(
             s,
             "{:<width$}  {:>12}  {:>12}",
@@ -363,15 +340,23 @@ impl fmt::Display for HandoverReport {
             self.extents.count,
             human_bytes(self.extents.bytes)
         );
-        let _ = writeln!(
-            s,
-            "written pages: preserved {}, scratch {}, other {}",
-            opt(self.preserved_pages_written),
-            opt(self.scratch_pages_written),
-            self.other_pages_written.len()
-        );
-        for p in &self.other_pages_written {
-            let _ = writeln!(s, "  other page written: {p:#x}");
+        match &self.pages_written {
+            Some(p) => {
+                let _ = writeln!(
+                    s,
+                    "written pages: preserved {}, scratch {}, other {}",
+                    p.preserved, p.scratch, p.other
+                );
+                for a in &p.preserved_at {
+                    let _ = writeln!(s, "  preserved page written: {a:#x}");
+                }
+                for a in &p.other_at {
+                    let _ = writeln!(s, "  other page written: {a:#x}");
+                }
+            }
+            None => {
+                let _ = writeln!(s, "written pages: not logged");
+            }
         }
         for a in &self.scratch {
             let _ = writeln!(s, "scratch: {:#x} + {}", a.addr, human_bytes(a.size));
@@ -385,10 +370,6 @@ impl fmt::Display for HandoverReport {
                 d.unmatched.len()
             );
         }
-        if !self.agent_line.is_empty() {
-            let _ = writeln!(s, "agent: {}", self.agent_line);
-        }
-        let _ = writeln!(s, "verified: {}", if self.verified { "yes" } else { "NO" });
         f.write_str(&s)
     }
 }
@@ -457,7 +438,7 @@ mod tests {
         assert_eq!(r.blackout_ns(), None);
         assert_eq!(r.phases()[0].name, "reboot-requested..point-of-no-return");
         let report = HandoverReport::new(r);
-        assert!(!report.verified);
+        assert!(!report.intact);
         assert!(report
             .to_string()
             .contains("missing marks: serialize-start, workload-resumed"));
@@ -501,18 +482,16 @@ mod tests {
             .with_digest(DigestVerdict {
                 compared: 1,
                 ..Default::default()
-            })
-            .with_agent("agent: 1 MiB verified", true);
-        assert!(r.verified);
+            });
+        assert!(r.intact);
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         for key in [
             "blackout_ns",
             "phases",
             "extents",
-            "preserved_pages_written",
-            "verified",
+            "pages_written",
+            "intact",
             "digest",
-            "agent_line",
             "scratch",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
@@ -523,15 +502,22 @@ mod tests {
         let text = r.to_string();
         assert!(text.contains("kexec-jump"), "{text}");
         assert!(
-            text.contains("150.0 ms") && text.contains("verified: yes"),
+            text.contains("150.0 ms")
+                && text.contains("written pages: preserved 0, scratch 2057, other 2"),
             "{text}"
         );
         let dirty = DirtyClassification {
             preserved: vec![0x2000],
             ..clean
         };
-        assert!(!r.clone().with_dirty(&dirty).verified);
-        assert!(!r.with_agent("agent: FAIL", false).verified);
+        assert!(!r.clone().with_dirty(&dirty).intact);
+        assert_eq!(
+            v["pages_written"]["other_at"],
+            serde_json::json!([0x9000, 0xa000])
+        );
+        assert_eq!(v["missing_marks"], serde_json::json!([]));
+        let back: HandoverReport = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

@@ -53,12 +53,15 @@ fn handover_pipeline_end_to_end() {
     let report = HandoverReport::new(&tl.rounds()[0])
         .with_extents(&ext.set, &h.scratch)
         .with_dirty(&c)
-        .with_digest(before.compare(&after))
-        .with_agent("luo-agent: memfd 1 MiB verified", true);
-    assert!(report.verified, "{report}");
+        .with_digest(before.compare(&after));
+    assert!(report.intact, "{report}");
     assert_eq!(report.blackout_ns, Some(5_000_000));
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-    assert_eq!(json["preserved_pages_written"], 0);
+    assert_eq!(json["pages_written"]["preserved"], 0);
+    assert_eq!(
+        json["pages_written"]["other_at"],
+        serde_json::json!([0x9_f000])
+    );
 
     // A preserved page written: caught by both proofs.
     mem.put(0x200 << 12, b"corrupted").unwrap();
@@ -71,12 +74,7 @@ fn handover_pipeline_end_to_end() {
     );
     let verdict = before.compare(&ExtentDigests::compute(&mem, &ext.set).unwrap());
     assert_eq!(verdict.changed.len(), 1);
-    assert!(
-        !HandoverReport::new(&tl.rounds()[0])
-            .with_dirty(&c)
-            .with_agent("", true)
-            .verified
-    );
+    assert!(!HandoverReport::new(&tl.rounds()[0]).with_dirty(&c).intact);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use luo_handover::mem::to_usize;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// One slot's dirty bitmap: bit i of the words is page `base + i * 4096`.
@@ -39,8 +40,8 @@ pub fn set_slots(
     } else {
         0
     };
-    for (slot, region) in memory.iter().enumerate() {
-        let mr = region_descriptor(slot as u32, region, flags);
+    for (slot, region) in (0u32..).zip(memory.iter()) {
+        let mr = region_descriptor(slot, region, flags);
         // SAFETY: the region is a live mapping owned by `memory`, which the caller keeps
         // alive for as long as the VM exists.
         unsafe { vm_fd.set_user_memory_region(mr) }?;
@@ -53,13 +54,12 @@ pub fn take_bitmaps(
     vm_fd: &VmFd,
     memory: &GuestMemoryMmap,
 ) -> Result<Vec<SlotBitmap>, kvm_ioctls::Error> {
-    memory
-        .iter()
-        .enumerate()
+    (0u32..)
+        .zip(memory.iter())
         .map(|(slot, region)| {
             Ok(SlotBitmap {
                 base: region.start_addr().raw_value(),
-                words: vm_fd.get_dirty_log(slot as u32, region.len() as usize)?,
+                words: vm_fd.get_dirty_log(slot, to_usize(region.len()))?,
             })
         })
         .collect()

@@ -1,18 +1,23 @@
-//! Running a guest from the command line's point of view: which kernel, which command
-//! line, what the agent said, and what the run's exit status is.
+//! Running a guest from a command's point of view: the reference image resolved once,
+//! the kernel command line composed, what the agent said over the probe, whether the
+//! kernel panicked, and the run's exit status.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use luo_devices::probe::{ProbeEvent, ProbeMark};
+use luo_devices::{Gates, ProbeEvent};
+use luo_protocol::message::Message;
+use luo_protocol::workload::{timeout_scale_param, EMULATED_TIMEOUT_SCALE};
 use thiserror::Error;
 
+use crate::agent::AgentLog;
 use crate::cmdline;
 use crate::host::{self, KvmBackend};
-use crate::image::{ensure_reference_image, GuestImage, ImageError};
-use crate::memory::{validate_size, MemoryError};
-use crate::vm::{RunObserver, Vm, VmConfig, VmError, VmExit};
+use crate::image::{ensure_image, GuestImage, ImageError};
+use crate::options::{GuestOptions, Profile};
+use crate::vcpu::run::FatalExit;
+use crate::vm::{RunObserver, Vm, VmError, VmExit, VmSpec};
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -23,140 +28,87 @@ pub enum GuestError {
     /// Building or running the VM.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// Memory size.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// vCPU count.
-    #[error("--vcpus {0}: luo-vmm runs 1 to 8 vCPUs")]
-    Vcpus(u8),
-    /// A file named on the command line does not exist.
-    #[error("{what} {path} does not exist")]
-    Missing { what: &'static str, path: PathBuf },
 }
 
-/// How to choose the guest profile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Profile {
-    /// Emulation-safe on an instruction-emulating KVM, full CPU on hardware KVM.
-    Auto,
-    /// Always the emulation-safe profile.
-    Emulated,
-    /// Never the emulation-safe profile.
-    Hardware,
-}
-
-/// What the user asked to boot.
+/// The kernel and initramfs a command runs: the user's, or the reference guest's.
 #[derive(Debug, Clone)]
-pub struct GuestRequest {
-    /// Kernel; `None` means the reference guest.
-    pub kernel: Option<PathBuf>,
-    /// Initramfs (the reference guest's when the kernel is the reference one).
+pub(crate) struct ResolvedGuest {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
     pub initrd: Option<PathBuf>,
-    /// Parameters after luo-vmm's own.
-    pub cmdline: String,
-    /// Memory size in bytes.
-    pub mem_size: u64,
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Give up after this long.
-    pub timeout: Option<Duration>,
-    /// Append the console to this file.
-    pub console_log: Option<PathBuf>,
-    /// Guest profile choice.
-    pub profile: Profile,
-    /// Boot an ELF through the 64-bit protocol even when it has a PVH entry.
-    pub prefer_64bit: bool,
-    /// Show the console on stdout.
-    pub echo_console: bool,
+    /// The reference image, when it is used.
+    pub image: Option<GuestImage>,
 }
 
-/// What the agent printed and sent, as seen from outside.
-#[derive(Debug, Default, Clone)]
-pub struct AgentView {
-    /// `cpus=N` from `luo-agent: userspace up (cpus=N)`, per boot.
-    pub cpus_online: Vec<u32>,
-    /// Lines starting with `luo-agent:`.
-    pub lines: Vec<String>,
-    /// Marks with their arrival time.
-    pub marks: Vec<ProbeEvent>,
-    /// The guest kernel's panic line, if it panicked (it then resets, since luo-vmm
-    /// boots with `panic=-1`, which must not pass for a clean exit).
-    pub kernel_panic: Option<String>,
-}
-
-impl AgentView {
-    /// Whether the agent reported success (and no failure).
-    pub fn succeeded(&self) -> bool {
-        let has = |m| self.marks.iter().any(|e| e.mark == m);
-        has(ProbeMark::AgentSuccess) && !has(ProbeMark::AgentFailure)
+impl ResolvedGuest {
+    /// The user's kernel; or, when none is named, the reference guest (built if the cache
+    /// lacks it) with its initramfs unless one is named. Call once per command.
+    pub fn resolve(opts: &GuestOptions) -> Result<Self, ImageError> {
+        if let Some(kernel) = &opts.kernel {
+            return Ok(ResolvedGuest {
+                kernel: kernel.clone(),
+                initrd: opts.initrd.clone(),
+                image: None,
+            });
+        }
+        let image = ensure_image(opts.variant.as_deref())?;
+        eprintln!(
+            "luo-vmm: reference guest{}: Linux {} ({})",
+            opts.variant
+                .as_deref()
+                .map_or(String::new(), |v| format!(", variant {v}")),
+            image.kernel_version,
+            image.dir.display()
+        );
+        Ok(ResolvedGuest {
+            kernel: image.vmlinux.clone(),
+            initrd: Some(
+                opts.initrd
+                    .clone()
+                    .unwrap_or_else(|| image.initramfs.clone()),
+            ),
+            image: Some(image),
+        })
     }
-}
-
-/// Parses `cpus=N` from the agent's banner line.
-pub fn parse_cpus(line: &str) -> Option<u32> {
-    let rest = line.strip_prefix("luo-agent: userspace up (cpus=")?;
-    rest.split(')').next()?.parse().ok()
 }
 
 /// The result of a run.
 #[derive(Debug)]
-pub struct GuestOutcome {
+pub(crate) struct GuestOutcome {
     /// How the VM ended.
     pub exit: VmExit,
-    /// What the agent said.
-    pub agent: AgentView,
+    /// What the agent said over the probe.
+    pub agent: AgentLog,
+    /// The guest kernel's panic line, if it panicked (it then resets, since luo-vmm
+    /// boots with `panic=-1`, which must not pass for a clean exit).
+    pub kernel_panic: Option<String>,
     /// When the VM started.
     pub started: Instant,
+    /// vCPUs the VM had: every kernel of the run must bring all of them up.
+    pub vcpus: u8,
     /// Which KVM ran it.
     pub backend: KvmBackend,
-    /// The reference image, when it was used.
-    pub image: Option<GuestImage>,
 }
 
-/// Where `req` names no kernel, the reference guest (built if the cache lacks it): its
-/// vmlinux, and its initramfs unless the request names one. Returns the completed
-/// request and the image used, if any.
-pub fn with_reference_image(
-    req: &GuestRequest,
-) -> Result<(GuestRequest, Option<GuestImage>), ImageError> {
-    let mut req = req.clone();
-    if req.kernel.is_some() {
-        return Ok((req, None));
-    }
-    let image = ensure_reference_image()?;
-    eprintln!(
-        "luo-vmm: reference guest: Linux {} ({})",
-        image.kernel_version,
-        image.dir.display()
-    );
-    req.kernel = Some(image.vmlinux.clone());
-    req.initrd.get_or_insert_with(|| image.initramfs.clone());
-    Ok((req, Some(image)))
+/// Whether a console line is the kernel's panic line. The one thing luo-vmm reads from
+/// the console: it comes from the kernel, which has no other way to say it.
+pub(crate) fn is_kernel_panic(line: &str) -> bool {
+    line.contains("Kernel panic - not syncing")
 }
 
-/// Resolves, builds and runs the guest. `extra_cmdline` is added after the user's;
-/// `observer` (if any) gets its breakpoints armed and sees every probe mark.
-pub fn run_guest(
-    req: &GuestRequest,
-    extra_cmdline: &str,
+/// Runs `guest` with `opts`; `workload_params` (the agent's `luo.*` parameters) go after
+/// the user's. `observer` (if any) arms its breakpoints and sees every probe message;
+/// `gates` are the probe's.
+pub(crate) fn run_guest(
+    opts: &GuestOptions,
+    guest: &ResolvedGuest,
+    workload_params: &str,
     observer: Option<Arc<dyn RunObserver>>,
+    gates: Gates,
 ) -> Result<GuestOutcome, GuestError> {
-    validate_size(req.mem_size)?;
-    if req.vcpus == 0 || req.vcpus > crate::arch::mptable::MAX_VCPUS {
-        return Err(GuestError::Vcpus(req.vcpus));
-    }
-    for (what, path) in [("kernel", &req.kernel), ("initramfs", &req.initrd)] {
-        if let Some(p) = path {
-            if !p.exists() {
-                return Err(GuestError::Missing {
-                    what,
-                    path: p.clone(),
-                });
-            }
-        }
-    }
     let backend = host::detect();
-    let emulated = match req.profile {
+    let emulated = match opts.profile {
         Profile::Auto => backend.is_emulated(),
         Profile::Emulated => true,
         Profile::Hardware => false,
@@ -172,138 +124,142 @@ pub fn run_guest(
         ),
         KvmBackend::Hardware { module } => eprintln!("luo-vmm: hardware KVM ({module})"),
     }
-
-    let (req, image) = with_reference_image(req)?;
-    let kernel = req.kernel.clone().unwrap_or_default();
-    let initrd = req.initrd.clone();
-    let user = [req.cmdline.trim(), extra_cmdline.trim()].join(" ");
+    // The agent's harness timeouts follow the KVM: longer where guest code is emulated.
+    let scale = if emulated && !workload_params.is_empty() {
+        timeout_scale_param(EMULATED_TIMEOUT_SCALE)
+    } else {
+        String::new()
+    };
+    let user = [opts.cmdline.trim(), workload_params.trim(), &scale].join(" ");
     let cmdline = cmdline::compose(emulated, &user);
+    log::info!("kernel command line: {cmdline}");
 
-    let agent = Arc::new(Mutex::new(AgentView::default()));
-    let seen = agent.clone();
-    let vcpus = req.vcpus;
+    let panic_line = Arc::new(Mutex::new(None::<String>));
+    let seen = panic_line.clone();
     let console_observer: luo_devices::console::LineObserver = Arc::new(move |line: &str| {
-        if line.contains("Kernel panic - not syncing") {
-            let mut a = seen.lock().unwrap_or_else(|e| e.into_inner());
-            a.kernel_panic.get_or_insert_with(|| line.trim().to_owned());
-            return;
+        if is_kernel_panic(line) {
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| line.trim().to_owned());
         }
-        let Some(idx) = line.find("luo-agent:") else {
-            return;
-        };
-        let line = &line[idx..];
-        let mut a = seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = parse_cpus(line) {
-            if n < u32::from(vcpus) {
+    });
+    let vm = Vm::new(&VmSpec {
+        options: opts,
+        kernel: &guest.kernel,
+        initrd: guest.initrd.as_deref(),
+        cmdline: &cmdline,
+        console_observer: Some(console_observer),
+        observer,
+        gates,
+    })?;
+    let started = Instant::now();
+    let mut agent = AgentLog::default();
+    let vcpus = opts.vcpus;
+    let exit = vm.run(opts.timeout(), |ev: &ProbeEvent| {
+        if let Ok(Message::UserspaceUp { cpus_online }) = &ev.item {
+            if agent.first_cpus_online().is_none() {
                 eprintln!(
-                    "luo-vmm: vCPU {n} did not start: the guest brought up {n} of {vcpus} CPUs; \
-                     its start-up IPIs (INIT/SIPI) were not delivered by this KVM"
+                    "luo-vmm: guest agent up {:.2} s after VM start, {cpus_online} CPUs online",
+                    ev.at.duration_since(started).as_secs_f64()
                 );
             }
-            a.cpus_online.push(n);
+            if *cpus_online < u16::from(vcpus) {
+                eprintln!(
+                    "luo-vmm: the guest brought up {cpus_online} of {vcpus} CPUs; the start-up \
+                     IPIs (INIT/SIPI) of the others were not delivered by this KVM"
+                );
+            }
         }
-        a.lines.push(line.to_owned());
-    });
-
-    let config = VmConfig {
-        kernel,
-        initrd,
-        cmdline,
-        mem_size: req.mem_size,
-        vcpus: req.vcpus,
-        prefer_64bit: req.prefer_64bit,
-        echo_console: req.echo_console,
-        console_log: req.console_log.clone(),
-        console_observer: Some(console_observer),
-        breakpoints: observer
-            .as_ref()
-            .map(|o| o.breakpoints())
-            .unwrap_or_default(),
-        on_breakpoint: observer
-            .clone()
-            .map(|o| o as Arc<dyn crate::vm::BreakpointHandler>),
-    };
-    log::info!("kernel command line: {}", config.cmdline);
-    let vm = Vm::new(&config)?;
-    let started = Instant::now();
-    let marks = agent.clone();
-    let exit = vm.run(req.timeout, move |ev| {
-        let first_up = ev.mark == ProbeMark::UserspaceUp
-            && !marks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .marks
-                .iter()
-                .any(|e| e.mark == ProbeMark::UserspaceUp);
-        if first_up {
-            eprintln!(
-                "luo-vmm: guest agent up {:.2} s after VM start",
-                ev.at.duration_since(started).as_secs_f64()
-            );
-        }
-        if let Some(o) = &observer {
-            o.on_probe(ev);
-        }
-        marks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .marks
-            .push(*ev);
+        agent.push(ev);
     })?;
-    let agent = agent.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if agent.error_count > 0 {
+        eprintln!(
+            "luo-vmm: {} probe writes were not messages (first: {})",
+            agent.error_count,
+            agent
+                .errors
+                .first()
+                .map_or(String::new(), ToString::to_string)
+        );
+    }
+    let kernel_panic = panic_line.lock().unwrap_or_else(|e| e.into_inner()).take();
     Ok(GuestOutcome {
         exit,
         agent,
+        kernel_panic,
         started,
+        vcpus,
         backend,
-        image,
     })
 }
 
+/// Exit status of a guest failure (kernel panic, agent failure).
+pub(crate) const EXIT_GUEST_FAILED: u8 = 1;
+/// Exit status of a VM that died (triple fault, emulation failure, KVM error).
+pub(crate) const EXIT_VM_DIED: u8 = 2;
+/// Exit status of a run past its deadline.
+pub(crate) const EXIT_TIMEOUT: u8 = 3;
+
 /// The process exit status for a run, with a one-paragraph explanation on stderr.
-pub fn report_exit(outcome: &GuestOutcome) -> i32 {
+pub(crate) fn exit_status(outcome: &GuestOutcome) -> u8 {
     let secs = outcome.started.elapsed().as_secs_f64();
     match &outcome.exit {
-        VmExit::Reset if outcome.agent.kernel_panic.is_some() => {
-            let line = outcome.agent.kernel_panic.as_deref().unwrap_or_default();
-            eprintln!("luo-vmm: the guest kernel panicked after {secs:.1} s: {line}");
-            1
-        }
         VmExit::Reset => {
-            if outcome
-                .agent
-                .marks
+            if let Some(line) = &outcome.kernel_panic {
+                eprintln!("luo-vmm: the guest kernel panicked after {secs:.1} s: {line}");
+                return EXIT_GUEST_FAILED;
+            }
+            let want = u16::from(outcome.vcpus);
+            let boots = outcome.agent.boots();
+            if let Some((k, n)) = boots
                 .iter()
-                .any(|e| e.mark == ProbeMark::AgentFailure)
+                .enumerate()
+                .find_map(|(k, b)| b.cpus_online.filter(|&n| n < want).map(|n| (k, n)))
             {
-                eprintln!("luo-vmm: the guest agent reported a failure (see its lines above); the VM reset after {secs:.1} s");
-                1
-            } else {
-                eprintln!("luo-vmm: guest reset after {secs:.1} s: clean exit");
-                0
+                eprintln!(
+                    "luo-vmm: kernel {} of the run brought up {n} of {want} CPUs; the VM reset after {secs:.1} s",
+                    k + 1
+                );
+                return EXIT_GUEST_FAILED;
+            }
+            match outcome.agent.verdict() {
+                Some(v) if !v.passed() => {
+                    let errno = if v.errno != 0 {
+                        format!(" ({})", std::io::Error::from_raw_os_error(v.errno))
+                    } else {
+                        String::new()
+                    };
+                    eprintln!(
+                        "luo-vmm: the guest agent failed at step {}{errno}; the VM reset after {secs:.1} s",
+                        v.step.name()
+                    );
+                    EXIT_GUEST_FAILED
+                }
+                _ => {
+                    eprintln!("luo-vmm: guest reset after {secs:.1} s: clean exit");
+                    0
+                }
             }
         }
-        VmExit::TripleFault { dump, .. } => {
-            eprintln!("luo-vmm: guest triple fault (KVM_EXIT_SHUTDOWN) after {secs:.1} s\n{dump}");
-            2
-        }
-        VmExit::InternalError { dump, .. } => {
-            eprintln!(
-                "luo-vmm: KVM could not execute a guest instruction (KVM_EXIT_INTERNAL_ERROR) after {secs:.1} s\n{dump}"
-            );
-            2
-        }
-        VmExit::Failed { vcpu, reason } => {
-            eprintln!("luo-vmm: vCPU {vcpu} stopped: {reason}");
-            2
+        VmExit::Fatal { vcpu, exit } => {
+            let dump = match exit {
+                FatalExit::TripleFault(d) | FatalExit::InternalError(d) => format!("\n{d}"),
+                _ => String::new(),
+            };
+            eprintln!("luo-vmm: vCPU {vcpu} stopped after {secs:.1} s: {exit}{dump}");
+            EXIT_VM_DIED
         }
         VmExit::Timeout { after } => {
-            let last = outcome.agent.lines.last().map_or("none", String::as_str);
+            let last = outcome
+                .agent
+                .messages
+                .last()
+                .map_or("none".to_owned(), |(_, m)| format!("{m:?}"));
             eprintln!(
-                "luo-vmm: guest did not finish within {} s (timeout); last agent line: {last}",
+                "luo-vmm: guest did not finish within {} s (timeout); last agent message: {last}",
                 after.as_secs()
             );
-            3
+            EXIT_TIMEOUT
         }
     }
 }
@@ -311,11 +267,65 @@ pub fn report_exit(outcome: &GuestOutcome) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use luo_protocol::message::{Step, Verdict};
+
+    fn outcome(exit: VmExit, msgs: Vec<Message>, panic: Option<&str>) -> GuestOutcome {
+        let mut agent = AgentLog::default();
+        let at = Instant::now();
+        for m in msgs {
+            agent.push(&ProbeEvent { item: Ok(m), at });
+        }
+        GuestOutcome {
+            exit,
+            agent,
+            kernel_panic: panic.map(str::to_owned),
+            started: at,
+            vcpus: 2,
+            backend: KvmBackend::Hardware {
+                module: "kvm_intel".into(),
+            },
+        }
+    }
 
     #[test]
-    fn parses_the_agent_banner() {
-        assert_eq!(parse_cpus("luo-agent: userspace up (cpus=2)"), Some(2));
-        assert_eq!(parse_cpus("luo-agent: userspace up (cpus=x)"), None);
-        assert_eq!(parse_cpus("something else"), None);
+    fn exit_statuses() {
+        let pass = vec![Message::Verdict(Verdict::PASS)];
+        assert_eq!(exit_status(&outcome(VmExit::Reset, pass.clone(), None)), 0);
+        // Two vCPUs asked for; the next kernel brought up one.
+        let lost_cpu = vec![
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::UserspaceUp { cpus_online: 1 },
+            Message::Verdict(Verdict::PASS),
+        ];
+        assert_eq!(exit_status(&outcome(VmExit::Reset, lost_cpu, None)), 1);
+        let both = vec![
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::Verdict(Verdict::PASS),
+        ];
+        assert_eq!(exit_status(&outcome(VmExit::Reset, both, None)), 0);
+        assert_eq!(exit_status(&outcome(VmExit::Reset, vec![], None)), 0);
+        let fail = vec![Message::Verdict(Verdict::fail(Step::Preserve, 22))];
+        assert_eq!(exit_status(&outcome(VmExit::Reset, fail, None)), 1);
+        assert_eq!(
+            exit_status(&outcome(
+                VmExit::Reset,
+                pass,
+                Some("Kernel panic - not syncing: x")
+            )),
+            1
+        );
+        let fatal = VmExit::Fatal {
+            vcpu: 0,
+            exit: FatalExit::TripleFault("regs".into()),
+        };
+        assert_eq!(exit_status(&outcome(fatal, vec![], None)), 2);
+        let timeout = VmExit::Timeout {
+            after: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(exit_status(&outcome(timeout, vec![], None)), 3);
+        assert!(is_kernel_panic(
+            "[ 1.0] Kernel panic - not syncing: Attempted to kill init!"
+        ));
     }
 }

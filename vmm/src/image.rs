@@ -36,10 +36,6 @@ pub struct GuestImage {
     pub dir: PathBuf,
     /// ELF vmlinux (booted directly, and the source of symbols).
     pub vmlinux: PathBuf,
-    /// bzImage (the next kernel of a kexec).
-    pub bzimage: PathBuf,
-    /// System.map.
-    pub system_map: PathBuf,
     /// The initramfs with the agent.
     pub initramfs: PathBuf,
     /// The kernel release it was built from.
@@ -61,11 +57,14 @@ impl GuestImage {
             }
         };
         let version_file = file("kernel-version")?;
+        let vmlinux = file("vmlinux")?;
+        // Not read by luo-vmm, but part of a complete image: the agent kexecs the bzImage
+        // (its copy in the initramfs), and people read System.map.
+        file("bzImage")?;
+        file("System.map")?;
         Ok(Self {
             dir: dir.into(),
-            vmlinux: file("vmlinux")?,
-            bzimage: file("bzImage")?,
-            system_map: file("System.map")?,
+            vmlinux,
             initramfs: file("initramfs.cpio")?,
             kernel_version: std::fs::read_to_string(version_file)
                 .unwrap_or_default()
@@ -123,14 +122,9 @@ pub fn check_variant(name: &str) -> Result<(), ImageError> {
     })
 }
 
-/// Returns the reference guest, building what the cache lacks. The script shows its
-/// progress on stderr; a cached image costs a few seconds of hashing.
-pub fn ensure_reference_image() -> Result<GuestImage, ImageError> {
-    ensure_image(None)
-}
-
 /// Returns the reference guest or one of its kernel variants
-/// (guest-images/variants/NAME), building what the cache lacks.
+/// (guest-images/variants/NAME), building what the cache lacks. The script shows its
+/// progress on stderr; a cached image costs a few seconds of hashing.
 pub fn ensure_image(variant: Option<&str>) -> Result<GuestImage, ImageError> {
     if let Some(name) = variant {
         check_variant(name)?;

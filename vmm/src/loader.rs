@@ -72,8 +72,6 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
 /// Where and how the kernel was loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
-    /// Its format.
-    pub format: KernelFormat,
     /// How the bootstrap processor enters it.
     pub mode: EntryMode,
     /// The entry point (guest-physical).
@@ -93,11 +91,11 @@ fn open(what: &'static str, path: &Path) -> Result<File, LoaderError> {
 }
 
 /// Loads the kernel at `path`. An ELF with a PVH note is entered through PVH unless
-/// `prefer_64bit` is set; everything else through the 64-bit boot protocol.
+/// `no_pvh` is set; everything else through the 64-bit boot protocol.
 pub fn load_kernel(
     memory: &GuestMemoryMmap,
     path: &Path,
-    prefer_64bit: bool,
+    no_pvh: bool,
 ) -> Result<LoadedKernel, LoaderError> {
     let mut file = open("kernel", path)?;
     let mut head = vec![0u8; 0x210];
@@ -117,13 +115,10 @@ pub fn load_kernel(
             let r = Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
             let (mode, entry) = match r.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) if !prefer_64bit => {
-                    (EntryMode::Pvh, addr.0)
-                }
+                PvhBootCapability::PvhEntryPresent(addr) if !no_pvh => (EntryMode::Pvh, addr.0),
                 _ => (EntryMode::LongMode, r.kernel_load.0),
             };
             Ok(LoadedKernel {
-                format,
                 mode,
                 entry,
                 end: r.kernel_end,
@@ -139,7 +134,6 @@ pub fn load_kernel(
             let pref = hdr.pref_address.max(r.kernel_load.0);
             let end = r.kernel_end.max(pref + u64::from(hdr.init_size));
             Ok(LoadedKernel {
-                format,
                 mode: EntryMode::LongMode,
                 // The 64-bit entry point sits 0x200 into the protected-mode kernel.
                 entry: r.kernel_load.0 + 0x200,

@@ -1,6 +1,7 @@
-//! Guest memory: parsing sizes, the RAM map around the 32-bit MMIO hole, and the
+//! Guest memory: the supported sizes, the RAM map around the 32-bit MMIO hole, and the
 //! vm-memory backing.
 
+use luo_handover::mem::to_usize;
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -12,39 +13,20 @@ use crate::layout::{
 /// Errors of this module.
 #[derive(Debug, Error)]
 pub enum MemoryError {
-    /// The size string could not be parsed.
-    #[error("invalid memory size {0:?}: expected a number with an optional K, M, G or T suffix")]
-    BadSize(String),
     /// The size is outside what we support.
     #[error("memory size {size} bytes is out of range: luo-vmm needs at least {} MiB and at most {} GiB", MIN_MEM_SIZE >> 20, MAX_MEM_SIZE >> 30)]
-    OutOfRange { size: u64 },
+    OutOfRange {
+        /// The size asked for.
+        size: u64,
+    },
     /// The host could not map the memory.
     #[error("cannot allocate {size} bytes of guest memory: {source}")]
     Mmap {
+        /// The size asked for.
         size: u64,
+        /// What vm-memory said.
         source: vm_memory::mmap::FromRangesError,
     },
-}
-
-/// Parses `512M`, `8G`, `1048576`, `64K`, `2T` (binary units) into bytes.
-pub fn parse_size(text: &str) -> Result<u64, MemoryError> {
-    let bad = || MemoryError::BadSize(text.to_owned());
-    let t = text.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 /// Checks that `size` is a guest size we support.
@@ -132,7 +114,7 @@ pub fn guest_memory_map(mem_size: u64) -> Vec<MemoryRange> {
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges: Vec<_> = ram_slots(mem_size)
         .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .map(|(start, size)| (GuestAddress(start), to_usize(size)))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Mmap {
         size: mem_size,
@@ -143,18 +125,6 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("8g").unwrap(), 8 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size(" 1K ").unwrap(), 1024);
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn validates_range() {

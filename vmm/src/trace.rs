@@ -13,14 +13,15 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
-use luo_devices::probe::ProbeEvent;
+use luo_devices::ProbeEvent;
 use luo_handover::symbols::KernelSymbols;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::paging::translate;
 use crate::vcpu::format_regs;
-use crate::vm::{BreakpointHandler, RunObserver, StoppedVcpu};
+use crate::vcpu::run::HookAction;
+use crate::vm::{RunObserver, StoppedVcpu};
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -386,14 +387,18 @@ fn hex_words(b: &[u8]) -> String {
     words.join(" ")
 }
 
-impl BreakpointHandler for Tracer {
-    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) {
+impl RunObserver for Tracer {
+    fn breakpoints(&self) -> Vec<u64> {
+        self.points.iter().map(|(_, a)| *a).collect()
+    }
+
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) -> HookAction {
         let (Some((name, _)), Some(hits)) = (self.points.get(slot), self.hits.get(slot)) else {
-            return;
+            return HookAction::Continue;
         };
         let hit = hits.fetch_add(1, Ordering::Relaxed) + 1;
         if hit > self.max_hits {
-            return;
+            return HookAction::Continue;
         }
         let text = self.dump(&at, name, hit);
         let _guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
@@ -401,12 +406,7 @@ impl BreakpointHandler for Tracer {
         if hit == self.max_hits {
             eprintln!("luo-vmm: trace: {hit} hits of {name} printed; later ones are not");
         }
-    }
-}
-
-impl RunObserver for Tracer {
-    fn breakpoints(&self) -> Vec<u64> {
-        self.points.iter().map(|(_, a)| *a).collect()
+        HookAction::Continue
     }
 
     fn on_probe(&self, _ev: &ProbeEvent) {}

@@ -1,41 +1,34 @@
-//! Building a VM on /dev/kvm from a [`VmConfig`] and running it to its end.
+//! Building a VM on /dev/kvm and running it to its end: memory, kernel and boot
+//! structures, devices, one thread per vCPU (running `vcpu::run::run_loop`), and the main
+//! thread that waits for a reset, a fatal exit or the deadline.
 
 use std::fs::OpenOptions;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use linux_loader::loader::Cmdline;
 use luo_devices::console::LineObserver;
-use luo_devices::probe::ProbeEvent;
 use luo_devices::{
-    ConsoleOutput, PioBus, ProbePort, ResetDevice, SerialConsole, Sink, COM1_IRQ, COM1_PORT,
-    I8042_LEN, I8042_PORT, LEGACY_SINK_RANGES, PROBE_PORT,
+    ConsoleOutput, Gates, PioBus, ProbeEvent, ProbePort, ProbeReceiver, ResetDevice, SerialConsole,
+    Sink, COM1_IRQ, COM1_PORT, I8042_LEN, I8042_PORT, LEGACY_SINK_RANGES, PROBE_PORT, PROBE_PORTS,
 };
 use thiserror::Error;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::arch::boot_params::{build_boot_params, BootInputs, BootParamsError};
-use crate::arch::mptable::{build_mptable, MpTableError};
-use crate::arch::paging::identity_tables;
-use crate::arch::pvh::build_pvh;
-use crate::arch::regs::EntryMode;
-use crate::debug::{guest_debug, slot_of, DR6_BS};
+use crate::arch::{write_boot, BootError, BootSpec};
 use crate::dirty::set_slots;
-use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, KVM_TSS_ADDRESS,
-    PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
-};
-use crate::loader::{load_initrd, load_kernel, LoadedKernel, LoaderError};
+use crate::layout::KVM_TSS_ADDRESS;
+use crate::loader::{load_initrd, load_kernel, LoaderError};
 use crate::memory::{create_guest_memory, guest_memory_map, MemoryError};
-use crate::vcpu::{handle_exit, ExitEvent, Vcpu, VcpuError};
+use crate::options::GuestOptions;
+use crate::vcpu::control::{StopCause, VcpuControl};
+use crate::vcpu::run::{run_loop, FatalExit, HookAction, LoopHooks, VcpuNotice, VcpuStop};
+use crate::vcpu::stepper::Stepper;
+use crate::vcpu::{Vcpu, VcpuError};
 
 /// Errors of building or running a VM.
 #[derive(Debug, Error)]
@@ -49,7 +42,9 @@ pub enum VmError {
     /// Another KVM failure.
     #[error("KVM: {what}: {source}")]
     Kvm {
+        /// The ioctl.
         what: &'static str,
+        /// Its error.
         source: kvm_ioctls::Error,
     },
     /// Guest memory.
@@ -58,37 +53,26 @@ pub enum VmError {
     /// Kernel or initramfs.
     #[error(transparent)]
     Loader(#[from] LoaderError),
-    /// Zero page.
+    /// Boot structures.
     #[error(transparent)]
-    BootParams(#[from] BootParamsError),
-    /// MP table.
-    #[error(transparent)]
-    MpTable(#[from] MpTableError),
+    Boot(#[from] BootError),
     /// A vCPU.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// The command line.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
-    /// Writing a boot structure.
-    #[error("cannot write {what} into guest memory: {source}")]
-    GuestWrite {
-        what: &'static str,
-        source: vm_memory::GuestMemoryError,
-    },
-    /// More memory ranges than the PVH memory map has room for.
-    #[error("the PVH memory map has {0} ranges; luo-vmm has room for {max}", max = PVH_MEMMAP_MAX_ENTRIES)]
-    PvhMemmap(usize),
     /// The console log file.
     #[error("cannot open console log {path}: {source}")]
     ConsoleLog {
+        /// The path given.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
-    /// A host resource (eventfd, thread).
+    /// A host resource (eventfd, thread, bus).
     #[error("host: {what}: {source}")]
     Host {
+        /// Which.
         what: &'static str,
+        /// Why.
         source: std::io::Error,
     },
 }
@@ -97,70 +81,68 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// Everything needed to start a VM.
-#[derive(Clone)]
-pub struct VmConfig {
+/// Everything a VM is built from: the user's options as given, and what the command
+/// resolved (kernel, initramfs, full command line, observers).
+pub(crate) struct VmSpec<'a> {
+    /// Memory, vCPUs, entry protocol, console.
+    pub options: &'a GuestOptions,
     /// Kernel image (ELF vmlinux or bzImage).
-    pub kernel: PathBuf,
+    pub kernel: &'a Path,
     /// Initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Full kernel command line.
-    pub cmdline: String,
-    /// Guest memory in bytes.
-    pub mem_size: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Enter an ELF kernel through the 64-bit boot protocol even if it has a PVH note.
-    pub prefer_64bit: bool,
-    /// Echo the console to stdout.
-    pub echo_console: bool,
-    /// Also append the console to this file.
-    pub console_log: Option<PathBuf>,
+    pub initrd: Option<&'a Path>,
+    /// The full kernel command line.
+    pub cmdline: &'a str,
     /// Sees every console line.
     pub console_observer: Option<LineObserver>,
-    /// Guest-virtual addresses of instruction breakpoints armed on every vCPU (at most 4).
-    pub breakpoints: Vec<u64>,
-    /// Called on the vCPU's thread, with the vCPU stopped, at each breakpoint.
-    pub on_breakpoint: Option<Arc<dyn BreakpointHandler>>,
+    /// Arms breakpoints, runs at them, sees every probe message.
+    pub observer: Option<Arc<dyn RunObserver>>,
+    /// The probe's gates.
+    pub gates: Gates,
 }
 
-/// What a breakpoint handler can reach while its vCPU is stopped at the breakpoint.
-pub struct StoppedVcpu<'a> {
-    /// The stopped vCPU (registers, guest page tables).
+/// What a hook can reach while its vCPU is stopped at a breakpoint.
+pub(crate) struct StoppedVcpu<'a> {
+    /// The stopped vCPU (registers, guest page tables, memory).
     pub vcpu: &'a Vcpu,
     /// The VM (dirty logs).
     pub vm_fd: &'a VmFd,
+    /// Every vCPU's holds.
+    #[expect(
+        dead_code,
+        reason = "for hooks that release held vCPUs (scenarios, issue 9)"
+    )]
+    pub control: &'a VcpuControl,
 }
 
-/// Observes breakpoints. The guest continues when `on_breakpoint` returns, as if nothing
-/// had happened.
-pub trait BreakpointHandler: Send + Sync {
-    /// Breakpoint `slot` (an index into `VmConfig::breakpoints`) was hit at `pc`.
-    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64);
-}
-
-/// Watches a whole run: the breakpoints it wants armed, what happens at them, and the
-/// guest agent's probe marks.
-pub trait RunObserver: BreakpointHandler {
+/// Watches a whole run: the breakpoints it wants armed on every vCPU, what happens at
+/// them, and the guest agent's probe messages.
+pub(crate) trait RunObserver: Send + Sync {
     /// Guest-virtual addresses to break at (at most four).
     fn breakpoints(&self) -> Vec<u64>;
-    /// A probe mark arrived.
+    /// Breakpoint `slot` (an index into [`RunObserver::breakpoints`]) was hit at `pc`;
+    /// runs on the vCPU's thread with the vCPU stopped.
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64) -> HookAction;
+    /// A probe message (or decode error) arrived; runs on the main thread.
     fn on_probe(&self, ev: &ProbeEvent);
 }
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmExit {
+pub(crate) enum VmExit {
     /// The guest reset the machine through the i8042: a clean end.
     Reset,
-    /// The guest triple-faulted.
-    TripleFault { vcpu: u8, dump: String },
-    /// KVM could not emulate an instruction.
-    InternalError { vcpu: u8, dump: String },
-    /// The vCPU could not enter the guest, or an exit luo-vmm does not handle.
-    Failed { vcpu: u8, reason: String },
     /// The deadline passed.
-    Timeout { after: Duration },
+    Timeout {
+        /// The deadline.
+        after: Duration,
+    },
+    /// A vCPU met an exit it cannot go past.
+    Fatal {
+        /// Which vCPU.
+        vcpu: u8,
+        /// What.
+        exit: FatalExit,
+    },
 }
 
 impl VmExit {
@@ -170,27 +152,22 @@ impl VmExit {
     }
 }
 
-/// What a vCPU thread reports.
+/// What a vCPU thread tells the main thread.
 enum VcpuReport {
-    Stopped(VmExit),
-    Debug { vcpu: u8, pc: u64 },
+    Stopped { vcpu: u8, stop: VcpuStop },
+    Notice(VcpuNotice),
 }
 
 /// A VM ready to run.
-pub struct Vm {
+pub(crate) struct Vm {
     _kvm: Kvm,
     vm_fd: Arc<VmFd>,
-    memory: Arc<GuestMemoryMmap>,
     vcpus: Vec<Vcpu>,
     bus: PioBus,
     reset: EventFd,
-    probe_rx: Receiver<ProbeEvent>,
-    /// The console device, for input.
+    probe: ProbeReceiver,
     serial: Arc<Mutex<SerialConsole>>,
-    breakpoints: Vec<u64>,
-    on_breakpoint: Option<Arc<dyn BreakpointHandler>>,
-    /// The kernel as loaded.
-    pub kernel: LoadedKernel,
+    observer: Option<Arc<dyn RunObserver>>,
 }
 
 fn open_kvm() -> Result<Kvm, VmError> {
@@ -207,7 +184,8 @@ fn open_kvm() -> Result<Kvm, VmError> {
 impl Vm {
     /// Creates the VM, loads the kernel, initramfs and boot structures, creates the
     /// devices and vCPUs.
-    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+    pub fn new(spec: &VmSpec<'_>) -> Result<Self, VmError> {
+        let opts = spec.options;
         let kvm = open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
@@ -222,32 +200,39 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let memory = Arc::new(create_guest_memory(config.mem_size)?);
-        // The Vm keeps `memory` alive as long as `vm_fd`.
+        let memory = Arc::new(create_guest_memory(opts.mem)?);
+        // The Vm keeps `memory` alive (in its vCPUs) as long as `vm_fd`.
         set_slots(&vm_fd, &memory, false).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
-        let kernel = load_kernel(&memory, &config.kernel, config.prefer_64bit)?;
-        let map = guest_memory_map(config.mem_size);
-        let initrd = config
+        let kernel = load_kernel(&memory, spec.kernel, opts.no_pvh)?;
+        let map = guest_memory_map(opts.mem);
+        let initrd = spec
             .initrd
-            .as_deref()
             .map(|p| load_initrd(&memory, p, &map, &kernel))
             .transpose()?;
-        let cmdline_len = write_cmdline(&memory, &config.cmdline)?;
-        write_boot_structures(&memory, &kernel, initrd, cmdline_len, &map, config.vcpus)?;
+        write_boot(
+            &memory,
+            &BootSpec {
+                kernel: &kernel,
+                initrd,
+                cmdline: spec.cmdline,
+                memory_map: &map,
+                vcpus: opts.vcpus,
+            },
+        )?;
 
-        let (bus, reset, probe_rx, serial) = build_devices(&vm_fd, config)?;
+        let devices = build_devices(&vm_fd, spec)?;
         let vm_fd = Arc::new(vm_fd);
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
-        for id in 0..config.vcpus {
+        for id in 0..opts.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let vcpu = Vcpu::new(id, fd, memory.clone());
-            vcpu.configure_common(&cpuid, config.vcpus)?;
+            vcpu.configure_common(&cpuid, opts.vcpus)?;
             if id == 0 {
                 vcpu.configure_boot(kernel.mode, kernel.entry)?;
             }
@@ -256,49 +241,63 @@ impl Vm {
         Ok(Self {
             _kvm: kvm,
             vm_fd,
-            memory,
             vcpus,
-            bus,
-            reset,
-            probe_rx,
-            serial,
-            breakpoints: config.breakpoints.clone(),
-            on_breakpoint: config.on_breakpoint.clone(),
-            kernel,
+            bus: devices.bus,
+            reset: devices.reset,
+            probe: devices.probe,
+            serial: devices.serial,
+            observer: spec.observer.clone(),
         })
     }
 
-    /// The guest memory.
-    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
-        &self.memory
-    }
-
-    /// Runs the VM until it resets, dies or `timeout` passes. `on_mark` sees each probe
-    /// mark as it arrives.
+    /// Runs the VM until it resets, a vCPU dies or `timeout` passes. `on_probe` sees each
+    /// probe message as it arrives (after the observer, if any).
     pub fn run(
         mut self,
         timeout: Option<Duration>,
-        mut on_mark: impl FnMut(&ProbeEvent),
+        mut on_probe: impl FnMut(&ProbeEvent),
     ) -> Result<VmExit, VmError> {
         let started = Instant::now();
-        let (tx, rx) = channel::<VcpuReport>();
-        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<VcpuReport>();
+        let control = Arc::new(VcpuControl::new(self.vcpus.len()));
         install_kick_handler()?;
+        let breakpoints = self
+            .observer
+            .as_ref()
+            .map(|o| o.breakpoints())
+            .unwrap_or_default();
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
-            let ctx = VcpuContext {
+            let ctx = VcpuThread {
                 bus: self.bus.clone(),
                 vm_fd: self.vm_fd.clone(),
-                breakpoints: self.breakpoints.clone(),
-                on_breakpoint: self.on_breakpoint.clone(),
+                stepper: Stepper::new(breakpoints.clone()),
+                observer: self.observer.clone(),
                 tx: tx.clone(),
-                stop: stop.clone(),
+                control: control.clone(),
             };
             threads.push(spawn_vcpu(vcpu, ctx)?);
         }
-        let exit = self.wait(started, timeout, &rx, &mut on_mark);
-        stop.store(true, Ordering::SeqCst);
+        let mut deliver = |ev: ProbeEvent| {
+            if let Some(o) = &self.observer {
+                o.on_probe(&ev);
+            }
+            on_probe(&ev);
+        };
+        let (exit, cause) = self.wait(started, timeout, &rx, &mut deliver);
+        control.request_stop(cause);
         stop_vcpus(threads);
+        // Messages that arrived while the vCPUs stopped.
+        for ev in self.probe.events.try_iter() {
+            deliver(ev);
+        }
+        let dropped = self
+            .probe
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if dropped > 0 {
+            log::warn!("the probe dropped {dropped} messages (queue full)");
+        }
         Ok(exit)
     }
 
@@ -306,137 +305,55 @@ impl Vm {
         &self,
         started: Instant,
         timeout: Option<Duration>,
-        rx: &Receiver<VcpuReport>,
-        on_mark: &mut impl FnMut(&ProbeEvent),
-    ) -> VmExit {
+        rx: &mpsc::Receiver<VcpuReport>,
+        deliver: &mut impl FnMut(ProbeEvent),
+    ) -> (VmExit, StopCause) {
         let _input = crate::console_input::spawn(self.serial.clone());
-
         loop {
-            for ev in self.probe_rx.try_iter() {
-                on_mark(&ev);
+            for ev in self.probe.events.try_iter() {
+                deliver(ev);
             }
             if self.reset.read().is_ok() {
-                return VmExit::Reset;
+                return (VmExit::Reset, StopCause::Reset);
             }
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(VcpuReport::Stopped(exit)) => {
-                    for ev in self.probe_rx.try_iter() {
-                        on_mark(&ev);
-                    }
-                    return exit;
-                }
-                Ok(VcpuReport::Debug { vcpu, pc }) => {
+                Ok(VcpuReport::Stopped {
+                    vcpu,
+                    stop: VcpuStop::Fatal(exit),
+                }) => return (VmExit::Fatal { vcpu, exit }, StopCause::VcpuFailed),
+                Ok(VcpuReport::Stopped {
+                    vcpu,
+                    stop: VcpuStop::Requested(cause),
+                }) => log::debug!("vCPU {vcpu} stopped early ({cause:?})"),
+                Ok(VcpuReport::Notice(VcpuNotice::ForeignDebug { vcpu, pc })) => {
                     log::warn!("vCPU {vcpu}: debug exit at {pc:#x} that is no breakpoint of ours");
+                }
+                Ok(VcpuReport::Notice(VcpuNotice::HoldTimedOut { vcpu, slot })) => {
+                    log::warn!("vCPU {vcpu}: hold at breakpoint {slot} timed out; released");
                 }
                 Err(_) => {}
             }
             if let Some(t) = timeout {
                 if started.elapsed() > t {
-                    return VmExit::Timeout { after: t };
+                    return (VmExit::Timeout { after: t }, StopCause::Timeout);
                 }
             }
         }
     }
 }
 
-fn write_cmdline(memory: &GuestMemoryMmap, text: &str) -> Result<usize, VmError> {
-    let mut cmdline =
-        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))?;
-    cmdline.insert_str(text).map_err(|e| {
-        VmError::Cmdline(format!(
-            "{e} ({} bytes, at most {})",
-            text.len(),
-            CMDLINE_MAX_SIZE - 1
-        ))
-    })?;
-    linux_loader::loader::load_cmdline(memory, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| VmError::Cmdline(e.to_string()))?;
-    Ok(text.len())
+/// The devices on the bus, and the VMM's ends of them.
+struct Devices {
+    bus: PioBus,
+    reset: EventFd,
+    probe: ProbeReceiver,
+    serial: Arc<Mutex<SerialConsole>>,
 }
 
-fn write<T: ByteValued>(
-    memory: &GuestMemoryMmap,
-    what: &'static str,
-    obj: T,
-    at: u64,
-) -> Result<(), VmError> {
-    memory
-        .write_obj(obj, GuestAddress(at))
-        .map_err(|source| VmError::GuestWrite { what, source })
-}
-
-fn write_boot_structures(
-    memory: &GuestMemoryMmap,
-    kernel: &LoadedKernel,
-    initrd: Option<(u64, u64)>,
-    cmdline_len: usize,
-    map: &[crate::memory::MemoryRange],
-    vcpus: u8,
-) -> Result<(), VmError> {
-    let gdt = kernel.mode.gdt();
-    for (i, entry) in gdt.iter().enumerate() {
-        write(memory, "GDT", *entry, BOOT_GDT_START + 8 * i as u64)?;
-    }
-    write(memory, "IDT", 0u64, BOOT_IDT_START)?;
-    memory
-        .write_slice(&build_mptable(vcpus)?, GuestAddress(EBDA_START))
-        .map_err(|source| VmError::GuestWrite {
-            what: "MP table",
-            source,
-        })?;
-
-    match kernel.mode {
-        EntryMode::LongMode => {
-            for (addr, table) in identity_tables() {
-                for (i, e) in table.iter().enumerate() {
-                    write(memory, "page tables", *e, addr + 8 * i as u64)?;
-                }
-            }
-            let params = build_boot_params(&BootInputs {
-                header: kernel.header,
-                cmdline: (CMDLINE_START, cmdline_len),
-                initrd,
-                memory_map: map,
-            })?;
-            write(memory, "boot_params", params, ZERO_PAGE_START)?;
-        }
-        EntryMode::Pvh => {
-            let pvh = build_pvh(CMDLINE_START, initrd, map);
-            if pvh.memmap.len() > PVH_MEMMAP_MAX_ENTRIES {
-                return Err(VmError::PvhMemmap(pvh.memmap.len()));
-            }
-            write(memory, "hvm_start_info", pvh.start_info, PVH_INFO_START)?;
-            for (i, m) in pvh.modules.iter().enumerate() {
-                write(
-                    memory,
-                    "PVH module list",
-                    *m,
-                    PVH_MODLIST_START + 32 * i as u64,
-                )?;
-            }
-            for (i, e) in pvh.memmap.iter().enumerate() {
-                write(
-                    memory,
-                    "PVH memory map",
-                    *e,
-                    PVH_MEMMAP_START + 24 * i as u64,
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-type Devices = (
-    PioBus,
-    EventFd,
-    Receiver<ProbeEvent>,
-    Arc<Mutex<SerialConsole>>,
-);
-
-fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
+fn build_devices(vm_fd: &VmFd, spec: &VmSpec<'_>) -> Result<Devices, VmError> {
     let host = |what| move |source| VmError::Host { what, source };
-    let log = config
+    let log = spec
+        .options
         .console_log
         .as_ref()
         .map(|path| {
@@ -454,12 +371,12 @@ fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
     vm_fd
         .register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
-    let out = ConsoleOutput::new(config.echo_console, log, config.console_observer.clone());
+    let out = ConsoleOutput::new(!spec.options.quiet, log, spec.console_observer.clone());
     let serial = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
 
     let reset = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let i8042 = ResetDevice::new(reset.try_clone().map_err(host("eventfd clone"))?);
-    let (probe_tx, probe_rx): (Sender<ProbeEvent>, _) = channel();
+    let (probe, probe_rx) = ProbePort::new(spec.gates.clone());
 
     let mut bus = PioBus::new();
     let bus_err = |e: luo_devices::BusError| VmError::Host {
@@ -469,33 +386,34 @@ fn build_devices(vm_fd: &VmFd, config: &VmConfig) -> Result<Devices, VmError> {
     bus.insert(serial.clone(), COM1_PORT, 8).map_err(bus_err)?;
     bus.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_LEN)
         .map_err(bus_err)?;
-    bus.insert(
-        Arc::new(Mutex::new(ProbePort::new(probe_tx))),
-        PROBE_PORT,
-        1,
-    )
-    .map_err(bus_err)?;
+    bus.insert(Arc::new(Mutex::new(probe)), PROBE_PORT, PROBE_PORTS)
+        .map_err(bus_err)?;
     let sink = Arc::new(Mutex::new(Sink));
     for (base, len) in LEGACY_SINK_RANGES {
         bus.insert(sink.clone(), base, len).map_err(bus_err)?;
     }
-    Ok((bus, reset, probe_rx, serial))
+    Ok(Devices {
+        bus,
+        reset,
+        probe: probe_rx,
+        serial,
+    })
 }
 
 /// What a vCPU thread works with besides its vCPU.
-struct VcpuContext {
+struct VcpuThread {
     bus: PioBus,
     vm_fd: Arc<VmFd>,
-    breakpoints: Vec<u64>,
-    on_breakpoint: Option<Arc<dyn BreakpointHandler>>,
-    tx: Sender<VcpuReport>,
-    stop: Arc<AtomicBool>,
+    stepper: Stepper,
+    observer: Option<Arc<dyn RunObserver>>,
+    tx: mpsc::Sender<VcpuReport>,
+    control: Arc<VcpuControl>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Installs (once) the handler of the signal that kicks a vCPU thread out of `KVM_RUN`:
-/// it does nothing, so the ioctl returns `EINTR` and the thread sees the stop flag.
+/// it does nothing, so the ioctl returns `EINTR` and the thread sees the stop request.
 fn install_kick_handler() -> Result<(), VmError> {
     static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     INSTALLED
@@ -507,7 +425,7 @@ fn install_kick_handler() -> Result<(), VmError> {
 }
 
 /// Stops every vCPU thread: kicks each out of `KVM_RUN` until it has returned (the stop
-/// flag is already set), for at most a second; a thread still running then ends with
+/// request is already made), for at most a second; a thread still running then ends with
 /// the process.
 fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>) {
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -522,98 +440,51 @@ fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>) {
     }
 }
 
-fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuContext) -> Result<thread::JoinHandle<()>, VmError> {
+fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmError> {
     thread::Builder::new()
         .name(format!("vcpu{}", vcpu.id))
         .spawn(move || {
             let mut vcpu = vcpu;
-            let exit = run_vcpu(&mut vcpu, &ctx);
-            let _ = ctx.tx.send(VcpuReport::Stopped(exit));
+            let VcpuThread {
+                bus,
+                vm_fd,
+                mut stepper,
+                observer,
+                tx,
+                control,
+            } = ctx;
+            let mut on_hit = |v: &mut Vcpu, slot: usize, pc: u64| match &observer {
+                Some(o) => o.on_breakpoint(
+                    StoppedVcpu {
+                        vcpu: v,
+                        vm_fd: &vm_fd,
+                        control: &control,
+                    },
+                    slot,
+                    pc,
+                ),
+                None => HookAction::Continue,
+            };
+            let notice = |n: VcpuNotice| {
+                let _ = tx.send(VcpuReport::Notice(n));
+            };
+            let stop = run_loop(
+                &mut vcpu,
+                &bus,
+                &control,
+                &mut stepper,
+                LoopHooks {
+                    on_hit: &mut on_hit,
+                    notice: &notice,
+                },
+            );
+            let _ = tx.send(VcpuReport::Stopped {
+                vcpu: vcpu.id,
+                stop,
+            });
         })
         .map_err(|source| VmError::Host {
             what: "spawning a vCPU thread",
             source,
         })
-}
-
-fn set_debug(vcpu: &Vcpu, debug: &kvm_bindings::kvm_guest_debug) -> Result<(), VmExit> {
-    vcpu.fd.set_guest_debug(debug).map_err(|e| VmExit::Failed {
-        vcpu: vcpu.id,
-        reason: format!("KVM_SET_GUEST_DEBUG: {e}"),
-    })
-}
-
-fn run_vcpu(vcpu: &mut Vcpu, ctx: &VcpuContext) -> VmExit {
-    match run_vcpu_loop(vcpu, ctx) {
-        Ok(exit) | Err(exit) => exit,
-    }
-}
-
-fn run_vcpu_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) -> Result<VmExit, VmExit> {
-    let id = vcpu.id;
-    let bps = &ctx.breakpoints;
-    if !bps.is_empty() {
-        set_debug(vcpu, &guest_debug(bps, None, false))?;
-    }
-    // The breakpoint being stepped over, if any.
-    let mut stepping: Option<usize> = None;
-    while !ctx.stop.load(Ordering::Relaxed) {
-        let event = match vcpu.fd.run() {
-            Ok(exit) => handle_exit(exit, &ctx.bus),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => {
-                return Err(VmExit::Failed {
-                    vcpu: id,
-                    reason: format!("KVM_RUN: {e}"),
-                })
-            }
-        };
-        let fatal = match event {
-            ExitEvent::Continue => continue,
-            ExitEvent::Debug { pc, dr6 } => {
-                if stepping.take().is_some() {
-                    // One instruction past the breakpoint: arm it again.
-                    set_debug(vcpu, &guest_debug(bps, None, false))?;
-                } else if let Some(slot) = slot_of(bps, pc) {
-                    if let Some(h) = &ctx.on_breakpoint {
-                        h.on_breakpoint(
-                            StoppedVcpu {
-                                vcpu: &*vcpu,
-                                vm_fd: &ctx.vm_fd,
-                            },
-                            slot,
-                            pc,
-                        );
-                    }
-                    set_debug(vcpu, &guest_debug(bps, Some(slot), true))?;
-                    stepping = Some(slot);
-                } else if dr6 & DR6_BS == 0 {
-                    let _ = ctx.tx.send(VcpuReport::Debug { vcpu: id, pc });
-                }
-                continue;
-            }
-            ExitEvent::TripleFault => VmExit::TripleFault {
-                vcpu: id,
-                dump: vcpu.dump(),
-            },
-            ExitEvent::InternalError => VmExit::InternalError {
-                vcpu: id,
-                dump: vcpu.dump(),
-            },
-            ExitEvent::FailEntry(reason) => VmExit::Failed {
-                vcpu: id,
-                reason: format!("KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}"),
-            },
-            ExitEvent::SystemEvent(kind) => VmExit::Failed {
-                vcpu: id,
-                reason: format!("KVM_EXIT_SYSTEM_EVENT type {kind}"),
-            },
-            ExitEvent::Unexpected(what) => VmExit::Failed {
-                vcpu: id,
-                reason: format!("unexpected exit {what}"),
-            },
-        };
-        return Err(fatal);
-    }
-    Ok(VmExit::Reset)
 }

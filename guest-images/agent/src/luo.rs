@@ -61,6 +61,16 @@ const _: () = assert!(std::mem::size_of::<FdArg>() == 16);
 const _: () = assert!(std::mem::align_of::<FdArg>() == 8);
 const _: () = assert!(std::mem::size_of::<FinishArg>() == 8);
 
+/// `size_of::<T>()` as the `u32` the uAPI's `size` field holds.
+const fn arg_size<T>() -> u32 {
+    let n = std::mem::size_of::<T>();
+    assert!(n <= u32::MAX as usize);
+    // Checked just above (the structures are tens of bytes).
+    #[allow(clippy::cast_possible_truncation)]
+    let n = n as u32;
+    n
+}
+
 /// Issues `cmd` on `fd` with a pointer to `arg`.
 fn ioctl<T>(fd: BorrowedFd<'_>, cmd: c_ulong, arg: &mut T) -> io::Result<()> {
     // SAFETY: `fd` is an open descriptor, `arg` points to a live, writable `T`, and every
@@ -92,7 +102,7 @@ fn session_arg(name: &str) -> io::Result<SessionArg> {
         ));
     }
     let mut arg = SessionArg {
-        size: std::mem::size_of::<SessionArg>() as u32,
+        size: arg_size::<SessionArg>(),
         fd: -1,
         name: [0; SESSION_NAME_LENGTH],
     };
@@ -139,7 +149,7 @@ impl Session {
     /// Preserves `file` (e.g. a memfd) in this session under `token`.
     pub fn preserve_fd(&self, file: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let mut arg = FdArg {
-            size: std::mem::size_of::<FdArg>() as u32,
+            size: arg_size::<FdArg>(),
             fd: file.as_raw_fd(),
             token,
         };
@@ -149,7 +159,7 @@ impl Session {
     /// Retrieves the file preserved under `token` in the previous kernel.
     pub fn retrieve_fd(&self, token: u64) -> io::Result<OwnedFd> {
         let mut arg = FdArg {
-            size: std::mem::size_of::<FdArg>() as u32,
+            size: arg_size::<FdArg>(),
             fd: -1,
             token,
         };
@@ -160,7 +170,7 @@ impl Session {
     /// Finishes a retrieved session: its files become ordinary files again.
     pub fn finish(&self) -> io::Result<()> {
         let mut arg = FinishArg {
-            size: std::mem::size_of::<FinishArg>() as u32,
+            size: arg_size::<FinishArg>(),
             reserved: 0,
         };
         ioctl(self.fd.as_fd(), SESSION_FINISH, &mut arg)

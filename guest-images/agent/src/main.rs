@@ -1,65 +1,99 @@
 //! luo-agent: `/init` (PID 1) of luo-vmm's reference guest.
 //!
-//! It mounts the pseudo file systems, reports `userspace up` on the console and the probe
-//! port (see [`probe`]), then does what `luo.mode=` on the kernel command line asks:
+//! It mounts the pseudo file systems, sends `userspace-up` with the online CPU count over
+//! the probe device (see [`probe`] and the luo-protocol crate), then does what the `luo.*`
+//! parameters of the kernel command line ask (`luo_protocol::workload`):
 //!
 //! - `boot`: nothing more; reboot (the VMM sees an i8042 reset with `reboot=k`).
 //! - `handover`: stage 1 creates `luo.sessions` LUO sessions with `luo.files` memfds of
-//!   `luo.memfd_size` bytes each, filled with a checkable pattern, preserves them and kexecs
-//!   the next kernel (`/boot/bzImage`, this initramfs, this command line with `luo.stage=2`).
-//!   Stage 2 retrieves and checks every byte, finishes the sessions, and either chains
-//!   another handover (`luo.round` < `luo.repeat`) or reports success and reboots.
-//! - `selftest:NAME`: runs the kernel's LUO selftest `/selftests/NAME` with `--stage 1`,
-//!   kexecs, and runs it with `--stage 2` in the next kernel.
+//!   `luo.memfd_size` bytes each, filled with a checkable pattern, preserves them, sends
+//!   the inventory of what it preserved and kexecs the next kernel (`/boot/bzImage`, this
+//!   initramfs, this command line with `luo.stage=2`). Stage 2 retrieves and checks every
+//!   byte, finishes the sessions, and either chains another handover (`luo.round` <
+//!   `luo.repeat`) or passes.
+//! - `selftest:NAME`: runs the kernel's LUO selftest `/selftests/NAME`: once for a
+//!   single-stage test; with `--stage 1`, a kexec, and `--stage 2` for a two-stage one.
+//!   Its exit status and TAP counts go to the VMM.
 //!
-//! PID 1 must never exit (the kernel would panic): every failure ends in
-//! `luo-agent: FAILED: ...`, the agent-failure mark and a reboot.
+//! Every LUO call is announced and its result (errno) sent; the agent's verdict is the
+//! last message before its reboot. The console lines are for people: the VMM reads
+//! nothing from them. PID 1 must never exit (the kernel would panic): every failure ends
+//! in a failing verdict and a reboot.
 
-mod config;
 mod luo;
 mod pattern;
 mod probe;
+mod stretch;
 mod sys;
 
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
 
-use config::{Config, Mode, TOKENS_PER_SESSION};
-use probe::{Mark, Probe};
-
-/// Selftests that run in one stage (no `--stage`, no kexec).
-const SINGLE_STAGE_TESTS: &[&str] = &["liveupdate"];
+use luo_protocol::message::{Action, ExitStatus, Message, SelftestResult, Step, Verdict};
+use luo_protocol::probe::Gate;
+use luo_protocol::tap::TapTally;
+use luo_protocol::workload::{
+    next_cmdline, AgentConfig, Memfds, Progress, Selftest, Stage, Workload,
+};
+use probe::Probe;
 
 /// Size of the buffer used to fill and check memfds.
 const CHUNK: usize = 64 << 10;
 
-/// A failure, with where it happened.
+/// Longest wait at a gate; the VMM's own timeout is the real bound.
+const GATE_LIMIT: Duration = Duration::from_secs(3600);
+
+/// A failure: the step it happened in, the errno if a system call failed, and words.
 #[derive(Debug)]
-struct Failure(String);
+struct Failure {
+    step: Step,
+    errno: i32,
+    what: String,
+}
+
+impl Failure {
+    fn new(step: Step, what: String) -> Self {
+        Failure {
+            step,
+            errno: 0,
+            what,
+        }
+    }
+
+    fn verdict(&self) -> Verdict {
+        Verdict::fail(self.step, self.errno)
+    }
+}
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        write!(f, "{} (step {})", self.what, self.step.name())
     }
 }
 
 type Result<T> = std::result::Result<T, Failure>;
 
-/// Adds "what failed" to an I/O error.
+/// Adds the step and "what failed" to an error.
 trait Context<T> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+    fn at(self, step: Step, what: impl FnOnce() -> String) -> Result<T>;
 }
 
-impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Failure(format!("{}: {e}", what())))
+impl<T> Context<T> for io::Result<T> {
+    fn at(self, step: Step, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Failure {
+            step,
+            errno: e.raw_os_error().unwrap_or(0),
+            what: format!("{}: {e}", what()),
+        })
     }
 }
 
-/// The console log: each line ends with `[t=<CLOCK_MONOTONIC> s, +<since last line> s]`.
+/// The console log (for people): each line ends with `[t=<CLOCK_MONOTONIC> s, +<since
+/// last line> s]`.
 struct Agent {
     probe: Probe,
     last: f64,
@@ -72,8 +106,8 @@ impl Agent {
         self.last = now;
     }
 
-    fn mark(&self, mark: Mark) {
-        self.probe.mark(mark);
+    fn send(&self, msg: Message) {
+        self.probe.send(&msg);
     }
 }
 
@@ -84,30 +118,36 @@ fn main() {
         probe: Probe::open(),
         last: start,
     };
-    agent.log(&format!("userspace up (cpus={})", online_cpus()));
-    agent.mark(Mark::UserspaceUp);
+    let cpus = online_cpus();
+    agent.log(&format!("userspace up ({cpus} CPUs online)"));
+    agent.send(Message::UserspaceUp {
+        cpus_online: u16::try_from(cpus).unwrap_or(u16::MAX),
+    });
 
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut agent)));
-    let result = match outcome {
-        Ok(result) => result,
-        Err(_) => Err(Failure("panic in the agent (see above)".into())),
-    };
-    match result {
+    let result = outcome.unwrap_or_else(|_| {
+        Err(Failure::new(
+            Step::Panic,
+            "panic in the agent (see above)".into(),
+        ))
+    });
+    let verdict = match &result {
         Ok(()) => {
             agent.log("all done, rebooting");
-            agent.mark(Mark::AgentSuccess);
+            Verdict::PASS
         }
         Err(e) => {
             println!("luo-agent: FAILED: {e}");
-            agent.mark(Mark::AgentFailure);
+            e.verdict()
         }
-    }
+    };
+    agent.send(Message::Verdict(verdict));
     sys::sync();
     let err = sys::reboot(libc::LINUX_REBOOT_CMD_RESTART);
     println!("luo-agent: reboot failed: {err}");
     // PID 1 must not exit.
     loop {
-        std::thread::sleep(std::time::Duration::from_secs(3600));
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
@@ -131,44 +171,63 @@ fn mount_filesystems() {
 fn online_cpus() -> u32 {
     fs::read_to_string("/sys/devices/system/cpu/online")
         .ok()
-        .and_then(|s| config::count_cpu_list(&s))
+        .and_then(|s| count_cpu_list(&s))
         .or_else(sys::affinity_cpus)
         .unwrap_or(0)
 }
 
+/// Counts the CPUs of a sysfs CPU list such as `0-3,5`.
+fn count_cpu_list(list: &str) -> Option<u32> {
+    let mut n = 0u32;
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                b.checked_sub(a)? + 1
+            }
+            None => {
+                part.parse::<u32>().ok()?;
+                1
+            }
+        };
+    }
+    Some(n)
+}
+
 fn run(agent: &mut Agent) -> Result<()> {
-    let cmdline = fs::read_to_string("/proc/cmdline").context(|| "read /proc/cmdline".into())?;
+    let cmdline =
+        fs::read_to_string("/proc/cmdline").at(Step::Config, || "read /proc/cmdline".into())?;
     let cmdline = cmdline.trim();
-    let cfg = config::parse(cmdline).context(|| "parse /proc/cmdline".into())?;
-    agent.log(&format!(
-        "mode {:?} stage {} round {}/{} ({} sessions x {} memfds x {} bytes)",
-        cfg.mode, cfg.stage, cfg.round, cfg.repeat, cfg.sessions, cfg.files, cfg.memfd_size
-    ));
-    match (&cfg.mode, cfg.stage) {
-        (Mode::Boot, _) => Ok(()),
-        (Mode::Handover, 1) => {
+    let cfg = AgentConfig::parse(cmdline)
+        .map_err(|e| Failure::new(Step::Config, format!("bad kernel command line: {e}")))?;
+    let Progress { stage, round } = cfg.progress;
+    agent.send(Message::Boot { stage, round });
+    agent.log(&format!("{:?}, stage {stage}, round {round}", cfg.workload));
+    match (cfg.workload, stage) {
+        (Workload::Boot, _) => Ok(()),
+        (Workload::Handover(m), Stage::One) => {
             let luo = open_luo(agent)?;
-            handover_stage1(agent, &cfg, cmdline, &luo)
+            handover_stage1(agent, &m, round, cmdline, &luo)
         }
-        (Mode::Handover, _) => {
+        (Workload::Handover(m), Stage::Two) => {
             let luo = open_luo(agent)?;
-            handover_stage2(agent, &cfg, &luo)?;
-            if cfg.round < cfg.repeat {
-                handover_stage1(agent, &cfg, cmdline, &luo)
+            handover_stage2(agent, &m, round, &luo)?;
+            if round < m.repeat {
+                handover_stage1(agent, &m, round, cmdline, &luo)
             } else {
                 Ok(())
             }
         }
-        (Mode::Selftest(name), _) if SINGLE_STAGE_TESTS.contains(&name.as_str()) => {
-            run_selftest(agent, name, None)
+        (Workload::Selftest(t), _) if !t.two_stage() => {
+            run_selftest(agent, t, None, cfg.timeout_scale)
         }
-        (Mode::Selftest(name), 1) => {
-            run_selftest(agent, name, Some(1))?;
-            kexec_next(agent, &cfg, cmdline)
+        (Workload::Selftest(t), Stage::One) => {
+            run_selftest(agent, t, Some(Stage::One), cfg.timeout_scale)?;
+            kexec_next(agent, round, cmdline)
         }
-        (Mode::Selftest(name), _) => {
-            run_selftest(agent, name, Some(2))?;
-            agent.mark(Mark::WorkloadResumed);
+        (Workload::Selftest(t), Stage::Two) => {
+            run_selftest(agent, t, Some(Stage::Two), cfg.timeout_scale)?;
+            agent.send(Message::WorkloadResumed);
             Ok(())
         }
     }
@@ -176,141 +235,217 @@ fn run(agent: &mut Agent) -> Result<()> {
 
 /// Opens `/dev/liveupdate`, with a log line.
 fn open_luo(agent: &mut Agent) -> Result<luo::Luo> {
-    let luo = luo::Luo::open()
-        .context(|| "open /dev/liveupdate (is liveupdate=1 on the kernel command line?)".into())?;
+    let luo = luo::Luo::open().at(Step::OpenLuo, || {
+        "open /dev/liveupdate (is liveupdate=1 on the kernel command line?)".into()
+    })?;
     agent.log("opened /dev/liveupdate");
     Ok(luo)
 }
 
-fn session_name(session: u32) -> String {
-    format!("luo-vmm-s{session}")
-}
-
-fn token(session: u32, file: u32) -> u64 {
-    u64::from(session) * TOKENS_PER_SESSION + u64::from(file)
-}
-
-/// Stage 1: create, fill and preserve the memfds, then kexec (does not return on success).
-fn handover_stage1(agent: &mut Agent, cfg: &Config, cmdline: &str, luo: &luo::Luo) -> Result<()> {
+/// Stage 1: create, fill and preserve the memfds, send the inventory, then kexec (does
+/// not return on success). `round` is the number of handovers done before this boot.
+fn handover_stage1(
+    agent: &mut Agent,
+    m: &Memfds,
+    round: u32,
+    cmdline: &str,
+    luo: &luo::Luo,
+) -> Result<()> {
     // The pattern of this round's files is seeded by the round they will be checked in.
-    let round = cfg.round + 1;
+    let check_round = round + 1;
     let mut sessions = Vec::new();
     let mut buf = vec![0u8; CHUNK];
-    for s in 0..cfg.sessions {
-        let name = session_name(s);
-        let session = luo
-            .create_session(&name)
-            .context(|| format!("create session {name}"))?;
-        for f in 0..cfg.files {
-            let memfd = sys::memfd_create(&format!("{name}-f{f}"))
-                .context(|| format!("memfd_create for session {s} file {f}"))?;
+    for s in 0..m.sessions {
+        let name = Memfds::session_name(s);
+        let session = agent
+            .probe
+            .action(Action::CreateSession, u64::from(s), || {
+                luo.create_session(name.as_str())
+            })
+            .at(Step::CreateSession, || format!("create session {name}"))?;
+        agent.send(Message::InventorySession {
+            session: s,
+            name: name.clone(),
+        });
+        for f in 0..m.files {
+            let token = Memfds::token(s, f);
+            let memfd = sys::memfd_create(&format!("{name}-f{f}")).at(Step::Memfd, || {
+                format!("memfd_create for session {s} file {f}")
+            })?;
             let file = File::from(memfd);
-            file.set_len(cfg.memfd_size)
-                .context(|| format!("ftruncate session {s} file {f}"))?;
-            let seed = pattern::seed(round, s, f);
+            file.set_len(m.memfd_size)
+                .at(Step::Memfd, || format!("ftruncate session {s} file {f}"))?;
+            let seed = pattern::seed(check_round, s, f);
             let mut offset = 0u64;
-            while offset < cfg.memfd_size {
-                let n = CHUNK.min((cfg.memfd_size - offset) as usize);
+            while offset < m.memfd_size {
+                let n = chunk_len(m.memfd_size - offset);
                 pattern::fill(seed, offset, &mut buf[..n]);
-                file.write_all_at(&buf[..n], offset)
-                    .context(|| format!("write session {s} file {f} offset {offset}"))?;
+                file.write_all_at(&buf[..n], offset).at(Step::Write, || {
+                    format!("write session {s} file {f} offset {offset}")
+                })?;
                 offset += n as u64;
             }
-            session
-                .preserve_fd(file.as_fd(), token(s, f))
-                .context(|| format!("preserve session {s} file {f} (token {})", token(s, f)))?;
+            agent
+                .probe
+                .action(Action::PreserveFd, token, || {
+                    session.preserve_fd(file.as_fd(), token)
+                })
+                .at(Step::Preserve, || {
+                    format!("preserve session {s} file {f} (token {token})")
+                })?;
+            agent.send(Message::InventoryFile {
+                session: s,
+                token,
+                size: m.memfd_size,
+            });
         }
         sessions.push(session);
     }
+    agent.send(Message::InventoryEnd {
+        sessions: m.sessions,
+        files: u32::try_from(m.total_files()).unwrap_or(u32::MAX),
+        bytes: m.total_bytes(),
+    });
     agent.log(&format!(
         "preserved {} sessions, {} memfds, {} bytes",
-        cfg.sessions,
-        u64::from(cfg.sessions) * u64::from(cfg.files),
-        u64::from(cfg.sessions) * u64::from(cfg.files) * cfg.memfd_size
+        m.sessions,
+        m.total_files(),
+        m.total_bytes()
     ));
     // The session fds stay open (in `sessions`) through the kexec: that is what preserves them.
-    let result = kexec_next(agent, cfg, cmdline);
+    let result = kexec_next(agent, round, cmdline);
     drop(sessions);
     result
 }
 
+/// Bytes of the next chunk when `left` bytes remain.
+fn chunk_len(left: u64) -> usize {
+    usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK))
+}
+
 /// Stage 2: retrieve every session and memfd, check every byte, finish the sessions.
-fn handover_stage2(agent: &mut Agent, cfg: &Config, luo: &luo::Luo) -> Result<()> {
+/// `round` is the number of handovers done before this boot (the one just done included).
+fn handover_stage2(agent: &mut Agent, m: &Memfds, round: u32, luo: &luo::Luo) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut bytes = 0u64;
-    for s in 0..cfg.sessions {
-        let name = session_name(s);
-        let session = luo
-            .retrieve_session(&name)
-            .context(|| format!("retrieve session {name}"))?;
-        for f in 0..cfg.files {
-            let fd: OwnedFd = session
-                .retrieve_fd(token(s, f))
-                .context(|| format!("retrieve session {s} file {f} (token {})", token(s, f)))?;
+    for s in 0..m.sessions {
+        let name = Memfds::session_name(s);
+        let session = agent
+            .probe
+            .action(Action::RetrieveSession, u64::from(s), || {
+                luo.retrieve_session(name.as_str())
+            })
+            .at(Step::RetrieveSession, || format!("retrieve session {name}"))?;
+        for f in 0..m.files {
+            let token = Memfds::token(s, f);
+            let fd: OwnedFd = agent
+                .probe
+                .action(Action::RetrieveFd, token, || session.retrieve_fd(token))
+                .at(Step::RetrieveFd, || {
+                    format!("retrieve session {s} file {f} (token {token})")
+                })?;
             let mut file = File::from(fd);
             let len = file
                 .metadata()
-                .context(|| format!("fstat session {s} file {f}"))?
+                .at(Step::Size, || format!("fstat session {s} file {f}"))?
                 .len();
-            if len != cfg.memfd_size {
-                return Err(Failure(format!(
-                    "session {s} file {f}: size {len}, expected {}",
-                    cfg.memfd_size
-                )));
+            if len != m.memfd_size {
+                return Err(Failure::new(
+                    Step::Size,
+                    format!(
+                        "session {s} file {f}: size {len}, expected {}",
+                        m.memfd_size
+                    ),
+                ));
             }
-            let seed = pattern::seed(cfg.round, s, f);
+            let seed = pattern::seed(round, s, f);
             let mut offset = 0u64;
             while offset < len {
-                let n = CHUNK.min((len - offset) as usize);
-                file.read_exact(&mut buf[..n])
-                    .context(|| format!("read session {s} file {f} offset {offset}"))?;
-                if let Some(m) = pattern::check(seed, offset, &buf[..n]) {
-                    return Err(Failure(format!(
-                        "data mismatch: session {s}, file {f}, offset {}, expected {:#04x}, got {:#04x}",
-                        m.offset, m.expected, m.got
-                    )));
+                let n = chunk_len(len - offset);
+                file.read_exact(&mut buf[..n]).at(Step::Data, || {
+                    format!("read session {s} file {f} offset {offset}")
+                })?;
+                if let Some(bad) = pattern::check(seed, offset, &buf[..n]) {
+                    return Err(Failure::new(
+                        Step::Data,
+                        format!(
+                            "data mismatch: session {s}, file {f}, offset {}, expected {:#04x}, got {:#04x}",
+                            bad.offset, bad.expected, bad.got
+                        ),
+                    ));
                 }
                 offset += n as u64;
             }
             bytes += len;
         }
-        session
-            .finish()
-            .context(|| format!("finish session {name}"))?;
+        agent
+            .probe
+            .action(Action::FinishSession, u64::from(s), || session.finish())
+            .at(Step::Finish, || format!("finish session {name}"))?;
     }
-    agent.mark(Mark::WorkloadResumed);
+    agent.send(Message::WorkloadResumed);
+    agent.send(Message::Verified {
+        sessions: m.sessions,
+        files: u32::try_from(m.total_files()).unwrap_or(u32::MAX),
+        bytes,
+    });
     agent.log(&format!(
-        "verified {} sessions, {} memfds, {bytes} bytes",
-        cfg.sessions,
-        u64::from(cfg.sessions) * u64::from(cfg.files)
+        "checked {} sessions, {} memfds, {bytes} bytes",
+        m.sessions,
+        m.total_files()
     ));
     Ok(())
 }
 
-/// Loads `/boot/bzImage` with this initramfs and the stage-2 command line, marks
-/// reboot-requested and reboots into it. Returns only on failure.
-fn kexec_next(agent: &mut Agent, cfg: &Config, cmdline: &str) -> Result<()> {
-    let kernel = File::open("/boot/bzImage").context(|| "open /boot/bzImage".into())?;
-    let next = config::next_cmdline(cmdline, 2, cfg.round + 1);
+/// Loads `/boot/bzImage` with this initramfs and the stage-2 command line, waits at the
+/// before-reboot gate, marks reboot-requested and reboots into it. Returns only on
+/// failure. `round` is the number of handovers done before this boot.
+fn kexec_next(agent: &mut Agent, round: u32, cmdline: &str) -> Result<()> {
+    let kernel = File::open("/boot/bzImage").at(Step::KexecLoad, || "open /boot/bzImage".into())?;
+    let next = next_cmdline(
+        cmdline,
+        Progress {
+            stage: Stage::Two,
+            round: round + 1,
+        },
+    );
     // This boot's initramfs, kept by `retain_initrd`. kexec_file_load reads the sysfs file
     // directly (one copy, in the kernel): copying it through user space first costs tens of
     // seconds under emulation. A memfd copy is the fallback.
-    let initrd = File::open(INITRD)
-        .context(|| format!("open {INITRD} (is retain_initrd on the command line?)"))?;
-    if let Err(e) = sys::kexec_file_load(kernel.as_fd(), initrd.as_fd(), &next) {
+    let initrd = File::open(INITRD).at(Step::KexecLoad, || {
+        format!("open {INITRD} (is retain_initrd on the command line?)")
+    })?;
+    let loaded = agent.probe.action(Action::KexecLoad, 0, || {
+        sys::kexec_file_load(kernel.as_fd(), initrd.as_fd(), &next)
+    });
+    if let Err(e) = loaded {
         agent.log(&format!(
             "kexec_file_load with {INITRD}: {e}; retrying with a memfd copy"
         ));
         let copy = copy_initrd()?;
         agent.log(&format!("copied {INITRD} into a memfd"));
-        sys::kexec_file_load(kernel.as_fd(), copy.as_fd(), &next)
-            .context(|| "kexec_file_load(/boot/bzImage)".into())?;
+        agent
+            .probe
+            .action(Action::KexecLoad, 1, || {
+                sys::kexec_file_load(kernel.as_fd(), copy.as_fd(), &next)
+            })
+            .at(Step::KexecLoad, || "kexec_file_load(/boot/bzImage)".into())?;
     }
     agent.log(&format!("kexec_file_load done, next command line: {next}"));
-    agent.mark(Mark::RebootRequested);
+    agent
+        .probe
+        .wait_gate(Gate::BEFORE_REBOOT, GATE_LIMIT)
+        .map_err(|e| Failure::new(Step::Gate, format!("{} stayed closed", e.0)))?;
+    let seq = agent.probe.announce(Action::Reboot, 0);
+    agent.send(Message::RebootRequested);
     sys::sync();
     let err = sys::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
-    Err(Failure(format!("reboot(LINUX_REBOOT_CMD_KEXEC): {err}")))
+    agent.probe.failed(seq, Action::Reboot, &err);
+    Err(Failure {
+        step: Step::Reboot,
+        errno: err.raw_os_error().unwrap_or(0),
+        what: format!("reboot(LINUX_REBOOT_CMD_KEXEC): {err}"),
+    })
 }
 
 /// The initramfs of this boot, kept by the `retain_initrd` kernel parameter.
@@ -318,52 +453,111 @@ const INITRD: &str = "/sys/firmware/initrd";
 
 /// [`INITRD`] copied into a memfd.
 fn copy_initrd() -> Result<File> {
-    let data = fs::read(INITRD).context(|| format!("read {INITRD}"))?;
-    let memfd = sys::memfd_create("initrd").context(|| "memfd_create for the initrd".into())?;
+    let data = fs::read(INITRD).at(Step::KexecLoad, || format!("read {INITRD}"))?;
+    let memfd =
+        sys::memfd_create("initrd").at(Step::KexecLoad, || "memfd_create for the initrd".into())?;
     let file = File::from(memfd);
     file.write_all_at(&data, 0)
-        .context(|| "write the initrd memfd".into())?;
+        .at(Step::KexecLoad, || "write the initrd memfd".into())?;
     Ok(file)
 }
 
-/// Runs `/selftests/NAME [--stage N]` with the console as its output; fails on a non-zero
-/// exit. In stage 1 the test forks a child that holds the sessions; it is left alone.
-fn run_selftest(agent: &mut Agent, name: &str, stage: Option<u32>) -> Result<()> {
-    let path = format!("/selftests/{name}");
-    let mut cmd = Command::new(&path);
-    if let Some(stage) = stage {
-        cmd.arg("--stage").arg(stage.to_string());
-    }
+/// How long to wait for the rest of a selftest's output after it exited (a stage-1 test
+/// leaves a child holding the sessions, and with it the pipe, open).
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// Runs `/selftests/NAME [--stage N]`, echoing its output to the console and counting its
+/// TAP lines, with the harness's timeouts `timeout_scale` times upstream's (see
+/// [`stretch`]); sends its exit status and counts; fails unless it exited 0.
+fn run_selftest(
+    agent: &mut Agent,
+    test: Selftest,
+    stage: Option<Stage>,
+    timeout_scale: u32,
+) -> Result<()> {
+    let path = format!("/selftests/{}", test.name());
+    let stage_arg = stage.map(|s| s.to_string());
+    let args: Vec<&str> = match &stage_arg {
+        Some(s) => vec!["--stage", s],
+        None => vec![],
+    };
+    // The agent's own environment, GLIBC_TUNABLES included on an emulating KVM (luo-vmm
+    // puts it on the kernel command line: docs/emulated-kvm.md, "Two vCPUs").
+    let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+    let shown = format!("{path} {}", args.join(" "));
+    let shown = shown.trim_end();
     agent.log(&format!(
-        "running {path} {}",
-        stage.map_or(String::new(), |s| format!("--stage {s}"))
+        "running {shown} (harness timeouts x{timeout_scale})"
     ));
-    let status = cmd.status().context(|| format!("spawn {path}"))?;
-    agent.log(&format!("{path} exited: {status}"));
+    let child = stretch::spawn(&path, &args, &env, timeout_scale > 1)
+        .at(Step::Selftest, || format!("start {path}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child
+        .stdout
+        .try_clone()
+        .at(Step::Selftest, || "dup the selftest's stdout".into())?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            println!("{line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let status = match stretch::run(&child, timeout_scale)
+        .at(Step::Selftest, || format!("wait for {path}"))?
+    {
+        stretch::Ended::Exited(code) => ExitStatus::Exited(code),
+        stretch::Ended::Signaled(sig) => ExitStatus::Signaled(sig),
+    };
+    drop(child);
+    let mut tally = TapTally::new();
+    while let Ok(line) = rx.recv_timeout(OUTPUT_DRAIN) {
+        tally.line(&line);
+    }
+    let result = SelftestResult {
+        stage,
+        status,
+        tap: tally.counts(),
+    };
+    agent.send(Message::Selftest(result));
+    let t = result.tap;
+    agent.log(&format!(
+        "{shown}: {status}; TAP pass {} fail {} skip {}",
+        t.pass, t.fail, t.skip
+    ));
     if status.success() {
         Ok(())
     } else {
-        let stage = stage.map_or(String::new(), |s| format!(" --stage {s}"));
-        Err(Failure(format!("{path}{stage}: {status}")))
+        Err(Failure::new(Step::Selftest, format!("{shown}: {status}")))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io;
 
     #[test]
-    fn tokens_and_names() {
-        assert_eq!(token(0, 0), 0);
-        assert_eq!(token(2, 7), 2007);
-        assert_eq!(session_name(3), "luo-vmm-s3");
+    fn io_errors_keep_their_errno_and_step() {
+        let r: io::Result<()> = Err(io::Error::from_raw_os_error(libc::ENOENT));
+        let e = r.at(Step::OpenLuo, || "open /x".into()).unwrap_err();
+        assert!(e.what.starts_with("open /x: "), "{e}");
+        assert_eq!(e.verdict(), Verdict::fail(Step::OpenLuo, libc::ENOENT));
     }
 
     #[test]
-    fn io_error_context() {
-        let r: std::result::Result<(), io::Error> = Err(io::Error::from_raw_os_error(libc::ENOENT));
-        let e = r.context(|| "open /x".into()).unwrap_err();
-        assert!(e.0.starts_with("open /x: "), "{e}");
+    fn cpu_lists() {
+        assert_eq!(count_cpu_list("0\n"), Some(1));
+        assert_eq!(count_cpu_list("0-3"), Some(4));
+        assert_eq!(count_cpu_list("0,2-3,7"), Some(4));
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn chunks() {
+        assert_eq!(chunk_len(1), 1);
+        assert_eq!(chunk_len(u64::MAX), CHUNK);
     }
 }

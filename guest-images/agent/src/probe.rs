@@ -1,65 +1,152 @@
-//! The probe port: how the agent tells the VMM where the guest is.
+//! The agent's end of the probe device (luo-protocol has the protocol itself).
 //!
-//! Protocol (the VMM side lives in `devices/`): the agent opens `/dev/port` and, for each
-//! mark, writes exactly ONE byte at file offset [`PROBE_PORT`] (`pwrite(fd, &[code], 0x600)`);
-//! the kernel's `/dev/port` driver turns that into `outb code, 0x600`, which the VMM sees as
-//! a port-I/O exit and timestamps. Codes:
-//!
-//! | code | mark | when |
-//! | --- | --- | --- |
-//! | `0x01` | userspace-up | every boot, right after the `luo-agent: userspace up` banner |
-//! | `0x02` | reboot-requested | just before `reboot(LINUX_REBOOT_CMD_KEXEC)` |
-//! | `0x03` | workload-resumed | stage 2, after every check passed |
-//! | `0x10` | agent-success | just before the final reboot, when everything passed |
-//! | `0x11` | agent-failure | just before the reboot that follows any failure |
-//!
-//! Without `/dev/port` the agent prints a warning and carries on without marks.
+//! `/dev/port` turns a `pwrite` of N bytes at offset P into `outb` at ports P..P+N, and a
+//! `pread` of one byte at P into one `inb`: each message is one `pwrite` of its frame at
+//! the window's first port, each gate poll one `pread` of the gate's register. Frames from
+//! several threads must not interleave, so every write holds a lock.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// The I/O port the VMM's probe device listens on.
-pub const PROBE_PORT: u64 = 0x600;
+use luo_protocol::message::{Action, Message};
+use luo_protocol::probe::{Gate, GATE_OPEN, PROBE_PORT, REG_SIGNATURE, SIGNATURE};
 
-/// A mark the agent sends to the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Mark {
-    /// The agent runs (sent on every boot).
-    UserspaceUp = 0x01,
-    /// The agent is about to call `reboot(LINUX_REBOOT_CMD_KEXEC)`.
-    RebootRequested = 0x02,
-    /// Stage 2 retrieved and verified everything it preserved.
-    WorkloadResumed = 0x03,
-    /// Everything passed; the final reboot follows.
-    AgentSuccess = 0x10,
-    /// Something failed; a reboot follows.
-    AgentFailure = 0x11,
-}
+/// How often a waiting agent reads a closed gate's register.
+const GATE_POLL: Duration = Duration::from_millis(2);
 
-/// The open `/dev/port`, or nothing when the kernel has none.
+/// The open `/dev/port`, or nothing when the kernel or the VMM has no probe.
 pub struct Probe {
     port: Option<File>,
+    write_lock: Mutex<()>,
+    seq: AtomicU32,
 }
 
+/// A gate stayed closed for the whole wait.
+#[derive(Debug)]
+pub struct GateTimeout(pub Gate);
+
 impl Probe {
-    /// Opens `/dev/port`; prints a warning (and sends nothing later) when it is missing.
+    /// Opens `/dev/port` and checks the probe's signature; without either, prints a
+    /// warning and later sends nothing (gates then read as open).
     pub fn open() -> Self {
-        match OpenOptions::new().write(true).open("/dev/port") {
-            Ok(port) => Probe { port: Some(port) },
+        let port = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/port")
+            .and_then(|port| {
+                let mut sig = [0u8];
+                port.read_exact_at(&mut sig, u64::from(PROBE_PORT + REG_SIGNATURE))?;
+                if sig[0] == SIGNATURE {
+                    Ok(port)
+                } else {
+                    Err(io::Error::other(format!(
+                        "port {PROBE_PORT:#x} reads {:#04x}, not the probe's signature",
+                        sig[0]
+                    )))
+                }
+            });
+        match port {
+            Ok(port) => Probe {
+                port: Some(port),
+                write_lock: Mutex::new(()),
+                seq: AtomicU32::new(0),
+            },
             Err(e) => {
-                println!("luo-agent: warning: no probe port, /dev/port: {e}");
-                Probe { port: None }
+                println!("luo-agent: warning: no probe device, /dev/port: {e}");
+                Probe {
+                    port: None,
+                    write_lock: Mutex::new(()),
+                    seq: AtomicU32::new(0),
+                }
             }
         }
     }
 
-    /// Sends `mark` (one `outb` to [`PROBE_PORT`]). A failed write is reported, not fatal.
-    pub fn mark(&self, mark: Mark) {
-        if let Some(port) = &self.port {
-            if let Err(e) = port.write_at(&[mark as u8], PROBE_PORT) {
-                println!("luo-agent: warning: probe mark {mark:?} not sent: {e}");
+    /// Sends `msg` (one frame). A failed write is reported on the console, not fatal.
+    pub fn send(&self, msg: &Message) {
+        let Some(port) = &self.port else {
+            return;
+        };
+        let frame = msg.encode();
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = port.write_all_at(frame.as_bytes(), u64::from(PROBE_PORT)) {
+            println!("luo-agent: warning: probe message {msg:?} not sent: {e}");
+        }
+    }
+
+    /// Whether `gate` is open (always, without a probe).
+    fn gate_open(&self, gate: Gate) -> bool {
+        let Some(port) = &self.port else {
+            return true;
+        };
+        let mut b = [0u8];
+        match port.read_exact_at(&mut b, u64::from(PROBE_PORT + gate.register())) {
+            Ok(()) => b[0] == GATE_OPEN,
+            Err(e) => {
+                println!("luo-agent: warning: cannot read {gate}: {e}; taking it as open");
+                true
             }
         }
+    }
+
+    /// Announces the wait at `gate`, polls it until the VMM opens it (at most `limit`),
+    /// and announces the pass.
+    pub fn wait_gate(&self, gate: Gate, limit: Duration) -> Result<(), GateTimeout> {
+        self.send(&Message::GateWait(gate));
+        let start = Instant::now();
+        while !self.gate_open(gate) {
+            if start.elapsed() > limit {
+                return Err(GateTimeout(gate));
+            }
+            std::thread::sleep(GATE_POLL);
+        }
+        self.send(&Message::GatePassed(gate));
+        Ok(())
+    }
+
+    /// Runs `f` between the announcement of `action` (with `arg`) and its result: return
+    /// value 0 or -1 and the errno of the failure.
+    pub fn action<T>(
+        &self,
+        action: Action,
+        arg: u64,
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.send(&Message::ActionStart { seq, action, arg });
+        let result = f();
+        let (ret, errno) = match &result {
+            Ok(_) => (0, 0),
+            Err(e) => (-1, e.raw_os_error().unwrap_or(0)),
+        };
+        self.send(&Message::ActionResult {
+            seq,
+            action,
+            ret,
+            errno,
+        });
+        result
+    }
+
+    /// Announces `action` without waiting for a result (a `reboot` that does not return
+    /// on success); returns its sequence number for [`Probe::failed`].
+    pub fn announce(&self, action: Action, arg: u64) -> u32 {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.send(&Message::ActionStart { seq, action, arg });
+        seq
+    }
+
+    /// Reports the failure of an announced action.
+    pub fn failed(&self, seq: u32, action: Action, err: &io::Error) {
+        self.send(&Message::ActionResult {
+            seq,
+            action,
+            ret: -1,
+            errno: err.raw_os_error().unwrap_or(0),
+        });
     }
 }

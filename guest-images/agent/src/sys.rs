@@ -35,8 +35,9 @@ pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
     let name = CString::new(name).map_err(io::Error::other)?;
     // SAFETY: `name` is a NUL-terminated string that outlives the call.
     let fd = check(unsafe { libc::memfd_create(name.as_ptr(), 0) }.into())?;
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
     // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `kexec_file_load(kernel, initrd, cmdline, flags = 0)`: loads the next kernel.
@@ -92,6 +93,9 @@ pub fn affinity_cpus() -> Option<u32> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a writable cpu_set_t of the size passed.
     let ret = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if ret != 0 {
+        return None;
+    }
     // SAFETY: `set` was filled in by the kernel.
-    (ret == 0).then(|| unsafe { libc::CPU_COUNT(&set) } as u32)
+    u32::try_from(unsafe { libc::CPU_COUNT(&set) }).ok()
 }

@@ -12,7 +12,9 @@ use luo_handover::kho::{
     KhoSubtree, ScratchArea, KHO_FDT_COMPATIBLE, MEMORY_MAP_PROP, METADATA_NODE, METADATA_VERSION,
     SUB_TREE_PROP, SUB_TREE_SIZE_PROP,
 };
-use luo_handover::mem::{MemError, SparseMemory, VecMemory, PAGE_SHIFT, PAGE_SIZE};
+use luo_handover::mem::{
+    to_usize, MemError, SparseMemory, VecMemory, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE,
+};
 use luo_handover::radix::{bitmap_index, encode_key, table_index, TREE_DEPTH};
 
 /// Guest memory the fixtures can write.
@@ -88,7 +90,7 @@ impl RadixBuilder {
 
     /// Writes every node; returns the root's address (`preserved-memory-map`).
     pub fn write(&self, mem: &mut impl WriteMem) -> Result<u64, MemError> {
-        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut page = vec![0u8; PAGE_BYTES];
         for (i, n) in self.nodes.iter().enumerate() {
             for (dst, w) in page.chunks_exact_mut(8).zip(n) {
                 dst.copy_from_slice(&w.to_le_bytes());
@@ -133,7 +135,7 @@ pub fn setup_data_bytes(next: u64, kind: u32, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + payload.len());
     v.extend_from_slice(&next.to_le_bytes());
     v.extend_from_slice(&kind.to_le_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
     v.extend_from_slice(payload);
     v
 }
@@ -255,7 +257,7 @@ impl LuoLayout {
                     let p = bump.page();
                     array.push(p);
                     preserved.push((p, 0));
-                    put_u64(&mut chunk_page, 8 + i as usize * 8, p);
+                    put_u64(&mut chunk_page, 8 + to_usize(i) * 8, p);
                 }
                 mem.put(chunk, &chunk_page)?;
                 for (pi, &p) in array.iter().enumerate() {
@@ -266,8 +268,8 @@ impl LuoLayout {
                             break;
                         }
                         let pfn = m.first_pfn + i;
-                        put_u64(&mut page, j as usize * 16, pfn | 3 << 52);
-                        put_u64(&mut page, j as usize * 16 + 8, i);
+                        put_u64(&mut page, to_usize(j) * 16, pfn | 3 << 52);
+                        put_u64(&mut page, to_usize(j) * 16 + 8, i);
                         preserved.push((pfn << PAGE_SHIFT, 0));
                     }
                     mem.put(p, &page)?;
@@ -276,7 +278,7 @@ impl LuoLayout {
                 put_u64(&mut s_page, 8, m.size);
                 put_u64(&mut s_page, 24, m.folios);
                 put_u64(&mut s_page, 32, chunk);
-                s_page[40..44].copy_from_slice(&(array_pages as u32).to_le_bytes());
+                s_page[40..44].copy_from_slice(&u32::try_from(array_pages).unwrap().to_le_bytes());
                 mem.put(ser, &s_page)?;
                 let mut f = vec![0u8; 64];
                 put_str(&mut f, 0, 48, "memfd-v2");
@@ -469,7 +471,7 @@ pub fn tiny_kernel_elf(symbols: &[(&str, u64, bool)]) -> Vec<u8> {
     let mut strtab = vec![0u8];
     let mut symtab = vec![0u8; 24]; // the null symbol
     for &(name, value, global) in symbols {
-        let off = strtab.len() as u32;
+        let off = u32::try_from(strtab.len()).unwrap();
         strtab.extend_from_slice(name.as_bytes());
         strtab.push(0);
         u32le(&mut symtab, off);
@@ -518,7 +520,7 @@ pub fn tiny_kernel_elf(symbols: &[(&str, u64, bool)]) -> Vec<u8> {
     f.extend_from_slice(&symtab);
     f.extend_from_slice(&strtab);
     f.extend_from_slice(&shstrtab);
-    f.resize(shoff as usize, 0);
+    f.resize(to_usize(shoff), 0);
     // Section headers: null, .text (NOBITS), .symtab, .strtab, .shstrtab.
     let mut sh = |name: u32,
                   kind: u32,

@@ -16,8 +16,6 @@ pub const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 pub const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 /// `loadflags` bit: the protected-mode kernel is loaded at 0x100000.
 pub const LOADED_HIGH: u8 = 0x01;
-/// `loadflags` bit: the heap_end_ptr is valid.
-pub const CAN_USE_HEAP: u8 = 0x80;
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
 /// e820 type of reserved memory.
@@ -25,7 +23,7 @@ pub const E820_RESERVED: u32 = 2;
 
 /// Errors of this module.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum BootParamsError {
+pub enum ZeroPageError {
     /// More ranges than the zero page's e820 table holds.
     #[error("the memory map has {0} ranges; the zero page holds at most {max}", max = E820_MAX)]
     TooManyE820Entries(usize),
@@ -34,7 +32,12 @@ pub enum BootParamsError {
     ProtocolTooOld(u16),
     /// An address that must fit in 32 bits does not.
     #[error("{what} at {addr:#x} is above 4 GiB, which the boot protocol cannot express")]
-    Above4G { what: &'static str, addr: u64 },
+    Above4G {
+        /// What.
+        what: &'static str,
+        /// Its address.
+        addr: u64,
+    },
 }
 
 const E820_MAX: usize = 128;
@@ -66,17 +69,17 @@ pub fn e820_entries(map: &[MemoryRange]) -> Vec<boot_e820_entry> {
         .collect()
 }
 
-fn low32(what: &'static str, addr: u64) -> Result<u32, BootParamsError> {
-    u32::try_from(addr).map_err(|_| BootParamsError::Above4G { what, addr })
+fn low32(what: &'static str, addr: u64) -> Result<u32, ZeroPageError> {
+    u32::try_from(addr).map_err(|_| ZeroPageError::Above4G { what, addr })
 }
 
 /// Builds the zero page for the 64-bit boot protocol.
-pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, BootParamsError> {
+pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, ZeroPageError> {
     let hdr = match inputs.header {
         Some(hdr) => {
             let version = hdr.version;
             if version < 0x0206 {
-                return Err(BootParamsError::ProtocolTooOld(version));
+                return Err(ZeroPageError::ProtocolTooOld(version));
             }
             hdr
         }
@@ -94,7 +97,7 @@ pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, BootPar
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.loadflags |= LOADED_HIGH;
     params.hdr.cmd_line_ptr = low32("command line", inputs.cmdline.0)?;
-    params.hdr.cmdline_size = inputs.cmdline.1 as u32;
+    params.hdr.cmdline_size = low32("command line length", inputs.cmdline.1 as u64)?;
     if let Some((addr, size)) = inputs.initrd {
         params.hdr.ramdisk_image = low32("initramfs", addr)?;
         params.hdr.ramdisk_size = low32("initramfs size", size)?;
@@ -102,9 +105,10 @@ pub fn build_boot_params(inputs: &BootInputs<'_>) -> Result<boot_params, BootPar
 
     let entries = e820_entries(inputs.memory_map);
     if entries.len() > E820_MAX {
-        return Err(BootParamsError::TooManyE820Entries(entries.len()));
+        return Err(ZeroPageError::TooManyE820Entries(entries.len()));
     }
-    params.e820_entries = entries.len() as u8;
+    params.e820_entries = u8::try_from(entries.len())
+        .map_err(|_| ZeroPageError::TooManyE820Entries(entries.len()))?;
     params.e820_table[..entries.len()].copy_from_slice(&entries);
     Ok(params)
 }
@@ -171,7 +175,7 @@ mod tests {
         };
         assert_eq!(
             build_boot_params(&old),
-            Err(BootParamsError::ProtocolTooOld(0x0204))
+            Err(ZeroPageError::ProtocolTooOld(0x0204))
         );
     }
 
@@ -198,6 +202,6 @@ mod tests {
             initrd: Some((1 << 33, 4096)),
             memory_map: &map,
         });
-        assert!(matches!(r, Err(BootParamsError::Above4G { .. })));
+        assert!(matches!(r, Err(ZeroPageError::Above4G { .. })));
     }
 }

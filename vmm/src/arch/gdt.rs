@@ -15,6 +15,8 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// Decodes a GDT descriptor at `index` into the segment KVM loads into the vCPU.
 pub fn kvm_segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    // Masked to the descriptor's 20 limit bits: fits in u32.
+    #[allow(clippy::cast_possible_truncation)]
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     // With the granularity bit set the limit counts 4 KiB pages.

@@ -45,6 +45,8 @@ pub fn build_mptable(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
         return Err(MpTableError::VcpuCount(vcpus));
     }
     let ioapic_id = vcpus;
+    // The EBDA is below 1 MiB.
+    #[allow(clippy::cast_possible_truncation)]
     let table_addr = EBDA_START as u32 + 16;
 
     let mut entries = Vec::new();
@@ -75,6 +77,8 @@ pub fn build_mptable(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
 
     let mut table = Vec::with_capacity(44 + entries.len());
     table.extend_from_slice(b"PCMP");
+    // At most MAX_VCPUS processors and a few fixed entries: a few hundred bytes.
+    #[allow(clippy::cast_possible_truncation)]
     let length = (44 + entries.len()) as u16;
     table.extend_from_slice(&length.to_le_bytes());
     table.push(SPEC_REV_1_4);

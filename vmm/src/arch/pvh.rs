@@ -48,7 +48,7 @@ pub fn build_pvh(cmdline_addr: u64, initrd: Option<(u64, u64)>, map: &[MemoryRan
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
-        nr_modules: modules.len() as u32,
+        nr_modules: u32::try_from(modules.len()).unwrap_or(u32::MAX),
         modlist_paddr: if modules.is_empty() {
             0
         } else {
@@ -56,7 +56,7 @@ pub fn build_pvh(cmdline_addr: u64, initrd: Option<(u64, u64)>, map: &[MemoryRan
         },
         cmdline_paddr: cmdline_addr,
         memmap_paddr: PVH_MEMMAP_START,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len()).unwrap_or(u32::MAX),
         ..Default::default()
     };
     PvhBoot {

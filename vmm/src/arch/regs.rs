@@ -64,9 +64,13 @@ pub fn apply_entry_sregs(mode: EntryMode, sregs: &mut kvm_sregs) {
     let tss = kvm_segment_from_gdt(gdt[TSS_INDEX as usize], TSS_INDEX);
 
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+    // Limits of a 4-entry GDT (31) and a one-entry IDT (7).
+    #[allow(clippy::cast_possible_truncation)]
+    {
+        sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+        sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+    }
     sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;

@@ -1,7 +1,7 @@
 //! Guest memory as the handover parsers read it: live (through vm-memory) or a copy
 //! taken at one instant.
 
-use luo_handover::mem::{GuestMemoryRead, MemError};
+use luo_handover::mem::{to_usize, GuestMemoryRead, MemError};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -32,7 +32,7 @@ impl RamSnapshot {
             .iter()
             .map(|r| {
                 let base = r.start_addr().raw_value();
-                let mut bytes = vec![0u8; r.len() as usize];
+                let mut bytes = vec![0u8; to_usize(r.len())];
                 // The region is exactly this long, so the read cannot fall outside it.
                 let _ = memory.read_slice(&mut bytes, GuestAddress(base));
                 (base, bytes)
@@ -53,7 +53,7 @@ impl GuestMemoryRead for RamSnapshot {
             .iter()
             .find(|(base, bytes)| gpa >= *base && gpa - base < bytes.len() as u64)
             .ok_or(out.clone())?;
-        let off = (gpa - base) as usize;
+        let off = to_usize(gpa - base);
         let src = bytes.get(off..off + buf.len()).ok_or(out)?;
         buf.copy_from_slice(src);
         Ok(())

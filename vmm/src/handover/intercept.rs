@@ -6,13 +6,14 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use luo_devices::probe::{ProbeEvent, ProbeMark};
+use luo_devices::ProbeEvent;
 use luo_handover::digest::{DigestVerdict, ExtentDigests};
 use luo_handover::extents::{classify_dirty, DirtyBitmap, DirtyClassification, ExtentSet};
 use luo_handover::kho::ScratchArea;
 use luo_handover::mem::RecordingMemory;
-use luo_handover::timeline::{Mark, Timeline};
+use luo_handover::timeline::Timeline;
 use luo_handover::{Handover, LabelledExtents};
+use luo_protocol::Mark;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -20,20 +21,14 @@ use vm_memory::{
 use super::guest_ram::{LiveRam, RamSnapshot};
 use crate::arch::paging::translate;
 use crate::dirty::{set_slots, take_bitmaps};
-use crate::vm::{BreakpointHandler, RunObserver, StoppedVcpu};
+use crate::options::{Fault, InterceptOptions};
+use crate::vcpu::run::HookAction;
+use crate::vm::{RunObserver, StoppedVcpu};
 
-/// The symbols luo-vmm breaks on, in breakpoint-slot order.
-pub const BREAKPOINT_SYMBOLS: [&str; 3] = ["liveupdate_reboot", "machine_kexec", "start_kernel"];
+/// Breakpoint slots, in the order of the addresses given to [`Interceptor::new`].
 const SLOT_SERIALIZE: usize = 0;
 const SLOT_POINT_OF_NO_RETURN: usize = 1;
 const SLOT_START_KERNEL: usize = 2;
-
-/// A fault luo-vmm injects into the handover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Fault {
-    /// Overwrite the KHO FDT header the next kernel is about to read.
-    CorruptKhoFdt,
-}
 
 /// What the interceptor learned about one handover.
 #[derive(Debug, Default)]
@@ -74,24 +69,6 @@ struct State {
     current: RoundCapture,
 }
 
-/// Options of the interception.
-#[derive(Debug, Clone, Default)]
-pub struct InterceptOptions {
-    /// Save the pages the KHO reader touched at the first next-kernel-start, with what
-    /// was parsed from them, as a test fixture in this directory.
-    pub capture_fixture: Option<std::path::PathBuf>,
-    /// Do not log dirty pages between point-of-no-return and next-kernel-start (the
-    /// in-place proof is then missing; for measuring the interception's own cost).
-    pub no_dirty_log: bool,
-    /// Arm no breakpoints at all: only the agent's marks are timed (for measuring the
-    /// interception's own cost against a run without it).
-    pub no_intercept: bool,
-    /// Compare extent digests taken at point-of-no-return and next-kernel-start.
-    pub verify_digest: bool,
-    /// A fault to inject at next-kernel-start.
-    pub inject: Option<Fault>,
-}
-
 /// Observes the handover; shared between the vCPU threads and the main thread.
 pub struct Interceptor {
     breakpoints: Vec<u64>,
@@ -109,9 +86,19 @@ pub struct Interception {
     pub rounds: Vec<RoundCapture>,
 }
 
+impl Interception {
+    /// Nothing intercepted (a run without a handover).
+    pub fn empty() -> Self {
+        Interception {
+            timeline: Timeline::new(),
+            rounds: Vec::new(),
+        }
+    }
+}
+
 impl Interceptor {
-    /// An interceptor breaking at `breakpoints` (the addresses of [`BREAKPOINT_SYMBOLS`],
-    /// in that order) and reading `boot_params` (the next kernel's symbol) at
+    /// An interceptor breaking at `breakpoints` (the addresses of `liveupdate_reboot`,
+    /// `machine_kexec` and the next kernel's `start_kernel`, in that order) and reading `boot_params` (the next kernel's symbol) at
     /// next-kernel-start.
     pub fn new(breakpoints: [u64; 3], boot_params_va: u64, options: InterceptOptions) -> Self {
         Self {
@@ -204,7 +191,7 @@ impl Interceptor {
                     .map(|r| r.start_addr().raw_value() + r.len())
                     .max()
                     .unwrap_or(0);
-                if let Err(e) = super::fixture::save(dir, &rec, zero_page, size, &h) {
+                if let Err(e) = super::capture::save(dir, &rec, zero_page, size, &h) {
                     log::warn!("cannot save the fixture in {}: {e}", dir.display());
                 }
                 h
@@ -235,10 +222,8 @@ pub fn timeline_from(mut marks: Vec<(Mark, Instant)>, started: Instant) -> Timel
     marks.sort_by_key(|&(_, at)| at);
     let mut timeline = Timeline::new();
     for (mark, at) in marks {
-        timeline.record(
-            mark,
-            at.saturating_duration_since(started).as_nanos() as u64,
-        );
+        let ns = at.saturating_duration_since(started).as_nanos();
+        timeline.record(mark, u64::try_from(ns).unwrap_or(u64::MAX));
     }
     timeline
 }
@@ -268,6 +253,11 @@ fn digest_verdict(
     Ok(a.compare(&b))
 }
 
+/// Nanoseconds since `since`, saturating.
+fn ns_since(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl RunObserver for Interceptor {
     fn breakpoints(&self) -> Vec<u64> {
         if self.options.no_intercept {
@@ -278,25 +268,26 @@ impl RunObserver for Interceptor {
     }
 
     fn on_probe(&self, ev: &ProbeEvent) {
+        let Some(mark) = ev.item.as_ref().ok().and_then(|m| m.mark()) else {
+            return;
+        };
         let mut s = self.lock();
-        match ev.mark {
-            ProbeMark::RebootRequested => {
+        match mark {
+            Mark::RebootRequested => {
                 // The next userspace-up is the next kernel's.
                 s.await_userspace = true;
-                s.marks.push((Mark::RebootRequested, ev.at));
+                s.marks.push((mark, ev.at));
             }
-            ProbeMark::UserspaceUp if s.await_userspace => {
+            Mark::UserspaceUp if s.await_userspace => {
                 s.await_userspace = false;
-                s.marks.push((Mark::UserspaceUp, ev.at));
+                s.marks.push((mark, ev.at));
             }
-            ProbeMark::WorkloadResumed => s.marks.push((Mark::WorkloadResumed, ev.at)),
+            Mark::WorkloadResumed => s.marks.push((mark, ev.at)),
             _ => {}
         }
     }
-}
 
-impl BreakpointHandler for Interceptor {
-    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) {
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) -> HookAction {
         let hit = Instant::now();
         let mut s = self.lock();
         match slot {
@@ -309,14 +300,15 @@ impl BreakpointHandler for Interceptor {
             SLOT_START_KERNEL if s.in_kexec => {
                 s.marks.push((Mark::NextKernelStart, hit));
                 self.next_kernel_start(&at, &mut s);
-                s.current.hook_ns += hit.elapsed().as_nanos() as u64;
+                s.current.hook_ns += ns_since(hit);
                 let done = std::mem::take(&mut s.current);
                 s.rounds.push(done);
-                return;
+                return HookAction::Continue;
             }
             _ => {}
         }
-        s.current.hook_ns += hit.elapsed().as_nanos() as u64;
+        s.current.hook_ns += ns_since(hit);
+        HookAction::Continue
     }
 }
 

@@ -1,163 +1,112 @@
-//! `luo-vmm handover` and `luo-vmm selftest`: a real LUO live update inside the guest,
-//! intercepted and reported from outside.
+//! `luo-vmm handover` and `luo-vmm selftest`: a workload of the guest agent, and, when it
+//! hands over, the LUO live update intercepted and reported from outside.
 
-pub mod fixture;
-pub mod guest_ram;
-pub mod intercept;
-pub mod report;
+pub(crate) mod capture;
+pub(crate) mod guest_ram;
+pub(crate) mod intercept;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use luo_handover::symbols::{KernelSymbols, SymbolError};
+use luo_devices::Gates;
+use luo_handover::symbols::{
+    KernelSymbols, SymbolError, SYM_BOOT_PARAMS, SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC,
+    SYM_START_KERNEL,
+};
+use luo_protocol::workload::Workload;
 use thiserror::Error;
 
-use crate::guest::{run_guest, with_reference_image, GuestError, GuestOutcome, GuestRequest};
-use crate::image::ImageError;
-pub use intercept::{Fault, InterceptOptions, Interceptor, BREAKPOINT_SYMBOLS};
-pub use report::{build_report, RunReport};
+use crate::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
+use crate::options::{GuestOptions, InterceptOptions};
+use crate::report::{build_report, RunReport};
+use crate::vm::RunObserver;
+use intercept::{Interception, Interceptor};
 
-/// Errors of this module.
+/// Errors of running a handover (the report itself is never an error).
 #[derive(Debug, Error)]
-pub enum HandoverError {
-    /// The reference image.
-    #[error(transparent)]
-    Image(#[from] ImageError),
+pub enum HandoverRunError {
     /// Running the guest.
     #[error(transparent)]
     Guest(#[from] GuestError),
     /// Reading a kernel's symbols.
     #[error("{path}: {source}")]
-    Symbols { path: PathBuf, source: SymbolError },
+    Symbols {
+        /// The vmlinux.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: SymbolError,
+    },
     /// Reading a kernel file.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The vmlinux.
         path: PathBuf,
-        source: std::io::Error,
-    },
-    /// Writing the JSON report.
-    #[error("cannot write the JSON report to {path}: {source}")]
-    Json {
-        path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
 }
 
-/// What the guest agent is asked to do across the handover.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Workload {
-    /// Our agent's sessions of preserved memfds.
-    Memfds {
-        /// Sessions.
-        sessions: u32,
-        /// memfds per session.
-        files: u32,
-        /// Bytes per memfd.
-        memfd_size: u64,
-        /// Consecutive handovers.
-        repeat: u32,
-    },
-    /// One of the kernel's own LUO selftests (tools/testing/selftests/liveupdate).
-    Selftest(String),
-}
-
-impl Workload {
-    /// The agent's parameters on the kernel command line.
-    pub fn cmdline(&self) -> String {
-        match self {
-            Workload::Memfds {
-                sessions,
-                files,
-                memfd_size,
-                repeat,
-            } => format!(
-                "liveupdate=1 luo.mode=handover luo.sessions={sessions} luo.files={files} luo.memfd_size={memfd_size} luo.repeat={repeat}"
-            ),
-            Workload::Selftest(name) => format!("liveupdate=1 luo.mode=selftest:{name}"),
-        }
-    }
-}
-
-/// A handover run.
-#[derive(Debug, Clone)]
-pub struct HandoverRequest {
-    /// The guest (kernel, initrd, memory, vCPUs, ...).
-    pub guest: GuestRequest,
-    /// vmlinux of the next kernel, for its symbols (default: the first kernel's).
-    pub next_vmlinux: Option<PathBuf>,
-    /// What the agent does.
-    pub workload: Workload,
-    /// Interception options.
-    pub intercept: InterceptOptions,
-}
-
-fn symbols(path: &Path) -> Result<KernelSymbols, HandoverError> {
-    let data = std::fs::read(path).map_err(|source| HandoverError::Io {
+fn symbols(path: &Path) -> Result<KernelSymbols, HandoverRunError> {
+    let data = std::fs::read(path).map_err(|source| HandoverRunError::Io {
         path: path.into(),
         source,
     })?;
-    KernelSymbols::from_elf(&data).map_err(|source| HandoverError::Symbols {
+    KernelSymbols::from_elf(&data).map_err(|source| HandoverRunError::Symbols {
         path: path.into(),
         source,
     })
 }
 
-fn address(syms: &KernelSymbols, path: &Path, name: &str) -> Result<u64, HandoverError> {
-    syms.address(name).map_err(|source| HandoverError::Symbols {
-        path: path.into(),
-        source,
-    })
+fn address(syms: &KernelSymbols, path: &Path, name: &str) -> Result<u64, HandoverRunError> {
+    syms.address(name)
+        .map_err(|source| HandoverRunError::Symbols {
+            path: path.into(),
+            source,
+        })
 }
 
-/// Runs the handover and builds its report.
-pub fn run_handover(req: &HandoverRequest) -> Result<(GuestOutcome, RunReport), HandoverError> {
-    let (guest, image) = with_reference_image(&req.guest)?;
-    let vmlinux = guest.kernel.clone().unwrap_or_default();
-    let next = req.next_vmlinux.clone().unwrap_or_else(|| vmlinux.clone());
-    let (first, second) = (symbols(&vmlinux)?, symbols(&next)?);
+/// The interceptor for `guest`'s kernel (and the next kernel's symbols, when given).
+fn interceptor(
+    guest: &ResolvedGuest,
+    intercept: &InterceptOptions,
+) -> Result<Interceptor, HandoverRunError> {
+    let vmlinux = &guest.kernel;
+    let next = intercept.next_kernel.as_ref().unwrap_or(vmlinux);
+    let (first, second) = (symbols(vmlinux)?, symbols(next)?);
     let bps = [
-        address(&first, &vmlinux, BREAKPOINT_SYMBOLS[0])?,
-        address(&first, &vmlinux, BREAKPOINT_SYMBOLS[1])?,
-        address(&second, &next, BREAKPOINT_SYMBOLS[2])?,
+        address(&first, vmlinux, SYM_LIVEUPDATE_REBOOT)?,
+        address(&first, vmlinux, SYM_MACHINE_KEXEC)?,
+        address(&second, next, SYM_START_KERNEL)?,
     ];
-    let boot_params = address(&second, &next, "boot_params")?;
-    let interceptor = Arc::new(Interceptor::new(bps, boot_params, req.intercept.clone()));
-    let mut outcome = run_guest(&guest, &req.workload.cmdline(), Some(interceptor.clone()))?;
-    outcome.image = outcome.image.or(image);
-    let interception = interceptor.finish(outcome.started);
-    let report = build_report(&outcome, interception, req);
+    let boot_params = address(&second, next, SYM_BOOT_PARAMS)?;
+    Ok(Interceptor::new(bps, boot_params, intercept.clone()))
+}
+
+/// Runs `workload` in `guest` and builds its report. A workload that hands over runs
+/// intercepted (unless `--no-intercept`); one that does not (a single-stage selftest)
+/// runs without breakpoints and its report has no rounds.
+pub(crate) fn run_workload(
+    opts: &GuestOptions,
+    guest: &ResolvedGuest,
+    intercept: &InterceptOptions,
+    workload: Workload,
+) -> Result<(GuestOutcome, RunReport), HandoverRunError> {
+    let interceptor = if workload.hands_over() {
+        Some(Arc::new(interceptor(guest, intercept)?))
+    } else {
+        None
+    };
+    let observer = interceptor.clone().map(|i| i as Arc<dyn RunObserver>);
+    let outcome = run_guest(
+        opts,
+        guest,
+        &workload.kernel_params(),
+        observer,
+        Gates::default(),
+    )?;
+    let interception = interceptor
+        .map(|i| i.finish(outcome.started))
+        .unwrap_or_else(Interception::empty);
+    let report = build_report(&outcome, interception, opts, guest, workload);
     Ok((outcome, report))
-}
-
-/// Writes `report` as JSON to `path`.
-pub fn write_json(report: &RunReport, path: &Path) -> Result<(), HandoverError> {
-    let json =
-        serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-    std::fs::write(path, json + "\n").map_err(|source| HandoverError::Json {
-        path: path.into(),
-        source,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workload_command_lines() {
-        let w = Workload::Memfds {
-            sessions: 3,
-            files: 2,
-            memfd_size: 8 << 20,
-            repeat: 1,
-        };
-        assert_eq!(
-            w.cmdline(),
-            "liveupdate=1 luo.mode=handover luo.sessions=3 luo.files=2 luo.memfd_size=8388608 luo.repeat=1"
-        );
-        assert_eq!(
-            Workload::Selftest("luo_kexec_simple".into()).cmdline(),
-            "liveupdate=1 luo.mode=selftest:luo_kexec_simple"
-        );
-    }
 }

@@ -1,53 +1,13 @@
-//! `luo-vmm report`: many handover JSON reports turned into one table and one picture
-//! (blackout per phase, stacked, for each run), both built by pure functions.
+//! `luo-vmm report`: many run reports turned into one table and one picture (blackout
+//! per phase, stacked, for each run), both built by pure functions.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use luo_handover::timeline::{human_bytes, human_duration, HandoverReport};
-use serde::Deserialize;
-use thiserror::Error;
+use luo_handover::timeline::{human_bytes, human_duration};
+use luo_protocol::workload::{AgentConfig, Workload};
 
-/// Errors of this module.
-#[derive(Debug, Error)]
-pub enum SummaryError {
-    /// A report could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// A report is not a luo-vmm handover report.
-    #[error("{path} is not a luo-vmm handover report: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    /// Writing the picture failed.
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// The parts of a `luo-vmm handover --json` report the summary needs.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SavedReport {
-    /// Every handover of the run.
-    pub rounds: Vec<HandoverReport>,
-    /// What ran.
-    pub run: SavedRun,
-}
-
-/// The run parameters of a saved report.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SavedRun {
-    /// The workload's kernel parameters (`luo.sessions=...`).
-    pub workload: String,
-    /// `hardware` or `emulated`.
-    pub kvm: String,
-}
+use super::{read_json, ReportError, RunReport};
 
 /// One run, averaged over its handovers.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,24 +26,13 @@ pub struct RunSummary {
     pub kvm: String,
 }
 
-fn param(workload: &str, key: &str) -> Option<u64> {
-    workload
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
-
 /// Averages one report's handovers.
-pub fn summarize(report: &SavedReport) -> RunSummary {
-    let w = &report.run.workload;
-    let (sessions, files, size) = (
-        param(w, "luo.sessions").unwrap_or(1),
-        param(w, "luo.files").unwrap_or(1),
-        param(w, "luo.memfd_size").unwrap_or(0),
-    );
-    let complete: Vec<&HandoverReport> = report
+pub fn summarize(report: &RunReport) -> RunSummary {
+    let workload = AgentConfig::parse(&report.run.workload).map(|c| c.workload);
+    let complete: Vec<_> = report
         .rounds
         .iter()
+        .map(|r| &r.handover)
         .filter(|r| r.blackout_ns.is_some())
         .collect();
     let n = complete.len().max(1) as u64;
@@ -91,7 +40,7 @@ pub fn summarize(report: &SavedReport) -> RunSummary {
     for r in &complete {
         for p in &r.phases {
             match phases.iter_mut().find(|(name, _)| *name == p.name) {
-                Some((_, sum)) => *sum += p.duration_ns,
+                Some((_, sum)) => *sum = sum.saturating_add(p.duration_ns),
                 None => phases.push((p.name.clone(), p.duration_ns)),
             }
         }
@@ -99,37 +48,39 @@ pub fn summarize(report: &SavedReport) -> RunSummary {
     for (_, sum) in &mut phases {
         *sum /= n;
     }
-    let mode = w
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("luo.mode="))
-        .unwrap_or("handover");
-    let label = match mode {
-        "handover" => format!("{sessions}x{files}x{}", human_bytes(size).replace(' ', "")),
-        other => other.to_owned(),
+    let (label, bytes) = match workload {
+        Ok(Workload::Handover(m)) => (
+            format!(
+                "{}x{}x{}",
+                m.sessions,
+                m.files,
+                human_bytes(m.memfd_size).replace(' ', "")
+            ),
+            m.total_bytes(),
+        ),
+        Ok(Workload::Selftest(t)) => (t.name().to_owned(), 0),
+        Ok(Workload::Boot) => ("boot".to_owned(), 0),
+        Err(e) => (format!("unknown workload ({e})"), 0),
     };
     RunSummary {
         label,
-        bytes: sessions * files * size,
+        bytes,
         handovers: complete.len(),
-        blackout_ns: complete.iter().filter_map(|r| r.blackout_ns).sum::<u64>() / n,
+        blackout_ns: complete
+            .iter()
+            .filter_map(|r| r.blackout_ns)
+            .fold(0u64, u64::saturating_add)
+            / n,
         phases,
         kvm: report.run.kvm.clone(),
     }
 }
 
 /// Reads and summarises report files, ordered by preserved bytes.
-pub fn load(paths: &[PathBuf]) -> Result<Vec<RunSummary>, SummaryError> {
+pub fn load(paths: &[PathBuf]) -> Result<Vec<RunSummary>, ReportError> {
     let mut out = Vec::new();
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|source| SummaryError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let report: SavedReport =
-            serde_json::from_str(&text).map_err(|source| SummaryError::Parse {
-                path: path.clone(),
-                source,
-            })?;
+        let report = read_json(path)?;
         let mut run = summarize(&report);
         // The file's name says what the workload alone does not (e.g. "1M-no-intercept").
         if let Some(stem) = path.file_stem() {
@@ -177,6 +128,14 @@ fn phase_names(runs: &[RunSummary]) -> Vec<String> {
     names
 }
 
+/// A duration computed in `f64` for the picture, back in whole nanoseconds.
+fn ns_of(v: f64) -> u64 {
+    // Scaled sums of u64 durations: finite and non-negative; `as` saturates.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let ns = v.round() as u64;
+    ns
+}
+
 /// Horizontal distance between bars in the picture.
 const BAR_PITCH: f64 = 150.0;
 
@@ -222,7 +181,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
             s,
             r#"<text x="{}" y="{y:.1}" text-anchor="end">{}</text>"#,
             left - 6.0,
-            human_duration(v as u64)
+            human_duration(ns_of(v))
         );
     }
     for (i, r) in runs.iter().enumerate() {
@@ -236,7 +195,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
                 r#"<rect x="{x}" y="{y:.1}" width="70" height="{d:.1}" fill="{}"><title>{}: {}</title></rect>"#,
                 COLOURS[k % COLOURS.len()],
                 xml_escape(n),
-                human_duration((d / scale) as u64)
+                human_duration(ns_of(d / scale))
             );
         }
         let _ = writeln!(
@@ -277,8 +236,8 @@ fn xml_escape(t: &str) -> String {
 }
 
 /// Writes the SVG.
-pub fn write_svg(path: &Path, content: &str) -> Result<(), SummaryError> {
-    std::fs::write(path, content).map_err(|source| SummaryError::Write {
+pub fn write_svg(path: &Path, content: &str) -> Result<(), ReportError> {
+    std::fs::write(path, content).map_err(|source| ReportError::Io {
         path: path.into(),
         source,
     })
@@ -287,33 +246,73 @@ pub fn write_svg(path: &Path, content: &str) -> Result<(), SummaryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use luo_handover::timeline::{HandoverReport, Phase};
 
-    fn report(size: u64, blackouts: &[(u64, u64)]) -> SavedReport {
+    fn report(size: u64, blackouts: &[(u64, u64)]) -> RunReport {
         let rounds = blackouts
             .iter()
-            .map(|&(a, b)| HandoverReport {
-                blackout_ns: Some(a + b),
-                phases: vec![
-                    luo_handover::timeline::Phase {
-                        name: "kexec-jump".into(),
-                        t_ns: 0,
-                        duration_ns: a,
-                    },
-                    luo_handover::timeline::Phase {
-                        name: "kernel-boot".into(),
-                        t_ns: a,
-                        duration_ns: b,
-                    },
-                ],
-                ..Default::default()
+            .map(|&(a, b)| super::super::RoundReport {
+                handover: HandoverReport {
+                    blackout_ns: Some(a + b),
+                    phases: vec![
+                        Phase {
+                            name: "kexec-jump".into(),
+                            t_ns: 0,
+                            duration_ns: a,
+                        },
+                        Phase {
+                            name: "kernel-boot".into(),
+                            t_ns: a,
+                            duration_ns: b,
+                        },
+                    ],
+                    ..Default::default()
+                },
+                marks: vec![],
+                extent_list: vec![],
+                hook_ns: 0,
+                cpus_online: super::super::CpusOnline {
+                    vcpus: 1,
+                    before: Some(1),
+                    after: Some(1),
+                },
+                inventory: None,
+                checked: None,
+                selftest: None,
+                failed_actions: vec![],
+                injected: None,
+                errors: vec![],
+                agent_ok: true,
+                verified: true,
             })
             .collect();
-        SavedReport {
-            rounds,
-            run: SavedRun {
-                workload: format!("liveupdate=1 luo.mode=handover luo.sessions=2 luo.files=1 luo.memfd_size={size} luo.repeat=2"),
+        RunReport {
+            run: super::super::RunInfo {
                 kvm: "emulated".into(),
+                kernel: None,
+                vcpus: 1,
+                mem_bytes: 512 << 20,
+                workload: Workload::Handover(luo_protocol::workload::Memfds {
+                    sessions: 2,
+                    files: 1,
+                    memfd_size: size,
+                    repeat: 2,
+                })
+                .kernel_params(),
             },
+            rounds,
+            selftests: vec![],
+            agent: super::super::AgentSummary {
+                cpus_online: Some(1),
+                verdict: Some("pass".into()),
+                errno: 0,
+                messages: 0,
+                decode_errors: 0,
+                dropped: 0,
+            },
+            guest_ok: true,
+            errors: vec![],
+            verified: true,
         }
     }
 
@@ -330,6 +329,22 @@ mod tests {
         assert_eq!(s.label, "2x1x1.0MiB");
         let t = table(std::slice::from_ref(&s));
         assert!(t.contains("kexec-jump") && t.contains("2x1x1.0MiB"));
+        // Durations near u64::MAX do not overflow.
+        let big = summarize(&report(
+            1,
+            &[(u64::MAX / 2, u64::MAX / 2), (u64::MAX / 2, 1)],
+        ));
+        assert_eq!(big.handovers, 2);
+    }
+
+    #[test]
+    fn reports_written_are_read_back() {
+        let r = report(1 << 20, &[(100, 300)]);
+        let path = std::env::temp_dir().join(format!("luo-report-{}.json", std::process::id()));
+        super::super::write_json(&r, &path).unwrap();
+        let back = read_json(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

@@ -1,5 +1,10 @@
-//! One vCPU: its initial state, its run loop, and the mapping of each KVM exit to a
-//! small [`ExitEvent`] through one function that tests can feed with fake exits.
+//! One vCPU: its initial state, the mapping of each KVM exit to a small [`ExitEvent`]
+//! through one function that tests feed with fake exits, and (in the submodules) its run
+//! loop, the breakpoint step-over state machine, and how the VMM stops and holds it.
+
+pub(crate) mod control;
+pub(crate) mod run;
+pub(crate) mod stepper;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -13,6 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::cpuid::adjust_for_vcpu;
 use crate::arch::paging::translate;
 use crate::arch::regs::{apply_entry_sregs, entry_regs, initial_fpu, EntryMode};
+use crate::debug::guest_debug;
+use run::VcpuBackend;
+use stepper::Arming;
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -20,15 +28,18 @@ pub enum VcpuError {
     /// A KVM ioctl on the vCPU failed.
     #[error("vCPU {id}: {what}: {source}")]
     Kvm {
+        /// The vCPU.
         id: u8,
+        /// The ioctl.
         what: &'static str,
+        /// Its error.
         source: kvm_ioctls::Error,
     },
 }
 
 /// What a KVM exit means for the run loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitEvent {
+pub(crate) enum ExitEvent {
     /// Handled; run again.
     Continue,
     /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
@@ -39,15 +50,20 @@ pub enum ExitEvent {
     FailEntry(u64),
     /// `KVM_EXIT_SYSTEM_EVENT` (reset or shutdown requested through PSCI-like paths).
     SystemEvent(u32),
-    /// A hardware breakpoint or single step (`KVM_EXIT_DEBUG`) at this guest RIP.
-    Debug { pc: u64, dr6: u64 },
+    /// A hardware breakpoint or single step (`KVM_EXIT_DEBUG`).
+    Debug {
+        /// Guest RIP.
+        pc: u64,
+        /// DR6: which breakpoint, or a single step.
+        dr6: u64,
+    },
     /// An exit luo-vmm does not expect.
     Unexpected(String),
 }
 
 /// Maps one exit to an event, routing port I/O through `bus`. MMIO has no devices here:
 /// reads return all ones, writes are dropped.
-pub fn handle_exit(exit: VcpuExit<'_>, bus: &PioBus) -> ExitEvent {
+pub(crate) fn handle_exit(exit: VcpuExit<'_>, bus: &PioBus) -> ExitEvent {
     match exit {
         VcpuExit::IoOut(port, data) => {
             if !bus.write(port, data) {
@@ -84,8 +100,8 @@ pub fn handle_exit(exit: VcpuExit<'_>, bus: &PioBus) -> ExitEvent {
     }
 }
 
-/// A vCPU with the guest memory and bus it works on.
-pub struct Vcpu {
+/// A vCPU with the guest memory it works on.
+pub(crate) struct Vcpu {
     /// Index, which is also its APIC ID.
     pub id: u8,
     /// The KVM file descriptor.
@@ -187,14 +203,33 @@ impl Vcpu {
     }
 }
 
+impl VcpuBackend for Vcpu {
+    fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn run(&mut self, bus: &PioBus) -> Result<ExitEvent, kvm_ioctls::Error> {
+        self.fd.run().map(|exit| handle_exit(exit, bus))
+    }
+
+    fn set_debug(&self, addrs: &[u64], arming: Arming) -> Result<(), kvm_ioctls::Error> {
+        self.fd
+            .set_guest_debug(&guest_debug(addrs, arming.skip, arming.single_step))
+    }
+
+    fn dump(&self) -> String {
+        Vcpu::dump(self)
+    }
+}
+
 fn set_lapic_reg(regs: &mut [std::os::raw::c_char; 1024], offset: usize, value: u32) {
     for (i, b) in value.to_le_bytes().iter().enumerate() {
-        regs[offset + i] = *b as std::os::raw::c_char;
+        regs[offset + i] = std::os::raw::c_char::from_ne_bytes([*b]);
     }
 }
 
 /// Formats the registers that matter when a guest dies.
-pub fn format_regs(id: u8, r: &kvm_regs, s: &kvm_sregs) -> String {
+pub(crate) fn format_regs(id: u8, r: &kvm_regs, s: &kvm_sregs) -> String {
     format!(
         "vCPU {id}: rip={:#018x} rsp={:#018x} rflags={:#x}\n  \
          rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}\n  \

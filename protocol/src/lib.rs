@@ -1,0 +1,33 @@
+//! `luo-protocol`: the one contract between luo-vmm and its guest agent.
+//!
+//! Everything both sides must agree on lives here, once:
+//!
+//! - [`probe`]: the probe device's I/O ports, its read registers (signature, version,
+//!   gates) and the frame format of what the agent writes;
+//! - [`message`]: what a frame carries (marks, the agent's verdict, a selftest's exit
+//!   status and TAP counts, the online CPU count, the stage-1 inventory, actions
+//!   announced with their result, gates) and its byte encoding, with the one decoder the
+//!   VMM runs on hostile guest bytes;
+//! - [`mark`]: the six marks of a handover, the one `Mark` type of the project;
+//! - [`workload`]: what the agent is asked to do, its bounds, and its `luo.*` kernel
+//!   command-line form (one renderer, one parser);
+//! - [`tap`]: counting a kselftest's TAP output in the guest.
+//!
+//! The crate has no dependencies (the agent links it into the guest's static `/init`) and
+//! no `unsafe`. docs/protocol.md has the whole protocol in one table.
+
+#![forbid(unsafe_code)]
+
+pub mod mark;
+pub mod message;
+pub mod probe;
+pub mod tap;
+pub mod workload;
+
+pub use mark::Mark;
+pub use message::{
+    Action, DecodeError, ExitStatus, Message, Outcome, SelftestResult, SessionName, Step, Verdict,
+};
+pub use probe::{Decoder, Feed, Frame, Gate};
+pub use tap::TapCounts;
+pub use workload::{AgentConfig, Memfds, Progress, Selftest, Stage, Workload, WorkloadError};

@@ -1,0 +1,949 @@
+//! What the agent tells the VMM: one [`Message`] per frame, its kind byte and payload.
+//!
+//! Payload fields are little-endian and fixed-size, except a session name, which is the
+//! rest of its payload. Each kind has exactly one payload length (a name: a range); a
+//! frame of the wrong length, an unknown kind, or a field value outside its enum is a
+//! [`DecodeError`], never a panic. The table of docs/protocol.md lists every kind.
+
+use std::fmt;
+
+use crate::mark::Mark;
+use crate::probe::{Frame, Gate, MAX_PAYLOAD};
+use crate::tap::TapCounts;
+use crate::workload::Stage;
+
+/// Longest LUO session name in bytes (`LIVEUPDATE_SESSION_NAME_LENGTH` less its NUL).
+pub const MAX_SESSION_NAME: usize = 63;
+
+/// Message kinds (the first byte of a frame).
+pub mod kind {
+    /// [`super::Message::UserspaceUp`].
+    pub const USERSPACE_UP: u8 = 0x01;
+    /// [`super::Message::RebootRequested`].
+    pub const REBOOT_REQUESTED: u8 = 0x02;
+    /// [`super::Message::WorkloadResumed`].
+    pub const WORKLOAD_RESUMED: u8 = 0x03;
+    /// [`super::Message::Boot`].
+    pub const BOOT: u8 = 0x04;
+    /// [`super::Message::Verdict`].
+    pub const VERDICT: u8 = 0x10;
+    /// [`super::Message::Verified`].
+    pub const VERIFIED: u8 = 0x11;
+    /// [`super::Message::Selftest`].
+    pub const SELFTEST: u8 = 0x12;
+    /// [`super::Message::InventorySession`].
+    pub const INVENTORY_SESSION: u8 = 0x20;
+    /// [`super::Message::InventoryFile`].
+    pub const INVENTORY_FILE: u8 = 0x21;
+    /// [`super::Message::InventoryEnd`].
+    pub const INVENTORY_END: u8 = 0x22;
+    /// [`super::Message::ActionStart`].
+    pub const ACTION_START: u8 = 0x30;
+    /// [`super::Message::ActionResult`].
+    pub const ACTION_RESULT: u8 = 0x31;
+    /// [`super::Message::GateWait`].
+    pub const GATE_WAIT: u8 = 0x40;
+    /// [`super::Message::GatePassed`].
+    pub const GATE_PASSED: u8 = 0x41;
+}
+
+/// Whether the agent's work passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything the agent was asked to do passed.
+    Pass,
+    /// Something failed; [`Verdict::step`] says what.
+    Fail,
+}
+
+/// Where the agent's work failed (or [`Step::None`] when it passed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing failed.
+    None,
+    /// The `luo.*` command line is wrong.
+    Config,
+    /// `open("/dev/liveupdate")`.
+    OpenLuo,
+    /// `LIVEUPDATE_IOCTL_CREATE_SESSION`.
+    CreateSession,
+    /// `memfd_create` or `ftruncate`.
+    Memfd,
+    /// Writing a memfd's pattern.
+    Write,
+    /// `LIVEUPDATE_SESSION_PRESERVE_FD`.
+    Preserve,
+    /// `kexec_file_load`.
+    KexecLoad,
+    /// `reboot(LINUX_REBOOT_CMD_KEXEC)` returned.
+    Reboot,
+    /// `LIVEUPDATE_IOCTL_RETRIEVE_SESSION`.
+    RetrieveSession,
+    /// `LIVEUPDATE_SESSION_RETRIEVE_FD`.
+    RetrieveFd,
+    /// A retrieved memfd has the wrong size.
+    Size,
+    /// A retrieved memfd's bytes differ from the pattern.
+    Data,
+    /// `LIVEUPDATE_SESSION_FINISH`.
+    Finish,
+    /// A selftest failed or could not run.
+    Selftest,
+    /// A gate stayed closed past the agent's limit.
+    Gate,
+    /// The agent panicked.
+    Panic,
+}
+
+impl Step {
+    const ALL: [Step; 17] = [
+        Step::None,
+        Step::Config,
+        Step::OpenLuo,
+        Step::CreateSession,
+        Step::Memfd,
+        Step::Write,
+        Step::Preserve,
+        Step::KexecLoad,
+        Step::Reboot,
+        Step::RetrieveSession,
+        Step::RetrieveFd,
+        Step::Size,
+        Step::Data,
+        Step::Finish,
+        Step::Selftest,
+        Step::Gate,
+        Step::Panic,
+    ];
+
+    /// The wire code.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The step with wire code `code`.
+    pub fn from_code(code: u8) -> Option<Step> {
+        Step::ALL.get(usize::from(code)).copied()
+    }
+
+    /// A kebab-case name for reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Step::None => "none",
+            Step::Config => "config",
+            Step::OpenLuo => "open-luo",
+            Step::CreateSession => "create-session",
+            Step::Memfd => "memfd",
+            Step::Write => "write",
+            Step::Preserve => "preserve",
+            Step::KexecLoad => "kexec-load",
+            Step::Reboot => "reboot",
+            Step::RetrieveSession => "retrieve-session",
+            Step::RetrieveFd => "retrieve-fd",
+            Step::Size => "size",
+            Step::Data => "data",
+            Step::Finish => "finish",
+            Step::Selftest => "selftest",
+            Step::Gate => "gate",
+            Step::Panic => "panic",
+        }
+    }
+}
+
+/// The agent's final word on a boot's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Pass or fail.
+    pub outcome: Outcome,
+    /// What failed ([`Step::None`] on a pass).
+    pub step: Step,
+    /// The errno of the failed call, 0 when there is none.
+    pub errno: i32,
+}
+
+impl Verdict {
+    /// A pass.
+    pub const PASS: Verdict = Verdict {
+        outcome: Outcome::Pass,
+        step: Step::None,
+        errno: 0,
+    };
+
+    /// A failure at `step` with `errno` (0 when no system call failed).
+    pub const fn fail(step: Step, errno: i32) -> Verdict {
+        Verdict {
+            outcome: Outcome::Fail,
+            step,
+            errno,
+        }
+    }
+
+    /// Whether it is a pass.
+    pub fn passed(&self) -> bool {
+        self.outcome == Outcome::Pass
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `exit(code)`.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// Exited with 0.
+    pub fn success(&self) -> bool {
+        *self == ExitStatus::Exited(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Exited(c) => write!(f, "exit status {c}"),
+            ExitStatus::Signaled(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// One run of a kernel selftest binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelftestResult {
+    /// `--stage` it ran with; `None` for a single-stage test.
+    pub stage: Option<Stage>,
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Its TAP counts.
+    pub tap: TapCounts,
+}
+
+/// Something the agent does that the VMM may want to see begin and end (the LUO uAPI,
+/// kexec, a selftest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `LIVEUPDATE_IOCTL_CREATE_SESSION`; arg: session index.
+    CreateSession,
+    /// `LIVEUPDATE_IOCTL_RETRIEVE_SESSION`; arg: session index.
+    RetrieveSession,
+    /// `LIVEUPDATE_SESSION_PRESERVE_FD`; arg: token.
+    PreserveFd,
+    /// `LIVEUPDATE_SESSION_RETRIEVE_FD`; arg: token.
+    RetrieveFd,
+    /// `LIVEUPDATE_SESSION_FINISH`; arg: session index.
+    FinishSession,
+    /// `close()` of a session fd; arg: session index.
+    CloseSession,
+    /// `kexec_file_load`; arg: 0.
+    KexecLoad,
+    /// `reboot(LINUX_REBOOT_CMD_KEXEC)`; arg: 0. Its result only comes if it failed.
+    Reboot,
+}
+
+impl Action {
+    const ALL: [Action; 8] = [
+        Action::CreateSession,
+        Action::RetrieveSession,
+        Action::PreserveFd,
+        Action::RetrieveFd,
+        Action::FinishSession,
+        Action::CloseSession,
+        Action::KexecLoad,
+        Action::Reboot,
+    ];
+
+    /// The wire code (1-based; 0 is never an action).
+    pub const fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// The action with wire code `code`.
+    pub fn from_code(code: u8) -> Option<Action> {
+        Action::ALL.get(usize::from(code.checked_sub(1)?)).copied()
+    }
+
+    /// A kebab-case name for reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::CreateSession => "create-session",
+            Action::RetrieveSession => "retrieve-session",
+            Action::PreserveFd => "preserve-fd",
+            Action::RetrieveFd => "retrieve-fd",
+            Action::FinishSession => "finish-session",
+            Action::CloseSession => "close-session",
+            Action::KexecLoad => "kexec-load",
+            Action::Reboot => "reboot",
+        }
+    }
+}
+
+/// A LUO session name: 1 to [`MAX_SESSION_NAME`] bytes of UTF-8 without NUL.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionName(pub(crate) String);
+
+impl SessionName {
+    /// Checks `name`.
+    pub fn new(name: &str) -> Option<SessionName> {
+        (!name.is_empty() && name.len() <= MAX_SESSION_NAME && !name.contains('\0'))
+            .then(|| SessionName(name.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One message from the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Mark `userspace-up`: the agent runs (every boot), with the online CPU count.
+    UserspaceUp {
+        /// CPUs online (`/sys/devices/system/cpu/online`).
+        cpus_online: u16,
+    },
+    /// Mark `reboot-requested`: `reboot(KEXEC)` follows.
+    RebootRequested,
+    /// Mark `workload-resumed`: stage 2 retrieved and verified everything.
+    WorkloadResumed,
+    /// What this boot is in the agent's work (sent once the command line parsed).
+    Boot {
+        /// Before (1) or after (2) a handover.
+        stage: Stage,
+        /// Handovers done before this boot.
+        round: u32,
+    },
+    /// The agent's verdict, just before its final reboot.
+    Verdict(Verdict),
+    /// Stage 2 checked every byte it had preserved.
+    Verified {
+        /// Sessions retrieved.
+        sessions: u32,
+        /// memfds retrieved, over all sessions.
+        files: u32,
+        /// Bytes checked.
+        bytes: u64,
+    },
+    /// A selftest binary ended.
+    Selftest(SelftestResult),
+    /// Stage-1 inventory: a session the agent preserved.
+    InventorySession {
+        /// The session's index in the workload.
+        session: u32,
+        /// Its LUO name.
+        name: SessionName,
+    },
+    /// Stage-1 inventory: a file the agent preserved.
+    InventoryFile {
+        /// Index of its session.
+        session: u32,
+        /// Its LUO token.
+        token: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Stage-1 inventory complete: totals of what was sent before it.
+    InventoryEnd {
+        /// Sessions.
+        sessions: u32,
+        /// Files.
+        files: u32,
+        /// Bytes.
+        bytes: u64,
+    },
+    /// The agent is about to do `action`.
+    ActionStart {
+        /// The agent's sequence number, shared by the result.
+        seq: u32,
+        /// What.
+        action: Action,
+        /// Its argument (see [`Action`]).
+        arg: u64,
+    },
+    /// `action` returned.
+    ActionResult {
+        /// Sequence number of its [`Message::ActionStart`].
+        seq: u32,
+        /// What.
+        action: Action,
+        /// Return value (-1 on failure for system calls).
+        ret: i64,
+        /// errno, 0 on success.
+        errno: i32,
+    },
+    /// The agent waits at a gate (it polls the gate's register).
+    GateWait(Gate),
+    /// The agent saw the gate open and went on.
+    GatePassed(Gate),
+}
+
+/// Why bytes written to the probe are not a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// A new frame began before this one was complete.
+    Truncated {
+        /// Kind byte of the unfinished frame.
+        kind: u8,
+        /// Bytes it had.
+        got: usize,
+    },
+    /// A byte at an offset that is not the next one.
+    OutOfSequence {
+        /// Window offset written.
+        offset: usize,
+        /// Offset expected.
+        expected: usize,
+    },
+    /// A payload length that does not fit the window.
+    TooLong {
+        /// Kind byte.
+        kind: u8,
+        /// Declared payload length.
+        len: usize,
+    },
+    /// A kind byte no message has.
+    UnknownKind(u8),
+    /// A payload of the wrong length for its kind.
+    BadLength {
+        /// Kind byte.
+        kind: u8,
+        /// Payload length.
+        len: usize,
+    },
+    /// A field outside its range.
+    BadField {
+        /// Kind byte.
+        kind: u8,
+        /// Which field.
+        field: &'static str,
+        /// Its value.
+        value: i64,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Truncated { kind, got } => {
+                write!(f, "frame of kind {kind:#04x} cut after {got} bytes")
+            }
+            DecodeError::OutOfSequence { offset, expected } => {
+                write!(f, "byte at offset {offset}, expected offset {expected}")
+            }
+            DecodeError::TooLong { kind, len } => {
+                write!(
+                    f,
+                    "kind {kind:#04x}: payload of {len} bytes exceeds {MAX_PAYLOAD}"
+                )
+            }
+            DecodeError::UnknownKind(k) => write!(f, "unknown message kind {k:#04x}"),
+            DecodeError::BadLength { kind, len } => {
+                write!(
+                    f,
+                    "kind {kind:#04x}: payload of {len} bytes is the wrong size"
+                )
+            }
+            DecodeError::BadField { kind, field, value } => {
+                write!(f, "kind {kind:#04x}: {field} = {value} is out of range")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Little-endian payload builder (payloads are short; a fixed buffer).
+struct Writer {
+    buf: [u8; MAX_PAYLOAD],
+    len: usize,
+}
+
+impl Writer {
+    fn new() -> Self {
+        Writer {
+            buf: [0; MAX_PAYLOAD],
+            len: 0,
+        }
+    }
+
+    fn bytes(mut self, b: &[u8]) -> Self {
+        // Every message's payload is at most MAX_PAYLOAD (checked by the size test);
+        // `min` keeps a mistake from panicking.
+        let n = b.len().min(MAX_PAYLOAD - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        self
+    }
+
+    fn u8(self, v: u8) -> Self {
+        self.bytes(&[v])
+    }
+
+    fn u16(self, v: u16) -> Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn u32(self, v: u32) -> Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn i32(self, v: i32) -> Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn u64(self, v: u64) -> Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn i64(self, v: i64) -> Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn frame(self, kind: u8) -> Frame {
+        Frame::truncating(kind, &self.buf[..self.len])
+    }
+}
+
+/// Little-endian payload reader.
+struct Reader<'a> {
+    kind: u8,
+    rest: &'a [u8],
+    len: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(kind: u8, payload: &'a [u8]) -> Self {
+        Reader {
+            kind,
+            rest: payload,
+            len: payload.len(),
+        }
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self
+            .rest
+            .split_first_chunk::<N>()
+            .ok_or(DecodeError::BadLength {
+                kind: self.kind,
+                len: self.len,
+            })?;
+        self.rest = rest;
+        Ok(*head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.take().map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    fn i32(&mut self) -> Result<i32, DecodeError> {
+        self.take().map(i32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.take().map(u64::from_le_bytes)
+    }
+
+    fn i64(&mut self) -> Result<i64, DecodeError> {
+        self.take().map(i64::from_le_bytes)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+
+    fn bad(&self, field: &'static str, value: impl Into<i64>) -> DecodeError {
+        DecodeError::BadField {
+            kind: self.kind,
+            field,
+            value: value.into(),
+        }
+    }
+
+    fn stage(&mut self) -> Result<Stage, DecodeError> {
+        let v = self.u8()?;
+        Stage::from_number(u32::from(v)).ok_or_else(|| self.bad("stage", v))
+    }
+
+    fn gate(&mut self) -> Result<Gate, DecodeError> {
+        let v = self.u8()?;
+        Gate::new(v).ok_or_else(|| self.bad("gate", v))
+    }
+
+    fn action(&mut self) -> Result<Action, DecodeError> {
+        let v = self.u8()?;
+        Action::from_code(v).ok_or_else(|| self.bad("action", v))
+    }
+
+    /// Succeeds only if the whole payload was read.
+    fn end(self) -> Result<(), DecodeError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::BadLength {
+                kind: self.kind,
+                len: self.len,
+            })
+        }
+    }
+}
+
+impl Message {
+    /// The handover mark this message is, if it is one.
+    pub fn mark(&self) -> Option<Mark> {
+        match self {
+            Message::UserspaceUp { .. } => Some(Mark::UserspaceUp),
+            Message::RebootRequested => Some(Mark::RebootRequested),
+            Message::WorkloadResumed => Some(Mark::WorkloadResumed),
+            _ => None,
+        }
+    }
+
+    /// The kind byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::UserspaceUp { .. } => kind::USERSPACE_UP,
+            Message::RebootRequested => kind::REBOOT_REQUESTED,
+            Message::WorkloadResumed => kind::WORKLOAD_RESUMED,
+            Message::Boot { .. } => kind::BOOT,
+            Message::Verdict(_) => kind::VERDICT,
+            Message::Verified { .. } => kind::VERIFIED,
+            Message::Selftest(_) => kind::SELFTEST,
+            Message::InventorySession { .. } => kind::INVENTORY_SESSION,
+            Message::InventoryFile { .. } => kind::INVENTORY_FILE,
+            Message::InventoryEnd { .. } => kind::INVENTORY_END,
+            Message::ActionStart { .. } => kind::ACTION_START,
+            Message::ActionResult { .. } => kind::ACTION_RESULT,
+            Message::GateWait(_) => kind::GATE_WAIT,
+            Message::GatePassed(_) => kind::GATE_PASSED,
+        }
+    }
+
+    /// The frame that carries this message.
+    pub fn encode(&self) -> Frame {
+        let w = Writer::new();
+        let w = match self {
+            Message::UserspaceUp { cpus_online } => w.u16(*cpus_online),
+            Message::RebootRequested | Message::WorkloadResumed => w,
+            Message::Boot { stage, round } => w.u8(stage.number()).u32(*round),
+            Message::Verdict(v) => w
+                .u8(match v.outcome {
+                    Outcome::Pass => 0,
+                    Outcome::Fail => 1,
+                })
+                .u8(v.step.code())
+                .i32(v.errno),
+            Message::Verified {
+                sessions,
+                files,
+                bytes,
+            }
+            | Message::InventoryEnd {
+                sessions,
+                files,
+                bytes,
+            } => w.u32(*sessions).u32(*files).u64(*bytes),
+            Message::Selftest(r) => {
+                let (status_kind, value) = match r.status {
+                    ExitStatus::Exited(c) => (0, c),
+                    ExitStatus::Signaled(s) => (1, s),
+                };
+                let t = r.tap;
+                w.u8(r.stage.map_or(0, Stage::number))
+                    .u8(status_kind)
+                    .i32(value)
+                    .u32(t.pass)
+                    .u32(t.fail)
+                    .u32(t.skip)
+                    .u32(t.xfail)
+                    .u32(t.xpass)
+                    .u32(t.error)
+            }
+            Message::InventorySession { session, name } => {
+                w.u32(*session).bytes(name.as_str().as_bytes())
+            }
+            Message::InventoryFile {
+                session,
+                token,
+                size,
+            } => w.u32(*session).u64(*token).u64(*size),
+            Message::ActionStart { seq, action, arg } => w.u32(*seq).u8(action.code()).u64(*arg),
+            Message::ActionResult {
+                seq,
+                action,
+                ret,
+                errno,
+            } => w.u32(*seq).u8(action.code()).i64(*ret).i32(*errno),
+            Message::GateWait(g) | Message::GatePassed(g) => w.u8(g.id()),
+        };
+        w.frame(self.kind())
+    }
+
+    /// Decodes the payload of a frame of `kind`. Total: every input gives a message or
+    /// an error.
+    pub fn decode(kind: u8, payload: &[u8]) -> Result<Message, DecodeError> {
+        let mut r = Reader::new(kind, payload);
+        let msg = match kind {
+            kind::USERSPACE_UP => Message::UserspaceUp {
+                cpus_online: r.u16()?,
+            },
+            kind::REBOOT_REQUESTED => Message::RebootRequested,
+            kind::WORKLOAD_RESUMED => Message::WorkloadResumed,
+            kind::BOOT => Message::Boot {
+                stage: r.stage()?,
+                round: r.u32()?,
+            },
+            kind::VERDICT => {
+                let outcome = match r.u8()? {
+                    0 => Outcome::Pass,
+                    1 => Outcome::Fail,
+                    v => return Err(r.bad("outcome", v)),
+                };
+                let code = r.u8()?;
+                let step = Step::from_code(code).ok_or_else(|| r.bad("step", code))?;
+                Message::Verdict(Verdict {
+                    outcome,
+                    step,
+                    errno: r.i32()?,
+                })
+            }
+            kind::VERIFIED | kind::INVENTORY_END => {
+                let (sessions, files, bytes) = (r.u32()?, r.u32()?, r.u64()?);
+                if kind == kind::VERIFIED {
+                    Message::Verified {
+                        sessions,
+                        files,
+                        bytes,
+                    }
+                } else {
+                    Message::InventoryEnd {
+                        sessions,
+                        files,
+                        bytes,
+                    }
+                }
+            }
+            kind::SELFTEST => {
+                let stage = match r.u8()? {
+                    0 => None,
+                    v => Some(Stage::from_number(u32::from(v)).ok_or_else(|| r.bad("stage", v))?),
+                };
+                let status = match (r.u8()?, r.i32()?) {
+                    (0, c) => ExitStatus::Exited(c),
+                    (1, s) => ExitStatus::Signaled(s),
+                    (k, _) => return Err(r.bad("status kind", k)),
+                };
+                let tap = TapCounts {
+                    pass: r.u32()?,
+                    fail: r.u32()?,
+                    skip: r.u32()?,
+                    xfail: r.u32()?,
+                    xpass: r.u32()?,
+                    error: r.u32()?,
+                };
+                Message::Selftest(SelftestResult { stage, status, tap })
+            }
+            kind::INVENTORY_SESSION => {
+                let session = r.u32()?;
+                let raw = r.rest();
+                let name = std::str::from_utf8(raw)
+                    .ok()
+                    .and_then(SessionName::new)
+                    .ok_or_else(|| {
+                        r.bad(
+                            "session name length",
+                            i64::try_from(raw.len()).unwrap_or(-1),
+                        )
+                    })?;
+                Message::InventorySession { session, name }
+            }
+            kind::INVENTORY_FILE => Message::InventoryFile {
+                session: r.u32()?,
+                token: r.u64()?,
+                size: r.u64()?,
+            },
+            kind::ACTION_START => Message::ActionStart {
+                seq: r.u32()?,
+                action: r.action()?,
+                arg: r.u64()?,
+            },
+            kind::ACTION_RESULT => Message::ActionResult {
+                seq: r.u32()?,
+                action: r.action()?,
+                ret: r.i64()?,
+                errno: r.i32()?,
+            },
+            kind::GATE_WAIT => Message::GateWait(r.gate()?),
+            kind::GATE_PASSED => Message::GatePassed(r.gate()?),
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{Decoder, MAX_FRAME};
+
+    fn samples() -> Vec<Message> {
+        let name = SessionName::new(&"n".repeat(MAX_SESSION_NAME)).unwrap();
+        vec![
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::RebootRequested,
+            Message::WorkloadResumed,
+            Message::Boot {
+                stage: Stage::Two,
+                round: 7,
+            },
+            Message::Verdict(Verdict::PASS),
+            Message::Verdict(Verdict::fail(Step::Data, 0)),
+            Message::Verdict(Verdict::fail(Step::Preserve, 22)),
+            Message::Verified {
+                sessions: 3,
+                files: 6,
+                bytes: 48 << 20,
+            },
+            Message::Selftest(SelftestResult {
+                stage: None,
+                status: ExitStatus::Exited(1),
+                tap: TapCounts {
+                    pass: 13,
+                    fail: 2,
+                    skip: 0,
+                    xfail: 0,
+                    xpass: 0,
+                    error: 0,
+                },
+            }),
+            Message::Selftest(SelftestResult {
+                stage: Some(Stage::One),
+                status: ExitStatus::Signaled(9),
+                tap: TapCounts::default(),
+            }),
+            Message::InventorySession { session: 4, name },
+            Message::InventoryFile {
+                session: 4,
+                token: 4007,
+                size: u64::MAX,
+            },
+            Message::InventoryEnd {
+                sessions: 1,
+                files: 1,
+                bytes: 1 << 20,
+            },
+            Message::ActionStart {
+                seq: 1,
+                action: Action::PreserveFd,
+                arg: 4007,
+            },
+            Message::ActionResult {
+                seq: 1,
+                action: Action::PreserveFd,
+                ret: -1,
+                errno: 16,
+            },
+            Message::GateWait(Gate::BEFORE_REBOOT),
+            Message::GatePassed(Gate::new(63).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_the_decoder() {
+        let mut d = Decoder::new();
+        for m in samples() {
+            let f = m.encode();
+            assert!(f.as_bytes().len() <= MAX_FRAME);
+            assert_eq!(f.kind(), m.kind());
+            assert_eq!(d.feed_frame(f.as_bytes()), vec![Ok(m.clone())], "{m:?}");
+        }
+    }
+
+    #[test]
+    fn marks_are_the_three_agent_marks() {
+        let marks: Vec<Mark> = samples().iter().filter_map(Message::mark).collect();
+        assert_eq!(
+            marks,
+            [
+                Mark::UserspaceUp,
+                Mark::RebootRequested,
+                Mark::WorkloadResumed
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_lengths_kinds_and_fields_are_errors() {
+        // One byte short and one byte long, for every sample.
+        for m in samples() {
+            let f = m.encode();
+            let p = f.payload();
+            if let Some((_, short)) = p.split_last() {
+                if m.kind() != kind::INVENTORY_SESSION || short.len() <= 4 {
+                    assert!(Message::decode(m.kind(), short).is_err(), "{m:?} short");
+                }
+            }
+            let mut long = p.to_vec();
+            long.push(0);
+            assert!(Message::decode(m.kind(), &long).is_err(), "{m:?} long");
+        }
+        assert_eq!(
+            Message::decode(0x7f, &[]),
+            Err(DecodeError::UnknownKind(0x7f))
+        );
+        assert!(matches!(
+            Message::decode(kind::BOOT, &[3, 0, 0, 0, 0]),
+            Err(DecodeError::BadField { field: "stage", .. })
+        ));
+        assert!(matches!(
+            Message::decode(kind::GATE_WAIT, &[64]),
+            Err(DecodeError::BadField { field: "gate", .. })
+        ));
+        assert!(matches!(
+            Message::decode(kind::VERDICT, &[0, 200, 0, 0, 0, 0]),
+            Err(DecodeError::BadField { field: "step", .. })
+        ));
+        assert!(matches!(
+            Message::decode(kind::ACTION_START, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::BadField {
+                field: "action",
+                ..
+            })
+        ));
+        // Session names: not empty, no NUL, valid UTF-8, at most 63 bytes.
+        for bad in [&b""[..], b"a\0b", &[0xff, 0xfe], &[b'x'; 64]] {
+            let mut p = 0u32.to_le_bytes().to_vec();
+            p.extend_from_slice(bad);
+            assert!(Message::decode(kind::INVENTORY_SESSION, &p).is_err());
+        }
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for s in Step::ALL {
+            assert_eq!(Step::from_code(s.code()), Some(s));
+        }
+        for a in Action::ALL {
+            assert_eq!(Action::from_code(a.code()), Some(a));
+        }
+        assert_eq!(Action::from_code(0), None);
+        assert_eq!(Step::from_code(17), None);
+    }
+}

@@ -1,0 +1,441 @@
+//! The command line, as types that go unchanged from clap to the VM: [`GuestOptions`]
+//! (what to boot and how), [`InterceptOptions`] (what to watch), and the workload of each
+//! command. Everything is checked by [`GuestOptions::validate`] and the workload's
+//! `validate` before any image is resolved or any guest boots.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use luo_protocol::workload::{parse_size, Memfds, Selftest, Workload, WorkloadError};
+use thiserror::Error;
+
+use crate::arch::mptable::MAX_VCPUS;
+use crate::memory::{validate_size, MemoryError};
+use crate::trace::{PeekSpec, TraceSpec};
+
+/// Errors in the options, found before anything runs.
+#[derive(Debug, Error)]
+pub enum OptionsError {
+    /// Memory size.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// vCPU count.
+    #[error("--vcpus {0}: luo-vmm runs 1 to {MAX_VCPUS} vCPUs")]
+    Vcpus(u8),
+    /// A file named on the command line does not exist.
+    #[error("{what} {path} does not exist")]
+    Missing {
+        /// `kernel`, `initramfs`, ...
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The workload is out of bounds.
+    #[error("{0}")]
+    Workload(#[from] WorkloadError),
+    /// The workload's data does not fit in the guest.
+    #[error(
+        "{bytes} bytes of memfds do not fit in a guest of {mem} bytes (at most half of it); \
+         give it more --mem or ask for less"
+    )]
+    TooMuchData {
+        /// Bytes the workload preserves.
+        bytes: u64,
+        /// Guest memory.
+        mem: u64,
+    },
+}
+
+/// `luo-vmm`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "luo-vmm",
+    version,
+    about = "Run Linux guests through Live Update handovers on /dev/kvm and show what happens"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest (the reference guest unless --kernel is given) until it reboots.
+    Boot(BootArgs),
+    /// Boot a guest K times, P at a time, and count clean runs and distinct failures.
+    Soak(SoakArgs),
+    /// Run a LUO live update in the guest, intercept it, and report every phase.
+    Handover(HandoverArgs),
+    /// Run one of the kernel's own LUO selftests (across a real handover when it has two
+    /// stages); its result is the exit status.
+    Selftest(SelftestArgs),
+    /// Turn handover JSON reports into a table and an SVG of blackout per phase.
+    Report(ReportArgs),
+    /// The reference guest image.
+    Image {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+}
+
+/// `luo-vmm image ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImageAction {
+    /// Build the reference guest (kernel, selftests, initramfs) unless it is cached.
+    Build {
+        /// A kernel variant of guest-images/variants instead of the reference kernel.
+        #[arg(long)]
+        variant: Option<String>,
+    },
+}
+
+/// `luo-vmm boot`.
+#[derive(Debug, Clone, Args)]
+pub struct BootArgs {
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestOptions,
+    /// Diagnostic hooks.
+    #[command(flatten)]
+    pub trace: TraceOptions,
+}
+
+/// `luo-vmm boot --trace ...`: stop a vCPU at kernel addresses and print its state.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TraceOptions {
+    /// Stop a vCPU each time it reaches this kernel address (SYMBOL or SYMBOL+OFFSET, at
+    /// most four), print its registers, MSRs and peeks, and let it go on.
+    #[arg(long, value_name = "SYMBOL[+OFFSET]")]
+    pub trace: Vec<TraceSpec>,
+    /// With --trace: also print guest memory at BASE[+|-OFFSET][:LEN], BASE a register
+    /// (rax..r15, rsp, rip), fs, gs, an address, or [BASE+-OFFSET] (the u64 stored
+    /// there); read through the vCPU's page tables.
+    #[arg(long, value_name = "BASE[+-OFFSET][:LEN]", requires = "trace")]
+    pub peek: Vec<PeekSpec>,
+    /// With --trace: print at most this many hits of each traced address.
+    #[arg(long, default_value_t = 20, requires = "trace")]
+    pub trace_max: u32,
+}
+
+/// `luo-vmm soak`.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// How many boots.
+    #[arg(long, default_value_t = 10)]
+    pub boots: u32,
+    /// How many boots run at a time (2 oversubscribes a 2-core host with 2-vCPU guests).
+    #[arg(long, default_value_t = 1)]
+    pub parallel: u32,
+    /// Where each boot's logs go: boot-NNN.log (console), boot-NNN.vmm.log (luo-vmm).
+    #[arg(long, default_value = "soak-logs")]
+    pub log_dir: PathBuf,
+    /// Arguments for every `luo-vmm boot`, after `--`: e.g. `-- --vcpus 2 --timeout 600`.
+    #[arg(last = true)]
+    pub boot_args: Vec<String>,
+}
+
+/// What to boot and how: the options of every command that runs a guest.
+#[derive(Debug, Clone, Args)]
+pub struct GuestOptions {
+    /// Kernel image: ELF vmlinux or bzImage. Default: the reference guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (uncompressed cpio recommended on an emulating KVM).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel parameters, after luo-vmm's console/reboot ones.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest memory in bytes (K, M, G, T suffixes), e.g. 512M or 8G.
+    #[arg(long, default_value = "512M", value_parser = parse_bytes)]
+    pub mem: u64,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Give up after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Also write the guest console to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Guest profile: auto picks the emulation-safe one only on an emulating KVM.
+    #[arg(long, value_enum, default_value_t = Profile::Auto)]
+    pub profile: Profile,
+    /// Enter an ELF vmlinux through the 64-bit boot protocol even if it has a PVH entry.
+    #[arg(long)]
+    pub no_pvh: bool,
+    /// Do not echo the guest console to stdout.
+    #[arg(long)]
+    pub quiet: bool,
+    /// The reference guest with a kernel variant of guest-images/variants (built and
+    /// cached on first use) instead of the reference kernel.
+    #[arg(long, conflicts_with = "kernel")]
+    pub variant: Option<String>,
+}
+
+/// How to choose the guest profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Emulation-safe on an instruction-emulating KVM, full CPU on hardware KVM.
+    Auto,
+    /// Always the emulation-safe profile.
+    Emulated,
+    /// Never the emulation-safe profile.
+    Hardware,
+}
+
+/// What luo-vmm watches and does during a handover.
+#[derive(Debug, Clone, Default, Args)]
+pub struct InterceptOptions {
+    /// vmlinux of the next kernel, for its symbols (default: the first kernel's).
+    #[arg(long)]
+    pub next_kernel: Option<PathBuf>,
+    /// Also compare SHA-256 digests of every preserved extent at point-of-no-return and
+    /// next-kernel-start (copies guest RAM at point-of-no-return).
+    #[arg(long)]
+    pub verify_digest: bool,
+    /// Do not log dirty pages during the kexec (no in-place proof; measures the cost of
+    /// the interception).
+    #[arg(long)]
+    pub no_dirty_log: bool,
+    /// Save the KHO pages read at the first next-kernel-start, and what was parsed from
+    /// them, as a luo-handover test fixture in this directory.
+    #[arg(long)]
+    pub capture_fixture: Option<PathBuf>,
+    /// Arm no breakpoints and log no dirty pages: only the guest agent's marks are timed.
+    #[arg(long)]
+    pub no_intercept: bool,
+    /// Inject a fault into the handover metadata at next-kernel-start.
+    #[arg(long, value_enum)]
+    pub inject: Option<Fault>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// A fault luo-vmm injects into the handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Overwrite the KHO FDT header the next kernel is about to read.
+    CorruptKhoFdt,
+}
+
+/// `luo-vmm handover`.
+#[derive(Debug, Clone, Args)]
+pub struct HandoverArgs {
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestOptions,
+    /// The interception.
+    #[command(flatten)]
+    pub intercept: InterceptOptions,
+    /// LUO sessions to preserve (1 to 1000).
+    #[arg(long, default_value_t = 1)]
+    pub sessions: u32,
+    /// memfds per session (1 to 999).
+    #[arg(long, default_value_t = 1)]
+    pub files: u32,
+    /// Size of each memfd, e.g. 1M.
+    #[arg(long, default_value = "1M", value_parser = parse_bytes)]
+    pub memfd_size: u64,
+    /// Consecutive handovers in one VM (1 to 1000).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
+}
+
+/// `luo-vmm selftest`.
+#[derive(Debug, Clone, Args)]
+pub struct SelftestArgs {
+    /// Selftest name: liveupdate (single-stage), luo_kexec_simple, luo_multi_session,
+    /// luo_stress_sessions, luo_stress_files (across a handover).
+    pub name: String,
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestOptions,
+    /// The interception (two-stage selftests).
+    #[command(flatten)]
+    pub intercept: InterceptOptions,
+}
+
+/// `luo-vmm report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// JSON reports written by `handover --json` or `selftest --json`.
+    #[arg(required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Where to write the SVG picture.
+    #[arg(long, default_value = "handover-phases.svg")]
+    pub svg: PathBuf,
+    /// Title of the picture.
+    #[arg(long, default_value = "luo-vmm: blackout per phase")]
+    pub title: String,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| {
+        format!("invalid size {s:?}: expected a number with an optional K, M, G or T suffix")
+    })
+}
+
+impl GuestOptions {
+    /// Checks memory, vCPUs and that named files exist; runs nothing.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        validate_size(self.mem)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(OptionsError::Vcpus(self.vcpus));
+        }
+        for (what, path) in [("kernel", &self.kernel), ("initramfs", &self.initrd)] {
+            if let Some(p) = path {
+                if !p.exists() {
+                    return Err(OptionsError::Missing {
+                        what,
+                        path: p.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's deadline.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout.map(Duration::from_secs)
+    }
+}
+
+impl HandoverArgs {
+    /// The workload, checked against its bounds and the guest's memory.
+    pub fn workload(&self) -> Result<Workload, OptionsError> {
+        let m = Memfds {
+            sessions: self.sessions,
+            files: self.files,
+            memfd_size: self.memfd_size,
+            repeat: self.repeat,
+        }
+        .validate()?;
+        if m.total_bytes() > self.guest.mem / 2 {
+            return Err(OptionsError::TooMuchData {
+                bytes: m.total_bytes(),
+                mem: self.guest.mem,
+            });
+        }
+        Ok(Workload::Handover(m))
+    }
+}
+
+impl SelftestArgs {
+    /// The workload: a selftest the image has.
+    pub fn workload(&self) -> Result<Workload, OptionsError> {
+        Ok(Workload::Selftest(Selftest::from_name(&self.name)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Command {
+        let mut all = vec!["luo-vmm"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().command
+    }
+
+    fn handover(args: &[&str]) -> Result<Workload, OptionsError> {
+        let mut all = vec!["handover"];
+        all.extend_from_slice(args);
+        match cli(&all) {
+            Command::Handover(h) => h.workload(),
+            other => panic!("not a handover: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn workloads_out_of_bounds_are_refused_up_front() {
+        let msg = |args: &[&str]| handover(args).unwrap_err().to_string();
+        assert_eq!(
+            msg(&["--files", "100000"]),
+            "files 100000 is out of range: 1 to 999"
+        );
+        assert_eq!(
+            msg(&["--sessions", "0"]),
+            "sessions 0 is out of range: 1 to 1000"
+        );
+        assert_eq!(
+            msg(&["--repeat", "0"]),
+            "repeat 0 is out of range: 1 to 1000"
+        );
+        assert!(msg(&["--memfd-size", "0"]).starts_with("memfd_size 0 is out of range"));
+        assert!(msg(&["--memfd-size", "300M"]).contains("do not fit in a guest"));
+        assert!(handover(&["--sessions", "3", "--files", "2", "--memfd-size", "8M"]).is_ok());
+        let Command::Selftest(s) = cli(&["selftest", "no_such_test"]) else {
+            panic!("not a selftest");
+        };
+        assert!(s
+            .workload()
+            .unwrap_err()
+            .to_string()
+            .contains("luo_kexec_simple"));
+    }
+
+    #[test]
+    fn guest_options_are_checked() {
+        let Command::Boot(BootArgs { guest: g, .. }) = cli(&["boot", "--vcpus", "9"]) else {
+            panic!("not boot");
+        };
+        assert_eq!(
+            g.validate().unwrap_err().to_string(),
+            "--vcpus 9: luo-vmm runs 1 to 8 vCPUs"
+        );
+        let Command::Boot(BootArgs { guest: g, .. }) = cli(&["boot", "--mem", "1K"]) else {
+            panic!("not boot");
+        };
+        assert!(g.validate().is_err());
+        let Command::Boot(BootArgs { guest: g, .. }) = cli(&["boot", "--kernel", "/nonexistent"])
+        else {
+            panic!("not boot");
+        };
+        assert_eq!(
+            g.validate().unwrap_err().to_string(),
+            "kernel /nonexistent does not exist"
+        );
+        let Command::Boot(BootArgs { guest: g, .. }) =
+            cli(&["boot", "--mem", "1G", "--timeout", "5"])
+        else {
+            panic!("not boot");
+        };
+        assert_eq!(
+            (g.mem, g.timeout()),
+            (1 << 30, Some(Duration::from_secs(5)))
+        );
+    }
+
+    #[test]
+    fn boot_traces_and_soak_arguments() {
+        let Command::Boot(b) = cli(&[
+            "boot",
+            "--trace",
+            "start_kernel",
+            "--peek",
+            "fs-0xa8",
+            "--trace-max",
+            "3",
+        ]) else {
+            panic!("not boot");
+        };
+        assert_eq!(b.trace.trace[0].symbol, "start_kernel");
+        assert_eq!((b.trace.peek.len(), b.trace.trace_max), (1, 3));
+        let all = ["luo-vmm", "boot", "--peek", "fs"];
+        assert!(Cli::try_parse_from(all).is_err(), "--peek needs --trace");
+        let Command::Soak(s) = cli(&["soak", "--boots", "3", "--", "--vcpus", "2"]) else {
+            panic!("not soak");
+        };
+        assert_eq!((s.boots, s.parallel), (3, 1));
+        assert_eq!(s.boot_args, ["--vcpus", "2"]);
+        let all = ["luo-vmm", "boot", "--variant", "v", "--kernel", "k"];
+        assert!(Cli::try_parse_from(all).is_err(), "--variant or --kernel");
+    }
+}

@@ -1,0 +1,204 @@
+//! How the VMM steers running vCPU threads: a stop request with its cause, and holds (a
+//! vCPU kept stopped at a hook until the VMM releases it, or a bounded time passes).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Why the VMM stops every vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopCause {
+    /// The guest reset the machine (i8042).
+    Reset,
+    /// The run's deadline passed.
+    Timeout,
+    /// Another vCPU met a fatal exit.
+    VcpuFailed,
+}
+
+impl StopCause {
+    const fn code(self) -> u8 {
+        match self {
+            StopCause::Reset => 1,
+            StopCause::Timeout => 2,
+            StopCause::VcpuFailed => 3,
+        }
+    }
+
+    const fn from_code(code: u8) -> Option<StopCause> {
+        match code {
+            1 => Some(StopCause::Reset),
+            2 => Some(StopCause::Timeout),
+            3 => Some(StopCause::VcpuFailed),
+            _ => None,
+        }
+    }
+}
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HoldEnd {
+    /// The VMM released the vCPU.
+    Released,
+    /// Nobody released it within the hold's limit; it goes on.
+    TimedOut,
+    /// The VMM stops every vCPU.
+    Stopped(StopCause),
+}
+
+/// Shared by the VMM and every vCPU thread.
+#[derive(Debug)]
+pub(crate) struct VcpuControl {
+    /// 0 while running, else a [`StopCause`] code.
+    stop: AtomicU8,
+    /// Per vCPU: held at a hook.
+    held: Mutex<Vec<bool>>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    /// Control of `vcpus` vCPUs, all running, none held.
+    pub fn new(vcpus: usize) -> Self {
+        VcpuControl {
+            stop: AtomicU8::new(0),
+            held: Mutex::new(vec![false; vcpus]),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, Vec<bool>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to stop; the first cause given wins. Wakes held vCPUs (vCPUs in
+    /// `KVM_RUN` need a kick signal besides).
+    pub fn request_stop(&self, cause: StopCause) {
+        let _ = self
+            .stop
+            .compare_exchange(0, cause.code(), Ordering::SeqCst, Ordering::SeqCst);
+        let _guard = self.held();
+        self.changed.notify_all();
+    }
+
+    /// The stop request, if any.
+    pub fn stop_requested(&self) -> Option<StopCause> {
+        StopCause::from_code(self.stop.load(Ordering::SeqCst))
+    }
+
+    /// Marks `vcpu` held (its thread then waits in [`VcpuControl::wait_released`]).
+    pub fn hold(&self, vcpu: u8) {
+        if let Some(h) = self.held().get_mut(usize::from(vcpu)) {
+            *h = true;
+        }
+    }
+
+    /// Releases `vcpu` if it is held.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "scenario hooks release held vCPUs (issue 9)")
+    )]
+    pub fn release(&self, vcpu: u8) {
+        if let Some(h) = self.held().get_mut(usize::from(vcpu)) {
+            *h = false;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Whether `vcpu` is held.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "scenario conditions look at holds (issue 9)")
+    )]
+    pub fn is_held(&self, vcpu: u8) -> bool {
+        self.held().get(usize::from(vcpu)).copied().unwrap_or(false)
+    }
+
+    /// Waits, on `vcpu`'s thread, until it is released, a stop is requested, or `limit`
+    /// passes (then it is released and goes on).
+    pub fn wait_released(&self, vcpu: u8, limit: Duration) -> HoldEnd {
+        let deadline = Instant::now() + limit;
+        let mut held = self.held();
+        loop {
+            if let Some(cause) = self.stop_requested() {
+                return HoldEnd::Stopped(cause);
+            }
+            let slot = held.get_mut(usize::from(vcpu));
+            match slot {
+                None | Some(false) => return HoldEnd::Released,
+                Some(h) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        *h = false;
+                        return HoldEnd::TimedOut;
+                    }
+                    held = self
+                        .changed
+                        .wait_timeout(held, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    #[test]
+    fn a_hold_ends_when_released() {
+        let c = Arc::new(VcpuControl::new(2));
+        c.hold(1);
+        assert!(c.is_held(1) && !c.is_held(0));
+        let waiter = {
+            let c = c.clone();
+            thread::spawn(move || c.wait_released(1, Duration::from_secs(30)))
+        };
+        thread::sleep(Duration::from_millis(20));
+        c.release(1);
+        assert_eq!(waiter.join().unwrap(), HoldEnd::Released);
+        assert!(!c.is_held(1));
+    }
+
+    #[test]
+    fn a_hold_is_bounded() {
+        let c = VcpuControl::new(1);
+        c.hold(0);
+        let t = Instant::now();
+        assert_eq!(
+            c.wait_released(0, Duration::from_millis(30)),
+            HoldEnd::TimedOut
+        );
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        assert!(!c.is_held(0), "a timed-out hold is released");
+    }
+
+    #[test]
+    fn a_stop_wakes_a_held_vcpu_and_the_first_cause_wins() {
+        let c = Arc::new(VcpuControl::new(1));
+        c.hold(0);
+        let waiter = {
+            let c = c.clone();
+            thread::spawn(move || c.wait_released(0, Duration::from_secs(30)))
+        };
+        thread::sleep(Duration::from_millis(20));
+        c.request_stop(StopCause::Reset);
+        c.request_stop(StopCause::Timeout);
+        assert_eq!(waiter.join().unwrap(), HoldEnd::Stopped(StopCause::Reset));
+        assert_eq!(c.stop_requested(), Some(StopCause::Reset));
+    }
+
+    #[test]
+    fn unknown_vcpus_are_never_held() {
+        let c = VcpuControl::new(1);
+        c.hold(7);
+        assert!(!c.is_held(7));
+        assert_eq!(
+            c.wait_released(7, Duration::from_secs(30)),
+            HoldEnd::Released
+        );
+    }
+}
