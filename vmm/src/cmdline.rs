@@ -53,6 +53,10 @@ pub const EMULATION_CLEARCPUID: &[&str] = &[
     "adx",
     "abm",
     "umip",
+    // Synthetic: with it (set on AMD hosts) the kernel patches its KVM hypercalls to
+    // `vmmcall`, which the emulator rewrites back to `vmcall` in guest memory on first
+    // use, faulting once the kernel text is read-only (docs/emulated-kvm.md, "Four vCPUs").
+    "vmmcall",
 ];
 
 /// glibc's ifunc choices that user space must not make on an emulating KVM, set as
