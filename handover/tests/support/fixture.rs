@@ -121,6 +121,93 @@ pub fn kho_fdt_blob(compatible: &str, memory_map: u64, subtrees: &[KhoSubtree]) 
     w.finish().unwrap()
 }
 
+/// A hand-made FDT blob (version 17, empty reservation map), for shapes `vm_fdt` refuses to
+/// write: long names, repeated properties, one name shared by many properties.
+#[derive(Default)]
+pub struct RawFdt {
+    structure: Vec<u8>,
+    strings: Vec<u8>,
+}
+
+impl RawFdt {
+    fn token(&mut self, t: u32) {
+        self.structure.extend_from_slice(&t.to_be_bytes());
+    }
+
+    fn pad(&mut self) {
+        self.structure
+            .resize(self.structure.len().next_multiple_of(4), 0);
+    }
+
+    /// `FDT_BEGIN_NODE` and `name`.
+    pub fn begin_node(&mut self, name: &str) -> &mut Self {
+        self.token(1);
+        self.structure.extend_from_slice(name.as_bytes());
+        self.structure.push(0);
+        self.pad();
+        self
+    }
+
+    /// `FDT_END_NODE`.
+    pub fn end_node(&mut self) -> &mut Self {
+        self.token(2);
+        self
+    }
+
+    /// Adds `name` to the strings block; returns its offset.
+    pub fn string(&mut self, name: &str) -> u32 {
+        let off = u32::try_from(self.strings.len()).unwrap();
+        self.strings.extend_from_slice(name.as_bytes());
+        self.strings.push(0);
+        off
+    }
+
+    /// `FDT_PROP` whose name is the string at `name_off`.
+    pub fn prop(&mut self, name_off: u32, value: &[u8]) -> &mut Self {
+        self.token(3);
+        self.token(u32::try_from(value.len()).unwrap());
+        self.token(name_off);
+        self.structure.extend_from_slice(value);
+        self.pad();
+        self
+    }
+
+    /// Bytes the blob will have if finished now.
+    pub fn len(&self) -> usize {
+        40 + 16 + self.structure.len() + 4 + self.strings.len()
+    }
+
+    /// `FDT_END`, then header + reservation map + structure + strings.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.token(9);
+        let off_rsv = 40u32;
+        let off_struct = off_rsv + 16;
+        let size_struct = u32::try_from(self.structure.len()).unwrap();
+        let off_strings = off_struct + size_struct;
+        let size_strings = u32::try_from(self.strings.len()).unwrap();
+        let total = off_strings + size_strings;
+        let mut b = Vec::with_capacity(total as usize);
+        for v in [
+            0xd00d_feed,
+            total,
+            off_struct,
+            off_strings,
+            off_rsv,
+            17,
+            16,
+            0,
+            size_strings,
+            size_struct,
+        ] {
+            b.extend_from_slice(&u32::to_be_bytes(v));
+        }
+        b.extend_from_slice(&[0; 16]);
+        b.extend_from_slice(&self.structure);
+        b.extend_from_slice(&self.strings);
+        b
+    }
+}
+
 /// `struct kho_kexec_metadata` (packed, 73 bytes).
 pub fn metadata_blob(release: &str, kexec_count: u32) -> Vec<u8> {
     let mut b = vec![0u8; 73];
