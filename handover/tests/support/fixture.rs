@@ -80,6 +80,20 @@ impl RadixBuilder {
         }
     }
 
+    /// Sets every word of the bitmap that holds the key of `(pa, order)` to `word` (creating
+    /// the path to it): e.g. `0x5555...` preserves every other block of the bitmap's 32768,
+    /// 16384 one-block runs from one guest page.
+    pub fn fill_leaf(&mut self, pa: u64, order: u32, word: u64) {
+        self.preserve_block(pa, order);
+        let key = encode_key(pa, order).expect("order fits a key");
+        let mut node = 0usize;
+        for level in (1..TREE_DEPTH).rev() {
+            let next = self.nodes[node][table_index(key, level)];
+            node = ((next - self.node_base) / PAGE_SIZE) as usize;
+        }
+        self.nodes[node].fill(word);
+    }
+
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
@@ -468,6 +482,10 @@ impl HandoverSpec {
 pub struct HandoverFixture {
     pub zero_page: u64,
     pub kho: KhoData,
+    /// The `SETUP_KEXEC_KHO` record (its `struct kho_data` is 16 bytes in).
+    pub kho_record: u64,
+    /// The FDT's subtrees (`kexec-metadata`, `LUO`).
+    pub subtrees: Vec<KhoSubtree>,
     pub radix_root: u64,
     pub radix_nodes: usize,
     pub luo: LuoLayout,
@@ -529,11 +547,27 @@ impl HandoverFixture {
         Ok(HandoverFixture {
             zero_page: zero,
             kho,
+            kho_record: kho_rec,
+            subtrees: subtrees.to_vec(),
             radix_root: root,
             radix_nodes: radix.node_count(),
             luo,
             preserved,
         })
+    }
+
+    /// Writes `blob` at `at` as the KHO FDT and points `kho_data` at it, with `fdt_size`
+    /// the blob's length rounded up to pages.
+    pub fn replace_fdt(
+        &mut self,
+        mem: &mut impl WriteMem,
+        at: u64,
+        blob: &[u8],
+    ) -> Result<(), MemError> {
+        mem.put(at, blob)?;
+        self.kho.fdt_addr = at;
+        self.kho.fdt_size = (blob.len() as u64).next_multiple_of(PAGE_SIZE);
+        mem.put(self.kho_record + 16, &kho_data_bytes(&self.kho))
     }
 
     /// Total preserved pages.
