@@ -240,6 +240,7 @@ impl Handover {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::Resource;
     use crate::fixture::{HandoverFixture, HandoverSpec, WriteMem};
     use crate::mem::SparseMemory;
 
@@ -307,6 +308,41 @@ mod tests {
             ext.not_preserved,
             vec![(0x20_0000, 0x20_1000, "memfd:luo-agent/0x1/data".to_string())]
         );
+    }
+
+    #[test]
+    fn one_budget_for_the_whole_parse() {
+        let (mem, fx) = small();
+        let budget = Budget::for_memory(&mem);
+        Handover::read_with(&mem, fx.zero_page, &budget).unwrap();
+        let used = budget.used();
+        // Zero page, setup_data, FDT, scratch list, radix nodes, kexec-metadata, LUO records
+        // and the memfd's chunk and folio array: a few dozen pages for a 1 MiB memfd.
+        assert!(
+            used.pages > fx.radix_nodes as u64 && used.pages < 40,
+            "{used:?}"
+        );
+        assert!(
+            used.records > 256,
+            "the memfd's folios are records: {used:?}"
+        );
+
+        for resource in [Resource::Pages, Resource::Records, Resource::Bytes] {
+            let mut limits = used;
+            match resource {
+                Resource::Pages => limits.pages -= 1,
+                Resource::Records => limits.records -= 1,
+                Resource::Bytes => limits.bytes -= 1,
+            }
+            let tight = Budget::new(mem.ram().unwrap(), limits);
+            let err = Handover::read_with(&mem, fx.zero_page, &tight).unwrap_err();
+            assert!(
+                matches!(err.budget(), Some(BudgetError::Exhausted { resource: r, .. }) if *r == resource),
+                "{resource}: {err}"
+            );
+        }
+        let exact = Budget::new(mem.ram().unwrap(), used);
+        assert!(Handover::read_with(&mem, fx.zero_page, &exact).is_ok());
     }
 
     #[test]
