@@ -294,7 +294,11 @@ fn write_luo(l: &mut Layout, img: &Image) -> u64 {
         }
         None => 0,
     };
-    let compat: &[u8] = if img.luo_compatible { b"luo-v5\0\0" } else { b"luo-v4\0\0" };
+    let compat: &[u8] = if img.luo_compatible {
+        b"luo-v5\0\0"
+    } else {
+        b"luo-v4\0\0"
+    };
     l.put(ser, compat);
     l.put_u64(ser + 8, img.liveupdate_num);
     l.put_u64(ser + 16, sessions);
@@ -350,7 +354,11 @@ fn build(img: &Image) -> SparseMemory {
     let map = raw.string(MEMORY_MAP_PROP);
     let data = raw.string(SUB_TREE_PROP);
     let size = raw.string(SUB_TREE_SIZE_PROP);
-    let kho: &[u8] = if img.kho_compatible { b"kho-v4\0" } else { b"kho-v3\0" };
+    let kho: &[u8] = if img.kho_compatible {
+        b"kho-v4\0"
+    } else {
+        b"kho-v3\0"
+    };
     raw.begin_node("")
         .prop(compatible, kho)
         .prop(map, &l.ptr(img.memory_map, root).to_le_bytes());
@@ -421,7 +429,8 @@ fuzz_target!(|img: Image| {
     assert!(used.pages <= limits.pages && used.records <= limits.records);
     assert!(used.bytes <= limits.bytes);
     if let Ok(h) = parsed {
-        let labels = 1 + h.fdt.subtrees.len() + h.luo.as_ref().map_or(0, |l| l.owned_ranges().len());
+        let labels =
+            1 + h.fdt.subtrees.len() + h.luo.as_ref().map_or(0, |l| l.owned_ranges().len());
         let ext = h.preserved_extents();
         assert!(ext.set.len() <= h.preserved.runs.len() + 2 * labels);
         assert!(ext.not_preserved.len() <= h.preserved.runs.len() + 2 * labels);
