@@ -19,7 +19,6 @@ use luo_handover::kho::{MEMORY_MAP_PROP, SUB_TREE_PROP, SUB_TREE_SIZE_PROP};
 use luo_handover::mem::{SparseMemory, PAGE_SIZE};
 use luo_handover::Handover;
 
-#[allow(dead_code)]
 #[path = "../../handover/tests/support/fixture.rs"]
 mod fixture;
 
@@ -334,13 +333,13 @@ fn build(img: &Image) -> SparseMemory {
         match *op {
             RadixOp::Block { page, order } => {
                 let order = u32::from(order % 20);
-                let pa = (u64::from(page) % ram_pages) << 12 & !((PAGE_SIZE << order) - 1);
+                let pa = ((u64::from(page) % ram_pages) << 12) & !((PAGE_SIZE << order) - 1);
                 radix.preserve_block(pa, order);
             }
             RadixOp::Fill { page, order, word } if fills < 2 => {
                 fills += 1;
                 let order = u32::from(order % 20);
-                let pa = (u64::from(page) % ram_pages) << 12 & !((PAGE_SIZE << order) - 1);
+                let pa = ((u64::from(page) % ram_pages) << 12) & !((PAGE_SIZE << order) - 1);
                 radix.fill_leaf(pa, order, word);
             }
             RadixOp::Fill { .. } => {}
@@ -416,7 +415,7 @@ fn build(img: &Image) -> SparseMemory {
     );
     l.put(zero, &zero_page(setup));
     for &(at, v) in img.pokes.iter().take(8) {
-        l.put_u64(u64::from(at) % ram & !7, v);
+        l.put_u64((u64::from(at) % ram) & !7, v);
     }
     l.mem
 }
