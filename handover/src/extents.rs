@@ -12,7 +12,7 @@
 //! ([`classify_dirty`]) needs one pass over the bitmap, done only when a popcount says there is
 //! something to find.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -263,28 +263,107 @@ impl ExtentSet {
         }
     }
 
-    /// A copy where each `(start, end, owner)` relabels only what this set already covers.
-    /// Returns the new set and the ranges (or parts) that fell outside it.
+    /// A copy where each `(start, end, owner)` relabels only what this set already covers; a
+    /// later label wins where labels overlap (the painting rule). Returns the new set and the
+    /// parts of labels that fall outside the set, each part once, under the label that wins
+    /// there; touching parts with the same owner are merged.
+    ///
+    /// One sweep over the label boundaries and the extents, with a heap of the labels open at
+    /// the sweep point: O((L + E) log L) time and O(L + E) output for L labels and E extents,
+    /// however the labels overlap (a naive repaint is O(L x E): 64 labels over a million runs
+    /// took 47 s).
     pub fn relabel(&self, labels: &[(u64, u64, String)]) -> (ExtentSet, Vec<(u64, u64, String)>) {
-        let mut b = self.to_builder();
-        let mut outside = Vec::new();
-        for (start, end, owner) in labels {
-            let mut at = *start;
-            for e in self.extents.iter().skip(self.first_ending_after(*start)) {
-                if e.start >= *end {
-                    break;
-                }
-                if e.start > at {
-                    outside.push((at, e.start, owner.clone()));
-                }
-                b.add(e.start.max(*start), e.end.min(*end), owner);
-                at = e.end;
-            }
-            if at < *end {
-                outside.push((at, *end, owner.clone()));
+        // (position, label index, opens): sorted by position only; at one position every event
+        // is applied before the segment that starts there.
+        let mut events: Vec<(u64, usize, bool)> = Vec::with_capacity(2 * labels.len());
+        for (i, (start, end, _)) in labels.iter().enumerate() {
+            if start < end {
+                events.extend([(*start, i, true), (*end, i, false)]);
             }
         }
-        (b.build(), outside)
+        events.sort_unstable_by_key(|&(at, _, _)| at);
+
+        let mut owners = self.owners.clone();
+        let mut owner_ids: HashMap<&str, u32> = HashMap::new();
+        let mut label_owner = |i: usize| -> u32 {
+            let name = labels.get(i).map_or("", |l| l.2.as_str());
+            *owner_ids.entry(name).or_insert_with(|| {
+                owners.push(name.to_owned());
+                u32::try_from(owners.len() - 1).unwrap_or(u32::MAX)
+            })
+        };
+        let mut extents: Vec<Extent> = Vec::with_capacity(self.extents.len());
+        let mut outside: Vec<(u64, u64, usize)> = Vec::new();
+        let mut open: BinaryHeap<usize> = BinaryHeap::new();
+        let mut is_open = vec![false; labels.len()];
+        let (mut ev, mut k) = (0usize, 0usize);
+        let Some(mut at) = [
+            events.first().map(|e| e.0),
+            self.extents.first().map(|e| e.start),
+        ]
+        .into_iter()
+        .flatten()
+        .min() else {
+            return (self.clone(), Vec::new());
+        };
+        loop {
+            while let Some(&(_, i, opens)) = events.get(ev).filter(|e| e.0 <= at) {
+                if let Some(flag) = is_open.get_mut(i) {
+                    *flag = opens;
+                }
+                if opens {
+                    open.push(i);
+                }
+                ev += 1;
+            }
+            while open
+                .peek()
+                .is_some_and(|&i| !is_open.get(i).copied().unwrap_or(false))
+            {
+                open.pop();
+            }
+            while self.extents.get(k).is_some_and(|e| e.end <= at) {
+                k += 1;
+            }
+            let extent = self.extents.get(k);
+            let covered = extent.filter(|e| e.start <= at);
+            let next_extent = extent.map(|e| if e.start <= at { e.end } else { e.start });
+            let next_event = events.get(ev).map(|e| e.0);
+            // Both are above `at`, so the sweep always advances.
+            let Some(next) = [next_extent, next_event].into_iter().flatten().min() else {
+                break;
+            };
+            let top = open.peek().copied();
+            match (covered, top) {
+                (Some(e), _) => {
+                    let owner = top.map_or(e.owner, &mut label_owner);
+                    match extents.last_mut() {
+                        Some(last) if last.end == at && last.owner == owner => last.end = next,
+                        _ => extents.push(Extent {
+                            start: at,
+                            end: next,
+                            owner,
+                        }),
+                    }
+                }
+                (None, Some(i)) => match outside.last_mut() {
+                    Some(last)
+                        if last.1 == at
+                            && labels.get(last.2).map(|l| &l.2) == labels.get(i).map(|l| &l.2) =>
+                    {
+                        last.1 = next;
+                    }
+                    _ => outside.push((at, next, i)),
+                },
+                (None, None) => {}
+            }
+            at = next;
+        }
+        let outside = outside
+            .into_iter()
+            .map(|(s, e, i)| (s, e, labels.get(i).map(|l| l.2.clone()).unwrap_or_default()))
+            .collect();
+        (ExtentSet { extents, owners }, outside)
     }
 
     /// Pages of `bitmap` that are dirty and touched by this set, ascending, reading only the
@@ -562,6 +641,55 @@ mod tests {
         );
         assert_eq!(outside, vec![(0x4000, 0x8000, "luo".to_string())]);
         assert_eq!(r.total_bytes(), s.total_bytes());
+    }
+
+    #[test]
+    fn relabel_paints_later_labels_over_earlier_ones() {
+        let s = set(&[(0x1000, 0x5000, "kho")]);
+        let labels = [
+            (0x0, 0x3000, "a".to_string()),
+            (0x2000, 0x4000, "b".to_string()),
+            (0x2800, 0x2c00, "a".to_string()),
+            (0x4800, 0x6000, "c".to_string()),
+        ];
+        let (r, outside) = s.relabel(&labels);
+        assert_eq!(
+            dump(&r),
+            vec![
+                (0x1000, 0x2000, "a".into()),
+                (0x2000, 0x2800, "b".into()),
+                (0x2800, 0x2c00, "a".into()),
+                (0x2c00, 0x4000, "b".into()),
+                (0x4000, 0x4800, "kho".into()),
+                (0x4800, 0x5000, "c".into()),
+            ]
+        );
+        assert_eq!(
+            outside,
+            vec![
+                (0, 0x1000, "a".to_string()),
+                (0x5000, 0x6000, "c".to_string())
+            ]
+        );
+        assert_eq!(s.relabel(&[]).0, s);
+    }
+
+    /// The first hostile shape's labelling: 64 labels covering everything over a million
+    /// one-page runs. Painting each label over every run it covers was O(labels x runs) (47 s,
+    /// 5.4 GiB); the sweep's output is one extent per run and nothing outside.
+    #[test]
+    fn relabel_is_linear_in_labels_plus_extents() {
+        let runs = 1u64 << 20;
+        let s = ExtentSet::from_ranges("kho", (0..runs).map(|i| (i * 0x2000, i * 0x2000 + 0x1000)));
+        let labels: Vec<(u64, u64, String)> = (0..64)
+            .map(|i| (0, runs * 0x2000, format!("node{i}")))
+            .collect();
+        let (r, outside) = s.relabel(&labels);
+        assert_eq!(r.len(), s.len());
+        assert!(r.iter().all(|e| e.owner == "node63"));
+        // The gaps between runs, once each, merged under the winning label.
+        assert_eq!(outside.len(), to_usize(runs));
+        assert!(outside.iter().all(|o| o.2 == "node63"));
     }
 
     fn bitmap_with(pages: &[u64], words: usize) -> Vec<u64> {

@@ -9,8 +9,19 @@
 //!
 //! Only what KHO needs is implemented: header, structure block, strings block. The memory
 //! reservation block is not interpreted (KHO leaves it empty).
+//!
+//! Names are at most [`MAX_NAME_LEN`] bytes and are looked for only that far, so a blob whose
+//! properties all share one 512 KiB name costs neither a scan nor a copy per property; every
+//! node and property kept is charged to the parse's [`Budget`] (a record, and its name and
+//! value bytes).
 
 use thiserror::Error;
+
+use crate::budget::{Budget, BudgetError};
+
+/// Longest node or property name accepted, in bytes without the NUL (the devicetree
+/// specification allows 31; libfdt does not check; KHO's are a few bytes).
+pub const MAX_NAME_LEN: usize = 256;
 
 /// `FDT_MAGIC` (big-endian in the blob).
 pub const FDT_MAGIC: u32 = 0xd00d_feed;
@@ -59,6 +70,9 @@ pub enum FdtError {
     /// More nodes or deeper nesting than the configured limits.
     #[error("FDT exceeds limit: {0}")]
     Limit(&'static str),
+    /// The parse's budget ran out.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 /// One property: name and raw value bytes.
@@ -148,8 +162,9 @@ pub fn total_size(header: &[u8]) -> Result<u32, FdtError> {
     })
 }
 
-/// Parses `blob` and returns its root node.
-pub fn parse(blob: &[u8], limits: FdtLimits) -> Result<FdtNode, FdtError> {
+/// Parses `blob` and returns its root node, charging `budget` one record per node and
+/// property and the bytes of their names and values.
+pub fn parse(blob: &[u8], limits: FdtLimits, budget: &Budget) -> Result<FdtNode, FdtError> {
     let truncated = |need: u64| FdtError::Truncated {
         need,
         have: blob.len() as u64,
@@ -182,6 +197,7 @@ pub fn parse(blob: &[u8], limits: FdtLimits) -> Result<FdtNode, FdtError> {
         strings,
         pos: 0,
         limits,
+        budget,
     }
     .walk()
 }
@@ -191,6 +207,18 @@ struct Walker<'a> {
     strings: &'a [u8],
     pos: usize,
     limits: FdtLimits,
+    budget: &'a Budget,
+}
+
+/// Length of the NUL-terminated name at the start of `rest`, looking at most
+/// [`MAX_NAME_LEN`] + 1 bytes.
+fn name_len(rest: &[u8]) -> Result<usize, &'static str> {
+    let window = rest.get(..MAX_NAME_LEN + 1).unwrap_or(rest);
+    match window.iter().position(|&b| b == 0) {
+        Some(len) => Ok(len),
+        None if window.len() > MAX_NAME_LEN => Err("name longer than MAX_NAME_LEN"),
+        None => Err("unterminated name"),
+    }
 }
 
 impl Walker<'_> {
@@ -219,10 +247,8 @@ impl Walker<'_> {
 
     fn node_name(&mut self) -> Result<String, FdtError> {
         let rest = self.s.get(self.pos..).unwrap_or_default();
-        let len = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(self.malformed("unterminated node name"))?;
+        let len = name_len(rest).map_err(|what| self.malformed(what))?;
+        self.budget.bytes(len)?;
         let name = String::from_utf8_lossy(
             self.take(len + 1, "node name")?
                 .get(..len)
@@ -236,10 +262,8 @@ impl Walker<'_> {
             .strings
             .get(off as usize..)
             .ok_or(self.malformed("property name offset outside strings block"))?;
-        let len = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(self.malformed("unterminated property name"))?;
+        let len = name_len(rest).map_err(|what| self.malformed(what))?;
+        self.budget.bytes(len)?;
         Ok(String::from_utf8_lossy(rest.get(..len).unwrap_or_default()).into_owned())
     }
 
@@ -259,6 +283,7 @@ impl Walker<'_> {
                     if nodes > self.limits.max_nodes {
                         return Err(FdtError::Limit("too many nodes"));
                     }
+                    self.budget.records(1)?;
                     if stack.len() >= self.limits.max_depth {
                         return Err(FdtError::Limit("nesting too deep"));
                     }
@@ -271,8 +296,12 @@ impl Walker<'_> {
                 FDT_PROP => {
                     let len = self.token()? as usize;
                     let name_off = self.token()?;
+                    self.budget.records(1)?;
                     let name = self.string_at(name_off)?;
-                    let value = self.take(len, "property value")?.to_vec();
+                    let budget = self.budget;
+                    let value = self.take(len, "property value")?;
+                    budget.bytes(value.len())?;
+                    let value = value.to_vec();
                     stack
                         .last_mut()
                         .ok_or(self.malformed("property outside any node"))?
@@ -303,6 +332,17 @@ impl Walker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::{Resource, Usage};
+    use crate::mem::GuestRam;
+
+    fn budget() -> Budget {
+        Budget::for_ram(GuestRam::new([(0, 1 << 30)]))
+    }
+
+    /// `parse` with a fresh budget, as most tests need.
+    fn parse(blob: &[u8], limits: FdtLimits) -> Result<FdtNode, FdtError> {
+        super::parse(blob, limits, &budget())
+    }
 
     fn sample() -> Vec<u8> {
         let mut w = vm_fdt::FdtWriter::new().unwrap();
@@ -397,6 +437,43 @@ mod tests {
                 let _ = parse(&m, FdtLimits::default());
             }
         }
+    }
+
+    #[test]
+    fn long_names_are_refused_and_everything_kept_is_charged() {
+        let b = budget();
+        super::parse(&sample(), FdtLimits::default(), &b).unwrap();
+        // Two nodes and three properties; names and values.
+        assert_eq!(b.used().records, 5);
+        let names = "LUO".len() + "compatible".len() + "preserved-memory-map".len();
+        let names = names + "preserved-data".len();
+        assert_eq!(b.used().bytes, (names + 7 + 8 + 8) as u64);
+
+        let mut raw = crate::fixture::RawFdt::default();
+        let long = raw.string(&"p".repeat(MAX_NAME_LEN + 1));
+        raw.begin_node("").prop(long, &[1]).end_node();
+        assert!(matches!(
+            parse(&raw.finish(), FdtLimits::default()),
+            Err(FdtError::Malformed {
+                what: "name longer than MAX_NAME_LEN",
+                ..
+            })
+        ));
+        let tiny = Budget::new(
+            GuestRam::new([(0, 1 << 30)]),
+            Usage {
+                pages: 1,
+                records: 2,
+                bytes: 1 << 20,
+            },
+        );
+        assert!(matches!(
+            super::parse(&sample(), FdtLimits::default(), &tiny),
+            Err(FdtError::Budget(BudgetError::Exhausted {
+                resource: Resource::Records,
+                limit: 2
+            }))
+        ));
     }
 
     /// Evidence for not using the `fdt` crate on guest bytes: a property whose length runs

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::bootparams::KhoData;
+use crate::budget::{Budget, BudgetError};
 use crate::fdt::{self, FdtError, FdtLimits, FDT_HEADER_SIZE};
 use crate::mem::{c_string, read_array, read_vec, to_usize, GuestMemoryRead, LeBytes, MemError};
 
@@ -70,6 +71,9 @@ pub enum KhoError {
     /// `kexec-metadata` is too small, or of another version.
     #[error("kexec-metadata: {0}")]
     Metadata(&'static str),
+    /// The parse's budget ran out, or a blob or scratch area is not guest RAM.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 /// One subsystem blob registered with `kho_add_subtree()`.
@@ -99,9 +103,11 @@ impl KhoFdt {
     }
 }
 
-/// Decodes a KHO FDT blob.
-pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
-    let root = fdt::parse(blob, FdtLimits::default())?;
+/// Decodes a KHO FDT blob. Every subtree's blob, `[preserved-data, +blob-size)`, must be
+/// guest RAM (as `kho_add_subtree()` only registers kernel memory); nodes, properties and the
+/// subtree list are charged to `budget`.
+pub fn parse_kho_fdt(blob: &[u8], budget: &Budget) -> Result<KhoFdt, KhoError> {
+    let root = fdt::parse(blob, FdtLimits::default(), budget)?;
     // Like fdt_node_check_compatible(): any entry of the string list may match.
     let compatible = root.property("compatible").unwrap_or_default();
     if !compatible
@@ -121,7 +127,7 @@ pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
         .children
         .iter()
         .map(|n| {
-            Ok(KhoSubtree {
+            let st = KhoSubtree {
                 name: n.name.clone(),
                 preserved_data: n
                     .property_u64_le(SUB_TREE_PROP)
@@ -129,7 +135,11 @@ pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
                 blob_size: n
                     .property_u64_le(SUB_TREE_SIZE_PROP)
                     .ok_or_else(|| bad(&n.name, SUB_TREE_SIZE_PROP))?,
-            })
+            };
+            budget.check_ram("KHO subtree blob", st.preserved_data, st.blob_size)?;
+            budget.records(1)?;
+            budget.bytes(st.name.len())?;
+            Ok(st)
         })
         .collect::<Result<_, KhoError>>()?;
     Ok(KhoFdt {
@@ -139,18 +149,22 @@ pub fn parse_kho_fdt(blob: &[u8]) -> Result<KhoFdt, KhoError> {
 }
 
 /// Reads and decodes the FDT that `kho` points at: the header first, then `totalsize` bytes,
-/// which must fit in `fdt_size` (what the kernel maps) and [`MAX_FDT_SIZE`].
+/// which must fit in `fdt_size` (what the kernel maps) and [`MAX_FDT_SIZE`]; see
+/// [`parse_kho_fdt`].
 pub fn read_kho_fdt(
     mem: &(impl GuestMemoryRead + ?Sized),
     kho: &KhoData,
+    budget: &Budget,
 ) -> Result<KhoFdt, KhoError> {
+    budget.read(FDT_HEADER_SIZE)?;
     let header: [u8; FDT_HEADER_SIZE] = read_array(mem, kho.fdt_addr)?;
     let total = u64::from(fdt::total_size(&header)?);
     let limit = kho.fdt_size.min(MAX_FDT_SIZE);
     if total > limit {
         return Err(KhoError::FdtTooLarge { total, limit });
     }
-    parse_kho_fdt(&read_vec(mem, kho.fdt_addr, to_usize(total))?)
+    budget.read(to_usize(total))?;
+    parse_kho_fdt(&read_vec(mem, kho.fdt_addr, to_usize(total))?, budget)
 }
 
 /// One KHO scratch area: memory the next kernel may allocate from before KHO has run.
@@ -163,23 +177,30 @@ pub struct ScratchArea {
 }
 
 /// Reads the scratch list (`scratch_size / 16` records at `scratch_addr`, the remainder
-/// ignored like `kho_populate()` does).
+/// ignored like `kho_populate()` does). Each area must be guest RAM (they come from memblock).
 pub fn read_scratch_areas(
     mem: &(impl GuestMemoryRead + ?Sized),
     kho: &KhoData,
+    budget: &Budget,
 ) -> Result<Vec<ScratchArea>, KhoError> {
     let n = kho.scratch_size / SCRATCH_ENTRY_SIZE;
     if n > MAX_SCRATCH_AREAS {
         return Err(KhoError::ScratchTooLarge(kho.scratch_size));
     }
-    let raw = read_vec(mem, kho.scratch_addr, to_usize(n * SCRATCH_ENTRY_SIZE))?;
-    Ok(raw
-        .chunks_exact(to_usize(SCRATCH_ENTRY_SIZE))
-        .map(|c| ScratchArea {
-            addr: c.u64_at(0).unwrap_or(0),
-            size: c.u64_at(8).unwrap_or(0),
+    let len = to_usize(n * SCRATCH_ENTRY_SIZE);
+    budget.read(len)?;
+    budget.records(n)?;
+    let raw = read_vec(mem, kho.scratch_addr, len)?;
+    raw.chunks_exact(to_usize(SCRATCH_ENTRY_SIZE))
+        .map(|c| {
+            let area = ScratchArea {
+                addr: c.u64_at(0).unwrap_or(0),
+                size: c.u64_at(8).unwrap_or(0),
+            };
+            budget.check_ram("KHO scratch area", area.addr, area.size)?;
+            Ok(area)
         })
-        .collect())
+        .collect()
 }
 
 /// `struct kho_kexec_metadata`.
@@ -195,10 +216,13 @@ pub struct KexecMetadata {
 pub fn read_kexec_metadata(
     mem: &(impl GuestMemoryRead + ?Sized),
     subtree: &KhoSubtree,
+    budget: &Budget,
 ) -> Result<KexecMetadata, KhoError> {
     if subtree.blob_size < 4 {
         return Err(KhoError::Metadata("blob smaller than its version field"));
     }
+    budget.read(METADATA_SIZE)?;
+    budget.bytes(METADATA_SIZE)?;
     let b: [u8; METADATA_SIZE] = read_array(mem, subtree.preserved_data)?;
     if b.u32_at(0) != Some(METADATA_VERSION) {
         return Err(KhoError::Metadata("unsupported version"));
@@ -218,7 +242,11 @@ pub fn read_kexec_metadata(
 mod tests {
     use super::*;
     use crate::fixture::{kho_fdt_blob, metadata_blob, WriteMem};
-    use crate::mem::VecMemory;
+    use crate::mem::{GuestRam, VecMemory};
+
+    fn budget() -> Budget {
+        Budget::for_ram(GuestRam::new([(0, 1 << 32)]))
+    }
 
     fn subtrees() -> Vec<KhoSubtree> {
         vec![
@@ -238,7 +266,7 @@ mod tests {
     #[test]
     fn fdt_round_trip() {
         let blob = kho_fdt_blob(KHO_FDT_COMPATIBLE, 0x9000, &subtrees());
-        let f = parse_kho_fdt(&blob).unwrap();
+        let f = parse_kho_fdt(&blob, &budget()).unwrap();
         assert_eq!(f.preserved_memory_map, 0x9000);
         assert_eq!(f.subtrees, subtrees());
         assert_eq!(f.subtree("LUO").unwrap().preserved_data, 0x3000);
@@ -251,13 +279,13 @@ mod tests {
             scratch_addr: 0x2000,
             scratch_size: 40,
         };
-        assert_eq!(read_kho_fdt(&m, &kho).unwrap(), f);
+        assert_eq!(read_kho_fdt(&m, &kho, &budget()).unwrap(), f);
         let tiny = KhoData {
             fdt_size: 16,
             ..kho
         };
         assert!(matches!(
-            read_kho_fdt(&m, &tiny),
+            read_kho_fdt(&m, &tiny, &budget()),
             Err(KhoError::FdtTooLarge { .. })
         ));
     }
@@ -266,7 +294,7 @@ mod tests {
     fn fdt_semantic_errors() {
         let blob = kho_fdt_blob("kho-v3", 0x9000, &[]);
         assert_eq!(
-            parse_kho_fdt(&blob),
+            parse_kho_fdt(&blob, &budget()),
             Err(KhoError::Incompatible("kho-v3".into()))
         );
         let mut w = vm_fdt::FdtWriter::new().unwrap();
@@ -275,12 +303,23 @@ mod tests {
         w.property_u32(MEMORY_MAP_PROP, 0x9000).unwrap(); // 4 bytes: not a u64
         w.end_node(r).unwrap();
         assert!(matches!(
-            parse_kho_fdt(&w.finish().unwrap()),
+            parse_kho_fdt(&w.finish().unwrap(), &budget()),
             Err(KhoError::BadProperty {
                 prop: MEMORY_MAP_PROP,
                 ..
             })
         ));
+        // A blob that is not guest RAM: here, larger than the address space.
+        let mut huge = subtrees();
+        huge[0].blob_size = u64::MAX;
+        assert_eq!(
+            parse_kho_fdt(&kho_fdt_blob(KHO_FDT_COMPATIBLE, 0x9000, &huge), &budget()),
+            Err(KhoError::Budget(BudgetError::OutsideRam {
+                what: "KHO subtree blob",
+                start: 0x3000,
+                len: u64::MAX
+            }))
+        );
     }
 
     #[test]
@@ -299,7 +338,7 @@ mod tests {
             scratch_addr: 0x2000,
             scratch_size: 40,
         };
-        let areas = read_scratch_areas(&m, &kho).unwrap();
+        let areas = read_scratch_areas(&m, &kho, &budget()).unwrap();
         assert_eq!(
             areas,
             vec![
@@ -318,7 +357,7 @@ mod tests {
             ..kho
         };
         assert!(matches!(
-            read_scratch_areas(&m, &huge),
+            read_scratch_areas(&m, &huge, &budget()),
             Err(KhoError::ScratchTooLarge(_))
         ));
     }
@@ -329,7 +368,7 @@ mod tests {
         m.put(0x4000, &metadata_blob("7.2.13", 3)).unwrap();
         let st = &subtrees()[1];
         assert_eq!(
-            read_kexec_metadata(&m, st).unwrap(),
+            read_kexec_metadata(&m, st, &budget()).unwrap(),
             KexecMetadata {
                 previous_release: "7.2.13".into(),
                 kexec_count: 3
@@ -339,10 +378,10 @@ mod tests {
             blob_size: 10,
             ..st.clone()
         };
-        assert!(read_kexec_metadata(&m, &short).is_err());
+        assert!(read_kexec_metadata(&m, &short, &budget()).is_err());
         m.put(0x4000, &2u32.to_le_bytes()).unwrap();
         assert_eq!(
-            read_kexec_metadata(&m, st),
+            read_kexec_metadata(&m, st, &budget()),
             Err(KhoError::Metadata("unsupported version"))
         );
     }

@@ -15,7 +15,11 @@
 //!
 //! Every parser takes guest bytes as hostile: reads are bounds-checked, lengths validated,
 //! lists and trees bounded, cycles detected; a corrupt guest yields an error, never a panic
-//! (see the `no_panic` tests and the `fuzz/` target, which drive [`fuzz_one`]).
+//! (see the `no_panic` tests and the `fuzz/` targets, which drive [`fuzz_one`]). One
+//! [`budget::Budget`] per parse, sized from guest RAM, bounds the pages read and the records
+//! and bytes kept, and holds the RAM map that every extent and array must lie in; a page
+//! reached twice by LUO's records is an error; so what a hostile guest can make the VMM spend
+//! is proportional to guest RAM, whatever it writes (`tests/hostile.rs`).
 //!
 //! ABI sources (Linux 7.2): `include/linux/kho/abi/{kexec_handover,kexec_metadata,luo,block,
 //! memfd}.h`, `kernel/liveupdate/`, `arch/x86/include/uapi/asm/{bootparam,setup_data}.h`,
@@ -27,6 +31,7 @@
 extern crate self as luo_handover;
 
 pub mod bootparams;
+pub mod budget;
 pub mod digest;
 pub mod extents;
 pub mod fdt;
@@ -51,19 +56,16 @@ pub use state::{
 /// its first 8 bytes. Returns how many of the three parsed; must never panic.
 pub fn fuzz_one(data: &[u8]) -> usize {
     let mem = mem::VecMemory::new(0, data.to_vec());
-    let limits = radix::RadixLimits {
-        max_nodes: 1 << 12,
-        max_runs: 1 << 16,
-    };
     let mut ok = 0;
-    if let Ok(h) = Handover::read_with(&mem, 0, limits) {
+    if let Ok(h) = Handover::read(&mem, 0) {
         let ext = h.preserved_extents();
         let _ = ext.set.total_pages();
         ok += 1;
     }
-    ok += usize::from(kho::parse_kho_fdt(data).is_ok());
+    let budget = || budget::Budget::for_memory(&mem);
+    ok += usize::from(kho::parse_kho_fdt(data, &budget()).is_ok());
     let root = mem::read_u64_le(&mem, 0).unwrap_or(0) & !(mem::PAGE_SIZE - 1);
-    ok += usize::from(radix::walk(&mem, root, limits).is_ok());
+    ok += usize::from(radix::walk(&mem, root, &budget()).is_ok());
     ok
 }
 
@@ -74,9 +76,9 @@ mod no_panic {
     use super::*;
     use crate::fixture::{HandoverFixture, HandoverSpec, XorShift};
 
-    /// A complete small handover packed into 512 KiB at address 0, zero page first.
+    /// A complete small handover packed into 2 MiB at address 0, zero page first.
     fn seed_image() -> Vec<u8> {
-        let mut mem = mem::VecMemory::zeroed(0, 512 * 1024);
+        let mut mem = mem::VecMemory::zeroed(0, 2 << 20);
         let spec = HandoverSpec {
             meta_base: 0,
             radix_base: 0x4_0000,
@@ -89,7 +91,7 @@ mod no_panic {
                 name: "s".into(),
                 memfds: vec![crate::fixture::MemfdSpec {
                     token: 1,
-                    first_pfn: 0x50,
+                    first_pfn: 0x80,
                     folios: 300,
                     size: 300 * 4096,
                 }],

@@ -17,11 +17,13 @@
 //!   flbs_pa -> luo_flb_header_ser {pgcnt, count} + luo_flb_ser[count] {name[48], data, count}
 //! ```
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::budget::{Budget, BudgetError};
 use crate::kho::KhoSubtree;
 use crate::mem::{
     c_string, read_array, read_vec, to_usize, GuestMemoryRead, LeBytes, MemError, PAGE_BYTES,
@@ -114,6 +116,27 @@ pub enum LuoError {
         /// What was wrong.
         what: &'static str,
     },
+    /// Two records reach the same page (each LUO record has pages of its own).
+    #[error("page {page:#x} reached twice: by a {first} and by a {second}")]
+    PageReachedTwice {
+        /// The page.
+        page: u64,
+        /// What reached it first.
+        first: &'static str,
+        /// What reached it again.
+        second: &'static str,
+    },
+    /// A page-sized record is not page-aligned.
+    #[error("{what} at {pa:#x} is not page-aligned")]
+    Misaligned {
+        /// Which record.
+        what: &'static str,
+        /// Its address.
+        pa: u64,
+    },
+    /// The parse's budget ran out, or a folio is not guest RAM.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 /// The whole LUO state.
@@ -131,6 +154,10 @@ pub struct LuoState {
     pub flb_pa: u64,
     /// Guest addresses of the session block pages.
     pub session_blocks: Vec<u64>,
+    /// Files whose `compatible` this reader does not decode (their contents are not labelled
+    /// in the preserved set), in session order.
+    #[serde(default)]
+    pub unknown_compatibles: Vec<UnknownCompatible>,
 }
 
 /// One preserved session.
@@ -153,7 +180,7 @@ pub struct PreservedFile {
     pub token: u64,
     /// Handler-private `data` (for memfd: the address of `struct memfd_luo_ser`).
     pub data: u64,
-    /// Decoded memfd state, for `memfd-v2` files.
+    /// Decoded memfd state, for `memfd-v2` files (with known components, if any).
     pub memfd: Option<Memfd>,
 }
 
@@ -196,221 +223,404 @@ pub struct Flb {
     pub count: u64,
 }
 
-/// Reads the entries of a `kho_block_header_ser` list the way `kho_block_set_restore()` and
-/// the block iterator do; returns the block addresses and the concatenated entries.
-fn read_blocks(
-    mem: &(impl GuestMemoryRead + ?Sized),
-    head: u64,
-    entry_size: usize,
-    what: &'static str,
-) -> Result<(Vec<u64>, Vec<Vec<u8>>), LuoError> {
-    let per_block = ((PAGE_BYTES - BLOCK_HEADER_SIZE) / entry_size) as u64;
-    let mut seen = HashSet::new();
-    let (mut blocks, mut entries) = (Vec::new(), Vec::new());
-    let mut at = head;
-    while at != 0 {
-        if !seen.insert(at) {
-            return Err(LuoError::Cycle { what, pa: at });
-        }
-        if blocks.len() == MAX_BLOCKS {
-            return Err(LuoError::TooManyBlocks(what));
-        }
-        let page = read_vec(mem, at, PAGE_BYTES)?;
-        let (next, count) = (page.u64_at(0).unwrap_or(0), page.u64_at(8).unwrap_or(0));
-        if count == 0 || count > per_block {
-            return Err(LuoError::BadBlockCount {
-                what,
-                pa: at,
-                count,
-            });
-        }
-        blocks.push(at);
-        let body = page.get(BLOCK_HEADER_SIZE..).unwrap_or_default();
-        entries.extend(
-            body.chunks_exact(entry_size)
-                .take(to_usize(count))
-                .map(<[u8]>::to_vec),
-        );
-        at = next;
-    }
-    Ok((blocks, entries))
+/// A file handler `compatible` string: a base and `;`-separated components, as proposed
+/// upstream for handlers whose serialisation embeds other versioned formats (e.g.
+/// `memfd-v2;vmalloc-v1`: a memfd-v2 record whose folio array is a `kho_vmalloc` area). Linux
+/// 7.2 matches the whole string with `strcmp()` (`luo_file.c`); a bare base is the same as a
+/// base with no components.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compatible<'a> {
+    /// Up to the first `;`.
+    pub base: &'a str,
+    /// The rest, split at `;`, empty components dropped.
+    pub components: Vec<&'a str>,
 }
 
-/// Reads LUO's state from its KHO subtree.
+impl<'a> Compatible<'a> {
+    /// Splits `s` (at most 48 bytes in a `luo_file_ser`) into base and components.
+    pub fn parse(s: &'a str) -> Self {
+        let mut parts = s.split(';');
+        Compatible {
+            base: parts.next().unwrap_or_default(),
+            components: parts.filter(|c| !c.is_empty()).collect(),
+        }
+    }
+}
+
+/// Components this reader understands after a [`MEMFD_COMPATIBLE`] base: the folio array
+/// layout it decodes (`struct kho_vmalloc`, `kho_restore_vmalloc()`).
+pub const MEMFD_COMPONENTS: &[&str] = &["vmalloc-v1"];
+
+/// A preserved file whose `compatible` this reader cannot decode: its contents are not in the
+/// labelled preserved set, so a report must say so rather than count it as checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnknownCompatible {
+    /// Session holding the file.
+    pub session: String,
+    /// The file's token.
+    pub token: u64,
+    /// The whole `compatible` string.
+    pub compatible: String,
+    /// The parts not understood: the base if it is unknown, else the unknown components.
+    pub unknown: Vec<String>,
+}
+
+/// What `compatible` tells this reader to do: decode a memfd, or report the parts it does not
+/// know.
+fn classify(compatible: &str) -> Result<(), Vec<String>> {
+    let c = Compatible::parse(compatible);
+    if c.base != MEMFD_COMPATIBLE {
+        return Err(vec![c.base.to_owned()]);
+    }
+    let unknown: Vec<String> = c
+        .components
+        .iter()
+        .filter(|comp| !MEMFD_COMPONENTS.contains(comp))
+        .map(|&comp| comp.to_owned())
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(unknown)
+    }
+}
+
+/// One parse of LUO's records: guest memory, the parse's budget, and every page the records
+/// reached so far with what reached it. Every LUO record lives in pages of its own
+/// (`kho_alloc_preserve()`, `kho_block` pages, vmalloc pages, folios), so a page reached twice
+/// means records that alias: corruption or an attack that multiplies work, refused either way.
+struct Reader<'a, M: ?Sized> {
+    mem: &'a M,
+    budget: &'a Budget,
+    claims: HashMap<u64, &'static str>,
+}
+
+impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
+    /// Records that `what` reaches the page holding `pa`.
+    fn claim(&mut self, pa: u64, what: &'static str) -> Result<(), LuoError> {
+        let page = pa & !(PAGE_SIZE - 1);
+        match self.claims.entry(page) {
+            Entry::Occupied(first) => Err(LuoError::PageReachedTwice {
+                page,
+                first: first.get(),
+                second: what,
+            }),
+            Entry::Vacant(v) => {
+                v.insert(what);
+                Ok(())
+            }
+        }
+    }
+
+    /// Claims and reads the whole page at `pa`, which must be page-aligned.
+    fn page(&mut self, pa: u64, what: &'static str) -> Result<Vec<u8>, LuoError> {
+        if pa % PAGE_SIZE != 0 {
+            return Err(LuoError::Misaligned { what, pa });
+        }
+        self.claim(pa, what)?;
+        self.budget.read(PAGE_BYTES)?;
+        Ok(read_vec(self.mem, pa, PAGE_BYTES)?)
+    }
+
+    /// Reads the entries of a `kho_block_header_ser` list the way `kho_block_set_restore()`
+    /// and the block iterator do; returns the block addresses and the concatenated entries
+    /// (each a record).
+    fn blocks(
+        &mut self,
+        head: u64,
+        entry_size: usize,
+        what: &'static str,
+    ) -> Result<(Vec<u64>, Vec<Vec<u8>>), LuoError> {
+        let per_block = ((PAGE_BYTES - BLOCK_HEADER_SIZE) / entry_size) as u64;
+        let mut seen = HashSet::new();
+        let (mut blocks, mut entries) = (Vec::new(), Vec::new());
+        let mut at = head;
+        while at != 0 {
+            if !seen.insert(at) {
+                return Err(LuoError::Cycle { what, pa: at });
+            }
+            if blocks.len() == MAX_BLOCKS {
+                return Err(LuoError::TooManyBlocks(what));
+            }
+            let page = self.page(at, what)?;
+            let (next, count) = (page.u64_at(0).unwrap_or(0), page.u64_at(8).unwrap_or(0));
+            if count == 0 || count > per_block {
+                return Err(LuoError::BadBlockCount {
+                    what,
+                    pa: at,
+                    count,
+                });
+            }
+            self.budget.records(1 + count)?;
+            blocks.push(at);
+            let body = page.get(BLOCK_HEADER_SIZE..).unwrap_or_default();
+            entries.extend(
+                body.chunks_exact(entry_size)
+                    .take(to_usize(count))
+                    .map(<[u8]>::to_vec),
+            );
+            at = next;
+        }
+        Ok((blocks, entries))
+    }
+
+    /// A C string field of a record, kept: its bytes are charged.
+    fn name(&self, field: &[u8]) -> Result<String, LuoError> {
+        let s = c_string(field);
+        self.budget.bytes(s.len())?;
+        Ok(s)
+    }
+
+    fn luo(&mut self, subtree: &KhoSubtree) -> Result<LuoState, LuoError> {
+        if subtree.blob_size < LUO_SER_SIZE as u64 {
+            return Err(LuoError::ShortBlob(subtree.blob_size));
+        }
+        self.claim(subtree.preserved_data, "luo_ser")?;
+        self.budget.read(LUO_SER_SIZE)?;
+        let ser: [u8; LUO_SER_SIZE] = read_array(self.mem, subtree.preserved_data)?;
+        let compatible = c_string(ser.get(..8).unwrap_or_default());
+        if compatible != LUO_ABI_COMPATIBLE {
+            return Err(LuoError::Incompatible(compatible));
+        }
+        let field = |off| ser.u64_at(off).unwrap_or(0);
+        let (liveupdate_num, sessions_pa, flb_pa) = (field(8), field(16), field(24));
+        let (session_blocks, raw_sessions) =
+            self.blocks(sessions_pa, SESSION_SER_SIZE, "session block")?;
+        let mut unknown_compatibles = Vec::new();
+        let sessions = raw_sessions
+            .iter()
+            .map(|s| self.session(s, &mut unknown_compatibles))
+            .collect::<Result<_, _>>()?;
+        Ok(LuoState {
+            ser_pa: subtree.preserved_data,
+            liveupdate_num,
+            sessions,
+            flbs: self.flbs(flb_pa)?,
+            flb_pa,
+            session_blocks,
+            unknown_compatibles,
+        })
+    }
+
+    fn session(
+        &mut self,
+        raw: &[u8],
+        unknown: &mut Vec<UnknownCompatible>,
+    ) -> Result<Session, LuoError> {
+        let name = self.name(raw.get(..64).unwrap_or_default())?;
+        let files_pa = raw.u64_at(64).unwrap_or(0);
+        let declared = raw.u64_at(72).unwrap_or(0);
+        let (file_blocks, raw_files) = self.blocks(files_pa, FILE_SER_SIZE, "file block")?;
+        if raw_files.len() as u64 != declared {
+            return Err(LuoError::FileCountMismatch {
+                session: name,
+                declared,
+                found: raw_files.len() as u64,
+            });
+        }
+        let mut files = Vec::with_capacity(raw_files.len());
+        for f in &raw_files {
+            let compatible = self.name(f.get(..48).unwrap_or_default())?;
+            let data = f.u64_at(48).unwrap_or(0);
+            let token = f.u64_at(56).unwrap_or(0);
+            let memfd = match classify(&compatible) {
+                Ok(()) => Some(self.memfd(data)?),
+                Err(parts) => {
+                    self.budget.records(1)?;
+                    self.budget.bytes(
+                        name.len()
+                            + compatible.len()
+                            + parts.iter().map(String::len).sum::<usize>(),
+                    )?;
+                    unknown.push(UnknownCompatible {
+                        session: name.clone(),
+                        token,
+                        compatible: compatible.clone(),
+                        unknown: parts,
+                    });
+                    None
+                }
+            };
+            files.push(PreservedFile {
+                compatible,
+                token,
+                data,
+                memfd,
+            });
+        }
+        Ok(Session {
+            name,
+            files,
+            file_blocks,
+        })
+    }
+
+    fn flbs(&mut self, pa: u64) -> Result<Vec<Flb>, LuoError> {
+        if pa == 0 {
+            return Ok(Vec::new());
+        }
+        self.budget.read(16)?;
+        let hdr: [u8; 16] = read_array(self.mem, pa)?;
+        let (pgcnt, count) = (hdr.u64_at(0).unwrap_or(0), hdr.u64_at(8).unwrap_or(0));
+        // The kernel trusts `count` (luo_flb.c); here it must fit in the `pgcnt` pages.
+        let room = pgcnt
+            .checked_mul(PAGE_SIZE)
+            .and_then(|b| b.checked_sub(16))
+            .map_or(0, |b| b / FLB_SER_SIZE as u64)
+            .min(MAX_BLOCKS as u64);
+        if count > room {
+            return Err(LuoError::BadFlbCount { pgcnt, count });
+        }
+        let len = 16 + to_usize(count) * FLB_SER_SIZE;
+        for page in (0..len.div_ceil(PAGE_BYTES) as u64).map(|i| pa.wrapping_add(i * PAGE_SIZE)) {
+            self.claim(page, "FLB header")?;
+        }
+        self.budget.read(len)?;
+        self.budget.records(count)?;
+        let raw = read_vec(self.mem, pa.saturating_add(16), len - 16)?;
+        raw.chunks_exact(FLB_SER_SIZE)
+            .map(|e| {
+                Ok(Flb {
+                    name: self.name(e.get(..48).unwrap_or_default())?,
+                    data: e.u64_at(48).unwrap_or(0),
+                    count: e.u64_at(56).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Reads `struct memfd_luo_ser` at `pa` and the folio array behind its vmalloc
+    /// descriptor, checking what `kho_restore_vmalloc()` checks (pages add up to
+    /// `total_pages`), and that every page it reaches (the record, the chunks, the array
+    /// pages, each folio) is reached once, and every folio is guest RAM.
+    fn memfd(&mut self, pa: u64) -> Result<Memfd, LuoError> {
+        let err = |what| LuoError::Memfd { pa, what };
+        self.claim(pa, "memfd_luo_ser")?;
+        self.budget.read(MEMFD_SER_SIZE)?;
+        let s: [u8; MEMFD_SER_SIZE] = read_array(self.mem, pa)?;
+        let f = |off| s.u64_at(off).unwrap_or(0);
+        let nr_folios = f(24);
+        let first_chunk = f(32);
+        let total_pages = u64::from(s.u32_at(40).unwrap_or(0));
+        let order = u32::from(s.u16_at(46).unwrap_or(0));
+        if nr_folios > MAX_MEMFD_FOLIOS {
+            return Err(err("too many folios"));
+        }
+        let needed_bytes = nr_folios * FOLIO_SER_SIZE as u64;
+        if needed_bytes > total_pages * PAGE_SIZE {
+            return Err(err("folio array larger than its vmalloc area"));
+        }
+        let contig = 1u64
+            .checked_shl(order)
+            .filter(|&c| c <= total_pages.max(1))
+            .ok_or(err("vmalloc order too large"))?;
+        // vcalloc(nr_folios, 16) maps just enough pages (rounded up to the mapping order).
+        if total_pages > needed_bytes.div_ceil(PAGE_SIZE).next_multiple_of(contig) {
+            return Err(err("vmalloc area larger than the folio array needs"));
+        }
+
+        // Chunk list -> pages of the vmalloc area, in order.
+        let mut metadata_pages = Vec::new();
+        let mut area_pages: Vec<u64> = Vec::new();
+        let mut chunks = 0usize;
+        let mut chunk = if nr_folios == 0 { 0 } else { first_chunk };
+        while chunk != 0 {
+            chunks += 1;
+            if chunks > MAX_BLOCKS {
+                return Err(err("vmalloc chunk list is too long"));
+            }
+            // A chunk listed twice (a loop) is a page reached twice.
+            let page = self.page(chunk, "vmalloc chunk")?;
+            self.budget.records(1)?;
+            metadata_pages.push(chunk);
+            for phys in page
+                .chunks_exact(8)
+                .skip(1)
+                .map(|b| b.u64_at(0).unwrap_or(0))
+            {
+                if phys == 0 {
+                    break;
+                }
+                if area_pages.len() as u64 + contig > total_pages {
+                    return Err(err("vmalloc chunks list more pages than total_pages"));
+                }
+                if phys % PAGE_SIZE != 0 {
+                    return Err(LuoError::Misaligned {
+                        what: "memfd folio array",
+                        pa: phys,
+                    });
+                }
+                self.budget.records(contig)?;
+                for i in 0..contig {
+                    let p = phys.wrapping_add(i << PAGE_SHIFT);
+                    self.claim(p, "memfd folio array")?;
+                    area_pages.push(p);
+                }
+            }
+            chunk = page.u64_at(0).unwrap_or(0);
+        }
+        if nr_folios != 0 && area_pages.len() as u64 != total_pages {
+            return Err(err("vmalloc chunks list fewer pages than total_pages"));
+        }
+
+        let mut folios = Vec::new();
+        let mut left = to_usize(nr_folios);
+        for &page_pa in &area_pages {
+            if left == 0 {
+                break;
+            }
+            self.budget.read(PAGE_BYTES)?;
+            self.budget.records(1)?;
+            metadata_pages.push(page_pa);
+            let page = read_vec(self.mem, page_pa, PAGE_BYTES)?;
+            let entries = page.chunks_exact(FOLIO_SER_SIZE).take(left);
+            self.budget.records(entries.len() as u64)?;
+            for e in entries {
+                let w = e.u64_at(0).unwrap_or(0);
+                let folio = MemfdFolio {
+                    pfn: w & ((1 << 52) - 1),
+                    flags: (w >> 52) as u16,
+                    index: e.u64_at(8).unwrap_or(0),
+                };
+                if folio.pfn != 0 {
+                    let at = folio.pfn << PAGE_SHIFT; // pfn < 2^52: no bits lost
+                    self.budget.check_ram("memfd folio", at, PAGE_SIZE)?;
+                    self.claim(at, "memfd folio")?;
+                }
+                folios.push(folio);
+            }
+            left = to_usize(nr_folios) - folios.len();
+        }
+        Ok(Memfd {
+            pos: f(0),
+            size: f(8),
+            seals: s.u32_at(16).unwrap_or(0),
+            flags: s.u32_at(20).unwrap_or(0),
+            folios,
+            metadata_pages,
+        })
+    }
+}
+
+/// Reads LUO's state from its KHO subtree (`luo_ser` -> sessions -> files -> memfds, and the
+/// FLBs), as `luo_session_deserialize()`, `luo_file_deserialize()` and
+/// `memfd_luo_retrieve()` would, charging `budget` for every page read and record kept.
+///
+/// Errors: unreadable memory, counts or lists the kernel would refuse, a page reached by two
+/// records ([`LuoError::PageReachedTwice`]), a folio outside guest RAM or a budget run out
+/// ([`LuoError::Budget`]). Files whose `compatible` is not understood are kept and listed in
+/// [`LuoState::unknown_compatibles`].
 pub fn read_luo(
     mem: &(impl GuestMemoryRead + ?Sized),
     subtree: &KhoSubtree,
+    budget: &Budget,
 ) -> Result<LuoState, LuoError> {
-    if subtree.blob_size < LUO_SER_SIZE as u64 {
-        return Err(LuoError::ShortBlob(subtree.blob_size));
+    Reader {
+        mem,
+        budget,
+        claims: HashMap::new(),
     }
-    let ser: [u8; LUO_SER_SIZE] = read_array(mem, subtree.preserved_data)?;
-    let compatible = c_string(ser.get(..8).unwrap_or_default());
-    if compatible != LUO_ABI_COMPATIBLE {
-        return Err(LuoError::Incompatible(compatible));
-    }
-    let field = |off| ser.u64_at(off).unwrap_or(0);
-    let (liveupdate_num, sessions_pa, flb_pa) = (field(8), field(16), field(24));
-    let (session_blocks, raw_sessions) =
-        read_blocks(mem, sessions_pa, SESSION_SER_SIZE, "session")?;
-    let sessions = raw_sessions
-        .iter()
-        .map(|s| read_session(mem, s))
-        .collect::<Result<_, _>>()?;
-    Ok(LuoState {
-        ser_pa: subtree.preserved_data,
-        liveupdate_num,
-        sessions,
-        flbs: read_flbs(mem, flb_pa)?,
-        flb_pa,
-        session_blocks,
-    })
-}
-
-fn read_session(mem: &(impl GuestMemoryRead + ?Sized), raw: &[u8]) -> Result<Session, LuoError> {
-    let name = c_string(raw.get(..64).unwrap_or_default());
-    let files_pa = raw.u64_at(64).unwrap_or(0);
-    let declared = raw.u64_at(72).unwrap_or(0);
-    let (file_blocks, raw_files) = read_blocks(mem, files_pa, FILE_SER_SIZE, "file")?;
-    if raw_files.len() as u64 != declared {
-        return Err(LuoError::FileCountMismatch {
-            session: name,
-            declared,
-            found: raw_files.len() as u64,
-        });
-    }
-    let files = raw_files
-        .iter()
-        .map(|f| {
-            let compatible = c_string(f.get(..48).unwrap_or_default());
-            let data = f.u64_at(48).unwrap_or(0);
-            let memfd = match compatible.as_str() {
-                MEMFD_COMPATIBLE => Some(read_memfd(mem, data)?),
-                _ => None,
-            };
-            Ok(PreservedFile {
-                token: f.u64_at(56).unwrap_or(0),
-                compatible,
-                data,
-                memfd,
-            })
-        })
-        .collect::<Result<_, LuoError>>()?;
-    Ok(Session {
-        name,
-        files,
-        file_blocks,
-    })
-}
-
-fn read_flbs(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Vec<Flb>, LuoError> {
-    if pa == 0 {
-        return Ok(Vec::new());
-    }
-    let hdr: [u8; 16] = read_array(mem, pa)?;
-    let (pgcnt, count) = (hdr.u64_at(0).unwrap_or(0), hdr.u64_at(8).unwrap_or(0));
-    // The kernel trusts `count` (luo_flb.c); here it must fit in the `pgcnt` pages.
-    let room = pgcnt
-        .checked_mul(PAGE_SIZE)
-        .and_then(|b| b.checked_sub(16))
-        .map_or(0, |b| b / FLB_SER_SIZE as u64)
-        .min(MAX_BLOCKS as u64);
-    if count > room {
-        return Err(LuoError::BadFlbCount { pgcnt, count });
-    }
-    let raw = read_vec(mem, pa.saturating_add(16), to_usize(count) * FLB_SER_SIZE)?;
-    Ok(raw
-        .chunks_exact(FLB_SER_SIZE)
-        .map(|e| Flb {
-            name: c_string(e.get(..48).unwrap_or_default()),
-            data: e.u64_at(48).unwrap_or(0),
-            count: e.u64_at(56).unwrap_or(0),
-        })
-        .collect())
-}
-
-/// Reads `struct memfd_luo_ser` at `pa` and the folio array behind its vmalloc descriptor,
-/// checking what `kho_restore_vmalloc()` checks (pages add up to `total_pages`).
-pub fn read_memfd(mem: &(impl GuestMemoryRead + ?Sized), pa: u64) -> Result<Memfd, LuoError> {
-    let err = |what| LuoError::Memfd { pa, what };
-    let s: [u8; MEMFD_SER_SIZE] = read_array(mem, pa)?;
-    let f = |off| s.u64_at(off).unwrap_or(0);
-    let nr_folios = f(24);
-    let first_chunk = f(32);
-    let total_pages = u64::from(s.u32_at(40).unwrap_or(0));
-    let order = u32::from(s.u16_at(46).unwrap_or(0));
-    if nr_folios > MAX_MEMFD_FOLIOS {
-        return Err(err("too many folios"));
-    }
-    let needed_bytes = nr_folios * FOLIO_SER_SIZE as u64;
-    if needed_bytes > total_pages * PAGE_SIZE {
-        return Err(err("folio array larger than its vmalloc area"));
-    }
-    let contig = 1u64
-        .checked_shl(order)
-        .filter(|&c| c <= total_pages.max(1))
-        .ok_or(err("vmalloc order too large"))?;
-    // vcalloc(nr_folios, 16) maps just enough pages (rounded up to the mapping order).
-    if total_pages > needed_bytes.div_ceil(PAGE_SIZE).next_multiple_of(contig) {
-        return Err(err("vmalloc area larger than the folio array needs"));
-    }
-
-    // Chunk list -> pages of the vmalloc area, in order.
-    let mut metadata_pages = Vec::new();
-    let mut area_pages: Vec<u64> = Vec::new();
-    let mut seen = HashSet::new();
-    let mut chunk = if nr_folios == 0 { 0 } else { first_chunk };
-    while chunk != 0 {
-        if !seen.insert(chunk) || seen.len() > MAX_BLOCKS {
-            return Err(err("vmalloc chunk list loops or is too long"));
-        }
-        metadata_pages.push(chunk);
-        let page = read_vec(mem, chunk, PAGE_BYTES)?;
-        for phys in page
-            .chunks_exact(8)
-            .skip(1)
-            .map(|b| b.u64_at(0).unwrap_or(0))
-        {
-            if phys == 0 {
-                break;
-            }
-            if area_pages.len() as u64 + contig > total_pages {
-                return Err(err("vmalloc chunks list more pages than total_pages"));
-            }
-            area_pages.extend((0..contig).map(|i| phys.wrapping_add(i << PAGE_SHIFT)));
-        }
-        chunk = page.u64_at(0).unwrap_or(0);
-    }
-    if nr_folios != 0 && area_pages.len() as u64 != total_pages {
-        return Err(err("vmalloc chunks list fewer pages than total_pages"));
-    }
-
-    let mut folios = Vec::with_capacity(to_usize(nr_folios));
-    let mut left = to_usize(nr_folios);
-    for &page_pa in &area_pages {
-        if left == 0 {
-            break;
-        }
-        metadata_pages.push(page_pa);
-        let page = read_vec(mem, page_pa, PAGE_BYTES)?;
-        for e in page.chunks_exact(FOLIO_SER_SIZE).take(left) {
-            let w = e.u64_at(0).unwrap_or(0);
-            folios.push(MemfdFolio {
-                pfn: w & ((1 << 52) - 1),
-                flags: (w >> 52) as u16,
-                index: e.u64_at(8).unwrap_or(0),
-            });
-        }
-        left = to_usize(nr_folios) - folios.len();
-    }
-    Ok(Memfd {
-        pos: f(0),
-        size: f(8),
-        seals: s.u32_at(16).unwrap_or(0),
-        flags: s.u32_at(20).unwrap_or(0),
-        folios,
-        metadata_pages,
-    })
+    .luo(subtree)
 }
 
 impl LuoState {
@@ -484,6 +694,11 @@ mod tests {
     use crate::fixture::{LuoLayout, MemfdSpec, SessionSpec, WriteMem};
     use crate::mem::SparseMemory;
 
+    /// [`read_luo`] with the budget of `mem`'s RAM.
+    fn read(mem: &SparseMemory, subtree: &KhoSubtree) -> Result<LuoState, LuoError> {
+        read_luo(mem, subtree, &Budget::for_memory(mem))
+    }
+
     fn layout() -> (SparseMemory, LuoLayout) {
         let mut mem = SparseMemory::new(0, 1 << 32);
         let sessions = vec![
@@ -510,7 +725,7 @@ mod tests {
     #[test]
     fn reads_sessions_files_and_memfd_folios() {
         let (mem, l) = layout();
-        let st = read_luo(&mem, &l.subtree).unwrap();
+        let st = read(&mem, &l.subtree).unwrap();
         assert_eq!(st.liveupdate_num, 4);
         assert_eq!(st.sessions.len(), 2);
         let s = &st.sessions[0];
@@ -548,6 +763,122 @@ mod tests {
         assert_eq!(r, vec![(3 << 12, 6 << 12), (9 << 12, 10 << 12)]);
     }
 
+    /// The first file record of session 0 (`struct luo_file_ser`).
+    fn first_file(mem: &SparseMemory, l: &LuoLayout) -> u64 {
+        crate::mem::read_u64_le(mem, l.session_block + 16 + 64).unwrap() + 16
+    }
+
+    fn set_compatible(mem: &mut SparseMemory, file: u64, c: &str) {
+        let mut field = [0u8; 48];
+        field[..c.len()].copy_from_slice(c.as_bytes());
+        mem.put(file, &field).unwrap();
+    }
+
+    #[test]
+    fn compatible_strings_split_into_base_and_components() {
+        let c = Compatible::parse("memfd-v2;vmalloc-v1;;x");
+        assert_eq!(
+            (c.base, c.components),
+            ("memfd-v2", vec!["vmalloc-v1", "x"])
+        );
+        let c = Compatible::parse("memfd-v2");
+        assert_eq!((c.base, c.components.len()), ("memfd-v2", 0));
+        assert_eq!(Compatible::parse("").base, "");
+        assert_eq!(classify("memfd-v2"), Ok(()));
+        assert_eq!(classify("memfd-v2;vmalloc-v1"), Ok(()));
+        assert_eq!(
+            classify("memfd-v2;vmalloc-v1;hugetlb-v1"),
+            Err(vec!["hugetlb-v1".to_string()])
+        );
+        assert_eq!(
+            classify("memfd-v3;vmalloc-v1"),
+            Err(vec!["memfd-v3".to_string()])
+        );
+    }
+
+    #[test]
+    fn unknown_compatibles_are_reported_not_dropped() {
+        let (mut mem, l) = layout();
+        let st = read(&mem, &l.subtree).unwrap();
+        assert_eq!(
+            st.unknown_compatibles,
+            vec![UnknownCompatible {
+                session: "state".into(),
+                token: 9,
+                compatible: "liveupdate-test-v1".into(),
+                unknown: vec!["liveupdate-test-v1".into()],
+            }]
+        );
+        let file = first_file(&mem, &l);
+        // With components this reader knows, the memfd is still decoded.
+        set_compatible(&mut mem, file, "memfd-v2;vmalloc-v1");
+        let st = read(&mem, &l.subtree).unwrap();
+        assert_eq!(st.sessions[0].files[0].compatible, "memfd-v2;vmalloc-v1");
+        assert_eq!(
+            st.sessions[0].files[0].memfd.as_ref().unwrap().folios.len(),
+            256
+        );
+        assert_eq!(st.unknown_compatibles.len(), 1);
+        // Another version, or an unknown component: reported, and its folios not claimed.
+        for (c, unknown) in [
+            ("memfd-v3", "memfd-v3"),
+            ("memfd-v2;vmalloc-v2", "vmalloc-v2"),
+        ] {
+            set_compatible(&mut mem, file, c);
+            let st = read(&mem, &l.subtree).unwrap();
+            assert!(st.sessions[0].files[0].memfd.is_none());
+            let u = &st.unknown_compatibles[0];
+            assert_eq!((u.token, u.compatible.as_str()), (7, c));
+            assert_eq!(u.unknown, vec![unknown.to_string()]);
+            assert!(!st.owned_ranges().iter().any(|r| r.2.ends_with("/data")));
+        }
+    }
+
+    #[test]
+    fn a_page_reached_twice_is_refused() {
+        let (mut mem, l) = layout();
+        // The second file becomes a memfd sharing the first one's record.
+        let second = first_file(&mem, &l) + FILE_SER_SIZE as u64;
+        set_compatible(&mut mem, second, MEMFD_COMPATIBLE);
+        mem.put(second + 48, &l.memfd_ser[0].to_le_bytes()).unwrap();
+        assert_eq!(
+            read(&mem, &l.subtree),
+            Err(LuoError::PageReachedTwice {
+                page: l.memfd_ser[0],
+                first: "memfd_luo_ser",
+                second: "memfd_luo_ser"
+            })
+        );
+        // A folio that is the session block.
+        let (mut mem, l) = layout();
+        let chunk = crate::mem::read_u64_le(&mem, l.memfd_ser[0] + 32).unwrap();
+        let array = crate::mem::read_u64_le(&mem, chunk + 8).unwrap();
+        mem.put(
+            array + 16,
+            &(l.session_block >> PAGE_SHIFT | 3 << 52).to_le_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            read(&mem, &l.subtree),
+            Err(LuoError::PageReachedTwice {
+                page: l.session_block,
+                first: "session block",
+                second: "memfd folio"
+            })
+        );
+        // A folio outside guest RAM (4 GiB here).
+        mem.put(array + 16, &(1u64 << 40 >> PAGE_SHIFT).to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            read(&mem, &l.subtree),
+            Err(LuoError::Budget(BudgetError::OutsideRam {
+                what: "memfd folio",
+                start: 1 << 40,
+                len: PAGE_SIZE
+            }))
+        );
+    }
+
     #[test]
     fn many_sessions_span_blocks() {
         let mut mem = SparseMemory::new(0, 1 << 32);
@@ -559,7 +890,7 @@ mod tests {
             })
             .collect();
         let l = LuoLayout::write(&mut mem, 0x100_0000, 1, &sessions).unwrap();
-        let st = read_luo(&mem, &l.subtree).unwrap();
+        let st = read(&mem, &l.subtree).unwrap();
         assert_eq!(st.sessions.len(), 120);
         assert_eq!(st.session_blocks.len(), 3, "51 sessions per block");
         assert_eq!(st.sessions[119].name, "s119");
@@ -572,41 +903,41 @@ mod tests {
             blob_size: 8,
             ..l.subtree.clone()
         };
-        assert_eq!(read_luo(&mem, &short), Err(LuoError::ShortBlob(8)));
+        assert_eq!(read(&mem, &short), Err(LuoError::ShortBlob(8)));
         // Session block pointing at itself.
         let first_block = l.session_block;
         mem.put(first_block, &first_block.to_le_bytes()).unwrap();
         assert!(matches!(
-            read_luo(&mem, &l.subtree),
+            read(&mem, &l.subtree),
             Err(LuoError::Cycle {
-                what: "session",
+                what: "session block",
                 ..
             })
         ));
         mem.put(first_block, &0u64.to_le_bytes()).unwrap();
         mem.put(first_block + 8, &52u64.to_le_bytes()).unwrap();
         assert!(matches!(
-            read_luo(&mem, &l.subtree),
+            read(&mem, &l.subtree),
             Err(LuoError::BadBlockCount { count: 52, .. })
         ));
         mem.put(first_block + 8, &2u64.to_le_bytes()).unwrap();
         // File count mismatch in session 0.
         mem.put(first_block + 16 + 72, &5u64.to_le_bytes()).unwrap();
         assert!(matches!(
-            read_luo(&mem, &l.subtree),
+            read(&mem, &l.subtree),
             Err(LuoError::FileCountMismatch { declared: 5, .. })
         ));
         mem.put(first_block + 16 + 72, &2u64.to_le_bytes()).unwrap();
-        assert!(read_luo(&mem, &l.subtree).is_ok());
+        assert!(read(&mem, &l.subtree).is_ok());
         // memfd total_pages too small for nr_folios.
         mem.put(l.memfd_ser[0] + 40, &0u32.to_le_bytes()).unwrap();
         assert!(matches!(
-            read_luo(&mem, &l.subtree),
+            read(&mem, &l.subtree),
             Err(LuoError::Memfd { .. })
         ));
         mem.put(l.subtree.preserved_data, b"luo-v4\0\0").unwrap();
         assert_eq!(
-            read_luo(&mem, &l.subtree),
+            read(&mem, &l.subtree),
             Err(LuoError::Incompatible("luo-v4".into()))
         );
     }

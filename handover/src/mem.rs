@@ -48,11 +48,81 @@ pub trait GuestMemoryRead {
     ///
     /// Fails, without a partial guarantee on `buf`, when any byte of the range is not backed.
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
+
+    /// The guest's RAM, if this reader knows it. Parsers size their
+    /// [`Budget`](crate::budget::Budget) from it and check that every extent and array the
+    /// guest names lies inside it. `None` (the default) means unknown: the parse then uses
+    /// [`GuestRam::unknown`] and the budget of a [`DEFAULT_RAM_BYTES`] guest.
+    fn ram(&self) -> Option<GuestRam> {
+        None
+    }
 }
 
 impl<M: GuestMemoryRead + ?Sized> GuestMemoryRead for &M {
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         (**self).read_at(gpa, buf)
+    }
+
+    fn ram(&self) -> Option<GuestRam> {
+        (**self).ram()
+    }
+}
+
+/// Highest guest-physical address bit x86-64 can name (`MAX_PHYSMEM_BITS` with 5-level paging).
+pub const MAX_PHYS_BITS: u32 = 52;
+/// Guest size a budget is sized for when the reader does not know its RAM: 64 GiB.
+pub const DEFAULT_RAM_BYTES: u64 = 64 << 30;
+
+/// Guest RAM: ascending, disjoint, non-empty `[start, end)` byte ranges (the VMM's memory
+/// slots, e.g. `[0, 3 GiB)` and `[4 GiB, ...)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestRam {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl GuestRam {
+    /// RAM made of `ranges` (any order; empty ones dropped, overlapping ones merged).
+    pub fn new(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut v: Vec<(u64, u64)> = ranges.into_iter().filter(|(s, e)| s < e).collect();
+        v.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        GuestRam { ranges: merged }
+    }
+
+    /// What a reader that does not know its RAM stands for: every address x86-64 can name,
+    /// `[0, 2^52)`. Still rejects the absurd (a blob of `u64::MAX` bytes).
+    pub fn unknown() -> Self {
+        Self::new([(0, 1 << MAX_PHYS_BITS)])
+    }
+
+    /// The ranges, ascending.
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
+    /// Total bytes of RAM.
+    pub fn bytes(&self) -> u64 {
+        self.ranges
+            .iter()
+            .fold(0u64, |sum, (s, e)| sum.saturating_add(e - s))
+    }
+
+    /// Whether every byte of `[start, start + len)` is RAM (an empty range is, anywhere in or
+    /// at the end of a range). O(log ranges).
+    pub fn contains(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        let i = self.ranges.partition_point(|&(_, e)| e < end.max(1));
+        self.ranges
+            .get(i)
+            .is_some_and(|&(s, e)| s <= start && end <= e)
     }
 }
 
@@ -173,6 +243,13 @@ impl GuestMemoryRead for VecMemory {
         buf.copy_from_slice(self.bytes.get(off..off + buf.len()).ok_or(err)?);
         Ok(())
     }
+
+    fn ram(&self) -> Option<GuestRam> {
+        Some(GuestRam::new([(
+            self.base,
+            self.base.saturating_add(self.bytes.len() as u64),
+        )]))
+    }
 }
 
 /// A large guest address space `[base, base + size)` of which only written pages take host
@@ -244,6 +321,13 @@ impl GuestMemoryRead for SparseMemory {
             done += n;
         }
         Ok(())
+    }
+
+    fn ram(&self) -> Option<GuestRam> {
+        Some(GuestRam::new([(
+            self.base,
+            self.base.saturating_add(self.size),
+        )]))
     }
 }
 
@@ -319,6 +403,10 @@ impl<M: GuestMemoryRead> GuestMemoryRead for RecordingMemory<M> {
             }
         }
         Ok(())
+    }
+
+    fn ram(&self) -> Option<GuestRam> {
+        self.inner.ram()
     }
 }
 
@@ -403,6 +491,28 @@ mod tests {
         assert_eq!(read_u64_le(&m, 4 << 30).unwrap(), 0);
         assert!(read_u64_le(&m, (64 << 30) - 4).is_err());
         assert!(m.write(u64::MAX, &[0]).is_err());
+    }
+
+    #[test]
+    fn guest_ram_merges_and_contains() {
+        let ram = GuestRam::new([(4 << 30, 5 << 30), (0, 0x1000), (0x1000, 3 << 30), (7, 7)]);
+        assert_eq!(ram.ranges(), &[(0, 3 << 30), (4 << 30, 5 << 30)]);
+        assert_eq!(ram.bytes(), 4 << 30);
+        assert!(ram.contains(0, 3 << 30) && ram.contains(4 << 30, 1 << 30));
+        assert!(ram.contains(3 << 30, 0), "an empty range at the end of RAM");
+        assert!(!ram.contains((3 << 30) - 1, 2), "spans the hole");
+        assert!(!ram.contains(0, u64::MAX) && !ram.contains(u64::MAX, 1));
+        assert!(!ram.contains(5 << 30, 1));
+        assert!(GuestRam::unknown().contains(0, 1 << 40));
+        assert!(!GuestRam::unknown().contains(0, u64::MAX));
+        assert_eq!(
+            VecMemory::zeroed(0x1000, 0x2000).ram(),
+            Some(GuestRam::new([(0x1000, 0x3000)]))
+        );
+        assert_eq!(
+            RecordingMemory::new(SparseMemory::new(0, 1 << 30)).ram(),
+            Some(GuestRam::new([(0, 1 << 30)]))
+        );
     }
 
     #[test]

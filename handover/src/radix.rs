@@ -12,15 +12,17 @@
 //!
 //! The walk copies each node out of the guest, checks that every pointer is non-zero,
 //! page-aligned, readable and not seen before (a real tree never shares nodes, so sharing means
-//! corruption or a cycle), bounds the number of nodes and of output runs, and rejects bits whose
-//! key decodes to no valid order. Consecutive blocks of the same order are coalesced into
-//! [`PreservedRun`]s so that 10 million preserved pages need not become 10 million records.
+//! corruption or a cycle), rejects bits whose key decodes to no valid order and blocks that are
+//! not guest RAM, and charges the parse's [`Budget`] a page per node and a record per node and
+//! per run. Consecutive blocks of the same order are coalesced into [`PreservedRun`]s so that
+//! 10 million preserved pages need not become 10 million records.
 
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::budget::{Budget, BudgetError};
 use crate::mem::{GuestMemoryRead, MemError, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE};
 
 /// `KHO_ORDER_0_LOG2`: position of the order bit of an order-0 key.
@@ -72,32 +74,9 @@ pub enum RadixError {
         /// The key.
         key: u64,
     },
-    /// More nodes than [`RadixLimits::max_nodes`].
-    #[error("radix tree has more than {0} nodes")]
-    TooManyNodes(usize),
-    /// More runs than [`RadixLimits::max_runs`].
-    #[error("radix tree yields more than {0} runs of preserved blocks")]
-    TooManyRuns(usize),
-}
-
-/// Bounds on a walk.
-#[derive(Debug, Clone, Copy)]
-pub struct RadixLimits {
-    /// Maximum tables plus bitmaps read (each is one guest page).
-    pub max_nodes: usize,
-    /// Maximum coalesced runs returned.
-    pub max_runs: usize,
-}
-
-impl Default for RadixLimits {
-    /// 256 Ki nodes (1 GiB of tree) and 16 Mi runs: far beyond real guests, small enough to
-    /// stop a hostile tree from exhausting the VMM.
-    fn default() -> Self {
-        RadixLimits {
-            max_nodes: 1 << 18,
-            max_runs: 1 << 24,
-        }
-    }
+    /// The parse's budget ran out (nodes read, runs kept), or a block is not guest RAM.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 /// `count` consecutive preserved blocks of `2^order` pages starting at `pa`.
@@ -174,7 +153,7 @@ pub fn bitmap_index(key: u64) -> usize {
 
 struct Walk<'m, M: ?Sized> {
     mem: &'m M,
-    limits: RadixLimits,
+    budget: &'m Budget,
     seen: HashSet<u64>,
     out: PreservedMemory,
     open: Option<PreservedRun>,
@@ -187,12 +166,12 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
         if pa % PAGE_SIZE != 0 {
             return Err(RadixError::Misaligned { pa, level });
         }
-        if !self.seen.insert(pa) {
+        if self.seen.contains(&pa) {
             return Err(RadixError::Revisited { pa });
         }
-        if self.seen.len() > self.limits.max_nodes {
-            return Err(RadixError::TooManyNodes(self.limits.max_nodes));
-        }
+        self.budget.read(PAGE_BYTES)?;
+        self.budget.records(1)?;
+        self.seen.insert(pa);
         self.mem
             .read_at(pa, &mut self.page[..])
             .map_err(|source| RadixError::Unreadable { pa, level, source })?;
@@ -206,6 +185,9 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
 
     fn add_block(&mut self, key: u64) -> Result<(), RadixError> {
         let (pa, order) = decode_key(key).ok_or(RadixError::InvalidKey { key })?;
+        // order <= MAX_ORDER, so the shift cannot overflow.
+        self.budget
+            .check_ram("KHO preserved block", pa, PAGE_SIZE << order)?;
         self.out.blocks += 1;
         self.out.pages = self.out.pages.saturating_add(1 << order);
         if let Some(run) = &mut self.open {
@@ -214,17 +196,21 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
                 return Ok(());
             }
         }
-        if let Some(done) = self.open.take() {
-            if self.out.runs.len() == self.limits.max_runs {
-                return Err(RadixError::TooManyRuns(self.limits.max_runs));
-            }
-            self.out.runs.push(done);
-        }
+        self.close_run()?;
         self.open = Some(PreservedRun {
             pa,
             order,
             count: 1,
         });
+        Ok(())
+    }
+
+    /// Moves the open run, if any, to the output: one record.
+    fn close_run(&mut self) -> Result<(), RadixError> {
+        if let Some(done) = self.open.take() {
+            self.budget.records(1)?;
+            self.out.runs.push(done);
+        }
         Ok(())
     }
 
@@ -263,38 +249,52 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
     }
 }
 
-/// Walks the tree rooted at `root` (the `preserved-memory-map` property).
+/// Walks the tree rooted at `root` (the `preserved-memory-map` property), as
+/// `kho_radix_walk_tree()` does, charging `budget` (see the module documentation).
 pub fn walk(
     mem: &(impl GuestMemoryRead + ?Sized),
     root: u64,
-    limits: RadixLimits,
+    budget: &Budget,
 ) -> Result<PreservedMemory, RadixError> {
     if root == 0 {
         return Err(RadixError::NullRoot);
     }
     let mut w = Walk {
         mem,
-        limits,
+        budget,
         seen: HashSet::new(),
         out: PreservedMemory::default(),
         open: None,
         page: Box::new([0u8; PAGE_BYTES]),
     };
     w.run(root)?;
-    if let Some(done) = w.open.take() {
-        if w.out.runs.len() == limits.max_runs {
-            return Err(RadixError::TooManyRuns(limits.max_runs));
-        }
-        w.out.runs.push(done);
-    }
+    w.close_run()?;
     Ok(w.out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::{Resource, Usage};
     use crate::fixture::RadixBuilder;
-    use crate::mem::{SparseMemory, VecMemory};
+    use crate::mem::{GuestRam, SparseMemory, VecMemory};
+
+    /// The budget of a 64 GiB guest.
+    fn budget() -> Budget {
+        Budget::for_ram(GuestRam::new([(0, 64 << 30)]))
+    }
+
+    fn limited(pages: u64, records: u64) -> Budget {
+        let ram = GuestRam::new([(0, 64 << 30)]);
+        Budget::new(
+            ram,
+            Usage {
+                pages,
+                records,
+                bytes: 0,
+            },
+        )
+    }
 
     #[test]
     fn constants_match_the_kernel() {
@@ -350,7 +350,7 @@ mod tests {
         b.preserve_block(0x8_0000_0000, 18); // 1 GiB
         b.preserve_block(0x20_5000, 0); // separate order-0 run
         let root = b.write(&mut mem).unwrap();
-        let p = walk(&mem, root, RadixLimits::default()).unwrap();
+        let p = walk(&mem, root, &budget()).unwrap();
         assert_eq!(
             p.runs,
             vec![
@@ -384,16 +384,13 @@ mod tests {
     #[test]
     fn rejects_corrupt_trees() {
         let mut mem = VecMemory::zeroed(0, 0x10_0000);
-        assert_eq!(
-            walk(&mem, 0, RadixLimits::default()),
-            Err(RadixError::NullRoot)
-        );
+        assert_eq!(walk(&mem, 0, &budget()), Err(RadixError::NullRoot));
         assert!(matches!(
-            walk(&mem, 0x20_0000, RadixLimits::default()),
+            walk(&mem, 0x20_0000, &budget()),
             Err(RadixError::Unreadable { .. })
         ));
         assert_eq!(
-            walk(&mem, 0x1008, RadixLimits::default()),
+            walk(&mem, 0x1008, &budget()),
             Err(RadixError::Misaligned {
                 pa: 0x1008,
                 level: 5
@@ -402,7 +399,7 @@ mod tests {
         // Root entry pointing back at the root: a cycle.
         mem.write(0x1000, &0x1000u64.to_le_bytes()).unwrap();
         assert_eq!(
-            walk(&mem, 0x1000, RadixLimits::default()),
+            walk(&mem, 0x1000, &budget()),
             Err(RadixError::Revisited { pa: 0x1000 })
         );
         // A chain down to a leaf whose key has bits above the order-0 bit: invalid order.
@@ -418,14 +415,16 @@ mod tests {
         }
         m.write(0x6000, &[1]).unwrap();
         assert!(matches!(
-            walk(&m, 0x1000, RadixLimits::default()),
+            walk(&m, 0x1000, &budget()),
             Err(RadixError::InvalidKey { .. })
         ));
-        let small = RadixLimits {
-            max_nodes: 3,
-            max_runs: 10,
-        };
-        assert_eq!(walk(&m, 0x1000, small), Err(RadixError::TooManyNodes(3)));
+        assert_eq!(
+            walk(&m, 0x1000, &limited(3, 10)),
+            Err(RadixError::Budget(BudgetError::Exhausted {
+                resource: Resource::Pages,
+                limit: 3
+            }))
+        );
     }
 
     #[test]
@@ -436,15 +435,33 @@ mod tests {
             b.preserve_block(0x100_0000 + i * 0x2000, 0);
         }
         let root = b.write(&mut mem).unwrap();
-        let limits = RadixLimits {
-            max_nodes: 100,
-            max_runs: 9,
-        };
-        assert_eq!(walk(&mem, root, limits), Err(RadixError::TooManyRuns(9)));
-        let limits = RadixLimits {
-            max_nodes: 100,
-            max_runs: 10,
-        };
-        assert_eq!(walk(&mem, root, limits).unwrap().runs.len(), 10);
+        // Six nodes (five tables and a bitmap) plus ten runs.
+        assert!(matches!(
+            walk(&mem, root, &limited(100, 15)),
+            Err(RadixError::Budget(BudgetError::Exhausted {
+                resource: Resource::Records,
+                ..
+            }))
+        ));
+        let b = limited(100, 16);
+        assert_eq!(walk(&mem, root, &b).unwrap().runs.len(), 10);
+        assert_eq!(b.used().pages, 6);
+    }
+
+    #[test]
+    fn blocks_outside_ram_are_refused() {
+        let mut mem = SparseMemory::new(0, (1 << 30) - (1 << 20));
+        let mut b = RadixBuilder::new(0x10_0000);
+        b.preserve_block(0x100_0000, 0);
+        b.preserve_block(0x3fe0_0000, 9); // 2 MiB up to 1 GiB: crosses the end of RAM
+        let root = b.write(&mut mem).unwrap();
+        assert_eq!(
+            walk(&mem, root, &Budget::for_memory(&mem)),
+            Err(RadixError::Budget(BudgetError::OutsideRam {
+                what: "KHO preserved block",
+                start: 0x3fe0_0000,
+                len: 0x20_0000
+            }))
+        );
     }
 }

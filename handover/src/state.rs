@@ -6,7 +6,9 @@ use thiserror::Error;
 
 use crate::bootparams::{
     find_kho_data, setup_data_list, BootParams, BootParamsError, KhoData, SetupData,
+    BOOT_PARAMS_SIZE,
 };
+use crate::budget::{Budget, BudgetError};
 use crate::extents::ExtentSet;
 use crate::kho::{
     read_kexec_metadata, read_kho_fdt, read_scratch_areas, KexecMetadata, KhoError, KhoFdt,
@@ -14,7 +16,7 @@ use crate::kho::{
 };
 use crate::luo::{read_luo, LuoError, LuoState, LUO_NODE};
 use crate::mem::{GuestMemoryRead, PAGE_SIZE};
-use crate::radix::{self, PreservedMemory, RadixError, RadixLimits};
+use crate::radix::{self, PreservedMemory, RadixError};
 
 /// Owner label of preserved memory no subsystem claimed.
 pub const OWNER_KHO: &str = "kho";
@@ -41,6 +43,23 @@ pub enum HandoverError {
     /// LUO state.
     #[error("LUO: {0}")]
     Luo(#[from] LuoError),
+    /// The parse's budget ran out outside the parsers above (setup_data records).
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+}
+
+impl HandoverError {
+    /// The budget or guest-RAM error under this one, whichever parser met it.
+    pub fn budget(&self) -> Option<&BudgetError> {
+        match self {
+            HandoverError::Budget(b)
+            | HandoverError::Kho(KhoError::Budget(b))
+            | HandoverError::Kho(KhoError::Fdt(crate::fdt::FdtError::Budget(b)))
+            | HandoverError::Radix(RadixError::Budget(b))
+            | HandoverError::Luo(LuoError::Budget(b)) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 /// Everything a KHO handover carries.
@@ -74,43 +93,49 @@ pub struct LabelledExtents {
 
 impl Handover {
     /// Reads the handover whose zero page is at `zero_page_gpa` (at `start_kernel`: the
-    /// physical address of the next kernel's `boot_params` symbol).
+    /// physical address of the next kernel's `boot_params` symbol), within the budget of
+    /// `mem`'s RAM ([`Budget::for_memory`]).
     pub fn read(
         mem: &(impl GuestMemoryRead + ?Sized),
         zero_page_gpa: u64,
     ) -> Result<Self, HandoverError> {
-        Self::read_with(mem, zero_page_gpa, RadixLimits::default())
+        Self::read_with(mem, zero_page_gpa, &Budget::for_memory(mem))
     }
 
-    /// [`Self::read`] with explicit radix-tree limits.
+    /// [`Self::read`] within `budget`, which is charged for the whole parse; what it used is
+    /// [`Budget::used`] afterwards, whether the parse succeeded or not.
     pub fn read_with(
         mem: &(impl GuestMemoryRead + ?Sized),
         zero_page_gpa: u64,
-        limits: RadixLimits,
+        budget: &Budget,
     ) -> Result<Self, HandoverError> {
+        budget.read(BOOT_PARAMS_SIZE)?;
         let bp = BootParams::read(mem, zero_page_gpa)?;
+        // At most MAX_SETUP_DATA records of 16 bytes: charged after the (bounded) walk.
         let setup_data = setup_data_list(mem, bp.setup_data())?;
+        budget.read(setup_data.len() * 16)?;
+        budget.records(setup_data.len() as u64)?;
         let kho_data = find_kho_data(mem, &setup_data)?.ok_or(HandoverError::NoKho)?;
-        Self::from_kho_data(mem, setup_data, kho_data, limits)
+        Self::from_kho_data(mem, setup_data, kho_data, budget)
     }
 
-    /// Reads everything `kho_data` points at.
+    /// Reads everything `kho_data` points at, within `budget`.
     pub fn from_kho_data(
         mem: &(impl GuestMemoryRead + ?Sized),
         setup_data: Vec<SetupData>,
         kho_data: KhoData,
-        limits: RadixLimits,
+        budget: &Budget,
     ) -> Result<Self, HandoverError> {
-        let fdt = read_kho_fdt(mem, &kho_data)?;
-        let scratch = read_scratch_areas(mem, &kho_data)?;
-        let preserved = radix::walk(mem, fdt.preserved_memory_map, limits)?;
+        let fdt = read_kho_fdt(mem, &kho_data, budget)?;
+        let scratch = read_scratch_areas(mem, &kho_data, budget)?;
+        let preserved = radix::walk(mem, fdt.preserved_memory_map, budget)?;
         let metadata = fdt
             .subtree(METADATA_NODE)
-            .map(|s| read_kexec_metadata(mem, s))
+            .map(|s| read_kexec_metadata(mem, s, budget))
             .transpose()?;
         let luo = fdt
             .subtree(LUO_NODE)
-            .map(|s| read_luo(mem, s))
+            .map(|s| read_luo(mem, s, budget))
             .transpose()?;
         Ok(Handover {
             setup_data,
@@ -125,6 +150,8 @@ impl Handover {
 
     /// The preserved extents, labelled: `kho` by default, `kho-fdt` for the FDT page, the
     /// subtree name for each blob, and LUO's finer labels (sessions, memfd metadata and data).
+    /// A later label wins where labels overlap. O((labels + runs) log(labels + runs)), see
+    /// [`ExtentSet::relabel`]; labels and runs are bounded by the parse's budget.
     pub fn preserved_extents(&self) -> LabelledExtents {
         let base = ExtentSet::from_ranges(
             OWNER_KHO,
@@ -213,6 +240,7 @@ impl Handover {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::Resource;
     use crate::fixture::{HandoverFixture, HandoverSpec, WriteMem};
     use crate::mem::SparseMemory;
 
@@ -280,6 +308,41 @@ mod tests {
             ext.not_preserved,
             vec![(0x20_0000, 0x20_1000, "memfd:luo-agent/0x1/data".to_string())]
         );
+    }
+
+    #[test]
+    fn one_budget_for_the_whole_parse() {
+        let (mem, fx) = small();
+        let budget = Budget::for_memory(&mem);
+        Handover::read_with(&mem, fx.zero_page, &budget).unwrap();
+        let used = budget.used();
+        // Zero page, setup_data, FDT, scratch list, radix nodes, kexec-metadata, LUO records
+        // and the memfd's chunk and folio array: a few dozen pages for a 1 MiB memfd.
+        assert!(
+            used.pages > fx.radix_nodes as u64 && used.pages < 40,
+            "{used:?}"
+        );
+        assert!(
+            used.records > 256,
+            "the memfd's folios are records: {used:?}"
+        );
+
+        for resource in [Resource::Pages, Resource::Records, Resource::Bytes] {
+            let mut limits = used;
+            match resource {
+                Resource::Pages => limits.pages -= 1,
+                Resource::Records => limits.records -= 1,
+                Resource::Bytes => limits.bytes -= 1,
+            }
+            let tight = Budget::new(mem.ram().unwrap(), limits);
+            let err = Handover::read_with(&mem, fx.zero_page, &tight).unwrap_err();
+            assert!(
+                matches!(err.budget(), Some(BudgetError::Exhausted { resource: r, .. }) if *r == resource),
+                "{resource}: {err}"
+            );
+        }
+        let exact = Budget::new(mem.ram().unwrap(), used);
+        assert!(Handover::read_with(&mem, fx.zero_page, &exact).is_ok());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum LoaderError {
         "{0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" setup header)"
     )]
     UnknownFormat(PathBuf),
+    /// An ELF that is not a 64-bit little-endian x86-64 image (linux-loader would load it).
+    #[error("{path} is an ELF for {found}, not an x86-64 kernel")]
+    WrongArch { path: PathBuf, found: String },
     /// linux-loader refused the image.
     #[error("cannot load kernel {path}: {source}")]
     Load {
@@ -67,6 +70,42 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     let boot_flag = head.get(0x1fe..0x200)?;
     let magic = head.get(0x202..0x206)?;
     (boot_flag == [0x55, 0xaa] && magic == b"HdrS").then_some(KernelFormat::BzImage)
+}
+
+/// `EM_X86_64` (`e_machine` of an x86-64 ELF).
+const EM_X86_64: u16 = 62;
+
+/// Checks that an ELF header (its first 20 bytes at least) is 64-bit (`ELFCLASS64`),
+/// little-endian (`ELFDATA2LSB`) and for x86-64 (`e_machine` = `EM_X86_64`): linux-loader
+/// checks none of them, so an AArch64 `Image` in ELF form would be loaded and entered. On a
+/// mismatch, says what the header names instead.
+pub fn check_elf_arch(head: &[u8]) -> Result<(), String> {
+    let (class, data) = (head.get(4).copied(), head.get(5).copied());
+    if class != Some(2) {
+        return Err(format!("ELF class {class:?} (not ELFCLASS64)"));
+    }
+    if data != Some(1) {
+        return Err(format!("ELF data encoding {data:?} (not little-endian)"));
+    }
+    let machine = head
+        .get(18..20)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .ok_or("a truncated ELF header")?;
+    if machine == EM_X86_64 {
+        return Ok(());
+    }
+    let name = match machine {
+        3 => "i386",
+        8 => "MIPS",
+        21 => "PowerPC64",
+        22 => "s390",
+        40 => "ARM",
+        183 => "AArch64",
+        243 => "RISC-V",
+        258 => "LoongArch",
+        _ => "another machine",
+    };
+    Err(format!("e_machine {machine} ({name})"))
 }
 
 /// Where and how the kernel was loaded.
@@ -112,6 +151,10 @@ pub fn load_kernel(
     };
     match format {
         KernelFormat::Elf => {
+            check_elf_arch(&head).map_err(|found| LoaderError::WrongArch {
+                path: path.into(),
+                found,
+            })?;
             let r = Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
             let (mode, entry) = match r.pvh_boot_cap {
@@ -210,6 +253,45 @@ mod tests {
         assert_eq!(detect_format(&bz), Some(KernelFormat::BzImage));
         assert_eq!(detect_format(&[0u8; 0x210]), None);
         assert_eq!(detect_format(b"short"), None);
+    }
+
+    /// The first 20 bytes of an ELF header: `e_ident`, `e_type` (ET_EXEC), `e_machine`.
+    fn elf_head(class: u8, data: u8, machine: u16) -> Vec<u8> {
+        let mut h = vec![
+            0x7f, b'E', b'L', b'F', class, data, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        h.extend_from_slice(&2u16.to_le_bytes());
+        h.extend_from_slice(&machine.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn only_x86_64_elves_are_kernels() {
+        assert_eq!(check_elf_arch(&elf_head(2, 1, 62)), Ok(()));
+        assert_eq!(
+            check_elf_arch(&elf_head(2, 1, 183)),
+            Err("e_machine 183 (AArch64)".into())
+        );
+        assert!(check_elf_arch(&elf_head(1, 1, 3))
+            .unwrap_err()
+            .contains("ELFCLASS64"));
+        assert!(check_elf_arch(&elf_head(2, 2, 62))
+            .unwrap_err()
+            .contains("little-endian"));
+        assert!(check_elf_arch(b"\x7fELF\x02\x01").is_err());
+    }
+
+    #[test]
+    fn an_aarch64_elf_is_refused_before_loading() {
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let path = std::env::temp_dir().join(format!("luo-vmm-aarch64-{}.elf", std::process::id()));
+        let mut image = elf_head(2, 1, 183);
+        image.resize(0x1000, 0);
+        std::fs::write(&path, &image).unwrap();
+        let err = load_kernel(&memory, &path, false).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, LoaderError::WrongArch { .. }), "{err}");
+        assert!(err.to_string().contains("AArch64"), "{err}");
     }
 
     #[test]

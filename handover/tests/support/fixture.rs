@@ -80,6 +80,20 @@ impl RadixBuilder {
         }
     }
 
+    /// Sets every word of the bitmap that holds the key of `(pa, order)` to `word` (creating
+    /// the path to it): e.g. `0x5555...` preserves every other block of the bitmap's 32768,
+    /// 16384 one-block runs from one guest page.
+    pub fn fill_leaf(&mut self, pa: u64, order: u32, word: u64) {
+        self.preserve_block(pa, order);
+        let key = encode_key(pa, order).expect("order fits a key");
+        let mut node = 0usize;
+        for level in (1..TREE_DEPTH).rev() {
+            let next = self.nodes[node][table_index(key, level)];
+            node = ((next - self.node_base) / PAGE_SIZE) as usize;
+        }
+        self.nodes[node].fill(word);
+    }
+
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
@@ -119,6 +133,93 @@ pub fn kho_fdt_blob(compatible: &str, memory_map: u64, subtrees: &[KhoSubtree]) 
     }
     w.end_node(root).unwrap();
     w.finish().unwrap()
+}
+
+/// A hand-made FDT blob (version 17, empty reservation map), for shapes `vm_fdt` refuses to
+/// write: long names, repeated properties, one name shared by many properties.
+#[derive(Default)]
+pub struct RawFdt {
+    structure: Vec<u8>,
+    strings: Vec<u8>,
+}
+
+impl RawFdt {
+    fn token(&mut self, t: u32) {
+        self.structure.extend_from_slice(&t.to_be_bytes());
+    }
+
+    fn pad(&mut self) {
+        self.structure
+            .resize(self.structure.len().next_multiple_of(4), 0);
+    }
+
+    /// `FDT_BEGIN_NODE` and `name`.
+    pub fn begin_node(&mut self, name: &str) -> &mut Self {
+        self.token(1);
+        self.structure.extend_from_slice(name.as_bytes());
+        self.structure.push(0);
+        self.pad();
+        self
+    }
+
+    /// `FDT_END_NODE`.
+    pub fn end_node(&mut self) -> &mut Self {
+        self.token(2);
+        self
+    }
+
+    /// Adds `name` to the strings block; returns its offset.
+    pub fn string(&mut self, name: &str) -> u32 {
+        let off = u32::try_from(self.strings.len()).unwrap();
+        self.strings.extend_from_slice(name.as_bytes());
+        self.strings.push(0);
+        off
+    }
+
+    /// `FDT_PROP` whose name is the string at `name_off`.
+    pub fn prop(&mut self, name_off: u32, value: &[u8]) -> &mut Self {
+        self.token(3);
+        self.token(u32::try_from(value.len()).unwrap());
+        self.token(name_off);
+        self.structure.extend_from_slice(value);
+        self.pad();
+        self
+    }
+
+    /// Bytes the blob will have if finished now.
+    pub fn len(&self) -> usize {
+        40 + 16 + self.structure.len() + 4 + self.strings.len()
+    }
+
+    /// `FDT_END`, then header + reservation map + structure + strings.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.token(9);
+        let off_rsv = 40u32;
+        let off_struct = off_rsv + 16;
+        let size_struct = u32::try_from(self.structure.len()).unwrap();
+        let off_strings = off_struct + size_struct;
+        let size_strings = u32::try_from(self.strings.len()).unwrap();
+        let total = off_strings + size_strings;
+        let mut b = Vec::with_capacity(total as usize);
+        for v in [
+            0xd00d_feed,
+            total,
+            off_struct,
+            off_strings,
+            off_rsv,
+            17,
+            16,
+            0,
+            size_strings,
+            size_struct,
+        ] {
+            b.extend_from_slice(&u32::to_be_bytes(v));
+        }
+        b.extend_from_slice(&[0; 16]);
+        b.extend_from_slice(&self.structure);
+        b.extend_from_slice(&self.strings);
+        b
+    }
 }
 
 /// `struct kho_kexec_metadata` (packed, 73 bytes).
@@ -381,6 +482,10 @@ impl HandoverSpec {
 pub struct HandoverFixture {
     pub zero_page: u64,
     pub kho: KhoData,
+    /// The `SETUP_KEXEC_KHO` record (its `struct kho_data` is 16 bytes in).
+    pub kho_record: u64,
+    /// The FDT's subtrees (`kexec-metadata`, `LUO`).
+    pub subtrees: Vec<KhoSubtree>,
     pub radix_root: u64,
     pub radix_nodes: usize,
     pub luo: LuoLayout,
@@ -442,11 +547,27 @@ impl HandoverFixture {
         Ok(HandoverFixture {
             zero_page: zero,
             kho,
+            kho_record: kho_rec,
+            subtrees: subtrees.to_vec(),
             radix_root: root,
             radix_nodes: radix.node_count(),
             luo,
             preserved,
         })
+    }
+
+    /// Writes `blob` at `at` as the KHO FDT and points `kho_data` at it, with `fdt_size`
+    /// the blob's length rounded up to pages.
+    pub fn replace_fdt(
+        &mut self,
+        mem: &mut impl WriteMem,
+        at: u64,
+        blob: &[u8],
+    ) -> Result<(), MemError> {
+        mem.put(at, blob)?;
+        self.kho.fdt_addr = at;
+        self.kho.fdt_size = (blob.len() as u64).next_multiple_of(PAGE_SIZE);
+        mem.put(self.kho_record + 16, &kho_data_bytes(&self.kho))
     }
 
     /// Total preserved pages.

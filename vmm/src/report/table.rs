@@ -26,6 +26,15 @@ pub struct RunSummary {
     pub kvm: String,
 }
 
+/// The exact mean of `values` (nanoseconds), rounded down; 0 for none. Summed in `u128`, so
+/// durations near `u64::MAX` neither overflow nor saturate (a mean of `u64`s fits a `u64`).
+fn mean(values: impl IntoIterator<Item = u64>) -> u64 {
+    let (sum, n) = values
+        .into_iter()
+        .fold((0u128, 0u128), |(sum, n), v| (sum + u128::from(v), n + 1));
+    u64::try_from(sum / n.max(1)).unwrap_or(u64::MAX)
+}
+
 /// Averages one report's handovers.
 pub fn summarize(report: &RunReport) -> RunSummary {
     let workload = AgentConfig::parse(&report.run.workload).map(|c| c.workload);
@@ -35,19 +44,20 @@ pub fn summarize(report: &RunReport) -> RunSummary {
         .map(|r| &r.handover)
         .filter(|r| r.blackout_ns.is_some())
         .collect();
-    let n = complete.len().max(1) as u64;
-    let mut phases: Vec<(String, u64)> = Vec::new();
+    // Each phase's mean over the handovers that had it, in order of first appearance.
+    let mut durations: Vec<(String, Vec<u64>)> = Vec::new();
     for r in &complete {
         for p in &r.phases {
-            match phases.iter_mut().find(|(name, _)| *name == p.name) {
-                Some((_, sum)) => *sum = sum.saturating_add(p.duration_ns),
-                None => phases.push((p.name.clone(), p.duration_ns)),
+            match durations.iter_mut().find(|(name, _)| *name == p.name) {
+                Some((_, ds)) => ds.push(p.duration_ns),
+                None => durations.push((p.name.clone(), vec![p.duration_ns])),
             }
         }
     }
-    for (_, sum) in &mut phases {
-        *sum /= n;
-    }
+    let phases = durations
+        .into_iter()
+        .map(|(name, ds)| (name, mean(ds)))
+        .collect();
     let (label, bytes) = match workload {
         Ok(Workload::Handover(m)) => (
             format!(
@@ -66,11 +76,7 @@ pub fn summarize(report: &RunReport) -> RunSummary {
         label,
         bytes,
         handovers: complete.len(),
-        blackout_ns: complete
-            .iter()
-            .filter_map(|r| r.blackout_ns)
-            .fold(0u64, u64::saturating_add)
-            / n,
+        blackout_ns: mean(complete.iter().filter_map(|r| r.blackout_ns)),
         phases,
         kvm: report.run.kvm.clone(),
     }
@@ -151,7 +157,7 @@ pub fn svg(runs: &[RunSummary], title: &str) -> String {
     let w = bars_end + 240.0;
     let max = runs
         .iter()
-        .map(|r| r.phases.iter().map(|p| p.1).sum::<u64>())
+        .map(|r| r.phases.iter().map(|p| p.1).fold(0u64, u64::saturating_add))
         .max()
         .unwrap_or(1)
         .max(1) as f64;
@@ -329,12 +335,27 @@ mod tests {
         assert_eq!(s.label, "2x1x1.0MiB");
         let t = table(std::slice::from_ref(&s));
         assert!(t.contains("kexec-jump") && t.contains("2x1x1.0MiB"));
-        // Durations near u64::MAX do not overflow.
+        // Durations near u64::MAX neither overflow nor saturate the means.
         let big = summarize(&report(
             1,
             &[(u64::MAX / 2, u64::MAX / 2), (u64::MAX / 2, 1)],
         ));
         assert_eq!(big.handovers, 2);
+        // ((2^64 - 2) + 2^63) / 2, which a saturating u64 sum got wrong.
+        assert_eq!(big.blackout_ns, (3 << 62) - 1);
+        assert_eq!(
+            big.phases,
+            vec![
+                ("kexec-jump".into(), u64::MAX / 2),
+                ("kernel-boot".into(), u64::MAX / 4 + 1)
+            ]
+        );
+        let t = table(std::slice::from_ref(&big));
+        assert!(t.contains("2x1x1B"), "{t}");
+        // The picture stacks phases whose sum exceeds u64::MAX.
+        assert!(svg(&[big], "big").contains("<rect"));
+        assert_eq!(mean([u64::MAX, u64::MAX, u64::MAX]), u64::MAX);
+        assert_eq!(mean([]), 0);
     }
 
     #[test]
