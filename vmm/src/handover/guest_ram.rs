@@ -1,7 +1,7 @@
 //! Guest memory as the handover parsers read it: live (through vm-memory) or a copy
 //! taken at one instant.
 
-use luo_handover::mem::{to_usize, GuestMemoryRead, MemError};
+use luo_handover::mem::{to_usize, GuestMemoryRead, GuestRam, MemError};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -17,6 +17,14 @@ impl GuestMemoryRead for LiveRam<'_> {
                 gpa,
                 len: buf.len() as u64,
             })
+    }
+
+    /// The VM's memory regions: parses of the live guest are sized from them.
+    fn ram(&self) -> Option<GuestRam> {
+        Some(GuestRam::new(self.0.iter().map(|r| {
+            let start = r.start_addr().raw_value();
+            (start, start.saturating_add(r.len()))
+        })))
     }
 }
 
@@ -77,5 +85,9 @@ mod tests {
         assert_eq!(&b, b"after!");
         assert!(snap.read_at(0x1ffe, &mut b).is_err());
         assert!(LiveRam(&mem).read_at(0x5000, &mut b).is_err());
+        assert_eq!(
+            LiveRam(&mem).ram().map(|r| r.ranges().to_vec()),
+            Some(vec![(0, 0x2000)])
+        );
     }
 }
