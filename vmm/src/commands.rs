@@ -15,6 +15,8 @@ use thiserror::Error;
 use crate::guest::{exit_status, run_guest, GuestError, ResolvedGuest};
 use crate::handover::{run_workload, HandoverRunError};
 use crate::image::{ensure_image, ImageError};
+use clap::Parser;
+
 use crate::options::{
     BootArgs, Command, GuestOptions, ImageAction, InterceptOptions, OptionsError, SoakArgs,
     TraceOptions,
@@ -67,6 +69,9 @@ pub enum CommandError {
     /// `soak`.
     #[error(transparent)]
     Soak(#[from] SoakError),
+    /// `soak -- ARGS`: the arguments for `boot` do not parse.
+    #[error("soak: the arguments after -- are not `luo-vmm boot` arguments: {0}")]
+    SoakBootArgs(String),
 }
 
 /// Runs `command`; returns the process exit status.
@@ -143,14 +148,19 @@ fn soak(args: &SoakArgs) -> Result<u8, CommandError> {
         log_dir: args.log_dir.clone(),
     };
     plan.validate()?;
+    // The children's arguments are checked here, once, before any boot.
+    let words = ["luo-vmm", "boot"]
+        .into_iter()
+        .chain(args.boot_args.iter().map(String::as_str));
+    let boot = match crate::options::Cli::try_parse_from(words).map(|c| c.command) {
+        Ok(Command::Boot(boot)) => boot,
+        Ok(_) => unreachable!("parsed as `boot`"),
+        Err(e) => return Err(CommandError::SoakBootArgs(e.to_string())),
+    };
+    boot.guest.validate()?;
     // Build (or find) the image once, not in every child at the same time.
-    if !args.boot_args.iter().any(|a| a == "--kernel") {
-        let variant = args
-            .boot_args
-            .iter()
-            .position(|a| a == "--variant")
-            .and_then(|i| args.boot_args.get(i + 1));
-        ensure_image(variant.map(String::as_str))?;
+    if boot.guest.kernel.is_none() {
+        ensure_image(boot.guest.variant.as_deref())?;
     }
     // This very binary, even if a rebuild has replaced the file since it started.
     let results = soak::run(std::path::Path::new("/proc/self/exe"), &plan)?;

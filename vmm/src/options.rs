@@ -116,8 +116,9 @@ pub struct TraceOptions {
     /// there); read through the vCPU's page tables.
     #[arg(long, value_name = "BASE[+-OFFSET][:LEN]", requires = "trace")]
     pub peek: Vec<PeekSpec>,
-    /// With --trace: print at most this many hits of each traced address.
-    #[arg(long, default_value_t = 20, requires = "trace")]
+    /// With --trace: print at most this many hits of each traced address (at least 1).
+    #[arg(long, default_value_t = 20, requires = "trace",
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub trace_max: u32,
 }
 

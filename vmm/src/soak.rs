@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::channel;
@@ -24,6 +25,9 @@ pub enum SoakError {
     /// Zero boots or zero parallel runs.
     #[error("soak: --boots and --parallel must be at least 1")]
     Empty,
+    /// The log directory holds the logs of an earlier soak.
+    #[error("soak: {0} already holds boot logs of an earlier soak; remove them or choose another --log-dir")]
+    LogDirInUse(PathBuf),
     /// A host failure (spawning a child, the log directory).
     #[error("soak: {what}: {source}")]
     Host {
@@ -152,6 +156,14 @@ pub fn run(exe: &Path, plan: &SoakPlan) -> Result<Vec<BootResult>, SoakError> {
         what: format!("creating {}", plan.log_dir.display()),
         source,
     })?;
+    let earlier = std::fs::read_dir(&plan.log_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("boot-"));
+    if earlier {
+        return Err(SoakError::LogDirInUse(plan.log_dir.clone()));
+    }
     let next = Arc::new(Mutex::new(1u32));
     let (tx, rx) = channel();
     let mut workers = Vec::new();
@@ -204,6 +216,7 @@ fn boot_once(exe: &Path, plan: &SoakPlan, run: u32) -> Result<BootResult, SoakEr
     let _ = std::fs::remove_file(&console);
     let started = Instant::now();
     let out = Command::new(exe)
+        .arg0("luo-vmm")
         .arg("boot")
         .args(&plan.boot_args)
         .arg("--quiet")
@@ -316,6 +329,24 @@ mod tests {
             summary(&[r(1, None)]),
             "soak: 1 of 1 boots reached a clean exit; 0 failed\n"
         );
+    }
+
+    #[test]
+    fn an_earlier_soak_s_logs_are_not_mixed_in() {
+        let dir = std::env::temp_dir().join(format!("luo-soak-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("boot-001.log"), "old").unwrap();
+        let plan = SoakPlan {
+            boots: 1,
+            parallel: 1,
+            boot_args: vec![],
+            log_dir: dir.clone(),
+        };
+        assert!(matches!(
+            run(Path::new("/nonexistent"), &plan),
+            Err(SoakError::LogDirInUse(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum TraceError {
     /// The symbol is not in the kernel's symbol table.
     #[error("--trace {0}: {1}")]
     Symbol(String, luo_handover::symbols::SymbolError),
+    /// `SYMBOL+OFFSET` lands outside the kernel image.
+    #[error("--trace {0}: the offset takes the address outside the kernel image")]
+    OffsetOutside(String),
     /// More traced addresses than debug registers.
     #[error("--trace: at most {max} addresses (x86 has four debug registers)", max = crate::debug::MAX_BREAKPOINTS)]
     TooMany,
@@ -264,7 +267,12 @@ impl Tracer {
                 } else {
                     format!("{}+{:#x}", s.symbol, s.offset)
                 };
-                Ok((name, addr.wrapping_add(s.offset)))
+                // The address must stay inside the kernel image the symbol is in.
+                let at = addr
+                    .checked_add(s.offset)
+                    .filter(|&a| symbols.virt_to_phys(a).is_ok())
+                    .ok_or_else(|| TraceError::OffsetOutside(name.clone()))?;
+                Ok((name, at))
             })
             .collect::<Result<_, TraceError>>()?;
         Ok(Self {
@@ -295,7 +303,7 @@ impl Tracer {
         );
         let _ = writeln!(
             out,
-            "  r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x} rbp={:#x}",
+            "    r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x} rbp={:#x}",
             r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rbp
         );
         let _ = writeln!(
@@ -359,14 +367,25 @@ impl Tracer {
                 "  peek {} = va {va:#x} -> gpa {}: {}",
                 p.text,
                 gpa.map_or("<not mapped>".into(), |g| format!("{g:#x}")),
-                bytes.map_or("<unreadable>".into(), |b| hex_words(&b))
+                bytes.map_or("<unreadable>".into(), |b| hex_dump(&b))
             );
         }
         out
     }
 }
 
-/// Little-endian u64 words (and a tail of bytes), as a developer reads memory.
+/// Little-endian u64 words (and a tail of bytes), as a developer reads memory; for up to
+/// 32 bytes also the bytes in order (instruction bytes, strings).
+fn hex_dump(b: &[u8]) -> String {
+    let words = hex_words(b);
+    if b.len() > 32 || b.len() < 8 {
+        return words;
+    }
+    let bytes: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{words} (bytes {})", bytes.join(" "))
+}
+
+/// Little-endian u64 words (and a tail of bytes).
 fn hex_words(b: &[u8]) -> String {
     let mut words: Vec<String> = b
         .chunks(8)
@@ -463,6 +482,38 @@ mod tests {
         assert_eq!(deref.address(&r, &s, mem), Some(0x5555_0010));
         let unmapped: PeekSpec = "[rdi]".parse().unwrap();
         assert_eq!(unmapped.address(&r, &s, mem), None);
+    }
+
+    #[test]
+    fn offsets_stay_inside_the_kernel() {
+        let map = "ffffffff81000000 T _text\nffffffff812320af T mark_rodata_ro\n";
+        let symbols = KernelSymbols::from_system_map(map).unwrap();
+        let spec = |s: &str| vec![s.parse::<TraceSpec>().unwrap()];
+        let t = Tracer::new(&symbols, &spec("mark_rodata_ro+0x10"), vec![], 1).unwrap();
+        assert_eq!(t.breakpoints(), vec![0xffff_ffff_8123_20bf]);
+        assert!(matches!(
+            Tracer::new(
+                &symbols,
+                &spec("mark_rodata_ro+0xffffffffffffff00"),
+                vec![],
+                1
+            ),
+            Err(TraceError::OffsetOutside(_))
+        ));
+        assert!(matches!(
+            Tracer::new(&symbols, &spec("nope"), vec![], 1),
+            Err(TraceError::Symbol(..))
+        ));
+    }
+
+    #[test]
+    fn short_dumps_show_bytes_too() {
+        assert_eq!(
+            hex_dump(&[0x0f, 0x01, 0xd9, 0x5b, 0xc3, 0x55, 0x45, 0x31]),
+            "0x314555c35bd9010f (bytes 0f 01 d9 5b c3 55 45 31)"
+        );
+        assert_eq!(hex_dump(&[0x0f, 0x01, 0xd9]), "0f01d9");
+        assert!(!hex_dump(&[0; 64]).contains("bytes"));
     }
 
     #[test]
