@@ -53,10 +53,6 @@ pub const EMULATION_CLEARCPUID: &[&str] = &[
     "adx",
     "abm",
     "umip",
-    // Synthetic: with it (set on AMD hosts) the kernel patches its KVM hypercalls to
-    // `vmmcall`, which the emulator rewrites back to `vmcall` in guest memory on first
-    // use, faulting once the kernel text is read-only (docs/emulated-kvm.md, "Four vCPUs").
-    "vmmcall",
 ];
 
 /// glibc's ifunc choices that user space must not make on an emulating KVM, set as
@@ -80,12 +76,21 @@ pub const EMULATION_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F
 -AVX512VL,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load,-BMI1,-BMI2,-ERMS,-FSRM,-FMA,-LZCNT,\
 -MOVBE,-POPCNT,-SSE4_1,-SSE4_2,-SSSE3,-XSAVEC,-OSXSAVE";
 
+/// `rodata=off`: the emulator writes the instruction of a KVM hypercall (`vmcall` or
+/// `vmmcall`) back into guest memory when it runs it, as KVM does when it patches a
+/// hypercall instruction, and that write faults in kernel text made read-only by
+/// `mark_rodata_ro()`: an oops in `kvm_hypercall4` (the PV send-IPI hypercall) that four
+/// vCPUs met in 2 of 6 boots (docs/emulated-kvm.md, "Four vCPUs"). The kernel text stays
+/// writable in the emulation profile.
+pub const EMULATION_RODATA: &str = "rodata=off";
+
 /// The emulation profile's parameters: `luo_emulation` switches on the reference
 /// guest's patches (guest-images/patches), `clearcpuid=` hides what cannot run from the
-/// kernel, and [`EMULATION_GLIBC_TUNABLES`] from glibc-based user space.
+/// kernel, [`EMULATION_RODATA`] keeps its text writable for the emulator's hypercall
+/// rewrites, and [`EMULATION_GLIBC_TUNABLES`] keeps glibc-based user space off AVX.
 pub fn emulation_params() -> String {
     format!(
-        "luo_emulation clearcpuid={} GLIBC_TUNABLES={EMULATION_GLIBC_TUNABLES}",
+        "luo_emulation clearcpuid={} {EMULATION_RODATA} GLIBC_TUNABLES={EMULATION_GLIBC_TUNABLES}",
         EMULATION_CLEARCPUID.join(",")
     )
 }
@@ -128,6 +133,8 @@ mod tests {
         assert!(value.starts_with("glibc.cpu.hwcaps=-AVX,"));
         assert!(value.contains("-AVX_Fast_Unaligned_Load"));
         assert!(!compose(false, "").contains("GLIBC_TUNABLES"));
+        assert!(c.split_whitespace().any(|w| w == "rodata=off"));
+        assert!(!compose(false, "").contains("rodata"));
     }
 
     #[test]
