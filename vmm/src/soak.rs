@@ -108,20 +108,24 @@ pub fn mask_numbers(line: &str) -> String {
 }
 
 /// The signature of a failed run from its console and luo-vmm's stderr: the first
-/// telling console line (see [`TELLING`]), else luo-vmm's last `luo-vmm:` line, else the
-/// exit status.
+/// telling console line (see [`TELLING`]), else luo-vmm's last `luo-vmm:` line (after
+/// "killed by a signal" when the child did not exit), else the exit status.
 pub fn signature(console: &str, stderr: &str, status: Option<i32>) -> String {
     for needle in TELLING {
         if let Some(line) = console.lines().find(|l| l.contains(needle)) {
             return mask_numbers(line.trim());
         }
     }
-    if let Some(line) = stderr.lines().rev().find(|l| l.starts_with("luo-vmm:")) {
-        return mask_numbers(line.trim());
-    }
-    match status {
-        Some(code) => format!("exit status {code}, nothing telling on the console"),
-        None => "killed by a signal".into(),
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("luo-vmm:"))
+        .map(|l| mask_numbers(l.trim()));
+    match (status, last) {
+        (Some(_), Some(line)) => line,
+        (Some(code), None) => format!("exit status {code}, nothing telling on the console"),
+        (None, Some(line)) => format!("killed by a signal; last: {line}"),
+        (None, None) => "killed by a signal".into(),
     }
 }
 
@@ -309,6 +313,14 @@ mod tests {
             "exit status 2, nothing telling on the console"
         );
         assert_eq!(signature("", "", None), "killed by a signal");
+        assert_eq!(
+            signature(
+                "",
+                "luo-vmm: guest agent up 98.5 s after VM start, 4 CPUs online",
+                None
+            ),
+            "killed by a signal; last: luo-vmm: guest agent up N.N s after VM start, N CPUs online"
+        );
     }
 
     #[test]
