@@ -146,3 +146,18 @@ fn workloads_out_of_bounds_fail_before_any_guest_boots() {
         assert_one_line_error(args, needle);
     }
 }
+
+#[test]
+fn a_guest_out_of_time_shows_where_every_vcpu_was() {
+    reference_image();
+    let out = luo_vmm(&["boot", "--vcpus", "2", "--quiet", "--timeout", "5"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "a timeout exits 3: {stderr}");
+    assert!(stderr.contains("did not finish within 5 s (timeout)"));
+    for id in 0..2 {
+        assert!(
+            stderr.contains(&format!("at the timeout, vCPU {id}: rip=")),
+            "no registers of vCPU {id}: {stderr}"
+        );
+    }
+}

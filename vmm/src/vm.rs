@@ -478,6 +478,12 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
                     notice: &notice,
                 },
             );
+            // A guest that ran out of time: where each vCPU was is the first thing to
+            // know (a spinning CPU, one halted waiting for an IPI); map RIP with the
+            // kernel's System.map.
+            if stop == VcpuStop::Requested(StopCause::Timeout) {
+                eprintln!("luo-vmm: at the timeout, {}", vcpu.dump());
+            }
             let _ = tx.send(VcpuReport::Stopped {
                 vcpu: vcpu.id,
                 stop,
