@@ -167,6 +167,7 @@ pub fn spawn(path: &str, args: &[&str], env: &[String], trace: bool) -> io::Resu
 ///
 /// Only between `fork` and `execve`: every pointer is valid and NUL-terminated (`argv`
 /// and `envp` end with a null pointer).
+// SAFETY: the contract is the `# Safety` section above; `spawn` is the one caller.
 unsafe fn child(
     path: &CString,
     argv: &[*const libc::c_char],
