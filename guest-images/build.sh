@@ -169,7 +169,13 @@ kernel_configure() {
 	make -C "$src" tinyconfig >>"$buildlog" 2>&1 || die "make tinyconfig failed (see $buildlog)"
 	cat "$HERE/kernel.config" >>"$src/.config"
 	make -C "$src" olddefconfig >>"$buildlog" 2>&1 || die "make olddefconfig failed (see $buildlog)"
-	local bad=0 key want got
+	verify_fragment "$src" "$HERE/kernel.config" "kernel.config"
+}
+
+# Checks that every option of fragment $2 kept its value in $1/.config (Kconfig silently
+# drops options whose dependencies are unmet); $3 names the fragment in messages.
+verify_fragment() {
+	local src=$1 frag=$2 what=$3 bad=0 key want got
 	while IFS='=' read -r key want; do
 		got=$(grep -E "^$key=" "$src/.config" | cut -d= -f2- || true)
 		if [[ $want == n ]]; then
@@ -177,11 +183,11 @@ kernel_configure() {
 		elif [[ $got == "$want" ]]; then
 			continue
 		fi
-		log "config: $key=$want requested, got '${got:-not set}'"
+		log "config: $key=$want requested by $what, got '${got:-not set}'"
 		bad=1
-	done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$HERE/kernel.config")
-	[[ $bad == 0 ]] || die "kernel.config options lost by olddefconfig (unmet dependencies?)"
-	log "config verified: every option of kernel.config is set as asked"
+	done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$frag")
+	[[ $bad == 0 ]] || die "$what: options lost by olddefconfig (unmet dependencies?)"
+	log "config verified: every option of $what is set as asked"
 }
 
 # `make` with one progress line every 100 compiled files instead of the full output; the
@@ -235,7 +241,7 @@ kernel_build() {
 	cp "$buildlog" "$out/build.log"
 }
 
-KERNEL_FUNCS=(kernel_extract kernel_patch kernel_configure kernel_make kernel_build)
+KERNEL_FUNCS=(kernel_extract kernel_patch kernel_configure verify_fragment kernel_make kernel_build)
 
 kernel_key() {
 	local h
@@ -291,19 +297,7 @@ variant_configure() {
 	[[ -f $frag ]] || return 0
 	cat "$frag" >>"$src/.config"
 	make -C "$src" olddefconfig >>"$buildlog" 2>&1 || die "make olddefconfig failed (see $buildlog)"
-	local bad=0 key want got
-	while IFS='=' read -r key want; do
-		got=$(grep -E "^$key=" "$src/.config" | cut -d= -f2- || true)
-		if [[ $want == n ]]; then
-			[[ -z $got || $got == n ]] && continue
-		elif [[ $got == "$want" ]]; then
-			continue
-		fi
-		log "config: $key=$want requested by the variant, got '${got:-not set}'"
-		bad=1
-	done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$frag")
-	[[ $bad == 0 ]] || die "variant $VARIANT: config options lost by olddefconfig"
-	log "variant config verified"
+	verify_fragment "$src" "$frag" "variant $VARIANT"
 }
 
 # Builds the variant in a copy of the reference's object tree ($1), so that make compiles
