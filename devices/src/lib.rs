@@ -16,7 +16,9 @@ pub use bus::{BusError, PioBus, PioDevice};
 pub use console::ConsoleOutput;
 pub use i8042::{ResetDevice, I8042_LEN, I8042_PORT};
 pub use legacy::{Sink, LEGACY_SINK_RANGES};
-pub use probe::{Gates, ProbeEvent, ProbePort, ProbeReceiver, PROBE_PORT, PROBE_PORTS};
+pub use probe::{
+    Gates, ProbeEvent, ProbeListener, ProbePort, ProbeReceiver, PROBE_PORT, PROBE_PORTS,
+};
 pub use serial::{SerialConsole, COM1_IRQ, COM1_PORT};
 
 /// A `vm-superio` trigger that signals an `EventFd`: the UART's interrupt line (an

@@ -67,8 +67,14 @@ pub struct ProbeReceiver {
     pub dropped: Arc<AtomicU64>,
 }
 
+/// Hears each message on the vCPU thread that wrote its last byte, before the guest
+/// instruction that wrote it completes: what it does happens-before anything the guest
+/// does next.
+pub type ProbeListener = Arc<dyn Fn(&ProbeEvent) + Send + Sync>;
+
 /// The probe device.
 pub struct ProbePort {
+    listener: Option<ProbeListener>,
     decoder: Decoder,
     frame_start: Instant,
     events: SyncSender<ProbeEvent>,
@@ -83,6 +89,7 @@ impl ProbePort {
         let (tx, rx) = sync_channel(PROBE_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let probe = ProbePort {
+            listener: None,
             decoder: Decoder::new(),
             frame_start: Instant::now(),
             events: tx,
@@ -98,6 +105,12 @@ impl ProbePort {
         )
     }
 
+    /// Adds a listener that hears every message synchronously (besides the receiver).
+    pub fn with_listener(mut self, listener: ProbeListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
     fn register(&self, offset: u16) -> u8 {
         match offset {
             REG_SIGNATURE => SIGNATURE,
@@ -111,7 +124,11 @@ impl ProbePort {
     }
 
     fn emit(&self, item: Result<Message, DecodeError>, at: Instant) {
-        match self.events.try_send(ProbeEvent { item, at }) {
+        let event = ProbeEvent { item, at };
+        if let Some(l) = &self.listener {
+            l(&event);
+        }
+        match self.events.try_send(event) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);

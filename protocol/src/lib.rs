@@ -11,6 +11,8 @@
 //! - [`mark`]: the six marks of a handover, the one `Mark` type of the project;
 //! - [`workload`]: what the agent is asked to do, its bounds, and its `luo.*` kernel
 //!   command-line form (one renderer, one parser);
+//! - [`script`]: a scenario's guest workload per stage and thread, and its `luo.script*`
+//!   form;
 //! - [`tap`]: counting a kselftest's TAP output in the guest.
 //!
 //! The crate has no dependencies (the agent links it into the guest's static `/init`) and
@@ -21,6 +23,7 @@
 pub mod mark;
 pub mod message;
 pub mod probe;
+pub mod script;
 pub mod tap;
 pub mod workload;
 

@@ -126,6 +126,16 @@ impl Step {
         Step::ALL.get(usize::from(code)).copied()
     }
 
+    /// The action named `name` (its [`Action::name`]).
+    pub fn from_name(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Every action's name, comma-separated (for error messages).
+    pub fn names() -> String {
+        Action::ALL.map(Action::name).join(", ")
+    }
+
     /// A kebab-case name for reports.
     pub const fn name(self) -> &'static str {
         match self {
@@ -240,10 +250,19 @@ pub enum Action {
     KexecLoad,
     /// `reboot(LINUX_REBOOT_CMD_KEXEC)`; arg: 0. Its result only comes if it failed.
     Reboot,
+    /// `memfd_create` and `ftruncate` of a scenario's memfd; arg: its token.
+    Memfd,
+    /// Filling a memfd (write, fallocate or mmap writes); arg: its token.
+    Fill,
+    /// Checking a retrieved memfd's size and bytes against its pattern; arg: its token.
+    /// Fails with `EBADMSG` on a wrong byte, `EFBIG` on a wrong size.
+    CheckData,
+    /// Allocating and touching anonymous memory; arg: bytes.
+    Pressure,
 }
 
 impl Action {
-    const ALL: [Action; 8] = [
+    const ALL: [Action; 12] = [
         Action::CreateSession,
         Action::RetrieveSession,
         Action::PreserveFd,
@@ -252,6 +271,10 @@ impl Action {
         Action::CloseSession,
         Action::KexecLoad,
         Action::Reboot,
+        Action::Memfd,
+        Action::Fill,
+        Action::CheckData,
+        Action::Pressure,
     ];
 
     /// The wire code (1-based; 0 is never an action).
@@ -262,6 +285,16 @@ impl Action {
     /// The action with wire code `code`.
     pub fn from_code(code: u8) -> Option<Action> {
         Action::ALL.get(usize::from(code.checked_sub(1)?)).copied()
+    }
+
+    /// The action named `name` (its [`Action::name`]).
+    pub fn from_name(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Every action's name, comma-separated (for error messages).
+    pub fn names() -> String {
+        Action::ALL.map(Action::name).join(", ")
     }
 
     /// A kebab-case name for reports.
@@ -275,6 +308,10 @@ impl Action {
             Action::CloseSession => "close-session",
             Action::KexecLoad => "kexec-load",
             Action::Reboot => "reboot",
+            Action::Memfd => "memfd",
+            Action::Fill => "fill",
+            Action::CheckData => "check-data",
+            Action::Pressure => "pressure",
         }
     }
 }
@@ -941,6 +978,7 @@ mod tests {
             assert_eq!(Step::from_code(s.code()), Some(s));
         }
         for a in Action::ALL {
+            assert_eq!(Action::from_name(a.name()), Some(a));
             assert_eq!(Action::from_code(a.code()), Some(a));
         }
         assert_eq!(Action::from_code(0), None);

@@ -9,7 +9,7 @@
 //!
 //! | parameter | values | default |
 //! | --- | --- | --- |
-//! | `luo.mode` | `boot`, `handover`, `selftest:NAME` | `boot` |
+//! | `luo.mode` | `boot`, `handover`, `selftest:NAME`, `scenario` | `boot` |
 //! | `luo.sessions` | 1 ..= [`MAX_SESSIONS`] | 1 |
 //! | `luo.files` | memfds per session, 1 ..= [`MAX_FILES`] | 1 |
 //! | `luo.memfd_size` | bytes per memfd (`K`/`M`/`G`/`T` suffix), 1 ..= [`MAX_MEMFD_SIZE`] | 1M |
@@ -17,10 +17,12 @@
 //! | `luo.stage` | 1 before the handover, 2 after it | 1 |
 //! | `luo.round` | handovers done before this boot | 0 |
 //! | `luo.timeout_scale` | factor for the kselftest harness's per-test timeouts, 1 ..= [`MAX_TIMEOUT_SCALE`] | 1 |
+//! | `luo.script1`, `luo.script2` | a scenario's steps per stage ([`crate::script`]) | none |
 
 use std::fmt;
 
 use crate::message::SessionName;
+use crate::script::{Script, StageScript, SCRIPT1_KEY, SCRIPT2_KEY};
 
 /// Most LUO sessions a handover workload may ask for.
 pub const MAX_SESSIONS: u32 = 1000;
@@ -210,6 +212,8 @@ pub enum Workload {
     Handover(Memfds),
     /// Run a kernel selftest (across a handover if it has two stages).
     Selftest(Selftest),
+    /// Run a scenario's script ([`AgentConfig::script`]).
+    Scenario,
 }
 
 impl Workload {
@@ -227,6 +231,7 @@ impl Workload {
             Workload::Boot => false,
             Workload::Handover(_) => true,
             Workload::Selftest(t) => t.two_stage(),
+            Workload::Scenario => true,
         }
     }
 
@@ -236,6 +241,7 @@ impl Workload {
             Workload::Boot => 0,
             Workload::Handover(m) => m.repeat,
             Workload::Selftest(t) => u32::from(t.two_stage()),
+            Workload::Scenario => 1,
         }
     }
 
@@ -249,6 +255,7 @@ impl Workload {
                 m.sessions, m.files, m.memfd_size, m.repeat
             ),
             Workload::Selftest(t) => format!("liveupdate=1 luo.mode=selftest:{}", t.name()),
+            Workload::Scenario => "liveupdate=1 luo.mode=scenario".to_owned(),
         }
     }
 }
@@ -272,7 +279,7 @@ impl Default for Progress {
 }
 
 /// Everything `luo.*` on a command line says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     /// What to do.
     pub workload: Workload,
@@ -280,6 +287,8 @@ pub struct AgentConfig {
     pub progress: Progress,
     /// Factor for the kselftest harness's per-test timeouts (1: upstream's).
     pub timeout_scale: u32,
+    /// A scenario's steps (empty stages unless `luo.script1`/`luo.script2` are given).
+    pub script: Script,
 }
 
 impl Default for AgentConfig {
@@ -288,6 +297,7 @@ impl Default for AgentConfig {
             workload: Workload::default(),
             progress: Progress::default(),
             timeout_scale: 1,
+            script: Script::default(),
         }
     }
 }
@@ -321,6 +331,8 @@ pub enum WorkloadError {
     },
     /// `luo.stage` other than 1 or 2.
     BadStage(u32),
+    /// A `luo.script1`/`luo.script2` that does not parse.
+    BadScript(String),
 }
 
 impl fmt::Display for WorkloadError {
@@ -335,7 +347,10 @@ impl fmt::Display for WorkloadError {
                 Selftest::names()
             ),
             WorkloadError::UnknownMode(m) => {
-                write!(f, "luo.mode={m}: not boot, handover or selftest:NAME")
+                write!(
+                    f,
+                    "luo.mode={m}: not boot, handover, selftest:NAME or scenario"
+                )
             }
             WorkloadError::UnknownKey(k) => write!(f, "{k}: unknown luo.* parameter"),
             WorkloadError::MissingValue(t) => write!(f, "{t}: missing '='"),
@@ -343,6 +358,7 @@ impl fmt::Display for WorkloadError {
                 write!(f, "{key}={value}: not a number")
             }
             WorkloadError::BadStage(s) => write!(f, "luo.stage={s}: must be 1 or 2"),
+            WorkloadError::BadScript(e) => write!(f, "scenario script: {e}"),
         }
     }
 }
@@ -373,6 +389,7 @@ impl AgentConfig {
         let mut memfds = Memfds::default();
         let mut progress = Progress::default();
         let mut timeout_scale = 1;
+        let mut script = Script::default();
         for token in cmdline.split_whitespace() {
             let Some(rest) = token.strip_prefix("luo.") else {
                 continue;
@@ -402,6 +419,15 @@ impl AgentConfig {
                         });
                     }
                 }
+                SCRIPT1_KEY | SCRIPT2_KEY => {
+                    let stage = StageScript::parse(value)
+                        .map_err(|e| WorkloadError::BadScript(format!("luo.{key}: {e}")))?;
+                    if key == SCRIPT1_KEY {
+                        script.stage1 = stage;
+                    } else {
+                        script.stage2 = stage;
+                    }
+                }
                 "stage" => {
                     let n = number()?;
                     progress.stage = Stage::from_number(n).ok_or(WorkloadError::BadStage(n))?;
@@ -412,6 +438,7 @@ impl AgentConfig {
         let workload = match mode.unwrap_or("boot") {
             "boot" => Workload::Boot,
             "handover" => Workload::Handover(memfds),
+            "scenario" => Workload::Scenario,
             other => match other.strip_prefix("selftest:") {
                 Some(name) => Workload::Selftest(Selftest::from_name(name)?),
                 None => return Err(WorkloadError::UnknownMode(other.to_owned())),
@@ -421,6 +448,7 @@ impl AgentConfig {
             workload: workload.validate()?,
             progress,
             timeout_scale,
+            script,
         })
     }
 }
@@ -455,7 +483,11 @@ mod tests {
             memfd_size: 2 << 20,
             repeat: 5,
         };
-        let mut all = vec![Workload::Boot, Workload::Handover(memfds)];
+        let mut all = vec![
+            Workload::Boot,
+            Workload::Handover(memfds),
+            Workload::Scenario,
+        ];
         all.extend(Selftest::ALL.map(Workload::Selftest));
         for w in all {
             let line = format!("console=ttyS0 {} quiet", w.kernel_params());

@@ -54,8 +54,8 @@ impl AgentLog {
     /// The messages grouped by boot: a boot begins at each `userspace-up`.
     pub fn boots(&self) -> Vec<AgentBoot> {
         let mut boots: Vec<AgentBoot> = Vec::new();
-        let mut starts: HashMap<u32, (Action, u64)> = HashMap::new();
-        for (_, msg) in &self.messages {
+        let mut starts: HashMap<u32, (Action, u64, usize)> = HashMap::new();
+        for (at, msg) in &self.messages {
             if matches!(msg, Message::UserspaceUp { .. }) || boots.is_empty() {
                 boots.push(AgentBoot::default());
                 starts.clear();
@@ -109,24 +109,35 @@ impl AgentLog {
                 }
                 Message::ActionStart { seq, action, arg } => {
                     b.actions += 1;
-                    starts.insert(*seq, (*action, *arg));
+                    starts.insert(*seq, (*action, *arg, b.calls.len()));
+                    b.calls.push(ActionCall {
+                        action: *action,
+                        arg: *arg,
+                        at: *at,
+                        result: None,
+                    });
                 }
                 Message::ActionResult {
                     seq,
                     action,
                     ret,
                     errno,
-                } if *errno != 0 || *ret < 0 => b.failed_actions.push(FailedAction {
-                    action: *action,
-                    arg: starts.get(seq).map_or(0, |&(_, arg)| arg),
-                    ret: *ret,
-                    errno: *errno,
-                }),
+                } => {
+                    let start = starts.get(seq).copied();
+                    if let Some(call) = start.and_then(|(_, _, k)| b.calls.get_mut(k)) {
+                        call.result = Some((*ret, *errno));
+                    }
+                    if *errno != 0 || *ret < 0 {
+                        b.failed_actions.push(FailedAction {
+                            action: *action,
+                            arg: start.map_or(0, |(_, arg, _)| arg),
+                            ret: *ret,
+                            errno: *errno,
+                        });
+                    }
+                }
                 Message::GatePassed(g) => b.gates_passed.push(g.id()),
-                Message::ActionResult { .. }
-                | Message::GateWait(_)
-                | Message::RebootRequested
-                | Message::WorkloadResumed => {}
+                Message::GateWait(_) | Message::RebootRequested | Message::WorkloadResumed => {}
             }
         }
         boots
@@ -187,9 +198,24 @@ pub(crate) struct FailedAction {
     pub errno: i32,
 }
 
+/// An announced action and its result, if one came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ActionCall {
+    /// What.
+    pub action: Action,
+    /// Its argument (see `Action`).
+    pub arg: u64,
+    /// When it was announced.
+    pub at: Instant,
+    /// Return value and errno; `None` while it had not returned.
+    pub result: Option<(i64, i32)>,
+}
+
 /// What the agent said during one boot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct AgentBoot {
+    /// Every action announced, in order, with its result.
+    pub calls: Vec<ActionCall>,
     /// CPUs online.
     pub cpus_online: Option<u16>,
     /// Stage and round.

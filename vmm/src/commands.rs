@@ -18,8 +18,8 @@ use crate::image::{ensure_image, ImageError};
 use clap::Parser;
 
 use crate::options::{
-    BootArgs, Command, GuestOptions, ImageAction, InterceptOptions, OptionsError, SoakArgs,
-    TraceOptions,
+    BootArgs, Command, GuestOptions, ImageAction, InterceptOptions, OptionsError, ScenarioAction,
+    SoakArgs, TraceOptions,
 };
 use crate::report::{render_text, table, write_json, ReportError};
 use crate::soak::{self, SoakError, SoakPlan};
@@ -69,6 +69,9 @@ pub enum CommandError {
     /// `soak`.
     #[error(transparent)]
     Soak(#[from] SoakError),
+    /// `scenario`.
+    #[error(transparent)]
+    Scenario(#[from] crate::scenario::ScenarioError),
     /// `soak -- ARGS`: the arguments for `boot` do not parse.
     #[error("soak: the arguments after -- are not `luo-vmm boot` arguments: {0}")]
     SoakBootArgs(String),
@@ -96,6 +99,13 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
             eprintln!("luo-vmm: picture written to {}", args.svg.display());
             Ok(0)
         }
+        Command::Scenario { action } => match action {
+            ScenarioAction::List => {
+                print!("{}", crate::scenario::list());
+                Ok(0)
+            }
+            ScenarioAction::Run(args) => Ok(crate::scenario::run(&args)?),
+        },
         Command::Image {
             action: ImageAction::Build { variant },
         } => {

@@ -83,6 +83,8 @@ pub(crate) struct GuestOutcome {
     /// The guest kernel's panic line, if it panicked (it then resets, since luo-vmm
     /// boots with `panic=-1`, which must not pass for a clean exit).
     pub kernel_panic: Option<String>,
+    /// Kernel lines that say it is in trouble (oops, BUG, WARNING, panic), the first few.
+    pub kernel_trouble: Vec<String>,
     /// When the VM started.
     pub started: Instant,
     /// vCPUs the VM had: every kernel of the run must bring all of them up.
@@ -95,6 +97,26 @@ pub(crate) struct GuestOutcome {
 /// the console: it comes from the kernel, which has no other way to say it.
 pub(crate) fn is_kernel_panic(line: &str) -> bool {
     line.contains("Kernel panic - not syncing")
+}
+
+/// Most trouble lines kept per run.
+const MAX_TROUBLE_LINES: usize = 8;
+
+/// Whether a console line says the kernel is in trouble: an oops, a BUG, a WARNING, a
+/// panic, list corruption. Like the panic line, it comes from the kernel, which has no
+/// other way to say it.
+pub(crate) fn is_kernel_trouble(line: &str) -> bool {
+    [
+        "Oops:",
+        "BUG:",
+        "WARNING:",
+        "Kernel panic",
+        "general protection fault",
+        "list_del corruption",
+        "list_add corruption",
+    ]
+    .iter()
+    .any(|m| line.contains(m))
 }
 
 /// Runs `guest` with `opts`; `workload_params` (the agent's `luo.*` parameters) go after
@@ -135,12 +157,19 @@ pub(crate) fn run_guest(
     log::info!("kernel command line: {cmdline}");
 
     let panic_line = Arc::new(Mutex::new(None::<String>));
-    let seen = panic_line.clone();
+    let trouble = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (seen, troubled) = (panic_line.clone(), trouble.clone());
     let console_observer: luo_devices::console::LineObserver = Arc::new(move |line: &str| {
         if is_kernel_panic(line) {
             seen.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get_or_insert_with(|| line.trim().to_owned());
+        }
+        if is_kernel_trouble(line) {
+            let mut t = troubled.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() < MAX_TROUBLE_LINES {
+                t.push(line.trim().to_owned());
+            }
         }
     });
     let vm = Vm::new(&VmSpec {
@@ -183,10 +212,12 @@ pub(crate) fn run_guest(
         );
     }
     let kernel_panic = panic_line.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let kernel_trouble = std::mem::take(&mut *trouble.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(GuestOutcome {
         exit,
         agent,
         kernel_panic,
+        kernel_trouble,
         started,
         vcpus,
         backend,
@@ -249,6 +280,10 @@ pub(crate) fn exit_status(outcome: &GuestOutcome) -> u8 {
             eprintln!("luo-vmm: vCPU {vcpu} stopped after {secs:.1} s: {exit}{dump}");
             EXIT_VM_DIED
         }
+        VmExit::Ended => {
+            eprintln!("luo-vmm: the run was ended after {secs:.1} s by what it waited for");
+            0
+        }
         VmExit::Timeout { after } => {
             let last = outcome
                 .agent
@@ -279,6 +314,7 @@ mod tests {
             exit,
             agent,
             kernel_panic: panic.map(str::to_owned),
+            kernel_trouble: vec![],
             started: at,
             vcpus: 2,
             backend: KvmBackend::Hardware {
@@ -324,6 +360,10 @@ mod tests {
             after: std::time::Duration::from_secs(1),
         };
         assert_eq!(exit_status(&outcome(timeout, vec![], None)), 3);
+        assert!(is_kernel_trouble(
+            "[ 3.1] WARNING: CPU: 0 PID: 1 at kernel/x.c:1"
+        ));
+        assert!(!is_kernel_trouble("luo-agent: all done"));
         assert!(is_kernel_panic(
             "[ 1.0] Kernel panic - not syncing: Attempted to kill init!"
         ));

@@ -21,6 +21,7 @@ pub(crate) mod loader;
 pub(crate) mod memory;
 pub mod options;
 pub mod report;
+pub mod scenario;
 pub mod soak;
 pub mod trace;
 pub(crate) mod vcpu;

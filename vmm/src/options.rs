@@ -74,6 +74,13 @@ pub enum Command {
     Selftest(SelftestArgs),
     /// Turn handover JSON reports into a table and an SVG of blackout per phase.
     Report(ReportArgs),
+    /// Provoke a race or an error path: list the built-in scenarios, or run one N times
+    /// and give a verdict per run.
+    Scenario {
+        /// What to do.
+        #[command(subcommand)]
+        action: ScenarioAction,
+    },
     /// The reference guest image.
     Image {
         /// What to do with it.
@@ -91,6 +98,49 @@ pub enum ImageAction {
         #[arg(long)]
         variant: Option<String>,
     },
+}
+
+/// `luo-vmm scenario ...`.
+#[derive(Debug, Subcommand)]
+pub enum ScenarioAction {
+    /// Print each built-in scenario, what it tests, and the variant that reproduces it.
+    List,
+    /// Run a scenario (a built-in one's name, or a scenario file) N times.
+    Run(ScenarioRunArgs),
+}
+
+/// `luo-vmm scenario run`.
+#[derive(Debug, Clone, Args)]
+pub struct ScenarioRunArgs {
+    /// A built-in scenario's name (`luo-vmm scenario list`) or the path of a scenario
+    /// file (TOML, docs/scenarios.md).
+    pub scenario: String,
+    /// Run on this kernel variant of guest-images/variants (default: the reference
+    /// kernel). On the scenario's own variant the expected verdict is "reproduced".
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// How many runs (each a fresh VM).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// vCPUs (default: the scenario's).
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+    /// Give up on a run after this many seconds (default: the scenario's timeout); the
+    /// run is then inconclusive.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Guest memory, e.g. 512M.
+    #[arg(long, default_value = "512M", value_parser = parse_bytes)]
+    pub mem: u64,
+    /// Write the runs (verdicts and timelines) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where each run's guest console goes (NAME[-VARIANT]-runN.log).
+    #[arg(long, default_value = "scenario-logs")]
+    pub log_dir: PathBuf,
+    /// Also echo the guest console.
+    #[arg(long)]
+    pub console: bool,
 }
 
 /// `luo-vmm boot`.

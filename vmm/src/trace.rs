@@ -407,7 +407,7 @@ fn hex_words(b: &[u8]) -> String {
 }
 
 impl RunObserver for Tracer {
-    fn breakpoints(&self) -> Vec<u64> {
+    fn breakpoints(&self, _vcpu: u8) -> Vec<u64> {
         self.points.iter().map(|(_, a)| *a).collect()
     }
 
@@ -490,7 +490,7 @@ mod tests {
         let symbols = KernelSymbols::from_system_map(map).unwrap();
         let spec = |s: &str| vec![s.parse::<TraceSpec>().unwrap()];
         let t = Tracer::new(&symbols, &spec("mark_rodata_ro+0x10"), vec![], 1).unwrap();
-        assert_eq!(t.breakpoints(), vec![0xffff_ffff_8123_20bf]);
+        assert_eq!(t.breakpoints(0), vec![0xffff_ffff_8123_20bf]);
         assert!(matches!(
             Tracer::new(
                 &symbols,

@@ -107,23 +107,27 @@ pub(crate) struct StoppedVcpu<'a> {
     /// The VM (dirty logs).
     pub vm_fd: &'a VmFd,
     /// Every vCPU's holds.
-    #[expect(
-        dead_code,
-        reason = "for hooks that release held vCPUs (scenarios, issue 9)"
-    )]
     pub control: &'a VcpuControl,
 }
 
 /// Watches a whole run: the breakpoints it wants armed on every vCPU, what happens at
 /// them, and the guest agent's probe messages.
 pub(crate) trait RunObserver: Send + Sync {
-    /// Guest-virtual addresses to break at (at most four).
-    fn breakpoints(&self) -> Vec<u64>;
+    /// Guest-virtual addresses to break at on vCPU `vcpu` (at most four).
+    fn breakpoints(&self, vcpu: u8) -> Vec<u64>;
+    /// The run starts: `control` stops, holds and releases its vCPUs.
+    fn attach(&self, _control: &Arc<VcpuControl>) {}
+    /// A vCPU's notice (a hold that timed out, a foreign debug exit), on its thread.
+    fn on_notice(&self, _notice: VcpuNotice) {}
     /// Breakpoint `slot` (an index into [`RunObserver::breakpoints`]) was hit at `pc`;
     /// runs on the vCPU's thread with the vCPU stopped.
     fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64) -> HookAction;
     /// A probe message (or decode error) arrived; runs on the main thread.
     fn on_probe(&self, ev: &ProbeEvent);
+    /// The same message, on the vCPU thread that wrote it, before the guest goes on: for
+    /// what must happen before the guest's next instruction (arming a hook on the call
+    /// the agent just announced).
+    fn on_probe_now(&self, _ev: &ProbeEvent) {}
 }
 
 /// How a VM run ended.
@@ -143,6 +147,8 @@ pub(crate) enum VmExit {
         /// What.
         exit: FatalExit,
     },
+    /// The observer ended the run (a scenario saw what it waited for).
+    Ended,
 }
 
 impl VmExit {
@@ -261,17 +267,20 @@ impl Vm {
         let (tx, rx) = mpsc::channel::<VcpuReport>();
         let control = Arc::new(VcpuControl::new(self.vcpus.len()));
         install_kick_handler()?;
-        let breakpoints = self
-            .observer
-            .as_ref()
-            .map(|o| o.breakpoints())
-            .unwrap_or_default();
+        if let Some(o) = &self.observer {
+            o.attach(&control);
+        }
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
+            let breakpoints = self
+                .observer
+                .as_ref()
+                .map(|o| o.breakpoints(vcpu.id))
+                .unwrap_or_default();
             let ctx = VcpuThread {
                 bus: self.bus.clone(),
                 vm_fd: self.vm_fd.clone(),
-                stepper: Stepper::new(breakpoints.clone()),
+                stepper: Stepper::new(breakpoints),
                 observer: self.observer.clone(),
                 tx: tx.clone(),
                 control: control.clone(),
@@ -284,7 +293,7 @@ impl Vm {
             }
             on_probe(&ev);
         };
-        let (exit, cause) = self.wait(started, timeout, &rx, &mut deliver);
+        let (exit, cause) = self.wait(started, timeout, &rx, &control, &mut deliver);
         control.request_stop(cause);
         stop_vcpus(threads);
         // Messages that arrived while the vCPUs stopped.
@@ -306,12 +315,16 @@ impl Vm {
         started: Instant,
         timeout: Option<Duration>,
         rx: &mpsc::Receiver<VcpuReport>,
+        control: &VcpuControl,
         deliver: &mut impl FnMut(ProbeEvent),
     ) -> (VmExit, StopCause) {
         let _input = crate::console_input::spawn(self.serial.clone());
         loop {
             for ev in self.probe.events.try_iter() {
                 deliver(ev);
+            }
+            if control.stop_requested() == Some(StopCause::Ended) {
+                return (VmExit::Ended, StopCause::Ended);
             }
             if self.reset.read().is_ok() {
                 return (VmExit::Reset, StopCause::Reset);
@@ -376,7 +389,11 @@ fn build_devices(vm_fd: &VmFd, spec: &VmSpec<'_>) -> Result<Devices, VmError> {
 
     let reset = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let i8042 = ResetDevice::new(reset.try_clone().map_err(host("eventfd clone"))?);
-    let (probe, probe_rx) = ProbePort::new(spec.gates.clone());
+    let (mut probe, probe_rx) = ProbePort::new(spec.gates.clone());
+    if let Some(o) = &spec.observer {
+        let o = o.clone();
+        probe = probe.with_listener(Arc::new(move |ev: &ProbeEvent| o.on_probe_now(ev)));
+    }
 
     let mut bus = PioBus::new();
     let bus_err = |e: luo_devices::BusError| VmError::Host {
@@ -466,6 +483,9 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
                 None => HookAction::Continue,
             };
             let notice = |n: VcpuNotice| {
+                if let Some(o) = &observer {
+                    o.on_notice(n);
+                }
                 let _ = tx.send(VcpuReport::Notice(n));
             };
             let stop = run_loop(

@@ -11,6 +11,8 @@
 //!   initramfs, this command line with `luo.stage=2`). Stage 2 retrieves and checks every
 //!   byte, finishes the sessions, and either chains another handover (`luo.round` <
 //!   `luo.repeat`) or passes.
+//! - `scenario`: runs this stage's script (`luo.script1`/`luo.script2`, see
+//!   [`scenario`]): threads pinned to CPUs, each step announced with its result.
 //! - `selftest:NAME`: runs the kernel's LUO selftest `/selftests/NAME`: once for a
 //!   single-stage test; with `--stage 1`, a kexec, and `--stage 2` for a two-stage one.
 //!   Its exit status and TAP counts go to the VMM.
@@ -23,6 +25,7 @@
 mod luo;
 mod pattern;
 mod probe;
+mod scenario;
 mod stretch;
 mod sys;
 
@@ -42,10 +45,10 @@ use luo_protocol::workload::{
 use probe::Probe;
 
 /// Size of the buffer used to fill and check memfds.
-const CHUNK: usize = 64 << 10;
+pub(crate) const CHUNK: usize = 64 << 10;
 
 /// Longest wait at a gate; the VMM's own timeout is the real bound.
-const GATE_LIMIT: Duration = Duration::from_secs(3600);
+pub(crate) const GATE_LIMIT: Duration = Duration::from_secs(3600);
 
 /// A failure: the step it happened in, the errno if a system call failed, and words.
 #[derive(Debug)]
@@ -218,6 +221,19 @@ fn run(agent: &mut Agent) -> Result<()> {
                 Ok(())
             }
         }
+        (Workload::Scenario, _) => {
+            let luo = open_luo(agent)?;
+            let script = &cfg.script;
+            let this = match stage {
+                Stage::One => &script.stage1,
+                Stage::Two => &script.stage2,
+            };
+            scenario::run_stage(&agent.probe, &luo, script, this, round, cmdline);
+            if stage == Stage::Two {
+                agent.send(Message::WorkloadResumed);
+            }
+            Ok(())
+        }
         (Workload::Selftest(t), _) if !t.two_stage() => {
             run_selftest(agent, t, None, cfg.timeout_scale)
         }
@@ -319,7 +335,7 @@ fn handover_stage1(
 }
 
 /// Bytes of the next chunk when `left` bytes remain.
-fn chunk_len(left: u64) -> usize {
+pub(crate) fn chunk_len(left: u64) -> usize {
     usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK))
 }
 
@@ -397,41 +413,12 @@ fn handover_stage2(agent: &mut Agent, m: &Memfds, round: u32, luo: &luo::Luo) ->
     Ok(())
 }
 
-/// Loads `/boot/bzImage` with this initramfs and the stage-2 command line, waits at the
-/// before-reboot gate, marks reboot-requested and reboots into it. Returns only on
-/// failure. `round` is the number of handovers done before this boot.
+/// Loads the next kernel, waits at the before-reboot gate, marks reboot-requested and
+/// reboots into it. Returns only on failure. `round` is the number of handovers done
+/// before this boot.
 fn kexec_next(agent: &mut Agent, round: u32, cmdline: &str) -> Result<()> {
-    let kernel = File::open("/boot/bzImage").at(Step::KexecLoad, || "open /boot/bzImage".into())?;
-    let next = next_cmdline(
-        cmdline,
-        Progress {
-            stage: Stage::Two,
-            round: round + 1,
-        },
-    );
-    // This boot's initramfs, kept by `retain_initrd`. kexec_file_load reads the sysfs file
-    // directly (one copy, in the kernel): copying it through user space first costs tens of
-    // seconds under emulation. A memfd copy is the fallback.
-    let initrd = File::open(INITRD).at(Step::KexecLoad, || {
-        format!("open {INITRD} (is retain_initrd on the command line?)")
-    })?;
-    let loaded = agent.probe.action(Action::KexecLoad, 0, || {
-        sys::kexec_file_load(kernel.as_fd(), initrd.as_fd(), &next)
-    });
-    if let Err(e) = loaded {
-        agent.log(&format!(
-            "kexec_file_load with {INITRD}: {e}; retrying with a memfd copy"
-        ));
-        let copy = copy_initrd()?;
-        agent.log(&format!("copied {INITRD} into a memfd"));
-        agent
-            .probe
-            .action(Action::KexecLoad, 1, || {
-                sys::kexec_file_load(kernel.as_fd(), copy.as_fd(), &next)
-            })
-            .at(Step::KexecLoad, || "kexec_file_load(/boot/bzImage)".into())?;
-    }
-    agent.log(&format!("kexec_file_load done, next command line: {next}"));
+    load_next_kernel(&agent.probe, round, cmdline)
+        .at(Step::KexecLoad, || "kexec_file_load(/boot/bzImage)".into())?;
     agent
         .probe
         .wait_gate(Gate::BEFORE_REBOOT, GATE_LIMIT)
@@ -448,17 +435,44 @@ fn kexec_next(agent: &mut Agent, round: u32, cmdline: &str) -> Result<()> {
     })
 }
 
+/// `kexec_file_load` of `/boot/bzImage` with this boot's initramfs and the stage-2
+/// command line (announced as `kexec-load`). `round` is the number of handovers done
+/// before this boot.
+pub(crate) fn load_next_kernel(probe: &Probe, round: u32, cmdline: &str) -> io::Result<()> {
+    let kernel = File::open("/boot/bzImage")?;
+    let next = next_cmdline(
+        cmdline,
+        Progress {
+            stage: Stage::Two,
+            round: round + 1,
+        },
+    );
+    // This boot's initramfs, kept by `retain_initrd`. kexec_file_load reads the sysfs file
+    // directly (one copy, in the kernel): copying it through user space first costs tens of
+    // seconds under emulation. A memfd copy is the fallback.
+    let initrd = File::open(INITRD)?;
+    let loaded = probe.action(Action::KexecLoad, 0, || {
+        sys::kexec_file_load(kernel.as_fd(), initrd.as_fd(), &next)
+    });
+    if let Err(e) = loaded {
+        println!("luo-agent: kexec_file_load with {INITRD}: {e}; retrying with a memfd copy");
+        let copy = copy_initrd()?;
+        probe.action(Action::KexecLoad, 1, || {
+            sys::kexec_file_load(kernel.as_fd(), copy.as_fd(), &next)
+        })?;
+    }
+    println!("luo-agent: kexec_file_load done, next command line: {next}");
+    Ok(())
+}
+
 /// The initramfs of this boot, kept by the `retain_initrd` kernel parameter.
 const INITRD: &str = "/sys/firmware/initrd";
 
 /// [`INITRD`] copied into a memfd.
-fn copy_initrd() -> Result<File> {
-    let data = fs::read(INITRD).at(Step::KexecLoad, || format!("read {INITRD}"))?;
-    let memfd =
-        sys::memfd_create("initrd").at(Step::KexecLoad, || "memfd_create for the initrd".into())?;
-    let file = File::from(memfd);
-    file.write_all_at(&data, 0)
-        .at(Step::KexecLoad, || "write the initrd memfd".into())?;
+fn copy_initrd() -> io::Result<File> {
+    let data = fs::read(INITRD)?;
+    let file = File::from(sys::memfd_create("initrd")?);
+    file.write_all_at(&data, 0)?;
     Ok(file)
 }
 

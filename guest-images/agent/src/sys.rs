@@ -99,3 +99,91 @@ pub fn affinity_cpus() -> Option<u32> {
     // SAFETY: `set` was filled in by the kernel.
     u32::try_from(unsafe { libc::CPU_COUNT(&set) }).ok()
 }
+
+/// Pins the calling thread to `cpu` (`sched_setaffinity`).
+pub fn pin_to_cpu(cpu: u16) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of `set`; cpu <= MAX_CPU (63) < CPU_SETSIZE.
+    unsafe { libc::CPU_SET(usize::from(cpu), &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `fallocate(fd, 0, 0, len)`.
+pub fn fallocate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate only reads its integer arguments; `fd` is open.
+    let ret = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Maps `len` bytes of `fd` shared and writable, lets `f` write them, unmaps.
+pub fn with_shared_mapping(
+    fd: BorrowedFd<'_>,
+    len: u64,
+    f: impl FnOnce(&mut [u8]),
+) -> io::Result<()> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a fresh shared mapping of an open file; the result is checked below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr` maps `len` writable bytes that nothing else in this process aliases
+    // until the munmap below.
+    f(unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), len) });
+    // SAFETY: unmaps exactly the mapping made above; the slice is gone.
+    unsafe { libc::munmap(addr, len) };
+    Ok(())
+}
+
+/// Allocates `len` bytes of anonymous memory, writes one byte per page, frees it.
+pub fn touch_anonymous(len: u64) -> io::Result<()> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: a fresh private anonymous mapping; the result is checked below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let page = 4096;
+    let mut off = 0;
+    while off < len {
+        // SAFETY: `off < len`: inside the mapping made above.
+        unsafe { addr.cast::<u8>().add(off).write_volatile(1) };
+        off += page;
+    }
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+    Ok(())
+}

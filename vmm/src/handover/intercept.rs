@@ -259,11 +259,15 @@ fn ns_since(since: Instant) -> u64 {
 }
 
 impl RunObserver for Interceptor {
-    fn breakpoints(&self) -> Vec<u64> {
+    /// `liveupdate_reboot` and `machine_kexec` on every vCPU (the reboot may come from
+    /// any CPU); `start_kernel` only on vCPU 0, the only CPU that runs it.
+    fn breakpoints(&self, vcpu: u8) -> Vec<u64> {
         if self.options.no_intercept {
             Vec::new()
-        } else {
+        } else if vcpu == 0 {
             self.breakpoints.clone()
+        } else {
+            self.breakpoints[..SLOT_START_KERNEL].to_vec()
         }
     }
 

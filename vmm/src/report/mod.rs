@@ -515,7 +515,7 @@ pub(crate) fn build_report(
                     .is_none_or(|t| t.files == c.files && t.bytes == c.bytes)
             }),
             Workload::Selftest(_) => stage2.as_ref().is_some_and(SelftestReport::passed),
-            Workload::Boot => false,
+            Workload::Boot | Workload::Scenario => false,
         };
         let agent_ok = guest_ok && agent_side;
         let marks = Mark::ALL
@@ -576,6 +576,7 @@ pub(crate) fn build_report(
         VmExit::Fatal { vcpu, exit } => {
             errors.push(RunError::VmDied(format!("vCPU {vcpu}: {exit}")))
         }
+        VmExit::Ended => errors.push(RunError::VmDied("the run was ended early".into())),
     }
     let verified = guest_ok
         && if workload.hands_over() {
@@ -782,6 +783,7 @@ mod tests {
             exit: VmExit::Reset,
             agent,
             kernel_panic: None,
+            kernel_trouble: vec![],
             started: at,
             vcpus: 1,
             backend: KvmBackend::Emulated { why: "test".into() },

@@ -70,6 +70,7 @@ pub fn summarize(report: &RunReport) -> RunSummary {
         ),
         Ok(Workload::Selftest(t)) => (t.name().to_owned(), 0),
         Ok(Workload::Boot) => ("boot".to_owned(), 0),
+        Ok(Workload::Scenario) => ("scenario".to_owned(), 0),
         Err(e) => (format!("unknown workload ({e})"), 0),
     };
     RunSummary {

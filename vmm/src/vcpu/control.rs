@@ -14,6 +14,8 @@ pub(crate) enum StopCause {
     Timeout,
     /// Another vCPU met a fatal exit.
     VcpuFailed,
+    /// The observer ended the run (a scenario saw what it waited for).
+    Ended,
 }
 
 impl StopCause {
@@ -22,6 +24,7 @@ impl StopCause {
             StopCause::Reset => 1,
             StopCause::Timeout => 2,
             StopCause::VcpuFailed => 3,
+            StopCause::Ended => 4,
         }
     }
 
@@ -30,6 +33,7 @@ impl StopCause {
             1 => Some(StopCause::Reset),
             2 => Some(StopCause::Timeout),
             3 => Some(StopCause::VcpuFailed),
+            4 => Some(StopCause::Ended),
             _ => None,
         }
     }
@@ -93,10 +97,6 @@ impl VcpuControl {
     }
 
     /// Releases `vcpu` if it is held.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "scenario hooks release held vCPUs (issue 9)")
-    )]
     pub fn release(&self, vcpu: u8) {
         if let Some(h) = self.held().get_mut(usize::from(vcpu)) {
             *h = false;

@@ -16,13 +16,8 @@ pub enum HookAction {
     /// Step over the breakpoint and go on.
     Continue,
     /// Keep the vCPU stopped until the VMM releases it, at most `max`; then step over.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "scenario hooks hold vCPUs (issue 9); the tests do now"
-        )
-    )]
+    /// The hook has marked it held ([`VcpuControl::hold`]) before returning, so that a
+    /// release that comes before the loop waits is not lost.
     Hold {
         /// Longest hold.
         max: Duration,
@@ -158,7 +153,6 @@ pub(crate) fn run_loop<V: VcpuBackend>(
                 match stepper.on_debug(pc, dr6) {
                     DebugAction::Hit { slot, pc, then } => {
                         if let HookAction::Hold { max } = (hooks.on_hit)(vcpu, slot, pc) {
-                            control.hold(id);
                             match control.wait_released(id, max) {
                                 HoldEnd::Released => {}
                                 HoldEnd::TimedOut => {
@@ -261,6 +255,9 @@ mod tests {
         let notices = Mutex::new(Vec::new());
         let mut on_hit = |_: &mut FakeVcpu, slot: usize, pc: u64| {
             hits.lock().unwrap().push((slot, pc));
+            if matches!(action, HookAction::Hold { .. }) {
+                control.hold(0);
+            }
             action
         };
         let notice = |n: VcpuNotice| notices.lock().unwrap().push(n);
