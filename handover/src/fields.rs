@@ -138,7 +138,7 @@ impl Field {
     pub fn bits(&self) -> u32 {
         match self.layout {
             Layout::Le | Layout::Be => self.width.saturating_mul(8).min(64),
-            Layout::Bits { bits, .. } => u32::from(bits),
+            Layout::Bits { bits, .. } => u32::from(bits).min(64),
             Layout::Bytes => 0,
         }
     }

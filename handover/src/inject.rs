@@ -9,6 +9,7 @@
 //! | `42`, `0x1234`, `0b101` | that number (`_` allowed between digits) |
 //! | `+N`, `-N` | the current value plus or minus `N`, modulo 2^bits of the field |
 //! | `@PATH`, `@PATH+N`, `@PATH-N` | the guest address of a record or field (plus/minus `N`) |
+//! | `$PATH`, `$PATH+N`, `$PATH-N` | another integer field's current value (plus/minus `N`) |
 //! | `self`, `self+N`, `self-N` | the field's own guest address (plus/minus `N`) |
 //! | `bytes:de ad be ef` | these bytes (hex; spaces, `:` and `,` ignored), NUL-padded to the field |
 //! | `"text"`, `'text'` | the string's bytes (escapes `\\ \" \' \n \0 \xNN`), NUL-padded |
@@ -178,6 +179,13 @@ pub enum ValueSpec {
         /// Added to its address.
         offset: Offset,
     },
+    /// `$PATH[+-N]`: another integer field's value.
+    Copy {
+        /// The field.
+        path: String,
+        /// Added to its value.
+        offset: Offset,
+    },
     /// `self[+-N]`: the field's own address.
     SelfAddress(Offset),
     /// Bytes or a string, NUL-padded to the field.
@@ -307,6 +315,16 @@ impl Assignment {
                     })?;
                 number(offset.apply(at))?
             }
+            ValueSpec::Copy { path, offset } => {
+                let from = fields.field(path).ok_or_else(|| InjectError::UnknownPath {
+                    path: path.clone(),
+                    suggestions: suggest(fields, path),
+                })?;
+                let Value::Int(v) = from.value else {
+                    return Err(wrong(from, "is a byte array: $PATH copies integer fields"));
+                };
+                number(offset.apply(v))?
+            }
             ValueSpec::Relative(o) => {
                 let Value::Int(cur) = f.value else {
                     return Err(wrong(
@@ -361,8 +379,10 @@ fn fit(f: &Field, v: i128) -> Result<(Vec<u8>, Value), InjectError> {
             .unwrap_or_default()
             .to_vec(),
         Layout::Bits { shift, bits, word } => {
-            let mask = ((1u64 << bits) - 1) << shift;
-            (word & !mask | v << shift).to_le_bytes().to_vec()
+            // Checked shifts: a deserialized layout may say anything.
+            let ones = 1u64.checked_shl(bits.into()).map_or(u64::MAX, |m| m - 1);
+            let shl = |x: u64| x.checked_shl(shift.into()).unwrap_or(0);
+            (word & !shl(ones) | shl(v)).to_le_bytes().to_vec()
         }
         Layout::Bytes => return Err(wrong(f, NOT_A_NUMBER)),
     };
@@ -495,6 +515,14 @@ fn parse_value(v: &str) -> Result<ValueSpec, InjectError> {
             offset,
         });
     }
+    if let Some(rest) = v.strip_prefix('$') {
+        let (path, offset) = split_offset(rest);
+        check_path(path)?;
+        return Ok(ValueSpec::Copy {
+            path: path.to_owned(),
+            offset,
+        });
+    }
     if let Some(rest) = v.strip_prefix("self") {
         let (base, offset) = split_offset(rest);
         if !base.is_empty() {
@@ -522,7 +550,7 @@ fn parse_value(v: &str) -> Result<ValueSpec, InjectError> {
     parse_number(v).map(ValueSpec::Absolute).ok_or_else(|| {
         bad_value(
             v,
-            "expected a number (42, 0x2a), +N, -N, @PATH, self, bytes:HEX or a quoted string",
+            "expected a number (42, 0x2a), +N, -N, @PATH, $PATH, self, bytes:HEX or a quoted string",
         )
     })
 }
@@ -732,6 +760,13 @@ mod tests {
         );
         assert_eq!(value("bytes:"), ValueSpec::Bytes(vec![]));
         assert_eq!(
+            value("$memfd[s1.f0].folio[0].pfn+1"),
+            ValueSpec::Copy {
+                path: "memfd[s1.f0].folio[0].pfn".into(),
+                offset: off(false, 1)
+            }
+        );
+        assert_eq!(
             value(r#""memfd-v3\x01\0""#),
             ValueSpec::Bytes(b"memfd-v3\x01\0".to_vec())
         );
@@ -832,6 +867,34 @@ mod tests {
         let h = Handover::read(&mem, fx.zero_page);
         let h = h.map(|h| h.luo.unwrap()).map_err(|e| e.to_string());
         assert!(h.is_err(), "order 1 no longer fits: {h:?}");
+    }
+
+    #[test]
+    fn a_folio_of_another_session_is_a_page_reached_twice() {
+        let (mut mem, fx, _, list) = fixture();
+        let w = writes(
+            &list,
+            "memfd[s0.f0].folio[3].pfn=$memfd[s1.f0].folio[0].pfn",
+        )
+        .unwrap();
+        assert_eq!(w[0].new, Value::Int(0x3000));
+        apply(&mut mem, &w);
+        assert_eq!(
+            Handover::read(&mem, fx.zero_page),
+            Err(HandoverError::Luo(LuoError::PageReachedTwice {
+                page: 0x3000 << 12,
+                first: "memfd folio",
+                second: "memfd folio"
+            }))
+        );
+        assert!(writes(&list, "token=$luo.session[0].name")
+            .unwrap_err()
+            .to_string()
+            .contains("copies integer fields"));
+        assert!(writes(&list, "token=$luo.sesion[0].count")
+            .unwrap_err()
+            .to_string()
+            .contains("did you mean luo.session[0].count"));
     }
 
     #[test]
