@@ -82,6 +82,9 @@ pub struct FdtProperty {
     pub name: String,
     /// Raw value.
     pub value: Vec<u8>,
+    /// Where the value starts, in bytes from the start of the blob (so its guest address is
+    /// the blob's plus this).
+    pub offset: usize,
 }
 
 /// One node of the tree, owning its properties and children.
@@ -194,6 +197,7 @@ pub fn parse(blob: &[u8], limits: FdtLimits, budget: &Budget) -> Result<FdtNode,
     let strings = block(off_strings, size_strings, "strings")?;
     Walker {
         s: structure,
+        s_off: off_struct as usize,
         strings,
         pos: 0,
         limits,
@@ -204,6 +208,8 @@ pub fn parse(blob: &[u8], limits: FdtLimits, budget: &Budget) -> Result<FdtNode,
 
 struct Walker<'a> {
     s: &'a [u8],
+    /// Offset of the structure block in the blob.
+    s_off: usize,
     strings: &'a [u8],
     pos: usize,
     limits: FdtLimits,
@@ -299,6 +305,7 @@ impl Walker<'_> {
                     self.budget.records(1)?;
                     let name = self.string_at(name_off)?;
                     let budget = self.budget;
+                    let offset = self.s_off.saturating_add(self.pos);
                     let value = self.take(len, "property value")?;
                     budget.bytes(value.len())?;
                     let value = value.to_vec();
@@ -306,7 +313,11 @@ impl Walker<'_> {
                         .last_mut()
                         .ok_or(self.malformed("property outside any node"))?
                         .properties
-                        .push(FdtProperty { name, value });
+                        .push(FdtProperty {
+                            name,
+                            value,
+                            offset,
+                        });
                 }
                 FDT_END_NODE => {
                     let node = stack

@@ -94,6 +94,31 @@ pub struct KhoFdt {
     pub preserved_memory_map: u64,
     /// Subnodes in blob order.
     pub subtrees: Vec<KhoSubtree>,
+    /// The ten big-endian `u32` cells of `struct fdt_header` (`magic`, `totalsize`, ...,
+    /// `size_dt_struct`; `scripts/dtc/libfdt/fdt.h`), as read.
+    #[serde(default)]
+    pub header: [u32; FDT_HEADER_CELLS],
+    /// Every property of the root and of its subnodes, in blob order, with where its value
+    /// lies (what [`crate::fields`] lists).
+    #[serde(default)]
+    pub properties: Vec<KhoFdtProperty>,
+}
+
+/// Cells of `struct fdt_header` (v17): 40 bytes.
+pub const FDT_HEADER_CELLS: usize = FDT_HEADER_SIZE / 4;
+
+/// One property of the KHO FDT, kept with its place in the blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KhoFdtProperty {
+    /// `None` for the root, else the index of its node in [`KhoFdt::subtrees`].
+    pub node: Option<usize>,
+    /// Property name.
+    pub name: String,
+    /// Offset of the value from the start of the blob (its guest address is
+    /// `fdt_addr + offset`).
+    pub offset: u64,
+    /// The raw value.
+    pub value: Vec<u8>,
 }
 
 impl KhoFdt {
@@ -107,7 +132,7 @@ impl KhoFdt {
 /// guest RAM (as `kho_add_subtree()` only registers kernel memory); nodes, properties and the
 /// subtree list are charged to `budget`.
 pub fn parse_kho_fdt(blob: &[u8], budget: &Budget) -> Result<KhoFdt, KhoError> {
-    let root = fdt::parse(blob, FdtLimits::default(), budget)?;
+    let mut root = fdt::parse(blob, FdtLimits::default(), budget)?;
     // Like fdt_node_check_compatible(): any entry of the string list may match.
     let compatible = root.property("compatible").unwrap_or_default();
     if !compatible
@@ -142,9 +167,31 @@ pub fn parse_kho_fdt(blob: &[u8], budget: &Budget) -> Result<KhoFdt, KhoError> {
             Ok(st)
         })
         .collect::<Result<_, KhoError>>()?;
+    // Moved out of the parsed tree, whose values and names the budget already paid for.
+    let mut properties: Vec<KhoFdtProperty> = Vec::new();
+    let nodes = std::iter::once((None, &mut root.properties)).chain(
+        root.children
+            .iter_mut()
+            .enumerate()
+            .map(|(i, n)| (Some(i), &mut n.properties)),
+    );
+    for (node, props) in nodes {
+        properties.extend(std::mem::take(props).into_iter().map(|p| KhoFdtProperty {
+            node,
+            name: p.name,
+            offset: p.offset as u64,
+            value: p.value,
+        }));
+    }
+    let mut header = [0u32; FDT_HEADER_CELLS];
+    for (cell, b) in header.iter_mut().zip(blob.chunks_exact(4)) {
+        *cell = u32::from_be_bytes(b.try_into().unwrap_or_default());
+    }
     Ok(KhoFdt {
         preserved_memory_map,
         subtrees,
+        header,
+        properties,
     })
 }
 

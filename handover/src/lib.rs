@@ -35,6 +35,8 @@ pub mod budget;
 pub mod digest;
 pub mod extents;
 pub mod fdt;
+pub mod fields;
+pub mod inject;
 pub mod kho;
 pub mod luo;
 pub mod mem;

@@ -154,6 +154,9 @@ pub struct LuoState {
     pub flb_pa: u64,
     /// Guest addresses of the session block pages.
     pub session_blocks: Vec<u64>,
+    /// `luo_flb_header_ser.pgcnt` (0 if there are no FLBs).
+    #[serde(default)]
+    pub flb_pgcnt: u64,
     /// Files whose `compatible` this reader does not decode (their contents are not labelled
     /// in the preserved set), in session order.
     #[serde(default)]
@@ -169,6 +172,9 @@ pub struct Session {
     pub files: Vec<PreservedFile>,
     /// Guest addresses of its file block pages.
     pub file_blocks: Vec<u64>,
+    /// Guest address of its `struct luo_session_ser`.
+    #[serde(default)]
+    pub ser_pa: u64,
 }
 
 /// One preserved file.
@@ -182,6 +188,9 @@ pub struct PreservedFile {
     pub data: u64,
     /// Decoded memfd state, for `memfd-v2` files (with known components, if any).
     pub memfd: Option<Memfd>,
+    /// Guest address of its `struct luo_file_ser`.
+    #[serde(default)]
+    pub ser_pa: u64,
 }
 
 /// A preserved memfd.
@@ -197,8 +206,38 @@ pub struct Memfd {
     pub flags: u32,
     /// The folios holding the file's contents.
     pub folios: Vec<MemfdFolio>,
-    /// Pages of the vmalloc'ed folio array and of its chunk list (metadata, not contents).
+    /// Pages of the vmalloc'ed folio array and of its chunk list (metadata, not contents):
+    /// the chunks first, then the array pages read, in order.
     pub metadata_pages: Vec<u64>,
+    /// `memfd_luo_ser.folios`, the folio array's `struct kho_vmalloc`, as read.
+    #[serde(default)]
+    pub vmalloc: Vmalloc,
+    /// The chunk pages of that array, in list order, with how many `phys[]` entries each
+    /// listed before its first 0.
+    #[serde(default)]
+    pub chunks: Vec<VmallocChunk>,
+}
+
+/// `struct kho_vmalloc` (`include/linux/kho/abi/kexec_handover.h`): 16 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vmalloc {
+    /// `first.phys`: the first `struct kho_vmalloc_chunk`.
+    pub first: u64,
+    /// `total_pages`.
+    pub total_pages: u32,
+    /// `flags`.
+    pub flags: u16,
+    /// `order`: pages per `phys[]` entry are `2^order`.
+    pub order: u16,
+}
+
+/// One `struct kho_vmalloc_chunk` (a page: `hdr.next`, then `phys[511]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmallocChunk {
+    /// Guest address of the chunk page.
+    pub pa: u64,
+    /// `phys[]` entries used (before the first 0, or all 511).
+    pub entries: u32,
 }
 
 /// `struct memfd_luo_folio_ser`.
@@ -285,6 +324,9 @@ fn classify(compatible: &str) -> Result<(), Vec<String>> {
     }
 }
 
+/// One entry of a block list: its guest address and its bytes.
+type BlockEntry = (u64, Vec<u8>);
+
 /// One parse of LUO's records: guest memory, the parse's budget, and every page the records
 /// reached so far with what reached it. Every LUO record lives in pages of its own
 /// (`kho_alloc_preserve()`, `kho_block` pages, vmalloc pages, folios), so a page reached twice
@@ -324,13 +366,13 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
 
     /// Reads the entries of a `kho_block_header_ser` list the way `kho_block_set_restore()`
     /// and the block iterator do; returns the block addresses and the concatenated entries
-    /// (each a record).
+    /// (each a record), each with its guest address.
     fn blocks(
         &mut self,
         head: u64,
         entry_size: usize,
         what: &'static str,
-    ) -> Result<(Vec<u64>, Vec<Vec<u8>>), LuoError> {
+    ) -> Result<(Vec<u64>, Vec<BlockEntry>), LuoError> {
         let per_block = ((PAGE_BYTES - BLOCK_HEADER_SIZE) / entry_size) as u64;
         let mut seen = HashSet::new();
         let (mut blocks, mut entries) = (Vec::new(), Vec::new());
@@ -354,10 +396,13 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
             self.budget.records(1 + count)?;
             blocks.push(at);
             let body = page.get(BLOCK_HEADER_SIZE..).unwrap_or_default();
+            // `at` is a page-aligned page just read: its entries' addresses do not wrap.
+            let first = at.wrapping_add(BLOCK_HEADER_SIZE as u64);
             entries.extend(
                 body.chunks_exact(entry_size)
                     .take(to_usize(count))
-                    .map(<[u8]>::to_vec),
+                    .enumerate()
+                    .map(|(i, e)| (first.wrapping_add((i * entry_size) as u64), e.to_vec())),
             );
             at = next;
         }
@@ -389,14 +434,16 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
         let mut unknown_compatibles = Vec::new();
         let sessions = raw_sessions
             .iter()
-            .map(|s| self.session(s, &mut unknown_compatibles))
+            .map(|(pa, s)| self.session(*pa, s, &mut unknown_compatibles))
             .collect::<Result<_, _>>()?;
+        let (flb_pgcnt, flbs) = self.flbs(flb_pa)?;
         Ok(LuoState {
             ser_pa: subtree.preserved_data,
             liveupdate_num,
             sessions,
-            flbs: self.flbs(flb_pa)?,
+            flbs,
             flb_pa,
+            flb_pgcnt,
             session_blocks,
             unknown_compatibles,
         })
@@ -404,6 +451,7 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
 
     fn session(
         &mut self,
+        ser_pa: u64,
         raw: &[u8],
         unknown: &mut Vec<UnknownCompatible>,
     ) -> Result<Session, LuoError> {
@@ -419,7 +467,7 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
             });
         }
         let mut files = Vec::with_capacity(raw_files.len());
-        for f in &raw_files {
+        for (file_pa, f) in &raw_files {
             let compatible = self.name(f.get(..48).unwrap_or_default())?;
             let data = f.u64_at(48).unwrap_or(0);
             let token = f.u64_at(56).unwrap_or(0);
@@ -446,18 +494,21 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
                 token,
                 data,
                 memfd,
+                ser_pa: *file_pa,
             });
         }
         Ok(Session {
             name,
             files,
             file_blocks,
+            ser_pa,
         })
     }
 
-    fn flbs(&mut self, pa: u64) -> Result<Vec<Flb>, LuoError> {
+    /// The FLB header's `pgcnt` and its entries.
+    fn flbs(&mut self, pa: u64) -> Result<(u64, Vec<Flb>), LuoError> {
         if pa == 0 {
-            return Ok(Vec::new());
+            return Ok((0, Vec::new()));
         }
         self.budget.read(16)?;
         let hdr: [u8; 16] = read_array(self.mem, pa)?;
@@ -478,7 +529,8 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
         self.budget.read(len)?;
         self.budget.records(count)?;
         let raw = read_vec(self.mem, pa.saturating_add(16), len - 16)?;
-        raw.chunks_exact(FLB_SER_SIZE)
+        let flbs = raw
+            .chunks_exact(FLB_SER_SIZE)
             .map(|e| {
                 Ok(Flb {
                     name: self.name(e.get(..48).unwrap_or_default())?,
@@ -486,7 +538,8 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
                     count: e.u64_at(56).unwrap_or(0),
                 })
             })
-            .collect()
+            .collect::<Result<_, LuoError>>()?;
+        Ok((pgcnt, flbs))
     }
 
     /// Reads `struct memfd_luo_ser` at `pa` and the folio array behind its vmalloc
@@ -501,8 +554,14 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
         let f = |off| s.u64_at(off).unwrap_or(0);
         let nr_folios = f(24);
         let first_chunk = f(32);
-        let total_pages = u64::from(s.u32_at(40).unwrap_or(0));
-        let order = u32::from(s.u16_at(46).unwrap_or(0));
+        let vmalloc = Vmalloc {
+            first: first_chunk,
+            total_pages: s.u32_at(40).unwrap_or(0),
+            flags: s.u16_at(44).unwrap_or(0),
+            order: s.u16_at(46).unwrap_or(0),
+        };
+        let total_pages = u64::from(vmalloc.total_pages);
+        let order = u32::from(vmalloc.order);
         if nr_folios > MAX_MEMFD_FOLIOS {
             return Err(err("too many folios"));
         }
@@ -522,17 +581,17 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
         // Chunk list -> pages of the vmalloc area, in order.
         let mut metadata_pages = Vec::new();
         let mut area_pages: Vec<u64> = Vec::new();
-        let mut chunks = 0usize;
+        let mut chunks: Vec<VmallocChunk> = Vec::new();
         let mut chunk = if nr_folios == 0 { 0 } else { first_chunk };
         while chunk != 0 {
-            chunks += 1;
-            if chunks > MAX_BLOCKS {
+            if chunks.len() >= MAX_BLOCKS {
                 return Err(err("vmalloc chunk list is too long"));
             }
             // A chunk listed twice (a loop) is a page reached twice.
             let page = self.page(chunk, "vmalloc chunk")?;
             self.budget.records(1)?;
             metadata_pages.push(chunk);
+            let mut entries = 0u32;
             for phys in page
                 .chunks_exact(8)
                 .skip(1)
@@ -551,12 +610,14 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
                     });
                 }
                 self.budget.records(contig)?;
+                entries += 1;
                 for i in 0..contig {
                     let p = phys.wrapping_add(i << PAGE_SHIFT);
                     self.claim(p, "memfd folio array")?;
                     area_pages.push(p);
                 }
             }
+            chunks.push(VmallocChunk { pa: chunk, entries });
             chunk = page.u64_at(0).unwrap_or(0);
         }
         if nr_folios != 0 && area_pages.len() as u64 != total_pages {
@@ -598,6 +659,8 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
             flags: s.u32_at(20).unwrap_or(0),
             folios,
             metadata_pages,
+            vmalloc,
+            chunks,
         })
     }
 }

@@ -120,6 +120,24 @@ pub struct PreservedMemory {
     /// Guest addresses of the tree's own nodes (tables and bitmaps). They are *not* preserved
     /// memory, yet the next kernel reads them: they must survive until `kho_memory_init()`.
     pub node_pages: Vec<u64>,
+    /// The same nodes, in the same order, with their place in the tree (what
+    /// [`crate::fields`] needs to name each entry).
+    #[serde(default)]
+    pub nodes: Vec<RadixNode>,
+}
+
+/// One node of the tree as the walk reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RadixNode {
+    /// Guest address of the node page.
+    pub pa: u64,
+    /// Its level: [`TREE_DEPTH`]` - 1` for the root, 0 for a bitmap.
+    pub level: u32,
+    /// Guest address of the parent's entry that points here (0 for the root, which the FDT's
+    /// `preserved-memory-map` points at).
+    pub slot: u64,
+    /// The key bits above this node's index bits (0 for the root).
+    pub prefix: u64,
 }
 
 /// `kho_radix_encode_key()`; `None` for an order above [`MAX_ORDER`].
@@ -162,7 +180,8 @@ struct Walk<'m, M: ?Sized> {
 
 impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
     /// Checks and reads the node at `pa` into `self.page`, returning it as 512 words.
-    fn read_node(&mut self, pa: u64, level: u32) -> Result<[u64; ENTRIES], RadixError> {
+    fn read_node(&mut self, node: RadixNode) -> Result<[u64; ENTRIES], RadixError> {
+        let RadixNode { pa, level, .. } = node;
         if pa % PAGE_SIZE != 0 {
             return Err(RadixError::Misaligned { pa, level });
         }
@@ -176,6 +195,7 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
             .read_at(pa, &mut self.page[..])
             .map_err(|source| RadixError::Unreadable { pa, level, source })?;
         self.out.node_pages.push(pa);
+        self.out.nodes.push(node);
         let mut words = [0u64; ENTRIES];
         for (w, b) in words.iter_mut().zip(self.page.chunks_exact(8)) {
             *w = u64::from_le_bytes(b.try_into().unwrap_or_default());
@@ -214,8 +234,9 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
         Ok(())
     }
 
-    fn leaf(&mut self, pa: u64, prefix: u64) -> Result<(), RadixError> {
-        let words = self.read_node(pa, 0)?;
+    fn leaf(&mut self, node: RadixNode) -> Result<(), RadixError> {
+        let prefix = node.prefix;
+        let words = self.read_node(node)?;
         for (i, &w) in words.iter().enumerate() {
             let mut bits = w;
             while bits != 0 {
@@ -229,19 +250,31 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
 
     /// Depth-first, in ascending key order, with an explicit stack (depth is fixed at 6).
     fn run(&mut self, root: u64) -> Result<(), RadixError> {
-        let mut stack = vec![(root, TREE_DEPTH - 1, 0u64)];
-        while let Some((pa, level, prefix)) = stack.pop() {
-            let table = self.read_node(pa, level)?;
+        let mut stack = vec![RadixNode {
+            pa: root,
+            level: TREE_DEPTH - 1,
+            slot: 0,
+            prefix: 0,
+        }];
+        while let Some(node) = stack.pop() {
+            let table = self.read_node(node)?;
+            let (pa, level, prefix) = (node.pa, node.level, node.prefix);
             let shift = (level - 1) * TABLE_BITS + BITMAP_BITS;
+            let child = |i: usize, c: u64| RadixNode {
+                pa: c,
+                level: level - 1,
+                slot: pa.wrapping_add(8 * i as u64), // a read page: no wrap in practice
+                prefix: prefix | (i as u64) << shift,
+            };
             let children = table.iter().enumerate().filter(|(_, &c)| c != 0);
             if level == 1 {
                 for (i, &leaf) in children {
-                    self.leaf(leaf, prefix | (i as u64) << shift)?;
+                    self.leaf(child(i, leaf))?;
                 }
             } else {
                 // Pushed in reverse so that the smallest index is walked first.
-                for (i, &child) in children.rev() {
-                    stack.push((child, level - 1, prefix | (i as u64) << shift));
+                for (i, &c) in children.rev() {
+                    stack.push(child(i, c));
                 }
             }
         }

@@ -10,6 +10,7 @@ use std::path::Path;
 use fixture::{HandoverFixture, HandoverSpec, WriteMem};
 use luo_handover::digest::ExtentDigests;
 use luo_handover::extents::{classify_dirty, DirtyBitmap};
+use luo_handover::fields::FieldList;
 use luo_handover::mem::{RecordingMemory, SparseMemory, PAGE_SIZE};
 use luo_handover::timeline::{HandoverReport, Mark, Timeline};
 use luo_handover::Handover;
@@ -145,6 +146,20 @@ fn captured_fixtures_parse() {
             dir.display(),
             ext.not_preserved
         );
+        // Every field the injector can name is where the real kernel put its value.
+        let fields = FieldList::of(&h);
+        for f in &fields.fields {
+            let got = fixture::read_field(&mem, f)
+                .unwrap_or_else(|e| panic!("{}: {}: {e}", dir.display(), f.path));
+            assert_eq!(got, f.value, "{}: {}", dir.display(), f.path);
+        }
+        for path in [
+            "kho.fdt.header.magic",
+            "luo.session[0].name",
+            "luo.session_block[0].next",
+        ] {
+            assert!(fields.field(path).is_some(), "{}: {path}", dir.display());
+        }
     }
     assert!(seen > 0, "no captured fixture under {}", root.display());
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use luo_handover::inject::InjectSpec;
 use luo_protocol::workload::{parse_size, Memfds, Selftest, Workload, WorkloadError};
 use thiserror::Error;
 
@@ -260,19 +261,16 @@ pub struct InterceptOptions {
     /// Arm no breakpoints and log no dirty pages: only the guest agent's marks are timed.
     #[arg(long)]
     pub no_intercept: bool,
-    /// Inject a fault into the handover metadata at next-kernel-start.
-    #[arg(long, value_enum)]
-    pub inject: Option<Fault>,
+    /// At next-kernel-start, change a field of the parsed KHO/LUO state before the next
+    /// kernel reads it (repeatable): PATH=VALUE, PATH as the JSON report's `fields` list it
+    /// (or a short name: compatible, file-count, block-next, folio-count, folio-pfn, ...),
+    /// VALUE a number, +N/-N, @PATH (an address), $PATH (a value), self, bytes:HEX or
+    /// "text"; or corrupt-kho-fdt (the FDT header). See docs/faults.md.
+    #[arg(long, value_name = "PATH=VALUE", value_parser = parse_inject)]
+    pub inject: Vec<InjectSpec>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-/// A fault luo-vmm injects into the handover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Fault {
-    /// Overwrite the KHO FDT header the next kernel is about to read.
-    CorruptKhoFdt,
 }
 
 /// `luo-vmm handover`.
@@ -324,6 +322,12 @@ pub struct ReportArgs {
     /// Title of the picture.
     #[arg(long, default_value = "luo-vmm: blackout per phase")]
     pub title: String,
+}
+
+/// `--inject`: its syntax is checked here, before anything runs; its path against the
+/// handover at next-kernel-start.
+fn parse_inject(s: &str) -> Result<InjectSpec, String> {
+    InjectSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -462,6 +466,37 @@ mod tests {
             (g.mem, g.timeout()),
             (1 << 30, Some(Duration::from_secs(5)))
         );
+    }
+
+    #[test]
+    fn injections_are_parsed_up_front() {
+        let Command::Handover(h) = cli(&[
+            "handover",
+            "--inject",
+            "corrupt-kho-fdt",
+            "--inject",
+            "luo.session[0].file_block[0].next=self",
+            "--inject",
+            "compatible=\"memfd-v3\"",
+        ]) else {
+            panic!("not a handover");
+        };
+        let i = &h.intercept.inject;
+        assert_eq!(i.len(), 3);
+        assert!(i[0].is_corrupt_kho_fdt());
+        assert_eq!(
+            i[1].assignments[0].path,
+            "luo.session[0].file_block[0].next"
+        );
+        assert_eq!(
+            i[2].assignments[0].path,
+            "luo.session[0].file[0].compatible"
+        );
+        for bad in ["corrupt", "luo.session[0=1", "token=12z", "token=bytes:abc"] {
+            let all = ["luo-vmm", "handover", "--inject", bad];
+            let err = Cli::try_parse_from(all).unwrap_err().to_string();
+            assert!(err.contains("--inject"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -692,3 +692,35 @@ impl XorShift {
         }
     }
 }
+
+/// The value of `field` as guest memory holds it now, decoded by its layout: what
+/// [`luo_handover::fields::FieldList::of`] must have listed.
+pub fn read_field(
+    mem: &(impl luo_handover::mem::GuestMemoryRead + ?Sized),
+    field: &luo_handover::fields::Field,
+) -> Result<luo_handover::fields::Value, MemError> {
+    use luo_handover::fields::{Layout, Value};
+    let bytes = luo_handover::mem::read_vec(mem, field.gpa, to_usize(field.width.into()))?;
+    let int = |b: &[u8], be: bool| {
+        let mut w = [0u8; 8];
+        let n = b.len().min(8);
+        if be {
+            w[8 - n..].copy_from_slice(&b[..n]);
+            u64::from_be_bytes(w)
+        } else {
+            w[..n].copy_from_slice(&b[..n]);
+            u64::from_le_bytes(w)
+        }
+    };
+    Ok(match field.layout {
+        Layout::Le => Value::Int(int(&bytes, false)),
+        Layout::Be => Value::Int(int(&bytes, true)),
+        Layout::Bits { shift, bits, .. } => {
+            Value::Int(int(&bytes, false) >> shift & ((1u64 << bits) - 1))
+        }
+        Layout::Bytes => {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            Value::Text(String::from_utf8_lossy(&bytes[..end]).into_owned())
+        }
+    })
+}

@@ -14,14 +14,13 @@ use luo_handover::mem::RecordingMemory;
 use luo_handover::timeline::Timeline;
 use luo_handover::{Handover, LabelledExtents};
 use luo_protocol::Mark;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::guest_ram::{LiveRam, RamSnapshot};
+use super::inject::{self, Injection};
 use crate::arch::paging::translate;
 use crate::dirty::{set_slots, take_bitmaps};
-use crate::options::{Fault, InterceptOptions};
+use crate::options::InterceptOptions;
 use crate::vcpu::run::HookAction;
 use crate::vm::{RunObserver, StoppedVcpu};
 
@@ -39,8 +38,10 @@ pub struct RoundCapture {
     pub dirty: Option<Result<DirtyClassification, String>>,
     /// Extent digests before and after, when asked for.
     pub digest: Option<Result<DigestVerdict, String>>,
-    /// What was injected, and where.
+    /// What was injected, and where (the text report's line).
     pub injected: Option<String>,
+    /// `--inject PATH=VALUE`: the writes made, or why none was.
+    pub injection: Injection,
     /// Host time luo-vmm spent with the guest stopped in its hooks this round.
     pub hook_ns: u64,
 }
@@ -160,10 +161,11 @@ impl Interceptor {
             if let Some(before) = s.snapshot.take() {
                 s.current.digest = Some(digest_verdict(&before, &live, &st.extents.set));
             }
-            if self.options.inject == Some(Fault::CorruptKhoFdt) {
-                s.current.injected = Some(corrupt_fdt(memory, st.handover.kho_data.fdt_addr));
-            }
         }
+        let parsed = state.as_ref().ok().map(|st| &st.handover);
+        let injection = inject::at_next_kernel_start(memory, parsed, &self.options.inject);
+        s.current.injected = injection.summary.clone();
+        s.current.injection = injection;
         s.current.handover = Some(state);
     }
 
@@ -203,15 +205,6 @@ impl Interceptor {
             scratch: handover.scratch.clone(),
             handover,
         })
-    }
-}
-
-/// Overwrites the magic and total size of the KHO FDT; returns what was done.
-fn corrupt_fdt(memory: &GuestMemoryMmap, fdt_addr: u64) -> String {
-    let garbage = [0xdeu8, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff];
-    match memory.write_slice(&garbage, GuestAddress(fdt_addr)) {
-        Ok(()) => format!("overwrote the KHO FDT header at {fdt_addr:#x} with {garbage:02x?}"),
-        Err(e) => format!("could not corrupt the KHO FDT at {fdt_addr:#x}: {e}"),
     }
 }
 

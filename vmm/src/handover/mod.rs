@@ -3,6 +3,7 @@
 
 pub(crate) mod capture;
 pub(crate) mod guest_ram;
+pub(crate) mod inject;
 pub(crate) mod intercept;
 
 use std::path::{Path, PathBuf};

@@ -8,7 +8,9 @@ pub(crate) mod table;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use luo_handover::fields::{FieldList, Value};
 use luo_handover::timeline::{human_bytes, human_duration, HandoverReport, Round};
+use luo_handover::Handover;
 use luo_protocol::message::{ExitStatus, SelftestResult};
 use luo_protocol::workload::{Selftest, Stage, Workload};
 use luo_protocol::Mark;
@@ -17,6 +19,7 @@ use thiserror::Error;
 
 use crate::agent::{AgentBoot, Totals};
 use crate::guest::{GuestOutcome, ResolvedGuest};
+use crate::handover::inject::InjectedWrite;
 use crate::handover::intercept::{Interception, RoundCapture};
 use crate::host::KvmBackend;
 use crate::options::GuestOptions;
@@ -102,8 +105,15 @@ pub struct RoundReport {
     pub selftest: Option<SelftestReport>,
     /// Actions that failed on either side of the handover.
     pub failed_actions: Vec<ActionReport>,
-    /// A fault luo-vmm injected.
+    /// A fault luo-vmm injected (the text report's `injected:` line).
     pub injected: Option<String>,
+    /// Every write `--inject` made, with the field's value before and after.
+    #[serde(default)]
+    pub injections: Vec<InjectedWrite>,
+    /// Every field of the KHO/LUO state parsed at next-kernel-start, before any injection:
+    /// the paths `--inject PATH=VALUE` takes (JSON only; not in the text report).
+    #[serde(default)]
+    pub fields: Vec<FieldEntry>,
     /// What went wrong reading this handover.
     pub errors: Vec<RoundError>,
     /// The agent's side of this handover passed (its data checked, or its selftest
@@ -149,6 +159,33 @@ pub struct ExtentEntry {
     pub len: u64,
     /// Owner (kho, kho-fdt, LUO, LUO/sessions, memfd:..., ...).
     pub owner: String,
+}
+
+/// One field of the handover (`luo_handover::fields`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldEntry {
+    /// Its path, e.g. `luo.session[0].file[0].compatible`.
+    pub path: String,
+    /// Guest-physical address of its first byte.
+    pub gpa: u64,
+    /// Bytes it occupies.
+    pub width: u32,
+    /// Its value: a number, or a string for names and compatibles.
+    pub value: Value,
+}
+
+/// Every field of `h`, for the report.
+fn field_entries(h: &Handover) -> Vec<FieldEntry> {
+    FieldList::of(h)
+        .fields
+        .into_iter()
+        .map(|f| FieldEntry {
+            path: f.path,
+            gpa: f.gpa,
+            width: f.width,
+            value: f.value,
+        })
+        .collect()
 }
 
 /// Sessions, files and bytes.
@@ -313,6 +350,8 @@ pub enum RoundError {
     DirtyLog(String),
     /// The digests could not be computed.
     Digest(String),
+    /// `--inject` could not be applied (an unknown path, a value that does not fit).
+    Inject(String),
 }
 
 impl std::fmt::Display for RoundError {
@@ -322,6 +361,7 @@ impl std::fmt::Display for RoundError {
             RoundError::KhoStateNotRead => f.write_str("KHO state was not read"),
             RoundError::DirtyLog(e) => write!(f, "dirty log: {e}"),
             RoundError::Digest(e) => write!(f, "digest: {e}"),
+            RoundError::Inject(e) => write!(f, "inject: {e}"),
         }
     }
 }
@@ -462,6 +502,9 @@ fn handover_part(
         Some(Err(e)) => errors.push(RoundError::Digest(e.clone())),
         None => {}
     }
+    if let Some(e) = &cap.injection.error {
+        errors.push(RoundError::Inject(e.to_string()));
+    }
     (r, list, errors)
 }
 
@@ -548,6 +591,11 @@ pub(crate) fn build_report(
             selftest: stage2,
             failed_actions: failed_actions(&pair),
             injected: cap.and_then(|c| c.injected.clone()),
+            injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
+            fields: cap
+                .and_then(|c| c.handover.as_ref()?.as_ref().ok())
+                .map(|st| field_entries(&st.handover))
+                .unwrap_or_default(),
             errors,
             agent_ok,
         });
@@ -909,6 +957,63 @@ mod tests {
         // What the agent checked is not what it preserved: not the agent's success.
         assert!(!run(2).rounds[0].agent_ok);
         // The typed report survives JSON both ways.
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<RunReport>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn fields_and_injections_are_in_the_json_and_only_the_line_in_the_text() {
+        use crate::handover::inject::{at_next_kernel_start, tests::captured};
+        use crate::handover::intercept::HandoverState;
+        use luo_handover::inject::InjectSpec;
+        let (h, ram) = captured();
+        let round = |spec: &str| {
+            let specs = [InjectSpec::parse(spec).unwrap()];
+            let injection = at_next_kernel_start(&ram, Some(&h), &specs);
+            let mut i = one_handover();
+            let cap = &mut i.rounds[0];
+            cap.injected = injection.summary.clone();
+            cap.injection = injection;
+            cap.handover = Some(Ok(HandoverState {
+                extents: h.preserved_extents(),
+                scratch: h.scratch.clone(),
+                handover: h.clone(),
+            }));
+            let w = Workload::Handover(Memfds::default());
+            build_report(&outcome(vec![]), i, &opts(), &guest(), w)
+        };
+        let r = round("compatible=\"memfd-v3\"");
+        let rr = &r.rounds[0];
+        let f = rr
+            .fields
+            .iter()
+            .find(|f| f.path == "luo.session[0].file[0].compatible")
+            .unwrap();
+        assert_eq!((f.gpa, f.width), (0x276010, 48));
+        assert_eq!(
+            f.value,
+            Value::Text("memfd-v2".into()),
+            "as parsed, before the write"
+        );
+        assert_eq!(rr.injections[0].new, Value::Text("memfd-v3".into()));
+        assert!(rr.errors.is_empty(), "{:?}", rr.errors);
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let first = &json["rounds"][0]["fields"][0];
+        assert_eq!(first["path"], "kho.data.fdt_addr");
+        assert_eq!(first["value"], 0x221000);
+        let text = render_text(&r);
+        assert!(text.contains(
+            "injected: luo.session[0].file[0].compatible at 0x276010: \"memfd-v2\" -> \"memfd-v3\""
+        ));
+        assert!(!text.contains("kho.data.fdt_addr"), "fields are JSON only");
+        // An unknown path: a clear error of the round, nothing injected.
+        let r = round("luo.session[0].file[0].compatibel='x'");
+        let rr = &r.rounds[0];
+        assert!(rr.injected.is_none() && rr.injections.is_empty() && !rr.verified);
+        assert!(render_text(&r).contains(
+            "error: inject: nothing injected: no field luo.session[0].file[0].compatibel in \
+             this handover; did you mean luo.session[0].file[0].compatible?"
+        ));
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<RunReport>(&json).unwrap(), r);
     }

@@ -288,6 +288,8 @@ mod tests {
                 selftest: None,
                 failed_actions: vec![],
                 injected: None,
+                injections: vec![],
+                fields: vec![],
                 errors: vec![],
                 agent_ok: true,
                 verified: true,
