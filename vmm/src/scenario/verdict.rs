@@ -256,13 +256,16 @@ mod tests {
                             token,
                             data: 0,
                             memfd: None,
+                            ser_pa: 0,
                         })
                         .collect(),
                     file_blocks: vec![],
+                    ser_pa: 0,
                 })
                 .collect(),
             flbs: vec![],
             flb_pa: 0,
+            flb_pgcnt: 0,
             session_blocks: vec![],
             unknown_compatibles: vec![],
         }
@@ -309,6 +312,7 @@ mod tests {
                 name: "someone-else".into(),
                 files: vec![],
                 file_blocks: vec![],
+                ser_pa: 0,
             }],
             ..records(&[])
         };
