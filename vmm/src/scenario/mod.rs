@@ -293,7 +293,16 @@ fn interceptor(syms: &KernelSymbols) -> Result<Interceptor, ScenarioError> {
 
 /// The facts of one run.
 fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFacts {
-    let boots: Vec<_> = outcome.agent.boots().into_iter().map(|b| b.calls).collect();
+    let agent_boots = outcome.agent.boots();
+    // Stage 2 ran its steps to the end (its verdict passed: /dev/liveupdate opened) and
+    // every one succeeded.
+    let stage2_ok = agent_boots.get(1).is_some_and(|b| {
+        b.verdict.is_some_and(|v| v.passed())
+            && b.calls
+                .iter()
+                .all(|c| c.result.is_some_and(|(r, _)| r >= 0))
+    });
+    let boots: Vec<_> = agent_boots.into_iter().map(|b| b.calls).collect();
     let capture = got.rounds.first();
     let state = capture.and_then(|c| c.handover.as_ref());
     let discrepancies = state.map(|st| match st {
@@ -319,9 +328,6 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
     let untouched = capture
         .and_then(|c| c.dirty.as_ref())
         .is_some_and(|d| d.as_ref().is_ok_and(|d| d.preserved.is_empty()));
-    let stage2_ok = boots
-        .get(1)
-        .is_some_and(|calls| calls.iter().all(|c| c.result.is_some_and(|(r, _)| r >= 0)));
     RunFacts {
         handover_seen: capture.is_some(),
         handover_verified: untouched
