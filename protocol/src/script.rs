@@ -445,7 +445,7 @@ mod tests {
         assert!(StageScript::parse("create:0").is_err(), "no CPU");
         assert!(StageScript::parse("64@reboot").is_err(), "CPU too high");
         assert!(StageScript::parse("0@").is_err(), "an empty step");
-        let many = vec!["0@reboot"; MAX_THREADS + 1].join(";");
+        let many = ["0@reboot"; MAX_THREADS + 1].join(";");
         assert!(StageScript::parse(&many).is_err());
         let long = format!("0@{}", vec!["reboot"; MAX_STEPS + 1].join(","));
         assert!(StageScript::parse(&long).is_err());

@@ -410,7 +410,7 @@ fn fail_function(at: &StoppedVcpu<'_>, ret: i64) -> Result<u64, String> {
     let pa = translate(sregs.cr3, regs.rsp, read)
         .ok_or_else(|| format!("the stack at {:#x} is not mapped", regs.rsp))?;
     let back = read(pa).ok_or_else(|| format!("cannot read the stack at {pa:#x}"))?;
-    regs.rax = ret.cast_unsigned();
+    regs.rax = u64::from_ne_bytes(ret.to_ne_bytes());
     regs.rip = back;
     regs.rsp = regs.rsp.wrapping_add(8);
     fd.set_regs(&regs)

@@ -147,7 +147,7 @@ pub(crate) type Belief = BTreeMap<u32, BTreeSet<u64>>;
 pub(crate) fn belief(calls: &[ActionCall]) -> Belief {
     let mut b = Belief::new();
     for c in calls {
-        if !c.result.is_some_and(|(r, _)| r >= 0) {
+        if c.result.is_none_or(|(r, _)| r < 0) {
             continue;
         }
         match c.action {
