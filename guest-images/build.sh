@@ -3,16 +3,27 @@
 # (patched for the emulation profile, see patches/), the upstream LUO selftests, and an
 # uncompressed initramfs whose /init is the guest agent (agent/).
 #
-# Usage: guest-images/build.sh [--variant NAME] [--print-dir]
+# Usage: guest-images/build.sh [--variant NAME] [--source DIR] [--print-dir|--print-key]
 #
 #   --variant NAME  a kernel variant: the reference source, config and patches plus
 #                   variants/NAME/config (a Kconfig fragment) and variants/NAME/*.patch
 #                   (see variants/README.md). Cached under its own key; built from a copy
 #                   of the reference's object tree, so only what the variant changes is
 #                   compiled again (the reference is built first if its tree is gone).
-#   --print-dir     print the image directory of the last build (of that variant) if its
-#                   kernel inputs are unchanged and it is complete (exit 0), else exit 1;
-#                   builds nothing.
+#   --source DIR    build the kernel from your own tree DIR instead of the Debian source,
+#                   out of tree (make -C DIR O=<cache>/build/src-<hash of DIR's path>/obj;
+#                   DIR is never written to and must be clean: no .config, no generated
+#                   headers; make mrproper), with kernel.config (and, with --variant, only
+#                   the variant's config fragment: a variant with patches is refused;
+#                   apply them to DIR yourself), and with DIR's LUO selftests. Cached under
+#                   <kernelversion>-src[-<variant>]-<hash of DIR's state, the configs and
+#                   the build steps>: for a git tree HEAD, `git diff HEAD` and the untracked,
+#                   non-ignored files' contents; else every file's path, size and mtime.
+#                   The object tree is kept, so an edit recompiles only what it changes.
+#   --print-dir     print the image directory of the last build (of that variant, or of
+#                   that source tree) if its kernel inputs are unchanged and it is
+#                   complete (exit 0), else exit 1; builds nothing.
+#   --print-key     print the kernel's cache key (exit 0), builds nothing.
 #
 # Environment:
 #   LUO_KERNEL_TARBALL=/path/linux-*.tar.*  use this kernel source instead of Debian's
@@ -30,7 +41,9 @@
 #                              gen_init_cpio build.log   (<kkey> = <version>-<hash>)
 #   initramfs/<ikey>.cpio      uncompressed newc initramfs (<ikey> = hash of its inputs)
 #   images/<kkey>-<ikey>/      what the VMM needs: symlinks to the above
-#   (a variant's <kkey> is <version>-<variant>-<hash>)
+#   build/src-<phash>/         a --source tree's object tree (obj/) and build.log, kept
+#   (a variant's <kkey> is <version>-<variant>-<hash>; a source tree's
+#   <kernelversion>-src[-<variant>]-<hash>)
 #
 # All progress goes to stderr; the last line on stdout is `LUO_IMAGE_DIR=<dir>`.
 set -euo pipefail
@@ -52,6 +65,8 @@ SELFTESTS=(liveupdate luo_kexec_simple luo_multi_session luo_stress_sessions luo
 
 # The variant being built (--variant), or empty for the reference kernel.
 VARIANT=""
+# The user's kernel tree (--source), or empty for the Debian source.
+SOURCE=""
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
 die() {
@@ -359,8 +374,173 @@ ensure_kernel() {
 	# Build trees are large: keep the reference's (variants start from it) and this one.
 	local old
 	for old in "$CACHE"/build/*; do
-		[[ $old == "$bdir" || $old == "$CACHE/build/$REFKEY" ]] || rm -rf "$old"
+		# (Source trees' object trees, build/src-*, are theirs: kept.)
+		[[ $old == "$bdir" || $old == "$CACHE/build/$REFKEY" || $old == "$CACHE"/build/src-* ]] ||
+			rm -rf "$old"
 	done
+	if [[ ${LUO_KEEP_BUILD:-1} == 0 ]]; then rm -rf "$bdir"; fi
+}
+
+# ---------------------------------------------------------------------------------------
+# Source trees (--source DIR): a kernel developer's own tree, built out of tree
+# (make -C DIR O=<cache>), never written to. The text of these functions is part of the key.
+# ---------------------------------------------------------------------------------------
+
+SOURCE_FUNCS=(source_configure source_selftests source_build)
+
+# Refuses what cannot be built from $SOURCE: no kernel tree, a tree that kbuild would
+# refuse for an out-of-tree build, a variant that carries patches.
+check_source() {
+	[[ -d $SOURCE ]] || die "--source $SOURCE: no such directory"
+	SOURCE=$(cd "$SOURCE" && pwd -P)
+	[[ -f $SOURCE/Makefile && -d $SOURCE/kernel ]] ||
+		die "--source $SOURCE: not a kernel tree (no Makefile and kernel/ at its top)"
+	# The same test as kbuild's `outputmakefile`, made before anything is built.
+	local f dirty=()
+	for f in .config include/config arch/x86/include/generated; do
+		[[ -e $SOURCE/$f ]] && dirty+=("$f")
+	done
+	((${#dirty[@]} == 0)) ||
+		die "--source $SOURCE is not clean for an out-of-tree build (it has ${dirty[*]}):" \
+			"kbuild refuses it ('The source tree is not clean, please run make mrproper')." \
+			"Save your .config if you need it, then run: make -C $SOURCE mrproper"
+	if [[ -n $VARIANT ]] && compgen -G "$(variant_dir)/*.patch" >/dev/null; then
+		die "--variant $VARIANT carries patches, which are never applied to a --source tree" \
+			"(it is yours, and read-only here); apply them to $SOURCE yourself" \
+			"(patch -p1 < $(variant_dir)/<patch>) and drop --variant." \
+			"Only a variant's config fragment applies to a --source tree."
+	fi
+}
+
+# The state of the tree: for a git tree, HEAD, the diff to it (binary-safe) and every
+# untracked, non-ignored file with its content hash; otherwise every file's path, size
+# and modification time. Reads only.
+source_state() {
+	if [[ -e $SOURCE/.git ]]; then
+		local head
+		head=$(git -C "$SOURCE" rev-parse HEAD 2>/dev/null) ||
+			die "--source $SOURCE: git rev-parse HEAD failed (a repository without commits?)"
+		echo "git $head"
+		GIT_OPTIONAL_LOCKS=0 git -C "$SOURCE" diff --binary HEAD ||
+			die "--source $SOURCE: git diff HEAD failed"
+		echo "untracked:"
+		(cd "$SOURCE" && git ls-files -z -o --exclude-standard |
+			LC_ALL=C sort -z | xargs -0 -r sha256sum --)
+	else
+		echo "files:"
+		find "$SOURCE" -printf '%P\t%s\t%T@\n' | LC_ALL=C sort
+	fi
+}
+
+# <kernel version>-src[-<variant>]-<hash of the tree's state, the configs and the build
+# steps>. The version is `make kernelversion` of the tree (VERSION.PATCHLEVEL.SUBLEVEL
+# plus EXTRAVERSION: a LOCALVERSION is known only once configured).
+source_key() {
+	local ver h
+	ver=$(make -s -C "$SOURCE" kernelversion 2>/dev/null) ||
+		die "--source $SOURCE: 'make kernelversion' failed: not a kernel tree?"
+	[[ $ver =~ ^[0-9A-Za-z._+-]+$ ]] || die "--source $SOURCE: odd kernel version '$ver'"
+	h=$({
+		source_state
+		cat "$HERE/kernel.config"
+		if [[ -n $VARIANT ]]; then cat "$(variant_dir)/config" 2>/dev/null || true; fi
+		declare -f "${SOURCE_FUNCS[@]}" kernel_make verify_fragment variant_configure
+		printf '%s\n' "${SELFTESTS[@]}" "$SELFTEST_CC"
+	} | sha)
+	echo "$ver-src${VARIANT:+-$VARIANT}-$h"
+}
+
+# The object tree of a source tree: one per source path, kept between builds, so that an
+# edit recompiles only what it changes.
+source_build_dir() { echo "$CACHE/build/src-$(printf '%s' "$SOURCE" | sha)"; }
+
+# tinyconfig + kernel.config (+ the variant's fragment) + olddefconfig in the object tree
+# $1, each option checked. A tree older than LUO (6.19) fails here, naming the options it
+# lacks.
+source_configure() {
+	local obj=$1 buildlog=$2 ver
+	make -C "$SOURCE" O="$obj" tinyconfig >>"$buildlog" 2>&1 || {
+		tail -n 20 "$buildlog" >&2
+		die "make tinyconfig failed in $obj (see $buildlog)"
+	}
+	cat "$HERE/kernel.config" >>"$obj/.config"
+	make -C "$obj" olddefconfig >>"$buildlog" 2>&1 || die "make olddefconfig failed (see $buildlog)"
+	ver=$(make -s -C "$SOURCE" kernelversion)
+	if ! (verify_fragment "$obj" "$HERE/kernel.config" "kernel.config"); then
+		version_ge "$ver" "$MIN_KERNEL" ||
+			die "--source $SOURCE is Linux $ver: KHO and LUO need Linux $MIN_KERNEL or newer" \
+				"(the options above are missing from its Kconfig)"
+		die "--source $SOURCE (Linux $ver) cannot be configured as the reference guest:" \
+			"the options above did not survive olddefconfig"
+	fi
+	variant_configure "$obj" "$buildlog"
+}
+
+# The LUO selftests of the tree, built in $1 (make -f with VPATH, so that no object file
+# lands in the source tree), linked statically.
+source_selftests() {
+	local out=$1 buildlog=$2 obj=$3
+	local dir=$SOURCE/tools/testing/selftests/liveupdate
+	[[ -f $dir/Makefile ]] || die "--source $SOURCE has no $dir (no LUO selftests: Linux < $MIN_KERNEL?)"
+	mkdir -p "$out"
+	make -C "$out" -f "$dir/Makefile" -I "$dir" VPATH="$dir" OUTPUT="$out" \
+		KHDR_INCLUDES="-isystem $obj/usr/include" CC="$SELFTEST_CC" LDFLAGS=-static \
+		>>"$buildlog" 2>&1 || {
+		tail -n 40 "$buildlog" >&2
+		die "LUO selftests build failed"
+	}
+}
+
+source_build() {
+	local obj=$1 buildlog=$2 out=$3
+	kernel_make "$obj" "$buildlog" "kernel" 1500 vmlinux bzImage
+	kernel_make "$obj" "$buildlog" "headers" 200 headers
+	log "building the LUO selftests of $SOURCE with $SELFTEST_CC"
+	source_selftests "$obj/luo-selftests" "$buildlog" "$obj"
+	mkdir -p "$out/selftests"
+	local t
+	for t in "${SELFTESTS[@]}"; do
+		local bin=$obj/luo-selftests/$t
+		[[ -x $bin ]] || die "selftest $t was not built"
+		file "$bin" | grep -q 'statically linked' || die "selftest $t is not statically linked"
+		cp "$bin" "$out/selftests/$t"
+	done
+	cc -O2 -o "$out/gen_init_cpio" "$SOURCE/usr/gen_init_cpio.c" >>"$buildlog" 2>&1 ||
+		die "cannot build usr/gen_init_cpio"
+	cp "$obj/vmlinux" "$obj/arch/x86/boot/bzImage" "$obj/System.map" "$obj/.config" "$out/"
+	make -s -C "$obj" kernelrelease >"$out/kernel-version"
+	cp "$buildlog" "$out/build.log"
+}
+
+# Builds the kernel of $SOURCE under $KKEY unless it is cached.
+ensure_source_kernel() {
+	KDIR=$CACHE/kernels/$KKEY
+	if kernel_complete "$KDIR"; then
+		log "kernel cached: $KDIR (tree state unchanged)"
+		return
+	fi
+	local bdir obj buildlog t0=$SECONDS out
+	bdir=$(source_build_dir)
+	obj=$bdir/obj
+	buildlog=$bdir/build.log
+	mkdir -p "$obj" "$CACHE/kernels"
+	echo "$SOURCE" >"$bdir/source"
+	: >"$buildlog"
+	out=$(mktemp -d "$CACHE/kernels/.$KKEY.XXXXXX")
+	log "building $SOURCE out of tree in $obj with $JOBS jobs (full log: $buildlog)"
+	source_configure "$obj" "$buildlog"
+	source_build "$obj" "$buildlog" "$out"
+	# The key says what was built only if the tree did not change meanwhile.
+	local after
+	after=$(source_key)
+	if [[ $after != "$KKEY" ]]; then
+		rm -rf "$out"
+		die "$SOURCE changed while it was being built (key $KKEY, now $after): nothing was" \
+			"cached; run the build again"
+	fi
+	rm -rf "$KDIR"
+	mv "$out" "$KDIR"
+	log "kernel built in $((SECONDS - t0)) s: $KDIR"
 	if [[ ${LUO_KEEP_BUILD:-1} == 0 ]]; then rm -rf "$bdir"; fi
 }
 
@@ -448,17 +628,40 @@ make_image_dir() {
 	echo "$IMG" >"$(last_image_file)"
 }
 
-# Where the last image directory of this variant (or of the reference) is remembered.
-last_image_file() { echo "$CACHE/last-image-dir${VARIANT:+-$VARIANT}"; }
+# Where the last image directory of this variant (or of the reference, or of a source
+# tree) is remembered.
+last_image_file() {
+	local src=""
+	[[ -z $SOURCE ]] || src="-src-$(printf '%s' "$SOURCE" | sha)"
+	echo "$CACHE/last-image-dir$src${VARIANT:+-$VARIANT}"
+}
+
+# Sets KKEY (and REFKEY, for the reference and its variants) from the options.
+compute_key() {
+	if [[ -n $SOURCE ]]; then
+		KKEY=$(source_key)
+		return
+	fi
+	REFKEY=$(kernel_key)
+	KKEY=$REFKEY
+	[[ -z $VARIANT ]] || KKEY=$(variant_key "$REFKEY")
+}
 
 main() {
-	local print_dir=0
+	local print_dir=0 print_key=0
 	while (($#)); do
 		case "$1" in
 		--print-dir) print_dir=1 ;;
+		--print-key) print_key=1 ;;
 		--variant)
 			(($# >= 2)) || die "--variant needs a name"
 			VARIANT=$2
+			shift
+			;;
+		--source)
+			(($# >= 2)) || die "--source needs a directory"
+			SOURCE=$2
+			[[ -n $SOURCE ]] || die "--source needs a directory"
 			shift
 			;;
 		-h | --help)
@@ -470,20 +673,24 @@ main() {
 		shift
 	done
 	[[ -z $VARIANT ]] || check_variant
+	[[ -z $SOURCE ]] || check_source
 
-	if [[ $print_dir == 1 ]]; then
-		local last
+	if [[ $print_dir == 1 || $print_key == 1 ]]; then
+		# Only offline sources: never download here.
+		if [[ -z $SOURCE ]]; then
+			if [[ -z ${LUO_KERNEL_TARBALL:-} && -z $(newest_cached_deb) ]]; then exit 1; fi
+			LUO_KERNEL_REFRESH=0 pick_source
+		fi
+		compute_key
+		if [[ $print_key == 1 ]]; then
+			echo "$KKEY"
+			exit 0
+		fi
+		local last img
 		last=$(last_image_file)
 		[[ -s $last ]] || exit 1
-		local img
 		img=$(cat "$last")
 		[[ -e $img/initramfs.cpio ]] || exit 1
-		# Only offline sources: never download here.
-		if [[ -z ${LUO_KERNEL_TARBALL:-} && -z $(newest_cached_deb) ]]; then exit 1; fi
-		LUO_KERNEL_REFRESH=0 pick_source
-		REFKEY=$(kernel_key)
-		KKEY=$REFKEY
-		[[ -z $VARIANT ]] || KKEY=$(variant_key "$REFKEY")
 		[[ $(basename "$img") == "$KKEY"-* ]] || exit 1
 		kernel_complete "$CACHE/kernels/$KKEY" || exit 1
 		echo "$img"
@@ -491,13 +698,18 @@ main() {
 	fi
 
 	mkdir -p "$CACHE"
-	pick_source
-	REFKEY=$(kernel_key)
-	KKEY=$REFKEY
-	[[ -z $VARIANT ]] || KKEY=$(variant_key "$REFKEY")
-	log "kernel source: $SRC_FILE ($SRC_KIND)"
-	log "kernel version: $KVER${VARIANT:+, variant $VARIANT} (cache key $KKEY)"
-	ensure_kernel
+	if [[ -n $SOURCE ]]; then
+		log "kernel source: $SOURCE (your tree, built out of tree; hashing its state)"
+		compute_key
+		log "kernel version: ${KKEY%%-src-*}${VARIANT:+, variant $VARIANT (config fragment)} (cache key $KKEY)"
+		ensure_source_kernel
+	else
+		pick_source
+		compute_key
+		log "kernel source: $SRC_FILE ($SRC_KIND)"
+		log "kernel version: $KVER${VARIANT:+, variant $VARIANT} (cache key $KKEY)"
+		ensure_kernel
+	fi
 	log "kernel release: $(cat "$KDIR/kernel-version")"
 	build_agent
 	ensure_initramfs

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::guest::{exit_status, run_guest, GuestError, ResolvedGuest};
 use crate::handover::{run_workload, HandoverRunError};
-use crate::image::{ensure_image, ImageError};
+use crate::image::{ensure_image, ImageError, ImageSpec};
 use clap::Parser;
 
 use crate::options::{
@@ -107,9 +107,9 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
             ScenarioAction::Run(args) => Ok(crate::scenario::run(&args)?),
         },
         Command::Image {
-            action: ImageAction::Build { variant },
+            action: ImageAction::Build { variant, source },
         } => {
-            let image = ensure_image(variant.as_deref())?;
+            let image = ensure_image(&ImageSpec { variant, source })?;
             println!("{}", image.dir.display());
             Ok(0)
         }
@@ -170,7 +170,7 @@ fn soak(args: &SoakArgs) -> Result<u8, CommandError> {
     boot.guest.validate()?;
     // Build (or find) the image once, not in every child at the same time.
     if boot.guest.kernel.is_none() {
-        ensure_image(boot.guest.variant.as_deref())?;
+        ensure_image(&boot.guest.image_spec())?;
     }
     // This very binary, even if a rebuild has replaced the file since it started.
     let results = soak::run(std::path::Path::new("/proc/self/exe"), &plan)?;

@@ -42,8 +42,9 @@ pub(crate) struct ResolvedGuest {
 }
 
 impl ResolvedGuest {
-    /// The user's kernel; or, when none is named, the reference guest (built if the cache
-    /// lacks it) with its initramfs unless one is named. Call once per command.
+    /// The user's kernel; or, when none is named, the reference guest (a variant of it,
+    /// or the kernel of `--source DIR`; built if the cache lacks it) with its initramfs
+    /// unless one is named. Call once per command.
     pub fn resolve(opts: &GuestOptions) -> Result<Self, ImageError> {
         if let Some(kernel) = &opts.kernel {
             return Ok(ResolvedGuest {
@@ -52,12 +53,11 @@ impl ResolvedGuest {
                 image: None,
             });
         }
-        let image = ensure_image(opts.variant.as_deref())?;
+        let spec = opts.image_spec();
+        let image = ensure_image(&spec)?;
         eprintln!(
-            "luo-vmm: reference guest{}: Linux {} ({})",
-            opts.variant
-                .as_deref()
-                .map_or(String::new(), |v| format!(", variant {v}")),
+            "luo-vmm: {}: Linux {} ({})",
+            spec.describe(),
             image.kernel_version,
             image.dir.display()
         );

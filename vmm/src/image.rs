@@ -1,6 +1,8 @@
-//! The reference guest image: found in the cache, or built by guest-images/build.sh
-//! (which owns the cache and its keys) on first use.
+//! The reference guest image (or one of its variants, or a kernel developer's own source
+//! tree built the same way): found in the cache, or built by guest-images/build.sh (which
+//! owns the cache and its keys) on first use.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -16,8 +18,11 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// The build script failed.
-    #[error("building the reference guest failed ({status}); its messages are above")]
-    BuildFailed { status: std::process::ExitStatus },
+    #[error("building the {what} failed ({status}); its messages are above")]
+    BuildFailed {
+        what: String,
+        status: std::process::ExitStatus,
+    },
     /// The build script did not say where the image is.
     #[error("the guest image build printed no LUO_IMAGE_DIR= line")]
     NoImageDir,
@@ -27,6 +32,79 @@ pub enum ImageError {
     /// `--variant NAME` names no folder of guest-images/variants.
     #[error("no kernel variant {name:?} (known: {known}); see guest-images/variants/README.md")]
     UnknownVariant { name: String, known: String },
+    /// `--source DIR` is not a kernel source tree.
+    #[error("--source {}: {why}", path.display())]
+    NotASourceTree { path: PathBuf, why: &'static str },
+}
+
+/// Which guest image: the reference, one of its kernel variants, or a kernel built from
+/// a user's source tree (with a variant's config fragment, if one is named too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ImageSpec {
+    /// A variant of guest-images/variants.
+    pub variant: Option<String>,
+    /// A kernel source tree, built out of tree (never written to).
+    pub source: Option<PathBuf>,
+}
+
+impl ImageSpec {
+    /// The build script's arguments for this image.
+    fn script_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        if let Some(v) = &self.variant {
+            args.extend(["--variant".into(), v.into()]);
+        }
+        if let Some(s) = &self.source {
+            args.extend(["--source".into(), s.into()]);
+        }
+        args
+    }
+
+    /// How luo-vmm names this guest in its messages: `reference guest`,
+    /// `reference guest, variant V`, `guest from source tree DIR[, variant V]`.
+    pub fn describe(&self) -> String {
+        let base = match &self.source {
+            Some(s) => format!("guest from source tree {}", s.display()),
+            None => "reference guest".to_owned(),
+        };
+        match &self.variant {
+            Some(v) => format!("{base}, variant {v}"),
+            None => base,
+        }
+    }
+
+    /// Checks the variant and the source tree, before anything is built.
+    pub fn check(&self) -> Result<(), ImageError> {
+        if let Some(name) = &self.variant {
+            check_variant(name)?;
+        }
+        if let Some(dir) = &self.source {
+            if let Some(why) = source_tree_problem(dir) {
+                return Err(ImageError::NotASourceTree {
+                    path: dir.clone(),
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `dir` cannot be a kernel source tree for `--source`, or `None` when it can be: it
+/// must be a directory with a top-level `Makefile` and `kernel/`. (Whether kbuild accepts
+/// it for an out-of-tree build, and whether it has LUO, the build script checks.)
+pub(crate) fn source_tree_problem(dir: &Path) -> Option<&'static str> {
+    if !dir.exists() {
+        Some("no such directory")
+    } else if !dir.is_dir() {
+        Some("not a directory")
+    } else if !dir.join("Makefile").is_file() {
+        Some("not a kernel source tree (no Makefile at its top)")
+    } else if !dir.join("kernel").is_dir() {
+        Some("not a kernel source tree (no kernel/ at its top)")
+    } else {
+        None
+    }
 }
 
 /// The files of the reference guest.
@@ -122,17 +200,15 @@ pub fn check_variant(name: &str) -> Result<(), ImageError> {
     })
 }
 
-/// Returns the reference guest or one of its kernel variants
-/// (guest-images/variants/NAME), building what the cache lacks. The script shows its
+/// Returns the reference guest, one of its kernel variants (guest-images/variants/NAME)
+/// or the kernel of a source tree, building what the cache lacks. The script shows its
 /// progress on stderr; a cached image costs a few seconds of hashing.
-pub fn ensure_image(variant: Option<&str>) -> Result<GuestImage, ImageError> {
-    if let Some(name) = variant {
-        check_variant(name)?;
-    }
+pub(crate) fn ensure_image(spec: &ImageSpec) -> Result<GuestImage, ImageError> {
+    spec.check()?;
     let script = build_script();
     let out = Command::new("bash")
         .arg(&script)
-        .args(variant.map(|v| ["--variant", v]).into_iter().flatten())
+        .args(spec.script_args())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -141,7 +217,10 @@ pub fn ensure_image(variant: Option<&str>) -> Result<GuestImage, ImageError> {
             source,
         })?;
     if !out.status.success() {
-        return Err(ImageError::BuildFailed { status: out.status });
+        return Err(ImageError::BuildFailed {
+            what: spec.describe(),
+            status: out.status,
+        });
     }
     let dir =
         parse_image_dir(&String::from_utf8_lossy(&out.stdout)).ok_or(ImageError::NoImageDir)?;
@@ -174,6 +253,55 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn source_trees_are_checked_up_front() {
+        let dir = std::env::temp_dir().join(format!("luo-source-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(source_tree_problem(&dir), Some("no such directory"));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(
+            source_tree_problem(&dir),
+            Some("not a kernel source tree (no Makefile at its top)")
+        );
+        std::fs::write(dir.join("Makefile"), "").unwrap();
+        assert_eq!(
+            source_tree_problem(&dir),
+            Some("not a kernel source tree (no kernel/ at its top)")
+        );
+        assert_eq!(
+            source_tree_problem(&dir.join("Makefile")),
+            Some("not a directory")
+        );
+        std::fs::create_dir(dir.join("kernel")).unwrap();
+        assert_eq!(source_tree_problem(&dir), None);
+        let spec = ImageSpec {
+            variant: None,
+            source: Some(dir.clone()),
+        };
+        assert!(spec.check().is_ok());
+        assert_eq!(
+            spec.script_args(),
+            [OsString::from("--source"), dir.clone().into()]
+        );
+        assert!(spec.describe().starts_with("guest from source tree /"));
+        let bad = ImageSpec {
+            variant: Some("no-such-variant".into()),
+            source: Some(dir.clone()),
+        };
+        assert!(matches!(
+            bad.check(),
+            Err(ImageError::UnknownVariant { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = spec.check().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("--source {}: no such directory", dir.display())
+        );
+        assert_eq!(ImageSpec::default().describe(), "reference guest");
+        assert!(ImageSpec::default().script_args().is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use luo_protocol::workload::{parse_size, Memfds, Selftest, Workload, WorkloadErr
 use thiserror::Error;
 
 use crate::arch::mptable::MAX_VCPUS;
+use crate::image::{source_tree_problem, ImageSpec};
 use crate::memory::{validate_size, MemoryError};
 use crate::trace::{PeekSpec, TraceSpec};
 
@@ -31,6 +32,14 @@ pub enum OptionsError {
         what: &'static str,
         /// The path given.
         path: PathBuf,
+    },
+    /// `--source DIR` is not a kernel source tree.
+    #[error("--source {}: {why}", path.display())]
+    Source {
+        /// The directory given.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
     },
     /// The workload is out of bounds.
     #[error("{0}")]
@@ -95,9 +104,14 @@ pub enum Command {
 pub enum ImageAction {
     /// Build the reference guest (kernel, selftests, initramfs) unless it is cached.
     Build {
-        /// A kernel variant of guest-images/variants instead of the reference kernel.
+        /// A kernel variant of guest-images/variants instead of the reference kernel
+        /// (with --source: only its config fragment applies).
         #[arg(long)]
         variant: Option<String>,
+        /// Build the kernel from this source tree instead of the reference source, out
+        /// of tree (the tree is never written to), cached by the tree's state.
+        #[arg(long, value_name = "DIR")]
+        source: Option<PathBuf>,
     },
 }
 
@@ -120,6 +134,11 @@ pub struct ScenarioRunArgs {
     /// kernel). On the scenario's own variant the expected verdict is "reproduced".
     #[arg(long)]
     pub variant: Option<String>,
+    /// Run on the kernel of this source tree (built like the reference, out of tree,
+    /// cached by the tree's state); it is expected not to reproduce, like the reference,
+    /// unless --variant names the scenario's variant (whose config fragment then applies).
+    #[arg(long, value_name = "DIR")]
+    pub source: Option<PathBuf>,
     /// How many runs (each a fresh VM).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
@@ -227,6 +246,10 @@ pub struct GuestOptions {
     /// cached on first use) instead of the reference kernel.
     #[arg(long, conflicts_with = "kernel")]
     pub variant: Option<String>,
+    /// The reference guest with its kernel built from this source tree instead (out of
+    /// tree, never written to; built and cached by the tree's state on first use).
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    pub source: Option<PathBuf>,
 }
 
 /// How to choose the guest profile.
@@ -337,7 +360,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 impl GuestOptions {
-    /// Checks memory, vCPUs and that named files exist; runs nothing.
+    /// Checks memory, vCPUs, that named files exist and that `--source` is a kernel
+    /// tree; runs nothing.
     pub fn validate(&self) -> Result<(), OptionsError> {
         validate_size(self.mem)?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -353,7 +377,23 @@ impl GuestOptions {
                 }
             }
         }
+        if let Some(dir) = &self.source {
+            if let Some(why) = source_tree_problem(dir) {
+                return Err(OptionsError::Source {
+                    path: dir.clone(),
+                    why,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The image these options ask for, when no `--kernel` is given.
+    pub(crate) fn image_spec(&self) -> ImageSpec {
+        ImageSpec {
+            variant: self.variant.clone(),
+            source: self.source.clone(),
+        }
     }
 
     /// The run's deadline.
@@ -523,5 +563,73 @@ mod tests {
         assert_eq!(s.boot_args, ["--vcpus", "2"]);
         let all = ["luo-vmm", "boot", "--variant", "v", "--kernel", "k"];
         assert!(Cli::try_parse_from(all).is_err(), "--variant or --kernel");
+    }
+
+    #[test]
+    fn source_trees_are_options_of_every_guest_command() {
+        for args in [
+            &["boot", "--source", "k", "--kernel", "k"][..],
+            &["handover", "--kernel", "k", "--source", "k"][..],
+            &["selftest", "liveupdate", "--source", "k", "--kernel", "k"][..],
+        ] {
+            let all = [&["luo-vmm"][..], args].concat();
+            let err = Cli::try_parse_from(all).unwrap_err().to_string();
+            assert!(err.contains("--kernel"), "{args:?}: {err}");
+        }
+        let Command::Handover(h) = cli(&["handover", "--source", "/src", "--variant", "v"]) else {
+            panic!("not a handover");
+        };
+        assert_eq!(
+            h.guest.image_spec(),
+            ImageSpec {
+                variant: Some("v".into()),
+                source: Some("/src".into()),
+            }
+        );
+        let Command::Selftest(s) = cli(&["selftest", "liveupdate", "--source", "/src"]) else {
+            panic!("not a selftest");
+        };
+        assert_eq!(s.guest.source, Some(PathBuf::from("/src")));
+        let Command::Image {
+            action: ImageAction::Build { variant, source },
+        } = cli(&["image", "build", "--source", "/src"])
+        else {
+            panic!("not image build");
+        };
+        assert_eq!((variant, source), (None, Some(PathBuf::from("/src"))));
+        let Command::Scenario {
+            action: ScenarioAction::Run(r),
+        } = cli(&["scenario", "run", "x", "--source", "/src"])
+        else {
+            panic!("not scenario run");
+        };
+        assert_eq!(r.source, Some(PathBuf::from("/src")));
+        let Command::Soak(s) = cli(&["soak", "--", "--source", "/src"]) else {
+            panic!("not soak");
+        };
+        assert_eq!(s.boot_args, ["--source", "/src"]);
+    }
+
+    #[test]
+    fn source_trees_are_checked_before_anything_boots() {
+        let Command::Boot(BootArgs { guest: g, .. }) =
+            cli(&["boot", "--source", "/nonexistent/linux"])
+        else {
+            panic!("not boot");
+        };
+        assert_eq!(
+            g.validate().unwrap_err().to_string(),
+            "--source /nonexistent/linux: no such directory"
+        );
+        // A directory that is no kernel tree (this crate's own: no kernel/).
+        let here = env!("CARGO_MANIFEST_DIR");
+        let Command::Boot(BootArgs { guest: g, .. }) = cli(&["boot", "--source", here]) else {
+            panic!("not boot");
+        };
+        assert!(g
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a kernel source tree"));
     }
 }

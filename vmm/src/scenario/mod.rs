@@ -230,6 +230,9 @@ pub struct ScenarioReport {
     pub scenario: String,
     /// The kernel variant (none: the reference kernel).
     pub variant: Option<String>,
+    /// The kernel source tree (`--source`), when the kernel was built from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
     /// The verdict expected on that kernel.
     pub expected: Verdict,
     /// Every run.
@@ -397,6 +400,7 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         no_pvh: false,
         quiet: !args.console,
         variant: args.variant.clone(),
+        source: args.source.clone(),
     };
     opts.validate()
         .map_err(|e| ScenarioError::Options(e.to_string()))?;
@@ -433,14 +437,19 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
     } else {
         Verdict::NotReproduced
     };
+    let kernel = match (&args.source, &args.variant) {
+        (Some(dir), v) => format!(
+            "the kernel of {}{}",
+            dir.display(),
+            v.as_deref()
+                .map_or(String::new(), |v| format!(" (variant {v}'s config)"))
+        ),
+        (None, Some(v)) => format!("variant {v}"),
+        (None, None) => "the reference kernel".to_owned(),
+    };
     println!(
-        "scenario {} on {} ({vcpus} vCPUs, {} runs): expected {}",
+        "scenario {} on {kernel} ({vcpus} vCPUs, {} runs): expected {}",
         sc.name,
-        args.variant
-            .as_deref()
-            .map_or("the reference kernel".to_owned(), |v| format!(
-                "variant {v}"
-            )),
         args.runs,
         expected.name()
     );
@@ -514,6 +523,7 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         let report = ScenarioReport {
             scenario: sc.name.clone(),
             variant: args.variant.clone(),
+            source: args.source.clone(),
             expected,
             runs,
             verdict,
