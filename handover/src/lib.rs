@@ -11,7 +11,9 @@
 //! 3. turns it into labelled extents ([`Handover::preserved_extents`]) and classifies the
 //!    pages KVM's dirty log saw written since `point-of-no-return`
 //!    ([`extents::classify_dirty`]), optionally comparing digests ([`digest::ExtentDigests`]);
-//! 4. records the marks in a [`timeline::Timeline`] and emits a [`timeline::HandoverReport`].
+//! 4. checks the handover's invariants ([`invariants::check`]: nothing preserved in scratch,
+//!    one owner per page, every referenced page preserved, every `compatible` understood);
+//! 5. records the marks in a [`timeline::Timeline`] and emits a [`timeline::HandoverReport`].
 //!
 //! Every parser takes guest bytes as hostile: reads are bounds-checked, lengths validated,
 //! lists and trees bounded, cycles detected; a corrupt guest yields an error, never a panic
@@ -37,6 +39,7 @@ pub mod extents;
 pub mod fdt;
 pub mod fields;
 pub mod inject;
+pub mod invariants;
 pub mod kho;
 pub mod luo;
 pub mod mem;
@@ -54,14 +57,16 @@ pub use state::{
 };
 
 /// Fuzzing entry point: `data` becomes guest memory at address 0 and is read as a handover
-/// (zero page at 0), as a bare KHO FDT, and as a radix tree whose root is the page named by
-/// its first 8 bytes. Returns how many of the three parsed; must never panic.
+/// (zero page at 0; its extents labelled and its invariants checked), as a bare KHO FDT, and
+/// as a radix tree whose root is the page named by its first 8 bytes. Returns how many of the
+/// three parsed; must never panic.
 pub fn fuzz_one(data: &[u8]) -> usize {
     let mem = mem::VecMemory::new(0, data.to_vec());
     let mut ok = 0;
     if let Ok(h) = Handover::read(&mem, 0) {
         let ext = h.preserved_extents();
         let _ = ext.set.total_pages();
+        let _ = invariants::check(&h, &ext);
         ok += 1;
     }
     let budget = || budget::Budget::for_memory(&mem);

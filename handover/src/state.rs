@@ -157,6 +157,15 @@ impl Handover {
             OWNER_KHO,
             self.preserved.runs.iter().map(|r| (r.pa, r.end())),
         );
+        let (set, not_preserved) = base.relabel(&self.owner_labels());
+        LabelledExtents { set, not_preserved }
+    }
+
+    /// What each record of the handover says it owns, as `(start, end, owner)` in painting
+    /// order: the KHO FDT page, each subtree's blob (rounded up to pages), then
+    /// [`LuoState::owned_ranges`]. The labels of [`Self::preserved_extents`], and what
+    /// [`crate::invariants`] checks for pages with two owners.
+    pub(crate) fn owner_labels(&self) -> Vec<(u64, u64, String)> {
         let page_end = |pa: u64, len: u64| {
             pa.saturating_add(len).saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
         };
@@ -178,8 +187,7 @@ impl Handover {
         if let Some(luo) = &self.luo {
             labels.extend(luo.owned_ranges());
         }
-        let (set, not_preserved) = base.relabel(&labels);
-        LabelledExtents { set, not_preserved }
+        labels
     }
 
     /// The scratch areas as an extent set.

@@ -11,6 +11,7 @@ use fixture::{HandoverFixture, HandoverSpec, WriteMem};
 use luo_handover::digest::ExtentDigests;
 use luo_handover::extents::{classify_dirty, DirtyBitmap};
 use luo_handover::fields::FieldList;
+use luo_handover::invariants::check;
 use luo_handover::mem::{RecordingMemory, SparseMemory, PAGE_SIZE};
 use luo_handover::timeline::{HandoverReport, Mark, Timeline};
 use luo_handover::Handover;
@@ -146,6 +147,10 @@ fn captured_fixtures_parse() {
             dir.display(),
             ext.not_preserved
         );
+        // A real handover holds every invariant.
+        for check in check(&h, &ext) {
+            assert!(check.held, "{}: invariant: {check}", dir.display());
+        }
         // Every field the injector can name is where the real kernel put its value.
         let fields = FieldList::of(&h);
         for f in &fields.fields {

@@ -15,6 +15,7 @@ use fixture::{
 };
 use luo_handover::budget::{Budget, BudgetError, Resource, Usage};
 use luo_handover::fdt::FdtError;
+use luo_handover::invariants::{check, Invariant, MAX_FINDINGS};
 use luo_handover::kho::{KhoError, KhoSubtree, KHO_FDT_COMPATIBLE};
 use luo_handover::luo::{LuoError, FILE_SER_SIZE, MEMFD_COMPATIBLE};
 use luo_handover::mem::{
@@ -134,6 +135,14 @@ fn subtrees_spanning_a_million_runs() {
     assert_eq!(ext.set.find(4 * GIB).unwrap().owner, "evil63");
     // The gaps between the runs, once each, under the label that wins there.
     assert_eq!(ext.not_preserved.len(), runs);
+    // The invariants over the same state: one sort and sweep each, findings counted and
+    // bounded. The 64 blobs share their pages (63 findings); every gap is a range they point
+    // at that is not preserved.
+    let checks = check(&h, &ext);
+    let of = |id| checks.iter().find(|c| c.id == id).unwrap();
+    assert_eq!(of(Invariant::OneOwnerPerPage).count, 63);
+    assert_eq!(of(Invariant::ReferencedPagesPreserved).count, runs as u64);
+    assert!(checks.iter().all(|c| c.findings.len() <= MAX_FINDINGS));
 }
 
 /// Shape 2: 63 file records in one block, all pointing at one memfd record whose folio array

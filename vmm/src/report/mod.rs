@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use luo_handover::fields::{FieldList, Value};
+use luo_handover::invariants::{self, InvariantCheck};
 use luo_handover::timeline::{human_bytes, human_duration, HandoverReport, Round};
 use luo_handover::Handover;
 use luo_protocol::message::{ExitStatus, SelftestResult};
@@ -114,12 +115,18 @@ pub struct RoundReport {
     /// the paths `--inject PATH=VALUE` takes (JSON only; not in the text report).
     #[serde(default)]
     pub fields: Vec<FieldEntry>,
+    /// The handover's invariants (`luo_handover::invariants`), checked on the state parsed at
+    /// next-kernel-start, before any injection: one entry per invariant, each with `held`,
+    /// the count of findings and the first few. Empty when the state was not read (reports
+    /// written before the checks existed read back empty too).
+    #[serde(default)]
+    pub invariants: Vec<InvariantCheck>,
     /// What went wrong reading this handover.
     pub errors: Vec<RoundError>,
     /// The agent's side of this handover passed (its data checked, or its selftest
     /// passed), and the run's guest was ok.
     pub agent_ok: bool,
-    /// `intact` and `agent_ok`.
+    /// `intact`, `agent_ok`, no error, every vCPU back up and every invariant held.
     pub verified: bool,
 }
 
@@ -576,11 +583,15 @@ pub(crate) fn build_report(
             before: before.and_then(|b| b.cpus_online),
             after: after.and_then(|b| b.cpus_online),
         };
+        let state = cap.and_then(|c| c.handover.as_ref()?.as_ref().ok());
+        let invariants =
+            state.map_or_else(Vec::new, |st| invariants::check(&st.handover, &st.extents));
         rounds.push(RoundReport {
             verified: handover.intact
                 && agent_ok
                 && errors.is_empty()
-                && cpus_online.all_up_after(),
+                && cpus_online.all_up_after()
+                && invariants.iter().all(|c| c.held),
             cpus_online,
             handover,
             marks,
@@ -592,10 +603,10 @@ pub(crate) fn build_report(
             failed_actions: failed_actions(&pair),
             injected: cap.and_then(|c| c.injected.clone()),
             injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
-            fields: cap
-                .and_then(|c| c.handover.as_ref()?.as_ref().ok())
+            fields: state
                 .map(|st| field_entries(&st.handover))
                 .unwrap_or_default(),
+            invariants,
             errors,
             agent_ok,
         });
@@ -692,6 +703,9 @@ pub(crate) fn render_text(report: &RunReport) -> String {
                 human_bytes(e.len),
                 e.owner
             );
+        }
+        for c in &r.invariants {
+            let _ = writeln!(s, "invariant: {c}");
         }
         let _ = writeln!(
             s,
@@ -1016,6 +1030,98 @@ mod tests {
         ));
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<RunReport>(&json).unwrap(), r);
+    }
+
+    /// A round whose guest succeeded, with the captured handover's state as read at
+    /// next-kernel-start, after `edit` changed that state.
+    fn captured_round(edit: impl FnOnce(&mut Handover)) -> RunReport {
+        use crate::handover::inject::tests::captured;
+        use crate::handover::intercept::HandoverState;
+        let (mut h, _) = captured();
+        edit(&mut h);
+        let mut i = one_handover();
+        i.rounds[0].handover = Some(Ok(HandoverState {
+            extents: h.preserved_extents(),
+            scratch: h.scratch.clone(),
+            handover: h,
+        }));
+        let mut msgs = stage(None, vec![]);
+        msgs.extend(stage(
+            None,
+            vec![
+                Message::Verified {
+                    sessions: 1,
+                    files: 1,
+                    bytes: 4096,
+                },
+                Message::Verdict(Verdict::PASS),
+            ],
+        ));
+        let w = Workload::Handover(Memfds::default());
+        build_report(&outcome(msgs), i, &opts(), &guest(), w)
+    }
+
+    #[test]
+    fn every_round_carries_its_invariants_and_a_violated_one_is_not_verified() {
+        let r = captured_round(|_| {});
+        let rr = &r.rounds[0];
+        assert_eq!(
+            rr.invariants.len(),
+            luo_handover::invariants::Invariant::ALL.len()
+        );
+        assert!(rr.invariants.iter().all(|c| c.held), "{:?}", rr.invariants);
+        assert!(rr.verified && r.verified, "{:?}", rr.errors);
+        let text = render_text(&r);
+        for line in [
+            "invariant: no preserved extent overlaps a scratch area: held",
+            "invariant: no page is owned by two records: held",
+            "invariant: every page the records point at is itself preserved: held",
+            "invariant: every preserved file's compatible is understood (unknown ones listed): held",
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line}\n{text}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        let first = &json["rounds"][0]["invariants"][0];
+        assert_eq!(first["id"], "no-scratch-overlap");
+        assert_eq!(first["held"], true);
+        assert_eq!(first["count"], 0);
+
+        // The first preserved extent becomes a scratch area: the guest still succeeded, the
+        // round is not verified (exit status 4), and the text says which extent.
+        let r = captured_round(|h| {
+            let first = h
+                .preserved_extents()
+                .set
+                .iter()
+                .next()
+                .map(|e| (e.start, e.len()));
+            let (addr, size) = first.unwrap();
+            h.scratch
+                .push(luo_handover::kho::ScratchArea { addr, size });
+        });
+        let rr = &r.rounds[0];
+        assert!(r.guest_ok && rr.agent_ok && rr.handover.intact && rr.errors.is_empty());
+        assert!(!rr.verified && !r.verified);
+        let text = render_text(&r);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("invariant: no preserved extent overlaps a scratch area"))
+            .unwrap();
+        assert!(line.contains(": VIOLATED: "), "{line}");
+        assert!(text.contains("result: NOT VERIFIED"));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<RunReport>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn reports_without_invariants_still_read() {
+        let r = captured_round(|_| {});
+        let mut json = serde_json::to_value(&r).unwrap();
+        let round = json["rounds"][0].as_object_mut().unwrap();
+        assert!(round.remove("invariants").is_some());
+        let back: RunReport = serde_json::from_value(json).unwrap();
+        assert!(back.rounds[0].invariants.is_empty());
+        assert_eq!(back.rounds[0].verified, r.rounds[0].verified);
     }
 
     #[test]

@@ -290,6 +290,7 @@ mod tests {
                 injected: None,
                 injections: vec![],
                 fields: vec![],
+                invariants: vec![],
                 errors: vec![],
                 agent_ok: true,
                 verified: true,
