@@ -105,6 +105,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
                 Ok(0)
             }
             ScenarioAction::Run(args) => Ok(crate::scenario::run(&args)?),
+            ScenarioAction::Check(args) => Ok(crate::scenario::check(&args)?),
         },
         Command::Image {
             action: ImageAction::Build { variant, source },

@@ -122,6 +122,9 @@ pub enum ScenarioAction {
     List,
     /// Run a scenario (a built-in one's name, or a scenario file) N times.
     Run(ScenarioRunArgs),
+    /// Check a scenario as `run` does before a guest boots (the file, the kernel's
+    /// symbols, the breakpoint budget), and run nothing.
+    Check(ScenarioRunArgs),
 }
 
 /// `luo-vmm scenario run`.

@@ -383,9 +383,17 @@ fn print_run(r: &RunResult, total: u32) {
     println!("  VM: {}; console: {}", r.vm_exit, r.console_log.display());
 }
 
-/// `luo-vmm scenario run`: runs it, prints each run and the verdict; returns the exit
-/// status (0: every run gave the expected verdict; 5: not).
-pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
+/// A scenario ready to run: checked whole, its kernel resolved (built if needed), its
+/// hooks' symbols found, each vCPU's breakpoint budget checked.
+struct Prepared {
+    sc: Scenario,
+    opts: GuestOptions,
+    guest: ResolvedGuest,
+    syms: KernelSymbols,
+    vcpus: u8,
+}
+
+fn prepare(args: &ScenarioRunArgs) -> Result<Prepared, ScenarioError> {
     let sc = load(&args.scenario)?;
     let vcpus = args.vcpus.unwrap_or(sc.vcpus);
     let opts = GuestOptions {
@@ -404,13 +412,8 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
     };
     opts.validate()
         .map_err(|e| ScenarioError::Options(e.to_string()))?;
-    for t in sc
-        .script
-        .stage1
-        .threads
-        .iter()
-        .chain(&sc.script.stage2.threads)
-    {
+    let threads = sc.script.stage1.threads.iter();
+    for t in threads.chain(&sc.script.stage2.threads) {
         if t.cpu >= u16::from(vcpus) {
             return Err(ScenarioError::Options(format!(
                 "--vcpus {vcpus}: the scenario pins a thread to CPU {}",
@@ -428,6 +431,48 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         why: e.to_string(),
     })?;
     arm(&sc, &syms, &interceptor(&syms)?, vcpus)?;
+    Ok(Prepared {
+        sc,
+        opts,
+        guest,
+        syms,
+        vcpus,
+    })
+}
+
+/// `luo-vmm scenario check`: everything `run` checks before a guest boots, and nothing
+/// more; prints what the scenario does.
+pub fn check(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
+    let p = prepare(args)?;
+    let sc = &p.sc;
+    let steps = |s: &luo_protocol::script::StageScript| {
+        s.threads.iter().map(|t| t.steps.len()).sum::<usize>()
+    };
+    println!(
+        "{}: ok ({} vCPUs; stage 1: {} threads, {} steps; stage 2: {} threads, {} steps; {} gates; {} hooks, every symbol found in {})",
+        sc.name,
+        p.vcpus,
+        sc.script.stage1.threads.len(),
+        steps(&sc.script.stage1),
+        sc.script.stage2.threads.len(),
+        steps(&sc.script.stage2),
+        sc.gates.len(),
+        sc.hooks.len(),
+        p.guest.kernel.display()
+    );
+    Ok(0)
+}
+
+/// `luo-vmm scenario run`: runs it, prints each run and the verdict; returns the exit
+/// status (0: every run gave the expected verdict; 5: not).
+pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
+    let Prepared {
+        sc,
+        opts,
+        guest,
+        syms,
+        vcpus,
+    } = prepare(args)?;
     std::fs::create_dir_all(&args.log_dir).map_err(|source| ScenarioError::Write {
         path: args.log_dir.clone(),
         source,
