@@ -477,6 +477,17 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         path: args.log_dir.clone(),
         source,
     })?;
+    // A JSON file that cannot be written is found before the runs, not after them.
+    let json = args
+        .json
+        .as_ref()
+        .map(|path| {
+            std::fs::File::create(path).map_err(|source| ScenarioError::Write {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
     let expected = if args.variant.is_some() && args.variant == sc.variant {
         Verdict::Reproduced
     } else {
@@ -564,7 +575,7 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
     if !all_expected {
         println!("expected {} in every run", expected.name());
     }
-    if let Some(path) = &args.json {
+    if let (Some(mut file), Some(path)) = (json, &args.json) {
         let report = ScenarioReport {
             scenario: sc.name.clone(),
             variant: args.variant.clone(),
@@ -575,9 +586,11 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             count,
         };
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        std::fs::write(path, text).map_err(|source| ScenarioError::Write {
-            path: path.clone(),
-            source,
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|source| {
+            ScenarioError::Write {
+                path: path.clone(),
+                source,
+            }
         })?;
     }
     Ok(if all_expected {
