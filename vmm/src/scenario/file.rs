@@ -437,6 +437,19 @@ impl Scenario {
     }
 
     fn from_raw(raw: RawScenario) -> Result<Scenario, String> {
+        let name_ok = !raw.name.is_empty()
+            && raw.name.len() <= 64
+            && !raw.name.starts_with('.')
+            && raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(format!(
+                "name = {:?}: 1 to 64 of A-Z a-z 0-9 - _ . (it names the run's log files)",
+                raw.name
+            ));
+        }
         let vcpus = raw.vcpus.unwrap_or(2);
         if !(1..=crate::arch::mptable::MAX_VCPUS).contains(&vcpus) {
             return Err(format!(
@@ -445,9 +458,9 @@ impl Scenario {
             ));
         }
         let timeout = match &raw.timeout {
-            Some(t) => {
-                parse_duration(t).ok_or_else(|| format!("timeout = {t:?}: e.g. 1200s, 20m"))?
-            }
+            Some(t) => parse_duration(t)
+                .filter(|d| d.as_secs() >= 1)
+                .ok_or_else(|| format!("timeout = {t:?}: at least 1s, e.g. 1200s or 20m"))?,
             None => Duration::from_secs(1200),
         };
         let script = Script {
@@ -470,6 +483,11 @@ impl Scenario {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let declared = |g: Gate| gates.iter().any(|r| r.gate == g);
+        for (i, r) in gates.iter().enumerate() {
+            if gates[..i].iter().any(|o| o.gate == r.gate) {
+                return Err(format!("gate {} is declared twice", r.gate.id()));
+            }
+        }
         if gates.iter().any(|r| r.gate == Gate::BEFORE_REBOOT) {
             return Err("gate 0 is the handover workload's; scenarios use gates 1 to 63".into());
         }
@@ -505,7 +523,10 @@ impl Scenario {
                         .max
                         .as_deref()
                         .map_or(Some(Duration::from_secs(120)), parse_duration)
-                        .ok_or_else(|| format!("hook {}: max: e.g. 120s", h.name))?;
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            format!("hook {}: max: more than 0, e.g. 120s, 2m, 500ms", h.name)
+                        })?;
                     let open = h
                         .open
                         .iter()
@@ -639,12 +660,28 @@ impl Scenario {
             .threads
             .iter()
             .chain(&self.script.stage2.threads);
+        let opened_by_hook = |g: Gate| {
+            self.hooks
+                .iter()
+                .any(|h| matches!(&h.kind, HookKind::Hold { open, .. } if open.contains(&g)))
+        };
         for step in stages.flat_map(|t| &t.steps) {
             if let Step::Gate(g) = step {
-                if !self.gates.iter().any(|r| r.gate == *g) {
+                if *g == Gate::BEFORE_REBOOT {
+                    return Err(
+                        "step gate 0: gate 0 is the handover workload's; use 1 to 63".into(),
+                    );
+                }
+                let Some(rule) = self.gates.iter().find(|r| r.gate == *g) else {
                     return Err(format!(
                         "step gate {}: declare it with [[gate]] id = {}",
                         g.id(),
+                        g.id()
+                    ));
+                };
+                if rule.open_when.is_none() && !opened_by_hook(*g) {
+                    return Err(format!(
+                        "gate {}: a step waits there, but neither its open_when nor a hold's open opens it",
                         g.id()
                     ));
                 }
@@ -745,6 +782,14 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
         assert!(bad("timeout = \"20m\"", "timeout = \"soon\"").contains("timeout"));
         assert!(bad("vcpu = 1", "vcpu = 7").contains("vcpu 7 of 2"));
         assert!(bad("summary", "summery").contains("unknown field"));
+        assert!(bad("name = \"example\"", "name = \"/tmp/x\"").contains("name ="));
+        assert!(bad("open = [2]\n", "").contains("neither its open_when nor a hold's open"));
+        assert!(bad("timeout = \"20m\"", "timeout = \"500ms\"").contains("at least 1s"));
+        assert!(bad("max = \"90s\"", "max = \"0s\"").contains("more than 0"));
+        assert!(
+            bad("[[gate]]\nid = 2\n", "[[gate]]\nid = 2\n[[gate]]\nid = 2\n")
+                .contains("declared twice")
+        );
     }
 
     #[test]

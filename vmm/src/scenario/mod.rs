@@ -37,6 +37,13 @@ use verdict::{belief, compare, judge, Judgement, RunFacts, Verdict};
 /// Exit status of `scenario run` when a run's verdict is not the one expected.
 pub const EXIT_UNEXPECTED_VERDICT: u8 = 5;
 
+/// Largest scenario file read.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Room kept on the command line for what the agent adds for the next kernel
+/// (`luo.stage=2 luo.round=N`).
+const NEXT_KERNEL_PARAMS: usize = 32;
+
 /// The built-in scenarios (`scenarios/*.toml`), by name.
 const BUILTIN: [(&str, &str); 5] = [
     (
@@ -150,10 +157,24 @@ pub(crate) fn load(what: &str) -> Result<Scenario, ScenarioError> {
     if !path.exists() {
         return Err(ScenarioError::Unknown(what.to_owned()));
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+    let read_err = |source| ScenarioError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if !file.metadata().map_err(read_err)?.is_file() {
+        return Err(ScenarioError::Options(format!(
+            "{what}: not a regular file"
+        )));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_FILE + 1), &mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(ScenarioError::Options(format!(
+            "{what}: larger than {MAX_FILE} bytes; a scenario is a small file"
+        )));
+    }
     Ok(Scenario::parse(&text, what)?)
 }
 
@@ -383,6 +404,15 @@ fn print_run(r: &RunResult, total: u32) {
     println!("  VM: {}; console: {}", r.vm_exit, r.console_log.display());
 }
 
+/// The agent's parameters for `sc`.
+fn script_params(sc: &Scenario) -> String {
+    format!(
+        "{} {}",
+        Workload::Scenario.kernel_params(),
+        sc.script.kernel_params()
+    )
+}
+
 /// A scenario ready to run: checked whole, its kernel resolved (built if needed), its
 /// hooks' symbols found, each vCPU's breakpoint budget checked.
 struct Prepared {
@@ -420,6 +450,59 @@ fn prepare(args: &ScenarioRunArgs) -> Result<Prepared, ScenarioError> {
                 t.cpu
             )));
         }
+    }
+    for h in &sc.hooks {
+        if let file::VcpuSelect::One(v) = h.vcpus {
+            if v >= vcpus {
+                return Err(ScenarioError::Options(format!(
+                    "--vcpus {vcpus}: hook {} is on vCPU {v}",
+                    h.name
+                )));
+            }
+        }
+    }
+    if let Some(v) = &sc.variant {
+        crate::image::check_variant(v)?;
+    }
+    let memfds: u64 = sc
+        .script
+        .stage1
+        .threads
+        .iter()
+        .flat_map(|t| &t.steps)
+        .map(|s| match s {
+            luo_protocol::script::Step::Memfd(_, size) => *size,
+            _ => 0,
+        })
+        .fold(0u64, u64::saturating_add);
+    if memfds > args.mem / 2 {
+        return Err(ScenarioError::Options(format!(
+            "the scenario's memfds hold {memfds} bytes; a guest of {} bytes takes at most half of it (--mem)",
+            args.mem
+        )));
+    }
+    // The script travels on the kernel command line (x86: at most 2047 bytes), to both
+    // kernels; the longest it can be is with the emulation profile's additions.
+    let line = crate::cmdline::compose(
+        true,
+        &format!(
+            "{} {} {}",
+            sc.cmdline,
+            script_params(&sc),
+            luo_protocol::workload::timeout_scale_param(
+                luo_protocol::workload::EMULATED_TIMEOUT_SCALE
+            )
+        ),
+    );
+    let limit = crate::layout::CMDLINE_MAX_SIZE - 1 - NEXT_KERNEL_PARAMS;
+    if line.len() > limit {
+        return Err(ScenarioError::Options(format!(
+            "the kernel command line would be {} bytes, of which the scenario's steps take {} and its cmdline {}; \
+             Linux takes at most {limit} here: fewer or shorter steps",
+            line.len(),
+            sc.script.kernel_params().len(),
+            sc.cmdline.len()
+        )));
     }
     let guest = ResolvedGuest::resolve(&opts)?;
     let data = std::fs::read(&guest.kernel).map_err(|source| ScenarioError::Read {
@@ -509,11 +592,7 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         args.runs,
         expected.name()
     );
-    let params = format!(
-        "{} {}",
-        Workload::Scenario.kernel_params(),
-        sc.script.kernel_params()
-    );
+    let params = script_params(&sc);
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         let log = args.log_dir.join(format!(
