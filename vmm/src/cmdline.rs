@@ -84,23 +84,48 @@ pub const EMULATION_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F
 /// writable in the emulation profile.
 pub const EMULATION_RODATA: &str = "rodata=off";
 
+/// `nopv`: the emulator never completes a KVM hypercall. It rewrites the hypercall
+/// instruction in guest memory (`vmmcall` -> `vmcall`, or `vmcall` again) and executes
+/// it again, forever: the vCPU stays on that instruction with interrupts off, its
+/// thread at 100 % of a host core, and the call's effect never happens. The only
+/// hypercall this guest makes is the PV send-IPI (`KVM_HC_SEND_IPI`), used for an IPI to
+/// a strict subset of the other CPUs, so only guests with three or more vCPUs make it:
+/// a four-vCPU boot hung when its first one was made (TLB flush after `Run /init`, or
+/// the KVM reboot notifier's `on_each_cpu` after the agent's last line;
+/// docs/emulated-kvm.md, "Four vCPUs: the hang"). The kernel has no switch for PV IPIs
+/// alone; `nopv` turns off the guest's use of KVM's PV interface as a whole (PV IPIs,
+/// kvmclock, steal time, PV EOI, async PF, PV TLB flush), so no hypercall is made.
+pub const EMULATION_NOPV: &str = "nopv";
+
 /// The emulation profile's parameters: `luo_emulation` switches on the reference
 /// guest's patches (guest-images/patches), `clearcpuid=` hides what cannot run from the
 /// kernel, [`EMULATION_RODATA`] keeps its text writable for the emulator's hypercall
-/// rewrites, and [`EMULATION_GLIBC_TUNABLES`] keeps glibc-based user space off AVX.
-pub fn emulation_params() -> String {
-    format!(
-        "luo_emulation clearcpuid={} {EMULATION_RODATA} GLIBC_TUNABLES={EMULATION_GLIBC_TUNABLES}",
+/// rewrites, [`EMULATION_NOPV`] keeps the guest off hypercalls altogether, and
+/// [`EMULATION_GLIBC_TUNABLES`] keeps glibc-based user space off AVX.
+///
+/// `tsc_khz` (KVM's TSC frequency, `host::tsc_khz`) becomes `tsc_early_khz=`: without
+/// kvmclock the kernel would calibrate the TSC against the PIT, which fails under
+/// emulation ("tsc: Unable to calibrate against PIT", TSC marked unstable, the jiffies
+/// clocksource and a 1.29-BogoMIPS delay loop); with it the TSC is the clocksource as
+/// before.
+pub fn emulation_params(tsc_khz: Option<u32>) -> String {
+    let mut p = format!(
+        "luo_emulation clearcpuid={} {EMULATION_RODATA} {EMULATION_NOPV}",
         EMULATION_CLEARCPUID.join(",")
-    )
+    );
+    if let Some(khz) = tsc_khz {
+        p.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    p.push_str(&format!(" GLIBC_TUNABLES={EMULATION_GLIBC_TUNABLES}"));
+    p
 }
 
-/// Joins the base, the emulation profile (when `emulated`), and the user's or the
-/// mode's own parameters.
-pub fn compose(emulated: bool, extra: &str) -> String {
+/// Joins the base, the emulation profile (when `emulated`; `tsc_khz` as in
+/// [`emulation_params`]), and the user's or the mode's own parameters.
+pub fn compose(emulated: bool, tsc_khz: Option<u32>, extra: &str) -> String {
     let mut parts = vec![BASE.to_owned()];
     if emulated {
-        parts.push(emulation_params());
+        parts.push(emulation_params(tsc_khz));
     }
     if !extra.trim().is_empty() {
         parts.push(extra.trim().to_owned());
@@ -114,14 +139,14 @@ mod tests {
 
     #[test]
     fn hardware_gets_no_emulation_profile() {
-        let c = compose(false, "luo.mode=boot");
+        let c = compose(false, Some(2_596_102), "luo.mode=boot");
         assert_eq!(c, format!("{BASE} luo.mode=boot"));
         assert!(!c.contains("clearcpuid"));
     }
 
     #[test]
     fn glibc_tunables_reach_init_as_one_environment_variable() {
-        let c = compose(true, "");
+        let c = compose(true, None, "");
         let word = c
             .split_whitespace()
             .find(|w| w.starts_with("GLIBC_TUNABLES="))
@@ -132,14 +157,28 @@ mod tests {
         assert!(!name.contains('.'));
         assert!(value.starts_with("glibc.cpu.hwcaps=-AVX,"));
         assert!(value.contains("-AVX_Fast_Unaligned_Load"));
-        assert!(!compose(false, "").contains("GLIBC_TUNABLES"));
+        assert!(!compose(false, None, "").contains("GLIBC_TUNABLES"));
         assert!(c.split_whitespace().any(|w| w == "rodata=off"));
-        assert!(!compose(false, "").contains("rodata"));
+        assert!(!compose(false, None, "").contains("rodata"));
+    }
+
+    #[test]
+    fn the_emulation_profile_keeps_the_guest_off_hypercalls() {
+        let c = compose(true, Some(2_596_102), "luo.mode=boot");
+        let words: Vec<&str> = c.split_whitespace().collect();
+        assert!(words.contains(&"nopv"));
+        assert!(words.contains(&"tsc_early_khz=2596102"));
+        // The user's parameters come last, so they can override the profile's.
+        assert_eq!(words.last(), Some(&"luo.mode=boot"));
+        // Without a TSC frequency, no tsc_early_khz (the kernel calibrates as it can).
+        assert!(!compose(true, None, "").contains("tsc_early_khz"));
+        let hw = compose(false, Some(2_596_102), "");
+        assert!(!hw.contains("nopv") && !hw.contains("tsc_early_khz"));
     }
 
     #[test]
     fn emulation_profile_is_added() {
-        let c = compose(true, "");
+        let c = compose(true, None, "");
         assert!(c.contains("luo_emulation"));
         assert!(c.contains("clearcpuid=popcnt,smap"));
         assert!(!c.ends_with(' '));

@@ -122,7 +122,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
 fn boot(opts: &GuestOptions, trace: &TraceOptions) -> Result<u8, CommandError> {
     opts.validate()?;
     let guest = ResolvedGuest::resolve(opts)?;
-    let observer: Option<Arc<dyn RunObserver>> = if trace.trace.is_empty() {
+    let tracer: Option<Arc<Tracer>> = if trace.trace.is_empty() {
         None
     } else {
         let data = std::fs::read(&guest.kernel).map_err(|source| CommandError::TraceKernel {
@@ -146,7 +146,11 @@ fn boot(opts: &GuestOptions, trace: &TraceOptions) -> Result<u8, CommandError> {
     } else {
         String::new()
     };
+    let observer = tracer.clone().map(|t| t as Arc<dyn RunObserver>);
     let outcome = run_guest(opts, &guest, &params, observer, Gates::default())?;
+    if let Some(t) = &tracer {
+        eprint!("{}", t.summary());
+    }
     Ok(exit_status(&outcome))
 }
 

@@ -153,7 +153,8 @@ pub(crate) fn run_guest(
         String::new()
     };
     let user = [opts.cmdline.trim(), workload_params.trim(), &scale].join(" ");
-    let cmdline = cmdline::compose(emulated, &user);
+    let tsc_khz = if emulated { host::tsc_khz() } else { None };
+    let cmdline = cmdline::compose(emulated, tsc_khz, &user);
     log::info!("kernel command line: {cmdline}");
 
     let panic_line = Arc::new(Mutex::new(None::<String>));

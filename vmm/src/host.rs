@@ -64,6 +64,16 @@ pub fn detect() -> KvmBackend {
     classify(&modules, &flags)
 }
 
+/// The TSC frequency KVM gives a vCPU (`KVM_GET_TSC_KHZ` on a throw-away VM), or `None`
+/// when /dev/kvm cannot say. The emulation profile hands it to the guest
+/// (`tsc_early_khz=`), which then needs neither kvmclock nor a PIT calibration.
+pub fn tsc_khz() -> Option<u32> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.get_tsc_khz().ok().filter(|&khz| khz > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

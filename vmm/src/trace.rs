@@ -285,6 +285,21 @@ impl Tracer {
         })
     }
 
+    /// One line per traced point: how many times it was hit in the whole run (printed
+    /// or not), so a point that was never reached says so.
+    pub fn summary(&self) -> String {
+        self.points
+            .iter()
+            .zip(&self.hits)
+            .map(|((name, _), hits)| {
+                format!(
+                    "luo-vmm: trace: {name} hit {} times\n",
+                    hits.load(Ordering::Relaxed)
+                )
+            })
+            .collect()
+    }
+
     fn dump(&self, at: &StoppedVcpu<'_>, name: &str, hit: u32) -> String {
         let vcpu = at.vcpu;
         let mut out = format!(
@@ -504,6 +519,23 @@ mod tests {
             Tracer::new(&symbols, &spec("nope"), vec![], 1),
             Err(TraceError::Symbol(..))
         ));
+    }
+
+    #[test]
+    fn the_summary_counts_every_hit_of_each_point() {
+        let map = "ffffffff81000000 T _text\nffffffff812320af T mark_rodata_ro\n";
+        let symbols = KernelSymbols::from_system_map(map).unwrap();
+        let specs = vec![
+            "mark_rodata_ro".parse::<TraceSpec>().unwrap(),
+            "_text+0x10".parse::<TraceSpec>().unwrap(),
+        ];
+        let t = Tracer::new(&symbols, &specs, vec![], 1).unwrap();
+        // Hits past --trace-max are not printed but still counted.
+        t.hits[0].fetch_add(3, Ordering::Relaxed);
+        assert_eq!(
+            t.summary(),
+            "luo-vmm: trace: mark_rodata_ro hit 3 times\nluo-vmm: trace: _text+0x10 hit 0 times\n"
+        );
     }
 
     #[test]

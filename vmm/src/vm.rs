@@ -294,6 +294,9 @@ impl Vm {
             on_probe(&ev);
         };
         let (exit, cause) = self.wait(started, timeout, &rx, &control, &mut deliver);
+        if cause == StopCause::Timeout {
+            sample_rips(&control, &threads);
+        }
         control.request_stop(cause);
         stop_vcpus(threads);
         // Messages that arrived while the vCPUs stopped.
@@ -441,6 +444,23 @@ fn install_kick_handler() -> Result<(), VmError> {
         })
 }
 
+/// How many RIP samples a timed-out guest gets before its vCPUs stop, and how far apart.
+const TIMEOUT_SAMPLES: usize = 5;
+const TIMEOUT_SAMPLE_GAP: Duration = Duration::from_millis(200);
+
+/// Samples every vCPU's RIP [`TIMEOUT_SAMPLES`] times (a request, then a kick out of
+/// `KVM_RUN`; the vCPU records it and runs on): a vCPU that spins in one place shows
+/// the same RIP each time, one that loops shows where.
+fn sample_rips(control: &VcpuControl, threads: &[thread::JoinHandle<()>]) {
+    for _ in 0..TIMEOUT_SAMPLES {
+        control.request_sample();
+        for t in threads {
+            let _ = t.kill(SIGRTMIN());
+        }
+        thread::sleep(TIMEOUT_SAMPLE_GAP);
+    }
+}
+
 /// Stops every vCPU thread: kicks each out of `KVM_RUN` until it has returned (the stop
 /// request is already made), for at most a second; a thread still running then ends with
 /// the process.
@@ -502,7 +522,18 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
             // know (a spinning CPU, one halted waiting for an IPI); map RIP with the
             // kernel's System.map.
             if stop == VcpuStop::Requested(StopCause::Timeout) {
-                eprintln!("luo-vmm: at the timeout, {}", vcpu.dump());
+                let samples: Vec<String> = control
+                    .samples(vcpu.id)
+                    .iter()
+                    .map(|r| format!("{r:#x}"))
+                    .collect();
+                eprintln!(
+                    "luo-vmm: at the timeout, {}\n  rip sampled {} times {} ms apart: {}",
+                    vcpu.hang_dump(),
+                    samples.len(),
+                    TIMEOUT_SAMPLE_GAP.as_millis(),
+                    samples.join(" ")
+                );
             }
             let _ = tx.send(VcpuReport::Stopped {
                 vcpu: vcpu.id,

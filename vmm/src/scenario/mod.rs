@@ -485,6 +485,7 @@ fn prepare(args: &ScenarioRunArgs) -> Result<Prepared, ScenarioError> {
     // kernels; the longest it can be is with the emulation profile's additions.
     let line = crate::cmdline::compose(
         true,
+        Some(u32::MAX),
         &format!(
             "{} {} {}",
             sc.cmdline,

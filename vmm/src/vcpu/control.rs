@@ -1,7 +1,7 @@
 //! How the VMM steers running vCPU threads: a stop request with its cause, and holds (a
 //! vCPU kept stopped at a hook until the VMM releases it, or a bounded time passes).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,11 @@ pub(crate) struct VcpuControl {
     /// Per vCPU: held at a hook.
     held: Mutex<Vec<bool>>,
     changed: Condvar,
+    /// Incremented by [`VcpuControl::request_sample`]; each vCPU records its RIP once
+    /// per new value (after the kick that follows).
+    sample_generation: AtomicU32,
+    /// Per vCPU: the RIPs recorded, in order.
+    samples: Mutex<Vec<Vec<u64>>>,
 }
 
 impl VcpuControl {
@@ -67,6 +72,8 @@ impl VcpuControl {
             stop: AtomicU8::new(0),
             held: Mutex::new(vec![false; vcpus]),
             changed: Condvar::new(),
+            sample_generation: AtomicU32::new(0),
+            samples: Mutex::new(vec![Vec::new(); vcpus]),
         }
     }
 
@@ -87,6 +94,31 @@ impl VcpuControl {
     /// The stop request, if any.
     pub fn stop_requested(&self) -> Option<StopCause> {
         StopCause::from_code(self.stop.load(Ordering::SeqCst))
+    }
+
+    /// Asks every vCPU to record its RIP the next time its loop comes round (the caller
+    /// kicks the vCPU threads out of `KVM_RUN`).
+    pub fn request_sample(&self) {
+        self.sample_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The current sample request; a vCPU whose last recorded one differs records again.
+    pub fn sample_generation(&self) -> u32 {
+        self.sample_generation.load(Ordering::SeqCst)
+    }
+
+    /// Records a RIP sample of `vcpu`.
+    pub fn record_sample(&self, vcpu: u8, rip: u64) {
+        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = s.get_mut(usize::from(vcpu)) {
+            v.push(rip);
+        }
+    }
+
+    /// The RIP samples recorded for `vcpu`, oldest first.
+    pub fn samples(&self, vcpu: u8) -> Vec<u64> {
+        let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        s.get(usize::from(vcpu)).cloned().unwrap_or_default()
     }
 
     /// Marks `vcpu` held (its thread then waits in [`VcpuControl::wait_released`]).
@@ -189,6 +221,20 @@ mod tests {
         c.request_stop(StopCause::Timeout);
         assert_eq!(waiter.join().unwrap(), HoldEnd::Stopped(StopCause::Reset));
         assert_eq!(c.stop_requested(), Some(StopCause::Reset));
+    }
+
+    #[test]
+    fn samples_are_kept_per_vcpu_in_order() {
+        let c = VcpuControl::new(2);
+        assert_eq!(c.sample_generation(), 0);
+        c.request_sample();
+        c.request_sample();
+        assert_eq!(c.sample_generation(), 2);
+        c.record_sample(1, 0x10);
+        c.record_sample(1, 0x20);
+        c.record_sample(5, 0x30);
+        assert_eq!(c.samples(1), vec![0x10, 0x20]);
+        assert!(c.samples(0).is_empty() && c.samples(5).is_empty());
     }
 
     #[test]

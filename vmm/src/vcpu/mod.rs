@@ -3,6 +3,7 @@
 //! loop, the breakpoint step-over state machine, and how the VMM stops and holds it.
 
 pub(crate) mod control;
+pub(crate) mod irq;
 pub(crate) mod run;
 pub(crate) mod stepper;
 
@@ -187,6 +188,43 @@ impl Vcpu {
         out
     }
 
+    /// For a guest that stopped making progress: [`Vcpu::dump`], then the MP state and
+    /// pending events, the local APIC (in service, requested, timer), and the
+    /// kernel-text words on the top of the stack (return addresses to map with the
+    /// kernel's System.map).
+    pub fn hang_dump(&self) -> String {
+        let mut out = self.dump();
+        let mp = self.fd.get_mp_state().ok();
+        let ev = self.fd.get_vcpu_events().ok();
+        let _ = write!(out, "\n  {}", irq::format_events(mp.as_ref(), ev.as_ref()));
+        match self.fd.get_lapic() {
+            Ok(l) => {
+                let _ = write!(out, "\n  {}", irq::format_lapic(&l));
+            }
+            Err(e) => {
+                let _ = write!(out, "\n  lapic unavailable: {e}");
+            }
+        }
+        if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            let words = self
+                .bytes_at(&s, r.rsp, STACK_SCAN_BYTES)
+                .map(|b| kernel_text_words(&b));
+            let _ = write!(
+                out,
+                "\n  kernel text on the stack: {}",
+                words.map_or_else(
+                    || "<stack not mapped>".into(),
+                    |w| w
+                        .iter()
+                        .map(|x| format!("{x:#x}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            );
+        }
+        out
+    }
+
     /// Reads `len` guest bytes at a virtual address, through the guest's page tables
     /// when paging is on.
     pub fn bytes_at(&self, sregs: &kvm_sregs, va: u64, len: usize) -> Option<Vec<u8>> {
@@ -220,6 +258,30 @@ impl VcpuBackend for Vcpu {
     fn dump(&self) -> String {
         Vcpu::dump(self)
     }
+
+    fn rip(&self) -> Option<u64> {
+        self.fd.get_regs().ok().map(|r| r.rip)
+    }
+}
+
+/// How much of the stack [`Vcpu::hang_dump`] scans for return addresses (stays within
+/// the page when RSP is 512-byte aligned or better; a read across an unmapped page
+/// boundary shows as unmapped).
+const STACK_SCAN_BYTES: usize = 512;
+
+/// The little-endian u64 words of `b` that point into the x86-64 kernel text mapping
+/// (`0xffffffff80000000..`), in stack order: candidate return addresses.
+pub(crate) fn kernel_text_words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .filter_map(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            let v = u64::from_le_bytes(w);
+            (0xffff_ffff_8000_0000..0xffff_ffff_c000_0000)
+                .contains(&v)
+                .then_some(v)
+        })
+        .collect()
 }
 
 fn set_lapic_reg(regs: &mut [std::os::raw::c_char; 1024], offset: usize, value: u32) {
@@ -284,6 +346,25 @@ mod tests {
         );
         assert_eq!(data, [0x42]);
         assert_eq!(dev.lock().unwrap().0, vec![7]);
+    }
+
+    #[test]
+    fn stack_words_in_kernel_text_are_picked() {
+        let mut b = Vec::new();
+        for w in [
+            0xffff_ffff_8123_4567u64,
+            0xffff_8880_0000_1000,
+            0x42,
+            0xffff_ffff_c000_0000,
+            0xffff_ffff_8100_0000,
+        ] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b.extend_from_slice(&[0xff; 4]);
+        assert_eq!(
+            kernel_text_words(&b),
+            vec![0xffff_ffff_8123_4567, 0xffff_ffff_8100_0000]
+        );
     }
 
     #[test]

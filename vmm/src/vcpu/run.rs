@@ -101,6 +101,8 @@ pub(crate) trait VcpuBackend {
     fn set_debug(&self, addrs: &[u64], arming: Arming) -> Result<(), kvm_ioctls::Error>;
     /// Registers and bytes at RIP, for a fatal exit.
     fn dump(&self) -> String;
+    /// The current RIP, if KVM gives the registers.
+    fn rip(&self) -> Option<u64>;
 }
 
 /// Where the loop reports to and what it asks: the hook at a breakpoint, notices.
@@ -133,9 +135,17 @@ pub(crate) fn run_loop<V: VcpuBackend>(
             return stop;
         }
     }
+    let mut sampled = control.sample_generation();
     loop {
         if let Some(cause) = control.stop_requested() {
             return VcpuStop::Requested(cause);
+        }
+        let generation = control.sample_generation();
+        if generation != sampled {
+            sampled = generation;
+            if let Some(rip) = vcpu.rip() {
+                control.record_sample(id, rip);
+            }
         }
         let event = match vcpu.run(bus) {
             Ok(event) => event,
@@ -197,6 +207,8 @@ mod tests {
     use crate::debug::DR6_BS;
 
     const BP: u64 = 0xffff_ffff_8100_1000;
+    /// A scripted exit: the VMM requests a RIP sample and kicks the vCPU (EINTR).
+    const SAMPLE_THEN_EINTR: i32 = -1;
 
     /// A vCPU whose exits come from a script; when the script ends it asks the VMM to
     /// stop (as a reset would) and returns EINTR (as a kick would).
@@ -223,6 +235,10 @@ mod tests {
         fn run(&mut self, _bus: &PioBus) -> Result<ExitEvent, kvm_ioctls::Error> {
             match self.exits.pop_front() {
                 Some(Ok(e)) => Ok(e),
+                Some(Err(SAMPLE_THEN_EINTR)) => {
+                    self.control.request_sample();
+                    Err(kvm_ioctls::Error::new(libc::EINTR))
+                }
                 Some(Err(errno)) => Err(kvm_ioctls::Error::new(errno)),
                 None => {
                     self.control.request_stop(StopCause::Reset);
@@ -236,6 +252,9 @@ mod tests {
         }
         fn dump(&self) -> String {
             "fake registers".into()
+        }
+        fn rip(&self) -> Option<u64> {
+            Some(0x1000 + self.exits.len() as u64)
         }
     }
 
@@ -372,6 +391,28 @@ mod tests {
         );
         stopper.join().unwrap();
         assert_eq!(stop, VcpuStop::Requested(StopCause::Timeout));
+    }
+
+    #[test]
+    fn a_sample_request_records_each_rip_once_after_the_kick() {
+        let control = Arc::new(VcpuControl::new(1));
+        // A request made before the loop starts is not answered.
+        control.request_sample();
+        let (stop, _, _, _) = run_script(
+            &control,
+            vec![
+                Ok(ExitEvent::Continue),
+                Err(SAMPLE_THEN_EINTR),
+                Ok(ExitEvent::Continue),
+                Ok(ExitEvent::Continue),
+                Err(SAMPLE_THEN_EINTR),
+            ],
+            HookAction::Continue,
+        );
+        assert_eq!(stop, VcpuStop::Requested(StopCause::Reset));
+        // The fake's RIP is 0x1000 + the exits left: 3 after the first kick, 0 after
+        // the second; the continues in between record nothing more.
+        assert_eq!(control.samples(0), vec![0x1003, 0x1000]);
     }
 
     #[test]
