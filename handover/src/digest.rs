@@ -5,7 +5,8 @@
 //! luo-vmm hashes the extents the outgoing kernel's KHO state names
 //! ([`crate::Handover::from_fdt`]), at next-kernel-start those the next kernel is handed
 //! ([`crate::Handover::read`]), and [`ExtentDigests::compare`] matches them by range. Time
-//! is O(preserved bytes), memory O(extents) plus one [`CHUNK`].
+//! is O(preserved bytes), memory O(extents): the bytes are hashed where they lie
+//! ([`GuestMemoryRead::visit`]).
 //!
 //! The default hash is XXH3-128 (`xxhash-rust`), which runs at memory speed: the proof is
 //! against a kernel bug or a stray DMA, not an adversary who picks the bytes. SHA-256
@@ -20,12 +21,7 @@ use thiserror::Error;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::extents::ExtentSet;
-use crate::mem::{to_usize, GuestMemoryRead, MemError};
-
-/// Bytes read from the guest per call while hashing: small enough to stay in the L2 cache,
-/// so the copy out of guest memory costs one pass over the source and the hash reads it
-/// back from cache.
-pub const CHUNK: usize = 64 * 1024;
+use crate::mem::{GuestMemoryRead, MemError};
 
 /// Errors from digesting.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -180,25 +176,17 @@ impl DigestVerdict {
 }
 
 impl ExtentDigests {
-    /// Hashes every extent of `set` with `algorithm`, reading guest memory in [`CHUNK`]s:
-    /// O(bytes of the set) time, O(extents) memory.
+    /// Hashes every extent of `set` with `algorithm`, in place where `mem` lends its bytes
+    /// ([`GuestMemoryRead::visit`]): O(bytes of the set) time, O(extents) memory.
     pub fn compute(
         mem: &(impl GuestMemoryRead + ?Sized),
         set: &ExtentSet,
         algorithm: DigestAlgorithm,
     ) -> Result<Self, DigestError> {
-        let mut buf = vec![0u8; CHUNK];
         let mut extents = Vec::with_capacity(set.len());
         for e in set.iter() {
             let mut h = Hasher::new(algorithm);
-            let mut at = e.start;
-            while at < e.end {
-                let n = to_usize((e.end - at).min(CHUNK as u64));
-                let chunk = buf.get_mut(..n).unwrap_or_default();
-                mem.read_at(at, chunk)?;
-                h.update(chunk);
-                at += n as u64;
-            }
+            mem.visit(e.start, e.len(), &mut |bytes| h.update(bytes))?;
             extents.push(ExtentDigest {
                 start: e.start,
                 end: e.end,

@@ -1,6 +1,6 @@
 //! Guest memory as the handover parsers read it: live, through vm-memory.
 
-use luo_handover::mem::{GuestMemoryRead, GuestRam, MemError};
+use luo_handover::mem::{to_usize, visit_by_copy, GuestMemoryRead, GuestRam, MemError};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -16,6 +16,25 @@ impl GuestMemoryRead for LiveRam<'_> {
                 gpa,
                 len: buf.len() as u64,
             })
+    }
+
+    /// Lends the bytes in place when the range lies in one region (a digest then reads
+    /// guest memory once, at memory speed), else copies them ([`visit_by_copy`]).
+    fn visit(&self, gpa: u64, len: u64, visit: &mut dyn FnMut(&[u8])) -> Result<(), MemError> {
+        let Ok(slice) = self.0.get_slice(GuestAddress(gpa), to_usize(len)) else {
+            return visit_by_copy(self, gpa, len, visit);
+        };
+        let guard = slice.ptr_guard();
+        // SAFETY: `get_slice` checked that `[gpa, gpa + len)` lies in one region, which is
+        // mapped readable for as long as `self.0` is borrowed (the whole call), and `guard`
+        // keeps the pointer valid; `u8` has no invalid values. The guest could in principle
+        // write these bytes concurrently from another vCPU: luo-vmm calls this from a hook
+        // with the vCPU that runs the kernel stopped, when no other guest CPU runs
+        // (`machine_kexec()` is entered after `stop_other_cpus()`, and at `start_kernel` the
+        // next kernel has not started its APs), and it emulates no DMA device.
+        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
+        visit(bytes);
+        Ok(())
     }
 
     /// The VM's memory regions: parses of the live guest are sized from them.
@@ -39,6 +58,12 @@ mod tests {
         LiveRam(&mem).read_at(0x1000, &mut b).unwrap();
         assert_eq!(&b, b"after!");
         assert!(LiveRam(&mem).read_at(0x1ffe, &mut b).is_err());
+        let mut seen = Vec::new();
+        LiveRam(&mem)
+            .visit(0x1000, 6, &mut |p| seen.extend_from_slice(p))
+            .unwrap();
+        assert_eq!(seen, b"after!");
+        assert!(LiveRam(&mem).visit(0x1ffe, 6, &mut |_| ()).is_err());
         assert!(LiveRam(&mem).read_at(0x5000, &mut b).is_err());
         assert_eq!(
             LiveRam(&mem).ram().map(|r| r.ranges().to_vec()),
