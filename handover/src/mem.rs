@@ -503,7 +503,7 @@ mod tests {
         let (copied, four) = collect(&sparse).unwrap();
         assert_eq!((one, four), (1, 4));
         assert_eq!(lent, copied);
-        assert_eq!(&lent[..], &vec.as_bytes()[3..3 + len as usize]);
+        assert_eq!(&lent[..], &vec.as_bytes()[3..3 + to_usize(len)]);
         assert!(vec.visit(0x1000 + len, 11, &mut |_| ()).is_err());
         assert!(sparse.visit((1 << 20) - 1, 2, &mut |_| ()).is_err());
     }
