@@ -421,6 +421,25 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn each_hook_is_named_by_its_mark_and_symbol() {
+        assert_eq!(
+            hook_names(SLOT_POINT_OF_NO_RETURN, false),
+            ("point-of-no-return", "machine_kexec")
+        );
+        assert_eq!(
+            hook_names(SLOT_START_KERNEL, true),
+            ("next-kernel-start", "start_kernel")
+        );
+        assert_eq!(hook_names(SLOT_START_KERNEL, false).0, "first-boot");
+        assert_eq!(hook_names(SLOT_SERIALIZE, true).1, "liveupdate_reboot");
+        let mut parts = Parts::new(Instant::now());
+        parts.lap("a");
+        parts.lap("b");
+        let names: Vec<&str> = parts.parts.iter().map(|p| p.what.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
     fn marks_are_ordered_by_time_not_by_arrival() {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
