@@ -124,7 +124,17 @@ fn several_sessions_and_files_with_digests() {
     assert!(round.handover.extents.bytes >= 48 << 20);
     let digest = round.handover.digest.as_ref().expect("no digest");
     assert!(digest.compared >= 6);
-    assert!(digest.changed.is_empty());
+    assert!(digest.unchanged(), "{digest:?}");
+    // Only the preserved set was hashed (the same set at both marks), not guest RAM.
+    assert_eq!(
+        digest.bytes,
+        (round.handover.extents.bytes, round.handover.extents.bytes)
+    );
+    let names: Vec<&str> = round.hooks.iter().map(|h| h.mark.as_str()).collect();
+    assert!(
+        names.ends_with(&["serialize-start", "point-of-no-return", "next-kernel-start"]),
+        "{names:?}"
+    );
 }
 
 fn two_stage_selftest_passes(name: &str) {
@@ -197,4 +207,52 @@ fn corrupt_kho_fdt_is_reported_and_never_crashes_the_vmm() {
         Some(0)
     );
     assert!(run.stdout.contains("0 preserved pages written"));
+}
+
+/// The negative control: on the variant whose `machine_kexec()` flips a byte of the KHO FDT
+/// page after the point of no return (guest-images/variants/kexec-writes-preserved), both
+/// halves of the proof name exactly that page and its owner, and the handover fails.
+#[test]
+fn a_preserved_page_written_after_point_of_no_return_is_caught_by_both_proofs() {
+    let args = [
+        "handover",
+        "--variant",
+        "kexec-writes-preserved",
+        "--verify-digest",
+    ];
+    let run = luo_vmm_json("kexec-writes-preserved", &args);
+    let (_, stderr) = text(&run.out);
+    assert!(!stderr.contains("panicked"), "luo-vmm panicked");
+    assert_eq!(run.out.status.code(), Some(4), "{}", run.stdout);
+    let r = &run.report;
+    assert!(!r.verified && r.guest_ok, "{:?}", r.errors);
+    let round = &r.rounds[0];
+    assert!(!round.verified && !round.handover.intact);
+    // The guest side is unaffected: only the page's unused tail changed.
+    assert!(
+        round.agent_ok && round.errors.is_empty(),
+        "{:?}",
+        round.errors
+    );
+    let fdt = round
+        .extent_list
+        .iter()
+        .find(|e| e.owner == "kho-fdt")
+        .expect("no kho-fdt extent");
+    let page = fdt.start;
+    let written = round.handover.pages_written.as_ref().expect("no dirty log");
+    assert_eq!(written.preserved_at, vec![page], "{written:?}");
+    assert_eq!(written.preserved_owner, vec!["kho-fdt".to_owned()]);
+    let digest = round.handover.digest.as_ref().expect("no digest");
+    let changed: Vec<(u64, u64, &str)> = digest
+        .changed
+        .iter()
+        .map(|e| (e.start, e.end, e.owner.as_str()))
+        .collect();
+    assert_eq!(changed, vec![(page, page + 4096, "kho-fdt")]);
+    assert!(digest.only_before.is_empty() && digest.only_after.is_empty());
+    assert!(run
+        .stdout
+        .contains(&format!("preserved page written: {page:#x}  kho-fdt")));
+    assert!(run.stdout.contains("result: NOT VERIFIED"));
 }

@@ -56,11 +56,49 @@ pub trait GuestMemoryRead {
     fn ram(&self) -> Option<GuestRam> {
         None
     }
+
+    /// Calls `visit` with the guest bytes `[gpa, gpa + len)`, in order, in one or more
+    /// pieces: lent in place where the reader can (a digest then reads guest memory once),
+    /// else (the default) copied through [`Self::read_at`] [`VISIT_CHUNK`] bytes at a time
+    /// into one buffer of at most that size.
+    ///
+    /// Fails when any byte of the range is not backed; `visit` may have seen a prefix.
+    fn visit(&self, gpa: u64, len: u64, visit: &mut dyn FnMut(&[u8])) -> Result<(), MemError> {
+        visit_by_copy(self, gpa, len, visit)
+    }
 }
+
+/// [`GuestMemoryRead::visit`] through [`GuestMemoryRead::read_at`]: `[gpa, gpa + len)`
+/// copied [`VISIT_CHUNK`] bytes at a time into one buffer.
+pub fn visit_by_copy(
+    mem: &(impl GuestMemoryRead + ?Sized),
+    gpa: u64,
+    len: u64,
+    visit: &mut dyn FnMut(&[u8]),
+) -> Result<(), MemError> {
+    let mut buf = vec![0u8; to_usize(len.min(VISIT_CHUNK as u64))];
+    let mut at = 0u64;
+    while at < len {
+        let n = to_usize((len - at).min(VISIT_CHUNK as u64));
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        mem.read_at(gpa.saturating_add(at), chunk)?;
+        visit(chunk);
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Bytes copied per [`GuestMemoryRead::read_at`] by the default
+/// [`GuestMemoryRead::visit`]: small enough to stay in the L2 cache.
+pub const VISIT_CHUNK: usize = 64 * 1024;
 
 impl<M: GuestMemoryRead + ?Sized> GuestMemoryRead for &M {
     fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         (**self).read_at(gpa, buf)
+    }
+
+    fn visit(&self, gpa: u64, len: u64, visit: &mut dyn FnMut(&[u8])) -> Result<(), MemError> {
+        (**self).visit(gpa, len, visit)
     }
 
     fn ram(&self) -> Option<GuestRam> {
@@ -241,6 +279,16 @@ impl GuestMemoryRead for VecMemory {
             .ok_or(err.clone())
             .map(to_usize)?;
         buf.copy_from_slice(self.bytes.get(off..off + buf.len()).ok_or(err)?);
+        Ok(())
+    }
+
+    /// Lends the bytes in place, in one piece.
+    fn visit(&self, gpa: u64, len: u64, visit: &mut dyn FnMut(&[u8])) -> Result<(), MemError> {
+        let err = MemError::OutOfRange { gpa, len };
+        let off = within(self.base, self.bytes.len() as u64, gpa, len)
+            .ok_or(err.clone())
+            .map(to_usize)?;
+        visit(self.bytes.get(off..off + to_usize(len)).ok_or(err)?);
         Ok(())
     }
 
@@ -436,6 +484,29 @@ impl SparseMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visit_lends_or_copies_the_same_bytes_in_order() {
+        let len = 3 * VISIT_CHUNK as u64 + 17;
+        let vec = VecMemory::new(0x1000, (0..len + 10).map(|i| (i % 251) as u8).collect());
+        let mut sparse = SparseMemory::new(0, 1 << 20);
+        sparse.write(0x1000, vec.as_bytes()).unwrap();
+        let collect = |m: &dyn GuestMemoryRead| {
+            let (mut bytes, mut pieces) = (Vec::new(), 0);
+            m.visit(0x1003, len, &mut |p| {
+                bytes.extend_from_slice(p);
+                pieces += 1;
+            })
+            .map(|()| (bytes, pieces))
+        };
+        let (lent, one) = collect(&vec).unwrap();
+        let (copied, four) = collect(&sparse).unwrap();
+        assert_eq!((one, four), (1, 4));
+        assert_eq!(lent, copied);
+        assert_eq!(&lent[..], &vec.as_bytes()[3..3 + to_usize(len)]);
+        assert!(vec.visit(0x1000 + len, 11, &mut |_| ()).is_err());
+        assert!(sparse.visit((1 << 20) - 1, 2, &mut |_| ()).is_err());
+    }
 
     #[test]
     fn recording_memory_dumps_what_was_read_and_replays_it() {

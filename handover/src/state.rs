@@ -119,6 +119,29 @@ impl Handover {
         Self::from_kho_data(mem, setup_data, kho_data, budget)
     }
 
+    /// Reads the outgoing kernel's KHO state from its root FDT at `fdt_gpa`, within
+    /// `budget`: what luo-vmm does at point-of-no-return (`machine_kexec`), when the state is
+    /// complete but no `setup_data` exists yet. The FDT is the page `kho_init()` allocates
+    /// (`kho_out.fdt = kho_alloc_preserve(PAGE_SIZE)`, `kernel/liveupdate/kexec_handover.c`),
+    /// and the kexec loader hands the next kernel `fdt_size = PAGE_SIZE` for it
+    /// (`setup_kho()`, `arch/x86/kernel/kexec-bzimage64.c`): the same [`KhoData`] is built
+    /// here, without a scratch list (scratch size 0: the scratch areas are the next
+    /// kernel's, chosen by the loader), and parsed by [`Self::from_kho_data`], which checks
+    /// the FDT header's `totalsize` against it.
+    pub fn from_fdt(
+        mem: &(impl GuestMemoryRead + ?Sized),
+        fdt_gpa: u64,
+        budget: &Budget,
+    ) -> Result<Self, HandoverError> {
+        let kho_data = KhoData {
+            fdt_addr: fdt_gpa,
+            fdt_size: PAGE_SIZE,
+            scratch_addr: 0,
+            scratch_size: 0,
+        };
+        Self::from_kho_data(mem, Vec::new(), kho_data, budget)
+    }
+
     /// Reads everything `kho_data` points at, within `budget`.
     pub fn from_kho_data(
         mem: &(impl GuestMemoryRead + ?Sized),
@@ -351,6 +374,21 @@ mod tests {
         }
         let exact = Budget::new(mem.ram().unwrap(), used);
         assert!(Handover::read_with(&mem, fx.zero_page, &exact).is_ok());
+    }
+
+    #[test]
+    fn the_outgoing_fdt_alone_gives_the_same_preserved_set() {
+        let (mem, fx) = small();
+        let next = Handover::read(&mem, fx.zero_page).unwrap();
+        let budget = Budget::for_memory(&mem);
+        let out = Handover::from_fdt(&mem, fx.kho.fdt_addr, &budget).unwrap();
+        assert_eq!(out.preserved_extents(), next.preserved_extents());
+        assert!(out.scratch.is_empty() && out.setup_data.is_empty());
+        assert_eq!((out.luo, out.fdt), (next.luo, next.fdt));
+        // Not an FDT: a bounded error, not a panic.
+        let err = Handover::from_fdt(&mem, fx.zero_page, &budget).unwrap_err();
+        assert!(matches!(err, HandoverError::Kho(_)), "{err}");
+        assert!(Handover::from_fdt(&mem, 1 << 40, &budget).is_err());
     }
 
     #[test]

@@ -21,6 +21,13 @@ pub const SYM_MACHINE_KEXEC: &str = "machine_kexec";
 pub const SYM_START_KERNEL: &str = "start_kernel";
 /// The next kernel's copy of the zero page, filled before `start_kernel`.
 pub const SYM_BOOT_PARAMS: &str = "boot_params";
+/// The outgoing kernel's KHO state (`static struct kho_out kho_out`,
+/// `kernel/liveupdate/kexec_handover.c`, a `b` symbol); its first member, at offset 0, is
+/// `void *fdt`, the direct-map address of the KHO root FDT ([`KHO_OUT_FDT_OFFSET`]).
+pub const SYM_KHO_OUT: &str = "kho_out";
+/// Offset of `fdt` in `struct kho_out` (Linux 7.2: `struct kho_out { void *fdt; struct
+/// mutex lock; struct kho_radix_tree radix_tree; struct kho_debugfs dbg; }`), in bytes.
+pub const KHO_OUT_FDT_OFFSET: u64 = 0;
 
 /// Errors from loading symbols or translating addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

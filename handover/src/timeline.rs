@@ -175,18 +175,27 @@ pub struct PagesWritten {
     pub other: u64,
     /// Guest-physical addresses of the preserved pages written.
     pub preserved_at: Vec<u64>,
+    /// The owner of each of `preserved_at`, in the same order.
+    #[serde(default)]
+    pub preserved_owner: Vec<String>,
     /// Guest-physical addresses of the other pages written.
     pub other_at: Vec<u64>,
 }
 
 impl PagesWritten {
-    /// The report of a dirty-log classification.
-    pub fn from_classification(c: &DirtyClassification) -> Self {
+    /// The report of a dirty-log classification against the `preserved` set it was made
+    /// with (for the owners).
+    pub fn from_classification(c: &DirtyClassification, preserved: &ExtentSet) -> Self {
         PagesWritten {
             preserved: c.preserved.len() as u64,
             scratch: c.scratch,
             other: c.other.len() as u64,
             preserved_at: c.preserved.clone(),
+            preserved_owner: c
+                .preserved
+                .iter()
+                .map(|&a| preserved.find(a).map_or("?", |e| e.owner).to_owned())
+                .collect(),
             other_at: c.other.clone(),
         }
     }
@@ -244,9 +253,9 @@ impl HandoverReport {
         self
     }
 
-    /// Adds the dirty-log classification.
-    pub fn with_dirty(mut self, dirty: &DirtyClassification) -> Self {
-        self.pages_written = Some(PagesWritten::from_classification(dirty));
+    /// Adds the dirty-log classification, made against `preserved`.
+    pub fn with_dirty(mut self, dirty: &DirtyClassification, preserved: &ExtentSet) -> Self {
+        self.pages_written = Some(PagesWritten::from_classification(dirty, preserved));
         self.update_intact();
         self
     }
@@ -347,8 +356,9 @@ impl fmt::Display for HandoverReport {
                     "written pages: preserved {}, scratch {}, other {}",
                     p.preserved, p.scratch, p.other
                 );
-                for a in &p.preserved_at {
-                    let _ = writeln!(s, "  preserved page written: {a:#x}");
+                for (i, a) in p.preserved_at.iter().enumerate() {
+                    let owner = p.preserved_owner.get(i).map_or("?", String::as_str);
+                    let _ = writeln!(s, "  preserved page written: {a:#x}  {owner}");
                 }
                 for a in &p.other_at {
                     let _ = writeln!(s, "  other page written: {a:#x}");
@@ -364,11 +374,31 @@ impl fmt::Display for HandoverReport {
         if let Some(d) = &self.digest {
             let _ = writeln!(
                 s,
-                "digest: {} extents compared, {} changed, {} unmatched",
+                "digest ({}): {} extents compared ({} at point-of-no-return, {} at next-kernel-start), {} changed, {} only at point-of-no-return, {} only at next-kernel-start",
+                d.algorithm,
                 d.compared,
+                human_bytes(d.bytes.0),
+                human_bytes(d.bytes.1),
                 d.changed.len(),
-                d.unmatched.len()
+                d.only_before.len(),
+                d.only_after.len()
             );
+            let lists = [
+                ("changed", &d.changed),
+                ("only at point-of-no-return", &d.only_before),
+                ("only at next-kernel-start", &d.only_after),
+            ];
+            for (what, list) in lists {
+                for e in list {
+                    let _ = writeln!(
+                        s,
+                        "  digest {what}: {:#x} + {}  {}",
+                        e.start,
+                        human_bytes(e.end - e.start),
+                        e.owner
+                    );
+                }
+            }
         }
         f.write_str(&s)
     }
@@ -478,7 +508,7 @@ mod tests {
                     size: 64 << 20,
                 }],
             )
-            .with_dirty(&clean)
+            .with_dirty(&clean, &preserved)
             .with_digest(DigestVerdict {
                 compared: 1,
                 ..Default::default()
@@ -510,7 +540,19 @@ mod tests {
             preserved: vec![0x2000],
             ..clean
         };
-        assert!(!r.clone().with_dirty(&dirty).intact);
+        let written = r.clone().with_dirty(&dirty, &preserved);
+        assert!(!written.intact);
+        let owner = preserved.find(0x2000).map(|e| e.owner.to_owned());
+        assert_eq!(
+            written
+                .pages_written
+                .as_ref()
+                .map(|p| p.preserved_owner.first().cloned()),
+            Some(owner)
+        );
+        assert!(written
+            .to_string()
+            .contains("preserved page written: 0x2000"));
         assert_eq!(
             v["pages_written"]["other_at"],
             serde_json::json!([0x9000, 0xa000])

@@ -8,7 +8,7 @@ mod fixture;
 use std::path::Path;
 
 use fixture::{HandoverFixture, HandoverSpec, WriteMem};
-use luo_handover::digest::ExtentDigests;
+use luo_handover::digest::{DigestAlgorithm, ExtentDigests};
 use luo_handover::extents::{classify_dirty, DirtyBitmap};
 use luo_handover::fields::FieldList;
 use luo_handover::invariants::check;
@@ -32,7 +32,7 @@ fn handover_pipeline_end_to_end() {
     assert!(ext.not_preserved.is_empty());
     assert_eq!(ext.set.total_pages(), fx.preserved_pages());
     let scratch = h.scratch_extents();
-    let before = ExtentDigests::compute(&mem, &ext.set).unwrap();
+    let before = ExtentDigests::compute(&mem, &ext.set, DigestAlgorithm::default()).unwrap();
 
     // Between point-of-no-return and next-kernel-start: kexec writes in scratch, one stray page.
     let mut words = vec![0u64; (GUEST / PAGE_SIZE / 64) as usize];
@@ -46,7 +46,7 @@ fn handover_pipeline_end_to_end() {
         (c.preserved.len(), c.scratch, c.other.clone()),
         (0, 2057, vec![0x9_f000])
     );
-    let after = ExtentDigests::compute(&mem, &ext.set).unwrap();
+    let after = ExtentDigests::compute(&mem, &ext.set, DigestAlgorithm::default()).unwrap();
 
     let mut tl = Timeline::new();
     for (i, m) in Mark::ALL.into_iter().enumerate() {
@@ -54,7 +54,7 @@ fn handover_pipeline_end_to_end() {
     }
     let report = HandoverReport::new(&tl.rounds()[0])
         .with_extents(&ext.set, &h.scratch)
-        .with_dirty(&c)
+        .with_dirty(&c, &ext.set)
         .with_digest(before.compare(&after));
     assert!(report.intact, "{report}");
     assert_eq!(report.blackout_ns, Some(5_000_000));
@@ -74,9 +74,14 @@ fn handover_pipeline_end_to_end() {
         ext.set.find(0x200 << 12).unwrap().owner,
         "memfd:luo-agent/0x1/data"
     );
-    let verdict = before.compare(&ExtentDigests::compute(&mem, &ext.set).unwrap());
+    let verdict = before
+        .compare(&ExtentDigests::compute(&mem, &ext.set, DigestAlgorithm::default()).unwrap());
     assert_eq!(verdict.changed.len(), 1);
-    assert!(!HandoverReport::new(&tl.rounds()[0]).with_dirty(&c).intact);
+    assert!(
+        !HandoverReport::new(&tl.rounds()[0])
+            .with_dirty(&c, &ext.set)
+            .intact
+    );
 }
 
 #[test]

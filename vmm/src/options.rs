@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use luo_handover::digest::DigestAlgorithm;
 use luo_handover::inject::InjectSpec;
 use luo_protocol::workload::{parse_size, Memfds, Selftest, Workload, WorkloadError};
 use thiserror::Error;
@@ -272,10 +273,15 @@ pub struct InterceptOptions {
     /// vmlinux of the next kernel, for its symbols (default: the first kernel's).
     #[arg(long)]
     pub next_kernel: Option<PathBuf>,
-    /// Also compare SHA-256 digests of every preserved extent at point-of-no-return and
-    /// next-kernel-start (copies guest RAM at point-of-no-return).
+    /// Also compare digests of every preserved extent at point-of-no-return (the set the
+    /// outgoing kernel's KHO FDT names, read through `kho_out`) and at next-kernel-start (the
+    /// set handed over): host time and memory follow the preserved bytes, not guest size.
     #[arg(long)]
     pub verify_digest: bool,
+    /// The hash of `--verify-digest`: xxh3 (XXH3-128, memory speed) or sha256
+    /// (cryptographic, about 15x slower).
+    #[arg(long, value_name = "xxh3|sha256", default_value = "xxh3")]
+    pub digest: DigestAlgorithm,
     /// Do not log dirty pages during the kexec (no in-place proof; measures the cost of
     /// the interception).
     #[arg(long)]

@@ -1,7 +1,6 @@
-//! Guest memory as the handover parsers read it: live (through vm-memory) or a copy
-//! taken at one instant.
+//! Guest memory as the handover parsers read it: live, through vm-memory.
 
-use luo_handover::mem::{to_usize, GuestMemoryRead, GuestRam, MemError};
+use luo_handover::mem::{to_usize, visit_by_copy, GuestMemoryRead, GuestRam, MemError};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -19,6 +18,25 @@ impl GuestMemoryRead for LiveRam<'_> {
             })
     }
 
+    /// Lends the bytes in place when the range lies in one region (a digest then reads
+    /// guest memory once, at memory speed), else copies them ([`visit_by_copy`]).
+    fn visit(&self, gpa: u64, len: u64, visit: &mut dyn FnMut(&[u8])) -> Result<(), MemError> {
+        let Ok(slice) = self.0.get_slice(GuestAddress(gpa), to_usize(len)) else {
+            return visit_by_copy(self, gpa, len, visit);
+        };
+        let guard = slice.ptr_guard();
+        // SAFETY: `get_slice` checked that `[gpa, gpa + len)` lies in one region, which is
+        // mapped readable for as long as `self.0` is borrowed (the whole call), and `guard`
+        // keeps the pointer valid; `u8` has no invalid values. The guest could in principle
+        // write these bytes concurrently from another vCPU: luo-vmm calls this from a hook
+        // with the vCPU that runs the kernel stopped, when no other guest CPU runs
+        // (`machine_kexec()` is entered after `stop_other_cpus()`, and at `start_kernel` the
+        // next kernel has not started its APs), and it emulates no DMA device.
+        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
+        visit(bytes);
+        Ok(())
+    }
+
     /// The VM's memory regions: parses of the live guest are sized from them.
     fn ram(&self) -> Option<GuestRam> {
         Some(GuestRam::new(self.0.iter().map(|r| {
@@ -28,62 +46,24 @@ impl GuestMemoryRead for LiveRam<'_> {
     }
 }
 
-/// A copy of every RAM region, for comparing preserved extents before and after.
-pub struct RamSnapshot {
-    regions: Vec<(u64, Vec<u8>)>,
-}
-
-impl RamSnapshot {
-    /// Copies all of guest RAM.
-    pub fn take(memory: &GuestMemoryMmap) -> Self {
-        let regions = memory
-            .iter()
-            .map(|r| {
-                let base = r.start_addr().raw_value();
-                let mut bytes = vec![0u8; to_usize(r.len())];
-                // The region is exactly this long, so the read cannot fall outside it.
-                let _ = memory.read_slice(&mut bytes, GuestAddress(base));
-                (base, bytes)
-            })
-            .collect();
-        Self { regions }
-    }
-}
-
-impl GuestMemoryRead for RamSnapshot {
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        let out = MemError::OutOfRange {
-            gpa,
-            len: buf.len() as u64,
-        };
-        let (base, bytes) = self
-            .regions
-            .iter()
-            .find(|(base, bytes)| gpa >= *base && gpa - base < bytes.len() as u64)
-            .ok_or(out.clone())?;
-        let off = to_usize(gpa - base);
-        let src = bytes.get(off..off + buf.len()).ok_or(out)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_keeps_old_bytes_and_bounds_reads() {
+    fn live_reads_are_bounded() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
-        mem.write_slice(b"before", GuestAddress(0x1000)).unwrap();
-        let snap = RamSnapshot::take(&mem);
         mem.write_slice(b"after!", GuestAddress(0x1000)).unwrap();
         let mut b = [0u8; 6];
-        snap.read_at(0x1000, &mut b).unwrap();
-        assert_eq!(&b, b"before");
         LiveRam(&mem).read_at(0x1000, &mut b).unwrap();
         assert_eq!(&b, b"after!");
-        assert!(snap.read_at(0x1ffe, &mut b).is_err());
+        assert!(LiveRam(&mem).read_at(0x1ffe, &mut b).is_err());
+        let mut seen = Vec::new();
+        LiveRam(&mem)
+            .visit(0x1000, 6, &mut |p| seen.extend_from_slice(p))
+            .unwrap();
+        assert_eq!(seen, b"after!");
+        assert!(LiveRam(&mem).visit(0x1ffe, 6, &mut |_| ()).is_err());
         assert!(LiveRam(&mem).read_at(0x5000, &mut b).is_err());
         assert_eq!(
             LiveRam(&mem).ram().map(|r| r.ranges().to_vec()),

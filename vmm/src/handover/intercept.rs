@@ -7,20 +7,23 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use luo_devices::ProbeEvent;
+use luo_handover::budget::Budget;
 use luo_handover::digest::{DigestVerdict, ExtentDigests};
 use luo_handover::extents::{classify_dirty, DirtyBitmap, DirtyClassification, ExtentSet};
 use luo_handover::kho::ScratchArea;
 use luo_handover::mem::RecordingMemory;
+use luo_handover::symbols::{KHO_OUT_FDT_OFFSET, SYM_KHO_OUT};
 use luo_handover::timeline::Timeline;
 use luo_handover::{Handover, LabelledExtents};
 use luo_protocol::Mark;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::guest_ram::{LiveRam, RamSnapshot};
+use super::guest_ram::LiveRam;
 use super::inject::{self, Injection};
 use crate::arch::paging::translate;
 use crate::dirty::{set_slots, take_bitmaps};
 use crate::options::InterceptOptions;
+use crate::report::{HookPart, HookTime};
 use crate::vcpu::run::HookAction;
 use crate::vm::{RunObserver, StoppedVcpu};
 
@@ -42,8 +45,12 @@ pub struct RoundCapture {
     pub injected: Option<String>,
     /// `--inject PATH=VALUE`: the writes made, or why none was.
     pub injection: Injection,
-    /// Host time luo-vmm spent with the guest stopped in its hooks this round.
+    /// Host time luo-vmm spent with the guest stopped in its hooks this round (the sum of
+    /// `hooks`).
     pub hook_ns: u64,
+    /// Each stop at a breakpoint this round: which, on which vCPU, how long, and what the
+    /// time went to.
+    pub hooks: Vec<HookTime>,
 }
 
 /// The parts of the KHO state the report needs.
@@ -65,7 +72,9 @@ struct State {
     /// The next userspace-up belongs to a handover (not to the first boot): set by
     /// reboot-requested.
     await_userspace: bool,
-    snapshot: Option<RamSnapshot>,
+    /// `--verify-digest`: the preserved extents' digests taken at point-of-no-return, or
+    /// why there are none.
+    before: Option<Result<ExtentDigests, String>>,
     rounds: Vec<RoundCapture>,
     current: RoundCapture,
 }
@@ -74,6 +83,8 @@ struct State {
 pub struct Interceptor {
     breakpoints: Vec<u64>,
     boot_params_va: u64,
+    /// The first kernel's `kho_out` (virtual), or why it has none.
+    kho_out_va: Result<u64, String>,
     options: InterceptOptions,
     state: Mutex<State>,
 }
@@ -99,12 +110,20 @@ impl Interception {
 
 impl Interceptor {
     /// An interceptor breaking at `breakpoints` (the addresses of `liveupdate_reboot`,
-    /// `machine_kexec` and the next kernel's `start_kernel`, in that order) and reading `boot_params` (the next kernel's symbol) at
-    /// next-kernel-start.
-    pub fn new(breakpoints: [u64; 3], boot_params_va: u64, options: InterceptOptions) -> Self {
+    /// `machine_kexec` and the next kernel's `start_kernel`, in that order), reading the
+    /// outgoing kernel's `kho_out` (its virtual address, or why the kernel has none) at
+    /// point-of-no-return when digests are asked for, and `boot_params` (the next kernel's
+    /// symbol) at next-kernel-start.
+    pub fn new(
+        breakpoints: [u64; 3],
+        kho_out_va: Result<u64, String>,
+        boot_params_va: u64,
+        options: InterceptOptions,
+    ) -> Self {
         Self {
             breakpoints: breakpoints.to_vec(),
             boot_params_va,
+            kho_out_va,
             options,
             state: Mutex::new(State::default()),
         }
@@ -124,7 +143,7 @@ impl Interceptor {
         }
     }
 
-    fn point_of_no_return(&self, at: &StoppedVcpu<'_>, s: &mut State) {
+    fn point_of_no_return(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {
         s.in_kexec = true;
         let memory = at.vcpu.memory();
         let dirty = set_slots(at.vm_fd, memory, true)
@@ -132,12 +151,48 @@ impl Interceptor {
         if let Err(e) = dirty {
             s.current.dirty = Some(Err(format!("cannot start dirty logging: {e}")));
         }
+        parts.lap("dirty log on");
         if self.options.verify_digest {
-            s.snapshot = Some(RamSnapshot::take(memory));
+            let preserved = self.outgoing_preserved_set(at);
+            parts.lap("outgoing KHO state");
+            s.before = Some(preserved.and_then(|set| {
+                ExtentDigests::compute(&LiveRam(memory), &set, self.options.digest)
+                    .map_err(|e| format!("digest at point-of-no-return: {e}"))
+            }));
+            parts.lap("digest");
         }
     }
 
-    fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State) {
+    /// The preserved set as the outgoing kernel has it at `machine_kexec`: `kho_out.fdt`
+    /// (a direct-map pointer to the KHO root FDT, complete since `kho_fill_kimage()`) read
+    /// through the stopped vCPU's page tables, and the FDT parsed with
+    /// [`Handover::from_fdt`] within a budget sized from guest RAM.
+    fn outgoing_preserved_set(&self, at: &StoppedVcpu<'_>) -> Result<ExtentSet, String> {
+        let kho_out = self.kho_out_va.clone()?;
+        let memory = at.vcpu.memory();
+        let cr3 = at
+            .vcpu
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?
+            .cr3;
+        let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
+        let field = kho_out.wrapping_add(KHO_OUT_FDT_OFFSET);
+        let fdt_va = translate(cr3, field, read)
+            .and_then(read)
+            .ok_or_else(|| format!("{SYM_KHO_OUT} at {kho_out:#x} is not mapped"))?;
+        if fdt_va == 0 {
+            return Err(format!("{SYM_KHO_OUT}.fdt is NULL: KHO is not enabled"));
+        }
+        let fdt_gpa = translate(cr3, fdt_va, read)
+            .ok_or_else(|| format!("{SYM_KHO_OUT}.fdt {fdt_va:#x} is not mapped"))?;
+        let live = LiveRam(memory);
+        let handover = Handover::from_fdt(&live, fdt_gpa, &Budget::for_memory(&live))
+            .map_err(|e| format!("the outgoing KHO FDT at {fdt_gpa:#x}: {e}"))?;
+        Ok(handover.preserved_extents().set)
+    }
+
+    fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {
         s.in_kexec = false;
         let memory = at.vcpu.memory();
         let logging = s.current.dirty.is_none();
@@ -147,8 +202,11 @@ impl Interceptor {
                 log::warn!("cannot stop dirty logging: {e}");
             }
         }
+        parts.lap("dirty log read");
         let live = LiveRam(memory);
         let state = self.read_handover(at);
+        parts.lap("KHO state");
+        let before = s.before.take();
         if let Ok(st) = &state {
             let scratch = st.handover.scratch_extents();
             if s.current.dirty.is_none() {
@@ -158,8 +216,14 @@ impl Interceptor {
                         .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
                 );
             }
-            if let Some(before) = s.snapshot.take() {
-                s.current.digest = Some(digest_verdict(&before, &live, &st.extents.set));
+            parts.lap("dirty ∩ extents");
+            if let Some(before) = before {
+                s.current.digest = Some(before.and_then(|b| {
+                    ExtentDigests::compute(&live, &st.extents.set, b.algorithm)
+                        .map(|after| b.compare(&after))
+                        .map_err(|e| format!("digest at next-kernel-start: {e}"))
+                }));
+                parts.lap("digest");
             }
         }
         let parsed = state.as_ref().ok().map(|st| &st.handover);
@@ -236,19 +300,49 @@ fn merge_classifications(
     all
 }
 
-fn digest_verdict(
-    before: &RamSnapshot,
-    after: &LiveRam<'_>,
-    set: &ExtentSet,
-) -> Result<DigestVerdict, String> {
-    let a = ExtentDigests::compute(before, set).map_err(|e| e.to_string())?;
-    let b = ExtentDigests::compute(after, set).map_err(|e| e.to_string())?;
-    Ok(a.compare(&b))
-}
-
 /// Nanoseconds since `since`, saturating.
 fn ns_since(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What one hook's time went to: consecutive laps of one stopwatch.
+struct Parts {
+    last: Instant,
+    parts: Vec<HookPart>,
+}
+
+impl Parts {
+    fn new(started: Instant) -> Self {
+        Parts {
+            last: started,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Ends a lap called `what`.
+    fn lap(&mut self, what: &str) {
+        let now = Instant::now();
+        let ns =
+            u64::try_from(now.saturating_duration_since(self.last).as_nanos()).unwrap_or(u64::MAX);
+        self.parts.push(HookPart {
+            what: what.to_owned(),
+            ns,
+        });
+        self.last = now;
+    }
+}
+
+/// The mark and the symbol of breakpoint `slot` (`in_kexec`: a start_kernel hit belongs
+/// to a handover).
+fn hook_names(slot: usize, in_kexec: bool) -> (&'static str, &'static str) {
+    use luo_handover::symbols::{SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC, SYM_START_KERNEL};
+    match slot {
+        SLOT_SERIALIZE => (Mark::SerializeStart.name(), SYM_LIVEUPDATE_REBOOT),
+        SLOT_POINT_OF_NO_RETURN => (Mark::PointOfNoReturn.name(), SYM_MACHINE_KEXEC),
+        SLOT_START_KERNEL if in_kexec => (Mark::NextKernelStart.name(), SYM_START_KERNEL),
+        SLOT_START_KERNEL => ("first-boot", SYM_START_KERNEL),
+        _ => ("unknown", "?"),
+    }
 }
 
 impl RunObserver for Interceptor {
@@ -287,24 +381,36 @@ impl RunObserver for Interceptor {
     fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) -> HookAction {
         let hit = Instant::now();
         let mut s = self.lock();
+        let (mark, symbol) = hook_names(slot, s.in_kexec);
+        let mut parts = Parts::new(hit);
+        let mut round_done = false;
         match slot {
             SLOT_SERIALIZE => s.marks.push((Mark::SerializeStart, hit)),
             SLOT_POINT_OF_NO_RETURN => {
                 s.marks.push((Mark::PointOfNoReturn, hit));
-                self.point_of_no_return(&at, &mut s);
+                self.point_of_no_return(&at, &mut s, &mut parts);
             }
             // The first start_kernel is the first boot, not a handover.
             SLOT_START_KERNEL if s.in_kexec => {
                 s.marks.push((Mark::NextKernelStart, hit));
-                self.next_kernel_start(&at, &mut s);
-                s.current.hook_ns += ns_since(hit);
-                let done = std::mem::take(&mut s.current);
-                s.rounds.push(done);
-                return HookAction::Continue;
+                self.next_kernel_start(&at, &mut s, &mut parts);
+                round_done = true;
             }
             _ => {}
         }
-        s.current.hook_ns += ns_since(hit);
+        let ns = ns_since(hit);
+        s.current.hook_ns += ns;
+        s.current.hooks.push(HookTime {
+            mark: mark.to_owned(),
+            symbol: symbol.to_owned(),
+            vcpu: at.vcpu.id,
+            ns,
+            parts: parts.parts,
+        });
+        if round_done {
+            let done = std::mem::take(&mut s.current);
+            s.rounds.push(done);
+        }
         HookAction::Continue
     }
 }
@@ -313,6 +419,25 @@ impl RunObserver for Interceptor {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn each_hook_is_named_by_its_mark_and_symbol() {
+        assert_eq!(
+            hook_names(SLOT_POINT_OF_NO_RETURN, false),
+            ("point-of-no-return", "machine_kexec")
+        );
+        assert_eq!(
+            hook_names(SLOT_START_KERNEL, true),
+            ("next-kernel-start", "start_kernel")
+        );
+        assert_eq!(hook_names(SLOT_START_KERNEL, false).0, "first-boot");
+        assert_eq!(hook_names(SLOT_SERIALIZE, true).1, "liveupdate_reboot");
+        let mut parts = Parts::new(Instant::now());
+        parts.lap("a");
+        parts.lap("b");
+        let names: Vec<&str> = parts.parts.iter().map(|p| p.what.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
 
     #[test]
     fn marks_are_ordered_by_time_not_by_arrival() {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use luo_devices::Gates;
 use luo_handover::symbols::{
-    KernelSymbols, SymbolError, SYM_BOOT_PARAMS, SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC,
-    SYM_START_KERNEL,
+    KernelSymbols, SymbolError, SYM_BOOT_PARAMS, SYM_KHO_OUT, SYM_LIVEUPDATE_REBOOT,
+    SYM_MACHINE_KEXEC, SYM_START_KERNEL,
 };
 use luo_protocol::workload::Workload;
 use thiserror::Error;
@@ -80,7 +80,17 @@ fn interceptor(
         address(&second, next, SYM_START_KERNEL)?,
     ];
     let boot_params = address(&second, next, SYM_BOOT_PARAMS)?;
-    Ok(Interceptor::new(bps, boot_params, intercept.clone()))
+    // Only `--verify-digest` needs it; a kernel without KHO lacks it, which the digest
+    // reports as its reason.
+    let kho_out = first
+        .address(SYM_KHO_OUT)
+        .map_err(|e| format!("{}: {e}", vmlinux.display()));
+    Ok(Interceptor::new(
+        bps,
+        kho_out,
+        boot_params,
+        intercept.clone(),
+    ))
 }
 
 /// Runs `workload` in `guest` and builds its report. A workload that hands over runs

@@ -78,6 +78,10 @@ pub struct RunInfo {
     pub vcpus: u8,
     /// Guest memory in bytes.
     pub mem_bytes: u64,
+    /// The luo-vmm process's peak resident memory (`VmHWM` of /proc/self/status, when the
+    /// report was built), in bytes: guest pages the guest touched included.
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
     /// The workload's kernel parameters (`luo_protocol::workload` parses them back).
     pub workload: String,
 }
@@ -93,8 +97,11 @@ pub struct RoundReport {
     /// Preserved extents with owners.
     pub extent_list: Vec<ExtentEntry>,
     /// Host time luo-vmm spent with the guest stopped in its hooks (ns, included in the
-    /// phases).
+    /// phases): the sum of `hooks`.
     pub hook_ns: u64,
+    /// Each stop at a breakpoint: which, on which vCPU, how long, what the time went to.
+    #[serde(default)]
+    pub hooks: Vec<HookTime>,
     /// CPUs online, as the agent counted them, in the kernel before the handover and in
     /// the next kernel (`None`: the agent did not report in that kernel).
     pub cpus_online: CpusOnline,
@@ -128,6 +135,55 @@ pub struct RoundReport {
     pub agent_ok: bool,
     /// `intact`, `agent_ok`, no error, every vCPU back up and every invariant held.
     pub verified: bool,
+}
+
+/// Host time luo-vmm held one vCPU stopped at one breakpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookTime {
+    /// The mark it recorded (`serialize-start`, `point-of-no-return`,
+    /// `next-kernel-start`; `first-boot` for the first kernel's `start_kernel`, which is no
+    /// handover's).
+    pub mark: String,
+    /// The kernel symbol of the breakpoint.
+    pub symbol: String,
+    /// The vCPU that stopped there.
+    pub vcpu: u8,
+    /// From the breakpoint's exit to the vCPU's release, in ns (the single-step over the
+    /// breakpoint not included).
+    pub ns: u64,
+    /// What that time went to, in order (dirty log, KHO state, digest...).
+    pub parts: Vec<HookPart>,
+}
+
+/// One part of a hook's time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookPart {
+    /// What was done.
+    pub what: String,
+    /// How long it took, in ns.
+    pub ns: u64,
+}
+
+impl std::fmt::Display for HookTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, vCPU {}): {}",
+            self.mark,
+            self.symbol,
+            self.vcpu,
+            human_duration(self.ns)
+        )?;
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|p| format!("{} {}", p.what, human_duration(p.ns)))
+            .collect();
+        if !parts.is_empty() {
+            write!(f, " [{}]", parts.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// CPUs online on both sides of one handover, out of the VM's vCPUs.
@@ -499,10 +555,11 @@ fn handover_part(
         Some(Err(e)) => errors.push(RoundError::KhoState(e.clone())),
         None => errors.push(RoundError::KhoStateNotRead),
     }
-    match &cap.dirty {
-        Some(Ok(d)) => r = r.with_dirty(d),
-        Some(Err(e)) => errors.push(RoundError::DirtyLog(e.clone())),
-        None => {}
+    match (&cap.dirty, &cap.handover) {
+        (Some(Ok(d)), Some(Ok(st))) => r = r.with_dirty(d, &st.extents.set),
+        (Some(Ok(d)), _) => r = r.with_dirty(d, &luo_handover::extents::ExtentSet::default()),
+        (Some(Err(e)), _) => errors.push(RoundError::DirtyLog(e.clone())),
+        (None, _) => {}
     }
     match &cap.digest {
         Some(Ok(v)) => r = r.with_digest(v.clone()),
@@ -597,6 +654,7 @@ pub(crate) fn build_report(
             marks,
             extent_list,
             hook_ns: cap.map_or(0, |c| c.hook_ns),
+            hooks: cap.map_or_else(Vec::new, |c| c.hooks.clone()),
             inventory,
             checked,
             selftest: stage2,
@@ -652,6 +710,9 @@ pub(crate) fn build_report(
             kernel: guest.image.as_ref().map(|i| i.kernel_version.clone()),
             vcpus: opts.vcpus,
             mem_bytes: opts.mem,
+            peak_rss_bytes: std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|t| vm_hwm_bytes(&t)),
             workload: workload.kernel_params(),
         },
         rounds,
@@ -674,6 +735,13 @@ pub(crate) fn build_report(
         errors,
         verified,
     }
+}
+
+/// `VmHWM` (peak resident set) of a /proc/PID/status text, in bytes.
+fn vm_hwm_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The text report.
@@ -712,6 +780,9 @@ pub(crate) fn render_text(report: &RunReport) -> String {
             "luo-vmm hook time (guest stopped, included above): {}",
             human_duration(r.hook_ns)
         );
+        for h in &r.hooks {
+            let _ = writeln!(s, "  hook {h}");
+        }
         let count = |n: Option<u16>| n.map_or("?".to_owned(), |n| n.to_string());
         let c = r.cpus_online;
         let _ = writeln!(
@@ -778,6 +849,15 @@ pub(crate) fn render_text(report: &RunReport) -> String {
     for e in &report.errors {
         let _ = writeln!(s, "error: {e}");
     }
+    let hold: u64 = report.rounds.iter().map(|r| r.hook_ns).sum();
+    let _ = writeln!(
+        s,
+        "\nluo-vmm held the guest {} in {} handovers ({} guest); peak memory of the luo-vmm process {}",
+        human_duration(hold),
+        report.rounds.len(),
+        human_bytes(report.run.mem_bytes),
+        report.run.peak_rss_bytes.map_or("?".into(), human_bytes)
+    );
     let word = match (report.rounds.is_empty(), report.verified) {
         (false, true) => "VERIFIED",
         (false, false) => "NOT VERIFIED",
@@ -815,6 +895,14 @@ pub fn read_json(path: &Path) -> Result<RunReport, ReportError> {
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
+
+    #[test]
+    fn peak_memory_from_proc_status() {
+        let status = "Name:\tluo-vmm\nVmPeak:\t  900 kB\nVmHWM:\t  612 kB\nVmRSS:\t 10 kB\n";
+        assert_eq!(super::vm_hwm_bytes(status), Some(612 * 1024));
+        assert_eq!(super::vm_hwm_bytes("VmRSS: 1 kB"), None);
+        assert_eq!(super::vm_hwm_bytes("VmHWM: lots kB"), None);
+    }
 
     use clap::Parser;
     use luo_devices::ProbeEvent;

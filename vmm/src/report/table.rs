@@ -278,6 +278,7 @@ mod tests {
                 marks: vec![],
                 extent_list: vec![],
                 hook_ns: 0,
+                hooks: Vec::new(),
                 cpus_online: super::super::CpusOnline {
                     vcpus: 1,
                     before: Some(1),
@@ -302,6 +303,7 @@ mod tests {
                 kernel: None,
                 vcpus: 1,
                 mem_bytes: 512 << 20,
+                peak_rss_bytes: None,
                 workload: Workload::Handover(luo_protocol::workload::Memfds {
                     sessions: 2,
                     files: 1,

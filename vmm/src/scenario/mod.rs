@@ -310,6 +310,8 @@ fn interceptor(syms: &KernelSymbols) -> Result<Interceptor, ScenarioError> {
             addr(SYM_MACHINE_KEXEC)?,
             addr(SYM_START_KERNEL)?,
         ],
+        // Scenarios take no digests.
+        Err("not read by scenarios".to_owned()),
         addr(SYM_BOOT_PARAMS)?,
         InterceptOptions::default(),
     ))
