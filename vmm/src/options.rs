@@ -125,12 +125,12 @@ pub enum ScenarioAction {
     Run(ScenarioRunArgs),
     /// Check a scenario as `run` does before a guest boots (the file, the kernel's
     /// symbols, the breakpoint budget), and run nothing.
-    Check(ScenarioRunArgs),
+    Check(ScenarioTarget),
 }
 
-/// `luo-vmm scenario run`.
+/// What `scenario check` and `scenario run` take: the scenario and the guest it runs in.
 #[derive(Debug, Clone, Args)]
-pub struct ScenarioRunArgs {
+pub struct ScenarioTarget {
     /// A built-in scenario's name (`luo-vmm scenario list`) or the path of a scenario
     /// file (TOML, docs/scenarios.md).
     pub scenario: String,
@@ -143,19 +143,27 @@ pub struct ScenarioRunArgs {
     /// unless --variant names the scenario's variant (whose config fragment then applies).
     #[arg(long, value_name = "DIR")]
     pub source: Option<PathBuf>,
-    /// How many runs (each a fresh VM).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub runs: u32,
     /// vCPUs (default: the scenario's).
     #[arg(long)]
     pub vcpus: Option<u8>,
-    /// Give up on a run after this many seconds (default: the scenario's timeout); the
-    /// run is then inconclusive.
-    #[arg(long)]
-    pub timeout: Option<u64>,
     /// Guest memory, e.g. 512M.
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
     pub mem: u64,
+}
+
+/// `luo-vmm scenario run`.
+#[derive(Debug, Clone, Args)]
+pub struct ScenarioRunArgs {
+    /// The scenario and its guest.
+    #[command(flatten)]
+    pub target: ScenarioTarget,
+    /// How many runs (each a fresh VM).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Give up on a run after this many seconds, at least 1 (default: the scenario's
+    /// timeout); the run is then inconclusive.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
     /// Write the runs (verdicts and timelines) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

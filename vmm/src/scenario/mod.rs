@@ -26,7 +26,7 @@ use crate::debug::MAX_BREAKPOINTS;
 use crate::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
 use crate::handover::intercept::{Interception, Interceptor};
 use crate::image::ImageError;
-use crate::options::{GuestOptions, InterceptOptions, Profile, ScenarioRunArgs};
+use crate::options::{GuestOptions, InterceptOptions, Profile, ScenarioRunArgs, ScenarioTarget};
 use crate::vcpu::control::VcpuControl;
 use crate::vcpu::run::{HookAction, VcpuNotice};
 use crate::vm::{RunObserver, StoppedVcpu, VmExit};
@@ -425,7 +425,11 @@ struct Prepared {
     vcpus: u8,
 }
 
-fn prepare(args: &ScenarioRunArgs) -> Result<Prepared, ScenarioError> {
+fn prepare(
+    args: &ScenarioTarget,
+    timeout: Option<u64>,
+    console: bool,
+) -> Result<Prepared, ScenarioError> {
     let sc = load(&args.scenario)?;
     let vcpus = args.vcpus.unwrap_or(sc.vcpus);
     let opts = GuestOptions {
@@ -434,11 +438,11 @@ fn prepare(args: &ScenarioRunArgs) -> Result<Prepared, ScenarioError> {
         cmdline: sc.cmdline.clone(),
         mem: args.mem,
         vcpus,
-        timeout: Some(args.timeout.unwrap_or(sc.timeout.as_secs())),
+        timeout: Some(timeout.unwrap_or(sc.timeout.as_secs())),
         console_log: None,
         profile: Profile::Auto,
         no_pvh: false,
-        quiet: !args.console,
+        quiet: !console,
         variant: args.variant.clone(),
         source: args.source.clone(),
     };
@@ -528,8 +532,8 @@ fn prepare(args: &ScenarioRunArgs) -> Result<Prepared, ScenarioError> {
 
 /// `luo-vmm scenario check`: everything `run` checks before a guest boots, and nothing
 /// more; prints what the scenario does.
-pub fn check(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
-    let p = prepare(args)?;
+pub fn check(args: &ScenarioTarget) -> Result<u8, ScenarioError> {
+    let p = prepare(args, None, false)?;
     let sc = &p.sc;
     let steps = |s: &luo_protocol::script::StageScript| {
         s.threads.iter().map(|t| t.steps.len()).sum::<usize>()
@@ -558,7 +562,7 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         guest,
         syms,
         vcpus,
-    } = prepare(args)?;
+    } = prepare(&args.target, args.timeout, args.console)?;
     std::fs::create_dir_all(&args.log_dir).map_err(|source| ScenarioError::Write {
         path: args.log_dir.clone(),
         source,
@@ -574,12 +578,12 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             })
         })
         .transpose()?;
-    let expected = if args.variant.is_some() && args.variant == sc.variant {
+    let expected = if args.target.variant.is_some() && args.target.variant == sc.variant {
         Verdict::Reproduced
     } else {
         Verdict::NotReproduced
     };
-    let kernel = match (&args.source, &args.variant) {
+    let kernel = match (&args.target.source, &args.target.variant) {
         (Some(dir), v) => format!(
             "the kernel of {}{}",
             dir.display(),
@@ -601,7 +605,8 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         let log = args.log_dir.join(format!(
             "{}{}-run{run}.log",
             sc.name,
-            args.variant
+            args.target
+                .variant
                 .as_deref()
                 .map_or(String::new(), |v| format!("-{v}"))
         ));
@@ -660,8 +665,8 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
     if let (Some(mut file), Some(path)) = (json, &args.json) {
         let report = ScenarioReport {
             scenario: sc.name.clone(),
-            variant: args.variant.clone(),
-            source: args.source.clone(),
+            variant: args.target.variant.clone(),
+            source: args.target.source.clone(),
             expected,
             runs,
             verdict,
