@@ -620,7 +620,7 @@ mod tests {
         else {
             panic!("not scenario run");
         };
-        assert_eq!(r.source, Some(PathBuf::from("/src")));
+        assert_eq!(r.target.source, Some(PathBuf::from("/src")));
         let Command::Soak(s) = cli(&["soak", "--", "--source", "/src"]) else {
             panic!("not soak");
         };
