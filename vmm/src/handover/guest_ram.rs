@@ -25,13 +25,13 @@ impl GuestMemoryRead for LiveRam<'_> {
             return visit_by_copy(self, gpa, len, visit);
         };
         let guard = slice.ptr_guard();
-        // SAFETY: `get_slice` checked that `[gpa, gpa + len)` lies in one region, which is
-        // mapped readable for as long as `self.0` is borrowed (the whole call), and `guard`
-        // keeps the pointer valid; `u8` has no invalid values. The guest could in principle
-        // write these bytes concurrently from another vCPU: luo-vmm calls this from a hook
-        // with the vCPU that runs the kernel stopped, when no other guest CPU runs
-        // (`machine_kexec()` is entered after `stop_other_cpus()`, and at `start_kernel` the
-        // next kernel has not started its APs), and it emulates no DMA device.
+        // No guest CPU writes these bytes meanwhile: luo-vmm calls this from a hook with the
+        // vCPU that runs the kernel stopped, when no other guest CPU runs (`machine_kexec()`
+        // is entered after `stop_other_cpus()`; at `start_kernel` the next kernel has not
+        // started its APs), and it emulates no DMA device.
+        // SAFETY: `get_slice` checked that `[gpa, gpa + len)` lies in one region, mapped
+        // readable while `self.0` is borrowed (the whole call); `guard` keeps the pointer
+        // valid; `u8` has no invalid values; nothing writes them concurrently (above).
         let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
         visit(bytes);
         Ok(())
