@@ -207,6 +207,21 @@ fn corrupt_kho_fdt_is_reported_and_never_crashes_the_vmm() {
         Some(0)
     );
     assert!(run.stdout.contains("0 preserved pages written"));
+    // The injected round is judged: one verdict, and the leak check with what it covered.
+    let outcome = round
+        .outcome
+        .as_ref()
+        .expect("an injected round has a verdict");
+    assert!(
+        run.stdout
+            .contains(&format!("verdict: {} (", outcome.verdict.name())),
+        "{}",
+        run.stdout
+    );
+    let leak = outcome.leak.as_ref().expect("no leak check");
+    assert!(leak.pages_checked > 0, "{leak:?}");
+    assert!(leak.written >= leak.written_at.len() as u64);
+    assert!(run.stdout.contains("leak check: "), "{}", run.stdout);
 }
 
 /// The negative control: on the variant whose `machine_kexec()` flips a byte of the KHO FDT

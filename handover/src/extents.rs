@@ -366,6 +366,48 @@ impl ExtentSet {
         (ExtentSet { extents, owners }, outside)
     }
 
+    /// The 4 KiB pages this set touches, as merged `[first, end)` ranges of page frame
+    /// numbers (gpa >> 12) in address order: O(extents).
+    pub fn pfn_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(self.extents.len());
+        for e in self.extents.iter().filter(|e| e.end > e.start) {
+            let (first, end) = (e.start >> PAGE_SHIFT, ((e.end - 1) >> PAGE_SHIFT) + 1);
+            match out.last_mut() {
+                Some(last) if first <= last.1 => last.1 = last.1.max(end),
+                _ => out.push((first, end)),
+            }
+        }
+        out
+    }
+
+    /// Number of 4 KiB pages this set touches that `other` does not: O(extents of both).
+    pub fn pages_outside(&self, other: &ExtentSet) -> u64 {
+        let theirs = other.pfn_ranges();
+        let mut j = 0;
+        let mut outside = 0;
+        for (first, end) in self.pfn_ranges() {
+            let mut at = first;
+            while at < end {
+                while theirs.get(j).is_some_and(|&(_, e)| e <= at) {
+                    j += 1;
+                }
+                let next = match theirs.get(j) {
+                    Some(&(s, e)) if s <= at => e.min(end),
+                    Some(&(s, _)) if s < end => {
+                        outside += s - at;
+                        s
+                    }
+                    _ => {
+                        outside += end - at;
+                        end
+                    }
+                };
+                at = next;
+            }
+        }
+        outside
+    }
+
     /// Pages of `bitmap` that are dirty and touched by this set, ascending, reading only the
     /// bitmap words under the extents.
     pub fn written_pages(&self, bitmap: &DirtyBitmap<'_>) -> Vec<u64> {
@@ -505,15 +547,62 @@ impl Iterator for SetBits {
     }
 }
 
+/// Which pages KVM write-protected at point-of-no-return, and so which bits of the dirty
+/// log mean something.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyScope {
+    /// Every guest page (`KVM_MEM_LOG_DIRTY_PAGES` switched on, or the whole log cleared):
+    /// preserved, scratch and other pages are all counted. Costs O(guest size).
+    #[default]
+    AllPages,
+    /// Only the pages of the preserved set as the outgoing kernel had it
+    /// (`KVM_CLEAR_DIRTY_LOG` of those pages under `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE |
+    /// KVM_DIRTY_LOG_INITIALLY_SET`): every other bit stays set from the start and says
+    /// nothing. Costs O(preserved pages).
+    Preserved,
+}
+
 /// Dirty pages sorted by where they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirtyClassification {
+    /// Which pages were write-protected (and so which of the fields below are known).
+    #[serde(default)]
+    pub scope: DirtyScope,
     /// Written pages touched by the preserved set (must be empty for a correct handover).
     pub preserved: Vec<u64>,
-    /// Number of written pages in the scratch areas (expected: kexec segments, early boot).
+    /// Pages of the preserved set that were not write-protected (scope
+    /// [`DirtyScope::Preserved`]: not in the set the outgoing kernel had): nothing is known
+    /// of them, so a handover with any is not proven.
+    #[serde(default)]
+    pub untracked: u64,
+    /// Number of written pages in the scratch areas (expected: kexec segments, early boot);
+    /// 0 when the scope is [`DirtyScope::Preserved`].
     pub scratch: u64,
-    /// Written pages in neither.
+    /// Written pages in neither; empty when the scope is [`DirtyScope::Preserved`].
     pub other: Vec<u64>,
+}
+
+/// Classifies the dirty pages of `bitmap` when only the pages `tracked` touches were
+/// write-protected ([`DirtyScope::Preserved`]): the preserved pages written among them.
+/// Every other bit is meaningless (set since logging began), so scratch and other pages
+/// are not looked for and untracked preserved pages ([`ExtentSet::pages_outside`]) are
+/// the caller's to count, once for all slots. O(extents + covered words + hits), no pass
+/// over the bitmap.
+pub fn classify_tracked(
+    bitmap: &DirtyBitmap<'_>,
+    preserved: &ExtentSet,
+    tracked: &ExtentSet,
+) -> DirtyClassification {
+    DirtyClassification {
+        scope: DirtyScope::Preserved,
+        preserved: preserved
+            .written_pages(bitmap)
+            .into_iter()
+            .filter(|&page| tracked.touches_page(page))
+            .collect(),
+        ..DirtyClassification::default()
+    }
 }
 
 /// Classifies the dirty pages of `bitmap`. Preserved and scratch are found by
@@ -541,6 +630,7 @@ pub fn classify_dirty(
         preserved: preserved_hits,
         scratch: scratch_only.len() as u64,
         other,
+        ..DirtyClassification::default()
     }
 }
 
@@ -554,6 +644,49 @@ mod tests {
             b.add(s, e, o);
         }
         b.build()
+    }
+
+    #[test]
+    fn pages_outside_counts_touched_pages_the_other_set_lacks() {
+        let a = set(&[
+            (0x1000, 0x3000, "a"),
+            (0x5800, 0x6001, "b"),
+            (0x9000, 0xa000, "c"),
+        ]);
+        // Same pages through different byte ranges: nothing outside.
+        let same = set(&[
+            (0x1fff, 0x2001, "x"),
+            (0x1000, 0x1001, "y"),
+            (0x5000, 0x7000, "z"),
+            (0x9000, 0xa000, "w"),
+        ]);
+        assert_eq!(a.pages_outside(&same), 0);
+        assert_eq!(a.pages_outside(&ExtentSet::default()), a.total_pages());
+        // 0x2000 and 0x6000 missing.
+        let partial = set(&[
+            (0x1000, 0x2000, "x"),
+            (0x5000, 0x6000, "y"),
+            (0x9000, 0xa000, "z"),
+        ]);
+        assert_eq!(a.pages_outside(&partial), 2);
+        assert_eq!(a.pfn_ranges(), vec![(1, 3), (5, 7), (9, 10)]);
+        assert_eq!(ExtentSet::default().pages_outside(&a), 0);
+        // An extent ending at the top of the address space does not overflow.
+        let top = set(&[(u64::MAX - 0x1fff, u64::MAX, "t")]);
+        assert_eq!(top.pages_outside(&ExtentSet::default()), 2);
+    }
+
+    #[test]
+    fn tracked_classification_ignores_bits_it_did_not_clear() {
+        let preserved = set(&[(0x0, 0x2000, "kho"), (0x4000, 0x5000, "memfd")]);
+        let tracked = set(&[(0x0, 0x2000, "kho")]);
+        // Every bit set, as under KVM_DIRTY_LOG_INITIALLY_SET, except page 1 (cleared, unwritten).
+        let words = [!0b10u64];
+        let c = classify_tracked(&DirtyBitmap::new(0, &words), &preserved, &tracked);
+        assert_eq!(c.scope, DirtyScope::Preserved);
+        assert_eq!(c.preserved, vec![0x0]);
+        assert_eq!((c.scratch, c.other.len(), c.untracked), (0, 0, 0));
+        assert_eq!(preserved.pages_outside(&tracked), 1);
     }
 
     fn dump(s: &ExtentSet) -> Vec<(u64, u64, String)> {

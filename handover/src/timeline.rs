@@ -6,7 +6,7 @@ use std::fmt::{self, Write as _};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::DigestVerdict;
-use crate::extents::{DirtyClassification, ExtentSet};
+use crate::extents::{DirtyClassification, DirtyScope, ExtentSet};
 use crate::kho::ScratchArea;
 
 pub use luo_protocol::Mark;
@@ -167,8 +167,15 @@ pub struct ExtentSummary {
 /// or is worth a look.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PagesWritten {
+    /// Which pages were write-protected: with [`DirtyScope::Preserved`] only `preserved`
+    /// and `untracked` are known.
+    #[serde(default)]
+    pub scope: DirtyScope,
     /// Preserved pages written (must be 0).
     pub preserved: u64,
+    /// Preserved pages that were not write-protected (must be 0 for a proof).
+    #[serde(default)]
+    pub untracked: u64,
     /// Pages written in the KHO scratch areas (expected: kexec segments, early boot).
     pub scratch: u64,
     /// Pages written in neither.
@@ -187,7 +194,9 @@ impl PagesWritten {
     /// with (for the owners).
     pub fn from_classification(c: &DirtyClassification, preserved: &ExtentSet) -> Self {
         PagesWritten {
+            scope: c.scope,
             preserved: c.preserved.len() as u64,
+            untracked: c.untracked,
             scratch: c.scratch,
             other: c.other.len() as u64,
             preserved_at: c.preserved.clone(),
@@ -273,7 +282,7 @@ impl HandoverReport {
             && self
                 .pages_written
                 .as_ref()
-                .is_some_and(|p| p.preserved == 0)
+                .is_some_and(|p| p.preserved == 0 && p.untracked == 0)
             && self.digest.as_ref().is_none_or(DigestVerdict::unchanged);
     }
 
@@ -351,11 +360,25 @@ impl fmt::Display for HandoverReport {
         );
         match &self.pages_written {
             Some(p) => {
-                let _ = writeln!(
-                    s,
-                    "written pages: preserved {}, scratch {}, other {}",
-                    p.preserved, p.scratch, p.other
-                );
+                let _ = match p.scope {
+                    DirtyScope::AllPages => writeln!(
+                        s,
+                        "written pages: preserved {}, scratch {}, other {}",
+                        p.preserved, p.scratch, p.other
+                    ),
+                    DirtyScope::Preserved => writeln!(
+                        s,
+                        "written pages: preserved {} (only the preserved set was write-protected; --track-all-pages counts scratch and other pages too)",
+                        p.preserved
+                    ),
+                };
+                if p.untracked > 0 {
+                    let _ = writeln!(
+                        s,
+                        "  {} preserved pages were not write-protected at point-of-no-return (not in the outgoing kernel's KHO state): not proven",
+                        p.untracked
+                    );
+                }
                 for (i, a) in p.preserved_at.iter().enumerate() {
                     let owner = p.preserved_owner.get(i).map_or("?", String::as_str);
                     let _ = writeln!(s, "  preserved page written: {a:#x}  {owner}");
@@ -499,6 +522,7 @@ mod tests {
             preserved: vec![],
             scratch: 2057,
             other: vec![0x9000, 0xa000],
+            ..Default::default()
         };
         let r = HandoverReport::new(round)
             .with_extents(
@@ -560,6 +584,32 @@ mod tests {
         assert_eq!(v["missing_marks"], serde_json::json!([]));
         let back: HandoverReport = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(back, r);
+
+        // Only the preserved set write-protected: scratch and other are not claimed, and
+        // a preserved page nobody watched makes the handover unproven.
+        let tracked = DirtyClassification {
+            scope: DirtyScope::Preserved,
+            ..Default::default()
+        };
+        let only = r.clone().with_dirty(&tracked, &preserved);
+        assert!(only.intact);
+        let text = only.to_string();
+        assert!(
+            text.contains("written pages: preserved 0 (only the preserved set")
+                && !text.contains("scratch 0"),
+            "{text}"
+        );
+        let unwatched = r.clone().with_dirty(
+            &DirtyClassification {
+                untracked: 3,
+                ..tracked
+            },
+            &preserved,
+        );
+        assert!(!unwatched.intact);
+        assert!(unwatched
+            .to_string()
+            .contains("3 preserved pages were not write-protected"));
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod workload;
 pub use mark::Mark;
 pub use message::{
     Action, DecodeError, ExitStatus, Message, Outcome, SelftestResult, SessionName, Step, Verdict,
+    Whose,
 };
 pub use probe::{Decoder, Feed, Frame, Gate};
 pub use tap::TapCounts;

@@ -45,6 +45,48 @@ pub mod kind {
     pub const GATE_WAIT: u8 = 0x40;
     /// [`super::Message::GatePassed`].
     pub const GATE_PASSED: u8 = 0x41;
+    /// [`super::Message::DataFound`].
+    pub const DATA_FOUND: u8 = 0x13;
+}
+
+/// Whose bytes a page of a retrieved memfd held, when they were not its own (found by
+/// matching the page against every memfd pattern of the workload: the patterns are
+/// unique per round, session, file and offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    /// Another (or the same) memfd's bytes: that memfd's pattern at `offset`.
+    Pattern {
+        /// Handovers done when that memfd was written.
+        round: u32,
+        /// Its session's index in the workload.
+        session: u32,
+        /// Its file's index in the session.
+        file: u32,
+        /// The byte offset in it where the page's bytes belong.
+        offset: u64,
+    },
+    /// Zeros.
+    Zeros,
+    /// Bytes of no memfd of the workload.
+    Unknown,
+}
+
+impl fmt::Display for Whose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Whose::Pattern {
+                round,
+                session,
+                file,
+                offset,
+            } => write!(
+                f,
+                "session {session} file {file} offset {offset:#x} (written in round {round})"
+            ),
+            Whose::Zeros => f.write_str("zeros"),
+            Whose::Unknown => f.write_str("bytes of no memfd of the workload"),
+        }
+    }
 }
 
 /// Whether the agent's work passed.
@@ -416,6 +458,17 @@ pub enum Message {
         /// errno, 0 on success.
         errno: i32,
     },
+    /// Stage 2 read a page of a retrieved memfd that is not its pattern.
+    DataFound {
+        /// Session index of the memfd read.
+        session: u32,
+        /// File index of the memfd read.
+        file: u32,
+        /// Byte offset of the page (4 KiB aligned).
+        offset: u64,
+        /// Whose bytes the page held.
+        whose: Whose,
+    },
     /// The agent waits at a gate (it polls the gate's register).
     GateWait(Gate),
     /// The agent saw the gate open and went on.
@@ -669,6 +722,7 @@ impl Message {
             Message::ActionResult { .. } => kind::ACTION_RESULT,
             Message::GateWait(_) => kind::GATE_WAIT,
             Message::GatePassed(_) => kind::GATE_PASSED,
+            Message::DataFound { .. } => kind::DATA_FOUND,
         }
     }
 
@@ -728,6 +782,24 @@ impl Message {
                 errno,
             } => w.u32(*seq).u8(action.code()).i64(*ret).i32(*errno),
             Message::GateWait(g) | Message::GatePassed(g) => w.u8(g.id()),
+            Message::DataFound {
+                session,
+                file,
+                offset,
+                whose,
+            } => {
+                let w = w.u32(*session).u32(*file).u64(*offset);
+                match *whose {
+                    Whose::Pattern {
+                        round,
+                        session,
+                        file,
+                        offset,
+                    } => w.u8(2).u32(round).u32(session).u32(file).u64(offset),
+                    Whose::Zeros => w.u8(1).u32(0).u32(0).u32(0).u64(0),
+                    Whose::Unknown => w.u8(0).u32(0).u32(0).u32(0).u64(0),
+                }
+            }
         };
         w.frame(self.kind())
     }
@@ -828,6 +900,28 @@ impl Message {
             },
             kind::GATE_WAIT => Message::GateWait(r.gate()?),
             kind::GATE_PASSED => Message::GatePassed(r.gate()?),
+            kind::DATA_FOUND => {
+                let (session, file, offset) = (r.u32()?, r.u32()?, r.u64()?);
+                let tag = r.u8()?;
+                let (round, s, f, o) = (r.u32()?, r.u32()?, r.u32()?, r.u64()?);
+                let whose = match tag {
+                    0 => Whose::Unknown,
+                    1 => Whose::Zeros,
+                    2 => Whose::Pattern {
+                        round,
+                        session: s,
+                        file: f,
+                        offset: o,
+                    },
+                    v => return Err(r.bad("whose", v)),
+                };
+                Message::DataFound {
+                    session,
+                    file,
+                    offset,
+                    whose,
+                }
+            }
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.end()?;
@@ -896,6 +990,23 @@ mod tests {
                 action: Action::PreserveFd,
                 ret: -1,
                 errno: 16,
+            },
+            Message::DataFound {
+                session: 0,
+                file: 1,
+                offset: 0x3000,
+                whose: Whose::Pattern {
+                    round: 1,
+                    session: 2,
+                    file: 0,
+                    offset: 0x1000,
+                },
+            },
+            Message::DataFound {
+                session: 0,
+                file: 0,
+                offset: 0,
+                whose: Whose::Zeros,
             },
             Message::GateWait(Gate::BEFORE_REBOOT),
             Message::GatePassed(Gate::new(63).unwrap()),

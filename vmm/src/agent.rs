@@ -137,6 +137,17 @@ impl AgentLog {
                     }
                 }
                 Message::GatePassed(g) => b.gates_passed.push(g.id()),
+                Message::DataFound {
+                    session,
+                    file,
+                    offset,
+                    whose,
+                } => b.found.push(FoundData {
+                    session: *session,
+                    file: *file,
+                    offset: *offset,
+                    whose: *whose,
+                }),
                 Message::GateWait(_) | Message::RebootRequested | Message::WorkloadResumed => {}
             }
         }
@@ -234,6 +245,21 @@ pub(crate) struct AgentBoot {
     pub gates_passed: Vec<u8>,
     /// The verdict, in the boot that ended the agent's work.
     pub verdict: Option<Verdict>,
+    /// Pages of retrieved memfds that did not hold their own bytes.
+    pub found: Vec<FoundData>,
+}
+
+/// A page of a retrieved memfd that held other bytes ([`Message::DataFound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FoundData {
+    /// Session index of the memfd read.
+    pub session: u32,
+    /// File index of the memfd read.
+    pub file: u32,
+    /// Byte offset of the page.
+    pub offset: u64,
+    /// Whose bytes it held.
+    pub whose: luo_protocol::Whose,
 }
 
 impl AgentBoot {

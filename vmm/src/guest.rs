@@ -85,6 +85,8 @@ pub(crate) struct GuestOutcome {
     pub kernel_panic: Option<String>,
     /// Kernel lines that say it is in trouble (oops, BUG, WARNING, panic), the first few.
     pub kernel_trouble: Vec<String>,
+    /// The kernels' LUO and KHO console lines, the first few.
+    pub kernel_liveupdate: Vec<String>,
     /// When the VM started.
     pub started: Instant,
     /// vCPUs the VM had: every kernel of the run must bring all of them up.
@@ -101,6 +103,8 @@ pub(crate) fn is_kernel_panic(line: &str) -> bool {
 
 /// Most trouble lines kept per run.
 const MAX_TROUBLE_LINES: usize = 8;
+/// Most LUO/KHO lines kept per run.
+const MAX_LIVEUPDATE_LINES: usize = 32;
 
 /// Whether a console line says the kernel is in trouble: an oops, a BUG, a WARNING, a
 /// panic, list corruption. Like the panic line, it comes from the kernel, which has no
@@ -159,7 +163,8 @@ pub(crate) fn run_guest(
 
     let panic_line = Arc::new(Mutex::new(None::<String>));
     let trouble = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (seen, troubled) = (panic_line.clone(), trouble.clone());
+    let liveupdate = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (seen, troubled, lu) = (panic_line.clone(), trouble.clone(), liveupdate.clone());
     let console_observer: luo_devices::console::LineObserver = Arc::new(move |line: &str| {
         if is_kernel_panic(line) {
             seen.lock()
@@ -170,6 +175,12 @@ pub(crate) fn run_guest(
             let mut t = troubled.lock().unwrap_or_else(|e| e.into_inner());
             if t.len() < MAX_TROUBLE_LINES {
                 t.push(line.trim().to_owned());
+            }
+        }
+        if crate::handover::outcome::is_liveupdate_line(line) {
+            let mut l = lu.lock().unwrap_or_else(|e| e.into_inner());
+            if l.len() < MAX_LIVEUPDATE_LINES {
+                l.push(line.trim().to_owned());
             }
         }
     });
@@ -214,11 +225,14 @@ pub(crate) fn run_guest(
     }
     let kernel_panic = panic_line.lock().unwrap_or_else(|e| e.into_inner()).take();
     let kernel_trouble = std::mem::take(&mut *trouble.lock().unwrap_or_else(|e| e.into_inner()));
+    let kernel_liveupdate =
+        std::mem::take(&mut *liveupdate.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(GuestOutcome {
         exit,
         agent,
         kernel_panic,
         kernel_trouble,
+        kernel_liveupdate,
         started,
         vcpus,
         backend,
@@ -316,6 +330,7 @@ mod tests {
             agent,
             kernel_panic: panic.map(str::to_owned),
             kernel_trouble: vec![],
+            kernel_liveupdate: vec![],
             started: at,
             vcpus: 2,
             backend: KvmBackend::Hardware {

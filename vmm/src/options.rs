@@ -294,6 +294,11 @@ pub struct InterceptOptions {
     /// the interception).
     #[arg(long)]
     pub no_dirty_log: bool,
+    /// Write-protect every guest page at point-of-no-return, not only the preserved set, to
+    /// also count the scratch and other pages written during the kexec (costs O(guest
+    /// size) with the guest stopped; see docs/benchmarks.md).
+    #[arg(long, conflicts_with = "no_dirty_log")]
+    pub track_all_pages: bool,
     /// Save the KHO pages read at the first next-kernel-start, and what was parsed from
     /// them, as a luo-handover test fixture in this directory.
     #[arg(long)]

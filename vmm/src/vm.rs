@@ -16,6 +16,7 @@ use luo_devices::{
     Sink, COM1_IRQ, COM1_PORT, I8042_LEN, I8042_PORT, LEGACY_SINK_RANGES, PROBE_PORT, PROBE_PORTS,
 };
 use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -128,6 +129,8 @@ pub(crate) trait RunObserver: Send + Sync {
     /// what must happen before the guest's next instruction (arming a hook on the call
     /// the agent just announced).
     fn on_probe_now(&self, _ev: &ProbeEvent) {}
+    /// Every vCPU has stopped; the VM and its memory are still there.
+    fn on_stopped(&self, _vm_fd: &VmFd, _memory: &GuestMemoryMmap) {}
 }
 
 /// How a VM run ended.
@@ -167,6 +170,8 @@ enum VcpuReport {
 /// A VM ready to run.
 pub(crate) struct Vm {
     _kvm: Kvm,
+    /// Guest memory (the vCPUs hold it too); the observer reads it once they stopped.
+    memory: Arc<GuestMemoryMmap>,
     vm_fd: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     bus: PioBus,
@@ -246,6 +251,7 @@ impl Vm {
         }
         Ok(Self {
             _kvm: kvm,
+            memory,
             vm_fd,
             vcpus,
             bus: devices.bus,
@@ -299,6 +305,9 @@ impl Vm {
         }
         control.request_stop(cause);
         stop_vcpus(threads);
+        if let Some(o) = &self.observer {
+            o.on_stopped(&self.vm_fd, &self.memory);
+        }
         // Messages that arrived while the vCPUs stopped.
         for ev in self.probe.events.try_iter() {
             deliver(ev);

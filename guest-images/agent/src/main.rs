@@ -213,8 +213,17 @@ fn run(agent: &mut Agent) -> Result<()> {
             handover_stage1(agent, &m, round, cmdline, &luo)
         }
         (Workload::Handover(m), Stage::Two) => {
-            let luo = open_luo(agent)?;
-            handover_stage2(agent, &m, round, &luo)?;
+            let restored = open_luo(agent).and_then(|luo| {
+                handover_stage2(agent, &m, round, &luo)?;
+                Ok(luo)
+            });
+            let luo = match restored {
+                Ok(luo) => luo,
+                Err(e) => {
+                    leak_pressure(agent);
+                    return Err(e);
+                }
+            };
             if round < m.repeat {
                 handover_stage1(agent, &m, round, cmdline, &luo)
             } else {
@@ -334,6 +343,62 @@ fn handover_stage1(
     result
 }
 
+/// Page size of the memfds' pages.
+const PAGE: u64 = 4096;
+
+/// Memory pressure after a failed restore: 8 MiB at a time, up to three quarters of
+/// `MemAvailable` or for at most this long (an instruction-emulating KVM faults in about
+/// 1 MiB/s; hardware KVM reaches the full amount in well under a second).
+const PRESSURE_LIMIT: Duration = Duration::from_secs(30);
+const PRESSURE_CHUNK: usize = 8 << 20;
+
+/// After a failed restore, puts the kernel under memory pressure (up to three quarters
+/// of `MemAvailable`, faulted in and held, then freed; bounded by [`PRESSURE_LIMIT`]), so
+/// that preserved pages the kernel wrongly handed back to its allocator get written where
+/// luo-vmm's dirty log sees them ("leak, never reuse"). Announced afterwards as
+/// `pressure` with the bytes it reached.
+fn leak_pressure(agent: &mut Agent) {
+    let available = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| meminfo_kib(&t, "MemAvailable:"))
+        .unwrap_or(0);
+    let target = usize::try_from(available.saturating_mul(1024) / 4 * 3).unwrap_or(usize::MAX);
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    let mut reached = 0usize;
+    let mut error = None;
+    while reached < target && started.elapsed() < PRESSURE_LIMIT {
+        match sys::Populated::new(PRESSURE_CHUNK.min(target - reached)) {
+            Ok(m) => {
+                held.push(m);
+                reached += PRESSURE_CHUNK.min(target - reached);
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(held);
+    let bytes = u64::try_from(reached).unwrap_or(u64::MAX);
+    let _ = agent.probe.action(Action::Pressure, bytes, || Ok(()));
+    agent.log(&format!(
+        "memory pressure after the failed restore: {} of {} MiB in {:.1} s{}",
+        reached >> 20,
+        target >> 20,
+        started.elapsed().as_secs_f64(),
+        error.map_or(String::new(), |e| format!(" (stopped: {e})"))
+    ));
+}
+
+/// The value in KiB of `field` (e.g. `MemAvailable:`) in /proc/meminfo's text.
+fn meminfo_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Bytes of the next chunk when `left` bytes remain.
 pub(crate) fn chunk_len(left: u64) -> usize {
     usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK))
@@ -382,6 +447,22 @@ fn handover_stage2(agent: &mut Agent, m: &Memfds, round: u32, luo: &luo::Luo) ->
                     format!("read session {s} file {f} offset {offset}")
                 })?;
                 if let Some(bad) = pattern::check(seed, offset, &buf[..n]) {
+                    let page_at = bad.offset & !(PAGE - 1);
+                    let from = usize::try_from(page_at - offset).unwrap_or(0);
+                    let page = buf.get(from..n.min(from + 4096)).unwrap_or_default();
+                    let whose = pattern::whose(
+                        page,
+                        round.saturating_sub(1)..=round.saturating_add(1),
+                        m.sessions,
+                        m.files,
+                        m.memfd_size,
+                    );
+                    agent.send(Message::DataFound {
+                        session: s,
+                        file: f,
+                        offset: page_at,
+                        whose,
+                    });
                     return Err(Failure::new(
                         Step::Data,
                         format!(
@@ -551,6 +632,14 @@ fn run_selftest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meminfo_field_in_kib() {
+        let t = "MemTotal:         523896 kB\nMemFree:          300000 kB\nMemAvailable:     310000 kB\n";
+        assert_eq!(meminfo_kib(t, "MemAvailable:"), Some(310_000));
+        assert_eq!(meminfo_kib(t, "Cached:"), None);
+        assert_eq!(meminfo_kib("MemAvailable: lots", "MemAvailable:"), None);
+    }
 
     #[test]
     fn io_errors_keep_their_errno_and_step() {

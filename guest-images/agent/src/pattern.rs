@@ -66,9 +66,76 @@ pub fn check(seed: u64, offset: u64, buf: &[u8]) -> Option<Mismatch> {
     None
 }
 
+/// Page size the memfds' pages are matched in.
+const PAGE: u64 = 4096;
+
+/// Whose bytes `page` (one 4 KiB page read from a memfd) holds: the memfd pattern of
+/// some round in `rounds`, session below `sessions`, file below `files` and page offset
+/// below `size` whose whole page matches, or zeros, or neither. One hash per candidate
+/// page for the first word, then a full compare of the one that matches:
+/// O(rounds x sessions x files x size / 4 KiB).
+pub fn whose(
+    page: &[u8],
+    rounds: std::ops::RangeInclusive<u32>,
+    sessions: u32,
+    files: u32,
+    size: u64,
+) -> luo_protocol::Whose {
+    use luo_protocol::Whose;
+    if page.iter().all(|&b| b == 0) {
+        return Whose::Zeros;
+    }
+    let Some(first) = page.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return Whose::Unknown;
+    };
+    let first = u64::from_le_bytes(first);
+    for round in rounds {
+        for session in 0..sessions {
+            for file in 0..files {
+                let seed = seed(round, session, file);
+                let mut offset = 0;
+                while offset < size {
+                    if word(seed, offset / 8) == first && check(seed, offset, page).is_none() {
+                        return Whose::Pattern {
+                            round,
+                            session,
+                            file,
+                            offset,
+                        };
+                    }
+                    offset += PAGE;
+                }
+            }
+        }
+    }
+    Whose::Unknown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whose_names_the_memfd_and_offset_a_page_came_from() {
+        use luo_protocol::Whose;
+        let mut page = vec![0u8; 4096];
+        assert_eq!(whose(&page, 1..=1, 2, 2, 1 << 20), Whose::Zeros);
+        fill(seed(1, 1, 0), 0x3000, &mut page);
+        assert_eq!(
+            whose(&page, 0..=2, 2, 2, 1 << 20),
+            Whose::Pattern {
+                round: 1,
+                session: 1,
+                file: 0,
+                offset: 0x3000
+            }
+        );
+        // Beyond the memfds' size, or a round not asked about: nobody's.
+        assert_eq!(whose(&page, 0..=2, 2, 2, 0x3000), Whose::Unknown);
+        assert_eq!(whose(&page, 2..=3, 2, 2, 1 << 20), Whose::Unknown);
+        page[100] ^= 1;
+        assert_eq!(whose(&page, 0..=2, 2, 2, 1 << 20), Whose::Unknown);
+    }
 
     #[test]
     fn fill_then_check_passes() {

@@ -159,7 +159,8 @@ pub fn with_shared_mapping(
     Ok(())
 }
 
-/// Allocates `len` bytes of anonymous memory, writes one byte per page, frees it.
+/// Allocates `len` bytes of anonymous memory (faulted in by the kernel at once,
+/// `MAP_POPULATE`), writes one byte per page, frees it.
 pub fn touch_anonymous(len: u64) -> io::Result<()> {
     let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: a fresh private anonymous mapping; the result is checked below.
@@ -168,7 +169,7 @@ pub fn touch_anonymous(len: u64) -> io::Result<()> {
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_POPULATE,
             -1,
             0,
         )
@@ -186,4 +187,38 @@ pub fn touch_anonymous(len: u64) -> io::Result<()> {
     // SAFETY: unmaps exactly the mapping made above.
     unsafe { libc::munmap(addr, len) };
     Ok(())
+}
+
+/// Private anonymous memory faulted in at once (`MAP_POPULATE`), unmapped when dropped.
+pub struct Populated {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Populated {
+    /// Maps and faults in `len` bytes.
+    pub fn new(len: usize) -> io::Result<Populated> {
+        // SAFETY: a fresh private anonymous mapping; the result is checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Populated { addr, len })
+    }
+}
+
+impl Drop for Populated {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; nothing borrows it.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
 }

@@ -9,7 +9,9 @@ use std::time::Instant;
 use luo_devices::ProbeEvent;
 use luo_handover::budget::Budget;
 use luo_handover::digest::{DigestVerdict, ExtentDigests};
-use luo_handover::extents::{classify_dirty, DirtyBitmap, DirtyClassification, ExtentSet};
+use luo_handover::extents::{
+    classify_dirty, classify_tracked, DirtyBitmap, DirtyClassification, ExtentSet,
+};
 use luo_handover::kho::ScratchArea;
 use luo_handover::mem::RecordingMemory;
 use luo_handover::symbols::{KHO_OUT_FDT_OFFSET, SYM_KHO_OUT};
@@ -21,7 +23,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use super::guest_ram::LiveRam;
 use super::inject::{self, Injection};
 use crate::arch::paging::translate;
-use crate::dirty::{set_slots, take_bitmaps};
+use crate::dirty::{clear_log, enable_manual_protect, set_slots, take_bitmaps, SlotBitmap};
 use crate::options::InterceptOptions;
 use crate::report::{HookPart, HookTime};
 use crate::vcpu::run::HookAction;
@@ -51,6 +53,9 @@ pub struct RoundCapture {
     /// Each stop at a breakpoint this round: which, on which vCPU, how long, and what the
     /// time went to.
     pub hooks: Vec<HookTime>,
+    /// The leak check of the last round: the preserved pages (address, owner) the next
+    /// kernel wrote between its start and the end of the run, or why that is not known.
+    pub written_after: Option<Result<Vec<(u64, String)>, String>>,
 }
 
 /// The parts of the KHO state the report needs.
@@ -64,6 +69,30 @@ pub struct HandoverState {
     pub handover: Handover,
 }
 
+/// How the dirty log is kept (see [`crate::dirty`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum DirtyLog {
+    /// Not logging.
+    #[default]
+    Off,
+    /// `KVM_MEM_LOG_DIRTY_PAGES` switched on at point-of-no-return (every page
+    /// write-protected) and off at next-kernel-start.
+    WholeGuest,
+    /// Manual protection: logging on since the first point-of-no-return and kept on (it
+    /// costs nothing where no bit is cleared); each point-of-no-return clears the bits
+    /// of what is watched.
+    Manual,
+}
+
+/// The pages whose dirty bits were cleared at this round's point-of-no-return.
+#[derive(Debug)]
+enum Watched {
+    /// Every guest page.
+    AllPages,
+    /// The preserved set as the outgoing kernel had it.
+    Preserved(ExtentSet),
+}
+
 #[derive(Default)]
 struct State {
     marks: Vec<(Mark, Instant)>,
@@ -75,6 +104,12 @@ struct State {
     /// `--verify-digest`: the preserved extents' digests taken at point-of-no-return, or
     /// why there are none.
     before: Option<Result<ExtentDigests, String>>,
+    dirty_log: DirtyLog,
+    /// What this round's dirty log watches, once it is on.
+    watched: Option<Watched>,
+    /// The preserved set handed over at the last next-kernel-start, watched since then
+    /// for the leak check.
+    watched_after: Option<(Watched, ExtentSet)>,
     rounds: Vec<RoundCapture>,
     current: RoundCapture,
 }
@@ -146,20 +181,62 @@ impl Interceptor {
     fn point_of_no_return(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {
         s.in_kexec = true;
         let memory = at.vcpu.memory();
-        let dirty = set_slots(at.vm_fd, memory, true)
-            .and_then(|()| take_bitmaps(at.vm_fd, memory).map(drop));
-        if let Err(e) = dirty {
-            s.current.dirty = Some(Err(format!("cannot start dirty logging: {e}")));
-        }
-        parts.lap("dirty log on");
-        if self.options.verify_digest {
-            let preserved = self.outgoing_preserved_set(at);
+        let log = !self.options.no_dirty_log;
+        let track_preserved = log && !self.options.track_all_pages;
+        let outgoing = (self.options.verify_digest || track_preserved)
+            .then(|| self.outgoing_preserved_set(at));
+        if outgoing.is_some() {
             parts.lap("outgoing KHO state");
-            s.before = Some(preserved.and_then(|set| {
-                ExtentDigests::compute(&LiveRam(memory), &set, self.options.digest)
-                    .map_err(|e| format!("digest at point-of-no-return: {e}"))
-            }));
+        }
+        if self.options.verify_digest {
+            s.before = outgoing.as_ref().map(|set| {
+                set.as_ref().map_err(Clone::clone).and_then(|set| {
+                    ExtentDigests::compute(&LiveRam(memory), set, self.options.digest)
+                        .map_err(|e| format!("digest at point-of-no-return: {e}"))
+                })
+            });
             parts.lap("digest");
+        }
+        if log {
+            let tracked = outgoing.and_then(Result::ok).filter(|_| track_preserved);
+            match self.start_dirty_log(at, s, tracked) {
+                Ok(watched) => s.watched = Some(watched),
+                Err(e) => s.current.dirty = Some(Err(e)),
+            }
+            parts.lap("dirty log on");
+        }
+    }
+
+    /// Starts this round's dirty log: under manual protection (when KVM offers it and the
+    /// preserved set is known) only the pages of `tracked` are write-protected, otherwise
+    /// every page.
+    fn start_dirty_log(
+        &self,
+        at: &StoppedVcpu<'_>,
+        s: &mut State,
+        tracked: Option<ExtentSet>,
+    ) -> Result<Watched, String> {
+        let memory = at.vcpu.memory();
+        if s.dirty_log == DirtyLog::Off {
+            let manual = tracked.is_some() && enable_manual_protect(at.vm_fd);
+            set_slots(at.vm_fd, memory, true)
+                .map_err(|e| format!("cannot start dirty logging: {e}"))?;
+            s.dirty_log = if manual {
+                DirtyLog::Manual
+            } else {
+                DirtyLog::WholeGuest
+            };
+        }
+        match s.dirty_log {
+            DirtyLog::Manual => {
+                clear_log(at.vm_fd, memory, tracked.as_ref())
+                    .map_err(|e| format!("KVM_CLEAR_DIRTY_LOG: {e}"))?;
+                Ok(tracked.map_or(Watched::AllPages, Watched::Preserved))
+            }
+            // A fresh log is clean; reading it once more makes sure.
+            _ => take_bitmaps(at.vm_fd, memory)
+                .map(|_| Watched::AllPages)
+                .map_err(|e| format!("cannot start dirty logging: {e}")),
         }
     }
 
@@ -195,13 +272,8 @@ impl Interceptor {
     fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {
         s.in_kexec = false;
         let memory = at.vcpu.memory();
-        let logging = s.current.dirty.is_none();
-        let bitmaps = take_bitmaps(at.vm_fd, memory);
-        if logging {
-            if let Err(e) = set_slots(at.vm_fd, memory, false) {
-                log::warn!("cannot stop dirty logging: {e}");
-            }
-        }
+        let watched = s.watched.take();
+        let bitmaps = watched.as_ref().map(|_| take_bitmaps(at.vm_fd, memory));
         parts.lap("dirty log read");
         let live = LiveRam(memory);
         let state = self.read_handover(at);
@@ -209,14 +281,29 @@ impl Interceptor {
         let before = s.before.take();
         if let Ok(st) = &state {
             let scratch = st.handover.scratch_extents();
-            if s.current.dirty.is_none() {
+            if let (Some(watched), Some(bitmaps)) = (watched, bitmaps) {
                 s.current.dirty = Some(
                     bitmaps
-                        .map(|maps| merge_classifications(&maps, &st.extents.set, &scratch))
+                        .map(|maps| classify(&maps, &watched, &st.extents.set, &scratch))
                         .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
                 );
             }
             parts.lap("dirty ∩ extents");
+            // The leak check: the log stays on, now watching the set handed over.
+            if s.dirty_log != DirtyLog::Off {
+                let again = match s.dirty_log {
+                    DirtyLog::Manual => clear_log(at.vm_fd, memory, Some(&st.extents.set))
+                        .map(|_| Watched::Preserved(st.extents.set.clone())),
+                    _ => Ok(Watched::AllPages), // just read, and so cleared
+                };
+                match again {
+                    Ok(w) => s.watched_after = Some((w, st.extents.set.clone())),
+                    Err(e) => {
+                        s.current.written_after = Some(Err(format!("KVM_CLEAR_DIRTY_LOG: {e}")))
+                    }
+                }
+                parts.lap("leak check on");
+            }
             if let Some(before) = before {
                 s.current.digest = Some(before.and_then(|b| {
                     ExtentDigests::compute(&live, &st.extents.set, b.algorithm)
@@ -285,17 +372,30 @@ pub fn timeline_from(mut marks: Vec<(Mark, Instant)>, started: Instant) -> Timel
     timeline
 }
 
-fn merge_classifications(
-    maps: &[crate::dirty::SlotBitmap],
+/// Classifies every slot's bitmap against the preserved set handed over, by what was
+/// watched: with only the outgoing preserved set watched, its pages missing from the
+/// handed-over set are counted once as untracked.
+fn classify(
+    maps: &[SlotBitmap],
+    watched: &Watched,
     preserved: &ExtentSet,
     scratch: &ExtentSet,
 ) -> DirtyClassification {
     let mut all = DirtyClassification::default();
     for m in maps {
-        let c = classify_dirty(&DirtyBitmap::new(m.base, &m.words), preserved, scratch);
+        let bitmap = DirtyBitmap::new(m.base, &m.words);
+        let c = match watched {
+            Watched::AllPages => classify_dirty(&bitmap, preserved, scratch),
+            Watched::Preserved(tracked) => classify_tracked(&bitmap, preserved, tracked),
+        };
+        all.scope = c.scope;
         all.preserved.extend(c.preserved);
         all.scratch += c.scratch;
         all.other.extend(c.other);
+    }
+    if let Watched::Preserved(tracked) = watched {
+        all.scope = luo_handover::extents::DirtyScope::Preserved;
+        all.untracked = preserved.pages_outside(tracked);
     }
     all
 }
@@ -345,7 +445,37 @@ fn hook_names(slot: usize, in_kexec: bool) -> (&'static str, &'static str) {
     }
 }
 
+impl Interceptor {
+    /// The leak check's end: the preserved pages (of the last set handed over) written
+    /// since that next-kernel-start, with their owners, into the last round.
+    fn leak_check(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+        let mut s = self.lock();
+        let Some((watched, preserved)) = s.watched_after.take() else {
+            return;
+        };
+        let written = take_bitmaps(vm_fd, memory)
+            .map(|maps| {
+                classify(&maps, &watched, &preserved, &ExtentSet::default())
+                    .preserved
+                    .into_iter()
+                    .map(|page| {
+                        let owner = preserved.find(page).map_or("?", |e| e.owner);
+                        (page, owner.to_owned())
+                    })
+                    .collect()
+            })
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"));
+        if let Some(last) = s.rounds.last_mut() {
+            last.written_after = Some(written);
+        }
+    }
+}
+
 impl RunObserver for Interceptor {
+    fn on_stopped(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+        self.leak_check(vm_fd, memory);
+    }
+
     /// `liveupdate_reboot` and `machine_kexec` on every vCPU (the reboot may come from
     /// any CPU); `start_kernel` only on vCPU 0, the only CPU that runs it.
     fn breakpoints(&self, vcpu: u8) -> Vec<u64> {

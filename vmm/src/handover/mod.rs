@@ -5,6 +5,7 @@ pub(crate) mod capture;
 pub(crate) mod guest_ram;
 pub(crate) mod inject;
 pub(crate) mod intercept;
+pub(crate) mod outcome;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,6 +109,17 @@ pub(crate) fn run_workload(
         None
     };
     let observer = interceptor.clone().map(|i| i as Arc<dyn RunObserver>);
+    // An injected handover is judged `crashed` on a WARN too: make the kernel say so.
+    let injected_opts;
+    let opts = if intercept.inject.is_empty() {
+        opts
+    } else {
+        injected_opts = GuestOptions {
+            cmdline: format!("{} panic_on_warn=1", opts.cmdline),
+            ..opts.clone()
+        };
+        &injected_opts
+    };
     let outcome = run_guest(
         opts,
         guest,

@@ -22,6 +22,10 @@ use crate::agent::{AgentBoot, Totals};
 use crate::guest::{GuestOutcome, ResolvedGuest};
 use crate::handover::inject::InjectedWrite;
 use crate::handover::intercept::{Interception, RoundCapture};
+use crate::handover::outcome as judged;
+pub use crate::handover::outcome::{
+    InjectionOutcome, LeakCheck, Received, Verdict as InjectionVerdict, WrittenPage,
+};
 use crate::host::KvmBackend;
 use crate::options::GuestOptions;
 use crate::vm::VmExit;
@@ -118,6 +122,10 @@ pub struct RoundReport {
     /// Every write `--inject` made, with the field's value before and after.
     #[serde(default)]
     pub injections: Vec<InjectedWrite>,
+    /// The judged outcome of a round `--inject` wrote into: the verdict (crashed,
+    /// rejected, accepted, reused), what the agent and the kernel said, the leak check.
+    #[serde(default)]
+    pub outcome: Option<InjectionOutcome>,
     /// Every field of the KHO/LUO state parsed at next-kernel-start, before any injection:
     /// the paths `--inject PATH=VALUE` takes (JSON only; not in the text report).
     #[serde(default)]
@@ -572,6 +580,35 @@ fn handover_part(
     (r, list, errors)
 }
 
+/// The text of an injected round's outcome: the verdict line, what the agent got, the
+/// kernel's lines, the leak check.
+fn write_outcome(s: &mut String, o: &InjectionOutcome) {
+    let _ = writeln!(s, "verdict: {} ({})", o.verdict.name(), o.reason);
+    for line in &o.kernel {
+        let _ = writeln!(s, "  kernel: {line}");
+    }
+    match &o.leak {
+        Some(l) => {
+            let _ = writeln!(
+                s,
+                "leak check: {} of {} preserved pages not retrieved were written between next-kernel-start and the end of the run (after {} of memory pressure)",
+                l.written,
+                l.pages_checked,
+                human_bytes(l.pressure_bytes)
+            );
+            for p in &l.written_at {
+                let _ = writeln!(s, "  reused page: {:#x}  {}", p.gpa, p.owner);
+            }
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "leak check: not run (no dirty log after next-kernel-start)"
+            );
+        }
+    }
+}
+
 /// Builds the report of a run from what the guest did, what the interceptor saw, and
 /// what was asked.
 pub(crate) fn build_report(
@@ -661,6 +698,18 @@ pub(crate) fn build_report(
             failed_actions: failed_actions(&pair),
             injected: cap.and_then(|c| c.injected.clone()),
             injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
+            outcome: cap.filter(|c| !c.injection.writes.is_empty()).map(|c| {
+                judged::judge(&judged::Evidence {
+                    exit: &outcome.exit,
+                    kernel_panic: outcome.kernel_panic.as_deref(),
+                    kernel_trouble: &outcome.kernel_trouble,
+                    kernel_lines: &outcome.kernel_liveupdate,
+                    after,
+                    agent: after.and_then(|b| b.verdict).or(verdict),
+                    written_after: c.written_after.as_ref(),
+                    preserved: state.map(|st| &st.extents.set),
+                })
+            }),
             fields: state
                 .map(|st| field_entries(&st.handover))
                 .unwrap_or_default(),
@@ -835,6 +884,9 @@ pub(crate) fn render_text(report: &RunReport) -> String {
         if let Some(inj) = &r.injected {
             let _ = writeln!(s, "injected: {inj}");
         }
+        if let Some(o) = &r.outcome {
+            write_outcome(&mut s, o);
+        }
         for e in &r.errors {
             let _ = writeln!(s, "error: {e}");
         }
@@ -934,6 +986,7 @@ mod tests {
             agent,
             kernel_panic: None,
             kernel_trouble: vec![],
+            kernel_liveupdate: vec![],
             started: at,
             vcpus: 1,
             backend: KvmBackend::Emulated { why: "test".into() },
@@ -961,6 +1014,7 @@ mod tests {
                     preserved: vec![],
                     scratch: 10,
                     other: vec![],
+                    ..Default::default()
                 })),
                 ..RoundCapture::default()
             }],

@@ -290,6 +290,7 @@ mod tests {
                 failed_actions: vec![],
                 injected: None,
                 injections: vec![],
+                outcome: None,
                 fields: vec![],
                 invariants: vec![],
                 errors: vec![],

@@ -223,6 +223,10 @@ impl RunObserver for ScenarioObserver {
     fn on_probe_now(&self, ev: &ProbeEvent) {
         self.scheduler.on_probe(ev);
     }
+
+    fn on_stopped(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+        self.interceptor.on_stopped(vm_fd, memory);
+    }
 }
 
 /// What one run gave.
@@ -351,9 +355,10 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
     if let VmExit::Fatal { vcpu, exit } = &outcome.exit {
         kernel_trouble.push(format!("vCPU {vcpu}: {exit}"));
     }
-    let untouched = capture
-        .and_then(|c| c.dirty.as_ref())
-        .is_some_and(|d| d.as_ref().is_ok_and(|d| d.preserved.is_empty()));
+    let untouched = capture.and_then(|c| c.dirty.as_ref()).is_some_and(|d| {
+        d.as_ref()
+            .is_ok_and(|d| d.preserved.is_empty() && d.untracked == 0)
+    });
     RunFacts {
         handover_seen: capture.is_some(),
         handover_verified: untouched
