@@ -34,6 +34,14 @@ pub enum OptionsError {
         /// The path given.
         path: PathBuf,
     },
+    /// `--console-log FILE` cannot be opened for appending.
+    #[error("--console-log {}: {source}", path.display())]
+    ConsoleLog {
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be opened.
+        source: std::io::Error,
+    },
     /// `--source DIR` is not a kernel source tree.
     #[error("--source {}: {why}", path.display())]
     Source {
@@ -382,8 +390,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 impl GuestOptions {
-    /// Checks memory, vCPUs, that named files exist and that `--source` is a kernel
-    /// tree; runs nothing.
+    /// Checks memory, vCPUs, that named files exist, that `--console-log` can be opened
+    /// and that `--source` is a kernel tree; runs nothing.
     pub fn validate(&self) -> Result<(), OptionsError> {
         validate_size(self.mem)?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -398,6 +406,17 @@ impl GuestOptions {
                     });
                 }
             }
+        }
+        if let Some(path) = &self.console_log {
+            // Opened (and created) the way the console will open it, before any boot.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| OptionsError::ConsoleLog {
+                    path: path.clone(),
+                    source,
+                })?;
         }
         if let Some(dir) = &self.source {
             if let Some(why) = source_tree_problem(dir) {
@@ -519,6 +538,16 @@ mod tests {
             g.validate().unwrap_err().to_string(),
             "kernel /nonexistent does not exist"
         );
+        let Command::Boot(BootArgs { guest: g, .. }) =
+            cli(&["boot", "--console-log", "/nonexistent/dir/console.log"])
+        else {
+            panic!("not boot");
+        };
+        assert!(g
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--console-log /nonexistent/dir/console.log: "));
         let Command::Boot(BootArgs { guest: g, .. }) =
             cli(&["boot", "--mem", "1G", "--timeout", "5"])
         else {

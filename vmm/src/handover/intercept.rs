@@ -93,14 +93,22 @@ enum Watched {
     Preserved(ExtentSet),
 }
 
+/// The marks, behind a lock of their own: the main thread records probe marks here and
+/// must never wait for a vCPU thread's parse of guest data (which holds [`State`]), or
+/// `--timeout` could not end the run.
 #[derive(Default)]
-struct State {
+struct Marks {
     marks: Vec<(Mark, Instant)>,
-    /// Between point-of-no-return and next-kernel-start.
-    in_kexec: bool,
     /// The next userspace-up belongs to a handover (not to the first boot): set by
     /// reboot-requested.
     await_userspace: bool,
+}
+
+/// What the hooks work on (vCPU threads only).
+#[derive(Default)]
+struct State {
+    /// Between point-of-no-return and next-kernel-start.
+    in_kexec: bool,
     /// `--verify-digest`: the preserved extents' digests taken at point-of-no-return, or
     /// why there are none.
     before: Option<Result<ExtentDigests, String>>,
@@ -121,6 +129,7 @@ pub struct Interceptor {
     /// The first kernel's `kho_out` (virtual), or why it has none.
     kho_out_va: Result<u64, String>,
     options: InterceptOptions,
+    marks: Mutex<Marks>,
     state: Mutex<State>,
 }
 
@@ -160,6 +169,7 @@ impl Interceptor {
             boot_params_va,
             kho_out_va,
             options,
+            marks: Mutex::new(Marks::default()),
             state: Mutex::new(State::default()),
         }
     }
@@ -168,10 +178,20 @@ impl Interceptor {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn marks(&self) -> std::sync::MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a breakpoint's mark (a short lock of its own).
+    fn mark(&self, mark: Mark, at: Instant) {
+        self.marks().marks.push((mark, at));
+    }
+
     /// Everything captured, with times relative to `started`; call after the VM stopped.
     pub fn finish(&self, started: Instant) -> Interception {
+        let marks = std::mem::take(&mut self.marks().marks);
+        let timeline = timeline_from(marks, started);
         let mut s = self.lock();
-        let timeline = timeline_from(std::mem::take(&mut s.marks), started);
         Interception {
             timeline,
             rounds: std::mem::take(&mut s.rounds),
@@ -492,7 +512,7 @@ impl RunObserver for Interceptor {
         let Some(mark) = ev.item.as_ref().ok().and_then(|m| m.mark()) else {
             return;
         };
-        let mut s = self.lock();
+        let mut s = self.marks();
         match mark {
             Mark::RebootRequested => {
                 // The next userspace-up is the next kernel's.
@@ -515,14 +535,14 @@ impl RunObserver for Interceptor {
         let mut parts = Parts::new(hit);
         let mut round_done = false;
         match slot {
-            SLOT_SERIALIZE => s.marks.push((Mark::SerializeStart, hit)),
+            SLOT_SERIALIZE => self.mark(Mark::SerializeStart, hit),
             SLOT_POINT_OF_NO_RETURN => {
-                s.marks.push((Mark::PointOfNoReturn, hit));
+                self.mark(Mark::PointOfNoReturn, hit);
                 self.point_of_no_return(&at, &mut s, &mut parts);
             }
             // The first start_kernel is the first boot, not a handover.
             SLOT_START_KERNEL if s.in_kexec => {
-                s.marks.push((Mark::NextKernelStart, hit));
+                self.mark(Mark::NextKernelStart, hit);
                 self.next_kernel_start(&at, &mut s, &mut parts);
                 round_done = true;
             }
@@ -567,6 +587,31 @@ mod tests {
         parts.lap("b");
         let names: Vec<&str> = parts.parts.iter().map(|p| p.what.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn probe_marks_never_wait_for_a_hook_at_work() {
+        use std::sync::Arc;
+        let i = Arc::new(Interceptor::new(
+            [1, 2, 3],
+            Err("none".into()),
+            0,
+            InterceptOptions::default(),
+        ));
+        // A vCPU thread in a hook (parsing guest data) holds the state...
+        let _hook = i.lock();
+        // ...while the main thread delivers a probe mark: it must not block.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let main = i.clone();
+        std::thread::spawn(move || {
+            main.on_probe(&ProbeEvent {
+                item: Ok(luo_protocol::message::Message::RebootRequested),
+                at: Instant::now(),
+            });
+            let _ = tx.send(());
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        assert_eq!(i.marks().marks.len(), 1);
     }
 
     #[test]
