@@ -3,9 +3,11 @@
 //!
 //! - `crashed`: the next kernel panicked, oopsed or warned (luo-vmm boots injected runs
 //!   with `panic_on_warn=1`), a vCPU died (triple fault), or the guest hung;
-//! - `reused`: after a failed restore, a preserved page that no retrieved file owns was
-//!   written by the next kernel between its `start_kernel` and the end of the run (the
-//!   maintainers' policy is "leak, never reuse");
+//! - `reused`: after a failed restore, a preserved page that nothing retrieved accounts for
+//!   (LUO's header if a session was retrieved, a retrieved session's file blocks, a
+//!   retrieved file's record, metadata and data) was written by the next kernel between
+//!   its `start_kernel` and the end of the run (the maintainers' policy is "leak, never
+//!   reuse");
 //! - `rejected`: LUO refused cleanly: the call that failed in the agent, its errno, and
 //!   the kernel's LUO/KHO lines;
 //! - `accepted`: the next kernel took the bad record: the agent got its own bytes back,
@@ -19,6 +21,7 @@
 
 use luo_handover::extents::ExtentSet;
 use luo_protocol::message::{Action, Step, Verdict as AgentVerdict};
+use luo_protocol::workload::Memfds;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentBoot, FoundData};
@@ -163,29 +166,69 @@ fn is_refusal(step: Step) -> bool {
     )
 }
 
-/// Owners of the data pages of the memfds the agent retrieved (`memfd:<session>/<token>/data`
-/// labels end in `/<token>/data`).
-fn retrieved_suffixes(after: Option<&AgentBoot>) -> Vec<String> {
-    after
-        .map(|b| {
-            b.calls
-                .iter()
-                .filter(|c| c.action == Action::RetrieveFd)
-                .filter(|c| c.result.is_some_and(|(ret, errno)| ret >= 0 && errno == 0))
-                .map(|c| format!("/{:#x}/data", c.arg))
-                .collect()
-        })
-        .unwrap_or_default()
+/// What the agent got back from LUO in the next kernel: whose preserved pages are now the
+/// workload's (or freed by LUO as it should after a successful retrieval), and so not
+/// counted by the leak check.
+#[derive(Debug, Default)]
+struct Retrieved {
+    /// LUO's own state was taken (a session was retrieved): its header and session blocks.
+    luo: bool,
+    /// Names of the sessions retrieved: their file blocks.
+    sessions: Vec<String>,
+    /// Tokens of the files retrieved: their memfd record, metadata and data.
+    tokens: Vec<u64>,
+}
+
+impl Retrieved {
+    fn of(after: Option<&AgentBoot>) -> Retrieved {
+        let mut r = Retrieved::default();
+        let ok = |c: &&crate::agent::ActionCall| {
+            c.result.is_some_and(|(ret, errno)| ret >= 0 && errno == 0)
+        };
+        for c in after.iter().flat_map(|b| b.calls.iter()).filter(ok) {
+            match c.action {
+                Action::RetrieveSession => {
+                    r.luo = true;
+                    let index = u32::try_from(c.arg).unwrap_or(u32::MAX);
+                    r.sessions.push(Memfds::session_name(index).to_string());
+                }
+                Action::RetrieveFd => r.tokens.push(c.arg),
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// Whether a preserved extent of `owner` (labels of `LuoState::owned_ranges`) is
+    /// accounted for by what was retrieved.
+    fn owns(&self, owner: &str) -> bool {
+        if owner.starts_with("LUO") {
+            return self.luo;
+        }
+        if let Some(session) = owner
+            .strip_prefix("session:")
+            .and_then(|o| o.strip_suffix("/files"))
+        {
+            return self.sessions.iter().any(|s| s == session);
+        }
+        let Some(rest) = owner.strip_prefix("memfd:") else {
+            return false;
+        };
+        // memfd:<session>/<token>[/meta|/data]
+        let token = rest
+            .split('/')
+            .nth(1)
+            .and_then(|t| u64::from_str_radix(t.trim_start_matches("0x"), 16).ok());
+        token.is_some_and(|t| self.tokens.contains(&t))
+    }
 }
 
 /// The leak check over `preserved` less the retrieved files' data pages.
 fn leak_check(e: &Evidence<'_>) -> Option<LeakCheck> {
     let written = e.written_after?.as_ref().ok()?;
     let preserved = e.preserved?;
-    let retrieved = retrieved_suffixes(e.after);
-    let mine = |owner: &str| {
-        owner.starts_with("memfd:") && retrieved.iter().any(|s| owner.ends_with(s.as_str()))
-    };
+    let retrieved = Retrieved::of(e.after);
+    let mine = |owner: &str| retrieved.owns(owner);
     let pages_checked = preserved
         .iter()
         .filter(|x| !mine(x.owner))
@@ -446,7 +489,9 @@ mod tests {
         ));
         assert_eq!(o.verdict, Verdict::Reused);
         let leak = o.leak.unwrap();
-        assert_eq!((leak.pages_checked, leak.written), (3, 1));
+        // LUO's session block and session 0's memfd are accounted for; kho-fdt and
+        // session 1's page are not.
+        assert_eq!((leak.pages_checked, leak.written), (2, 1));
         assert_eq!(leak.written_at[0].gpa, 0x20000);
     }
 
@@ -518,6 +563,38 @@ mod tests {
         let o = judge(&evidence(&hung, None, None, None, &preserved));
         assert_eq!(o.verdict, Verdict::Crashed);
         assert!(o.reason.contains("hung"));
+    }
+
+    #[test]
+    fn what_a_retrieval_accounts_for() {
+        let boot = AgentBoot {
+            calls: vec![
+                call(Action::RetrieveSession, 1, 3, 0),
+                call(Action::RetrieveFd, 0x3e8, 4, 0),
+                call(Action::RetrieveFd, 0x3e9, -1, 2),
+            ],
+            ..AgentBoot::default()
+        };
+        let r = Retrieved::of(Some(&boot));
+        for owner in [
+            "LUO",
+            "LUO/sessions",
+            "session:luo-vmm-s1/files",
+            "memfd:luo-vmm-s1/0x3e8",
+            "memfd:luo-vmm-s1/0x3e8/meta",
+            "memfd:luo-vmm-s1/0x3e8/data",
+        ] {
+            assert!(r.owns(owner), "{owner}");
+        }
+        for owner in [
+            "kho-fdt",
+            "session:luo-vmm-s0/files",
+            "memfd:luo-vmm-s1/0x3e9/data",
+            "memfd:luo-vmm-s0/0x0/data",
+        ] {
+            assert!(!r.owns(owner), "{owner}");
+        }
+        assert!(!Retrieved::of(None).owns("LUO"));
     }
 
     #[test]

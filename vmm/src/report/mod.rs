@@ -584,6 +584,26 @@ fn handover_part(
 /// kernel's lines, the leak check.
 fn write_outcome(s: &mut String, o: &InjectionOutcome) {
     let _ = writeln!(s, "verdict: {} ({})", o.verdict.name(), o.reason);
+    match &o.received {
+        Some(Received::RightData) => {
+            let _ = writeln!(s, "received: every memfd's own bytes");
+        }
+        Some(Received::WrongData {
+            session,
+            file,
+            offset,
+            whose,
+        }) => {
+            let _ = writeln!(
+                s,
+                "received: session {session} file {file} offset {offset:#x} held {whose}"
+            );
+        }
+        Some(Received::WrongSize) => {
+            let _ = writeln!(s, "received: a memfd of another size");
+        }
+        None => {}
+    }
     for line in &o.kernel {
         let _ = writeln!(s, "  kernel: {line}");
     }
