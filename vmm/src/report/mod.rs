@@ -1182,6 +1182,15 @@ mod tests {
             "injected: luo.session[0].file[0].compatible at 0x276010: \"memfd-v2\" -> \"memfd-v3\""
         ));
         assert!(!text.contains("kho.data.fdt_addr"), "fields are JSON only");
+        // The injected round is judged: no agent message at all, so the agent never came
+        // up; no dirty log after next-kernel-start, so no leak check.
+        let judged = rr.outcome.as_ref().expect("an injected round has an outcome");
+        assert_eq!(judged.verdict, InjectionVerdict::Crashed);
+        assert!(
+            text.contains("verdict: crashed (the agent never came up in the next kernel)")
+                && text.contains("leak check: not run"),
+            "{text}"
+        );
         // An unknown path: a clear error of the round, nothing injected.
         let r = round("luo.session[0].file[0].compatibel='x'");
         let rr = &r.rounds[0];
