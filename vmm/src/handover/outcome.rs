@@ -3,11 +3,11 @@
 //!
 //! - `crashed`: the next kernel panicked, oopsed or warned (luo-vmm boots injected runs
 //!   with `panic_on_warn=1`), a vCPU died (triple fault), or the guest hung;
-//! - `reused`: after a failed restore, a preserved page that nothing retrieved accounts for
-//!   (LUO's header if a session was retrieved, a retrieved session's file blocks, a
-//!   retrieved file's record, metadata and data) was written by the next kernel between
-//!   its `start_kernel` and the end of the run (the maintainers' policy is "leak, never
-//!   reuse");
+//! - `reused`: after a failed restore, a page of preserved file state (a memfd's record,
+//!   folio arrays or contents) that no retrieved file accounts for was written by the
+//!   next kernel between its `start_kernel` and the end of the run (the maintainers'
+//!   policy is "leak, never reuse"); KHO's and LUO's own records, which the next kernel
+//!   consumes by design, are listed but not counted;
 //! - `rejected`: LUO refused cleanly: the call that failed in the agent, its errno, and
 //!   the kernel's LUO/KHO lines;
 //! - `accepted`: the next kernel took the bad record: the agent got its own bytes back,
@@ -86,13 +86,17 @@ pub struct WrittenPage {
 /// The leak check ("leak, never reuse").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeakCheck {
-    /// Preserved pages no retrieved file owns, watched from next-kernel-start to the end
-    /// of the run.
+    /// Pages of preserved file state (memfd records, folio arrays, contents) that nothing
+    /// retrieved accounts for, watched from next-kernel-start to the end of the run.
     pub pages_checked: u64,
     /// Those written (at most [`MAX_LISTED`] listed; `written` counts them all).
     pub written_at: Vec<WrittenPage>,
     /// How many were written.
     pub written: u64,
+    /// KHO and LUO records (not file state) written after next-kernel-start: consumed by
+    /// the next kernel by design, listed, never counted (at most [`MAX_LISTED`]).
+    #[serde(default)]
+    pub records_written: Vec<WrittenPage>,
     /// Bytes of memory pressure the agent applied before the end (0: none).
     pub pressure_bytes: u64,
 }
@@ -228,19 +232,25 @@ fn leak_check(e: &Evidence<'_>) -> Option<LeakCheck> {
     let written = e.written_after?.as_ref().ok()?;
     let preserved = e.preserved?;
     let retrieved = Retrieved::of(e.after);
-    let mine = |owner: &str| retrieved.owns(owner);
+    let checked = |owner: &str| is_file_state(owner) && !retrieved.owns(owner);
     let pages_checked = preserved
         .iter()
-        .filter(|x| !mine(x.owner))
+        .filter(|x| checked(x.owner))
         .map(|x| ExtentSet::from_ranges("", [(x.start, x.end)]).total_pages())
         .sum();
+    let page = |(gpa, owner): &(u64, String)| WrittenPage {
+        gpa: *gpa,
+        owner: owner.clone(),
+    };
     let hits: Vec<WrittenPage> = written
         .iter()
-        .filter(|(_, owner)| !mine(owner))
-        .map(|(gpa, owner)| WrittenPage {
-            gpa: *gpa,
-            owner: owner.clone(),
-        })
+        .filter(|(_, o)| checked(o))
+        .map(page)
+        .collect();
+    let records: Vec<WrittenPage> = written
+        .iter()
+        .filter(|(_, o)| !is_file_state(o))
+        .map(page)
         .collect();
     let pressure_bytes = e
         .after
@@ -250,8 +260,19 @@ fn leak_check(e: &Evidence<'_>) -> Option<LeakCheck> {
         pages_checked,
         written: hits.len() as u64,
         written_at: hits.into_iter().take(MAX_LISTED).collect(),
+        records_written: records.into_iter().take(MAX_LISTED).collect(),
         pressure_bytes,
     })
+}
+
+/// Whether a preserved extent of `owner` is a file's state (a memfd's record, folio
+/// arrays or contents: what a retrieval hands to user space), as opposed to the KHO and
+/// LUO records the next kernel consumes whatever happens (`kho`, `kho-fdt`,
+/// `kexec-metadata`, `LUO`, `LUO/...`, `session:<name>/files`: Linux 7.2 frees `luo_ser`
+/// with `kho_restore_free()` in `liveupdate_early_init()` on every boot, and the block
+/// pages with `kho_block_set_destroy()`).
+fn is_file_state(owner: &str) -> bool {
+    owner.starts_with("memfd:")
 }
 
 fn received(after: Option<&AgentBoot>, agent: Option<AgentVerdict>) -> Option<Received> {
@@ -307,7 +328,7 @@ pub(crate) fn judge(e: &Evidence<'_>) -> InjectionOutcome {
         (
             Verdict::Reused,
             format!(
-                "{} of {} preserved pages not retrieved were written after the failed restore",
+                "{} of {} pages of preserved file state not retrieved were written after the failed restore",
                 l.written, l.pages_checked
             ),
         )
@@ -439,7 +460,8 @@ mod tests {
             ],
             ..AgentBoot::default()
         };
-        let written = Ok(vec![]);
+        // LUO's session block written: a record the kernel consumes, listed, not counted.
+        let written = Ok(vec![(0x30000, "LUO/sessions".to_owned())]);
         let exit = VmExit::Reset;
         let o = judge(&evidence(
             &exit,
@@ -456,11 +478,12 @@ mod tests {
             o.reason
         );
         let leak = o.leak.unwrap();
-        // Nothing retrieved: every page counts (1 + 2 + 1 + 1).
+        // Nothing retrieved: every memfd page counts (2 + 1), no record does.
         assert_eq!(
             (leak.pages_checked, leak.written, leak.pressure_bytes),
-            (5, 0, 200 << 20)
+            (3, 0, 200 << 20)
         );
+        assert_eq!(leak.records_written[0].owner, "LUO/sessions");
     }
 
     #[test]
@@ -489,9 +512,8 @@ mod tests {
         ));
         assert_eq!(o.verdict, Verdict::Reused);
         let leak = o.leak.unwrap();
-        // LUO's session block and session 0's memfd are accounted for; kho-fdt and
-        // session 1's page are not.
-        assert_eq!((leak.pages_checked, leak.written), (2, 1));
+        // Session 0's memfd is accounted for; session 1's page is not.
+        assert_eq!((leak.pages_checked, leak.written), (1, 1));
         assert_eq!(leak.written_at[0].gpa, 0x20000);
     }
 

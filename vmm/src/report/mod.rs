@@ -611,13 +611,20 @@ fn write_outcome(s: &mut String, o: &InjectionOutcome) {
         Some(l) => {
             let _ = writeln!(
                 s,
-                "leak check: {} of {} preserved pages not retrieved were written between next-kernel-start and the end of the run (after {} of memory pressure)",
+                "leak check: {} of {} pages of preserved file state not retrieved were written between next-kernel-start and the end of the run (after {} of memory pressure)",
                 l.written,
                 l.pages_checked,
                 human_bytes(l.pressure_bytes)
             );
             for p in &l.written_at {
                 let _ = writeln!(s, "  reused page: {:#x}  {}", p.gpa, p.owner);
+            }
+            for p in &l.records_written {
+                let _ = writeln!(
+                    s,
+                    "  record page written (KHO/LUO state the next kernel consumes; not counted): {:#x}  {}",
+                    p.gpa, p.owner
+                );
             }
         }
         None => {
@@ -1184,7 +1191,10 @@ mod tests {
         assert!(!text.contains("kho.data.fdt_addr"), "fields are JSON only");
         // The injected round is judged: no agent message at all, so the agent never came
         // up; no dirty log after next-kernel-start, so no leak check.
-        let judged = rr.outcome.as_ref().expect("an injected round has an outcome");
+        let judged = rr
+            .outcome
+            .as_ref()
+            .expect("an injected round has an outcome");
         assert_eq!(judged.verdict, InjectionVerdict::Crashed);
         assert!(
             text.contains("verdict: crashed (the agent never came up in the next kernel)")
