@@ -260,8 +260,14 @@ fn run(agent: &mut Agent) -> Result<()> {
 
 /// Opens `/dev/liveupdate`, with a log line.
 fn open_luo(agent: &mut Agent) -> Result<luo::Luo> {
-    let luo = luo::Luo::open().at(Step::OpenLuo, || {
-        "open /dev/liveupdate (is liveupdate=1 on the kernel command line?)".into()
+    let opened = luo::Luo::open();
+    let absent = matches!(&opened, Err(e) if e.kind() == io::ErrorKind::NotFound);
+    let luo = opened.at(Step::OpenLuo, || {
+        if absent {
+            "open /dev/liveupdate (is liveupdate=1 on the kernel command line?)".into()
+        } else {
+            "open /dev/liveupdate".into()
+        }
     })?;
     agent.log("opened /dev/liveupdate");
     Ok(luo)
