@@ -308,10 +308,11 @@ pub(crate) fn judge(e: &Evidence<'_>) -> InjectionOutcome {
     kernel.extend(e.kernel_lines.iter().take(8).cloned());
     let (agent_step, agent_errno) =
         failed.map_or((None, 0), |v| (Some(v.step.name().to_owned()), v.errno));
-    let crash = if let Some(p) = e.kernel_panic {
-        Some(p.to_owned())
-    } else if let Some(t) = e.kernel_trouble.first() {
+    // The first trouble line says what went wrong (a panic line usually follows it).
+    let crash = if let Some(t) = e.kernel_trouble.first() {
         Some(t.clone())
+    } else if let Some(p) = e.kernel_panic {
+        Some(p.to_owned())
     } else {
         match e.exit {
             VmExit::Fatal { vcpu, exit } => Some(format!("vCPU {vcpu}: {exit}")),
