@@ -1,6 +1,7 @@
 //! The interception of a live update from outside the guest: hardware breakpoints on
 //! the old kernel's `liveupdate_reboot` and `machine_kexec` and the next kernel's
-//! `start_kernel`, dirty-page logging between the last two, and the reading of the KHO
+//! `start_kernel`, dirty-page logging of the preserved set between the last two (and, for
+//! the leak check, from `start_kernel` to the end of the run), and the reading of the KHO
 //! state the next kernel is handed, all while the vCPU is stopped at the breakpoint.
 
 use std::sync::Mutex;
