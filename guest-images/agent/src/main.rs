@@ -213,17 +213,23 @@ fn run(agent: &mut Agent) -> Result<()> {
             handover_stage1(agent, &m, round, cmdline, &luo)
         }
         (Workload::Handover(m), Stage::Two) => {
-            let restored = open_luo(agent).and_then(|luo| {
-                handover_stage2(agent, &m, round, &luo)?;
-                Ok(luo)
-            });
-            let luo = match restored {
+            let luo = match open_luo(agent) {
                 Ok(luo) => luo,
                 Err(e) => {
                     leak_pressure(agent);
                     return Err(e);
                 }
             };
+            let mut held = Retrieved::default();
+            if let Err(e) = handover_stage2(agent, &m, round, &luo, &mut held) {
+                // What was retrieved stays open under the pressure: only the kernel's own
+                // handling of the failure can free preserved memory (closing a retrieved
+                // session or file is user space discarding it).
+                leak_pressure(agent);
+                drop(held);
+                return Err(e);
+            }
+            drop(held);
             if round < m.repeat {
                 handover_stage1(agent, &m, round, cmdline, &luo)
             } else {
@@ -410,9 +416,23 @@ pub(crate) fn chunk_len(left: u64) -> usize {
     usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK))
 }
 
-/// Stage 2: retrieve every session and memfd, check every byte, finish the sessions.
-/// `round` is the number of handovers done before this boot (the one just done included).
-fn handover_stage2(agent: &mut Agent, m: &Memfds, round: u32, luo: &luo::Luo) -> Result<()> {
+/// The sessions and memfds stage 2 retrieved, open until dropped.
+#[derive(Default)]
+struct Retrieved {
+    sessions: Vec<luo::Session>,
+    files: Vec<File>,
+}
+
+/// Stage 2: retrieve every session and memfd (into `held`), check every byte, finish the
+/// sessions. `round` is the number of handovers done before this boot (the one just done
+/// included).
+fn handover_stage2(
+    agent: &mut Agent,
+    m: &Memfds,
+    round: u32,
+    luo: &luo::Luo,
+    held: &mut Retrieved,
+) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut bytes = 0u64;
     for s in 0..m.sessions {
@@ -423,6 +443,10 @@ fn handover_stage2(agent: &mut Agent, m: &Memfds, round: u32, luo: &luo::Luo) ->
                 luo.retrieve_session(name.as_str())
             })
             .at(Step::RetrieveSession, || format!("retrieve session {name}"))?;
+        held.sessions.push(session);
+        let Some(session) = held.sessions.last() else {
+            continue;
+        };
         for f in 0..m.files {
             let token = Memfds::token(s, f);
             let fd: OwnedFd = agent
@@ -431,7 +455,10 @@ fn handover_stage2(agent: &mut Agent, m: &Memfds, round: u32, luo: &luo::Luo) ->
                 .at(Step::RetrieveFd, || {
                     format!("retrieve session {s} file {f} (token {token})")
                 })?;
-            let mut file = File::from(fd);
+            held.files.push(File::from(fd));
+            let Some(file) = held.files.last_mut() else {
+                continue;
+            };
             let len = file
                 .metadata()
                 .at(Step::Size, || format!("fstat session {s} file {f}"))?
