@@ -166,10 +166,21 @@ fn out_dir() -> PathBuf {
     dir
 }
 
+/// What one VM's report says.
+#[derive(Debug, Clone)]
+struct VmRun {
+    /// Its handovers that have a blackout.
+    samples: Vec<Sample>,
+    /// The report's `verified` (never with `--no-intercept`: nothing checks the KHO state).
+    verified: bool,
+    /// Host time luo-vmm held the guest stopped in its hooks, all handovers together.
+    hook: Duration,
+}
+
 /// Runs one VM with `repeat` handovers of `cfg`, its JSON report and console as
-/// `dir/label.json` and `dir/label.console`, and returns the handovers luo-vmm measured
-/// (possibly fewer than `repeat`), or why there is no report.
-fn run_vm(cfg: &Config, dir: &Path, label: &str, repeat: usize) -> Result<Vec<Sample>, String> {
+/// `dir/label.json` and `dir/label.console`, and returns what its report says (possibly
+/// fewer handovers than `repeat`), or why there is no report.
+fn run_vm(cfg: &Config, dir: &Path, label: &str, repeat: usize) -> Result<VmRun, String> {
     let json = dir.join(format!("{label}.json"));
     let _ = std::fs::remove_file(&json);
     // The console goes to a file (follow it with tail -f to see the handovers go by).
@@ -208,7 +219,7 @@ fn run_vm(cfg: &Config, dir: &Path, label: &str, repeat: usize) -> Result<Vec<Sa
         .status()
         .expect("cannot run luo-vmm");
     let report = read_json(&json).map_err(|e| format!("{label}: {status}: {e}"))?;
-    Ok(report
+    let samples = report
         .rounds
         .iter()
         .filter_map(|r| {
@@ -222,13 +233,20 @@ fn run_vm(cfg: &Config, dir: &Path, label: &str, repeat: usize) -> Result<Vec<Sa
                     .collect(),
             })
         })
-        .collect())
+        .collect();
+    Ok(VmRun {
+        samples,
+        verified: report.verified,
+        hook: Duration::from_nanos(report.rounds.iter().map(|r| r.hook_ns).sum()),
+    })
 }
 
 /// Runs one VM with `SAMPLES` handovers of `cfg` and returns what luo-vmm measured.
 fn run(cfg: &Config) -> Vec<Sample> {
     let dir = out_dir();
-    let samples = run_vm(cfg, &dir, cfg.name, SAMPLES).expect("no readable JSON report");
+    let samples = run_vm(cfg, &dir, cfg.name, SAMPLES)
+        .expect("no readable JSON report")
+        .samples;
     assert!(
         samples.len() >= SAMPLES,
         "{}: luo-vmm measured {} of {SAMPLES} handovers; see {}",
@@ -322,16 +340,21 @@ fn intercept_ratio(c: &mut Criterion) {
                 (&off_cfg, "off")
             };
             let label = format!("{vm:02}-{side}");
-            let blackouts: Vec<Duration> = match run_vm(cfg, &dir, &label, repeat) {
-                Ok(s) => s.iter().map(|x| x.blackout).collect(),
+            let (blackouts, verified, hook) = match run_vm(cfg, &dir, &label, repeat) {
+                Ok(r) => (
+                    r.samples.iter().map(|x| x.blackout).collect::<Vec<_>>(),
+                    r.verified,
+                    r.hook,
+                ),
                 Err(e) => {
                     eprintln!("handover_e2e: {RATIO}: {e}; this VM's handovers are left out");
-                    Vec::new()
+                    (Vec::new(), false, Duration::ZERO)
                 }
             };
             eprintln!(
                 "handover_e2e: {RATIO}: {label} ({:.0?} since the start): {} of {repeat} \
-                 handovers measured, blackouts {:?}",
+                 handovers measured, blackouts {:?}, verified {verified}, luo-vmm held the \
+                 guest {hook:?}",
                 started.elapsed(),
                 blackouts.len(),
                 blackouts
@@ -356,11 +379,12 @@ fn intercept_ratio(c: &mut Criterion) {
                 r.n_den
             );
             println!(
-                "  mean blackout on {}, off {}; Fieller's interval, Welch df {:.1}; {pairs} \
-                 pairs of VMs x {repeat} handovers in {:.0?} wall",
+                "  mean blackout on {}, off {}; Fieller's interval, Welch df {:.1}; {} VMs \
+                 ({pairs} on/off pairs) x {repeat} handovers in {:.0?} wall",
                 human(r.mean_num),
                 human(r.mean_den),
                 r.df,
+                2 * pairs,
                 wall
             );
         }
@@ -422,6 +446,9 @@ fn write_table_and_picture() {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     reports.sort();
+    if reports.is_empty() {
+        return;
+    }
     let svg = dir.join("phases.svg");
     let status = Command::new(LUO_VMM)
         .arg("report")
