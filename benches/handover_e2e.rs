@@ -109,8 +109,9 @@ const ALL: [Config; 7] = [
 const RATIO: &str = "intercept-ratio";
 /// The confidence level of the ratio's interval.
 const CONFIDENCE: f64 = 0.95;
-/// The workload every configuration shares: guest memory and vCPUs.
+/// Guest memory of every VM (`--mem`).
 const MEM: &str = "1G";
+/// vCPUs of every VM (`--vcpus`).
 const VCPUS: &str = "1";
 
 /// What `LUO_E2E` asks for: the configurations, and whether the interleaved
