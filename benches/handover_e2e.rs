@@ -8,6 +8,12 @@
 //! default "quick" matrix there takes hours (see README); pick a matrix with
 //! `LUO_E2E=quick|full|<name>,<name>,...` (names below).
 //!
+//! `LUO_E2E=intercept-ratio` measures the interception's own cost as one number: VMs of
+//! the `1M` workload with the interception on and off (`--no-intercept`) alternate in ABBA
+//! order in this one process (`LUO_E2E_PAIRS` pairs, default 3, of `LUO_E2E_REPEAT`
+//! handovers each, default 2), and the bench prints the ratio of the mean blackouts with
+//! its 95% confidence interval (`luo_vmm::report::stats::ratio_of_means`).
+//!
 //!     cargo bench -p luo-vmm --bench handover_e2e
 //!
 //! Afterwards the JSON reports of every run are in target/luo-e2e/; the bench prints their
@@ -15,12 +21,14 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, BenchmarkId, Criterion, SamplingMode};
+use luo_handover::timeline::human_duration;
 use luo_vmm::report::read_json;
+use luo_vmm::report::stats::ratio_of_means;
 
 const LUO_VMM: &str = env!("CARGO_BIN_EXE_luo-vmm");
 /// Criterion's minimum sample count, plus the one warm-up call.
@@ -38,7 +46,11 @@ struct Config {
     name: &'static str,
     sessions: u32,
     memfd_size: &'static str,
+    /// Breakpoints and dirty logging (off: `--no-intercept`, the agent's marks only).
     intercept: bool,
+    /// KVM's dirty log during the kexec (off: `--no-dirty-log`); `--no-intercept` logs
+    /// none either way.
+    dirty_log: bool,
 }
 
 const ALL: [Config; 7] = [
@@ -47,56 +59,99 @@ const ALL: [Config; 7] = [
         sessions: 1,
         memfd_size: "1M",
         intercept: true,
+        dirty_log: true,
     },
     Config {
         name: "16M",
         sessions: 1,
         memfd_size: "16M",
         intercept: true,
+        dirty_log: true,
     },
     Config {
         name: "128M",
         sessions: 1,
         memfd_size: "128M",
         intercept: true,
+        dirty_log: true,
     },
     Config {
         name: "8-sessions",
         sessions: 8,
         memfd_size: "1M",
         intercept: true,
+        dirty_log: true,
     },
     Config {
         name: "32-sessions",
         sessions: 32,
         memfd_size: "1M",
         intercept: true,
+        dirty_log: true,
     },
     Config {
         name: "1M-no-intercept",
         sessions: 1,
         memfd_size: "1M",
         intercept: false,
+        dirty_log: false,
     },
     Config {
         name: "1M-no-dirty-log",
         sessions: 1,
         memfd_size: "1M",
         intercept: true,
+        dirty_log: false,
     },
 ];
 
-fn matrix() -> Vec<Config> {
+/// The interleaved measurement of the interception's cost (`LUO_E2E=intercept-ratio`).
+const RATIO: &str = "intercept-ratio";
+/// The confidence level of the ratio's interval.
+const CONFIDENCE: f64 = 0.95;
+/// Guest memory of every VM (`--mem`).
+const MEM: &str = "1G";
+/// vCPUs of every VM (`--vcpus`).
+const VCPUS: &str = "1";
+
+/// What `LUO_E2E` asks for: the configurations, and whether the interleaved
+/// interception ratio too.
+fn selection() -> (Vec<Config>, bool) {
     let choice = std::env::var("LUO_E2E").unwrap_or_else(|_| "quick".into());
     let names: Vec<&str> = match choice.as_str() {
-        "full" => ALL.iter().map(|c| c.name).collect(),
+        "full" => ALL.iter().map(|c| c.name).chain([RATIO]).collect(),
         "quick" => vec!["1M", "16M", "8-sessions", "1M-no-intercept"],
         list => list.split(',').collect(),
     };
-    ALL.iter()
+    for n in &names {
+        if *n != RATIO && !ALL.iter().any(|c| c.name == *n) {
+            eprintln!("handover_e2e: LUO_E2E names no configuration {n:?}; ignored");
+        }
+    }
+    let configs = ALL
+        .iter()
         .copied()
         .filter(|c| names.contains(&c.name))
-        .collect()
+        .collect();
+    (configs, names.contains(&RATIO))
+}
+
+/// The configuration called `name` in [`ALL`].
+fn config(name: &str) -> Config {
+    *ALL.iter()
+        .find(|c| c.name == name)
+        .expect("a configuration of ALL")
+}
+
+/// A positive count from the environment variable `var`, `default` when unset.
+fn env_count(var: &str, default: usize) -> usize {
+    match std::env::var(var) {
+        Err(_) => default,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("{var}={v:?}: want a positive whole number"),
+        },
+    }
 }
 
 /// One handover as luo-vmm measured it.
@@ -112,13 +167,27 @@ fn out_dir() -> PathBuf {
     dir
 }
 
-/// Runs one VM with `SAMPLES` handovers of `cfg` and returns what luo-vmm measured.
-fn run(cfg: &Config) -> Vec<Sample> {
-    let json = out_dir().join(format!("{}.json", cfg.name));
+/// What one VM's report says.
+#[derive(Debug, Clone)]
+struct VmRun {
+    /// Its handovers that have a blackout.
+    samples: Vec<Sample>,
+    /// The report's `verified` (never with `--no-intercept`: nothing checks the KHO state).
+    verified: bool,
+    /// Host time luo-vmm held the guest stopped in its hooks, all handovers together.
+    hook: Duration,
+}
+
+/// Runs one VM with `repeat` handovers of `cfg`, its JSON report and console as
+/// `dir/label.json` and `dir/label.console`, and returns what its report says (possibly
+/// fewer handovers than `repeat`), or why there is no report.
+fn run_vm(cfg: &Config, dir: &Path, label: &str, repeat: usize) -> Result<VmRun, String> {
+    let json = dir.join(format!("{label}.json"));
+    let _ = std::fs::remove_file(&json);
     // The console goes to a file (follow it with tail -f to see the handovers go by).
-    let console = out_dir().join(format!("{}.console", cfg.name));
+    let console = dir.join(format!("{label}.console"));
     let _ = std::fs::remove_file(&console);
-    let repeat = SAMPLES.to_string();
+    let repeat = repeat.to_string();
     let sessions = cfg.sessions.to_string();
     let mut args = vec![
         "handover",
@@ -130,7 +199,9 @@ fn run(cfg: &Config) -> Vec<Sample> {
         "--repeat",
         &repeat,
         "--mem",
-        "1G",
+        MEM,
+        "--vcpus",
+        VCPUS,
         "--timeout",
         "20000",
         "--json",
@@ -140,17 +211,16 @@ fn run(cfg: &Config) -> Vec<Sample> {
     ];
     if !cfg.intercept {
         args.push("--no-intercept");
-    }
-    if cfg.name.ends_with("no-dirty-log") {
+    } else if !cfg.dirty_log {
         args.push("--no-dirty-log");
     }
-    eprintln!("handover_e2e: {}: luo-vmm {}", cfg.name, args.join(" "));
+    eprintln!("handover_e2e: {label}: luo-vmm {}", args.join(" "));
     let status = Command::new(LUO_VMM)
         .args(&args)
         .status()
         .expect("cannot run luo-vmm");
-    let report = read_json(&json).expect("no readable JSON report");
-    let samples: Vec<Sample> = report
+    let report = read_json(&json).map_err(|e| format!("{label}: {status}: {e}"))?;
+    let samples = report
         .rounds
         .iter()
         .filter_map(|r| {
@@ -165,12 +235,25 @@ fn run(cfg: &Config) -> Vec<Sample> {
             })
         })
         .collect();
+    Ok(VmRun {
+        samples,
+        verified: report.verified,
+        hook: Duration::from_nanos(report.rounds.iter().map(|r| r.hook_ns).sum()),
+    })
+}
+
+/// Runs one VM with `SAMPLES` handovers of `cfg` and returns what luo-vmm measured.
+fn run(cfg: &Config) -> Vec<Sample> {
+    let dir = out_dir();
+    let samples = run_vm(cfg, &dir, cfg.name, SAMPLES)
+        .expect("no readable JSON report")
+        .samples;
     assert!(
         samples.len() >= SAMPLES,
-        "{}: luo-vmm measured {} of {SAMPLES} handovers ({status}); see {}",
+        "{}: luo-vmm measured {} of {SAMPLES} handovers; see {}",
         cfg.name,
         samples.len(),
-        json.display()
+        dir.join(format!("{}.json", cfg.name)).display()
     );
     samples
 }
@@ -188,8 +271,13 @@ fn samples(cfg: &Config) -> Vec<Sample> {
     })
 }
 
-/// Feeds criterion the measured durations: each call consumes the next `iters` samples.
+/// Feeds criterion the measured durations: each call consumes the next `iters` samples
+/// (cycling through them when there are fewer than criterion's 10 samples plus warm-up).
 fn bench_measured(c: &mut Criterion, group: &str, id: &str, values: Vec<Duration>) {
+    if values.is_empty() {
+        eprintln!("handover_e2e: {group}/{id}: nothing measured, nothing for criterion");
+        return;
+    }
     let mut g = c.benchmark_group(group);
     g.sample_size(SAMPLES - 1)
         .sampling_mode(SamplingMode::Flat)
@@ -214,9 +302,107 @@ fn mean(v: &[Duration]) -> f64 {
     v.iter().map(Duration::as_secs_f64).sum::<f64>() / v.len().max(1) as f64
 }
 
+/// A duration in seconds as luo-vmm's reports write it.
+fn human(secs: f64) -> String {
+    human_duration(
+        Duration::from_secs_f64(secs)
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    )
+}
+
+/// The interception's cost as one number: `LUO_E2E_PAIRS` pairs of VMs, the same workload
+/// as `1M` with the interception on (`1M`) and off (`1M-no-intercept`), run one after
+/// the other in ABBA order (on, off, off, on, on, off, ...) so that a load drifting
+/// slowly weighs on both alike, each VM doing `LUO_E2E_REPEAT` handovers. Prints the ratio
+/// of the mean blackouts, on / off, with its Fieller interval, and feeds criterion both
+/// sets. Reports and consoles go to target/luo-e2e/intercept-ratio/.
+fn intercept_ratio(c: &mut Criterion) {
+    let pairs = env_count("LUO_E2E_PAIRS", 3);
+    let repeat = env_count("LUO_E2E_REPEAT", 2);
+    let (on_cfg, off_cfg) = (config("1M"), config("1M-no-intercept"));
+    let dir = out_dir().join(RATIO);
+    std::fs::create_dir_all(&dir).expect("cannot create target/luo-e2e/intercept-ratio");
+    let started = Instant::now();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    let mut vm = 0;
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for intercept in order {
+            vm += 1;
+            let (cfg, side) = if intercept {
+                (&on_cfg, "on")
+            } else {
+                (&off_cfg, "off")
+            };
+            let label = format!("{vm:02}-{side}");
+            let (blackouts, verified, hook) = match run_vm(cfg, &dir, &label, repeat) {
+                Ok(r) => (
+                    r.samples.iter().map(|x| x.blackout).collect::<Vec<_>>(),
+                    r.verified,
+                    r.hook,
+                ),
+                Err(e) => {
+                    eprintln!("handover_e2e: {RATIO}: {e}; this VM's handovers are left out");
+                    (Vec::new(), false, Duration::ZERO)
+                }
+            };
+            eprintln!(
+                "handover_e2e: {RATIO}: {label} ({:.0?} since the start): {} of {repeat} \
+                 handovers measured, blackouts {:?}, verified {verified}, luo-vmm held the \
+                 guest {hook:?}",
+                started.elapsed(),
+                blackouts.len(),
+                blackouts
+            );
+            if intercept { &mut on } else { &mut off }.extend(blackouts);
+        }
+    }
+    let wall = started.elapsed();
+    bench_measured(c, "blackout", &format!("{RATIO}/on"), on.clone());
+    bench_measured(c, "blackout", &format!("{RATIO}/off"), off.clone());
+    let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>();
+    match ratio_of_means(&secs(&on), &secs(&off), CONFIDENCE) {
+        Ok(r) => {
+            println!(
+                "interception on/off blackout ratio: {:.3} ({:.0}% CI {:.3}-{:.3}; {} handovers \
+                 on, {} off, interleaved ABBA)",
+                r.ratio,
+                r.confidence * 100.0,
+                r.low,
+                r.high,
+                r.n_num,
+                r.n_den
+            );
+            println!(
+                "  mean blackout on {}, off {}; Fieller's interval, Welch df {:.1}; {} VMs \
+                 ({pairs} on/off pairs) x {repeat} handovers in {:.0?} wall",
+                human(r.mean_num),
+                human(r.mean_den),
+                r.df,
+                2 * pairs,
+                wall
+            );
+        }
+        Err(e) => println!(
+            "interception on/off blackout ratio: not computed: {e} ({} handovers on, {} off, \
+             interleaved ABBA, {:.0?} wall)",
+            on.len(),
+            off.len(),
+            wall
+        ),
+    }
+}
+
 fn handover_e2e(c: &mut Criterion) {
+    let (configs, ratio) = selection();
     let mut blackout_means: HashMap<&str, f64> = HashMap::new();
-    for cfg in matrix() {
+    for cfg in configs {
         let s = samples(&cfg);
         let blackouts: Vec<Duration> = s.iter().map(|x| x.blackout).collect();
         blackout_means.insert(cfg.name, mean(&blackouts));
@@ -238,9 +424,13 @@ fn handover_e2e(c: &mut Criterion) {
         blackout_means.get("1M-no-intercept"),
     ) {
         println!(
-            "interception overhead: blackout with breakpoints + dirty log / without = {:.3}",
+            "interception overhead (1M / 1M-no-intercept, separate VMs, not interleaved): \
+             blackout with breakpoints + dirty log / without = {:.3}",
             on / off
         );
+    }
+    if ratio {
+        intercept_ratio(c);
     }
     write_table_and_picture();
 }
@@ -257,6 +447,9 @@ fn write_table_and_picture() {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     reports.sort();
+    if reports.is_empty() {
+        return;
+    }
     let svg = dir.join("phases.svg");
     let status = Command::new(LUO_VMM)
         .arg("report")

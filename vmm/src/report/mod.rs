@@ -3,6 +3,7 @@
 //! verdict. It is what `--json` writes and what the tests and `luo-vmm report` read back
 //! (`serde`), and what the text report renders.
 
+pub mod stats;
 pub(crate) mod table;
 
 use std::fmt::Write as _;
