@@ -360,7 +360,7 @@ const PAGE: u64 = 4096;
 
 /// Memory pressure after a failed restore: 8 MiB at a time, up to three quarters of
 /// `MemAvailable` or for at most this long (an instruction-emulating KVM faults in about
-/// 1 MiB/s; hardware KVM reaches the full amount in well under a second).
+/// 1 MiB/s; on hardware KVM the full amount should take well under the limit).
 const PRESSURE_LIMIT: Duration = Duration::from_secs(30);
 const PRESSURE_CHUNK: usize = 8 << 20;
 
