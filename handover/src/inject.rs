@@ -70,6 +70,9 @@ pub enum InjectError {
     /// Not `PATH=VALUE` nor a whole-injection short name.
     #[error("--inject {0:?}: expected PATH=VALUE (see docs/faults.md) or {CORRUPT_KHO_FDT}")]
     NoValue(String),
+    /// A one-segment path that is no short name (every field path has two or more).
+    #[error("--inject: {0:?} is not a short name ({names}) nor a field path (PART.FIELD...; see docs/faults.md)", names = short_names())]
+    UnknownShortName(String),
     /// The spec is longer than [`MAX_SPEC_LEN`].
     #[error("--inject: spec of {0} bytes is longer than {MAX_SPEC_LEN}")]
     TooLong(usize),
@@ -258,10 +261,15 @@ impl InjectSpec {
             .split_once('=')
             .ok_or_else(|| InjectError::NoValue(given.clone()))?;
         let path = path.trim();
-        let path = ALIASES
-            .iter()
-            .find(|(short, _)| *short == path)
-            .map_or(path, |(_, long)| long);
+        let alias = ALIASES.iter().find(|(short, _)| *short == path);
+        let one_name = !path.is_empty()
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if alias.is_none() && one_name {
+            return Err(InjectError::UnknownShortName(path.to_owned()));
+        }
+        let path = alias.map_or(path, |(_, long)| long);
         check_path(path)?;
         Ok(InjectSpec {
             given,
@@ -422,6 +430,13 @@ fn padded(f: &Field, b: &[u8]) -> Result<(Vec<u8>, Value), InjectError> {
 }
 
 /// Checks the syntax of a path: segments `name` or `name[index]`, separated by `.`.
+/// The short names, comma-separated (for error messages).
+fn short_names() -> String {
+    let mut names: Vec<&str> = ALIASES.iter().map(|(short, _)| *short).collect();
+    names.push(CORRUPT_KHO_FDT);
+    names.join(", ")
+}
+
 fn check_path(path: &str) -> Result<(), InjectError> {
     let bad = |why| InjectError::BadPath {
         path: path.to_owned(),
@@ -804,6 +819,10 @@ mod tests {
         assert!(err("luo.x=selfish").contains("self+N"));
         assert!(err("luo.x=@a..b").contains("bad path"));
         assert!(err(&"x".repeat(MAX_SPEC_LEN + 1)).contains("longer than"));
+        // A misspelt short name is refused here, not after a boot.
+        assert!(err("nosuch=1").contains("is not a short name (fdt-magic"));
+        assert!(err("corrupt-kho-fdt=1").contains("is not a short name"));
+        assert!(InjectSpec::parse("token=+1").is_ok());
     }
 
     #[test]

@@ -176,10 +176,13 @@ pub struct PagesWritten {
     /// Preserved pages that were not write-protected (must be 0 for a proof).
     #[serde(default)]
     pub untracked: u64,
-    /// Pages written in the KHO scratch areas (expected: kexec segments, early boot).
-    pub scratch: u64,
-    /// Pages written in neither.
-    pub other: u64,
+    /// Pages written in the KHO scratch areas (expected: kexec segments, early boot);
+    /// `None` when they were not watched (scope [`DirtyScope::Preserved`]).
+    #[serde(default)]
+    pub scratch: Option<u64>,
+    /// Pages written in neither; `None` when they were not watched.
+    #[serde(default)]
+    pub other: Option<u64>,
     /// Guest-physical addresses of the preserved pages written.
     pub preserved_at: Vec<u64>,
     /// The owner of each of `preserved_at`, in the same order.
@@ -197,8 +200,8 @@ impl PagesWritten {
             scope: c.scope,
             preserved: c.preserved.len() as u64,
             untracked: c.untracked,
-            scratch: c.scratch,
-            other: c.other.len() as u64,
+            scratch: (c.scope == DirtyScope::AllPages).then_some(c.scratch),
+            other: (c.scope == DirtyScope::AllPages).then_some(c.other.len() as u64),
             preserved_at: c.preserved.clone(),
             preserved_owner: c
                 .preserved
@@ -364,7 +367,9 @@ impl fmt::Display for HandoverReport {
                     DirtyScope::AllPages => writeln!(
                         s,
                         "written pages: preserved {}, scratch {}, other {}",
-                        p.preserved, p.scratch, p.other
+                        p.preserved,
+                        p.scratch.unwrap_or(0),
+                        p.other.unwrap_or(0)
                     ),
                     DirtyScope::Preserved => writeln!(
                         s,
@@ -593,6 +598,8 @@ mod tests {
         };
         let only = r.clone().with_dirty(&tracked, &preserved);
         assert!(only.intact);
+        let v: serde_json::Value = serde_json::from_str(&only.to_json()).unwrap();
+        assert!(v["pages_written"]["scratch"].is_null() && v["pages_written"]["other"].is_null());
         let text = only.to_string();
         assert!(
             text.contains("written pages: preserved 0 (only the preserved set")

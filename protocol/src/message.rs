@@ -81,7 +81,7 @@ impl fmt::Display for Whose {
                 offset,
             } => write!(
                 f,
-                "session {session} file {file} offset {offset:#x} (written in round {round})"
+                "session {session} file {file} offset {offset:#x} (as written for handover {round})"
             ),
             Whose::Zeros => f.write_str("zeros"),
             Whose::Unknown => f.write_str("bytes of no memfd of the workload"),

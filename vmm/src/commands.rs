@@ -85,11 +85,13 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
         Command::Handover(args) => {
             args.guest.validate()?;
             let workload = args.workload()?;
+            args.intercept.validate(&workload)?;
             run_and_report(&args.guest, &args.intercept, workload)
         }
         Command::Selftest(args) => {
             args.guest.validate()?;
             let workload = args.workload()?;
+            args.intercept.validate(&workload)?;
             run_and_report(&args.guest, &args.intercept, workload)
         }
         Command::Report(args) => {

@@ -42,6 +42,24 @@ pub enum OptionsError {
         /// Why it cannot be opened.
         source: std::io::Error,
     },
+    /// `--json FILE` cannot be written.
+    #[error("--json {}: {source}", path.display())]
+    Json {
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be created.
+        source: std::io::Error,
+    },
+    /// An option that acts on a handover, for a workload that has none.
+    #[error("{option}: {workload} does not hand over (it is single-stage), so there is nothing to {what}")]
+    NoHandover {
+        /// The option.
+        option: &'static str,
+        /// The workload's name.
+        workload: String,
+        /// What the option does.
+        what: &'static str,
+    },
     /// `--source DIR` is not a kernel source tree.
     #[error("--source {}: {why}", path.display())]
     Source {
@@ -247,8 +265,8 @@ pub struct GuestOptions {
     /// Number of vCPUs (1 to 8).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
-    /// Give up after this many seconds.
-    #[arg(long)]
+    /// Give up after this many seconds (at least 1; default: never).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: Option<u64>,
     /// Also write the guest console to this file.
     #[arg(long)]
@@ -292,7 +310,7 @@ pub struct InterceptOptions {
     /// Also compare digests of every preserved extent at point-of-no-return (the set the
     /// outgoing kernel's KHO FDT names, read through `kho_out`) and at next-kernel-start (the
     /// set handed over): host time and memory follow the preserved bytes, not guest size.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_intercept")]
     pub verify_digest: bool,
     /// The hash of `--verify-digest`: xxh3 (XXH3-128, memory speed) or sha256
     /// (cryptographic, about 15x slower).
@@ -305,7 +323,7 @@ pub struct InterceptOptions {
     /// Write-protect every guest page at point-of-no-return, not only the preserved set, to
     /// also count the scratch and other pages written during the kexec (costs O(guest
     /// size) with the guest stopped; see docs/benchmarks.md).
-    #[arg(long, conflicts_with = "no_dirty_log")]
+    #[arg(long, conflicts_with_all = ["no_dirty_log", "no_intercept"])]
     pub track_all_pages: bool,
     /// Save the KHO pages read at the first next-kernel-start, and what was parsed from
     /// them, as a luo-handover test fixture in this directory.
@@ -319,7 +337,7 @@ pub struct InterceptOptions {
     /// (or a short name: compatible, file-count, block-next, folio-count, folio-pfn, ...),
     /// VALUE a number, +N/-N, @PATH (an address), $PATH (a value), self, bytes:HEX or
     /// "text"; or corrupt-kho-fdt (the FDT header). See docs/faults.md.
-    #[arg(long, value_name = "PATH=VALUE", value_parser = parse_inject)]
+    #[arg(long, value_name = "PATH=VALUE", value_parser = parse_inject, conflicts_with = "no_intercept")]
     pub inject: Vec<InjectSpec>,
     /// Write the report as JSON to this file.
     #[arg(long)]
@@ -387,6 +405,44 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| {
         format!("invalid size {s:?}: expected a number with an optional K, M, G or T suffix")
     })
+}
+
+impl InterceptOptions {
+    /// Checks, before any boot, what only makes sense with a handover and that `--json`
+    /// can be written (the file is created empty now and written at the end).
+    pub fn validate(&self, workload: &Workload) -> Result<(), OptionsError> {
+        if !workload.hands_over() {
+            let no_handover = |option, what| OptionsError::NoHandover {
+                option,
+                workload: match workload {
+                    Workload::Selftest(t) => format!("selftest {}", t.name()),
+                    _ => "this workload".to_owned(),
+                },
+                what,
+            };
+            if !self.inject.is_empty() {
+                return Err(no_handover("--inject", "inject into"));
+            }
+            if self.verify_digest {
+                return Err(no_handover("--verify-digest", "verify"));
+            }
+            if self.track_all_pages {
+                return Err(no_handover("--track-all-pages", "track"));
+            }
+        }
+        if let Some(path) = &self.json {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|source| OptionsError::Json {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
 }
 
 impl GuestOptions {
@@ -548,6 +604,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("--console-log /nonexistent/dir/console.log: "));
+        assert!(Cli::try_parse_from(["luo-vmm", "boot", "--timeout", "0"]).is_err());
+    }
+
+    #[test]
+    fn handover_options_are_checked_before_a_boot() {
+        let intercept = |args: &[&str]| {
+            let mut all = vec!["luo-vmm"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Selftest(s)) => {
+                    let w = s.workload().unwrap();
+                    s.intercept.validate(&w).map_err(|e| e.to_string())
+                }
+                Ok(Command::Handover(h)) => {
+                    let w = h.workload().unwrap();
+                    h.intercept.validate(&w).map_err(|e| e.to_string())
+                }
+                Ok(_) => unreachable!(),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let e = intercept(&["selftest", "liveupdate", "--inject", "token=+1"]).unwrap_err();
+        assert!(
+            e.contains("--inject: selftest liveupdate does not hand over"),
+            "{e}"
+        );
+        assert!(intercept(&["selftest", "liveupdate", "--verify-digest"]).is_err());
+        assert!(intercept(&["selftest", "luo_kexec_simple", "--verify-digest"]).is_ok());
+        for clash in [
+            ["--no-intercept", "--inject=token=+1"],
+            ["--no-intercept", "--verify-digest"],
+            ["--no-intercept", "--track-all-pages"],
+            ["--no-dirty-log", "--track-all-pages"],
+        ] {
+            let mut args = vec!["handover"];
+            args.extend(clash);
+            assert!(intercept(&args)
+                .unwrap_err()
+                .contains("cannot be used with"));
+        }
+        let e = intercept(&["handover", "--json", "/nonexistent/dir/x.json"]).unwrap_err();
+        assert!(e.starts_with("--json /nonexistent/dir/x.json: "), "{e}");
         let Command::Boot(BootArgs { guest: g, .. }) =
             cli(&["boot", "--mem", "1G", "--timeout", "5"])
         else {

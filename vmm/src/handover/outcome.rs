@@ -349,8 +349,10 @@ pub(crate) fn judge(e: &Evidence<'_>) -> InjectionOutcome {
                 session,
                 file,
                 offset,
-                whose,
-            } => format!("session {session} file {file} offset {offset:#x} held {whose}"),
+                ..
+            } => format!(
+                "the agent read bytes not its own at session {session} file {file} offset {offset:#x}"
+            ),
             Received::WrongSize => "a memfd came back with another size".to_owned(),
         };
         (Verdict::Accepted, what)
@@ -545,9 +547,15 @@ mod tests {
         ));
         assert_eq!(o.verdict, Verdict::Accepted);
         assert!(
-            o.reason.contains("held session 1 file 0 offset 0x0"),
+            o.reason
+                .contains("not its own at session 0 file 0 offset 0x3000"),
             "{}",
             o.reason
+        );
+        assert!(
+            matches!(&o.received, Some(Received::WrongData { whose, .. }) if whose.starts_with("session 1 file 0 offset 0x0")),
+            "{:?}",
+            o.received
         );
         assert!(o.leak.is_none());
     }

@@ -603,7 +603,9 @@ fn write_outcome(s: &mut String, o: &InjectionOutcome) {
         Some(Received::WrongSize) => {
             let _ = writeln!(s, "received: a memfd of another size");
         }
-        None => {}
+        None => {
+            let _ = writeln!(s, "received: no memfd (none was retrieved and read)");
+        }
     }
     for line in &o.kernel {
         let _ = writeln!(s, "  kernel: {line}");
