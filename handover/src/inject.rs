@@ -70,6 +70,9 @@ pub enum InjectError {
     /// Not `PATH=VALUE` nor a whole-injection short name.
     #[error("--inject {0:?}: expected PATH=VALUE (see docs/faults.md) or {CORRUPT_KHO_FDT}")]
     NoValue(String),
+    /// A whole-injection short name given a value.
+    #[error("--inject {0:?}: {CORRUPT_KHO_FDT} takes no =VALUE (it writes the FDT header's magic and totalsize)")]
+    NoValueWanted(String),
     /// A one-segment path that is no short name (every field path has two or more).
     #[error("--inject: {0:?} is not a short name ({names}) nor a field path (PART.FIELD...; see docs/faults.md)", names = short_names())]
     UnknownShortName(String),
@@ -266,6 +269,9 @@ impl InjectSpec {
             && path
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if path == CORRUPT_KHO_FDT {
+            return Err(InjectError::NoValueWanted(given));
+        }
         if alias.is_none() && one_name {
             return Err(InjectError::UnknownShortName(path.to_owned()));
         }
@@ -821,7 +827,7 @@ mod tests {
         assert!(err(&"x".repeat(MAX_SPEC_LEN + 1)).contains("longer than"));
         // A misspelt short name is refused here, not after a boot.
         assert!(err("nosuch=1").contains("is not a short name (fdt-magic"));
-        assert!(err("corrupt-kho-fdt=1").contains("is not a short name"));
+        assert!(err("corrupt-kho-fdt=1").contains("takes no =VALUE"));
         assert!(InjectSpec::parse("token=+1").is_ok());
     }
 
