@@ -127,16 +127,16 @@ fn workloads_out_of_bounds_fail_before_any_guest_boots() {
     for (args, needle) in [
         (
             &["handover", "--files", "100000"][..],
-            "files 100000 is out of range",
+            "--files 100000 is out of range",
         ),
         (
             &["handover", "--sessions", "0"],
-            "sessions 0 is out of range",
+            "--sessions 0 is out of range",
         ),
-        (&["handover", "--repeat", "0"], "repeat 0 is out of range"),
+        (&["handover", "--repeat", "0"], "--repeat 0 is out of range"),
         (
             &["handover", "--memfd-size", "0"],
-            "memfd_size 0 is out of range",
+            "--memfd-size 0 is out of range",
         ),
         (
             &["selftest", "no_such_test"],

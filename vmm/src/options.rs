@@ -71,6 +71,16 @@ pub enum OptionsError {
     /// The workload is out of bounds.
     #[error("{0}")]
     Workload(#[from] WorkloadError),
+    /// A workload option outside its bounds.
+    #[error("{option} {value} is out of range: 1 to {max}")]
+    OutOfRange {
+        /// The option, as typed (`--files`).
+        option: String,
+        /// The value given.
+        value: u64,
+        /// The largest allowed.
+        max: u64,
+    },
     /// The workload's data does not fit in the guest.
     #[error(
         "{bytes} bytes of memfds do not fit in a guest of {mem} bytes (at most half of it); \
@@ -508,7 +518,16 @@ impl HandoverArgs {
             memfd_size: self.memfd_size,
             repeat: self.repeat,
         }
-        .validate()?;
+        .validate()
+        .map_err(|e| match e {
+            // Named as the user typed it.
+            WorkloadError::OutOfRange { what, value, max } => OptionsError::OutOfRange {
+                option: format!("--{}", what.replace('_', "-")),
+                value,
+                max,
+            },
+            other => OptionsError::Workload(other),
+        })?;
         if m.total_bytes() > self.guest.mem / 2 {
             return Err(OptionsError::TooMuchData {
                 bytes: m.total_bytes(),
@@ -550,17 +569,17 @@ mod tests {
         let msg = |args: &[&str]| handover(args).unwrap_err().to_string();
         assert_eq!(
             msg(&["--files", "100000"]),
-            "files 100000 is out of range: 1 to 999"
+            "--files 100000 is out of range: 1 to 999"
         );
         assert_eq!(
             msg(&["--sessions", "0"]),
-            "sessions 0 is out of range: 1 to 1000"
+            "--sessions 0 is out of range: 1 to 1000"
         );
         assert_eq!(
             msg(&["--repeat", "0"]),
-            "repeat 0 is out of range: 1 to 1000"
+            "--repeat 0 is out of range: 1 to 1000"
         );
-        assert!(msg(&["--memfd-size", "0"]).starts_with("memfd_size 0 is out of range"));
+        assert!(msg(&["--memfd-size", "0"]).starts_with("--memfd-size 0 is out of range"));
         assert!(msg(&["--memfd-size", "300M"]).contains("do not fit in a guest"));
         assert!(handover(&["--sessions", "3", "--files", "2", "--memfd-size", "8M"]).is_ok());
         let Command::Selftest(s) = cli(&["selftest", "no_such_test"]) else {
