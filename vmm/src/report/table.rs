@@ -24,6 +24,9 @@ pub struct RunSummary {
     pub blackout_ns: u64,
     /// Which KVM.
     pub kvm: String,
+    /// The verdicts of its injected rounds (`reused`, `rejected`, ...), distinct, in
+    /// order; empty when nothing was injected.
+    pub verdicts: Vec<String>,
 }
 
 /// The exact mean of `values` (nanoseconds), rounded down; 0 for none. Summed in `u128`, so
@@ -73,9 +76,17 @@ pub fn summarize(report: &RunReport) -> RunSummary {
         Ok(Workload::Scenario) => ("scenario".to_owned(), 0),
         Err(e) => (format!("unknown workload ({e})"), 0),
     };
+    let mut verdicts: Vec<String> = Vec::new();
+    for v in report.rounds.iter().filter_map(|r| r.outcome.as_ref()) {
+        let name = v.verdict.name().to_owned();
+        if !verdicts.contains(&name) {
+            verdicts.push(name);
+        }
+    }
     RunSummary {
         label,
         bytes,
+        verdicts,
         handovers: complete.len(),
         blackout_ns: mean(complete.iter().filter_map(|r| r.blackout_ns)),
         phases,
@@ -111,14 +122,29 @@ pub fn table(runs: &[RunSummary]) -> String {
     for n in &names {
         let _ = write!(s, " {n:>16}");
     }
-    let _ = writeln!(s, " {:>12}", "blackout");
+    let _ = writeln!(s, " {:>12}  verdict", "blackout");
     for r in runs {
         let _ = write!(s, "{:<32} {:>4} {:>9}", r.label, r.handovers, r.kvm);
+        // A phase (or blackout) no handover of the run had is "-", not 0 ns.
         for n in &names {
-            let d = r.phases.iter().find(|(p, _)| p == n).map_or(0, |(_, d)| *d);
-            let _ = write!(s, " {:>16}", human_duration(d));
+            let d = r.phases.iter().find(|(p, _)| p == n).map(|(_, d)| *d);
+            let _ = write!(
+                s,
+                " {:>16}",
+                d.map_or_else(|| "-".to_owned(), human_duration)
+            );
         }
-        let _ = writeln!(s, " {:>12}", human_duration(r.blackout_ns));
+        let blackout = if r.handovers == 0 {
+            "-".to_owned()
+        } else {
+            human_duration(r.blackout_ns)
+        };
+        let verdict = if r.verdicts.is_empty() {
+            "-".to_owned()
+        } else {
+            r.verdicts.join(",")
+        };
+        let _ = writeln!(s, " {blackout:>12}  {verdict}");
     }
     s
 }
@@ -342,6 +368,28 @@ mod tests {
         assert_eq!(s.label, "2x1x1.0MiB");
         let t = table(std::slice::from_ref(&s));
         assert!(t.contains("kexec-jump") && t.contains("2x1x1.0MiB"));
+        assert!(t.lines().nth(1).is_some_and(|l| l.ends_with("  -")), "{t}");
+        // A run without a complete handover shows "-" for what it lacks, and a verdict.
+        let mut none = report(1 << 20, &[]);
+        none.rounds = report(1 << 20, &[(100, 300)]).rounds;
+        none.rounds[0].handover.blackout_ns = None;
+        none.rounds[0].outcome = Some(crate::report::InjectionOutcome {
+            verdict: crate::report::InjectionVerdict::Reused,
+            reason: String::new(),
+            agent_step: None,
+            agent_errno: 0,
+            received: None,
+            kernel: vec![],
+            leak: None,
+        });
+        let t = table(&[summarize(&none), s.clone()]);
+        let row = t
+            .lines()
+            .find(|l| l.starts_with("2x1x1.0MiB") && l.contains("reused"));
+        assert!(
+            row.is_some_and(|l| l.contains(" -") && !l.contains("0 ns")),
+            "{t}"
+        );
         // Durations near u64::MAX neither overflow nor saturate the means.
         let big = summarize(&report(
             1,
