@@ -163,29 +163,12 @@ pub fn with_shared_mapping(
 /// `MAP_POPULATE`), writes one byte per page, frees it.
 pub fn touch_anonymous(len: u64) -> io::Result<()> {
     let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: a fresh private anonymous mapping; the result is checked below.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_POPULATE,
-            -1,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+    let mapping = Populated::new(len)?;
+    for off in (0..len).step_by(4096) {
+        // SAFETY: `off < len`: inside the mapping, which lives until the end of this
+        // function and which nothing else aliases.
+        unsafe { mapping.addr.cast::<u8>().add(off).write_volatile(1) };
     }
-    let page = 4096;
-    let mut off = 0;
-    while off < len {
-        // SAFETY: `off < len`: inside the mapping made above.
-        unsafe { addr.cast::<u8>().add(off).write_volatile(1) };
-        off += page;
-    }
-    // SAFETY: unmaps exactly the mapping made above.
-    unsafe { libc::munmap(addr, len) };
     Ok(())
 }
 

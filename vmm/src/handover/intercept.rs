@@ -117,8 +117,8 @@ struct State {
     /// What this round's dirty log watches, once it is on.
     watched: Option<Watched>,
     /// The preserved set handed over at the last next-kernel-start, watched since then
-    /// for the leak check.
-    watched_after: Option<(Watched, ExtentSet)>,
+    /// for the leak check (its bits cleared there, whichever way the log is kept).
+    watched_after: Option<ExtentSet>,
     rounds: Vec<RoundCapture>,
     current: RoundCapture,
 }
@@ -313,12 +313,11 @@ impl Interceptor {
             // The leak check: the log stays on, now watching the set handed over.
             if s.dirty_log != DirtyLog::Off {
                 let again = match s.dirty_log {
-                    DirtyLog::Manual => clear_log(at.vm_fd, memory, Some(&st.extents.set))
-                        .map(|_| Watched::Preserved(st.extents.set.clone())),
-                    _ => Ok(Watched::AllPages), // just read, and so cleared
+                    DirtyLog::Manual => clear_log(at.vm_fd, memory, Some(&st.extents.set)),
+                    _ => Ok(0), // just read, and so cleared
                 };
                 match again {
-                    Ok(w) => s.watched_after = Some((w, st.extents.set.clone())),
+                    Ok(_) => s.watched_after = Some(st.extents.set.clone()),
                     Err(e) => {
                         s.current.written_after = Some(Err(format!("KVM_CLEAR_DIRTY_LOG: {e}")))
                     }
@@ -409,7 +408,6 @@ fn classify(
             Watched::AllPages => classify_dirty(&bitmap, preserved, scratch),
             Watched::Preserved(tracked) => classify_tracked(&bitmap, preserved, tracked),
         };
-        all.scope = c.scope;
         all.preserved.extend(c.preserved);
         all.scratch += c.scratch;
         all.other.extend(c.other);
@@ -471,14 +469,13 @@ impl Interceptor {
     /// since that next-kernel-start, with their owners, into the last round.
     fn leak_check(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
         let mut s = self.lock();
-        let Some((watched, preserved)) = s.watched_after.take() else {
+        let Some(preserved) = s.watched_after.take() else {
             return;
         };
         let written = take_bitmaps(vm_fd, memory)
             .map(|maps| {
-                classify(&maps, &watched, &preserved, &ExtentSet::default())
-                    .preserved
-                    .into_iter()
+                maps.iter()
+                    .flat_map(|m| preserved.written_pages(&DirtyBitmap::new(m.base, &m.words)))
                     .map(|page| {
                         let owner = preserved.find(page).map_or("?", |e| e.owner);
                         (page, owner.to_owned())

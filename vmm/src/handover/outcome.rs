@@ -233,11 +233,14 @@ fn leak_check(e: &Evidence<'_>) -> Option<LeakCheck> {
     let preserved = e.preserved?;
     let retrieved = Retrieved::of(e.after);
     let checked = |owner: &str| is_file_state(owner) && !retrieved.owns(owner);
-    let pages_checked = preserved
-        .iter()
-        .filter(|x| checked(x.owner))
-        .map(|x| ExtentSet::from_ranges("", [(x.start, x.end)]).total_pages())
-        .sum();
+    let pages_checked = ExtentSet::from_ranges(
+        "",
+        preserved
+            .iter()
+            .filter(|x| checked(x.owner))
+            .map(|x| (x.start, x.end)),
+    )
+    .total_pages();
     let page = |(gpa, owner): &(u64, String)| WrittenPage {
         gpa: *gpa,
         owner: owner.clone(),
