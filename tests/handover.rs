@@ -186,7 +186,12 @@ fn upstream_selftest_liveupdate_runs_single_stage_with_every_case_passed() {
 
 #[test]
 fn corrupt_kho_fdt_is_reported_and_never_crashes_the_vmm() {
-    let run = luo_vmm_json("corrupt", &["handover", "--inject", "corrupt-kho-fdt"]);
+    // Two sessions, as in the run recorded in docs/faults.md: more preserved file state
+    // for the next kernel to reuse (with one session, one run here saw 1 page of 259).
+    let run = luo_vmm_json(
+        "corrupt",
+        &["handover", "--sessions", "2", "--inject", "corrupt-kho-fdt"],
+    );
     let (_, stderr) = text(&run.out);
     assert!(!stderr.contains("panicked"), "luo-vmm panicked");
     assert!(
