@@ -1,8 +1,9 @@
 //! The probe device: the VMM's end of the window of I/O ports through which the guest
-//! agent talks to luo-vmm. The protocol (frames, messages, registers, gates) is
-//! `luo_protocol::probe`; this device reassembles frames from port writes, timestamps
-//! each message with the host's monotonic clock when its first byte arrives (so the
-//! guest's own, possibly emulated, clock plays no part), and answers register reads.
+//! agent talks to luo-vmm. The protocol is `luo_protocol::probe` (frames, registers,
+//! gates) and `luo_protocol::message` (messages and their decoder); this device
+//! reassembles frames from port writes, timestamps each message with the host's monotonic
+//! clock when its first byte arrives (so the guest's own, possibly emulated, clock plays
+//! no part), and answers register reads.
 //!
 //! The guest is hostile: the decoder keeps one fixed buffer, and messages go to the VMM
 //! through a bounded channel; when it is full they are counted as dropped, never queued
@@ -13,9 +14,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use luo_protocol::message::{DecodeError, Message};
+use luo_protocol::message::{DecodeError, Decoder, Feed, Message};
 use luo_protocol::probe::{
-    Decoder, Feed, Gate, GATE_CLOSED, GATE_OPEN, REG_SIGNATURE, REG_VERSION, SIGNATURE, VERSION,
+    Gate, GATE_CLOSED, GATE_OPEN, REG_SIGNATURE, REG_VERSION, SIGNATURE, VERSION,
 };
 pub use luo_protocol::probe::{PROBE_PORT, PROBE_PORTS};
 

@@ -7,13 +7,19 @@
 //! - [`message`]: what a frame carries (marks, the agent's verdict, a selftest's exit
 //!   status and TAP counts, the online CPU count, the stage-1 inventory, actions
 //!   announced with their result, gates) and its byte encoding, with the one decoder the
-//!   VMM runs on hostile guest bytes;
+//!   VMM runs on hostile guest bytes ([`Decoder`]);
 //! - [`mark`]: the six marks of a handover, the one `Mark` type of the project;
 //! - [`workload`]: what the agent is asked to do, its bounds, and its `luo.*` kernel
 //!   command-line form (one renderer, one parser);
 //! - [`script`]: a scenario's guest workload per stage and thread, and its `luo.script*`
 //!   form;
+//! - [`session`]: LUO sessions and their memfds as the workloads number and name them
+//!   (bounds, tokens, session names, sizes);
 //! - [`tap`]: counting a kselftest's TAP output in the guest.
+//!
+//! Modules import downwards only: `probe`, `mark`, `tap` and `session` import no other
+//! module; `script` imports `probe` and `session`; `workload` imports `script` and
+//! `session`; `message` imports `mark`, `probe`, `tap`, `session` and `workload`.
 //!
 //! The crate has no dependencies (the agent links it into the guest's static `/init`) and
 //! no `unsafe`. docs/protocol.md has the whole protocol in one table.
@@ -24,14 +30,16 @@ pub mod mark;
 pub mod message;
 pub mod probe;
 pub mod script;
+pub mod session;
 pub mod tap;
 pub mod workload;
 
 pub use mark::Mark;
 pub use message::{
-    Action, DecodeError, ExitStatus, Message, Outcome, SelftestResult, SessionName, Step, Verdict,
-    Whose,
+    Action, AgentVerdict, DecodeError, Decoder, ExitStatus, FailedStep, Feed, Message, Outcome,
+    SelftestResult, Whose,
 };
-pub use probe::{Decoder, Feed, Frame, Gate};
+pub use probe::{Frame, Gate};
+pub use session::SessionName;
 pub use tap::TapCounts;
 pub use workload::{AgentConfig, Memfds, Progress, Selftest, Stage, Workload, WorkloadError};

@@ -3,17 +3,18 @@
 //! Payload fields are little-endian and fixed-size, except a session name, which is the
 //! rest of its payload. Each kind has exactly one payload length (a name: a range); a
 //! frame of the wrong length, an unknown kind, or a field value outside its enum is a
-//! [`DecodeError`], never a panic. The table of docs/protocol.md lists every kind.
+//! [`DecodeError`], never a panic. The table of docs/protocol.md lists every kind. The
+//! VMM's [`Decoder`] reassembles frames from the bytes written to the probe window
+//! ([`crate::probe`]) and decodes them.
 
 use std::fmt;
 
 use crate::mark::Mark;
-use crate::probe::{Frame, Gate, MAX_PAYLOAD};
+use crate::probe::{Frame, Gate, FRAME_HEADER, MAX_FRAME, MAX_PAYLOAD};
 use crate::tap::TapCounts;
 use crate::workload::Stage;
-
-/// Longest LUO session name in bytes (`LIVEUPDATE_SESSION_NAME_LENGTH` less its NUL).
-pub const MAX_SESSION_NAME: usize = 63;
+// Its old path: luo-vmm names it `luo_protocol::message::SessionName`.
+pub use crate::session::SessionName;
 
 /// Message kinds (the first byte of a frame).
 pub mod kind {
@@ -94,13 +95,13 @@ impl fmt::Display for Whose {
 pub enum Outcome {
     /// Everything the agent was asked to do passed.
     Pass,
-    /// Something failed; [`Verdict::step`] says what.
+    /// Something failed; [`AgentVerdict::step`] says what.
     Fail,
 }
 
-/// Where the agent's work failed (or [`Step::None`] when it passed).
+/// Where the agent's work failed (or [`FailedStep::None`] when it passed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+pub enum FailedStep {
     /// Nothing failed.
     None,
     /// The `luo.*` command line is wrong.
@@ -137,25 +138,25 @@ pub enum Step {
     Panic,
 }
 
-impl Step {
-    const ALL: [Step; 17] = [
-        Step::None,
-        Step::Config,
-        Step::OpenLuo,
-        Step::CreateSession,
-        Step::Memfd,
-        Step::Write,
-        Step::Preserve,
-        Step::KexecLoad,
-        Step::Reboot,
-        Step::RetrieveSession,
-        Step::RetrieveFd,
-        Step::Size,
-        Step::Data,
-        Step::Finish,
-        Step::Selftest,
-        Step::Gate,
-        Step::Panic,
+impl FailedStep {
+    const ALL: [FailedStep; 17] = [
+        FailedStep::None,
+        FailedStep::Config,
+        FailedStep::OpenLuo,
+        FailedStep::CreateSession,
+        FailedStep::Memfd,
+        FailedStep::Write,
+        FailedStep::Preserve,
+        FailedStep::KexecLoad,
+        FailedStep::Reboot,
+        FailedStep::RetrieveSession,
+        FailedStep::RetrieveFd,
+        FailedStep::Size,
+        FailedStep::Data,
+        FailedStep::Finish,
+        FailedStep::Selftest,
+        FailedStep::Gate,
+        FailedStep::Panic,
     ];
 
     /// The wire code.
@@ -164,66 +165,56 @@ impl Step {
     }
 
     /// The step with wire code `code`.
-    pub fn from_code(code: u8) -> Option<Step> {
-        Step::ALL.get(usize::from(code)).copied()
-    }
-
-    /// The action named `name` (its [`Action::name`]).
-    pub fn from_name(name: &str) -> Option<Action> {
-        Action::ALL.into_iter().find(|a| a.name() == name)
-    }
-
-    /// Every action's name, comma-separated (for error messages).
-    pub fn names() -> String {
-        Action::ALL.map(Action::name).join(", ")
+    pub fn from_code(code: u8) -> Option<FailedStep> {
+        FailedStep::ALL.get(usize::from(code)).copied()
     }
 
     /// A kebab-case name for reports.
     pub const fn name(self) -> &'static str {
         match self {
-            Step::None => "none",
-            Step::Config => "config",
-            Step::OpenLuo => "open-luo",
-            Step::CreateSession => "create-session",
-            Step::Memfd => "memfd",
-            Step::Write => "write",
-            Step::Preserve => "preserve",
-            Step::KexecLoad => "kexec-load",
-            Step::Reboot => "reboot",
-            Step::RetrieveSession => "retrieve-session",
-            Step::RetrieveFd => "retrieve-fd",
-            Step::Size => "size",
-            Step::Data => "data",
-            Step::Finish => "finish",
-            Step::Selftest => "selftest",
-            Step::Gate => "gate",
-            Step::Panic => "panic",
+            FailedStep::None => "none",
+            FailedStep::Config => "config",
+            FailedStep::OpenLuo => "open-luo",
+            FailedStep::CreateSession => "create-session",
+            FailedStep::Memfd => "memfd",
+            FailedStep::Write => "write",
+            FailedStep::Preserve => "preserve",
+            FailedStep::KexecLoad => "kexec-load",
+            FailedStep::Reboot => "reboot",
+            FailedStep::RetrieveSession => "retrieve-session",
+            FailedStep::RetrieveFd => "retrieve-fd",
+            FailedStep::Size => "size",
+            FailedStep::Data => "data",
+            FailedStep::Finish => "finish",
+            FailedStep::Selftest => "selftest",
+            FailedStep::Gate => "gate",
+            FailedStep::Panic => "panic",
         }
     }
 }
 
 /// The agent's final word on a boot's work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
+pub struct AgentVerdict {
     /// Pass or fail.
     pub outcome: Outcome,
-    /// What failed ([`Step::None`] on a pass).
-    pub step: Step,
+    /// What failed ([`FailedStep::None`] on a pass).
+    pub step: FailedStep,
     /// The errno of the failed call, 0 when there is none.
     pub errno: i32,
 }
 
-impl Verdict {
+impl AgentVerdict {
     /// A pass.
-    pub const PASS: Verdict = Verdict {
+    pub const PASS: AgentVerdict = AgentVerdict {
         outcome: Outcome::Pass,
-        step: Step::None,
+        step: FailedStep::None,
         errno: 0,
     };
 
     /// A failure at `step` with `errno` (0 when no system call failed).
-    pub const fn fail(step: Step, errno: i32) -> Verdict {
-        Verdict {
+    pub const fn fail(step: FailedStep, errno: i32) -> AgentVerdict {
+        AgentVerdict {
             outcome: Outcome::Fail,
             step,
             errno,
@@ -358,29 +349,6 @@ impl Action {
     }
 }
 
-/// A LUO session name: 1 to [`MAX_SESSION_NAME`] bytes of UTF-8 without NUL.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SessionName(pub(crate) String);
-
-impl SessionName {
-    /// Checks `name`.
-    pub fn new(name: &str) -> Option<SessionName> {
-        (!name.is_empty() && name.len() <= MAX_SESSION_NAME && !name.contains('\0'))
-            .then(|| SessionName(name.to_owned()))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for SessionName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// One message from the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -401,7 +369,7 @@ pub enum Message {
         round: u32,
     },
     /// The agent's verdict, just before its final reboot.
-    Verdict(Verdict),
+    Verdict(AgentVerdict),
     /// Stage 2 checked every byte it had preserved.
     Verified {
         /// Sessions retrieved.
@@ -825,8 +793,8 @@ impl Message {
                     v => return Err(r.bad("outcome", v)),
                 };
                 let code = r.u8()?;
-                let step = Step::from_code(code).ok_or_else(|| r.bad("step", code))?;
-                Message::Verdict(Verdict {
+                let step = FailedStep::from_code(code).ok_or_else(|| r.bad("step", code))?;
+                Message::Verdict(AgentVerdict {
                     outcome,
                     step,
                     errno: r.i32()?,
@@ -929,10 +897,112 @@ impl Message {
     }
 }
 
+/// What one byte fed to the [`Decoder`] completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    /// The frame is not complete yet.
+    Pending,
+    /// A frame ended: the message, or why it is not one.
+    Done(Result<Message, DecodeError>),
+}
+
+/// Reassembles frames from the bytes written to the probe window and decodes them. Bounded:
+/// one [`MAX_FRAME`] buffer, no allocation per byte, no panic on any input.
+#[derive(Clone)]
+pub struct Decoder {
+    buf: [u8; MAX_FRAME],
+    len: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decoder {
+    /// A decoder waiting for the first byte of a frame.
+    pub const fn new() -> Self {
+        Decoder {
+            buf: [0; MAX_FRAME],
+            len: 0,
+        }
+    }
+
+    /// Whether a frame has begun and not ended.
+    pub fn in_frame(&self) -> bool {
+        self.len > 0
+    }
+
+    /// Feeds the byte the guest wrote at window `offset`. A byte at offset 0 starts a new
+    /// frame; if one was unfinished, it is reported as [`DecodeError::Truncated`] and the
+    /// new frame begins with this byte.
+    pub fn feed(&mut self, offset: u16, byte: u8) -> Feed {
+        let offset = usize::from(offset);
+        if offset == 0 {
+            let unfinished = self.unfinished();
+            self.buf[0] = byte;
+            self.len = 1;
+            return match unfinished {
+                Some(e) => Feed::Done(Err(e)),
+                None => Feed::Pending,
+            };
+        }
+        if offset != self.len || offset >= MAX_FRAME {
+            let e = DecodeError::OutOfSequence {
+                offset,
+                expected: self.len,
+            };
+            self.len = 0;
+            return Feed::Done(Err(e));
+        }
+        self.buf[offset] = byte;
+        self.len += 1;
+        if self.len < FRAME_HEADER {
+            return Feed::Pending;
+        }
+        let want = FRAME_HEADER + usize::from(self.buf[1]);
+        if want > MAX_FRAME {
+            self.len = 0;
+            return Feed::Done(Err(DecodeError::TooLong {
+                kind: self.buf[0],
+                len: usize::from(self.buf[1]),
+            }));
+        }
+        if self.len < want {
+            return Feed::Pending;
+        }
+        self.len = 0;
+        Feed::Done(Message::decode(self.buf[0], &self.buf[FRAME_HEADER..want]))
+    }
+
+    fn unfinished(&self) -> Option<DecodeError> {
+        (self.len > 0).then(|| DecodeError::Truncated {
+            kind: self.buf[0],
+            got: self.len,
+        })
+    }
+
+    /// Feeds a whole buffer written at offset 0 (tests, and `pwrite`-like callers);
+    /// returns every result it completed.
+    pub fn feed_frame(&mut self, bytes: &[u8]) -> Vec<Result<Message, DecodeError>> {
+        let mut out = Vec::new();
+        for (i, &b) in bytes.iter().enumerate() {
+            let Ok(offset) = u16::try_from(i) else {
+                break;
+            };
+            if let Feed::Done(r) = self.feed(offset, b) {
+                out.push(r);
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::{Decoder, MAX_FRAME};
+    use crate::session::MAX_SESSION_NAME;
 
     fn samples() -> Vec<Message> {
         let name = SessionName::new(&"n".repeat(MAX_SESSION_NAME)).unwrap();
@@ -944,9 +1014,9 @@ mod tests {
                 stage: Stage::Two,
                 round: 7,
             },
-            Message::Verdict(Verdict::PASS),
-            Message::Verdict(Verdict::fail(Step::Data, 0)),
-            Message::Verdict(Verdict::fail(Step::Preserve, 22)),
+            Message::Verdict(AgentVerdict::PASS),
+            Message::Verdict(AgentVerdict::fail(FailedStep::Data, 0)),
+            Message::Verdict(AgentVerdict::fail(FailedStep::Preserve, 22)),
             Message::Verified {
                 sessions: 3,
                 files: 6,
@@ -1085,14 +1155,101 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for s in Step::ALL {
-            assert_eq!(Step::from_code(s.code()), Some(s));
+        for s in FailedStep::ALL {
+            assert_eq!(FailedStep::from_code(s.code()), Some(s));
         }
         for a in Action::ALL {
             assert_eq!(Action::from_name(a.name()), Some(a));
             assert_eq!(Action::from_code(a.code()), Some(a));
         }
         assert_eq!(Action::from_code(0), None);
-        assert_eq!(Step::from_code(17), None);
+        assert_eq!(FailedStep::from_code(17), None);
+    }
+
+    #[test]
+    fn a_new_frame_reports_the_unfinished_one() {
+        let mut d = Decoder::new();
+        let frame = Message::RebootRequested.encode();
+        // Only the kind byte of a frame, then a whole frame.
+        assert_eq!(d.feed(0, frame.kind()), Feed::Pending);
+        let got = d.feed_frame(frame.as_bytes());
+        assert_eq!(
+            got,
+            vec![
+                Err(DecodeError::Truncated {
+                    kind: frame.kind(),
+                    got: 1
+                }),
+                Ok(Message::RebootRequested)
+            ]
+        );
+        assert!(!d.in_frame());
+    }
+
+    #[test]
+    fn bytes_out_of_sequence_are_errors_and_resync_at_offset_zero() {
+        let mut d = Decoder::new();
+        assert_eq!(
+            d.feed(5, 1),
+            Feed::Done(Err(DecodeError::OutOfSequence {
+                offset: 5,
+                expected: 0
+            }))
+        );
+        assert_eq!(
+            d.feed(u16::MAX, 1),
+            Feed::Done(Err(DecodeError::OutOfSequence {
+                offset: usize::from(u16::MAX),
+                expected: 0
+            }))
+        );
+        let up = Message::UserspaceUp { cpus_online: 2 };
+        assert_eq!(d.feed_frame(up.encode().as_bytes()), vec![Ok(up)]);
+    }
+
+    #[test]
+    fn a_length_past_the_window_is_refused() {
+        let mut d = Decoder::new();
+        assert_eq!(d.feed(0, 0x01), Feed::Pending);
+        assert_eq!(
+            d.feed(1, 0xff),
+            Feed::Done(Err(DecodeError::TooLong {
+                kind: 0x01,
+                len: 0xff
+            }))
+        );
+        assert!(!d.in_frame());
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // xorshift: deterministic noise at random offsets, plus whole random frames.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut d = Decoder::new();
+        let (mut ok, mut err) = (0, 0);
+        for _ in 0..200_000 {
+            let [b0, b1, b2, ..] = next().to_le_bytes();
+            // Mostly in-sequence bytes, sometimes a jump, sometimes a frame start.
+            let offset = match b0 % 8 {
+                0 => 0,
+                1 => u16::from(b1) * 2,
+                _ => u16::try_from(d.len).unwrap_or(0),
+            };
+            if let Feed::Done(res) = d.feed(offset, b2) {
+                match res {
+                    Ok(_) => ok += 1,
+                    Err(_) => err += 1,
+                }
+            }
+        }
+        assert!(err > 0, "noise must produce errors");
+        // Whether noise forms valid messages is luck; the decoder must just survive it.
+        let _ = ok;
     }
 }

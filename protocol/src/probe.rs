@@ -11,12 +11,13 @@
 //!        kind   len      payload (little-endian fields, see message.rs)
 //! ```
 //!
-//! A frame is at most [`MAX_FRAME`] bytes, the size of the window. The VMM's [`Decoder`]
-//! reassembles frames from `(offset, byte)` pairs: a byte at offset 0 always starts a new
-//! frame (an unfinished one is reported as truncated), a byte at any other offset must be
-//! the next one expected. It keeps one fixed buffer, never allocates for a frame and
-//! never panics, whatever the guest writes. Writers in the guest must not interleave
-//! frames (the agent holds a lock around each `pwrite`).
+//! A frame is at most [`MAX_FRAME`] bytes, the size of the window. The VMM's decoder
+//! ([`crate::message::Decoder`], next to the messages it yields) reassembles frames from
+//! `(offset, byte)` pairs: a byte at offset 0 always starts a new frame (an unfinished one
+//! is reported as truncated), a byte at any other offset must be the next one expected. It
+//! keeps one fixed buffer, never allocates for a frame and never panics, whatever the
+//! guest writes. Writers in the guest must not interleave frames (the agent holds a lock
+//! around each `pwrite`).
 //!
 //! # Reads: registers
 //!
@@ -28,8 +29,6 @@
 //! | any other | 0 |
 
 use std::fmt;
-
-use crate::message::{DecodeError, Message};
 
 /// First I/O port of the probe window.
 pub const PROBE_PORT: u16 = 0x600;
@@ -157,108 +156,6 @@ impl fmt::Debug for Frame {
     }
 }
 
-/// What one byte fed to the [`Decoder`] completed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Feed {
-    /// The frame is not complete yet.
-    Pending,
-    /// A frame ended: the message, or why it is not one.
-    Done(Result<Message, DecodeError>),
-}
-
-/// Reassembles frames from the bytes written to the window and decodes them. Bounded:
-/// one [`MAX_FRAME`] buffer, no allocation per byte, no panic on any input.
-#[derive(Clone)]
-pub struct Decoder {
-    buf: [u8; MAX_FRAME],
-    len: usize,
-}
-
-impl Default for Decoder {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Decoder {
-    /// A decoder waiting for the first byte of a frame.
-    pub const fn new() -> Self {
-        Decoder {
-            buf: [0; MAX_FRAME],
-            len: 0,
-        }
-    }
-
-    /// Whether a frame has begun and not ended.
-    pub fn in_frame(&self) -> bool {
-        self.len > 0
-    }
-
-    /// Feeds the byte the guest wrote at window `offset`. A byte at offset 0 starts a new
-    /// frame; if one was unfinished, it is reported as [`DecodeError::Truncated`] and the
-    /// new frame begins with this byte.
-    pub fn feed(&mut self, offset: u16, byte: u8) -> Feed {
-        let offset = usize::from(offset);
-        if offset == 0 {
-            let unfinished = self.unfinished();
-            self.buf[0] = byte;
-            self.len = 1;
-            return match unfinished {
-                Some(e) => Feed::Done(Err(e)),
-                None => Feed::Pending,
-            };
-        }
-        if offset != self.len || offset >= MAX_FRAME {
-            let e = DecodeError::OutOfSequence {
-                offset,
-                expected: self.len,
-            };
-            self.len = 0;
-            return Feed::Done(Err(e));
-        }
-        self.buf[offset] = byte;
-        self.len += 1;
-        if self.len < FRAME_HEADER {
-            return Feed::Pending;
-        }
-        let want = FRAME_HEADER + usize::from(self.buf[1]);
-        if want > MAX_FRAME {
-            self.len = 0;
-            return Feed::Done(Err(DecodeError::TooLong {
-                kind: self.buf[0],
-                len: usize::from(self.buf[1]),
-            }));
-        }
-        if self.len < want {
-            return Feed::Pending;
-        }
-        self.len = 0;
-        Feed::Done(Message::decode(self.buf[0], &self.buf[FRAME_HEADER..want]))
-    }
-
-    fn unfinished(&self) -> Option<DecodeError> {
-        (self.len > 0).then(|| DecodeError::Truncated {
-            kind: self.buf[0],
-            got: self.len,
-        })
-    }
-
-    /// Feeds a whole buffer written at offset 0 (tests, and `pwrite`-like callers);
-    /// returns every result it completed.
-    pub fn feed_frame(&mut self, bytes: &[u8]) -> Vec<Result<Message, DecodeError>> {
-        let mut out = Vec::new();
-        for (i, &b) in bytes.iter().enumerate() {
-            let Ok(offset) = u16::try_from(i) else {
-                break;
-            };
-            if let Feed::Done(r) = self.feed(offset, b) {
-                out.push(r);
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,92 +178,5 @@ mod tests {
         let f = Frame::new(7, &[1, 2, 3]).unwrap();
         assert_eq!(f.as_bytes(), &[7, 3, 1, 2, 3]);
         assert_eq!((f.kind(), f.payload()), (7, &[1u8, 2, 3][..]));
-    }
-
-    #[test]
-    fn a_new_frame_reports_the_unfinished_one() {
-        let mut d = Decoder::new();
-        let frame = Message::RebootRequested.encode();
-        // Only the kind byte of a frame, then a whole frame.
-        assert_eq!(d.feed(0, frame.kind()), Feed::Pending);
-        let got = d.feed_frame(frame.as_bytes());
-        assert_eq!(
-            got,
-            vec![
-                Err(DecodeError::Truncated {
-                    kind: frame.kind(),
-                    got: 1
-                }),
-                Ok(Message::RebootRequested)
-            ]
-        );
-        assert!(!d.in_frame());
-    }
-
-    #[test]
-    fn bytes_out_of_sequence_are_errors_and_resync_at_offset_zero() {
-        let mut d = Decoder::new();
-        assert_eq!(
-            d.feed(5, 1),
-            Feed::Done(Err(DecodeError::OutOfSequence {
-                offset: 5,
-                expected: 0
-            }))
-        );
-        assert_eq!(
-            d.feed(u16::MAX, 1),
-            Feed::Done(Err(DecodeError::OutOfSequence {
-                offset: usize::from(u16::MAX),
-                expected: 0
-            }))
-        );
-        let up = Message::UserspaceUp { cpus_online: 2 };
-        assert_eq!(d.feed_frame(up.encode().as_bytes()), vec![Ok(up)]);
-    }
-
-    #[test]
-    fn a_length_past_the_window_is_refused() {
-        let mut d = Decoder::new();
-        assert_eq!(d.feed(0, 0x01), Feed::Pending);
-        assert_eq!(
-            d.feed(1, 0xff),
-            Feed::Done(Err(DecodeError::TooLong {
-                kind: 0x01,
-                len: 0xff
-            }))
-        );
-        assert!(!d.in_frame());
-    }
-
-    #[test]
-    fn random_bytes_never_panic() {
-        // xorshift: deterministic noise at random offsets, plus whole random frames.
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut d = Decoder::new();
-        let (mut ok, mut err) = (0, 0);
-        for _ in 0..200_000 {
-            let [b0, b1, b2, ..] = next().to_le_bytes();
-            // Mostly in-sequence bytes, sometimes a jump, sometimes a frame start.
-            let offset = match b0 % 8 {
-                0 => 0,
-                1 => u16::from(b1) * 2,
-                _ => u16::try_from(d.len).unwrap_or(0),
-            };
-            if let Feed::Done(res) = d.feed(offset, b2) {
-                match res {
-                    Ok(_) => ok += 1,
-                    Err(_) => err += 1,
-                }
-            }
-        }
-        assert!(err > 0, "noise must produce errors");
-        // Whether noise forms valid messages is luck; the decoder must just survive it.
-        let _ = ok;
     }
 }

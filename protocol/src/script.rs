@@ -13,10 +13,10 @@
 //!
 //! | step | what the agent does | announced as |
 //! | --- | --- | --- |
-//! | `create S` | `LIVEUPDATE_IOCTL_CREATE_SESSION` of session S (name [`Memfds::session_name`]) | `create-session` S |
+//! | `create S` | `LIVEUPDATE_IOCTL_CREATE_SESSION` of session S (name [`Memfds::session_name`](crate::workload::Memfds::session_name)) | `create-session` S |
 //! | `memfd S.F SIZE` | `memfd_create` and `ftruncate` of file F of session S | `memfd` token |
 //! | `fill S.F write\|fallocate\|mmap` | fills it with its pattern (`pwrite`), or allocates it (`fallocate`, no pattern), or writes the pattern through a shared mapping | `fill` token |
-//! | `preserve S.F` | `LIVEUPDATE_SESSION_PRESERVE_FD` with token [`Memfds::token`] | `preserve-fd` token |
+//! | `preserve S.F` | `LIVEUPDATE_SESSION_PRESERVE_FD` with token [`Memfds::token`](crate::workload::Memfds::token) | `preserve-fd` token |
 //! | `retrieve S` | `LIVEUPDATE_IOCTL_RETRIEVE_SESSION` | `retrieve-session` S |
 //! | `retrieve-fd S.F` | `LIVEUPDATE_SESSION_RETRIEVE_FD`, then checks size and pattern | `retrieve-fd`, then `check-data` token |
 //! | `finish S` | `LIVEUPDATE_SESSION_FINISH` | `finish-session` S |
@@ -32,7 +32,7 @@
 use std::fmt;
 
 use crate::probe::Gate;
-use crate::workload::{parse_size, Memfds, MAX_FILES, MAX_MEMFD_SIZE, MAX_SESSIONS};
+use crate::session::{parse_size, MAX_FILES, MAX_MEMFD_SIZE, MAX_SESSIONS, TOKENS_PER_SESSION};
 
 /// Most threads in one stage.
 pub const MAX_THREADS: usize = 8;
@@ -55,14 +55,14 @@ pub struct FileId {
 }
 
 impl FileId {
-    /// The LUO token it is preserved under ([`Memfds::token`]).
+    /// The LUO token it is preserved under ([`crate::session::token`]).
     pub fn token(self) -> u64 {
-        Memfds::token(self.session, self.file)
+        crate::session::token(self.session, self.file)
     }
 
     /// The file whose token is `token`.
     pub fn from_token(token: u64) -> Option<FileId> {
-        let per = crate::workload::TOKENS_PER_SESSION;
+        let per = TOKENS_PER_SESSION;
         Some(FileId {
             session: u32::try_from(token / per).ok()?,
             file: u32::try_from(token % per).ok()?,

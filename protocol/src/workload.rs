@@ -21,17 +21,11 @@
 
 use std::fmt;
 
-use crate::message::SessionName;
 use crate::script::{Script, StageScript, SCRIPT1_KEY, SCRIPT2_KEY};
+use crate::session::{SessionName, MAX_FILES, MAX_MEMFD_SIZE, MAX_SESSIONS};
+// Its old path: luo-vmm parses sizes through `luo_protocol::workload::parse_size`.
+pub use crate::session::parse_size;
 
-/// Most LUO sessions a handover workload may ask for.
-pub const MAX_SESSIONS: u32 = 1000;
-/// A memfd's token is `session * TOKENS_PER_SESSION + file`.
-pub const TOKENS_PER_SESSION: u64 = 1000;
-/// Most memfds per session (tokens must not collide between sessions).
-pub const MAX_FILES: u32 = 999;
-/// Largest memfd in bytes (the largest guest luo-vmm runs).
-pub const MAX_MEMFD_SIZE: u64 = 1 << 40;
 /// Most handovers in a row.
 pub const MAX_REPEAT: u32 = 1000;
 /// Largest factor for the kselftest harness's timeouts.
@@ -136,7 +130,7 @@ impl Memfds {
 
     /// The LUO token of memfd `file` of session `session`.
     pub fn token(session: u32, file: u32) -> u64 {
-        u64::from(session) * TOKENS_PER_SESSION + u64::from(file)
+        crate::session::token(session, file)
     }
 
     /// The LUO name of session `session` (`luo-vmm-s<N>`, always a valid name).
@@ -365,21 +359,6 @@ impl fmt::Display for WorkloadError {
 
 impl std::error::Error for WorkloadError {}
 
-/// Parses `512M`, `8G`, `1048576`, `64K`, `2T` (binary units) into bytes; `None` when it
-/// is not a size or overflows.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let (digits, shift) = match t.as_bytes().last()? {
-        b'k' | b'K' => (&t[..t.len() - 1], 10),
-        b'm' | b'M' => (&t[..t.len() - 1], 20),
-        b'g' | b'G' => (&t[..t.len() - 1], 30),
-        b't' | b'T' => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().ok()?;
-    n.checked_mul(1 << shift)
-}
-
 impl AgentConfig {
     /// Parses the `luo.*` parameters of a kernel command line (e.g. `/proc/cmdline`) and
     /// checks the workload's bounds. Other parameters are ignored; an unknown `luo.*` key
@@ -558,20 +537,6 @@ mod tests {
         assert!(parse("luo.stage").is_err());
         // Bounds of a workload that is not run are not checked.
         assert_eq!(parse("luo.files=100000"), Ok(Workload::Boot));
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("64K"), Some(64 << 10));
-        assert_eq!(parse_size("1m"), Some(1 << 20));
-        assert_eq!(parse_size("2G"), Some(2 << 30));
-        assert_eq!(parse_size("1T"), Some(1 << 40));
-        assert_eq!(parse_size("0"), Some(0));
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("1Q"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
     }
 
     #[test]

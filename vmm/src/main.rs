@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use luo_vmm::options::Cli;
+use luo_vmm::config::options::Cli;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

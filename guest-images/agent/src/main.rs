@@ -36,7 +36,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use luo_protocol::message::{Action, ExitStatus, Message, SelftestResult, Step, Verdict};
+use luo_protocol::message::{
+    Action, AgentVerdict, ExitStatus, FailedStep, Message, SelftestResult,
+};
 use luo_protocol::probe::Gate;
 use luo_protocol::tap::TapTally;
 use luo_protocol::workload::{
@@ -53,13 +55,13 @@ pub(crate) const GATE_LIMIT: Duration = Duration::from_secs(3600);
 /// A failure: the step it happened in, the errno if a system call failed, and words.
 #[derive(Debug)]
 struct Failure {
-    step: Step,
+    step: FailedStep,
     errno: i32,
     what: String,
 }
 
 impl Failure {
-    fn new(step: Step, what: String) -> Self {
+    fn new(step: FailedStep, what: String) -> Self {
         Failure {
             step,
             errno: 0,
@@ -67,8 +69,8 @@ impl Failure {
         }
     }
 
-    fn verdict(&self) -> Verdict {
-        Verdict::fail(self.step, self.errno)
+    fn verdict(&self) -> AgentVerdict {
+        AgentVerdict::fail(self.step, self.errno)
     }
 }
 
@@ -82,11 +84,11 @@ type Result<T> = std::result::Result<T, Failure>;
 
 /// Adds the step and "what failed" to an error.
 trait Context<T> {
-    fn at(self, step: Step, what: impl FnOnce() -> String) -> Result<T>;
+    fn at(self, step: FailedStep, what: impl FnOnce() -> String) -> Result<T>;
 }
 
 impl<T> Context<T> for io::Result<T> {
-    fn at(self, step: Step, what: impl FnOnce() -> String) -> Result<T> {
+    fn at(self, step: FailedStep, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Failure {
             step,
             errno: e.raw_os_error().unwrap_or(0),
@@ -130,14 +132,14 @@ fn main() {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut agent)));
     let result = outcome.unwrap_or_else(|_| {
         Err(Failure::new(
-            Step::Panic,
+            FailedStep::Panic,
             "panic in the agent (see above)".into(),
         ))
     });
     let verdict = match &result {
         Ok(()) => {
             agent.log("all done, rebooting");
-            Verdict::PASS
+            AgentVerdict::PASS
         }
         Err(e) => {
             println!("luo-agent: FAILED: {e}");
@@ -198,11 +200,11 @@ fn count_cpu_list(list: &str) -> Option<u32> {
 }
 
 fn run(agent: &mut Agent) -> Result<()> {
-    let cmdline =
-        fs::read_to_string("/proc/cmdline").at(Step::Config, || "read /proc/cmdline".into())?;
+    let cmdline = fs::read_to_string("/proc/cmdline")
+        .at(FailedStep::Config, || "read /proc/cmdline".into())?;
     let cmdline = cmdline.trim();
     let cfg = AgentConfig::parse(cmdline)
-        .map_err(|e| Failure::new(Step::Config, format!("bad kernel command line: {e}")))?;
+        .map_err(|e| Failure::new(FailedStep::Config, format!("bad kernel command line: {e}")))?;
     let Progress { stage, round } = cfg.progress;
     agent.send(Message::Boot { stage, round });
     agent.log(&format!("{:?}, stage {stage}, round {round}", cfg.workload));
@@ -268,7 +270,7 @@ fn run(agent: &mut Agent) -> Result<()> {
 fn open_luo(agent: &mut Agent) -> Result<luo::Luo> {
     let opened = luo::Luo::open();
     let absent = matches!(&opened, Err(e) if e.kind() == io::ErrorKind::NotFound);
-    let luo = opened.at(Step::OpenLuo, || {
+    let luo = opened.at(FailedStep::OpenLuo, || {
         if absent {
             "open /dev/liveupdate (is liveupdate=1 on the kernel command line?)".into()
         } else {
@@ -299,27 +301,31 @@ fn handover_stage1(
             .action(Action::CreateSession, u64::from(s), || {
                 luo.create_session(name.as_str())
             })
-            .at(Step::CreateSession, || format!("create session {name}"))?;
+            .at(FailedStep::CreateSession, || {
+                format!("create session {name}")
+            })?;
         agent.send(Message::InventorySession {
             session: s,
             name: name.clone(),
         });
         for f in 0..m.files {
             let token = Memfds::token(s, f);
-            let memfd = sys::memfd_create(&format!("{name}-f{f}")).at(Step::Memfd, || {
+            let memfd = sys::memfd_create(&format!("{name}-f{f}")).at(FailedStep::Memfd, || {
                 format!("memfd_create for session {s} file {f}")
             })?;
             let file = File::from(memfd);
-            file.set_len(m.memfd_size)
-                .at(Step::Memfd, || format!("ftruncate session {s} file {f}"))?;
+            file.set_len(m.memfd_size).at(FailedStep::Memfd, || {
+                format!("ftruncate session {s} file {f}")
+            })?;
             let seed = pattern::seed(check_round, s, f);
             let mut offset = 0u64;
             while offset < m.memfd_size {
                 let n = chunk_len(m.memfd_size - offset);
                 pattern::fill(seed, offset, &mut buf[..n]);
-                file.write_all_at(&buf[..n], offset).at(Step::Write, || {
-                    format!("write session {s} file {f} offset {offset}")
-                })?;
+                file.write_all_at(&buf[..n], offset)
+                    .at(FailedStep::Write, || {
+                        format!("write session {s} file {f} offset {offset}")
+                    })?;
                 offset += n as u64;
             }
             agent
@@ -327,7 +333,7 @@ fn handover_stage1(
                 .action(Action::PreserveFd, token, || {
                     session.preserve_fd(file.as_fd(), token)
                 })
-                .at(Step::Preserve, || {
+                .at(FailedStep::Preserve, || {
                     format!("preserve session {s} file {f} (token {token})")
                 })?;
             agent.send(Message::InventoryFile {
@@ -442,7 +448,9 @@ fn handover_stage2(
             .action(Action::RetrieveSession, u64::from(s), || {
                 luo.retrieve_session(name.as_str())
             })
-            .at(Step::RetrieveSession, || format!("retrieve session {name}"))?;
+            .at(FailedStep::RetrieveSession, || {
+                format!("retrieve session {name}")
+            })?;
         held.sessions.push(session);
         let Some(session) = held.sessions.last() else {
             continue;
@@ -452,7 +460,7 @@ fn handover_stage2(
             let fd: OwnedFd = agent
                 .probe
                 .action(Action::RetrieveFd, token, || session.retrieve_fd(token))
-                .at(Step::RetrieveFd, || {
+                .at(FailedStep::RetrieveFd, || {
                     format!("retrieve session {s} file {f} (token {token})")
                 })?;
             held.files.push(File::from(fd));
@@ -461,11 +469,11 @@ fn handover_stage2(
             };
             let len = file
                 .metadata()
-                .at(Step::Size, || format!("fstat session {s} file {f}"))?
+                .at(FailedStep::Size, || format!("fstat session {s} file {f}"))?
                 .len();
             if len != m.memfd_size {
                 return Err(Failure::new(
-                    Step::Size,
+                    FailedStep::Size,
                     format!(
                         "session {s} file {f}: size {len}, expected {}",
                         m.memfd_size
@@ -476,7 +484,7 @@ fn handover_stage2(
             let mut offset = 0u64;
             while offset < len {
                 let n = chunk_len(len - offset);
-                file.read_exact(&mut buf[..n]).at(Step::Data, || {
+                file.read_exact(&mut buf[..n]).at(FailedStep::Data, || {
                     format!("read session {s} file {f} offset {offset}")
                 })?;
                 if let Some(bad) = pattern::check(seed, offset, &buf[..n]) {
@@ -497,7 +505,7 @@ fn handover_stage2(
                         whose,
                     });
                     return Err(Failure::new(
-                        Step::Data,
+                        FailedStep::Data,
                         format!(
                             "data mismatch: session {s}, file {f}, offset {}, expected {:#04x}, got {:#04x}",
                             bad.offset, bad.expected, bad.got
@@ -511,7 +519,7 @@ fn handover_stage2(
         agent
             .probe
             .action(Action::FinishSession, u64::from(s), || session.finish())
-            .at(Step::Finish, || format!("finish session {name}"))?;
+            .at(FailedStep::Finish, || format!("finish session {name}"))?;
     }
     agent.send(Message::WorkloadResumed);
     agent.send(Message::Verified {
@@ -531,19 +539,20 @@ fn handover_stage2(
 /// reboots into it. Returns only on failure. `round` is the number of handovers done
 /// before this boot.
 fn kexec_next(agent: &mut Agent, round: u32, cmdline: &str) -> Result<()> {
-    load_next_kernel(&agent.probe, round, cmdline)
-        .at(Step::KexecLoad, || "kexec_file_load(/boot/bzImage)".into())?;
+    load_next_kernel(&agent.probe, round, cmdline).at(FailedStep::KexecLoad, || {
+        "kexec_file_load(/boot/bzImage)".into()
+    })?;
     agent
         .probe
         .wait_gate(Gate::BEFORE_REBOOT, GATE_LIMIT)
-        .map_err(|e| Failure::new(Step::Gate, format!("{} stayed closed", e.0)))?;
+        .map_err(|e| Failure::new(FailedStep::Gate, format!("{} stayed closed", e.0)))?;
     let seq = agent.probe.announce(Action::Reboot, 0);
     agent.send(Message::RebootRequested);
     sys::sync();
     let err = sys::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
     agent.probe.failed(seq, Action::Reboot, &err);
     Err(Failure {
-        step: Step::Reboot,
+        step: FailedStep::Reboot,
         errno: err.raw_os_error().unwrap_or(0),
         what: format!("reboot(LINUX_REBOOT_CMD_KEXEC): {err}"),
     })
@@ -618,12 +627,12 @@ fn run_selftest(
         "running {shown} (harness timeouts x{timeout_scale})"
     ));
     let child = stretch::spawn(&path, &args, &env, timeout_scale > 1)
-        .at(Step::Selftest, || format!("start {path}"))?;
+        .at(FailedStep::Selftest, || format!("start {path}"))?;
     let (tx, rx) = mpsc::channel::<String>();
     let out = child
         .stdout
         .try_clone()
-        .at(Step::Selftest, || "dup the selftest's stdout".into())?;
+        .at(FailedStep::Selftest, || "dup the selftest's stdout".into())?;
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
@@ -634,7 +643,7 @@ fn run_selftest(
         }
     });
     let status = match stretch::run(&child, timeout_scale)
-        .at(Step::Selftest, || format!("wait for {path}"))?
+        .at(FailedStep::Selftest, || format!("wait for {path}"))?
     {
         stretch::Ended::Exited(code) => ExitStatus::Exited(code),
         stretch::Ended::Signaled(sig) => ExitStatus::Signaled(sig),
@@ -658,7 +667,10 @@ fn run_selftest(
     if status.success() {
         Ok(())
     } else {
-        Err(Failure::new(Step::Selftest, format!("{shown}: {status}")))
+        Err(Failure::new(
+            FailedStep::Selftest,
+            format!("{shown}: {status}"),
+        ))
     }
 }
 
@@ -677,9 +689,12 @@ mod tests {
     #[test]
     fn io_errors_keep_their_errno_and_step() {
         let r: io::Result<()> = Err(io::Error::from_raw_os_error(libc::ENOENT));
-        let e = r.at(Step::OpenLuo, || "open /x".into()).unwrap_err();
+        let e = r.at(FailedStep::OpenLuo, || "open /x".into()).unwrap_err();
         assert!(e.what.starts_with("open /x: "), "{e}");
-        assert_eq!(e.verdict(), Verdict::fail(Step::OpenLuo, libc::ENOENT));
+        assert_eq!(
+            e.verdict(),
+            AgentVerdict::fail(FailedStep::OpenLuo, libc::ENOENT)
+        );
     }
 
     #[test]

@@ -19,17 +19,18 @@ use luo_protocol::Mark;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::agent::{AgentBoot, Totals};
-use crate::guest::{GuestOutcome, ResolvedGuest};
-use crate::handover::inject::InjectedWrite;
-use crate::handover::intercept::{Interception, RoundCapture};
-use crate::handover::outcome as judged;
-pub use crate::handover::outcome::{
-    InjectionOutcome, LeakCheck, Received, Verdict as InjectionVerdict, WrittenPage,
+use crate::config::options::GuestOptions;
+use crate::judge::injection as judged;
+pub use crate::judge::injection::{
+    InjectionOutcome, InjectionVerdict, LeakCheck, Received, WrittenPage,
 };
-use crate::host::KvmBackend;
-use crate::options::GuestOptions;
-use crate::vm::VmExit;
+use crate::machine::host::KvmBackend;
+use crate::machine::vm::VmExit;
+use crate::run::agent::{AgentBoot, Totals};
+use crate::run::guest::{GuestOutcome, ResolvedGuest};
+use crate::watch::injector::InjectedWrite;
+pub use crate::watch::intercept::{HookPart, HookTime};
+use crate::watch::intercept::{Interception, RoundCapture};
 
 /// Errors of reading or writing a report file.
 #[derive(Debug, Error)]
@@ -144,55 +145,6 @@ pub struct RoundReport {
     pub agent_ok: bool,
     /// `intact`, `agent_ok`, no error, every vCPU back up and every invariant held.
     pub verified: bool,
-}
-
-/// Host time luo-vmm held one vCPU stopped at one breakpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookTime {
-    /// The mark it recorded (`serialize-start`, `point-of-no-return`,
-    /// `next-kernel-start`; `first-boot` for the first kernel's `start_kernel`, which is no
-    /// handover's).
-    pub mark: String,
-    /// The kernel symbol of the breakpoint.
-    pub symbol: String,
-    /// The vCPU that stopped there.
-    pub vcpu: u8,
-    /// From the breakpoint's exit to the vCPU's release, in ns (the single-step over the
-    /// breakpoint not included).
-    pub ns: u64,
-    /// What that time went to, in order (dirty log, KHO state, digest...).
-    pub parts: Vec<HookPart>,
-}
-
-/// One part of a hook's time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookPart {
-    /// What was done.
-    pub what: String,
-    /// How long it took, in ns.
-    pub ns: u64,
-}
-
-impl std::fmt::Display for HookTime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} ({}, vCPU {}): {}",
-            self.mark,
-            self.symbol,
-            self.vcpu,
-            human_duration(self.ns)
-        )?;
-        let parts: Vec<String> = self
-            .parts
-            .iter()
-            .map(|p| format!("{} {}", p.what, human_duration(p.ns)))
-            .collect();
-        if !parts.is_empty() {
-            write!(f, " [{}]", parts.join(", "))?;
-        }
-        Ok(())
-    }
 }
 
 /// CPUs online on both sides of one handover, out of the VM's vCPUs.
@@ -990,13 +942,13 @@ mod tests {
     use luo_devices::ProbeEvent;
     use luo_handover::extents::DirtyClassification;
     use luo_handover::timeline::Timeline;
-    use luo_protocol::message::{Message, SessionName, Step, Verdict};
+    use luo_protocol::message::{AgentVerdict, FailedStep, Message, SessionName};
     use luo_protocol::workload::{Memfds, Selftest};
     use luo_protocol::TapCounts;
 
     use super::*;
-    use crate::agent::AgentLog;
-    use crate::options::{Cli, Command};
+    use crate::config::options::{Cli, Command};
+    use crate::run::agent::AgentLog;
 
     fn opts() -> GuestOptions {
         match Cli::try_parse_from(["luo-vmm", "boot"]).unwrap().command {
@@ -1017,6 +969,7 @@ mod tests {
             kernel_panic: None,
             kernel_trouble: vec![],
             kernel_liveupdate: vec![],
+            kernel_cpus: vec![],
             started: at,
             vcpus: 1,
             backend: KvmBackend::Emulated { why: "test".into() },
@@ -1078,7 +1031,7 @@ mod tests {
                 status: ExitStatus::Exited(1),
                 tap,
             }),
-            Message::Verdict(Verdict::fail(Step::Selftest, 0)),
+            Message::Verdict(AgentVerdict::fail(FailedStep::Selftest, 0)),
         ];
         let w = Workload::Selftest(Selftest::Liveupdate);
         let r = build_report(&outcome(msgs), Interception::empty(), &opts(), &guest(), w);
@@ -1121,7 +1074,7 @@ mod tests {
             let mut msgs = stage(None, vec![session.clone(), totals(inventory_files)]);
             msgs.extend(stage(
                 None,
-                vec![checked.clone(), Message::Verdict(Verdict::PASS)],
+                vec![checked.clone(), Message::Verdict(AgentVerdict::PASS)],
             ));
             let w = Workload::Handover(Memfds {
                 memfd_size: 4096,
@@ -1149,8 +1102,8 @@ mod tests {
 
     #[test]
     fn fields_and_injections_are_in_the_json_and_only_the_line_in_the_text() {
-        use crate::handover::inject::{at_next_kernel_start, tests::captured};
-        use crate::handover::intercept::HandoverState;
+        use crate::watch::injector::{at_next_kernel_start, tests::captured};
+        use crate::watch::intercept::HandoverState;
         use luo_handover::inject::InjectSpec;
         let (h, ram) = captured();
         let round = |spec: &str| {
@@ -1219,8 +1172,8 @@ mod tests {
     /// A round whose guest succeeded, with the captured handover's state as read at
     /// next-kernel-start, after `edit` changed that state.
     fn captured_round(edit: impl FnOnce(&mut Handover)) -> RunReport {
-        use crate::handover::inject::tests::captured;
-        use crate::handover::intercept::HandoverState;
+        use crate::watch::injector::tests::captured;
+        use crate::watch::intercept::HandoverState;
         let (mut h, _) = captured();
         edit(&mut h);
         let mut i = one_handover();
@@ -1238,7 +1191,7 @@ mod tests {
                     files: 1,
                     bytes: 4096,
                 },
-                Message::Verdict(Verdict::PASS),
+                Message::Verdict(AgentVerdict::PASS),
             ],
         ));
         let w = Workload::Handover(Memfds::default());
@@ -1313,7 +1266,10 @@ mod tests {
         let mut msgs = stage(Some((Stage::One, 0)), vec![]);
         msgs.extend(stage(
             Some((Stage::Two, 1)),
-            vec![Message::Verdict(Verdict::fail(Step::Selftest, 0))],
+            vec![Message::Verdict(AgentVerdict::fail(
+                FailedStep::Selftest,
+                0,
+            ))],
         ));
         let w = Workload::Selftest(Selftest::KexecSimple);
         let r = build_report(&outcome(msgs), one_handover(), &opts(), &guest(), w);
@@ -1331,7 +1287,7 @@ mod tests {
         let up = |n| Message::UserspaceUp { cpus_online: n };
         let mut two = opts();
         two.vcpus = 2;
-        let msgs = vec![up(2), up(1), Message::Verdict(Verdict::PASS)];
+        let msgs = vec![up(2), up(1), Message::Verdict(AgentVerdict::PASS)];
         let r = build_report(&outcome(msgs), one_handover(), &two, &guest(), w);
         let c = r.rounds[0].cpus_online;
         assert_eq!((c.vcpus, c.before, c.after), (2, Some(2), Some(1)));
@@ -1339,7 +1295,7 @@ mod tests {
         assert!(render_text(&r).contains(
             "CPUs online: 2 before the handover, 1 in the next kernel (of 2 vCPUs): NOT ALL UP"
         ));
-        let msgs = vec![up(2), up(2), Message::Verdict(Verdict::PASS)];
+        let msgs = vec![up(2), up(2), Message::Verdict(AgentVerdict::PASS)];
         let r = build_report(&outcome(msgs), one_handover(), &two, &guest(), w);
         assert!(r.rounds[0].cpus_online.all_up_after());
     }

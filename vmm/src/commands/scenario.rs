@@ -1,0 +1,714 @@
+//! `luo-vmm scenario`: provoke a LUO race or error path on purpose, N times, and give a
+//! verdict per run (docs/scenarios.md).
+//!
+//! A scenario ([`crate::config::scenario`]) is the agent's steps per stage and thread, the VMM's hooks and
+//! gates ([`crate::watch::schedule`]), and the rules of its verdict ([`crate::judge::scenario`]). Each run is a fresh VM
+//! of the reference guest (or a variant), with the handover interception on, so the LUO
+//! records the next kernel gets are parsed and compared with what user space believes it
+//! preserved.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use luo_devices::{Gates, ProbeEvent};
+use luo_handover::symbols::{
+    KernelSymbols, SYM_BOOT_PARAMS, SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC, SYM_START_KERNEL,
+};
+use luo_protocol::workload::Workload;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::config::options::{
+    GuestOptions, InterceptOptions, Profile, ScenarioRunArgs, ScenarioTarget,
+};
+use crate::config::scenario::{Scenario, ScenarioFileError};
+use crate::judge::scenario::{belief, compare, judge, Judgement, RunFacts, ScenarioVerdict};
+use crate::machine::debug::MAX_BREAKPOINTS;
+use crate::machine::vcpu::control::VcpuControl;
+use crate::machine::vcpu::run::{HookAction, VcpuNotice};
+use crate::machine::vm::{RunObserver, StoppedVcpu, VmExit};
+use crate::run::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
+use crate::run::image::ImageError;
+use crate::watch::intercept::{Interception, Interceptor};
+use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
+
+/// Exit status of `scenario run` when a run's verdict is not the one expected.
+pub const EXIT_UNEXPECTED_VERDICT: u8 = 5;
+
+/// Largest scenario file read.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Room kept on the command line for what the agent adds for the next kernel
+/// (`luo.stage=2 luo.round=N`).
+const NEXT_KERNEL_PARAMS: usize = 32;
+
+/// The built-in scenarios (`scenarios/*.toml`), by name.
+const BUILTIN: [(&str, &str); 5] = [
+    (
+        "session-close-during-reboot",
+        include_str!("../../../scenarios/session-close-during-reboot.toml"),
+    ),
+    (
+        "session-preserve-during-reboot",
+        include_str!("../../../scenarios/session-preserve-during-reboot.toml"),
+    ),
+    (
+        "session-create-during-reboot",
+        include_str!("../../../scenarios/session-create-during-reboot.toml"),
+    ),
+    (
+        "session-destroy-during-serialize",
+        include_str!("../../../scenarios/session-destroy-during-serialize.toml"),
+    ),
+    (
+        "reboot-unwind-after-serialize",
+        include_str!("../../../scenarios/reboot-unwind-after-serialize.toml"),
+    ),
+];
+
+/// Errors of `luo-vmm scenario`.
+#[derive(Debug, Error)]
+pub enum ScenarioError {
+    /// Neither a built-in name nor a readable file.
+    #[error("{0:?} is neither a built-in scenario ({names}) nor a scenario file", names = builtin_names())]
+    Unknown(String),
+    /// A scenario file that cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A scenario that does not parse or check.
+    #[error(transparent)]
+    File(#[from] ScenarioFileError),
+    /// A symbol a hook or the interception needs.
+    #[error("{what}: {why}")]
+    Symbol {
+        /// Which hook.
+        what: String,
+        /// Why.
+        why: String,
+    },
+    /// More hooks on a vCPU than it has debug registers.
+    #[error(
+        "vCPU {vcpu} needs {n} breakpoints (the interception's and the scenario's hooks); x86 has {MAX_BREAKPOINTS}"
+    )]
+    TooManyHooks {
+        /// The vCPU.
+        vcpu: u8,
+        /// How many it needs.
+        n: usize,
+    },
+    /// Bad options.
+    #[error("{0}")]
+    Options(String),
+    /// The guest image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Running a guest.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// Writing the JSON.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn builtin_names() -> String {
+    BUILTIN.map(|(n, _)| n).join(", ")
+}
+
+/// The built-in scenarios, parsed (a parse error is a bug, caught by the unit tests).
+fn builtins() -> Vec<Scenario> {
+    BUILTIN
+        .iter()
+        .filter_map(|(name, text)| Scenario::parse(text, name).ok())
+        .collect()
+}
+
+/// `luo-vmm scenario list`.
+pub fn list() -> String {
+    let mut out = String::new();
+    for s in builtins() {
+        out.push_str(&format!(
+            "{}\n    {}\n    reproduces on: {}\n",
+            s.name,
+            s.summary,
+            s.variant.as_deref().unwrap_or("(no variant)")
+        ));
+    }
+    out
+}
+
+/// The scenario named `what`: a built-in name, or a file.
+pub(crate) fn load(what: &str) -> Result<Scenario, ScenarioError> {
+    if let Some((name, text)) = BUILTIN.iter().find(|(n, _)| *n == what) {
+        return Ok(Scenario::parse(text, name)?);
+    }
+    let path = Path::new(what);
+    if !path.exists() {
+        return Err(ScenarioError::Unknown(what.to_owned()));
+    }
+    let read_err = |source| ScenarioError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if !file.metadata().map_err(read_err)?.is_file() {
+        return Err(ScenarioError::Options(format!(
+            "{what}: not a regular file"
+        )));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_FILE + 1), &mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(ScenarioError::Options(format!(
+            "{what}: larger than {MAX_FILE} bytes; a scenario is a small file"
+        )));
+    }
+    Ok(Scenario::parse(&text, what)?)
+}
+
+/// The interception and the scenario's schedule as one observer: the interception's
+/// breakpoints come first on every vCPU, the scenario's after them.
+struct ScenarioObserver {
+    interceptor: Interceptor,
+    scheduler: Scheduler,
+}
+
+impl RunObserver for ScenarioObserver {
+    fn breakpoints(&self, vcpu: u8) -> Vec<u64> {
+        let mut b = self.interceptor.breakpoints(vcpu);
+        b.extend(self.scheduler.breakpoints(vcpu));
+        b
+    }
+
+    fn attach(&self, control: &Arc<VcpuControl>) {
+        self.scheduler.attach(control);
+    }
+
+    fn on_notice(&self, notice: VcpuNotice) {
+        self.scheduler.on_notice(notice);
+    }
+
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64) -> HookAction {
+        let own = self.interceptor.breakpoints(at.vcpu.id).len();
+        if slot < own {
+            const MARKS: [&str; 3] = [
+                "kernel: liveupdate_reboot (serialize-start)",
+                "kernel: machine_kexec (point-of-no-return)",
+                "kernel: start_kernel",
+            ];
+            self.scheduler
+                .mark(std::time::Instant::now(), MARKS[slot.min(2)]);
+            self.interceptor.on_breakpoint(at, slot, pc)
+        } else {
+            self.scheduler.on_breakpoint(&at, slot - own)
+        }
+    }
+
+    fn on_probe(&self, ev: &ProbeEvent) {
+        self.interceptor.on_probe(ev);
+    }
+
+    fn on_probe_now(&self, ev: &ProbeEvent) {
+        self.scheduler.on_probe(ev);
+    }
+
+    fn on_stopped(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+        self.interceptor.on_stopped(vm_fd, memory);
+    }
+}
+
+/// What one run gave.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// 1-based.
+    pub run: u32,
+    /// The verdict and why.
+    pub judgement: Judgement,
+    /// The schedule as it happened.
+    pub timeline: Vec<TimelineEntry>,
+    /// The detector's findings (`null` without a handover).
+    pub discrepancies: Option<Vec<String>>,
+    /// Oops, BUG, WARNING, panic lines.
+    pub kernel_trouble: Vec<String>,
+    /// How the VM ended.
+    pub vm_exit: String,
+    /// The console log.
+    pub console_log: PathBuf,
+}
+
+/// The JSON of `scenario run --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    /// The scenario's name.
+    pub scenario: String,
+    /// The kernel variant (none: the reference kernel).
+    pub variant: Option<String>,
+    /// The kernel source tree (`--source`), when the kernel was built from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+    /// The verdict expected on that kernel.
+    pub expected: ScenarioVerdict,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+    /// The most frequent verdict.
+    pub verdict: ScenarioVerdict,
+    /// How many runs gave it.
+    pub count: u32,
+}
+
+/// Resolves each hook's address in `syms`; checks each vCPU's breakpoint budget.
+fn arm(
+    sc: &Scenario,
+    syms: &KernelSymbols,
+    interceptor: &Interceptor,
+    vcpus: u8,
+) -> Result<Vec<ArmedHook>, ScenarioError> {
+    let hooks = sc
+        .hooks
+        .iter()
+        .map(|h| {
+            let base = syms
+                .address(&h.at.symbol)
+                .map_err(|e| ScenarioError::Symbol {
+                    what: format!("hook {} at {}", h.name, h.at.symbol),
+                    why: e.to_string(),
+                })?;
+            Ok(ArmedHook {
+                hook: h.clone(),
+                addr: base.wrapping_add(h.at.offset),
+            })
+        })
+        .collect::<Result<Vec<_>, ScenarioError>>()?;
+    for v in 0..vcpus {
+        let n =
+            interceptor.breakpoints(v).len() + hooks.iter().filter(|h| h.hook.vcpus.has(v)).count();
+        if n > MAX_BREAKPOINTS {
+            return Err(ScenarioError::TooManyHooks { vcpu: v, n });
+        }
+    }
+    Ok(hooks)
+}
+
+fn interceptor(syms: &KernelSymbols) -> Result<Interceptor, ScenarioError> {
+    let addr = |name: &str| {
+        syms.address(name).map_err(|e| ScenarioError::Symbol {
+            what: format!("the interception's {name}"),
+            why: e.to_string(),
+        })
+    };
+    Ok(Interceptor::new(
+        [
+            addr(SYM_LIVEUPDATE_REBOOT)?,
+            addr(SYM_MACHINE_KEXEC)?,
+            addr(SYM_START_KERNEL)?,
+        ],
+        // Scenarios take no digests.
+        Err("not read by scenarios".to_owned()),
+        addr(SYM_BOOT_PARAMS)?,
+        InterceptOptions::default(),
+    ))
+}
+
+/// The facts of one run.
+fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFacts {
+    let agent_boots = outcome.agent.boots();
+    // Stage 2 ran its steps to the end (its verdict passed: /dev/liveupdate opened) and
+    // every one succeeded.
+    let stage2_ok = agent_boots.get(1).is_some_and(|b| {
+        b.verdict.is_some_and(|v| v.passed())
+            && b.calls
+                .iter()
+                .all(|c| c.result.is_some_and(|(r, _)| r >= 0))
+    });
+    let boots: Vec<_> = agent_boots.into_iter().map(|b| b.calls).collect();
+    let capture = got.rounds.first();
+    let state = capture.and_then(|c| c.handover.as_ref());
+    let discrepancies = state.map(|st| match st {
+        Ok(st) => {
+            let believed = belief(boots.first().map_or(&[][..], Vec::as_slice));
+            match &st.handover.luo {
+                Some(luo) => compare(&believed, luo),
+                None if believed.is_empty() => vec![],
+                None => vec!["no LUO records arrived".into()],
+            }
+        }
+        Err(e) => vec![format!("the LUO records could not be read: {e}")],
+    });
+    let mut kernel_trouble = outcome.kernel_trouble.clone();
+    if let Some(p) = &outcome.kernel_panic {
+        if !kernel_trouble.contains(p) {
+            kernel_trouble.push(p.clone());
+        }
+    }
+    if let VmExit::Fatal { vcpu, exit } = &outcome.exit {
+        kernel_trouble.push(format!("vCPU {vcpu}: {exit}"));
+    }
+    let untouched = capture.and_then(|c| c.dirty.as_ref()).is_some_and(|d| {
+        d.as_ref()
+            .is_ok_and(|d| d.preserved.is_empty() && d.untracked == 0)
+    });
+    RunFacts {
+        handover_seen: capture.is_some(),
+        handover_verified: untouched
+            && state.is_some_and(Result::is_ok)
+            && stage2_ok
+            && kernel_trouble.is_empty(),
+        boots,
+        discrepancies,
+        kernel_trouble,
+        hooks_fired: log.fired.clone(),
+        hold_timeouts: log.hold_timeouts.clone(),
+        timed_out: matches!(outcome.exit, VmExit::Timeout { .. }),
+    }
+}
+
+fn vm_exit(exit: &VmExit) -> String {
+    match exit {
+        VmExit::Reset => "reset".into(),
+        VmExit::Timeout { after } => format!("timeout after {} s", after.as_secs()),
+        VmExit::Fatal { vcpu, exit } => format!("vCPU {vcpu}: {exit}"),
+        VmExit::Ended => "ended by the scenario".into(),
+    }
+}
+
+fn print_run(r: &RunResult, total: u32) {
+    println!(
+        "run {}/{total}: {} ({})",
+        r.run,
+        r.judgement.verdict.name(),
+        r.judgement.because.join("; ")
+    );
+    for e in &r.timeline {
+        let vcpu = e.vcpu.map_or(String::new(), |v| format!("vCPU{v}"));
+        println!("  {:>10.3} s {vcpu:<6} {}", e.t_ns as f64 * 1e-9, e.what);
+    }
+    match &r.discrepancies {
+        Some(d) if d.is_empty() => {
+            println!("  detector: the LUO records match what user space preserved")
+        }
+        Some(d) => {
+            for line in d {
+                println!("  detector: {line}");
+            }
+        }
+        None => println!("  detector: no handover, nothing to compare"),
+    }
+    for line in &r.kernel_trouble {
+        println!("  kernel: {line}");
+    }
+    println!("  VM: {}; console: {}", r.vm_exit, r.console_log.display());
+}
+
+/// The agent's parameters for `sc`.
+fn script_params(sc: &Scenario) -> String {
+    format!(
+        "{} {}",
+        Workload::Scenario.kernel_params(),
+        sc.script.kernel_params()
+    )
+}
+
+/// A scenario ready to run: checked whole, its kernel resolved (built if needed), its
+/// hooks' symbols found, each vCPU's breakpoint budget checked.
+struct Prepared {
+    sc: Scenario,
+    opts: GuestOptions,
+    guest: ResolvedGuest,
+    syms: KernelSymbols,
+    vcpus: u8,
+}
+
+fn prepare(
+    args: &ScenarioTarget,
+    timeout: Option<u64>,
+    console: bool,
+) -> Result<Prepared, ScenarioError> {
+    let sc = load(&args.scenario)?;
+    let vcpus = args.vcpus.unwrap_or(sc.vcpus);
+    let opts = GuestOptions {
+        kernel: None,
+        initrd: None,
+        cmdline: sc.cmdline.clone(),
+        mem: args.mem,
+        vcpus,
+        timeout: Some(timeout.unwrap_or(sc.timeout.as_secs())),
+        console_log: None,
+        profile: Profile::Auto,
+        no_pvh: false,
+        quiet: !console,
+        variant: args.variant.clone(),
+        source: args.source.clone(),
+    };
+    opts.validate()
+        .map_err(|e| ScenarioError::Options(e.to_string()))?;
+    let threads = sc.script.stage1.threads.iter();
+    for t in threads.chain(&sc.script.stage2.threads) {
+        if t.cpu >= u16::from(vcpus) {
+            return Err(ScenarioError::Options(format!(
+                "--vcpus {vcpus}: the scenario pins a thread to CPU {}",
+                t.cpu
+            )));
+        }
+    }
+    for h in &sc.hooks {
+        if let crate::config::scenario::VcpuSelect::One(v) = h.vcpus {
+            if v >= vcpus {
+                return Err(ScenarioError::Options(format!(
+                    "--vcpus {vcpus}: hook {} is on vCPU {v}",
+                    h.name
+                )));
+            }
+        }
+    }
+    if let Some(v) = &sc.variant {
+        crate::config::image::check_variant(v).map_err(ImageError::from)?;
+    }
+    let memfds: u64 = sc
+        .script
+        .stage1
+        .threads
+        .iter()
+        .flat_map(|t| &t.steps)
+        .map(|s| match s {
+            luo_protocol::script::Step::Memfd(_, size) => *size,
+            _ => 0,
+        })
+        .fold(0u64, u64::saturating_add);
+    if memfds > args.mem / 2 {
+        return Err(ScenarioError::Options(format!(
+            "the scenario's memfds hold {memfds} bytes; a guest of {} bytes takes at most half of it (--mem)",
+            args.mem
+        )));
+    }
+    // The script travels on the kernel command line (x86: at most 2047 bytes), to both
+    // kernels; the longest it can be is with the emulation profile's additions.
+    let line = crate::run::cmdline::compose(
+        true,
+        Some(u32::MAX),
+        &format!(
+            "{} {} {}",
+            sc.cmdline,
+            script_params(&sc),
+            luo_protocol::workload::timeout_scale_param(
+                luo_protocol::workload::EMULATED_TIMEOUT_SCALE
+            )
+        ),
+    );
+    let limit = crate::machine::layout::CMDLINE_MAX_SIZE - 1 - NEXT_KERNEL_PARAMS;
+    if line.len() > limit {
+        return Err(ScenarioError::Options(format!(
+            "the kernel command line would be {} bytes, of which the scenario's steps take {} and its cmdline {}; \
+             Linux takes at most {limit} here: fewer or shorter steps",
+            line.len(),
+            sc.script.kernel_params().len(),
+            sc.cmdline.len()
+        )));
+    }
+    let guest = ResolvedGuest::resolve(&opts)?;
+    let data = std::fs::read(&guest.kernel).map_err(|source| ScenarioError::Read {
+        path: guest.kernel.clone(),
+        source,
+    })?;
+    let syms = KernelSymbols::from_elf(&data).map_err(|e| ScenarioError::Symbol {
+        what: guest.kernel.display().to_string(),
+        why: e.to_string(),
+    })?;
+    arm(&sc, &syms, &interceptor(&syms)?, vcpus)?;
+    Ok(Prepared {
+        sc,
+        opts,
+        guest,
+        syms,
+        vcpus,
+    })
+}
+
+/// `luo-vmm scenario check`: everything `run` checks before a guest boots, and nothing
+/// more; prints what the scenario does.
+pub fn check(args: &ScenarioTarget) -> Result<u8, ScenarioError> {
+    let p = prepare(args, None, false)?;
+    let sc = &p.sc;
+    let steps = |s: &luo_protocol::script::StageScript| {
+        s.threads.iter().map(|t| t.steps.len()).sum::<usize>()
+    };
+    println!(
+        "{}: ok ({} vCPUs; stage 1: {} threads, {} steps; stage 2: {} threads, {} steps; {} gates; {} hooks, every symbol found in {})",
+        sc.name,
+        p.vcpus,
+        sc.script.stage1.threads.len(),
+        steps(&sc.script.stage1),
+        sc.script.stage2.threads.len(),
+        steps(&sc.script.stage2),
+        sc.gates.len(),
+        sc.hooks.len(),
+        p.guest.kernel.display()
+    );
+    Ok(0)
+}
+
+/// `luo-vmm scenario run`: runs it, prints each run and the verdict; returns the exit
+/// status (0: every run gave the expected verdict; 5: not).
+pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
+    let Prepared {
+        sc,
+        opts,
+        guest,
+        syms,
+        vcpus,
+    } = prepare(&args.target, args.timeout, args.console)?;
+    std::fs::create_dir_all(&args.log_dir).map_err(|source| ScenarioError::Write {
+        path: args.log_dir.clone(),
+        source,
+    })?;
+    // A JSON file that cannot be written is found before the runs, not after them.
+    let json = args
+        .json
+        .as_ref()
+        .map(|path| {
+            std::fs::File::create(path).map_err(|source| ScenarioError::Write {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+    let expected = if args.target.variant.is_some() && args.target.variant == sc.variant {
+        ScenarioVerdict::Reproduced
+    } else {
+        ScenarioVerdict::NotReproduced
+    };
+    let kernel = match (&args.target.source, &args.target.variant) {
+        (Some(dir), v) => format!(
+            "the kernel of {}{}",
+            dir.display(),
+            v.as_deref()
+                .map_or(String::new(), |v| format!(" (variant {v}'s config)"))
+        ),
+        (None, Some(v)) => format!("variant {v}"),
+        (None, None) => "the reference kernel".to_owned(),
+    };
+    println!(
+        "scenario {} on {kernel} ({vcpus} vCPUs, {} runs): expected {}",
+        sc.name,
+        args.runs,
+        expected.name()
+    );
+    let params = script_params(&sc);
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let log = args.log_dir.join(format!(
+            "{}{}-run{run}.log",
+            sc.name,
+            args.target
+                .variant
+                .as_deref()
+                .map_or(String::new(), |v| format!("-{v}"))
+        ));
+        // The console log appends; each run starts its own.
+        let _ = std::fs::remove_file(&log);
+        let run_opts = GuestOptions {
+            console_log: Some(log.clone()),
+            ..opts.clone()
+        };
+        let interceptor = interceptor(&syms)?;
+        let hooks = arm(&sc, &syms, &interceptor, vcpus)?;
+        let gates = Gates::default();
+        let observer = Arc::new(ScenarioObserver {
+            interceptor,
+            scheduler: Scheduler::new(hooks, sc.gates.clone(), gates.clone()),
+        });
+        let outcome = run_guest(
+            &run_opts,
+            &guest,
+            &params,
+            Some(observer.clone() as Arc<dyn RunObserver>),
+            gates,
+        )?;
+        let got = observer.interceptor.finish(outcome.started);
+        let log_seen = observer.scheduler.finish();
+        let f = facts(&outcome, &got, &log_seen);
+        let result = RunResult {
+            run,
+            judgement: judge(&sc.verdict, &f),
+            timeline: log_seen.timeline,
+            discrepancies: f.discrepancies,
+            kernel_trouble: f.kernel_trouble,
+            vm_exit: vm_exit(&outcome.exit),
+            console_log: log,
+        };
+        print_run(&result, args.runs);
+        runs.push(result);
+    }
+    let (verdict, count) = [
+        ScenarioVerdict::Reproduced,
+        ScenarioVerdict::NotReproduced,
+        ScenarioVerdict::Inconclusive,
+    ]
+    .into_iter()
+    .map(|v| {
+        let n = runs.iter().filter(|r| r.judgement.verdict == v).count();
+        (v, u32::try_from(n).unwrap_or(u32::MAX))
+    })
+    .max_by_key(|&(_, n)| n)
+    .unwrap_or((ScenarioVerdict::Inconclusive, 0));
+    println!("verdict: {} ({count}/{} runs)", verdict.name(), args.runs);
+    let all_expected = runs.iter().all(|r| r.judgement.verdict == expected);
+    if !all_expected {
+        println!("expected {} in every run", expected.name());
+    }
+    if let (Some(mut file), Some(path)) = (json, &args.json) {
+        let report = ScenarioReport {
+            scenario: sc.name.clone(),
+            variant: args.target.variant.clone(),
+            source: args.target.source.clone(),
+            expected,
+            runs,
+            verdict,
+            count,
+        };
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|source| {
+            ScenarioError::Write {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(if all_expected {
+        0
+    } else {
+        EXIT_UNEXPECTED_VERDICT
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_scenario_parses() {
+        for (name, text) in BUILTIN {
+            let s = Scenario::parse(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.name, name);
+            assert!(
+                s.variant.is_some(),
+                "{name}: names the variant that reproduces it"
+            );
+        }
+        assert_eq!(builtins().len(), BUILTIN.len());
+        assert!(list().contains("reproduces on: luo-reboot-unlocked"));
+        assert!(matches!(
+            load("no-such-scenario"),
+            Err(ScenarioError::Unknown(_))
+        ));
+    }
+}

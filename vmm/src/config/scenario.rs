@@ -1,0 +1,823 @@
+//! The scenario file (TOML): parsed once, checked whole, before any guest boots. The
+//! format is documented in docs/scenarios.md; `scenarios/*.toml` are the built-in ones.
+
+use std::time::Duration;
+
+use luo_protocol::message::Action;
+use luo_protocol::probe::Gate;
+use luo_protocol::script::{FileId, Script, StageScript, Step, Thread};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::config::trace::TraceSpec;
+
+/// Errors of reading a scenario file.
+#[derive(Debug, Error)]
+pub enum ScenarioFileError {
+    /// Not TOML, or a field of the wrong type, or an unknown field.
+    #[error("{origin}: {error}")]
+    Toml {
+        /// Where it came from.
+        origin: String,
+        /// The TOML error (with line and column).
+        error: String,
+    },
+    /// A value that does not make sense.
+    #[error("{origin}: {what}")]
+    Invalid {
+        /// Where it came from.
+        origin: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    name: String,
+    summary: String,
+    variant: Option<String>,
+    vcpus: Option<u8>,
+    timeout: Option<String>,
+    cmdline: Option<String>,
+    stage1: RawStage,
+    stage2: Option<RawStage>,
+    #[serde(default)]
+    gate: Vec<RawGate>,
+    #[serde(default)]
+    hook: Vec<RawHook>,
+    verdict: RawVerdict,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    threads: Vec<RawThread>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThread {
+    cpu: u16,
+    steps: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    id: u8,
+    open_when: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawVcpus {
+    One(u8),
+    All(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    name: String,
+    at: String,
+    vcpu: RawVcpus,
+    action: String,
+    after: Option<String>,
+    call: Option<u32>,
+    max: Option<String>,
+    #[serde(default)]
+    open: Vec<u8>,
+    #[serde(default)]
+    release_when: Vec<String>,
+    #[serde(rename = "return")]
+    ret: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerdict {
+    correct: Vec<String>,
+    bug: Vec<String>,
+}
+
+/// An agent action with, optionally, its argument (session index, or token of `S.F`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActionPattern {
+    /// The action.
+    pub action: Action,
+    /// Its argument; any when `None`.
+    pub arg: Option<u64>,
+}
+
+impl ActionPattern {
+    /// Whether `(action, arg)` matches.
+    pub fn matches(&self, action: Action, arg: u64) -> bool {
+        self.action == action && self.arg.is_none_or(|a| a == arg)
+    }
+}
+
+impl std::fmt::Display for ActionPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.action.name())?;
+        match self.arg {
+            Some(a)
+                if matches!(
+                    self.action,
+                    Action::PreserveFd
+                        | Action::RetrieveFd
+                        | Action::Memfd
+                        | Action::Fill
+                        | Action::CheckData
+                ) =>
+            {
+                match FileId::from_token(a) {
+                    Some(id) => write!(f, " {id}"),
+                    None => write!(f, " {a}"),
+                }
+            }
+            Some(a) => write!(f, " {a}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Something that happens during a run, which opens gates, releases holds, arms hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// `hook NAME`: an armed hook was reached.
+    Hook(String),
+    /// `start ACTION [ARG]`: the agent announced an action.
+    Start(ActionPattern),
+    /// `result ACTION [ARG]`: an action's result arrived.
+    Result(ActionPattern),
+    /// `wait N`: the agent waits at gate N.
+    Wait(Gate),
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Hook(n) => write!(f, "hook {n}"),
+            Trigger::Start(a) => write!(f, "start {a}"),
+            Trigger::Result(a) => write!(f, "result {a}"),
+            Trigger::Wait(g) => write!(f, "wait {}", g.id()),
+        }
+    }
+}
+
+/// A condition of the verdict, evaluated on what a run saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// `blocked ACTION [ARG]`: announced, and no result in the same boot.
+    Blocked(ActionPattern),
+    /// `returned ACTION [ARG]`: returned success.
+    Returned(ActionPattern),
+    /// `failed ACTION [ARG]`: returned an error.
+    Failed(ActionPattern),
+    /// `records match`: the LUO records the next kernel got are what user space believed
+    /// it preserved.
+    RecordsMatch,
+    /// `records differ`: they are not (or could not be read).
+    RecordsDiffer,
+    /// `handover verified`: a handover whose preserved memory was not written, and every
+    /// stage-2 step succeeded.
+    HandoverVerified,
+    /// `no handover`: the next kernel never started.
+    NoHandover,
+    /// `kernel oops`: an oops, BUG, WARNING, panic or triple fault.
+    KernelOops,
+    /// `hook NAME`: the hook was reached (armed).
+    Hook(String),
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Condition::Blocked(a) => write!(f, "blocked {a}"),
+            Condition::Returned(a) => write!(f, "returned {a}"),
+            Condition::Failed(a) => write!(f, "failed {a}"),
+            Condition::RecordsMatch => f.write_str("records match"),
+            Condition::RecordsDiffer => f.write_str("records differ"),
+            Condition::HandoverVerified => f.write_str("handover verified"),
+            Condition::NoHandover => f.write_str("no handover"),
+            Condition::KernelOops => f.write_str("kernel oops"),
+            Condition::Hook(n) => write!(f, "hook {n}"),
+        }
+    }
+}
+
+/// Which vCPUs a hook is armed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuSelect {
+    /// One vCPU.
+    One(u8),
+    /// Every vCPU.
+    All,
+}
+
+impl VcpuSelect {
+    /// Whether `vcpu` is selected.
+    pub fn has(self, vcpu: u8) -> bool {
+        match self {
+            VcpuSelect::One(v) => v == vcpu,
+            VcpuSelect::All => true,
+        }
+    }
+}
+
+/// What a hook does when reached (and armed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookKind {
+    /// Records the hit.
+    Observe,
+    /// Keeps the vCPU stopped until one of `release` happens, at most `max`; opens `open`
+    /// when it starts.
+    Hold {
+        /// Longest hold (then the run is inconclusive).
+        max: Duration,
+        /// Gates opened when the hold starts.
+        open: Vec<Gate>,
+        /// Any of these releases it.
+        release: Vec<Trigger>,
+    },
+    /// Returns `ret` from the function at whose entry the hook is, without running it.
+    Fail {
+        /// The return value (`rax`), e.g. -5 for -EIO.
+        ret: i64,
+    },
+    /// Ends the run (the scenario has seen what it waited for).
+    Stop,
+}
+
+/// A hook of the VMM schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// Its name (for triggers and the timeline).
+    pub name: String,
+    /// Where: a kernel symbol and offset.
+    pub at: TraceSpec,
+    /// On which vCPUs.
+    pub vcpus: VcpuSelect,
+    /// What it does.
+    pub kind: HookKind,
+    /// Armed only once this happened (always armed without it).
+    pub after: Option<Trigger>,
+    /// Acts only on the N-th armed hit (every hit without it).
+    pub call: Option<u32>,
+}
+
+/// A gate the scenario closes at start, and what opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateRule {
+    /// The gate.
+    pub gate: Gate,
+    /// Opened when this happens (or by a hook's `open`).
+    pub open_when: Option<Trigger>,
+}
+
+/// The verdict's rules: any `bug` condition means reproduced; all `correct` conditions
+/// mean not reproduced; else inconclusive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerdictRules {
+    /// All must hold for "not reproduced".
+    pub correct: Vec<Condition>,
+    /// Any one means "reproduced".
+    pub bug: Vec<Condition>,
+}
+
+/// A whole scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// One line: what it tests.
+    pub summary: String,
+    /// The kernel variant that reproduces it (none: no variant does yet).
+    pub variant: Option<String>,
+    /// vCPUs (default 2).
+    pub vcpus: u8,
+    /// Bound of one run (default 1200 s).
+    pub timeout: Duration,
+    /// Extra kernel parameters.
+    pub cmdline: String,
+    /// The agent's steps.
+    pub script: Script,
+    /// Gates closed at start.
+    pub gates: Vec<GateRule>,
+    /// The VMM's hooks.
+    pub hooks: Vec<Hook>,
+    /// The verdict.
+    pub verdict: VerdictRules,
+}
+
+/// Parses `1200s`, `20m`, `500ms`, `2h`.
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+fn words(text: &str) -> Vec<&str> {
+    text.split_whitespace().collect()
+}
+
+fn action_pattern(w: &[&str]) -> Result<ActionPattern, String> {
+    let (name, arg) = match w {
+        [name] => (name, None),
+        [name, arg] => (name, Some(*arg)),
+        _ => return Err("ACTION [ARG] expected".into()),
+    };
+    let action = Action::from_name(name)
+        .ok_or_else(|| format!("{name:?}: not an action ({})", Action::names()))?;
+    let arg = match arg {
+        None => None,
+        Some(a) if a.contains('.') => {
+            let step = Step::parse(&format!("preserve {a}")).map_err(|e| e.to_string())?;
+            match step {
+                Step::Preserve(id) => Some(id.token()),
+                _ => None,
+            }
+        }
+        Some(a) => Some(
+            a.parse::<u64>()
+                .map_err(|_| format!("{a:?}: not an argument"))?,
+        ),
+    };
+    Ok(ActionPattern { action, arg })
+}
+
+fn gate(text: &str) -> Result<Gate, String> {
+    text.parse::<u8>()
+        .ok()
+        .and_then(Gate::new)
+        .ok_or_else(|| format!("{text:?}: not a gate (0 to 63)"))
+}
+
+/// Parses a trigger: `hook NAME`, `start ACTION [ARG]`, `result ACTION [ARG]`, `wait N`.
+pub(crate) fn parse_trigger(text: &str) -> Result<Trigger, String> {
+    let w = words(text);
+    let bad =
+        || format!("{text:?}: hook NAME, start ACTION [ARG], result ACTION [ARG] or wait GATE");
+    match w.as_slice() {
+        ["hook", name] => Ok(Trigger::Hook((*name).to_owned())),
+        ["start", rest @ ..] => action_pattern(rest)
+            .map(Trigger::Start)
+            .map_err(|e| format!("{text:?}: {e}")),
+        ["result", rest @ ..] => action_pattern(rest)
+            .map(Trigger::Result)
+            .map_err(|e| format!("{text:?}: {e}")),
+        ["wait", g] => gate(g).map(Trigger::Wait),
+        _ => Err(bad()),
+    }
+}
+
+/// Parses a verdict condition (see [`Condition`]).
+pub(crate) fn parse_condition(text: &str) -> Result<Condition, String> {
+    let w = words(text);
+    let pattern = |rest: &[&str]| action_pattern(rest).map_err(|e| format!("{text:?}: {e}"));
+    match w.as_slice() {
+        ["blocked", rest @ ..] => pattern(rest).map(Condition::Blocked),
+        ["returned", rest @ ..] => pattern(rest).map(Condition::Returned),
+        ["failed", rest @ ..] => pattern(rest).map(Condition::Failed),
+        ["records", "match"] => Ok(Condition::RecordsMatch),
+        ["records", "differ"] => Ok(Condition::RecordsDiffer),
+        ["handover", "verified"] => Ok(Condition::HandoverVerified),
+        ["no", "handover"] => Ok(Condition::NoHandover),
+        ["kernel", "oops"] => Ok(Condition::KernelOops),
+        ["hook", name] => Ok(Condition::Hook((*name).to_owned())),
+        _ => Err(format!(
+            "{text:?}: not a condition (blocked|returned|failed ACTION [ARG], records match, \
+             records differ, handover verified, no handover, kernel oops, hook NAME)"
+        )),
+    }
+}
+
+fn stage(raw: Option<RawStage>) -> Result<StageScript, String> {
+    let Some(raw) = raw else {
+        return Ok(StageScript::default());
+    };
+    let threads = raw
+        .threads
+        .into_iter()
+        .map(|t| {
+            let steps = t
+                .steps
+                .iter()
+                .map(|s| Step::parse(s).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Thread { cpu: t.cpu, steps })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let script = StageScript { threads };
+    script.validate().map_err(|e| e.to_string())?;
+    Ok(script)
+}
+
+impl Scenario {
+    /// Parses and checks the scenario in `text`; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Scenario, ScenarioFileError> {
+        let raw: RawScenario = toml::from_str(text).map_err(|e| ScenarioFileError::Toml {
+            origin: source.to_owned(),
+            error: e.to_string(),
+        })?;
+        Scenario::from_raw(raw).map_err(|what| ScenarioFileError::Invalid {
+            origin: source.to_owned(),
+            what,
+        })
+    }
+
+    fn from_raw(raw: RawScenario) -> Result<Scenario, String> {
+        let name_ok = !raw.name.is_empty()
+            && raw.name.len() <= 64
+            && !raw.name.starts_with('.')
+            && raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(format!(
+                "name = {:?}: 1 to 64 of A-Z a-z 0-9 - _ . (it names the run's log files)",
+                raw.name
+            ));
+        }
+        let vcpus = raw.vcpus.unwrap_or(2);
+        if !(1..=crate::machine::arch::mptable::MAX_VCPUS).contains(&vcpus) {
+            return Err(format!(
+                "vcpus = {vcpus}: 1 to {}",
+                crate::machine::arch::mptable::MAX_VCPUS
+            ));
+        }
+        let timeout = match &raw.timeout {
+            Some(t) => parse_duration(t)
+                .filter(|d| d.as_secs() >= 1)
+                .ok_or_else(|| format!("timeout = {t:?}: at least 1s, e.g. 1200s or 20m"))?,
+            None => Duration::from_secs(1200),
+        };
+        let script = Script {
+            stage1: stage(Some(raw.stage1)).map_err(|e| format!("stage1: {e}"))?,
+            stage2: stage(raw.stage2).map_err(|e| format!("stage2: {e}"))?,
+        };
+        for t in script.stage1.threads.iter().chain(&script.stage2.threads) {
+            if t.cpu >= u16::from(vcpus) {
+                return Err(format!("a thread on CPU {} of a {vcpus}-vCPU guest", t.cpu));
+            }
+        }
+        let gates = raw
+            .gate
+            .iter()
+            .map(|g| {
+                Ok(GateRule {
+                    gate: Gate::new(g.id).ok_or_else(|| format!("gate {}: 0 to 63", g.id))?,
+                    open_when: g.open_when.as_deref().map(parse_trigger).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let declared = |g: Gate| gates.iter().any(|r| r.gate == g);
+        for (i, r) in gates.iter().enumerate() {
+            if gates[..i].iter().any(|o| o.gate == r.gate) {
+                return Err(format!("gate {} is declared twice", r.gate.id()));
+            }
+        }
+        if gates.iter().any(|r| r.gate == Gate::BEFORE_REBOOT) {
+            return Err("gate 0 is the handover workload's; scenarios use gates 1 to 63".into());
+        }
+        let mut hooks = Vec::new();
+        for h in raw.hook {
+            let at: TraceSpec =
+                h.at.parse()
+                    .map_err(|_| format!("hook {}: at = {:?}: SYMBOL[+OFFSET]", h.name, h.at))?;
+            let vcpus_sel = match h.vcpu {
+                RawVcpus::One(v) if v < vcpus => VcpuSelect::One(v),
+                RawVcpus::One(v) => return Err(format!("hook {}: vcpu {v} of {vcpus}", h.name)),
+                RawVcpus::All(s) if s == "all" => VcpuSelect::All,
+                RawVcpus::All(s) => {
+                    return Err(format!(
+                        "hook {}: vcpu = {s:?}: a number or \"all\"",
+                        h.name
+                    ))
+                }
+            };
+            let only = |what: &str, set: bool| {
+                if set {
+                    Err(format!(
+                        "hook {}: {what} only goes with action = \"hold\"",
+                        h.name
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            let kind = match h.action.as_str() {
+                "hold" => {
+                    let max = h
+                        .max
+                        .as_deref()
+                        .map_or(Some(Duration::from_secs(120)), parse_duration)
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            format!("hook {}: max: more than 0, e.g. 120s, 2m, 500ms", h.name)
+                        })?;
+                    let open = h
+                        .open
+                        .iter()
+                        .map(|&g| {
+                            let g = Gate::new(g).filter(|&g| declared(g)).ok_or_else(|| {
+                                format!(
+                                    "hook {}: opens gate {g}, which no [[gate]] declares",
+                                    h.name
+                                )
+                            })?;
+                            Ok(g)
+                        })
+                        .collect::<Result<Vec<_>, String>>()?;
+                    if h.release_when.is_empty() {
+                        return Err(format!("hook {}: a hold needs release_when", h.name));
+                    }
+                    let release = h
+                        .release_when
+                        .iter()
+                        .map(|t| parse_trigger(t))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    HookKind::Hold { max, open, release }
+                }
+                other => {
+                    only("max", h.max.is_some())?;
+                    only("open", !h.open.is_empty())?;
+                    only("release_when", !h.release_when.is_empty())?;
+                    match other {
+                        "observe" => HookKind::Observe,
+                        "stop" => HookKind::Stop,
+                        "fail" => HookKind::Fail {
+                            ret: h.ret.ok_or_else(|| {
+                                format!("hook {}: fail needs return = N (e.g. -5 for -EIO)", h.name)
+                            })?,
+                        },
+                        _ => {
+                            return Err(format!(
+                                "hook {}: action = {other:?}: observe, hold, fail or stop",
+                                h.name
+                            ))
+                        }
+                    }
+                }
+            };
+            if h.ret.is_some() && !matches!(kind, HookKind::Fail { .. }) {
+                return Err(format!(
+                    "hook {}: return only goes with action = \"fail\"",
+                    h.name
+                ));
+            }
+            if h.call == Some(0) {
+                return Err(format!("hook {}: call counts from 1", h.name));
+            }
+            if hooks.iter().any(|o: &Hook| o.name == h.name) {
+                return Err(format!("two hooks named {}", h.name));
+            }
+            hooks.push(Hook {
+                name: h.name,
+                at,
+                vcpus: vcpus_sel,
+                kind,
+                after: h.after.as_deref().map(parse_trigger).transpose()?,
+                call: h.call,
+            });
+        }
+        let verdict = VerdictRules {
+            correct: raw
+                .verdict
+                .correct
+                .iter()
+                .map(|c| parse_condition(c))
+                .collect::<Result<_, _>>()?,
+            bug: raw
+                .verdict
+                .bug
+                .iter()
+                .map(|c| parse_condition(c))
+                .collect::<Result<_, _>>()?,
+        };
+        if verdict.correct.is_empty() || verdict.bug.is_empty() {
+            return Err("verdict: both correct and bug need at least one condition".into());
+        }
+        let scenario = Scenario {
+            name: raw.name,
+            summary: raw.summary,
+            variant: raw.variant,
+            vcpus,
+            timeout,
+            cmdline: raw.cmdline.unwrap_or_default(),
+            script,
+            gates,
+            hooks,
+            verdict,
+        };
+        scenario.check_references()?;
+        Ok(scenario)
+    }
+
+    /// Every hook a trigger or condition names exists; every gate a step waits at is
+    /// declared (else it would be open and the step would not wait).
+    fn check_references(&self) -> Result<(), String> {
+        let known = |n: &str| self.hooks.iter().any(|h| h.name == n);
+        let mut triggers: Vec<&Trigger> = self
+            .gates
+            .iter()
+            .filter_map(|g| g.open_when.as_ref())
+            .collect();
+        for h in &self.hooks {
+            triggers.extend(&h.after);
+            if let HookKind::Hold { release, .. } = &h.kind {
+                triggers.extend(release);
+            }
+        }
+        for t in triggers {
+            if let Trigger::Hook(n) = t {
+                if !known(n) {
+                    return Err(format!("{t}: no hook is named {n}"));
+                }
+            }
+        }
+        for c in self.verdict.correct.iter().chain(&self.verdict.bug) {
+            if let Condition::Hook(n) = c {
+                if !known(n) {
+                    return Err(format!("verdict {c}: no hook is named {n}"));
+                }
+            }
+        }
+        let stages = self
+            .script
+            .stage1
+            .threads
+            .iter()
+            .chain(&self.script.stage2.threads);
+        let opened_by_hook = |g: Gate| {
+            self.hooks
+                .iter()
+                .any(|h| matches!(&h.kind, HookKind::Hold { open, .. } if open.contains(&g)))
+        };
+        for step in stages.flat_map(|t| &t.steps) {
+            if let Step::Gate(g) = step {
+                if *g == Gate::BEFORE_REBOOT {
+                    return Err(
+                        "step gate 0: gate 0 is the handover workload's; use 1 to 63".into(),
+                    );
+                }
+                let Some(rule) = self.gates.iter().find(|r| r.gate == *g) else {
+                    return Err(format!(
+                        "step gate {}: declare it with [[gate]] id = {}",
+                        g.id(),
+                        g.id()
+                    ));
+                };
+                if rule.open_when.is_none() && !opened_by_hook(*g) {
+                    return Err(format!(
+                        "gate {}: a step waits there, but neither its open_when nor a hold's open opens it",
+                        g.id()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+name = "example"
+summary = "a session closed while reboot() is held after serialization"
+variant = "luo-reboot-unlocked"
+timeout = "20m"
+[stage1]
+threads = [
+  { cpu = 0, steps = ["create 0", "memfd 0.0 64K", "fill 0.0 write", "preserve 0.0", "kexec-load", "gate 1", "reboot"] },
+  { cpu = 1, steps = ["gate 2", "close 0"] },
+]
+[stage2]
+threads = [{ cpu = 0, steps = ["retrieve 0", "retrieve-fd 0.0", "finish 0"] }]
+[[gate]]
+id = 1
+open_when = "wait 2"
+[[gate]]
+id = 2
+[[hook]]
+name = "serialized"
+at = "luo_flb_serialize"
+vcpu = 0
+action = "hold"
+open = [2]
+release_when = ["hook blocked", "result close-session 0"]
+max = "90s"
+[[hook]]
+name = "blocked"
+at = "rwsem_down_read_slowpath+0x4"
+vcpu = 1
+action = "observe"
+after = "start close-session 0"
+[verdict]
+correct = ["blocked close-session 0", "records match", "handover verified"]
+bug = ["returned close-session 0", "records differ", "kernel oops"]
+"#;
+
+    #[test]
+    fn a_scenario_file_parses_whole() {
+        let s = Scenario::parse(EXAMPLE, "example.toml").unwrap();
+        assert_eq!(s.vcpus, 2);
+        assert_eq!(s.timeout, Duration::from_secs(1200));
+        assert_eq!(s.script.stage1.threads.len(), 2);
+        assert_eq!(
+            s.hooks[1].at,
+            TraceSpec {
+                symbol: "rwsem_down_read_slowpath".into(),
+                offset: 4
+            }
+        );
+        let close = ActionPattern {
+            action: Action::CloseSession,
+            arg: Some(0),
+        };
+        assert_eq!(s.hooks[1].after, Some(Trigger::Start(close)));
+        match &s.hooks[0].kind {
+            HookKind::Hold { max, open, release } => {
+                assert_eq!(*max, Duration::from_secs(90));
+                assert_eq!(open, &[Gate::new(2).unwrap()]);
+                assert_eq!(release[1], Trigger::Result(close));
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(s.verdict.bug[0], Condition::Returned(close));
+        assert_eq!(
+            s.gates[0].open_when,
+            Some(Trigger::Wait(Gate::new(2).unwrap()))
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named_before_anything_runs() {
+        let bad = |from: &str, to: &str| {
+            let text = EXAMPLE.replace(from, to);
+            assert_ne!(text, EXAMPLE, "{from}");
+            Scenario::parse(&text, "x.toml").unwrap_err().to_string()
+        };
+        assert!(bad("\"hook blocked\"", "\"hook nobody\"").contains("no hook is named nobody"));
+        assert!(bad("\"close 0\"", "\"close\"").contains("takes 1 argument"));
+        assert!(bad("cpu = 1", "cpu = 2").contains("CPU 2 of a 2-vCPU guest"));
+        assert!(bad("[[gate]]\nid = 2\n", "").contains("gate 2"));
+        assert!(bad("action = \"observe\"", "action = \"dance\"")
+            .contains("observe, hold, fail or stop"));
+        assert!(bad("\"kernel oops\"", "\"kernel happy\"").contains("not a condition"));
+        assert!(bad("result close-session 0", "result close-door 0").contains("not an action"));
+        assert!(bad("timeout = \"20m\"", "timeout = \"soon\"").contains("timeout"));
+        assert!(bad("vcpu = 1", "vcpu = 7").contains("vcpu 7 of 2"));
+        assert!(bad("summary", "summery").contains("unknown field"));
+        assert!(bad("name = \"example\"", "name = \"/tmp/x\"").contains("name ="));
+        assert!(bad("open = [2]\n", "").contains("neither its open_when nor a hold's open"));
+        assert!(bad("timeout = \"20m\"", "timeout = \"500ms\"").contains("at least 1s"));
+        assert!(bad("max = \"90s\"", "max = \"0s\"").contains("more than 0"));
+        assert!(
+            bad("[[gate]]\nid = 2\n", "[[gate]]\nid = 2\n[[gate]]\nid = 2\n")
+                .contains("declared twice")
+        );
+    }
+
+    #[test]
+    fn triggers_conditions_and_durations() {
+        assert_eq!(
+            parse_trigger("wait 3"),
+            Ok(Trigger::Wait(Gate::new(3).unwrap()))
+        );
+        let p = ActionPattern {
+            action: Action::PreserveFd,
+            arg: Some(1002),
+        };
+        assert_eq!(
+            parse_trigger("result preserve-fd 1.2"),
+            Ok(Trigger::Result(p))
+        );
+        assert_eq!(p.to_string(), "preserve-fd 1.2");
+        assert!(p.matches(Action::PreserveFd, 1002) && !p.matches(Action::PreserveFd, 1));
+        let any = ActionPattern {
+            action: Action::Reboot,
+            arg: None,
+        };
+        assert!(any.matches(Action::Reboot, 7));
+        assert_eq!(parse_condition("failed reboot"), Ok(Condition::Failed(any)));
+        assert!(parse_trigger("wait 64").is_err());
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("2d"), None);
+    }
+}

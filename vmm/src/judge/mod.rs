@@ -1,0 +1,6 @@
+//! Verdicts from what was seen: an injected round's (`crashed`, `rejected`, `accepted`,
+//! `reused`), a scenario run's (`reproduced`, `not reproduced`, `inconclusive`), and the one
+//! rule for "handover verified".
+
+pub(crate) mod injection;
+pub(crate) mod scenario;

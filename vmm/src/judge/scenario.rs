@@ -1,0 +1,372 @@
+//! What a scenario run saw, reduced to facts, and the verdict its rules give: pure
+//! functions, so every rule and the inventory detector are tested without a guest.
+//!
+//! The detector compares what user space believes it preserved at the moment of the
+//! reboot (from the stage-1 agent's action results: sessions created and not closed,
+//! files preserved into them) with the LUO records the next kernel was handed (parsed by
+//! luo-vmm at next-kernel-start): a session that arrived although user space closed it, a
+//! file that user space preserved but that did not arrive, and so on.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use luo_handover::luo::LuoState;
+use luo_protocol::message::Action;
+use luo_protocol::script::FileId;
+use luo_protocol::workload::Memfds;
+use serde::Serialize;
+
+use crate::config::scenario::{ActionPattern, Condition, VerdictRules};
+use crate::run::agent::ActionCall;
+
+/// The verdict of one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScenarioVerdict {
+    /// The buggy outcome was seen.
+    Reproduced,
+    /// The correct outcome was seen.
+    NotReproduced,
+    /// Neither.
+    Inconclusive,
+}
+
+impl ScenarioVerdict {
+    /// `reproduced`, `not reproduced`, `inconclusive`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScenarioVerdict::Reproduced => "reproduced",
+            ScenarioVerdict::NotReproduced => "not reproduced",
+            ScenarioVerdict::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// Everything a verdict is decided on.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RunFacts {
+    /// Per boot of the agent, its actions in order.
+    pub boots: Vec<Vec<ActionCall>>,
+    /// The detector's findings at the first handover: `Some(vec![])` when records and
+    /// belief agree; `None` without a handover.
+    pub discrepancies: Option<Vec<String>>,
+    /// A handover happened, no preserved page was written, and every stage-2 step
+    /// succeeded.
+    pub handover_verified: bool,
+    /// The next kernel started.
+    pub handover_seen: bool,
+    /// Oops, BUG, WARNING, panic lines, or a triple fault.
+    pub kernel_trouble: Vec<String>,
+    /// Hooks that acted.
+    pub hooks_fired: BTreeSet<String>,
+    /// Holds nobody released in time.
+    pub hold_timeouts: Vec<String>,
+    /// The run ran out of time.
+    pub timed_out: bool,
+}
+
+fn calls<'a>(facts: &'a RunFacts, p: &'a ActionPattern) -> impl Iterator<Item = &'a ActionCall> {
+    facts
+        .boots
+        .iter()
+        .flatten()
+        .filter(move |c| p.matches(c.action, c.arg))
+}
+
+/// Whether `c` holds for `facts`.
+pub(crate) fn holds(c: &Condition, facts: &RunFacts) -> bool {
+    match c {
+        Condition::Blocked(p) => calls(facts, p).any(|c| c.result.is_none()),
+        Condition::Returned(p) => calls(facts, p).any(|c| c.result.is_some_and(|(r, _)| r >= 0)),
+        Condition::Failed(p) => calls(facts, p).any(|c| c.result.is_some_and(|(r, _)| r < 0)),
+        Condition::RecordsMatch => facts.discrepancies.as_ref().is_some_and(Vec::is_empty),
+        Condition::RecordsDiffer => facts.discrepancies.as_ref().is_some_and(|d| !d.is_empty()),
+        Condition::HandoverVerified => facts.handover_verified,
+        Condition::NoHandover => !facts.handover_seen,
+        Condition::KernelOops => !facts.kernel_trouble.is_empty(),
+        Condition::Hook(n) => facts.hooks_fired.contains(n),
+    }
+}
+
+/// A verdict with its reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Judgement {
+    /// The verdict.
+    pub verdict: ScenarioVerdict,
+    /// Why, in words: the bug conditions that held, or the correct ones that did not.
+    pub because: Vec<String>,
+}
+
+/// Applies `rules`: any bug condition means reproduced; else a hold that timed out or a
+/// run out of time means inconclusive; else all correct conditions mean not reproduced.
+pub(crate) fn judge(rules: &VerdictRules, facts: &RunFacts) -> Judgement {
+    let bugs: Vec<String> = rules
+        .bug
+        .iter()
+        .filter(|c| holds(c, facts))
+        .map(ToString::to_string)
+        .collect();
+    if !bugs.is_empty() {
+        return Judgement {
+            verdict: ScenarioVerdict::Reproduced,
+            because: bugs,
+        };
+    }
+    let mut because: Vec<String> = facts
+        .hold_timeouts
+        .iter()
+        .map(|h| format!("hold {h} timed out"))
+        .collect();
+    if facts.timed_out {
+        because.push("the run timed out".into());
+    }
+    let missing: Vec<String> = rules
+        .correct
+        .iter()
+        .filter(|c| !holds(c, facts))
+        .map(|c| format!("not: {c}"))
+        .collect();
+    if because.is_empty() && missing.is_empty() {
+        return Judgement {
+            verdict: ScenarioVerdict::NotReproduced,
+            because: rules.correct.iter().map(ToString::to_string).collect(),
+        };
+    }
+    because.extend(missing);
+    Judgement {
+        verdict: ScenarioVerdict::Inconclusive,
+        because,
+    }
+}
+
+/// What user space believes is preserved: session index -> tokens of its files.
+pub(crate) type Belief = BTreeMap<u32, BTreeSet<u64>>;
+
+/// User space's belief after the actions of one boot: sessions whose creation returned
+/// success and whose close did not, with the files whose preserve returned success.
+/// Actions that never returned did not happen, as far as user space knows.
+pub(crate) fn belief(calls: &[ActionCall]) -> Belief {
+    let mut b = Belief::new();
+    for c in calls {
+        if c.result.is_none_or(|(r, _)| r < 0) {
+            continue;
+        }
+        match c.action {
+            Action::CreateSession => {
+                b.insert(u32::try_from(c.arg).unwrap_or(u32::MAX), BTreeSet::new());
+            }
+            Action::CloseSession => {
+                b.remove(&u32::try_from(c.arg).unwrap_or(u32::MAX));
+            }
+            Action::PreserveFd => {
+                if let Some(id) = FileId::from_token(c.arg) {
+                    if let Some(files) = b.get_mut(&id.session) {
+                        files.insert(c.arg);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    b
+}
+
+fn session_index(name: &str) -> Option<u32> {
+    let i: u32 = name.strip_prefix("luo-vmm-s")?.parse().ok()?;
+    (Memfds::session_name(i).as_str() == name).then_some(i)
+}
+
+fn file_name(token: u64) -> String {
+    FileId::from_token(token).map_or(format!("token {token}"), |id| format!("file {id}"))
+}
+
+/// Differences between `belief` and the LUO `records` the next kernel got, in words;
+/// empty when they agree.
+pub(crate) fn compare(belief: &Belief, records: &LuoState) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut arrived: Belief = Belief::new();
+    for s in &records.sessions {
+        match session_index(&s.name) {
+            Some(i) => {
+                arrived.insert(i, s.files.iter().map(|f| f.token).collect());
+            }
+            None => out.push(format!(
+                "session {:?} arrived, which user space never created",
+                s.name
+            )),
+        }
+    }
+    for (s, files) in &arrived {
+        let name = Memfds::session_name(*s);
+        let Some(believed) = belief.get(s) else {
+            out.push(format!(
+                "session {name} arrived, but user space does not have it (closed, or its creation never returned)"
+            ));
+            continue;
+        };
+        for t in files.difference(believed) {
+            out.push(format!(
+                "{} arrived in session {name}, but user space never preserved it",
+                file_name(*t)
+            ));
+        }
+        for t in believed.difference(files) {
+            out.push(format!(
+                "{} was preserved in session {name} (preserve returned 0) but did not arrive",
+                file_name(*t)
+            ));
+        }
+    }
+    for s in belief.keys().filter(|s| !arrived.contains_key(s)) {
+        out.push(format!(
+            "session {} was created and not closed, but did not arrive",
+            Memfds::session_name(*s)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::scenario::parse_condition;
+    use luo_handover::luo::{PreservedFile, Session};
+    use std::time::Instant;
+
+    fn call(action: Action, arg: u64, result: Option<i64>) -> ActionCall {
+        ActionCall {
+            action,
+            arg,
+            at: Instant::now(),
+            result: result.map(|r| (r, if r < 0 { 5 } else { 0 })),
+        }
+    }
+
+    fn records(sessions: &[(u32, &[u64])]) -> LuoState {
+        LuoState {
+            ser_pa: 0,
+            liveupdate_num: 1,
+            sessions: sessions
+                .iter()
+                .map(|(s, tokens)| Session {
+                    name: Memfds::session_name(*s).as_str().to_owned(),
+                    files: tokens
+                        .iter()
+                        .map(|&token| PreservedFile {
+                            compatible: "memfd-v2".into(),
+                            token,
+                            data: 0,
+                            memfd: None,
+                            ser_pa: 0,
+                        })
+                        .collect(),
+                    file_blocks: vec![],
+                    ser_pa: 0,
+                })
+                .collect(),
+            flbs: vec![],
+            flb_pa: 0,
+            flb_pgcnt: 0,
+            session_blocks: vec![],
+            unknown_compatibles: vec![],
+        }
+    }
+
+    #[test]
+    fn a_closed_session_that_arrives_is_found() {
+        let stage1 = [
+            call(Action::CreateSession, 0, Some(0)),
+            call(Action::PreserveFd, 0, Some(0)),
+            call(Action::CreateSession, 1, Some(0)),
+            call(Action::PreserveFd, 1000, Some(0)),
+            call(Action::Reboot, 0, None),
+            call(Action::CloseSession, 1, Some(0)),
+        ];
+        let b = belief(&stage1);
+        assert_eq!(b.keys().copied().collect::<Vec<_>>(), [0]);
+        let d = compare(&b, &records(&[(0, &[0]), (1, &[1000])]));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("session luo-vmm-s1 arrived"), "{d:?}");
+        // The fixed kernel: the close never returned, so the session is still user
+        // space's, and it arrived.
+        let mut blocked = stage1;
+        blocked[5].result = None;
+        assert!(compare(&belief(&blocked), &records(&[(0, &[0]), (1, &[1000])])).is_empty());
+    }
+
+    #[test]
+    fn missing_sessions_and_files_are_found() {
+        let stage1 = [
+            call(Action::CreateSession, 0, Some(0)),
+            call(Action::PreserveFd, 0, Some(0)),
+            call(Action::PreserveFd, 1, Some(0)),
+            call(Action::PreserveFd, 2, Some(-1)),
+            call(Action::CreateSession, 2, Some(0)),
+        ];
+        let d = compare(&belief(&stage1), &records(&[(0, &[0, 7])]));
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d.iter().any(|l| l.contains("file 0.7 arrived")));
+        assert!(d.iter().any(|l| l.contains("file 0.1 was preserved")));
+        assert!(d.iter().any(|l| l.contains("luo-vmm-s2 was created")));
+        let strangers = LuoState {
+            sessions: vec![Session {
+                name: "someone-else".into(),
+                files: vec![],
+                file_blocks: vec![],
+                ser_pa: 0,
+            }],
+            ..records(&[])
+        };
+        assert!(compare(&Belief::new(), &strangers)[0].contains("never created"));
+        assert_eq!(session_index("luo-vmm-s01"), None);
+    }
+
+    fn rules(correct: &[&str], bug: &[&str]) -> VerdictRules {
+        let p = |v: &[&str]| v.iter().map(|c| parse_condition(c).unwrap()).collect();
+        VerdictRules {
+            correct: p(correct),
+            bug: p(bug),
+        }
+    }
+
+    #[test]
+    fn verdicts_follow_the_rules() {
+        let r = rules(
+            &[
+                "blocked close-session 1",
+                "records match",
+                "handover verified",
+            ],
+            &["returned close-session 1", "records differ", "kernel oops"],
+        );
+        let fixed = RunFacts {
+            boots: vec![vec![call(Action::CloseSession, 1, None)]],
+            discrepancies: Some(vec![]),
+            handover_verified: true,
+            handover_seen: true,
+            ..RunFacts::default()
+        };
+        assert_eq!(judge(&r, &fixed).verdict, ScenarioVerdict::NotReproduced);
+        let buggy = RunFacts {
+            boots: vec![vec![call(Action::CloseSession, 1, Some(0))]],
+            discrepancies: Some(vec!["session luo-vmm-s1 arrived".into()]),
+            ..fixed.clone()
+        };
+        let j = judge(&r, &buggy);
+        assert_eq!(j.verdict, ScenarioVerdict::Reproduced);
+        assert_eq!(j.because, ["returned close-session 1", "records differ"]);
+        let held_too_long = RunFacts {
+            hold_timeouts: vec!["serialized".into()],
+            ..fixed.clone()
+        };
+        let j = judge(&r, &held_too_long);
+        assert_eq!(j.verdict, ScenarioVerdict::Inconclusive);
+        assert_eq!(j.because, ["hold serialized timed out"]);
+        let nothing = RunFacts::default();
+        assert_eq!(judge(&r, &nothing).verdict, ScenarioVerdict::Inconclusive);
+        let oops = RunFacts {
+            kernel_trouble: vec!["BUG: unable to handle page fault".into()],
+            ..fixed
+        };
+        assert_eq!(judge(&r, &oops).verdict, ScenarioVerdict::Reproduced);
+    }
+}

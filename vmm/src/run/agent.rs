@@ -1,0 +1,385 @@
+//! What the guest agent said over the probe, as the VMM keeps it: bounded (the guest is
+//! hostile), in arrival order, and grouped by boot. Nothing here reads the console.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use luo_devices::ProbeEvent;
+use luo_protocol::message::{
+    Action, AgentVerdict, DecodeError, Message, SelftestResult, SessionName,
+};
+use luo_protocol::workload::{Progress, Stage};
+
+/// Most messages kept for one run; later ones are counted as dropped.
+pub(crate) const MAX_MESSAGES: usize = 1 << 18;
+/// Most decode errors kept (all are counted).
+pub(crate) const MAX_ERRORS: usize = 64;
+
+/// Every message of a run, in arrival order, each with the instant its frame began.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct AgentLog {
+    /// The messages.
+    pub messages: Vec<(Instant, Message)>,
+    /// The first [`MAX_ERRORS`] decode errors.
+    pub errors: Vec<DecodeError>,
+    /// Decode errors, all of them.
+    pub error_count: u64,
+    /// Messages not kept: over [`MAX_MESSAGES`], or dropped by the probe's full queue.
+    pub dropped: u64,
+}
+
+impl AgentLog {
+    /// Keeps `ev` (or counts it).
+    pub fn push(&mut self, ev: &ProbeEvent) {
+        match &ev.item {
+            Ok(msg) if self.messages.len() < MAX_MESSAGES => {
+                self.messages.push((ev.at, msg.clone()));
+            }
+            Ok(_) => self.dropped += 1,
+            Err(e) => {
+                self.error_count += 1;
+                if self.errors.len() < MAX_ERRORS {
+                    self.errors.push(e.clone());
+                }
+            }
+        }
+    }
+
+    /// The last verdict the agent sent.
+    pub fn verdict(&self) -> Option<AgentVerdict> {
+        self.messages.iter().rev().find_map(|(_, m)| match m {
+            Message::Verdict(v) => Some(*v),
+            _ => None,
+        })
+    }
+
+    /// The messages grouped by boot: a boot begins at each `userspace-up`.
+    pub fn boots(&self) -> Vec<AgentBoot> {
+        let mut boots: Vec<AgentBoot> = Vec::new();
+        let mut starts: HashMap<u32, (Action, u64, usize)> = HashMap::new();
+        for (at, msg) in &self.messages {
+            if matches!(msg, Message::UserspaceUp { .. }) || boots.is_empty() {
+                boots.push(AgentBoot::default());
+                starts.clear();
+            }
+            let Some(b) = boots.last_mut() else {
+                continue;
+            };
+            match msg {
+                Message::UserspaceUp { cpus_online } => b.cpus_online = Some(*cpus_online),
+                Message::Boot { stage, round } => {
+                    b.progress = Some(Progress {
+                        stage: *stage,
+                        round: *round,
+                    })
+                }
+                Message::Verdict(v) => b.verdict = Some(*v),
+                Message::Verified {
+                    sessions,
+                    files,
+                    bytes,
+                } => {
+                    b.verified = Some(Totals {
+                        sessions: *sessions,
+                        files: *files,
+                        bytes: *bytes,
+                    })
+                }
+                Message::Selftest(r) => b.selftests.push(*r),
+                Message::InventorySession { session, name } => {
+                    b.inventory.sessions.push((*session, name.clone()))
+                }
+                Message::InventoryFile {
+                    session,
+                    token,
+                    size,
+                } => b.inventory.files.push(InventoryFile {
+                    session: *session,
+                    token: *token,
+                    size: *size,
+                }),
+                Message::InventoryEnd {
+                    sessions,
+                    files,
+                    bytes,
+                } => {
+                    b.inventory.end = Some(Totals {
+                        sessions: *sessions,
+                        files: *files,
+                        bytes: *bytes,
+                    })
+                }
+                Message::ActionStart { seq, action, arg } => {
+                    b.actions += 1;
+                    starts.insert(*seq, (*action, *arg, b.calls.len()));
+                    b.calls.push(ActionCall {
+                        action: *action,
+                        arg: *arg,
+                        at: *at,
+                        result: None,
+                    });
+                }
+                Message::ActionResult {
+                    seq,
+                    action,
+                    ret,
+                    errno,
+                } => {
+                    let start = starts.get(seq).copied();
+                    if let Some(call) = start.and_then(|(_, _, k)| b.calls.get_mut(k)) {
+                        call.result = Some((*ret, *errno));
+                    }
+                    if *errno != 0 || *ret < 0 {
+                        b.failed_actions.push(FailedAction {
+                            action: *action,
+                            arg: start.map_or(0, |(_, arg, _)| arg),
+                            ret: *ret,
+                            errno: *errno,
+                        });
+                    }
+                }
+                Message::GatePassed(g) => b.gates_passed.push(g.id()),
+                Message::DataFound {
+                    session,
+                    file,
+                    offset,
+                    whose,
+                } => b.found.push(FoundData {
+                    session: *session,
+                    file: *file,
+                    offset: *offset,
+                    whose: *whose,
+                }),
+                Message::GateWait(_) | Message::RebootRequested | Message::WorkloadResumed => {}
+            }
+        }
+        boots
+    }
+
+    /// CPUs online at the first boot.
+    pub fn first_cpus_online(&self) -> Option<u16> {
+        self.messages.iter().find_map(|(_, m)| match m {
+            Message::UserspaceUp { cpus_online } => Some(*cpus_online),
+            _ => None,
+        })
+    }
+}
+
+/// Counts of sessions, files and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Totals {
+    /// Sessions.
+    pub sessions: u32,
+    /// Files.
+    pub files: u32,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// A preserved file of the stage-1 inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InventoryFile {
+    /// Index of its session.
+    pub session: u32,
+    /// LUO token.
+    pub token: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// What the agent says it preserved before a handover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Inventory {
+    /// Sessions: index and name.
+    pub sessions: Vec<(u32, SessionName)>,
+    /// Files.
+    pub files: Vec<InventoryFile>,
+    /// The totals the agent sent at the end, if it got there.
+    pub end: Option<Totals>,
+}
+
+/// An action whose result was a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FailedAction {
+    /// What.
+    pub action: Action,
+    /// Its argument (see `Action`).
+    pub arg: u64,
+    /// Return value.
+    pub ret: i64,
+    /// errno.
+    pub errno: i32,
+}
+
+/// An announced action and its result, if one came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ActionCall {
+    /// What.
+    pub action: Action,
+    /// Its argument (see `Action`).
+    pub arg: u64,
+    /// When it was announced.
+    pub at: Instant,
+    /// Return value and errno; `None` while it had not returned.
+    pub result: Option<(i64, i32)>,
+}
+
+/// What the agent said during one boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct AgentBoot {
+    /// Every action announced, in order, with its result.
+    pub calls: Vec<ActionCall>,
+    /// CPUs online.
+    pub cpus_online: Option<u16>,
+    /// Stage and round.
+    pub progress: Option<Progress>,
+    /// Stage-1 inventory.
+    pub inventory: Inventory,
+    /// Stage-2 check.
+    pub verified: Option<Totals>,
+    /// Selftest runs.
+    pub selftests: Vec<SelftestResult>,
+    /// Actions announced.
+    pub actions: u32,
+    /// Actions that failed.
+    pub failed_actions: Vec<FailedAction>,
+    /// Gates passed.
+    pub gates_passed: Vec<u8>,
+    /// The verdict, in the boot that ended the agent's work.
+    pub verdict: Option<AgentVerdict>,
+    /// Pages of retrieved memfds that did not hold their own bytes.
+    pub found: Vec<FoundData>,
+}
+
+/// A page of a retrieved memfd that held other bytes ([`Message::DataFound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FoundData {
+    /// Session index of the memfd read.
+    pub session: u32,
+    /// File index of the memfd read.
+    pub file: u32,
+    /// Byte offset of the page.
+    pub offset: u64,
+    /// Whose bytes it held.
+    pub whose: luo_protocol::Whose,
+}
+
+impl AgentBoot {
+    /// The selftest run of `stage` (`None`: single-stage).
+    pub fn selftest(&self, stage: Option<Stage>) -> Option<&SelftestResult> {
+        self.selftests.iter().find(|r| r.stage == stage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luo_protocol::message::{ExitStatus, FailedStep};
+    use luo_protocol::TapCounts;
+
+    fn log(msgs: Vec<Message>) -> AgentLog {
+        let mut log = AgentLog::default();
+        let at = Instant::now();
+        for m in msgs {
+            log.push(&ProbeEvent { item: Ok(m), at });
+        }
+        log
+    }
+
+    #[test]
+    fn messages_are_grouped_by_boot() {
+        let name = SessionName::new("luo-vmm-s0").unwrap();
+        let log = log(vec![
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::Boot {
+                stage: Stage::One,
+                round: 0,
+            },
+            Message::ActionStart {
+                seq: 0,
+                action: Action::CreateSession,
+                arg: 0,
+            },
+            Message::ActionResult {
+                seq: 0,
+                action: Action::CreateSession,
+                ret: 0,
+                errno: 0,
+            },
+            Message::InventorySession {
+                session: 0,
+                name: name.clone(),
+            },
+            Message::InventoryFile {
+                session: 0,
+                token: 0,
+                size: 4096,
+            },
+            Message::InventoryEnd {
+                sessions: 1,
+                files: 1,
+                bytes: 4096,
+            },
+            Message::RebootRequested,
+            Message::UserspaceUp { cpus_online: 2 },
+            Message::ActionStart {
+                seq: 0,
+                action: Action::RetrieveFd,
+                arg: 7,
+            },
+            Message::ActionResult {
+                seq: 0,
+                action: Action::RetrieveFd,
+                ret: -1,
+                errno: 2,
+            },
+            Message::Selftest(SelftestResult {
+                stage: Some(Stage::Two),
+                status: ExitStatus::Exited(0),
+                tap: TapCounts::default(),
+            }),
+            Message::Verdict(AgentVerdict::fail(FailedStep::RetrieveFd, 2)),
+        ]);
+        let boots = log.boots();
+        assert_eq!(boots.len(), 2);
+        assert_eq!(boots[0].cpus_online, Some(2));
+        assert_eq!(boots[0].inventory.sessions, vec![(0, name)]);
+        assert_eq!(boots[0].inventory.end.map(|t| t.bytes), Some(4096));
+        assert!(boots[0].failed_actions.is_empty());
+        assert_eq!(
+            boots[1].failed_actions,
+            vec![FailedAction {
+                action: Action::RetrieveFd,
+                arg: 7,
+                ret: -1,
+                errno: 2
+            }]
+        );
+        assert!(boots[1].selftest(Some(Stage::Two)).is_some());
+        assert_eq!(
+            log.verdict(),
+            Some(AgentVerdict::fail(FailedStep::RetrieveFd, 2))
+        );
+        assert_eq!(log.first_cpus_online(), Some(2));
+    }
+
+    #[test]
+    fn the_log_is_bounded() {
+        let mut log = AgentLog::default();
+        let at = Instant::now();
+        for _ in 0..MAX_ERRORS + 5 {
+            log.push(&ProbeEvent {
+                item: Err(DecodeError::UnknownKind(0x7f)),
+                at,
+            });
+        }
+        assert_eq!(log.errors.len(), MAX_ERRORS);
+        assert_eq!(log.error_count, (MAX_ERRORS + 5) as u64);
+        log.messages = vec![(at, Message::RebootRequested); MAX_MESSAGES];
+        log.push(&ProbeEvent {
+            item: Ok(Message::WorkloadResumed),
+            at,
+        });
+        assert_eq!((log.messages.len(), log.dropped), (MAX_MESSAGES, 1));
+    }
+}

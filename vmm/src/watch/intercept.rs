@@ -1,0 +1,684 @@
+//! The interception of a live update from outside the guest: hardware breakpoints on
+//! the old kernel's `liveupdate_reboot` and `machine_kexec` and the next kernel's
+//! `start_kernel`, dirty-page logging of the preserved set between the last two (and, for
+//! the leak check, from `start_kernel` to the end of the run), and the reading of the KHO
+//! state the next kernel is handed, all while the vCPU is stopped at the breakpoint.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use luo_devices::ProbeEvent;
+use luo_handover::budget::Budget;
+use luo_handover::digest::{DigestVerdict, ExtentDigests};
+use luo_handover::extents::{
+    classify_dirty, classify_tracked, DirtyBitmap, DirtyClassification, ExtentSet,
+};
+use luo_handover::kho::ScratchArea;
+use luo_handover::mem::RecordingMemory;
+use luo_handover::symbols::{KHO_OUT_FDT_OFFSET, SYM_KHO_OUT};
+use luo_handover::timeline::{human_duration, Timeline};
+use luo_handover::{Handover, LabelledExtents};
+use luo_protocol::Mark;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::guest_ram::LiveRam;
+use super::injector::{self, Injection};
+use crate::config::options::InterceptOptions;
+use crate::machine::arch::paging::translate;
+use crate::machine::dirty::{
+    clear_log, enable_manual_protect, set_slots, take_bitmaps, SlotBitmap,
+};
+use crate::machine::vcpu::run::HookAction;
+use crate::machine::vm::{RunObserver, StoppedVcpu};
+
+/// Breakpoint slots, in the order of the addresses given to [`Interceptor::new`].
+const SLOT_SERIALIZE: usize = 0;
+const SLOT_POINT_OF_NO_RETURN: usize = 1;
+const SLOT_START_KERNEL: usize = 2;
+
+/// What the interceptor learned about one handover.
+#[derive(Debug, Default)]
+pub struct RoundCapture {
+    /// The KHO state handed to the next kernel, or why it could not be read.
+    pub handover: Option<Result<HandoverState, String>>,
+    /// Pages written between point-of-no-return and next-kernel-start.
+    pub dirty: Option<Result<DirtyClassification, String>>,
+    /// Extent digests before and after, when asked for.
+    pub digest: Option<Result<DigestVerdict, String>>,
+    /// What was injected, and where (the text report's line).
+    pub injected: Option<String>,
+    /// `--inject PATH=VALUE`: the writes made, or why none was.
+    pub injection: Injection,
+    /// Host time luo-vmm spent with the guest stopped in its hooks this round (the sum of
+    /// `hooks`).
+    pub hook_ns: u64,
+    /// Each stop at a breakpoint this round: which, on which vCPU, how long, and what the
+    /// time went to.
+    pub hooks: Vec<HookTime>,
+    /// The leak check of the last round: the preserved pages (address, owner) the next
+    /// kernel wrote between its start and the end of the run, or why that is not known.
+    pub written_after: Option<Result<Vec<(u64, String)>, String>>,
+}
+
+/// The parts of the KHO state the report needs.
+#[derive(Debug)]
+pub struct HandoverState {
+    /// Preserved extents with owners.
+    pub extents: LabelledExtents,
+    /// Scratch areas.
+    pub scratch: Vec<ScratchArea>,
+    /// The full parse.
+    pub handover: Handover,
+}
+
+/// How the dirty log is kept (see [`crate::machine::dirty`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum DirtyLog {
+    /// Not logging.
+    #[default]
+    Off,
+    /// `KVM_MEM_LOG_DIRTY_PAGES` switched on at point-of-no-return (every page
+    /// write-protected) and off at next-kernel-start.
+    WholeGuest,
+    /// Manual protection: logging on since the first point-of-no-return and kept on (it
+    /// costs nothing where no bit is cleared); each point-of-no-return clears the bits
+    /// of what is watched.
+    Manual,
+}
+
+/// The pages whose dirty bits were cleared at this round's point-of-no-return.
+#[derive(Debug)]
+enum Watched {
+    /// Every guest page.
+    AllPages,
+    /// The preserved set as the outgoing kernel had it.
+    Preserved(ExtentSet),
+}
+
+/// The marks, behind a lock of their own: the main thread records probe marks here and
+/// must never wait for a vCPU thread's parse of guest data (which holds [`State`]), or
+/// `--timeout` could not end the run.
+#[derive(Default)]
+struct Marks {
+    marks: Vec<(Mark, Instant)>,
+    /// The next userspace-up belongs to a handover (not to the first boot): set by
+    /// reboot-requested.
+    await_userspace: bool,
+}
+
+/// What the hooks work on (vCPU threads only).
+#[derive(Default)]
+struct State {
+    /// Between point-of-no-return and next-kernel-start.
+    in_kexec: bool,
+    /// `--verify-digest`: the preserved extents' digests taken at point-of-no-return, or
+    /// why there are none.
+    before: Option<Result<ExtentDigests, String>>,
+    dirty_log: DirtyLog,
+    /// What this round's dirty log watches, once it is on.
+    watched: Option<Watched>,
+    /// The preserved set handed over at the last next-kernel-start, watched since then
+    /// for the leak check (its bits cleared there, whichever way the log is kept).
+    watched_after: Option<ExtentSet>,
+    rounds: Vec<RoundCapture>,
+    current: RoundCapture,
+}
+
+/// Observes the handover; shared between the vCPU threads and the main thread.
+pub struct Interceptor {
+    breakpoints: Vec<u64>,
+    boot_params_va: u64,
+    /// The first kernel's `kho_out` (virtual), or why it has none.
+    kho_out_va: Result<u64, String>,
+    options: InterceptOptions,
+    marks: Mutex<Marks>,
+    state: Mutex<State>,
+}
+
+/// What the interceptor hands back after the run.
+#[derive(Debug)]
+pub struct Interception {
+    /// All marks, host-monotonic ns since VM start.
+    pub timeline: Timeline,
+    /// One capture per handover that reached the next kernel.
+    pub rounds: Vec<RoundCapture>,
+}
+
+impl Interception {
+    /// Nothing intercepted (a run without a handover).
+    pub fn empty() -> Self {
+        Interception {
+            timeline: Timeline::new(),
+            rounds: Vec::new(),
+        }
+    }
+}
+
+impl Interceptor {
+    /// An interceptor breaking at `breakpoints` (the addresses of `liveupdate_reboot`,
+    /// `machine_kexec` and the next kernel's `start_kernel`, in that order), reading the
+    /// outgoing kernel's `kho_out` (its virtual address, or why the kernel has none) at
+    /// point-of-no-return when digests are asked for, and `boot_params` (the next kernel's
+    /// symbol) at next-kernel-start.
+    pub fn new(
+        breakpoints: [u64; 3],
+        kho_out_va: Result<u64, String>,
+        boot_params_va: u64,
+        options: InterceptOptions,
+    ) -> Self {
+        Self {
+            breakpoints: breakpoints.to_vec(),
+            boot_params_va,
+            kho_out_va,
+            options,
+            marks: Mutex::new(Marks::default()),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn marks(&self) -> std::sync::MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a breakpoint's mark (a short lock of its own).
+    fn mark(&self, mark: Mark, at: Instant) {
+        self.marks().marks.push((mark, at));
+    }
+
+    /// Everything captured, with times relative to `started`; call after the VM stopped.
+    pub fn finish(&self, started: Instant) -> Interception {
+        let marks = std::mem::take(&mut self.marks().marks);
+        let timeline = timeline_from(marks, started);
+        let mut s = self.lock();
+        Interception {
+            timeline,
+            rounds: std::mem::take(&mut s.rounds),
+        }
+    }
+
+    fn point_of_no_return(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {
+        s.in_kexec = true;
+        let memory = at.vcpu.memory();
+        let log = !self.options.no_dirty_log;
+        let track_preserved = log && !self.options.track_all_pages;
+        let outgoing = (self.options.verify_digest || track_preserved)
+            .then(|| self.outgoing_preserved_set(at));
+        if outgoing.is_some() {
+            parts.lap("outgoing KHO state");
+        }
+        if self.options.verify_digest {
+            s.before = outgoing.as_ref().map(|set| {
+                set.as_ref().map_err(Clone::clone).and_then(|set| {
+                    ExtentDigests::compute(&LiveRam(memory), set, self.options.digest)
+                        .map_err(|e| format!("digest at point-of-no-return: {e}"))
+                })
+            });
+            parts.lap("digest");
+        }
+        if log {
+            let tracked = outgoing.and_then(Result::ok).filter(|_| track_preserved);
+            match self.start_dirty_log(at, s, tracked) {
+                Ok(watched) => s.watched = Some(watched),
+                Err(e) => s.current.dirty = Some(Err(e)),
+            }
+            parts.lap("dirty log on");
+        }
+    }
+
+    /// Starts this round's dirty log: under manual protection (when KVM offers it and the
+    /// preserved set is known) only the pages of `tracked` are write-protected, otherwise
+    /// every page.
+    fn start_dirty_log(
+        &self,
+        at: &StoppedVcpu<'_>,
+        s: &mut State,
+        tracked: Option<ExtentSet>,
+    ) -> Result<Watched, String> {
+        let memory = at.vcpu.memory();
+        if s.dirty_log == DirtyLog::Off {
+            let manual = tracked.is_some() && enable_manual_protect(at.vm_fd);
+            set_slots(at.vm_fd, memory, true)
+                .map_err(|e| format!("cannot start dirty logging: {e}"))?;
+            s.dirty_log = if manual {
+                DirtyLog::Manual
+            } else {
+                DirtyLog::WholeGuest
+            };
+        }
+        match s.dirty_log {
+            DirtyLog::Manual => {
+                clear_log(at.vm_fd, memory, tracked.as_ref())
+                    .map_err(|e| format!("KVM_CLEAR_DIRTY_LOG: {e}"))?;
+                Ok(tracked.map_or(Watched::AllPages, Watched::Preserved))
+            }
+            // A fresh log is clean; reading it once more makes sure.
+            _ => take_bitmaps(at.vm_fd, memory)
+                .map(|_| Watched::AllPages)
+                .map_err(|e| format!("cannot start dirty logging: {e}")),
+        }
+    }
+
+    /// The preserved set as the outgoing kernel has it at `machine_kexec`: `kho_out.fdt`
+    /// (a direct-map pointer to the KHO root FDT, complete since `kho_fill_kimage()`) read
+    /// through the stopped vCPU's page tables, and the FDT parsed with
+    /// [`Handover::from_fdt`] within a budget sized from guest RAM.
+    fn outgoing_preserved_set(&self, at: &StoppedVcpu<'_>) -> Result<ExtentSet, String> {
+        let kho_out = self.kho_out_va.clone()?;
+        let memory = at.vcpu.memory();
+        let cr3 = at
+            .vcpu
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?
+            .cr3;
+        let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
+        let field = kho_out.wrapping_add(KHO_OUT_FDT_OFFSET);
+        let fdt_va = translate(cr3, field, read)
+            .and_then(read)
+            .ok_or_else(|| format!("{SYM_KHO_OUT} at {kho_out:#x} is not mapped"))?;
+        if fdt_va == 0 {
+            return Err(format!("{SYM_KHO_OUT}.fdt is NULL: KHO is not enabled"));
+        }
+        let fdt_gpa = translate(cr3, fdt_va, read)
+            .ok_or_else(|| format!("{SYM_KHO_OUT}.fdt {fdt_va:#x} is not mapped"))?;
+        let live = LiveRam(memory);
+        let handover = Handover::from_fdt(&live, fdt_gpa, &Budget::for_memory(&live))
+            .map_err(|e| format!("the outgoing KHO FDT at {fdt_gpa:#x}: {e}"))?;
+        Ok(handover.preserved_extents().set)
+    }
+
+    fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {
+        s.in_kexec = false;
+        let memory = at.vcpu.memory();
+        let watched = s.watched.take();
+        let bitmaps = watched.as_ref().map(|_| take_bitmaps(at.vm_fd, memory));
+        parts.lap("dirty log read");
+        let live = LiveRam(memory);
+        let state = self.read_handover(at);
+        parts.lap("KHO state");
+        let before = s.before.take();
+        if let Ok(st) = &state {
+            let scratch = st.handover.scratch_extents();
+            if let (Some(watched), Some(bitmaps)) = (watched, bitmaps) {
+                s.current.dirty = Some(
+                    bitmaps
+                        .map(|maps| classify(&maps, &watched, &st.extents.set, &scratch))
+                        .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
+                );
+            }
+            parts.lap("dirty ∩ extents");
+            // The leak check: the log stays on, now watching the set handed over.
+            if s.dirty_log != DirtyLog::Off {
+                let again = match s.dirty_log {
+                    DirtyLog::Manual => clear_log(at.vm_fd, memory, Some(&st.extents.set)),
+                    _ => Ok(0), // just read, and so cleared
+                };
+                match again {
+                    Ok(_) => s.watched_after = Some(st.extents.set.clone()),
+                    Err(e) => {
+                        s.current.written_after = Some(Err(format!("KVM_CLEAR_DIRTY_LOG: {e}")))
+                    }
+                }
+                parts.lap("leak check on");
+            }
+            if let Some(before) = before {
+                s.current.digest = Some(before.and_then(|b| {
+                    ExtentDigests::compute(&live, &st.extents.set, b.algorithm)
+                        .map(|after| b.compare(&after))
+                        .map_err(|e| format!("digest at next-kernel-start: {e}"))
+                }));
+                parts.lap("digest");
+            }
+        }
+        let parsed = state.as_ref().ok().map(|st| &st.handover);
+        let injection = injector::at_next_kernel_start(memory, parsed, &self.options.inject);
+        s.current.injected = injection.summary.clone();
+        s.current.injection = injection;
+        s.current.handover = Some(state);
+    }
+
+    fn read_handover(&self, at: &StoppedVcpu<'_>) -> Result<HandoverState, String> {
+        let memory = at.vcpu.memory();
+        let sregs = at
+            .vcpu
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
+        let zero_page = translate(sregs.cr3, self.boot_params_va, read).ok_or_else(|| {
+            format!(
+                "boot_params at {:#x} is not mapped by the next kernel's page tables",
+                self.boot_params_va
+            )
+        })?;
+        let live = LiveRam(memory);
+        let handover = match &self.options.capture_fixture {
+            Some(dir) => {
+                let rec = RecordingMemory::new(&live);
+                let h = Handover::read(&rec, zero_page).map_err(|e| e.to_string())?;
+                let size = memory
+                    .iter()
+                    .map(|r| r.start_addr().raw_value() + r.len())
+                    .max()
+                    .unwrap_or(0);
+                if let Err(e) = super::capture::save(dir, &rec, zero_page, size, &h) {
+                    log::warn!("cannot save the fixture in {}: {e}", dir.display());
+                }
+                h
+            }
+            None => Handover::read(&live, zero_page).map_err(|e| e.to_string())?,
+        };
+        Ok(HandoverState {
+            extents: handover.preserved_extents(),
+            scratch: handover.scratch.clone(),
+            handover,
+        })
+    }
+}
+
+/// Orders marks by when they happened (probe marks reach the interceptor through a
+/// channel, breakpoint marks directly, so recording order is not time order) and makes
+/// them relative to `started`.
+pub fn timeline_from(mut marks: Vec<(Mark, Instant)>, started: Instant) -> Timeline {
+    marks.sort_by_key(|&(_, at)| at);
+    let mut timeline = Timeline::new();
+    for (mark, at) in marks {
+        let ns = at.saturating_duration_since(started).as_nanos();
+        timeline.record(mark, u64::try_from(ns).unwrap_or(u64::MAX));
+    }
+    timeline
+}
+
+/// Classifies every slot's bitmap against the preserved set handed over, by what was
+/// watched: with only the outgoing preserved set watched, its pages missing from the
+/// handed-over set are counted once as untracked.
+fn classify(
+    maps: &[SlotBitmap],
+    watched: &Watched,
+    preserved: &ExtentSet,
+    scratch: &ExtentSet,
+) -> DirtyClassification {
+    let mut all = DirtyClassification::default();
+    for m in maps {
+        let bitmap = DirtyBitmap::new(m.base, &m.words);
+        let c = match watched {
+            Watched::AllPages => classify_dirty(&bitmap, preserved, scratch),
+            Watched::Preserved(tracked) => classify_tracked(&bitmap, preserved, tracked),
+        };
+        all.preserved.extend(c.preserved);
+        all.scratch += c.scratch;
+        all.other.extend(c.other);
+    }
+    if let Watched::Preserved(tracked) = watched {
+        all.scope = luo_handover::extents::DirtyScope::Preserved;
+        all.untracked = preserved.pages_outside(tracked);
+    }
+    all
+}
+
+/// Nanoseconds since `since`, saturating.
+fn ns_since(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What one hook's time went to: consecutive laps of one stopwatch.
+struct Parts {
+    last: Instant,
+    parts: Vec<HookPart>,
+}
+
+impl Parts {
+    fn new(started: Instant) -> Self {
+        Parts {
+            last: started,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Ends a lap called `what`.
+    fn lap(&mut self, what: &str) {
+        let now = Instant::now();
+        let ns =
+            u64::try_from(now.saturating_duration_since(self.last).as_nanos()).unwrap_or(u64::MAX);
+        self.parts.push(HookPart {
+            what: what.to_owned(),
+            ns,
+        });
+        self.last = now;
+    }
+}
+
+/// The mark and the symbol of breakpoint `slot` (`in_kexec`: a start_kernel hit belongs
+/// to a handover).
+fn hook_names(slot: usize, in_kexec: bool) -> (&'static str, &'static str) {
+    use luo_handover::symbols::{SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC, SYM_START_KERNEL};
+    match slot {
+        SLOT_SERIALIZE => (Mark::SerializeStart.name(), SYM_LIVEUPDATE_REBOOT),
+        SLOT_POINT_OF_NO_RETURN => (Mark::PointOfNoReturn.name(), SYM_MACHINE_KEXEC),
+        SLOT_START_KERNEL if in_kexec => (Mark::NextKernelStart.name(), SYM_START_KERNEL),
+        SLOT_START_KERNEL => ("first-boot", SYM_START_KERNEL),
+        _ => ("unknown", "?"),
+    }
+}
+
+impl Interceptor {
+    /// The leak check's end: the preserved pages (of the last set handed over) written
+    /// since that next-kernel-start, with their owners, into the last round.
+    fn leak_check(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+        let mut s = self.lock();
+        let Some(preserved) = s.watched_after.take() else {
+            return;
+        };
+        let written = take_bitmaps(vm_fd, memory)
+            .map(|maps| {
+                maps.iter()
+                    .flat_map(|m| preserved.written_pages(&DirtyBitmap::new(m.base, &m.words)))
+                    .map(|page| {
+                        let owner = preserved.find(page).map_or("?", |e| e.owner);
+                        (page, owner.to_owned())
+                    })
+                    .collect()
+            })
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"));
+        if let Some(last) = s.rounds.last_mut() {
+            last.written_after = Some(written);
+        }
+    }
+}
+
+impl RunObserver for Interceptor {
+    fn on_stopped(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+        self.leak_check(vm_fd, memory);
+    }
+
+    /// `liveupdate_reboot` and `machine_kexec` on every vCPU (the reboot may come from
+    /// any CPU); `start_kernel` only on vCPU 0, the only CPU that runs it.
+    fn breakpoints(&self, vcpu: u8) -> Vec<u64> {
+        if self.options.no_intercept {
+            Vec::new()
+        } else if vcpu == 0 {
+            self.breakpoints.clone()
+        } else {
+            self.breakpoints[..SLOT_START_KERNEL].to_vec()
+        }
+    }
+
+    fn on_probe(&self, ev: &ProbeEvent) {
+        let Some(mark) = ev.item.as_ref().ok().and_then(|m| m.mark()) else {
+            return;
+        };
+        let mut s = self.marks();
+        match mark {
+            Mark::RebootRequested => {
+                // The next userspace-up is the next kernel's.
+                s.await_userspace = true;
+                s.marks.push((mark, ev.at));
+            }
+            Mark::UserspaceUp if s.await_userspace => {
+                s.await_userspace = false;
+                s.marks.push((mark, ev.at));
+            }
+            Mark::WorkloadResumed => s.marks.push((mark, ev.at)),
+            _ => {}
+        }
+    }
+
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) -> HookAction {
+        let hit = Instant::now();
+        let mut s = self.lock();
+        let (mark, symbol) = hook_names(slot, s.in_kexec);
+        let mut parts = Parts::new(hit);
+        let mut round_done = false;
+        match slot {
+            SLOT_SERIALIZE => self.mark(Mark::SerializeStart, hit),
+            SLOT_POINT_OF_NO_RETURN => {
+                self.mark(Mark::PointOfNoReturn, hit);
+                self.point_of_no_return(&at, &mut s, &mut parts);
+            }
+            // The first start_kernel is the first boot, not a handover.
+            SLOT_START_KERNEL if s.in_kexec => {
+                self.mark(Mark::NextKernelStart, hit);
+                self.next_kernel_start(&at, &mut s, &mut parts);
+                round_done = true;
+            }
+            _ => {}
+        }
+        let ns = ns_since(hit);
+        s.current.hook_ns += ns;
+        s.current.hooks.push(HookTime {
+            mark: mark.to_owned(),
+            symbol: symbol.to_owned(),
+            vcpu: at.vcpu.id,
+            ns,
+            parts: parts.parts,
+        });
+        if round_done {
+            let done = std::mem::take(&mut s.current);
+            s.rounds.push(done);
+        }
+        HookAction::Continue
+    }
+}
+
+/// Host time luo-vmm held one vCPU stopped at one breakpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookTime {
+    /// The mark it recorded (`serialize-start`, `point-of-no-return`,
+    /// `next-kernel-start`; `first-boot` for the first kernel's `start_kernel`, which is no
+    /// handover's).
+    pub mark: String,
+    /// The kernel symbol of the breakpoint.
+    pub symbol: String,
+    /// The vCPU that stopped there.
+    pub vcpu: u8,
+    /// From the breakpoint's exit to the vCPU's release, in ns (the single-step over the
+    /// breakpoint not included).
+    pub ns: u64,
+    /// What that time went to, in order (dirty log, KHO state, digest...).
+    pub parts: Vec<HookPart>,
+}
+
+/// One part of a hook's time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookPart {
+    /// What was done.
+    pub what: String,
+    /// How long it took, in ns.
+    pub ns: u64,
+}
+
+impl std::fmt::Display for HookTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, vCPU {}): {}",
+            self.mark,
+            self.symbol,
+            self.vcpu,
+            human_duration(self.ns)
+        )?;
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|p| format!("{} {}", p.what, human_duration(p.ns)))
+            .collect();
+        if !parts.is_empty() {
+            write!(f, " [{}]", parts.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn each_hook_is_named_by_its_mark_and_symbol() {
+        assert_eq!(
+            hook_names(SLOT_POINT_OF_NO_RETURN, false),
+            ("point-of-no-return", "machine_kexec")
+        );
+        assert_eq!(
+            hook_names(SLOT_START_KERNEL, true),
+            ("next-kernel-start", "start_kernel")
+        );
+        assert_eq!(hook_names(SLOT_START_KERNEL, false).0, "first-boot");
+        assert_eq!(hook_names(SLOT_SERIALIZE, true).1, "liveupdate_reboot");
+        let mut parts = Parts::new(Instant::now());
+        parts.lap("a");
+        parts.lap("b");
+        let names: Vec<&str> = parts.parts.iter().map(|p| p.what.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn probe_marks_never_wait_for_a_hook_at_work() {
+        use std::sync::Arc;
+        let i = Arc::new(Interceptor::new(
+            [1, 2, 3],
+            Err("none".into()),
+            0,
+            InterceptOptions::default(),
+        ));
+        // A vCPU thread in a hook (parsing guest data) holds the state...
+        let _hook = i.lock();
+        // ...while the main thread delivers a probe mark: it must not block.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let main = i.clone();
+        std::thread::spawn(move || {
+            main.on_probe(&ProbeEvent {
+                item: Ok(luo_protocol::message::Message::RebootRequested),
+                at: Instant::now(),
+            });
+            let _ = tx.send(());
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        assert_eq!(i.marks().marks.len(), 1);
+    }
+
+    #[test]
+    fn marks_are_ordered_by_time_not_by_arrival() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The probe's reboot-requested was recorded after the breakpoint that followed it.
+        let marks = vec![
+            (Mark::SerializeStart, at(10)),
+            (Mark::RebootRequested, at(5)),
+            (Mark::PointOfNoReturn, at(40)),
+            (Mark::NextKernelStart, at(1000)),
+            (Mark::UserspaceUp, at(2000)),
+            (Mark::WorkloadResumed, at(2500)),
+        ];
+        let rounds = timeline_from(marks, t0).rounds();
+        assert_eq!(rounds.len(), 1);
+        assert!(rounds[0].missing().is_empty());
+        assert_eq!(rounds[0].blackout_ns(), Some(2_495_000_000));
+    }
+}
