@@ -115,7 +115,8 @@ pub struct PreservedMemory {
     pub runs: Vec<PreservedRun>,
     /// Number of preserved blocks (set bits).
     pub blocks: u64,
-    /// Number of 4 KiB pages covered.
+    /// Number of distinct 4 KiB pages covered: a page under two blocks (which a real tree
+    /// never has; `one-owner-per-page` reports it) is counted once.
     pub pages: u64,
     /// Guest addresses of the tree's own nodes (tables and bitmaps). They are *not* preserved
     /// memory, yet the next kernel reads them: they must survive until `kho_memory_init()`.
@@ -209,7 +210,6 @@ impl<M: GuestMemoryRead + ?Sized> Walk<'_, M> {
         self.budget
             .check_ram("KHO preserved block", pa, PAGE_SIZE << order)?;
         self.out.blocks += 1;
-        self.out.pages = self.out.pages.saturating_add(1 << order);
         if let Some(run) = &mut self.open {
             if run.order == order && run.end() == pa {
                 run.count += 1;
@@ -302,7 +302,31 @@ pub fn walk(
     };
     w.run(root)?;
     w.close_run()?;
+    w.out.pages = distinct_pages(&w.out.runs);
     Ok(w.out)
+}
+
+/// Number of distinct 4 KiB pages under `runs`, which may overlap (a hostile tree can hold an
+/// order-9 block and order-0 blocks inside it): the size of their union, not the sum of their
+/// sizes. One sort and one merge over the runs, O(runs log runs) time and O(runs) memory;
+/// the runs are already bounded by the parse's [`Budget`].
+pub fn distinct_pages(runs: &[PreservedRun]) -> u64 {
+    let mut pfns: Vec<(u64, u64)> = runs
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| (r.pa >> PAGE_SHIFT, r.end().saturating_sub(1) >> PAGE_SHIFT))
+        .collect();
+    pfns.sort_unstable();
+    let mut pages = 0u64;
+    let mut next = 0u64; // first page not yet counted
+    for (first, last) in pfns {
+        let first = first.max(next);
+        if last >= first {
+            pages = pages.saturating_add(last - first + 1);
+            next = last.saturating_add(1);
+        }
+    }
+    pages
 }
 
 #[cfg(test)]
@@ -412,6 +436,48 @@ mod tests {
         assert_eq!(p.blocks, 7);
         assert_eq!(p.pages, (1 << 18) + 1024 + 4);
         assert_eq!(p.node_pages.len(), b.node_count());
+    }
+
+    #[test]
+    fn overlapping_blocks_count_distinct_pages() {
+        // A hostile tree: a 2 MiB block and three order-0 blocks inside it. The blocks' sizes
+        // add up to 515 pages; they cover 512 distinct ones.
+        let mut mem = SparseMemory::new(0, 64 << 30);
+        let mut b = RadixBuilder::new(0x100_0000);
+        b.preserve_block(0x20_0000, 9);
+        for pa in [0x20_0000, 0x20_1000, 0x3f_f000] {
+            b.preserve_block(pa, 0);
+        }
+        let root = b.write(&mut mem).unwrap();
+        let p = walk(&mem, root, &budget()).unwrap();
+        assert_eq!(p.blocks, 4);
+        let summed: u64 = p.runs.iter().map(|r| r.len() >> PAGE_SHIFT).sum();
+        assert_eq!(summed, 515);
+        assert_eq!(p.pages, 512);
+    }
+
+    #[test]
+    fn distinct_pages_is_the_size_of_the_union() {
+        let run = |pa, order, count| PreservedRun { pa, order, count };
+        assert_eq!(distinct_pages(&[]), 0);
+        assert_eq!(distinct_pages(&[run(0x1000, 0, 0)]), 0, "empty run");
+        // Disjoint: the sum.
+        assert_eq!(distinct_pages(&[run(0, 0, 3), run(0x10_0000, 1, 2)]), 7);
+        // The same block twice, in any order: once.
+        assert_eq!(distinct_pages(&[run(0x5000, 0, 1), run(0x5000, 0, 1)]), 1);
+        // Partial overlap, out of order: [0x2000, 0x6000) and [0x4000, 0x8000) -> 6 pages.
+        assert_eq!(distinct_pages(&[run(0x4000, 1, 2), run(0x2000, 0, 4)]), 6);
+        // Nested in a larger block, touching its end: the larger block only.
+        assert_eq!(
+            distinct_pages(&[
+                run(0x3f_f000, 0, 1),
+                run(0x20_0000, 9, 1),
+                run(0x20_0000, 0, 2)
+            ]),
+            512
+        );
+        // Adjacent runs are not overlapping.
+        assert_eq!(distinct_pages(&[run(0x1000, 0, 1), run(0x2000, 0, 1)]), 2);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use object::elf::PT_LOAD;
 use object::read::elf::{ElfFile64, ProgramHeader};
-use object::{Endianness, Object, ObjectSymbol, SymbolKind};
+use object::{Endianness, Object, ObjectSection, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
 /// `__START_KERNEL_map` on x86-64: a kernel-image virtual address minus this is its physical
@@ -70,6 +70,20 @@ pub struct LoadSegment {
     pub paddr: u64,
     /// `p_memsz`.
     pub memsz: u64,
+}
+
+/// The initial value of the `u32` data symbol `name` of a 64-bit ELF `vmlinux`: the four
+/// bytes the file holds for it. For `nr_cpu_ids`, which kernel/smp.c initializes to
+/// `CONFIG_NR_CPUS`, that is the most CPUs the kernel can bring up. `None`: not an ELF file,
+/// no such symbol, or no file data for it (a `.bss` symbol, a symbol past its section).
+pub fn initial_u32(data: &[u8], name: &str) -> Option<u32> {
+    let elf = ElfFile64::<Endianness>::parse(data).ok()?;
+    let sym = elf.symbols().find(|s| s.name() == Ok(name))?;
+    let section = elf.section_by_index(sym.section_index()?).ok()?;
+    let bytes = section.data().ok()?;
+    let at = usize::try_from(sym.address().checked_sub(section.address())?).ok()?;
+    let word = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(word.try_into().ok()?))
 }
 
 /// Symbols and load segments of one kernel image.
@@ -242,6 +256,36 @@ mod tests {
             k.virt_to_phys(0xffff_ffff_8300_0100),
             Err(SymbolError::Unmapped(0xffff_ffff_8300_0100))
         );
+    }
+
+    #[test]
+    fn initial_values_of_data_symbols() {
+        // A real compiler's object file: `nr_cpu_ids` in .data with its initial value, a
+        // .bss symbol with no file bytes.
+        let dir = std::env::temp_dir().join(format!("luo-initial-u32-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, obj) = (dir.join("smp.c"), dir.join("smp.o"));
+        std::fs::write(
+            &src,
+            "unsigned int before = 7;\nunsigned int nr_cpu_ids = 64;\nunsigned int in_bss;\n",
+        )
+        .unwrap();
+        let status = std::process::Command::new("cc")
+            .args(["-c", "-O0"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status()
+            .expect("cc (gcc) is needed for this test");
+        assert!(status.success());
+        let data = std::fs::read(&obj).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(initial_u32(&data, "nr_cpu_ids"), Some(64));
+        assert_eq!(initial_u32(&data, "before"), Some(7));
+        assert_eq!(initial_u32(&data, "in_bss"), None);
+        assert_eq!(initial_u32(&data, "no_such_symbol"), None);
+        assert_eq!(initial_u32(b"not an ELF file", "nr_cpu_ids"), None);
+        assert_eq!(initial_u32(&data[..data.len() / 2], "nr_cpu_ids"), None);
     }
 
     #[test]

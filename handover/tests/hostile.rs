@@ -2,7 +2,8 @@
 //! pages that once made the parsers use tens of GiB or minutes. Each must now end with a clear
 //! error (or, for the labelling shape, a bounded result), having read a bounded number of guest
 //! pages ([`CountingMemory`]) and kept a bounded number of records ([`Budget::used`]). No test
-//! here measures time: the work is bounded by counts, and timing belongs in benchmarks.
+//! here measures time: the work is bounded by counts, and timing belongs in benchmarks. The
+//! last test is issue 16's overlapping radix blocks, which must be counted once.
 
 #[path = "support/fixture.rs"]
 mod fixture;
@@ -358,4 +359,44 @@ fn a_thousand_alternating_bitmaps() {
     // 16384 runs per bitmap: the walk stopped after limit / 16384 bitmaps, not 1023.
     let bitmaps = limit / 16384 + 1;
     assert!(pages < bitmaps + 32, "{pages} pages read");
+}
+
+/// Issue 16: a radix tree whose blocks overlap (a 2 MiB block and three order-0 blocks inside
+/// it, 515 pages by block size over 512 distinct pages). The summary counts the distinct pages,
+/// as the labelled extents do, and `one-owner-per-page` reports the overlap.
+#[test]
+fn overlapping_radix_blocks_are_counted_once() {
+    let base = {
+        let mut mem = SparseMemory::new(0, GIB);
+        let fx = HandoverFixture::write(&mut mem, &HandoverSpec::small()).unwrap();
+        let h = Handover::read(&mem, fx.zero_page).unwrap();
+        assert_eq!(h.summary().preserved_pages, fx.preserved_pages());
+        fx.preserved_pages()
+    };
+
+    let block = 0x2000_0000;
+    let mut spec = HandoverSpec::small();
+    spec.extra_blocks = vec![
+        (block, 9),
+        (block, 0),
+        (block + PAGE_SIZE, 0),
+        (block + 511 * PAGE_SIZE, 0),
+    ];
+    let mut mem = SparseMemory::new(0, GIB);
+    let fx = HandoverFixture::write(&mut mem, &spec).unwrap();
+    assert_eq!(fx.preserved_pages(), base + 515, "block sizes added up");
+    let budget = Budget::for_memory(&mem);
+    let (h, pages) = read(&mem, &fx, &budget);
+    let h = h.unwrap();
+    assert!(pages < 40, "{pages} pages read");
+    assert_eq!(h.preserved.pages, base + 512);
+    assert_eq!(h.summary().preserved_pages, base + 512);
+    let ext = h.preserved_extents();
+    assert_eq!(ext.set.total_pages(), base + 512);
+    let checks = check(&h, &ext);
+    let one_owner = checks
+        .iter()
+        .find(|c| c.id == Invariant::OneOwnerPerPage)
+        .unwrap();
+    assert!(!one_owner.held, "{one_owner}");
 }

@@ -1,14 +1,11 @@
 //! `luo-vmm handover` and `luo-vmm selftest`: a workload of the guest agent, and, when it
 //! hands over, the LUO live update intercepted and reported from outside.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use luo_devices::Gates;
-use luo_handover::symbols::{
-    KernelSymbols, SymbolError, SYM_BOOT_PARAMS, SYM_KHO_OUT, SYM_LIVEUPDATE_REBOOT,
-    SYM_MACHINE_KEXEC, SYM_START_KERNEL,
-};
+use luo_handover::symbols::SymbolError;
 use luo_protocol::workload::Workload;
 use thiserror::Error;
 
@@ -16,7 +13,8 @@ use crate::config::options::{GuestOptions, InterceptOptions};
 use crate::machine::vm::RunObserver;
 use crate::report::{build_report, RunReport};
 use crate::run::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
-use crate::watch::intercept::{Interception, Interceptor};
+use crate::run::kernel::{load_symbols, KernelFileError};
+use crate::watch::intercept::{Interception, Interceptor, MissingSymbol};
 
 /// Errors of running a handover (the report itself is never an error).
 #[derive(Debug, Error)]
@@ -24,41 +22,17 @@ pub enum HandoverRunError {
     /// Running the guest.
     #[error(transparent)]
     Guest(#[from] GuestError),
-    /// Reading a kernel's symbols.
-    #[error("{path}: {source}")]
+    /// A kernel file the interception needs.
+    #[error(transparent)]
+    Kernel(#[from] KernelFileError),
+    /// A symbol the interception needs.
+    #[error("{}: {source}", path.display())]
     Symbols {
         /// The vmlinux.
         path: PathBuf,
-        /// What is wrong with it.
+        /// The missing symbol.
         source: SymbolError,
     },
-    /// Reading a kernel file.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// The vmlinux.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-fn symbols(path: &Path) -> Result<KernelSymbols, HandoverRunError> {
-    let data = std::fs::read(path).map_err(|source| HandoverRunError::Io {
-        path: path.into(),
-        source,
-    })?;
-    KernelSymbols::from_elf(&data).map_err(|source| HandoverRunError::Symbols {
-        path: path.into(),
-        source,
-    })
-}
-
-fn address(syms: &KernelSymbols, path: &Path, name: &str) -> Result<u64, HandoverRunError> {
-    syms.address(name)
-        .map_err(|source| HandoverRunError::Symbols {
-            path: path.into(),
-            source,
-        })
 }
 
 /// The interceptor for `guest`'s kernel (and the next kernel's symbols, when given).
@@ -68,24 +42,22 @@ fn interceptor(
 ) -> Result<Interceptor, HandoverRunError> {
     let vmlinux = &guest.kernel;
     let next = intercept.next_kernel.as_ref().unwrap_or(vmlinux);
-    let (first, second) = (symbols(vmlinux)?, symbols(next)?);
-    let bps = [
-        address(&first, vmlinux, SYM_LIVEUPDATE_REBOOT)?,
-        address(&first, vmlinux, SYM_MACHINE_KEXEC)?,
-        address(&second, next, SYM_START_KERNEL)?,
-    ];
-    let boot_params = address(&second, next, SYM_BOOT_PARAMS)?;
-    // Only `--verify-digest` needs it; a kernel without KHO lacks it, which the digest
-    // reports as its reason.
-    let kho_out = first
-        .address(SYM_KHO_OUT)
-        .map_err(|e| format!("{}: {e}", vmlinux.display()));
-    Ok(Interceptor::new(
-        bps,
-        kho_out,
-        boot_params,
-        intercept.clone(),
-    ))
+    let first = load_symbols(vmlinux)?;
+    let second = if next == vmlinux {
+        first.clone()
+    } else {
+        load_symbols(next)?
+    };
+    Interceptor::for_kernels(&first, &second, intercept.clone()).map_err(|e| {
+        let (path, source) = match e {
+            MissingSymbol::Outgoing(source) => (vmlinux, source),
+            MissingSymbol::Next(source) => (next, source),
+        };
+        HandoverRunError::Symbols {
+            path: path.clone(),
+            source,
+        }
+    })
 }
 
 /// Runs `workload` in `guest` and builds its report. A workload that hands over runs

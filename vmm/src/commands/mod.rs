@@ -8,11 +8,9 @@ pub(crate) mod handover;
 pub(crate) mod scenario;
 pub(crate) mod soak;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use luo_devices::Gates;
-use luo_handover::symbols::{KernelSymbols, SymbolError};
 use luo_protocol::workload::Workload;
 use thiserror::Error;
 
@@ -20,6 +18,7 @@ use crate::commands::handover::{run_workload, HandoverRunError};
 use crate::config::image::ImageSpec;
 use crate::run::guest::{exit_status, run_guest, GuestError, ResolvedGuest};
 use crate::run::image::{ensure_image, ImageError};
+use crate::run::kernel::{load_symbols, KernelFileError};
 use clap::Parser;
 
 use crate::config::options::{
@@ -55,22 +54,9 @@ pub enum CommandError {
     /// `boot --trace`.
     #[error(transparent)]
     Trace(#[from] TraceError),
-    /// The kernel named for `--trace` has no symbols.
-    #[error("--trace needs an ELF vmlinux with symbols ({path}): {source}")]
-    TraceSymbols {
-        /// The kernel.
-        path: PathBuf,
-        /// Why its symbols could not be read.
-        source: SymbolError,
-    },
-    /// The kernel named for `--trace` cannot be read.
-    #[error("--trace: cannot read {path}: {source}")]
-    TraceKernel {
-        /// The kernel.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    /// The kernel named for `--trace` has no symbols, or cannot be read.
+    #[error("--trace needs an ELF vmlinux with symbols: {0}")]
+    TraceKernel(KernelFileError),
     /// `soak`.
     #[error(transparent)]
     Soak(#[from] SoakError),
@@ -132,15 +118,7 @@ fn boot(opts: &GuestOptions, trace: &TraceOptions) -> Result<u8, CommandError> {
     let tracer: Option<Arc<Tracer>> = if trace.trace.is_empty() {
         None
     } else {
-        let data = std::fs::read(&guest.kernel).map_err(|source| CommandError::TraceKernel {
-            path: guest.kernel.clone(),
-            source,
-        })?;
-        let symbols =
-            KernelSymbols::from_elf(&data).map_err(|source| CommandError::TraceSymbols {
-                path: guest.kernel.clone(),
-                source,
-            })?;
+        let symbols = load_symbols(&guest.kernel).map_err(CommandError::TraceKernel)?;
         Some(Arc::new(Tracer::new(
             &symbols,
             &trace.trace,

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use luo_devices::{Gates, ProbeEvent};
-use luo_handover::symbols::{
-    KernelSymbols, SYM_BOOT_PARAMS, SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC, SYM_START_KERNEL,
-};
+use luo_handover::symbols::KernelSymbols;
 use luo_protocol::workload::Workload;
 use serde::Serialize;
 use thiserror::Error;
@@ -27,8 +25,10 @@ use crate::machine::debug::MAX_BREAKPOINTS;
 use crate::machine::vcpu::control::VcpuControl;
 use crate::machine::vcpu::run::{HookAction, VcpuNotice};
 use crate::machine::vm::{RunObserver, StoppedVcpu, VmExit};
+use crate::report::RoundSeen;
 use crate::run::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
 use crate::run::image::ImageError;
+use crate::run::kernel::{load_symbols, KernelFileError};
 use crate::watch::intercept::{Interception, Interceptor};
 use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
 
@@ -83,6 +83,9 @@ pub enum ScenarioError {
     /// A scenario that does not parse or check.
     #[error(transparent)]
     File(#[from] ScenarioFileError),
+    /// The kernel's symbols.
+    #[error(transparent)]
+    Kernel(#[from] KernelFileError),
     /// A symbol a hook or the interception needs.
     #[error("{what}: {why}")]
     Symbol {
@@ -300,23 +303,13 @@ fn arm(
 }
 
 fn interceptor(syms: &KernelSymbols) -> Result<Interceptor, ScenarioError> {
-    let addr = |name: &str| {
-        syms.address(name).map_err(|e| ScenarioError::Symbol {
-            what: format!("the interception's {name}"),
+    // A scenario's kernel kexecs itself; scenarios take no digests.
+    Interceptor::for_kernels(syms, syms, InterceptOptions::default()).map_err(|e| {
+        ScenarioError::Symbol {
+            what: "the interception".to_owned(),
             why: e.to_string(),
-        })
-    };
-    Ok(Interceptor::new(
-        [
-            addr(SYM_LIVEUPDATE_REBOOT)?,
-            addr(SYM_MACHINE_KEXEC)?,
-            addr(SYM_START_KERNEL)?,
-        ],
-        // Scenarios take no digests.
-        Err("not read by scenarios".to_owned()),
-        addr(SYM_BOOT_PARAMS)?,
-        InterceptOptions::default(),
-    ))
+        }
+    })
 }
 
 /// The facts of one run.
@@ -330,6 +323,7 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
                 .iter()
                 .all(|c| c.result.is_some_and(|(r, _)| r >= 0))
     });
+    let agent_boots_cpus: Vec<Option<u16>> = agent_boots.iter().map(|b| b.cpus_online).collect();
     let boots: Vec<_> = agent_boots.into_iter().map(|b| b.calls).collect();
     let capture = got.rounds.first();
     let state = capture.and_then(|c| c.handover.as_ref());
@@ -353,16 +347,20 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
     if let VmExit::Fatal { vcpu, exit } = &outcome.exit {
         kernel_trouble.push(format!("vCPU {vcpu}: {exit}"));
     }
-    let untouched = capture.and_then(|c| c.dirty.as_ref()).is_some_and(|d| {
-        d.as_ref()
-            .is_ok_and(|d| d.preserved.is_empty() && d.untracked == 0)
+    // The one rule of judge::verified, over the first handover.
+    let cpus_up = agent_boots_cpus
+        .get(1)
+        .copied()
+        .flatten()
+        .is_some_and(|n| n >= u16::from(outcome.vcpus));
+    let handover_verified = got.timeline.rounds().first().is_some_and(|round| {
+        RoundSeen::of(round, capture)
+            .checks(cpus_up, stage2_ok && kernel_trouble.is_empty())
+            .verified()
     });
     RunFacts {
         handover_seen: capture.is_some(),
-        handover_verified: untouched
-            && state.is_some_and(Result::is_ok)
-            && stage2_ok
-            && kernel_trouble.is_empty(),
+        handover_verified,
         boots,
         discrepancies,
         kernel_trouble,
@@ -515,14 +513,7 @@ fn prepare(
         )));
     }
     let guest = ResolvedGuest::resolve(&opts)?;
-    let data = std::fs::read(&guest.kernel).map_err(|source| ScenarioError::Read {
-        path: guest.kernel.clone(),
-        source,
-    })?;
-    let syms = KernelSymbols::from_elf(&data).map_err(|e| ScenarioError::Symbol {
-        what: guest.kernel.display().to_string(),
-        why: e.to_string(),
-    })?;
+    let syms = load_symbols(&guest.kernel)?;
     arm(&sc, &syms, &interceptor(&syms)?, vcpus)?;
     Ok(Prepared {
         sc,

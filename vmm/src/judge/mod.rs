@@ -4,3 +4,4 @@
 
 pub(crate) mod injection;
 pub(crate) mod scenario;
+pub(crate) mod verified;

@@ -24,6 +24,7 @@ use crate::judge::injection as judged;
 pub use crate::judge::injection::{
     InjectionOutcome, InjectionVerdict, LeakCheck, Received, WrittenPage,
 };
+use crate::judge::verified::HandoverChecks;
 use crate::machine::host::KvmBackend;
 use crate::machine::vm::VmExit;
 use crate::run::agent::{AgentBoot, Totals};
@@ -487,6 +488,47 @@ fn failed_actions(boots: &[&AgentBoot]) -> Vec<ActionReport> {
         .collect()
 }
 
+/// What luo-vmm saw of one handover: its report (marks, phases, extents, pages written,
+/// digests), the preserved extents with their owners, what could not be read, and the
+/// invariants of the state handed over.
+pub(crate) struct RoundSeen {
+    /// The handover's report.
+    pub handover: HandoverReport,
+    /// The preserved extents at next-kernel-start, with owners.
+    pub extent_list: Vec<ExtentEntry>,
+    /// What went wrong reading it.
+    pub errors: Vec<RoundError>,
+    /// The invariants, checked on the state parsed at next-kernel-start.
+    pub invariants: Vec<InvariantCheck>,
+}
+
+impl RoundSeen {
+    /// Reads handover `round` of the timeline with what the interceptor captured of it.
+    pub fn of(round: &Round, cap: Option<&RoundCapture>) -> Self {
+        let (handover, extent_list, errors) = handover_part(round, cap);
+        let invariants = cap
+            .and_then(|c| c.handover.as_ref()?.as_ref().ok())
+            .map_or_else(Vec::new, |st| invariants::check(&st.handover, &st.extents));
+        Self {
+            handover,
+            extent_list,
+            errors,
+            invariants,
+        }
+    }
+
+    /// The checks of [`HandoverChecks`], with what the caller knows of the guest side.
+    pub fn checks(&self, cpus_up: bool, workload_ok: bool) -> HandoverChecks {
+        HandoverChecks {
+            intact: self.handover.intact,
+            read_cleanly: self.errors.is_empty(),
+            invariants_held: self.invariants.iter().all(|c| c.held),
+            cpus_up,
+            workload_ok,
+        }
+    }
+}
+
 /// The luo-vmm side of round `round` (what was read at its next-kernel-start).
 fn handover_part(
     round: &Round,
@@ -622,7 +664,7 @@ pub(crate) fn build_report(
     let mut rounds = Vec::new();
     for (i, round) in got.timeline.rounds().iter().enumerate() {
         let cap = got.rounds.get(i);
-        let (handover, extent_list, errors) = handover_part(round, cap);
+        let seen = RoundSeen::of(round, cap);
         // Handover i goes from boot i (stage 1) to boot i + 1 (stage 2).
         let before = boots.get(i);
         let after = boots.get(i + 1);
@@ -660,14 +702,15 @@ pub(crate) fn build_report(
             after: after.and_then(|b| b.cpus_online),
         };
         let state = cap.and_then(|c| c.handover.as_ref()?.as_ref().ok());
-        let invariants =
-            state.map_or_else(Vec::new, |st| invariants::check(&st.handover, &st.extents));
+        let verified = seen.checks(cpus_online.all_up_after(), agent_ok).verified();
+        let RoundSeen {
+            handover,
+            extent_list,
+            errors,
+            invariants,
+        } = seen;
         rounds.push(RoundReport {
-            verified: handover.intact
-                && agent_ok
-                && errors.is_empty()
-                && cpus_online.all_up_after()
-                && invariants.iter().all(|c| c.held),
+            verified,
             cpus_online,
             handover,
             marks,

@@ -15,6 +15,59 @@ pub(crate) const MAX_MESSAGES: usize = 1 << 18;
 /// Most decode errors kept (all are counted).
 pub(crate) const MAX_ERRORS: usize = 64;
 
+/// Most action starts an [`ActionPairs`] keeps (as many as [`AgentLog`] keeps messages, so
+/// pairing the kept messages never drops a start).
+pub(crate) const MAX_OPEN_ACTIONS: usize = MAX_MESSAGES;
+
+/// Pairs each action's result with its start by `seq` (a [`Message::ActionResult`] carries
+/// only the number, not the start's argument): the one definition, used for the boots of an
+/// [`AgentLog`] and by the scenario's scheduler (`watch::schedule`), which hears messages one
+/// at a time. `T` is what a caller keeps of a start (its argument, where it put the call).
+///
+/// The guest is hostile, so: a result with no start pairs with nothing; a start whose `seq`
+/// was seen before replaces it (a result pairs with the latest start of its number); a result
+/// does not consume its start (a second result of one `seq` pairs with the same start); at most
+/// [`MAX_OPEN_ACTIONS`] numbers are kept, and a start with a new number beyond that is not kept
+/// ([`ActionPairs::start`] says so; its result pairs with nothing). Memory is
+/// O(min(distinct `seq`s, [`MAX_OPEN_ACTIONS`])); nothing panics.
+#[derive(Debug, Clone)]
+pub(crate) struct ActionPairs<T> {
+    starts: HashMap<u32, T>,
+}
+
+impl<T> Default for ActionPairs<T> {
+    fn default() -> Self {
+        ActionPairs {
+            starts: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Copy> ActionPairs<T> {
+    /// The start of action `seq`, keeping `value` for its result. Returns whether it was kept.
+    pub fn start(&mut self, seq: u32, value: T) -> bool {
+        if let Some(v) = self.starts.get_mut(&seq) {
+            *v = value;
+            return true;
+        }
+        if self.starts.len() >= MAX_OPEN_ACTIONS {
+            return false;
+        }
+        self.starts.insert(seq, value);
+        true
+    }
+
+    /// The result of action `seq`: what its start kept, if a start of that number was kept.
+    pub fn result(&self, seq: u32) -> Option<T> {
+        self.starts.get(&seq).copied()
+    }
+
+    /// Forgets every start (a new boot numbers its actions afresh).
+    pub fn clear(&mut self) {
+        self.starts.clear();
+    }
+}
+
 /// Every message of a run, in arrival order, each with the instant its frame began.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct AgentLog {
@@ -56,7 +109,8 @@ impl AgentLog {
     /// The messages grouped by boot: a boot begins at each `userspace-up`.
     pub fn boots(&self) -> Vec<AgentBoot> {
         let mut boots: Vec<AgentBoot> = Vec::new();
-        let mut starts: HashMap<u32, (Action, u64, usize)> = HashMap::new();
+        // Per start: its argument and its index in the boot's `calls`.
+        let mut starts: ActionPairs<(u64, usize)> = ActionPairs::default();
         for (at, msg) in &self.messages {
             if matches!(msg, Message::UserspaceUp { .. }) || boots.is_empty() {
                 boots.push(AgentBoot::default());
@@ -111,7 +165,7 @@ impl AgentLog {
                 }
                 Message::ActionStart { seq, action, arg } => {
                     b.actions += 1;
-                    starts.insert(*seq, (*action, *arg, b.calls.len()));
+                    starts.start(*seq, (*arg, b.calls.len()));
                     b.calls.push(ActionCall {
                         action: *action,
                         arg: *arg,
@@ -125,14 +179,14 @@ impl AgentLog {
                     ret,
                     errno,
                 } => {
-                    let start = starts.get(seq).copied();
-                    if let Some(call) = start.and_then(|(_, _, k)| b.calls.get_mut(k)) {
+                    let start = starts.result(*seq);
+                    if let Some(call) = start.and_then(|(_, k)| b.calls.get_mut(k)) {
                         call.result = Some((*ret, *errno));
                     }
                     if *errno != 0 || *ret < 0 {
                         b.failed_actions.push(FailedAction {
                             action: *action,
-                            arg: start.map_or(0, |(_, arg, _)| arg),
+                            arg: start.map_or(0, |(arg, _)| arg),
                             ret: *ret,
                             errno: *errno,
                         });
@@ -361,6 +415,112 @@ mod tests {
             Some(AgentVerdict::fail(FailedStep::RetrieveFd, 2))
         );
         assert_eq!(log.first_cpus_online(), Some(2));
+    }
+
+    #[test]
+    fn results_pair_with_their_starts_in_order() {
+        let mut p = ActionPairs::default();
+        for seq in 0..3u32 {
+            assert!(p.start(seq, u64::from(seq) * 10));
+            assert_eq!(p.result(seq), Some(u64::from(seq) * 10));
+        }
+    }
+
+    #[test]
+    fn results_pair_with_their_starts_out_of_order() {
+        let mut p = ActionPairs::default();
+        p.start(7, 'a');
+        p.start(3, 'b');
+        p.start(9, 'c');
+        assert_eq!(p.result(9), Some('c'));
+        assert_eq!(p.result(7), Some('a'));
+        assert_eq!(p.result(3), Some('b'));
+    }
+
+    #[test]
+    fn a_start_without_result_and_a_result_without_start() {
+        let mut p = ActionPairs::default();
+        p.start(1, 5u64);
+        // Seq 1 never gets a result: nothing else pairs with it.
+        assert_eq!(
+            p.result(2),
+            None,
+            "a result with no start pairs with nothing"
+        );
+        assert_eq!(p.result(u32::MAX), None);
+        // After a new boot, the old numbers pair with nothing.
+        p.clear();
+        assert_eq!(p.result(1), None);
+    }
+
+    #[test]
+    fn a_duplicate_seq_pairs_with_the_latest_start() {
+        let mut p = ActionPairs::default();
+        p.start(4, 1u64);
+        p.start(4, 2u64);
+        assert_eq!(p.result(4), Some(2));
+        // A second result of the same number pairs with the same start.
+        assert_eq!(p.result(4), Some(2));
+        assert_eq!(p.starts.len(), 1);
+    }
+
+    #[test]
+    fn the_pairing_is_bounded() {
+        let mut p = ActionPairs::default();
+        let max = u32::try_from(MAX_OPEN_ACTIONS).unwrap();
+        for seq in 0..max {
+            assert!(p.start(seq, seq));
+        }
+        // A new number beyond the bound is not kept; a kept one is still replaced.
+        assert!(!p.start(max, max));
+        assert!(!p.start(u32::MAX, 0));
+        assert_eq!(p.result(max), None);
+        assert!(p.start(0, 42));
+        assert_eq!(p.result(0), Some(42));
+        assert_eq!(p.starts.len(), MAX_OPEN_ACTIONS);
+        p.clear();
+        assert!(p.start(max, max));
+    }
+
+    #[test]
+    fn boots_pair_results_by_seq() {
+        let start = |seq, arg| Message::ActionStart {
+            seq,
+            action: Action::PreserveFd,
+            arg,
+        };
+        let result = |seq, ret, errno| Message::ActionResult {
+            seq,
+            action: Action::PreserveFd,
+            ret,
+            errno,
+        };
+        let log = log(vec![
+            Message::UserspaceUp { cpus_online: 1 },
+            start(1, 10),
+            start(2, 20),
+            start(3, 30),
+            result(2, -1, 9),
+            result(1, 0, 0),
+            result(8, -1, 5), // no start
+            start(3, 33),     // seq 3 again: the later start is paired
+            result(3, -1, 1),
+        ]);
+        let boots = log.boots();
+        let b = &boots[0];
+        assert_eq!(b.actions, 4);
+        let results: Vec<_> = b.calls.iter().map(|c| (c.arg, c.result)).collect();
+        assert_eq!(
+            results,
+            vec![
+                (10, Some((0, 0))),
+                (20, Some((-1, 9))),
+                (30, None),
+                (33, Some((-1, 1)))
+            ]
+        );
+        let failed: Vec<_> = b.failed_actions.iter().map(|f| (f.arg, f.errno)).collect();
+        assert_eq!(failed, vec![(20, 9), (0, 5), (33, 1)]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::machine::vm::{MachineSpec, RunObserver, Vm, VmError, VmExit};
 use crate::run::agent::AgentLog;
 use crate::run::cmdline;
 use crate::run::image::{ensure_image, GuestImage, ImageError};
+use crate::run::kernel::{cpu_limit, CpuLimit};
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -28,6 +29,14 @@ pub enum GuestError {
     /// Building or running the VM.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// More vCPUs than the kernel can bring up.
+    #[error("--vcpus {vcpus}: this kernel brings up at most {} CPUs ({}); use --vcpus {} or fewer, or a kernel built with a larger CONFIG_NR_CPUS", limit.cpus, limit.from, limit.cpus)]
+    TooManyVcpus {
+        /// `--vcpus`.
+        vcpus: u8,
+        /// The kernel's limit.
+        limit: CpuLimit,
+    },
 }
 
 /// The kernel and initramfs a command runs: the user's, or the reference guest's.
@@ -44,8 +53,22 @@ pub(crate) struct ResolvedGuest {
 impl ResolvedGuest {
     /// The user's kernel; or, when none is named, the reference guest (a variant of it,
     /// or the kernel of `--source DIR`; built if the cache lacks it) with its initramfs
-    /// unless one is named. Call once per command.
-    pub fn resolve(opts: &GuestOptions) -> Result<Self, ImageError> {
+    /// unless one is named. Call once per command. Refuses `--vcpus` above the kernel's
+    /// own CPU limit ([`cpu_limit`]), before anything boots.
+    pub fn resolve(opts: &GuestOptions) -> Result<Self, GuestError> {
+        let guest = Self::find(opts)?;
+        if let Some(limit) = cpu_limit(&guest.kernel) {
+            if u32::from(opts.vcpus) > limit.cpus {
+                return Err(GuestError::TooManyVcpus {
+                    vcpus: opts.vcpus,
+                    limit,
+                });
+            }
+        }
+        Ok(guest)
+    }
+
+    fn find(opts: &GuestOptions) -> Result<Self, ImageError> {
         if let Some(kernel) = &opts.kernel {
             return Ok(ResolvedGuest {
                 kernel: kernel.clone(),

@@ -6,3 +6,4 @@ pub(crate) mod agent;
 pub(crate) mod cmdline;
 pub(crate) mod guest;
 pub(crate) mod image;
+pub(crate) mod kernel;

@@ -15,11 +15,15 @@ use luo_handover::extents::{
 };
 use luo_handover::kho::ScratchArea;
 use luo_handover::mem::RecordingMemory;
-use luo_handover::symbols::{KHO_OUT_FDT_OFFSET, SYM_KHO_OUT};
+use luo_handover::symbols::{
+    KernelSymbols, SymbolError, KHO_OUT_FDT_OFFSET, SYM_BOOT_PARAMS, SYM_KHO_OUT,
+    SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC, SYM_START_KERNEL,
+};
 use luo_handover::timeline::{human_duration, Timeline};
 use luo_handover::{Handover, LabelledExtents};
 use luo_protocol::Mark;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::guest_ram::LiveRam;
@@ -31,6 +35,17 @@ use crate::machine::dirty::{
 };
 use crate::machine::vcpu::run::HookAction;
 use crate::machine::vm::{RunObserver, StoppedVcpu};
+
+/// A symbol the interception needs, missing from one of the two kernels.
+#[derive(Debug, Error)]
+pub enum MissingSymbol {
+    /// From the outgoing kernel.
+    #[error("the outgoing kernel: {0}")]
+    Outgoing(SymbolError),
+    /// From the next kernel.
+    #[error("the next kernel: {0}")]
+    Next(SymbolError),
+}
 
 /// Breakpoint slots, in the order of the addresses given to [`Interceptor::new`].
 const SLOT_SERIALIZE: usize = 0;
@@ -156,12 +171,36 @@ impl Interception {
 }
 
 impl Interceptor {
+    /// The interceptor of a handover from the kernel with symbols `first` to the one with
+    /// symbols `next` (the same one when a kernel kexecs itself): the one constructor every
+    /// command uses. Errors: a symbol the interception needs is missing. `kho_out` is only
+    /// read for digests; a kernel without KHO lacks it, which the digest reports as its
+    /// reason.
+    pub fn for_kernels(
+        first: &KernelSymbols,
+        next: &KernelSymbols,
+        options: InterceptOptions,
+    ) -> Result<Self, MissingSymbol> {
+        let outgoing = |name| first.address(name).map_err(MissingSymbol::Outgoing);
+        let incoming = |name| next.address(name).map_err(MissingSymbol::Next);
+        Ok(Self::new(
+            [
+                outgoing(SYM_LIVEUPDATE_REBOOT)?,
+                outgoing(SYM_MACHINE_KEXEC)?,
+                incoming(SYM_START_KERNEL)?,
+            ],
+            first.address(SYM_KHO_OUT).map_err(|e| e.to_string()),
+            incoming(SYM_BOOT_PARAMS)?,
+            options,
+        ))
+    }
+
     /// An interceptor breaking at `breakpoints` (the addresses of `liveupdate_reboot`,
     /// `machine_kexec` and the next kernel's `start_kernel`, in that order), reading the
     /// outgoing kernel's `kho_out` (its virtual address, or why the kernel has none) at
     /// point-of-no-return when digests are asked for, and `boot_params` (the next kernel's
     /// symbol) at next-kernel-start.
-    pub fn new(
+    fn new(
         breakpoints: [u64; 3],
         kho_out_va: Result<u64, String>,
         boot_params_va: u64,

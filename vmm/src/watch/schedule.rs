@@ -22,6 +22,7 @@ use crate::machine::arch::paging::translate;
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
 use crate::machine::vcpu::run::{HookAction, VcpuNotice};
 use crate::machine::vm::StoppedVcpu;
+use crate::run::agent::ActionPairs;
 
 /// Something that happened, as triggers match it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,9 +83,9 @@ struct State {
     hold_timeouts: Vec<String>,
     /// The hook that ended the run.
     ended_by: Option<String>,
-    /// The argument of each announced action, by sequence number (results carry only
-    /// the number).
-    args: std::collections::HashMap<u32, u64>,
+    /// The argument of each announced action, paired with its result by sequence number
+    /// (results carry only the number); bounded, see [`ActionPairs`].
+    args: ActionPairs<u64>,
 }
 
 /// What the schedule saw, after the run.
@@ -305,7 +306,7 @@ impl Scheduler {
         let mut st = self.lock();
         let (event, what) = match msg {
             Message::ActionStart { seq, action, arg } => {
-                st.args.insert(*seq, *arg);
+                st.args.start(*seq, *arg);
                 let e = Event::Start(*action, *arg);
                 let what = format!("agent: {} starts", &describe(&e)["start ".len()..]);
                 (Some(e), what)
@@ -316,7 +317,7 @@ impl Scheduler {
                 ret,
                 errno,
             } => {
-                let arg = st.args.get(seq).copied().unwrap_or(0);
+                let arg = st.args.result(*seq).unwrap_or(0);
                 let e = Event::Result(*action, arg);
                 let outcome = if *ret < 0 {
                     format!("failed: {}", std::io::Error::from_raw_os_error(*errno))

@@ -1,9 +1,15 @@
 //! The Intel MultiProcessor Specification 1.4 table: how a kernel without ACPI learns
-//! about the vCPUs, the IO-APIC and the ISA interrupt routing. Built as bytes by a pure
-//! function; the caller writes them at `layout::EBDA_START`, where Linux's mpparse
-//! looks first.
+//! about the vCPUs, the IO-APIC and the ISA interrupt routing. Built by a pure function
+//! from typed structures (the spec's chapter 4; Linux's
+//! `arch/x86/include/asm/mpspec_def.h`); the caller writes the bytes at
+//! `layout::EBDA_START`, where Linux's mpparse looks first.
+//!
+//! Layout: the 16-byte floating pointer, then the configuration table right after it
+//! (header, one processor entry per vCPU, the ISA bus, the IO-APIC, one I/O interrupt
+//! entry per ISA IRQ, and the two local interrupt entries).
 
 use thiserror::Error;
+use vm_memory::ByteValued;
 
 use crate::machine::layout::{APIC_DEFAULT_BASE, EBDA_START, IOAPIC_DEFAULT_BASE, LOW_RAM_END};
 
@@ -16,12 +22,196 @@ const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const CPU_ENABLED: u8 = 1;
 const CPU_BSP: u8 = 2;
+const IOAPIC_USABLE: u8 = 1;
 /// Family 6 signature, FPU + APIC feature flags (what the MP spec wants to see).
 const CPU_SIGNATURE: u32 = 0x600;
 const CPU_FEATURES: u32 = 0x201;
+/// Interrupt types of I/O and local interrupt entries.
 const MP_INT: u8 = 0;
 const MP_NMI: u8 = 1;
 const MP_EXTINT: u8 = 3;
+/// Polarity and trigger "conforms to the bus".
+const MP_IRQ_CONFORMING: u16 = 0;
+/// A local interrupt entry for every local APIC.
+const MP_ALL_APICS: u8 = 0xff;
+/// The ISA bus's ID, the only bus.
+const ISA_BUS_ID: u8 = 0;
+/// Length of the floating pointer, in 16-byte paragraphs.
+const MPF_PARAGRAPHS: u8 = 1;
+
+/// Entry types of the configuration table.
+const MP_PROCESSOR: u8 = 0;
+const MP_BUS: u8 = 1;
+const MP_IOAPIC: u8 = 2;
+const MP_INTSRC: u8 = 3;
+const MP_LINTSRC: u8 = 4;
+
+/// The MP floating pointer structure (`struct mpf_intel`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpfIntel {
+    /// `_MP_`.
+    pub signature: [u8; 4],
+    /// Physical address of the configuration table.
+    pub physptr: u32,
+    /// Length in paragraphs (1).
+    pub length: u8,
+    /// Specification revision (4 for 1.4).
+    pub specification: u8,
+    /// Makes the structure's bytes sum to 0.
+    pub checksum: u8,
+    /// 0: a configuration table is present (no default configuration).
+    pub feature1: u8,
+    /// Bit 7: IMCR present (PIC mode); 0: virtual wire mode.
+    pub feature2: u8,
+    /// Reserved.
+    pub feature3: [u8; 3],
+}
+
+/// The configuration table header (`struct mpc_table`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpcTable {
+    /// `PCMP`.
+    pub signature: [u8; 4],
+    /// Base table length: this header and every entry.
+    pub length: u16,
+    /// Specification revision.
+    pub spec: u8,
+    /// Makes the base table's bytes sum to 0.
+    pub checksum: u8,
+    /// OEM ID.
+    pub oem: [u8; 8],
+    /// Product ID.
+    pub productid: [u8; 12],
+    /// OEM table pointer (0: none).
+    pub oemptr: u32,
+    /// OEM table size (0: none).
+    pub oemsize: u16,
+    /// Number of entries in the base table.
+    pub oemcount: u16,
+    /// Local APIC MMIO address.
+    pub lapic: u32,
+    /// Extended table length (no extended entries).
+    pub ext_length: u16,
+    /// Extended table checksum.
+    pub ext_checksum: u8,
+    /// Reserved.
+    pub reserved: u8,
+}
+
+/// A processor entry (`struct mpc_cpu`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpcCpu {
+    /// [`MP_PROCESSOR`].
+    pub kind: u8,
+    /// Local APIC ID.
+    pub apicid: u8,
+    /// Local APIC version.
+    pub apicver: u8,
+    /// [`CPU_ENABLED`], [`CPU_BSP`].
+    pub cpuflag: u8,
+    /// CPU signature (family, model, stepping).
+    pub cpufeature: u32,
+    /// CPUID feature flags.
+    pub featureflag: u32,
+    /// Reserved.
+    pub reserved: [u32; 2],
+}
+
+/// A bus entry (`struct mpc_bus`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpcBus {
+    /// [`MP_BUS`].
+    pub kind: u8,
+    /// Bus ID.
+    pub busid: u8,
+    /// Bus type, space-padded (`ISA   `).
+    pub bustype: [u8; 6],
+}
+
+/// An IO-APIC entry (`struct mpc_ioapic`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpcIoapic {
+    /// [`MP_IOAPIC`].
+    pub kind: u8,
+    /// IO-APIC ID.
+    pub apicid: u8,
+    /// IO-APIC version.
+    pub apicver: u8,
+    /// [`IOAPIC_USABLE`].
+    pub flags: u8,
+    /// IO-APIC MMIO address.
+    pub apicaddr: u32,
+}
+
+/// An I/O interrupt assignment entry (`struct mpc_intsrc`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpcIntsrc {
+    /// [`MP_INTSRC`].
+    pub kind: u8,
+    /// Interrupt type ([`MP_INT`], ...).
+    pub irqtype: u8,
+    /// Polarity and trigger mode.
+    pub irqflag: u16,
+    /// Source bus ID.
+    pub srcbus: u8,
+    /// IRQ on the source bus.
+    pub srcbusirq: u8,
+    /// Destination IO-APIC ID.
+    pub dstapic: u8,
+    /// Destination IO-APIC pin.
+    pub dstirq: u8,
+}
+
+/// A local interrupt assignment entry (`struct mpc_lintsrc`).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MpcLintsrc {
+    /// [`MP_LINTSRC`].
+    pub kind: u8,
+    /// Interrupt type ([`MP_EXTINT`], [`MP_NMI`], ...).
+    pub irqtype: u8,
+    /// Polarity and trigger mode.
+    pub irqflag: u16,
+    /// Source bus ID.
+    pub srcbusid: u8,
+    /// IRQ on the source bus.
+    pub srcbusirq: u8,
+    /// Destination local APIC ID ([`MP_ALL_APICS`]: every one).
+    pub destapic: u8,
+    /// Destination LINTn pin.
+    pub destapiclint: u8,
+}
+
+// SAFETY: each of these is `repr(C, packed)` with only integer and integer-array fields:
+// no padding, and every byte pattern is a valid value.
+unsafe impl ByteValued for MpfIntel {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcTable {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcCpu {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcBus {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcIoapic {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcIntsrc {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpcLintsrc {}
+
+// The sizes the specification gives.
+const _: () = assert!(std::mem::size_of::<MpfIntel>() == 16);
+const _: () = assert!(std::mem::size_of::<MpcTable>() == 44);
+const _: () = assert!(std::mem::size_of::<MpcCpu>() == 20);
+const _: () = assert!(std::mem::size_of::<MpcBus>() == 8);
+const _: () = assert!(std::mem::size_of::<MpcIoapic>() == 8);
+const _: () = assert!(std::mem::size_of::<MpcIntsrc>() == 8);
+const _: () = assert!(std::mem::size_of::<MpcLintsrc>() == 8);
 
 /// Errors of this module.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -31,11 +221,26 @@ pub enum MpTableError {
     VcpuCount(u8),
 }
 
-fn checksum(bytes: &[u8]) -> u8 {
+/// The byte that makes `bytes` sum to 0 (mod 256).
+fn checksum<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u8 {
     bytes
-        .iter()
+        .into_iter()
         .fold(0u8, |acc, b| acc.wrapping_add(*b))
         .wrapping_neg()
+}
+
+/// The configuration table's entries, in order, and how many there are.
+#[derive(Default)]
+struct Entries {
+    bytes: Vec<u8>,
+    count: u16,
+}
+
+impl Entries {
+    fn push<T: ByteValued>(&mut self, entry: T) {
+        self.bytes.extend_from_slice(entry.as_slice());
+        self.count += 1;
+    }
 }
 
 /// Builds the floating pointer followed by the configuration table, for `vcpus`
@@ -45,62 +250,92 @@ pub fn build_mptable(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
         return Err(MpTableError::VcpuCount(vcpus));
     }
     let ioapic_id = vcpus;
-    // The EBDA is below 1 MiB.
-    #[allow(clippy::cast_possible_truncation)]
-    let table_addr = EBDA_START as u32 + 16;
 
-    let mut entries = Vec::new();
-    let mut count: u16 = 0;
+    let mut entries = Entries::default();
     for id in 0..vcpus {
-        let flags = CPU_ENABLED | if id == 0 { CPU_BSP } else { 0 };
-        entries.extend_from_slice(&[0, id, APIC_VERSION, flags]);
-        entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
-        entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
-        entries.extend_from_slice(&[0; 8]);
-        count += 1;
+        entries.push(MpcCpu {
+            kind: MP_PROCESSOR,
+            apicid: id,
+            apicver: APIC_VERSION,
+            cpuflag: CPU_ENABLED | if id == 0 { CPU_BSP } else { 0 },
+            cpufeature: CPU_SIGNATURE,
+            featureflag: CPU_FEATURES,
+            reserved: [0; 2],
+        });
     }
-    entries.extend_from_slice(&[1, 0]);
-    entries.extend_from_slice(b"ISA   ");
-    count += 1;
-    entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&IOAPIC_DEFAULT_BASE.to_le_bytes());
-    count += 1;
+    entries.push(MpcBus {
+        kind: MP_BUS,
+        busid: ISA_BUS_ID,
+        bustype: *b"ISA   ",
+    });
+    entries.push(MpcIoapic {
+        kind: MP_IOAPIC,
+        apicid: ioapic_id,
+        apicver: IOAPIC_VERSION,
+        flags: IOAPIC_USABLE,
+        apicaddr: IOAPIC_DEFAULT_BASE,
+    });
+    // ISA IRQ n on IO-APIC pin n.
     for irq in 0..ISA_IRQS {
-        // type, irqtype, irqflag (conforming), source bus, source irq, dest apic, dest pin
-        entries.extend_from_slice(&[3, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
-        count += 1;
+        entries.push(MpcIntsrc {
+            kind: MP_INTSRC,
+            irqtype: MP_INT,
+            irqflag: MP_IRQ_CONFORMING,
+            srcbus: ISA_BUS_ID,
+            srcbusirq: irq,
+            dstapic: ioapic_id,
+            dstirq: irq,
+        });
     }
-    // LINT0 is ExtINT (the 8259 path), LINT1 the NMI, on every local APIC (0xff).
-    entries.extend_from_slice(&[4, MP_EXTINT, 0, 0, 0, 0, 0xff, 0]);
-    entries.extend_from_slice(&[4, MP_NMI, 0, 0, 0, 0, 0xff, 1]);
-    count += 2;
+    // LINT0 is ExtINT (the 8259 path), LINT1 the NMI, on every local APIC.
+    for (irqtype, lint) in [(MP_EXTINT, 0), (MP_NMI, 1)] {
+        entries.push(MpcLintsrc {
+            kind: MP_LINTSRC,
+            irqtype,
+            irqflag: MP_IRQ_CONFORMING,
+            srcbusid: ISA_BUS_ID,
+            srcbusirq: 0,
+            destapic: MP_ALL_APICS,
+            destapiclint: lint,
+        });
+    }
 
-    let mut table = Vec::with_capacity(44 + entries.len());
-    table.extend_from_slice(b"PCMP");
     // At most MAX_VCPUS processors and a few fixed entries: a few hundred bytes.
     #[allow(clippy::cast_possible_truncation)]
-    let length = (44 + entries.len()) as u16;
-    table.extend_from_slice(&length.to_le_bytes());
-    table.push(SPEC_REV_1_4);
-    table.push(0); // checksum, below
-    table.extend_from_slice(b"LUO-VMM ");
-    table.extend_from_slice(b"000000000000");
-    table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
-    table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
-    table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&APIC_DEFAULT_BASE.to_le_bytes());
-    table.extend_from_slice(&[0, 0, 0, 0]); // extended length, checksum, reserved
-    table.extend_from_slice(&entries);
-    table[7] = checksum(&table);
+    let length = (std::mem::size_of::<MpcTable>() + entries.bytes.len()) as u16;
+    let mut table = MpcTable {
+        signature: *b"PCMP",
+        length,
+        spec: SPEC_REV_1_4,
+        checksum: 0,
+        oem: *b"LUO-VMM ",
+        productid: *b"000000000000",
+        oemptr: 0,
+        oemsize: 0,
+        oemcount: entries.count,
+        lapic: APIC_DEFAULT_BASE,
+        ext_length: 0,
+        ext_checksum: 0,
+        reserved: 0,
+    };
+    table.checksum = checksum(table.as_slice().iter().chain(&entries.bytes));
 
-    let mut fp = Vec::with_capacity(16);
-    fp.extend_from_slice(b"_MP_");
-    fp.extend_from_slice(&table_addr.to_le_bytes());
-    fp.extend_from_slice(&[1, SPEC_REV_1_4, 0, 0, 0, 0, 0, 0]);
-    fp[10] = checksum(&fp);
+    // The EBDA is below 1 MiB; the table follows the floating pointer.
+    #[allow(clippy::cast_possible_truncation)]
+    let table_addr = (EBDA_START as usize + std::mem::size_of::<MpfIntel>()) as u32;
+    let mut fp = MpfIntel {
+        signature: *b"_MP_",
+        physptr: table_addr,
+        length: MPF_PARAGRAPHS,
+        specification: SPEC_REV_1_4,
+        ..Default::default()
+    };
+    fp.checksum = checksum(fp.as_slice());
 
-    let mut out = fp;
-    out.extend_from_slice(&table);
+    let mut out = Vec::with_capacity(usize::from(MPF_PARAGRAPHS) * 16 + usize::from(length));
+    out.extend_from_slice(fp.as_slice());
+    out.extend_from_slice(table.as_slice());
+    out.extend_from_slice(&entries.bytes);
     debug_assert!(EBDA_START + out.len() as u64 <= LOW_RAM_END);
     Ok(out)
 }
@@ -111,6 +346,90 @@ mod tests {
 
     fn sum(b: &[u8]) -> u8 {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn old_checksum(bytes: &[u8]) -> u8 {
+        bytes
+            .iter()
+            .fold(0u8, |acc, b| acc.wrapping_add(*b))
+            .wrapping_neg()
+    }
+
+    /// The byte-by-byte builder this module had before its typed structures.
+    fn build_mptable_old(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(MpTableError::VcpuCount(vcpus));
+        }
+        let ioapic_id = vcpus;
+        // The EBDA is below 1 MiB.
+        #[allow(clippy::cast_possible_truncation)]
+        let table_addr = EBDA_START as u32 + 16;
+
+        let mut entries = Vec::new();
+        let mut count: u16 = 0;
+        for id in 0..vcpus {
+            let flags = CPU_ENABLED | if id == 0 { CPU_BSP } else { 0 };
+            entries.extend_from_slice(&[0, id, APIC_VERSION, flags]);
+            entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
+            entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
+            entries.extend_from_slice(&[0; 8]);
+            count += 1;
+        }
+        entries.extend_from_slice(&[1, 0]);
+        entries.extend_from_slice(b"ISA   ");
+        count += 1;
+        entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
+        entries.extend_from_slice(&IOAPIC_DEFAULT_BASE.to_le_bytes());
+        count += 1;
+        for irq in 0..ISA_IRQS {
+            // type, irqtype, irqflag (conforming), source bus, source irq, dest apic, dest pin
+            entries.extend_from_slice(&[3, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
+            count += 1;
+        }
+        // LINT0 is ExtINT (the 8259 path), LINT1 the NMI, on every local APIC (0xff).
+        entries.extend_from_slice(&[4, MP_EXTINT, 0, 0, 0, 0, 0xff, 0]);
+        entries.extend_from_slice(&[4, MP_NMI, 0, 0, 0, 0, 0xff, 1]);
+        count += 2;
+
+        let mut table = Vec::with_capacity(44 + entries.len());
+        table.extend_from_slice(b"PCMP");
+        // At most MAX_VCPUS processors and a few fixed entries: a few hundred bytes.
+        #[allow(clippy::cast_possible_truncation)]
+        let length = (44 + entries.len()) as u16;
+        table.extend_from_slice(&length.to_le_bytes());
+        table.push(SPEC_REV_1_4);
+        table.push(0); // checksum, below
+        table.extend_from_slice(b"LUO-VMM ");
+        table.extend_from_slice(b"000000000000");
+        table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
+        table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
+        table.extend_from_slice(&count.to_le_bytes());
+        table.extend_from_slice(&APIC_DEFAULT_BASE.to_le_bytes());
+        table.extend_from_slice(&[0, 0, 0, 0]); // extended length, checksum, reserved
+        table.extend_from_slice(&entries);
+        table[7] = old_checksum(&table);
+
+        let mut fp = Vec::with_capacity(16);
+        fp.extend_from_slice(b"_MP_");
+        fp.extend_from_slice(&table_addr.to_le_bytes());
+        fp.extend_from_slice(&[1, SPEC_REV_1_4, 0, 0, 0, 0, 0, 0]);
+        fp[10] = old_checksum(&fp);
+
+        let mut out = fp;
+        out.extend_from_slice(&table);
+        debug_assert!(EBDA_START + out.len() as u64 <= LOW_RAM_END);
+        Ok(out)
+    }
+
+    #[test]
+    fn typed_builder_matches_the_old_bytes() {
+        for n in [1, 2, 4, 8] {
+            assert_eq!(
+                build_mptable(n).unwrap(),
+                build_mptable_old(n).unwrap(),
+                "{n} vCPUs"
+            );
+        }
     }
 
     #[test]
@@ -151,5 +470,24 @@ mod tests {
     fn refuses_bad_counts() {
         assert_eq!(build_mptable(0), Err(MpTableError::VcpuCount(0)));
         assert_eq!(build_mptable(9), Err(MpTableError::VcpuCount(9)));
+    }
+}
+#[cfg(test)]
+#[test]
+fn tmp_print() {
+    for n in [1u8, 2, 4, 8] {
+        let t = build_mptable(n).unwrap();
+        println!(
+            "GOLD {n} len={} fp={:#04x} tbl={:#04x}",
+            t.len(),
+            t[10],
+            t[16 + 7]
+        );
+        if n == 1 {
+            println!(
+                "HEX {}",
+                t.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+        }
     }
 }
