@@ -73,18 +73,8 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
     match command {
         Command::Boot(BootArgs { guest, trace }) => boot(&guest, &trace),
         Command::Soak(args) => soak(&args),
-        Command::Handover(args) => {
-            args.guest.validate()?;
-            let workload = args.workload()?;
-            args.intercept.validate(&workload)?;
-            run_and_report(&args.guest, &args.intercept, workload)
-        }
-        Command::Selftest(args) => {
-            args.guest.validate()?;
-            let workload = args.workload()?;
-            args.intercept.validate(&workload)?;
-            run_and_report(&args.guest, &args.intercept, workload)
-        }
+        Command::Handover(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
+        Command::Selftest(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Report(args) => {
             let runs = table::load(&args.reports)?;
             print!("{}", table::table(&runs));
@@ -108,6 +98,20 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
             Ok(0)
         }
     }
+}
+
+/// `luo-vmm handover` and `luo-vmm selftest`: the guest's options, then the workload,
+/// then the interception's options checked (in that order, before anything boots), then
+/// the run and its report.
+fn intercepted(
+    guest: &GuestOptions,
+    intercept: &InterceptOptions,
+    workload: impl FnOnce() -> Result<Workload, OptionsError>,
+) -> Result<u8, CommandError> {
+    guest.validate()?;
+    let workload = workload()?;
+    intercept.validate(&workload)?;
+    run_and_report(guest, intercept, workload)
 }
 
 /// `luo-vmm boot`: the reference guest's agent only reports and reboots; a user's

@@ -314,7 +314,7 @@ fn interceptor(syms: &KernelSymbols) -> Result<Interceptor, ScenarioError> {
 
 /// The facts of one run.
 fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFacts {
-    let agent_boots = outcome.agent.boots();
+    let agent_boots = &outcome.boots;
     // Stage 2 ran its steps to the end (its verdict passed: /dev/liveupdate opened) and
     // every one succeeded.
     let stage2_ok = agent_boots.get(1).is_some_and(|b| {
@@ -324,7 +324,7 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
                 .all(|c| c.result.is_some_and(|(r, _)| r >= 0))
     });
     let agent_boots_cpus: Vec<Option<u16>> = agent_boots.iter().map(|b| b.cpus_online).collect();
-    let boots: Vec<_> = agent_boots.into_iter().map(|b| b.calls).collect();
+    let boots: Vec<_> = agent_boots.iter().map(|b| b.calls.clone()).collect();
     let capture = got.rounds.first();
     let state = capture.and_then(|c| c.handover.as_ref());
     let discrepancies = state.map(|st| match st {
@@ -666,13 +666,13 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             verdict,
             count,
         };
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|source| {
-            ScenarioError::Write {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let write_err = |source| ScenarioError::Write {
+            path: path.clone(),
+            source,
+        };
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| write_err(std::io::Error::other(e)))?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(write_err)?;
     }
     Ok(if all_expected {
         0

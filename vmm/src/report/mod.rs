@@ -646,7 +646,7 @@ pub(crate) fn build_report(
     let guest_ok = outcome.exit.is_clean()
         && outcome.kernel_panic.is_none()
         && verdict.is_some_and(|v| v.passed());
-    let boots = outcome.agent.boots();
+    let boots = &outcome.boots;
     let selftest = match workload {
         Workload::Selftest(t) => Some(t),
         _ => None,
@@ -1008,6 +1008,7 @@ mod tests {
         }
         GuestOutcome {
             exit: VmExit::Reset,
+            boots: agent.boots(),
             agent,
             kernel_panic: None,
             kernel_trouble: vec![],

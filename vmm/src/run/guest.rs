@@ -15,7 +15,7 @@ use crate::config::options::{GuestOptions, Profile};
 use crate::machine::host::{self, KvmBackend};
 use crate::machine::vcpu::run::FatalExit;
 use crate::machine::vm::{MachineSpec, RunObserver, Vm, VmError, VmExit};
-use crate::run::agent::AgentLog;
+use crate::run::agent::{AgentBoot, AgentLog};
 use crate::run::cmdline;
 use crate::run::image::{ensure_image, GuestImage, ImageError};
 use crate::run::kernel::{cpu_limit, CpuLimit};
@@ -103,6 +103,8 @@ pub(crate) struct GuestOutcome {
     pub exit: VmExit,
     /// What the agent said over the probe.
     pub agent: AgentLog,
+    /// The same, per kernel the agent ran in ([`AgentLog::boots`], folded once).
+    pub boots: Vec<AgentBoot>,
     /// The guest kernel's panic line, if it panicked (it then resets, since luo-vmm
     /// boots with `panic=-1`, which must not pass for a clean exit).
     pub kernel_panic: Option<String>,
@@ -331,6 +333,7 @@ pub(crate) fn run_guest(
     let lines = std::mem::take(&mut *console.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(GuestOutcome {
         exit,
+        boots: agent.boots(),
         agent,
         kernel_panic: lines.panic,
         kernel_trouble: lines.trouble,
@@ -359,7 +362,7 @@ pub(crate) fn exit_status(outcome: &GuestOutcome) -> u8 {
                 return EXIT_GUEST_FAILED;
             }
             let want = u16::from(outcome.vcpus);
-            let boots = outcome.agent.boots();
+            let boots = &outcome.boots;
             if let Some((k, n)) = boots
                 .iter()
                 .enumerate()
@@ -431,6 +434,7 @@ mod tests {
         }
         GuestOutcome {
             exit,
+            boots: agent.boots(),
             agent,
             kernel_panic: panic.map(str::to_owned),
             kernel_trouble: vec![],

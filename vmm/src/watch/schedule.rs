@@ -308,7 +308,7 @@ impl Scheduler {
             Message::ActionStart { seq, action, arg } => {
                 st.args.start(*seq, *arg);
                 let e = Event::Start(*action, *arg);
-                let what = format!("agent: {} starts", &describe(&e)["start ".len()..]);
+                let what = format!("agent: {} starts", action_pattern(*action, *arg));
                 (Some(e), what)
             }
             Message::ActionResult {
@@ -384,12 +384,16 @@ impl Scheduler {
 }
 
 /// How an event reads in the timeline.
-fn describe(event: &Event) -> String {
-    use crate::config::scenario::ActionPattern;
-    let p = |action: Action, arg: u64| ActionPattern {
+/// The call `action(arg)` as a scenario file writes it.
+fn action_pattern(action: Action, arg: u64) -> crate::config::scenario::ActionPattern {
+    crate::config::scenario::ActionPattern {
         action,
         arg: Some(arg),
-    };
+    }
+}
+
+fn describe(event: &Event) -> String {
+    let p = action_pattern;
     match event {
         Event::Hook(n) => format!("hook {n}"),
         Event::Start(a, arg) => format!("start {}", p(*a, *arg)),

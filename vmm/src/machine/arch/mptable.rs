@@ -348,88 +348,103 @@ mod tests {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
     }
 
-    fn old_checksum(bytes: &[u8]) -> u8 {
-        bytes
-            .iter()
-            .fold(0u8, |acc, b| acc.wrapping_add(*b))
-            .wrapping_neg()
+    /// The table for one vCPU, byte for byte, as the byte-by-byte builder this module had
+    /// before its typed structures produced it (the typed builder was checked against that
+    /// one for 1, 2, 4 and 8 vCPUs before it was removed).
+    const ONE_VCPU: [&str; 6] = [
+        "5f4d505f10fc090001048b000000000050434d50e00004204c554f2d564d4d203030303030303030",
+        "3030303000000000000015000000e0fe000000000000140300060000010200000000000000000000",
+        "0100495341202020020111010000c0fe030000000000010003000000000101010300000000020102",
+        "03000000000301030300000000040104030000000005010503000000000601060300000000070107",
+        "0300000000080108030000000009010903000000000a010a03000000000b010b03000000000c010c",
+        "03000000000d010d03000000000e010e03000000000f010f040300000000ff00040100000000ff01",
+    ];
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// The byte-by-byte builder this module had before its typed structures.
-    fn build_mptable_old(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
-        if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(MpTableError::VcpuCount(vcpus));
-        }
-        let ioapic_id = vcpus;
-        // The EBDA is below 1 MiB.
-        #[allow(clippy::cast_possible_truncation)]
-        let table_addr = EBDA_START as u32 + 16;
-
-        let mut entries = Vec::new();
-        let mut count: u16 = 0;
-        for id in 0..vcpus {
-            let flags = CPU_ENABLED | if id == 0 { CPU_BSP } else { 0 };
-            entries.extend_from_slice(&[0, id, APIC_VERSION, flags]);
-            entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
-            entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
-            entries.extend_from_slice(&[0; 8]);
-            count += 1;
-        }
-        entries.extend_from_slice(&[1, 0]);
-        entries.extend_from_slice(b"ISA   ");
-        count += 1;
-        entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
-        entries.extend_from_slice(&IOAPIC_DEFAULT_BASE.to_le_bytes());
-        count += 1;
-        for irq in 0..ISA_IRQS {
-            // type, irqtype, irqflag (conforming), source bus, source irq, dest apic, dest pin
-            entries.extend_from_slice(&[3, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
-            count += 1;
-        }
-        // LINT0 is ExtINT (the 8259 path), LINT1 the NMI, on every local APIC (0xff).
-        entries.extend_from_slice(&[4, MP_EXTINT, 0, 0, 0, 0, 0xff, 0]);
-        entries.extend_from_slice(&[4, MP_NMI, 0, 0, 0, 0, 0xff, 1]);
-        count += 2;
-
-        let mut table = Vec::with_capacity(44 + entries.len());
-        table.extend_from_slice(b"PCMP");
-        // At most MAX_VCPUS processors and a few fixed entries: a few hundred bytes.
-        #[allow(clippy::cast_possible_truncation)]
-        let length = (44 + entries.len()) as u16;
-        table.extend_from_slice(&length.to_le_bytes());
-        table.push(SPEC_REV_1_4);
-        table.push(0); // checksum, below
-        table.extend_from_slice(b"LUO-VMM ");
-        table.extend_from_slice(b"000000000000");
-        table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
-        table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
-        table.extend_from_slice(&count.to_le_bytes());
-        table.extend_from_slice(&APIC_DEFAULT_BASE.to_le_bytes());
-        table.extend_from_slice(&[0, 0, 0, 0]); // extended length, checksum, reserved
-        table.extend_from_slice(&entries);
-        table[7] = old_checksum(&table);
-
-        let mut fp = Vec::with_capacity(16);
-        fp.extend_from_slice(b"_MP_");
-        fp.extend_from_slice(&table_addr.to_le_bytes());
-        fp.extend_from_slice(&[1, SPEC_REV_1_4, 0, 0, 0, 0, 0, 0]);
-        fp[10] = old_checksum(&fp);
-
-        let mut out = fp;
-        out.extend_from_slice(&table);
-        debug_assert!(EBDA_START + out.len() as u64 <= LOW_RAM_END);
-        Ok(out)
+    fn read<T: ByteValued>(t: &[u8], at: usize) -> T {
+        T::from_slice(&t[at..at + std::mem::size_of::<T>()])
+            .copied()
+            .unwrap()
     }
 
     #[test]
-    fn typed_builder_matches_the_old_bytes() {
-        for n in [1, 2, 4, 8] {
-            assert_eq!(
-                build_mptable(n).unwrap(),
-                build_mptable_old(n).unwrap(),
-                "{n} vCPUs"
-            );
+    fn one_vcpu_gives_the_recorded_bytes() {
+        assert_eq!(hex(&build_mptable(1).unwrap()), ONE_VCPU.concat());
+    }
+
+    #[test]
+    fn lengths_and_checksums_are_the_recorded_ones() {
+        // (vCPUs, bytes, floating pointer checksum, configuration table checksum), as the
+        // byte-by-byte builder produced them.
+        for (n, len, fp_sum, table_sum) in [
+            (1, 240, 0x8b, 0x20),
+            (2, 260, 0x8b, 0xdb),
+            (4, 300, 0x8b, 0x4d),
+            (8, 380, 0x8b, 0x27),
+        ] {
+            let t = build_mptable(n).unwrap();
+            assert_eq!(t.len(), len, "{n} vCPUs");
+            let fp: MpfIntel = read(&t, 0);
+            let table: MpcTable = read(&t, 16);
+            assert_eq!({ fp.checksum }, fp_sum, "{n} vCPUs");
+            assert_eq!({ table.checksum }, table_sum, "{n} vCPUs");
         }
+    }
+
+    #[test]
+    fn decoded_fields() {
+        let t = build_mptable(2).unwrap();
+        let fp: MpfIntel = read(&t, 0);
+        assert_eq!(fp.signature, *b"_MP_");
+        assert_eq!({ fp.physptr }, 0x9fc10);
+        assert_eq!((fp.length, fp.specification, fp.feature1), (1, 4, 0));
+        let table: MpcTable = read(&t, 16);
+        assert_eq!(table.signature, *b"PCMP");
+        assert_eq!({ table.length }, 260 - 16);
+        assert_eq!({ table.oemcount }, 2 + 1 + 1 + 16 + 2);
+        assert_eq!({ table.lapic }, APIC_DEFAULT_BASE);
+        assert_eq!(table.oem, *b"LUO-VMM ");
+        let mut at = 16 + 44;
+        for id in 0..2 {
+            let cpu: MpcCpu = read(&t, at);
+            assert_eq!(
+                (cpu.kind, cpu.apicid, cpu.apicver),
+                (MP_PROCESSOR, id, 0x14)
+            );
+            let bsp = if id == 0 { CPU_BSP } else { 0 };
+            assert_eq!(cpu.cpuflag, CPU_ENABLED | bsp);
+            assert_eq!(({ cpu.cpufeature }, { cpu.featureflag }), (0x600, 0x201));
+            at += 20;
+        }
+        let bus: MpcBus = read(&t, at);
+        assert_eq!((bus.kind, bus.busid, bus.bustype), (MP_BUS, 0, *b"ISA   "));
+        let ioapic: MpcIoapic = read(&t, at + 8);
+        assert_eq!(
+            (ioapic.kind, ioapic.apicid, ioapic.flags),
+            (MP_IOAPIC, 2, 1)
+        );
+        assert_eq!({ ioapic.apicaddr }, IOAPIC_DEFAULT_BASE);
+        at += 16;
+        for irq in 0..16 {
+            let src: MpcIntsrc = read(&t, at);
+            assert_eq!(src.kind, MP_INTSRC);
+            assert_eq!((src.srcbusirq, src.dstapic, src.dstirq), (irq, 2, irq));
+            at += 8;
+        }
+        let lint0: MpcLintsrc = read(&t, at);
+        let lint1: MpcLintsrc = read(&t, at + 8);
+        assert_eq!(
+            (lint0.irqtype, lint0.destapic, lint0.destapiclint),
+            (MP_EXTINT, 0xff, 0)
+        );
+        assert_eq!(
+            (lint1.irqtype, lint1.destapic, lint1.destapiclint),
+            (MP_NMI, 0xff, 1)
+        );
+        assert_eq!(at + 16, t.len());
     }
 
     #[test]
@@ -470,24 +485,5 @@ mod tests {
     fn refuses_bad_counts() {
         assert_eq!(build_mptable(0), Err(MpTableError::VcpuCount(0)));
         assert_eq!(build_mptable(9), Err(MpTableError::VcpuCount(9)));
-    }
-}
-#[cfg(test)]
-#[test]
-fn tmp_print() {
-    for n in [1u8, 2, 4, 8] {
-        let t = build_mptable(n).unwrap();
-        println!(
-            "GOLD {n} len={} fp={:#04x} tbl={:#04x}",
-            t.len(),
-            t[10],
-            t[16 + 7]
-        );
-        if n == 1 {
-            println!(
-                "HEX {}",
-                t.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            );
-        }
     }
 }
