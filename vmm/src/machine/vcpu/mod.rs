@@ -4,6 +4,7 @@
 
 pub(crate) mod control;
 pub(crate) mod irq;
+pub(crate) mod kick;
 pub(crate) mod run;
 pub(crate) mod stepper;
 
@@ -246,8 +247,18 @@ impl VcpuBackend for Vcpu {
         self.id
     }
 
+    /// One `KVM_RUN`. On `EINTR` (a kick, [`kick`]) it clears `immediate_exit` before
+    /// the loop looks at what the kicker asked for, so a later kick is never lost.
     fn run(&mut self, bus: &PioBus) -> Result<ExitEvent, kvm_ioctls::Error> {
-        self.fd.run().map(|exit| handle_exit(exit, bus))
+        match self.fd.run() {
+            Ok(exit) => Ok(handle_exit(exit, bus)),
+            Err(e) => {
+                if e.errno() == libc::EINTR {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn set_debug(&self, addrs: &[u64], arming: Arming) -> Result<(), kvm_ioctls::Error> {
