@@ -7,7 +7,9 @@
 //!
 //! The guest is hostile: the decoder keeps one fixed buffer, and messages go to the VMM
 //! through a bounded channel; when it is full they are counted as dropped, never queued
-//! without bound, and the vCPU never blocks on it.
+//! without bound, and the vCPU never blocks on it. An optional `EventFd`
+//! ([`ProbePort::with_notifier`]) is signalled after each message queued, so the VMM can
+//! wait for messages in an event loop instead of polling the channel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -19,11 +21,12 @@ use luo_protocol::probe::{
     Gate, GATE_CLOSED, GATE_OPEN, REG_SIGNATURE, REG_VERSION, SIGNATURE, VERSION,
 };
 pub use luo_protocol::probe::{PROBE_PORT, PROBE_PORTS};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::PioDevice;
 
-/// Messages the channel holds before the probe drops new ones (the VMM drains it every
-/// few milliseconds).
+/// Messages the channel holds before the probe drops new ones (the VMM drains it each
+/// time the notifier wakes it).
 pub const PROBE_QUEUE: usize = 4096;
 
 /// A message (or why bytes were not one) with the host-monotonic instant its frame began.
@@ -79,6 +82,7 @@ pub struct ProbePort {
     decoder: Decoder,
     frame_start: Instant,
     events: SyncSender<ProbeEvent>,
+    notifier: Option<EventFd>,
     dropped: Arc<AtomicU64>,
     gates: Gates,
 }
@@ -94,6 +98,7 @@ impl ProbePort {
             decoder: Decoder::new(),
             frame_start: Instant::now(),
             events: tx,
+            notifier: None,
             dropped: dropped.clone(),
             gates,
         };
@@ -109,6 +114,14 @@ impl ProbePort {
     /// Adds a listener that hears every message synchronously (besides the receiver).
     pub fn with_listener(mut self, listener: ProbeListener) -> Self {
         self.listener = Some(listener);
+        self
+    }
+
+    /// Signals `notifier` after each message queued on the receiver (not for one
+    /// dropped: the queue is full, so the VMM has been signalled already and not drained
+    /// yet).
+    pub fn with_notifier(mut self, notifier: EventFd) -> Self {
+        self.notifier = Some(notifier);
         self
     }
 
@@ -130,7 +143,12 @@ impl ProbePort {
             l(&event);
         }
         match self.events.try_send(event) {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(n) = &self.notifier {
+                    // Only fails when the counter would overflow: the VMM is woken anyway.
+                    let _ = n.write(1);
+                }
+            }
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -222,6 +240,24 @@ mod tests {
         }
         assert_eq!(rx.events.try_iter().count(), PROBE_QUEUE);
         assert_eq!(rx.dropped.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn the_notifier_is_signalled_for_each_message_queued() {
+        let ready = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let (probe, rx) = ProbePort::new(Gates::default());
+        let mut probe = probe.with_notifier(ready.try_clone().unwrap());
+        assert!(ready.read().is_err(), "nothing sent yet");
+        write_frame(&mut probe, &Message::RebootRequested);
+        write_frame(&mut probe, &Message::WorkloadResumed);
+        assert_eq!(ready.read().unwrap(), 2);
+        assert_eq!(rx.events.try_iter().count(), 2);
+        // A flood: the notifier counts what was queued, not what was dropped.
+        for _ in 0..PROBE_QUEUE + 3 {
+            write_frame(&mut probe, &Message::RebootRequested);
+        }
+        assert_eq!(ready.read().unwrap(), PROBE_QUEUE as u64);
+        assert_eq!(rx.dropped.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -417,7 +417,7 @@ mod tests {
     fn reports_written_are_read_back() {
         let r = report(1 << 20, &[(100, 300)]);
         let path = std::env::temp_dir().join(format!("luo-report-{}.json", std::process::id()));
-        super::super::write_json(&r, &path).unwrap();
+        crate::report::write_json(&r, &path).unwrap();
         let back = read_json(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(back, r);

@@ -1,9 +1,13 @@
 //! How the VMM steers running vCPU threads: a stop request with its cause, and holds (a
 //! vCPU kept stopped at a hook until the VMM releases it, or a bounded time passes).
+//! A stop request also signals an `EventFd`, so that the VMM's event loop wakes whoever
+//! made it (an observer ending the run from a vCPU thread).
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VMM stops every vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,10 +67,13 @@ pub(crate) struct VcpuControl {
     sample_generation: AtomicU32,
     /// Per vCPU: the RIPs recorded, in order.
     samples: Mutex<Vec<Vec<u64>>>,
+    /// Signalled by every [`VcpuControl::request_stop`].
+    stop_event: Option<EventFd>,
 }
 
 impl VcpuControl {
-    /// Control of `vcpus` vCPUs, all running, none held.
+    /// Control of `vcpus` vCPUs, all running, none held; a stop request wakes nobody
+    /// but held vCPUs.
     pub fn new(vcpus: usize) -> Self {
         VcpuControl {
             stop: AtomicU8::new(0),
@@ -74,21 +81,44 @@ impl VcpuControl {
             changed: Condvar::new(),
             sample_generation: AtomicU32::new(0),
             samples: Mutex::new(vec![Vec::new(); vcpus]),
+            stop_event: None,
         }
+    }
+
+    /// The same, with `event` signalled by every stop request (the VMM's event loop
+    /// watches it: see [`VcpuControl::stop_event`]).
+    pub fn with_stop_event(vcpus: usize, event: EventFd) -> Self {
+        VcpuControl {
+            stop_event: Some(event),
+            ..VcpuControl::new(vcpus)
+        }
+    }
+
+    /// The `EventFd` every stop request signals, if any.
+    pub fn stop_event(&self) -> Option<&EventFd> {
+        self.stop_event.as_ref()
     }
 
     fn held(&self) -> MutexGuard<'_, Vec<bool>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Asks every vCPU to stop; the first cause given wins. Wakes held vCPUs (vCPUs in
-    /// `KVM_RUN` need a kick signal besides).
+    /// Asks every vCPU to stop; the first cause given wins. Wakes held vCPUs and the
+    /// [`VcpuControl::stop_event`] watcher (vCPUs in `KVM_RUN` need a kick besides,
+    /// `super::kick`).
     pub fn request_stop(&self, cause: StopCause) {
         let _ = self
             .stop
             .compare_exchange(0, cause.code(), Ordering::SeqCst, Ordering::SeqCst);
-        let _guard = self.held();
-        self.changed.notify_all();
+        {
+            let _guard = self.held();
+            self.changed.notify_all();
+        }
+        if let Some(event) = &self.stop_event {
+            if let Err(e) = event.write(1) {
+                log::warn!("cannot signal the stop request's eventfd: {e}");
+            }
+        }
     }
 
     /// The stop request, if any.
@@ -221,6 +251,17 @@ mod tests {
         c.request_stop(StopCause::Timeout);
         assert_eq!(waiter.join().unwrap(), HoldEnd::Stopped(StopCause::Reset));
         assert_eq!(c.stop_requested(), Some(StopCause::Reset));
+    }
+
+    #[test]
+    fn a_stop_request_signals_the_stop_event() {
+        let event = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let c = VcpuControl::with_stop_event(1, event.try_clone().unwrap());
+        assert!(event.read().is_err(), "nothing requested yet");
+        c.request_stop(StopCause::Ended);
+        assert_eq!(event.read().unwrap(), 1);
+        assert_eq!(c.stop_requested(), Some(StopCause::Ended));
+        assert!(VcpuControl::new(1).stop_event().is_none());
     }
 
     #[test]

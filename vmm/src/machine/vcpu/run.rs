@@ -95,7 +95,9 @@ pub(crate) enum VcpuNotice {
 pub(crate) trait VcpuBackend {
     /// Its index.
     fn id(&self) -> u8;
-    /// One `KVM_RUN`, its exit mapped (port I/O through `bus`).
+    /// One `KVM_RUN`, its exit mapped (port I/O through `bus`); `EINTR` when the VMM
+    /// kicked the vCPU (`super::kick`), the kick consumed, so that the loop looks at the
+    /// VMM's requests and a later kick works again.
     fn run(&mut self, bus: &PioBus) -> Result<ExitEvent, kvm_ioctls::Error>;
     /// Applies `arming` to breakpoints at `addrs` (`KVM_SET_GUEST_DEBUG`).
     fn set_debug(&self, addrs: &[u64], arming: Arming) -> Result<(), kvm_ioctls::Error>;

@@ -1,0 +1,339 @@
+//! Building a [`RunReport`] from what the guest did, what the interceptor saw and what was
+//! asked: the rounds, the verified rule's checks ([`RoundSeen`]), injection verdicts,
+//! run errors.
+
+use super::*;
+
+/// Every field of `h`, for the report.
+pub(super) fn field_entries(h: &Handover) -> Vec<FieldEntry> {
+    FieldList::of(h)
+        .fields
+        .into_iter()
+        .map(|f| FieldEntry {
+            path: f.path,
+            gpa: f.gpa,
+            width: f.width,
+            value: f.value,
+        })
+        .collect()
+}
+
+pub(super) fn counts(t: Totals) -> Counts {
+    Counts {
+        sessions: t.sessions,
+        files: t.files,
+        bytes: t.bytes,
+    }
+}
+
+pub(super) fn inventory_report(boot: &AgentBoot) -> Option<InventoryReport> {
+    let inv = &boot.inventory;
+    if inv.sessions.is_empty() && inv.files.is_empty() && inv.end.is_none() {
+        return None;
+    }
+    Some(InventoryReport {
+        sessions: inv
+            .sessions
+            .iter()
+            .map(|(index, name)| InventorySession {
+                index: *index,
+                name: name.to_string(),
+            })
+            .collect(),
+        files: inv
+            .files
+            .iter()
+            .map(|f| InventoryFile {
+                session: f.session,
+                token: f.token,
+                size: f.size,
+            })
+            .collect(),
+        totals: inv.end.map(counts),
+    })
+}
+
+pub(super) fn failed_actions(boots: &[&AgentBoot]) -> Vec<ActionReport> {
+    boots
+        .iter()
+        .flat_map(|b| &b.failed_actions)
+        .map(|a| ActionReport {
+            action: a.action.name().to_owned(),
+            arg: a.arg,
+            ret: a.ret,
+            errno: a.errno,
+        })
+        .collect()
+}
+
+/// What luo-vmm saw of one handover: its report (marks, phases, extents, pages written,
+/// digests), the preserved extents with their owners, what could not be read, and the
+/// invariants of the state handed over.
+pub(crate) struct RoundSeen {
+    /// The handover's report.
+    pub handover: HandoverReport,
+    /// The preserved extents at next-kernel-start, with owners.
+    pub extent_list: Vec<ExtentEntry>,
+    /// What went wrong reading it.
+    pub errors: Vec<RoundError>,
+    /// The invariants, checked on the state parsed at next-kernel-start.
+    pub invariants: Vec<InvariantCheck>,
+}
+
+impl RoundSeen {
+    /// Reads handover `round` of the timeline with what the interceptor captured of it.
+    pub fn of(round: &Round, cap: Option<&RoundCapture>) -> Self {
+        let (handover, extent_list, errors) = handover_part(round, cap);
+        let invariants = cap
+            .and_then(|c| c.handover.as_ref()?.as_ref().ok())
+            .map_or_else(Vec::new, |st| invariants::check(&st.handover, &st.extents));
+        Self {
+            handover,
+            extent_list,
+            errors,
+            invariants,
+        }
+    }
+
+    /// The checks of [`HandoverChecks`], with what the caller knows of the guest side.
+    pub fn checks(&self, cpus_up: bool, workload_ok: bool) -> HandoverChecks {
+        HandoverChecks {
+            intact: self.handover.intact,
+            read_cleanly: self.errors.is_empty(),
+            invariants_held: self.invariants.iter().all(|c| c.held),
+            cpus_up,
+            workload_ok,
+        }
+    }
+}
+
+/// The luo-vmm side of round `round` (what was read at its next-kernel-start).
+pub(super) fn handover_part(
+    round: &Round,
+    cap: Option<&RoundCapture>,
+) -> (HandoverReport, Vec<ExtentEntry>, Vec<RoundError>) {
+    let mut r = HandoverReport::new(round);
+    let mut list = Vec::new();
+    let mut errors = Vec::new();
+    let Some(cap) = cap else {
+        errors.push(RoundError::KhoStateNotRead);
+        return (r, list, errors);
+    };
+    match &cap.handover {
+        Some(Ok(st)) => {
+            r = r.with_extents(&st.extents.set, &st.scratch);
+            list = st
+                .extents
+                .set
+                .iter()
+                .map(|e| ExtentEntry {
+                    start: e.start,
+                    len: e.len(),
+                    owner: e.owner.to_owned(),
+                })
+                .collect();
+        }
+        Some(Err(e)) => errors.push(RoundError::KhoState(e.clone())),
+        None => errors.push(RoundError::KhoStateNotRead),
+    }
+    match (&cap.dirty, &cap.handover) {
+        (Some(Ok(d)), Some(Ok(st))) => r = r.with_dirty(d, &st.extents.set),
+        (Some(Ok(d)), _) => r = r.with_dirty(d, &luo_handover::extents::ExtentSet::default()),
+        (Some(Err(e)), _) => errors.push(RoundError::DirtyLog(e.clone())),
+        (None, _) => {}
+    }
+    match &cap.digest {
+        Some(Ok(v)) => r = r.with_digest(v.clone()),
+        Some(Err(e)) => errors.push(RoundError::Digest(e.clone())),
+        None => {}
+    }
+    if let Some(e) = &cap.injection.error {
+        errors.push(RoundError::Inject(e.to_string()));
+    }
+    (r, list, errors)
+}
+
+/// Builds the report of a run from what the guest did, what the interceptor saw, and
+/// what was asked.
+pub(crate) fn build_report(
+    outcome: &GuestOutcome,
+    got: Interception,
+    opts: &GuestOptions,
+    guest: &ResolvedGuest,
+    workload: Workload,
+) -> RunReport {
+    let verdict = outcome.agent.verdict();
+    let guest_ok = outcome.exit.is_clean()
+        && outcome.kernel_panic.is_none()
+        && verdict.is_some_and(|v| v.passed());
+    let boots = &outcome.boots;
+    let selftest = match workload {
+        Workload::Selftest(t) => Some(t),
+        _ => None,
+    };
+    let selftests: Vec<SelftestReport> = selftest
+        .map(|t| {
+            boots
+                .iter()
+                .flat_map(|b| &b.selftests)
+                .map(|r| SelftestReport::new(t, r))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut rounds = Vec::new();
+    for (i, round) in got.timeline.rounds().iter().enumerate() {
+        let cap = got.rounds.get(i);
+        let seen = RoundSeen::of(round, cap);
+        // Handover i goes from boot i (stage 1) to boot i + 1 (stage 2).
+        let before = boots.get(i);
+        let after = boots.get(i + 1);
+        let inventory = before.and_then(inventory_report);
+        let checked = after.and_then(|b| b.verified).map(counts);
+        let stage2 = selftest.and_then(|t| {
+            after
+                .and_then(|b| b.selftest(Some(Stage::Two)))
+                .map(|r| SelftestReport::new(t, r))
+        });
+        let agent_side = match workload {
+            Workload::Handover(_) => checked.is_some_and(|c| {
+                inventory
+                    .as_ref()
+                    .and_then(|inv| inv.totals)
+                    .is_none_or(|t| t.files == c.files && t.bytes == c.bytes)
+            }),
+            Workload::Selftest(_) => stage2.as_ref().is_some_and(SelftestReport::passed),
+            Workload::Boot | Workload::Scenario => false,
+        };
+        let agent_ok = guest_ok && agent_side;
+        let marks = Mark::ALL
+            .iter()
+            .filter_map(|&m| {
+                Some(MarkTime {
+                    name: m.name().to_owned(),
+                    t_ns: round.get(m)?,
+                })
+            })
+            .collect();
+        let pair: Vec<&AgentBoot> = before.into_iter().chain(after).collect();
+        let cpus_online = CpusOnline {
+            vcpus: opts.vcpus,
+            before: before.and_then(|b| b.cpus_online),
+            after: after.and_then(|b| b.cpus_online),
+        };
+        let state = cap.and_then(|c| c.handover.as_ref()?.as_ref().ok());
+        let verified = seen.checks(cpus_online.all_up_after(), agent_ok).verified();
+        let RoundSeen {
+            handover,
+            extent_list,
+            errors,
+            invariants,
+        } = seen;
+        rounds.push(RoundReport {
+            verified,
+            cpus_online,
+            handover,
+            marks,
+            extent_list,
+            hook_ns: cap.map_or(0, |c| c.hook_ns),
+            hooks: cap.map_or_else(Vec::new, |c| c.hooks.clone()),
+            inventory,
+            checked,
+            selftest: stage2,
+            failed_actions: failed_actions(&pair),
+            injected: cap.and_then(|c| c.injected.clone()),
+            injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
+            outcome: cap.filter(|c| !c.injection.writes.is_empty()).map(|c| {
+                judged::judge(&judged::Evidence {
+                    exit: &outcome.exit,
+                    kernel_panic: outcome.kernel_panic.as_deref(),
+                    kernel_trouble: &outcome.kernel_trouble,
+                    kernel_lines: &outcome.kernel_liveupdate,
+                    after,
+                    agent: after.and_then(|b| b.verdict).or(verdict),
+                    written_after: c.written_after.as_ref(),
+                    preserved: state.map(|st| &st.extents.set),
+                })
+            }),
+            fields: state
+                .map(|st| field_entries(&st.handover))
+                .unwrap_or_default(),
+            invariants,
+            errors,
+            agent_ok,
+        });
+    }
+
+    let mut errors = Vec::new();
+    let expected = workload.handovers();
+    let seen = u32::try_from(rounds.len()).unwrap_or(u32::MAX);
+    if seen < expected {
+        errors.push(RunError::MissingHandovers { expected, seen });
+    }
+    match verdict {
+        Some(v) if !v.passed() => errors.push(RunError::AgentFailed {
+            step: v.step.name().to_owned(),
+            errno: v.errno,
+        }),
+        Some(_) => {}
+        None => errors.push(RunError::NoVerdict),
+    }
+    if let Some(line) = &outcome.kernel_panic {
+        errors.push(RunError::KernelPanic(line.clone()));
+    }
+    match &outcome.exit {
+        VmExit::Reset => {}
+        VmExit::Timeout { after } => errors.push(RunError::Timeout(after.as_secs())),
+        VmExit::Fatal { vcpu, exit } => {
+            errors.push(RunError::VmDied(format!("vCPU {vcpu}: {exit}")))
+        }
+        VmExit::Ended => errors.push(RunError::VmDied("the run was ended early".into())),
+    }
+    let verified = guest_ok
+        && if workload.hands_over() {
+            seen >= expected && rounds.iter().all(|r| r.verified)
+        } else {
+            !selftests.is_empty() && selftests.iter().all(SelftestReport::passed)
+        };
+    RunReport {
+        run: RunInfo {
+            kvm: match &outcome.backend {
+                KvmBackend::Hardware { .. } => "hardware".into(),
+                KvmBackend::Emulated { .. } => "emulated".into(),
+            },
+            kernel: guest.image.as_ref().map(|i| i.kernel_version.clone()),
+            vcpus: opts.vcpus,
+            mem_bytes: opts.mem,
+            peak_rss_bytes: std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|t| vm_hwm_bytes(&t)),
+            workload: workload.kernel_params(),
+        },
+        rounds,
+        selftests,
+        agent: AgentSummary {
+            cpus_online: outcome.agent.first_cpus_online(),
+            verdict: verdict.map(|v| {
+                if v.passed() {
+                    "pass".to_owned()
+                } else {
+                    v.step.name().to_owned()
+                }
+            }),
+            errno: verdict.map_or(0, |v| v.errno),
+            messages: outcome.agent.messages.len() as u64,
+            decode_errors: outcome.agent.error_count,
+            dropped: outcome.agent.dropped,
+        },
+        guest_ok,
+        errors,
+        verified,
+    }
+}
+
+/// `VmHWM` (peak resident set) of a /proc/PID/status text, in bytes.
+pub(super) fn vm_hwm_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
