@@ -548,7 +548,7 @@ mod tests {
     fn right_data_is_accepted_and_a_panic_or_hang_is_a_crash() {
         let preserved = set();
         let boot = AgentBoot {
-            verified: Some(crate::run::agent::Totals {
+            verified: Some(crate::run::agent::Counts {
                 sessions: 1,
                 files: 1,
                 bytes: 4096,

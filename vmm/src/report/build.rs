@@ -18,14 +18,6 @@ pub(super) fn field_entries(h: &Handover) -> Vec<FieldEntry> {
         .collect()
 }
 
-pub(super) fn counts(t: Totals) -> Counts {
-    Counts {
-        sessions: t.sessions,
-        files: t.files,
-        bytes: t.bytes,
-    }
-}
-
 pub(super) fn inventory_report(boot: &AgentBoot) -> Option<InventoryReport> {
     let inv = &boot.inventory;
     if inv.sessions.is_empty() && inv.files.is_empty() && inv.end.is_none() {
@@ -40,16 +32,8 @@ pub(super) fn inventory_report(boot: &AgentBoot) -> Option<InventoryReport> {
                 name: name.to_string(),
             })
             .collect(),
-        files: inv
-            .files
-            .iter()
-            .map(|f| InventoryFile {
-                session: f.session,
-                token: f.token,
-                size: f.size,
-            })
-            .collect(),
-        totals: inv.end.map(counts),
+        files: inv.files.clone(),
+        totals: inv.end,
     })
 }
 
@@ -189,7 +173,7 @@ pub(crate) fn build_report(
         let before = boots.get(i);
         let after = boots.get(i + 1);
         let inventory = before.and_then(inventory_report);
-        let checked = after.and_then(|b| b.verified).map(counts);
+        let checked = after.and_then(|b| b.verified);
         let stage2 = selftest.and_then(|t| {
             after
                 .and_then(|b| b.selftest(Some(Stage::Two)))

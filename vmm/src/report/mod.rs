@@ -32,7 +32,8 @@ pub use crate::judge::injection::{
 use crate::judge::verified::HandoverChecks;
 use crate::machine::host::KvmBackend;
 use crate::machine::vm::VmExit;
-use crate::run::agent::{AgentBoot, Totals};
+use crate::run::agent::AgentBoot;
+pub use crate::run::agent::{Counts, InventoryFile};
 use crate::run::guest::{GuestOutcome, ResolvedGuest};
 use crate::watch::injector::InjectedWrite;
 pub use crate::watch::intercept::{HookPart, HookTime};
@@ -204,17 +205,6 @@ pub struct FieldEntry {
     pub value: Value,
 }
 
-/// Sessions, files and bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    /// Sessions.
-    pub sessions: u32,
-    /// Files.
-    pub files: u32,
-    /// Bytes.
-    pub bytes: u64,
-}
-
 /// The agent's stage-1 inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryReport {
@@ -233,17 +223,6 @@ pub struct InventorySession {
     pub index: u32,
     /// LUO name.
     pub name: String,
-}
-
-/// A file of the inventory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InventoryFile {
-    /// Index of its session.
-    pub session: u32,
-    /// LUO token.
-    pub token: u64,
-    /// Bytes.
-    pub size: u64,
 }
 
 /// An agent action that failed.

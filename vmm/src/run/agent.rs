@@ -9,6 +9,7 @@ use luo_protocol::message::{
     Action, AgentVerdict, DecodeError, Message, SelftestResult, SessionName,
 };
 use luo_protocol::workload::{Progress, Stage};
+use serde::{Deserialize, Serialize};
 
 /// Most messages kept for one run; later ones are counted as dropped.
 pub(crate) const MAX_MESSAGES: usize = 1 << 18;
@@ -133,7 +134,7 @@ impl AgentLog {
                     files,
                     bytes,
                 } => {
-                    b.verified = Some(Totals {
+                    b.verified = Some(Counts {
                         sessions: *sessions,
                         files: *files,
                         bytes: *bytes,
@@ -157,7 +158,7 @@ impl AgentLog {
                     files,
                     bytes,
                 } => {
-                    b.inventory.end = Some(Totals {
+                    b.inventory.end = Some(Counts {
                         sessions: *sessions,
                         files: *files,
                         bytes: *bytes,
@@ -219,9 +220,10 @@ impl AgentLog {
     }
 }
 
-/// Counts of sessions, files and bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Totals {
+/// Counts of sessions, files and bytes: what the agent preserved or checked (the report
+/// carries it as is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
     /// Sessions.
     pub sessions: u32,
     /// Files.
@@ -230,9 +232,9 @@ pub(crate) struct Totals {
     pub bytes: u64,
 }
 
-/// A preserved file of the stage-1 inventory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct InventoryFile {
+/// A preserved file of the stage-1 inventory (the report carries it as is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryFile {
     /// Index of its session.
     pub session: u32,
     /// LUO token.
@@ -249,7 +251,7 @@ pub(crate) struct Inventory {
     /// Files.
     pub files: Vec<InventoryFile>,
     /// The totals the agent sent at the end, if it got there.
-    pub end: Option<Totals>,
+    pub end: Option<Counts>,
 }
 
 /// An action whose result was a failure.
@@ -290,7 +292,7 @@ pub(crate) struct AgentBoot {
     /// Stage-1 inventory.
     pub inventory: Inventory,
     /// Stage-2 check.
-    pub verified: Option<Totals>,
+    pub verified: Option<Counts>,
     /// Selftest runs.
     pub selftests: Vec<SelftestResult>,
     /// Actions announced.
