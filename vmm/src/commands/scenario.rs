@@ -20,7 +20,7 @@ use crate::config::options::{
     GuestOptions, InterceptOptions, Profile, ScenarioRunArgs, ScenarioTarget,
 };
 use crate::config::scenario::{Scenario, ScenarioFileError};
-use crate::judge::scenario::{belief, compare, judge, Judgement, RunFacts, ScenarioVerdict};
+use crate::judge::scenario::{belief, compare, judge, vote, Judgement, RunFacts, ScenarioVerdict};
 use crate::machine::debug::MAX_BREAKPOINTS;
 use crate::machine::vcpu::control::VcpuControl;
 use crate::machine::vcpu::run::{HookAction, VcpuNotice};
@@ -29,7 +29,7 @@ use crate::report::RoundSeen;
 use crate::run::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
 use crate::run::image::ImageError;
 use crate::run::kernel::{load_symbols, KernelFileError};
-use crate::watch::intercept::{Interception, Interceptor};
+use crate::watch::intercept::{InterceptPoint, Interception, Interceptor};
 use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
 
 /// Exit status of `scenario run` when a run's verdict is not the one expected.
@@ -179,8 +179,33 @@ pub(crate) fn load(what: &str) -> Result<Scenario, ScenarioError> {
     Ok(Scenario::parse(&text, what)?)
 }
 
-/// The interception and the scenario's schedule as one observer: the interception's
-/// breakpoints come first on every vCPU, the scenario's after them.
+/// Who a debug-register slot of a vCPU belongs to, when the interception and a scenario's
+/// hooks share the four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BreakpointOwner {
+    /// One of the interception's points.
+    Intercept(InterceptPoint),
+    /// The scheduler's `n`th hook on that vCPU.
+    Hook(usize),
+}
+
+/// The owners of `vcpu`'s slots: the interception's breakpoints first, the scenario's
+/// hooks after them.
+fn breakpoint_owners(
+    interceptor: &Interceptor,
+    scheduler: &Scheduler,
+    vcpu: u8,
+) -> Vec<BreakpointOwner> {
+    let points = interceptor.breakpoints(vcpu).len();
+    let hooks = scheduler.breakpoints(vcpu).len();
+    InterceptPoint::ALL[..points.min(InterceptPoint::ALL.len())]
+        .iter()
+        .map(|&p| BreakpointOwner::Intercept(p))
+        .chain((0..hooks).map(BreakpointOwner::Hook))
+        .collect()
+}
+
+/// The interception and the scenario's schedule as one observer.
 struct ScenarioObserver {
     interceptor: Interceptor,
     scheduler: Scheduler,
@@ -202,18 +227,15 @@ impl RunObserver for ScenarioObserver {
     }
 
     fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64) -> HookAction {
-        let own = self.interceptor.breakpoints(at.vcpu.id).len();
-        if slot < own {
-            const MARKS: [&str; 3] = [
-                "kernel: liveupdate_reboot (serialize-start)",
-                "kernel: machine_kexec (point-of-no-return)",
-                "kernel: start_kernel",
-            ];
-            self.scheduler
-                .mark(std::time::Instant::now(), MARKS[slot.min(2)]);
-            self.interceptor.on_breakpoint(at, slot, pc)
-        } else {
-            self.scheduler.on_breakpoint(&at, slot - own)
+        let owners = breakpoint_owners(&self.interceptor, &self.scheduler, at.vcpu.id);
+        match owners.get(slot) {
+            Some(&BreakpointOwner::Intercept(point)) => {
+                self.scheduler
+                    .mark(std::time::Instant::now(), &point.describe());
+                self.interceptor.on_breakpoint(at, slot, pc)
+            }
+            Some(&BreakpointOwner::Hook(n)) => self.scheduler.on_breakpoint(&at, n),
+            None => HookAction::Continue,
         }
     }
 
@@ -433,7 +455,35 @@ fn prepare(
 ) -> Result<Prepared, ScenarioError> {
     let sc = load(&args.scenario)?;
     let vcpus = args.vcpus.unwrap_or(sc.vcpus);
-    let opts = GuestOptions {
+    let opts = guest_options(&sc, args, vcpus, timeout, console);
+    opts.validate()
+        .map_err(|e| ScenarioError::Options(e.to_string()))?;
+    check_fits(&sc, vcpus, args.mem).map_err(ScenarioError::Options)?;
+    if let Some(v) = &sc.variant {
+        crate::config::image::check_variant(v).map_err(ImageError::from)?;
+    }
+    let guest = ResolvedGuest::resolve(&opts)?;
+    let syms = load_symbols(&guest.kernel)?;
+    arm(&sc, &syms, &interceptor(&syms)?, vcpus)?;
+    Ok(Prepared {
+        sc,
+        opts,
+        guest,
+        syms,
+        vcpus,
+    })
+}
+
+/// The guest a scenario runs in: the reference (or `--variant`/`--source`) with the
+/// scenario's command line, `--mem`, `vcpus`, and its timeout unless `--timeout` is given.
+fn guest_options(
+    sc: &Scenario,
+    args: &ScenarioTarget,
+    vcpus: u8,
+    timeout: Option<u64>,
+    console: bool,
+) -> GuestOptions {
+    GuestOptions {
         kernel: None,
         initrd: None,
         cmdline: sc.cmdline.clone(),
@@ -446,30 +496,27 @@ fn prepare(
         quiet: !console,
         variant: args.variant.clone(),
         source: args.source.clone(),
-    };
-    opts.validate()
-        .map_err(|e| ScenarioError::Options(e.to_string()))?;
+    }
+}
+
+/// Whether `sc` fits a guest of `vcpus` vCPUs and `mem` bytes, and its script the kernel
+/// command line; the reason when it does not.
+fn check_fits(sc: &Scenario, vcpus: u8, mem: u64) -> Result<(), String> {
     let threads = sc.script.stage1.threads.iter();
     for t in threads.chain(&sc.script.stage2.threads) {
         if t.cpu >= u16::from(vcpus) {
-            return Err(ScenarioError::Options(format!(
+            return Err(format!(
                 "--vcpus {vcpus}: the scenario pins a thread to CPU {}",
                 t.cpu
-            )));
+            ));
         }
     }
     for h in &sc.hooks {
         if let crate::config::scenario::VcpuSelect::One(v) = h.vcpus {
             if v >= vcpus {
-                return Err(ScenarioError::Options(format!(
-                    "--vcpus {vcpus}: hook {} is on vCPU {v}",
-                    h.name
-                )));
+                return Err(format!("--vcpus {vcpus}: hook {} is on vCPU {v}", h.name));
             }
         }
-    }
-    if let Some(v) = &sc.variant {
-        crate::config::image::check_variant(v).map_err(ImageError::from)?;
     }
     let memfds: u64 = sc
         .script
@@ -482,11 +529,10 @@ fn prepare(
             _ => 0,
         })
         .fold(0u64, u64::saturating_add);
-    if memfds > args.mem / 2 {
-        return Err(ScenarioError::Options(format!(
-            "the scenario's memfds hold {memfds} bytes; a guest of {} bytes takes at most half of it (--mem)",
-            args.mem
-        )));
+    if memfds > mem / 2 {
+        return Err(format!(
+            "the scenario's memfds hold {memfds} bytes; a guest of {mem} bytes takes at most half of it (--mem)"
+        ));
     }
     // The script travels on the kernel command line (x86: at most 2047 bytes), to both
     // kernels; the longest it can be is with the emulation profile's additions.
@@ -496,7 +542,7 @@ fn prepare(
         &format!(
             "{} {} {}",
             sc.cmdline,
-            script_params(&sc),
+            script_params(sc),
             luo_protocol::workload::timeout_scale_param(
                 luo_protocol::workload::EMULATED_TIMEOUT_SCALE
             )
@@ -504,24 +550,15 @@ fn prepare(
     );
     let limit = crate::machine::layout::CMDLINE_MAX_SIZE - 1 - NEXT_KERNEL_PARAMS;
     if line.len() > limit {
-        return Err(ScenarioError::Options(format!(
+        return Err(format!(
             "the kernel command line would be {} bytes, of which the scenario's steps take {} and its cmdline {}; \
              Linux takes at most {limit} here: fewer or shorter steps",
             line.len(),
             sc.script.kernel_params().len(),
             sc.cmdline.len()
-        )));
+        ));
     }
-    let guest = ResolvedGuest::resolve(&opts)?;
-    let syms = load_symbols(&guest.kernel)?;
-    arm(&sc, &syms, &interceptor(&syms)?, vcpus)?;
-    Ok(Prepared {
-        sc,
-        opts,
-        guest,
-        syms,
-        vcpus,
-    })
+    Ok(())
 }
 
 /// `luo-vmm scenario check`: everything `run` checks before a guest boots, and nothing
@@ -550,13 +587,7 @@ pub fn check(args: &ScenarioTarget) -> Result<u8, ScenarioError> {
 /// `luo-vmm scenario run`: runs it, prints each run and the verdict; returns the exit
 /// status (0: every run gave the expected verdict; 5: not).
 pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
-    let Prepared {
-        sc,
-        opts,
-        guest,
-        syms,
-        vcpus,
-    } = prepare(&args.target, args.timeout, args.console)?;
+    let p = prepare(&args.target, args.timeout, args.console)?;
     std::fs::create_dir_all(&args.log_dir).map_err(|source| ScenarioError::Write {
         path: args.log_dir.clone(),
         source,
@@ -566,18 +597,69 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         .json
         .as_ref()
         .map(|path| {
-            std::fs::File::create(path).map_err(|source| ScenarioError::Write {
-                path: path.clone(),
-                source,
-            })
+            std::fs::File::create(path)
+                .map(|f| (f, path))
+                .map_err(|source| ScenarioError::Write {
+                    path: path.clone(),
+                    source,
+                })
         })
         .transpose()?;
-    let expected = if args.target.variant.is_some() && args.target.variant == sc.variant {
+    let expected = if args.target.variant.is_some() && args.target.variant == p.sc.variant {
         ScenarioVerdict::Reproduced
     } else {
         ScenarioVerdict::NotReproduced
     };
-    let kernel = match (&args.target.source, &args.target.variant) {
+    println!(
+        "scenario {} on {} ({} vCPUs, {} runs): expected {}",
+        p.sc.name,
+        kernel_name(&args.target),
+        p.vcpus,
+        args.runs,
+        expected.name()
+    );
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let log = args.log_dir.join(format!(
+            "{}{}-run{run}.log",
+            p.sc.name,
+            args.target
+                .variant
+                .as_deref()
+                .map_or(String::new(), |v| format!("-{v}"))
+        ));
+        let result = run_once(&p, run, log)?;
+        print_run(&result, args.runs);
+        runs.push(result);
+    }
+    let (verdict, count) = vote(runs.iter().map(|r| r.judgement.verdict));
+    println!("verdict: {} ({count}/{} runs)", verdict.name(), args.runs);
+    let all_expected = runs.iter().all(|r| r.judgement.verdict == expected);
+    if !all_expected {
+        println!("expected {} in every run", expected.name());
+    }
+    if let Some((file, path)) = json {
+        let report = ScenarioReport {
+            scenario: p.sc.name.clone(),
+            variant: args.target.variant.clone(),
+            source: args.target.source.clone(),
+            expected,
+            runs,
+            verdict,
+            count,
+        };
+        write_json(file, path, &report)?;
+    }
+    Ok(if all_expected {
+        0
+    } else {
+        EXIT_UNEXPECTED_VERDICT
+    })
+}
+
+/// How `scenario run` names the kernel it runs on.
+fn kernel_name(target: &ScenarioTarget) -> String {
+    match (&target.source, &target.variant) {
         (Some(dir), v) => format!(
             "the kernel of {}{}",
             dir.display(),
@@ -586,99 +668,59 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         ),
         (None, Some(v)) => format!("variant {v}"),
         (None, None) => "the reference kernel".to_owned(),
+    }
+}
+
+/// One run of the prepared scenario, its console in `log`: a fresh VM, the interception
+/// and the schedule armed, the facts judged.
+fn run_once(p: &Prepared, run: u32, log: PathBuf) -> Result<RunResult, ScenarioError> {
+    // The console log appends; each run starts its own.
+    let _ = std::fs::remove_file(&log);
+    let run_opts = GuestOptions {
+        console_log: Some(log.clone()),
+        ..p.opts.clone()
     };
-    println!(
-        "scenario {} on {kernel} ({vcpus} vCPUs, {} runs): expected {}",
-        sc.name,
-        args.runs,
-        expected.name()
-    );
-    let params = script_params(&sc);
-    let mut runs = Vec::new();
-    for run in 1..=args.runs {
-        let log = args.log_dir.join(format!(
-            "{}{}-run{run}.log",
-            sc.name,
-            args.target
-                .variant
-                .as_deref()
-                .map_or(String::new(), |v| format!("-{v}"))
-        ));
-        // The console log appends; each run starts its own.
-        let _ = std::fs::remove_file(&log);
-        let run_opts = GuestOptions {
-            console_log: Some(log.clone()),
-            ..opts.clone()
-        };
-        let interceptor = interceptor(&syms)?;
-        let hooks = arm(&sc, &syms, &interceptor, vcpus)?;
-        let gates = Gates::default();
-        let observer = Arc::new(ScenarioObserver {
-            interceptor,
-            scheduler: Scheduler::new(hooks, sc.gates.clone(), gates.clone()),
-        });
-        let outcome = run_guest(
-            &run_opts,
-            &guest,
-            &params,
-            Some(observer.clone() as Arc<dyn RunObserver>),
-            gates,
-        )?;
-        let got = observer.interceptor.finish(outcome.started);
-        let log_seen = observer.scheduler.finish();
-        let f = facts(&outcome, &got, &log_seen);
-        let result = RunResult {
-            run,
-            judgement: judge(&sc.verdict, &f),
-            timeline: log_seen.timeline,
-            discrepancies: f.discrepancies,
-            kernel_trouble: f.kernel_trouble,
-            vm_exit: vm_exit(&outcome.exit),
-            console_log: log,
-        };
-        print_run(&result, args.runs);
-        runs.push(result);
-    }
-    let (verdict, count) = [
-        ScenarioVerdict::Reproduced,
-        ScenarioVerdict::NotReproduced,
-        ScenarioVerdict::Inconclusive,
-    ]
-    .into_iter()
-    .map(|v| {
-        let n = runs.iter().filter(|r| r.judgement.verdict == v).count();
-        (v, u32::try_from(n).unwrap_or(u32::MAX))
+    let interceptor = interceptor(&p.syms)?;
+    let hooks = arm(&p.sc, &p.syms, &interceptor, p.vcpus)?;
+    let gates = Gates::default();
+    let observer = Arc::new(ScenarioObserver {
+        interceptor,
+        scheduler: Scheduler::new(hooks, p.sc.gates.clone(), gates.clone()),
+    });
+    let outcome = run_guest(
+        &run_opts,
+        &p.guest,
+        &script_params(&p.sc),
+        Some(observer.clone() as Arc<dyn RunObserver>),
+        gates,
+    )?;
+    let got = observer.interceptor.finish(outcome.started);
+    let log_seen = observer.scheduler.finish();
+    let f = facts(&outcome, &got, &log_seen);
+    Ok(RunResult {
+        run,
+        judgement: judge(&p.sc.verdict, &f),
+        timeline: log_seen.timeline,
+        discrepancies: f.discrepancies,
+        kernel_trouble: f.kernel_trouble,
+        vm_exit: vm_exit(&outcome.exit),
+        console_log: log,
     })
-    .max_by_key(|&(_, n)| n)
-    .unwrap_or((ScenarioVerdict::Inconclusive, 0));
-    println!("verdict: {} ({count}/{} runs)", verdict.name(), args.runs);
-    let all_expected = runs.iter().all(|r| r.judgement.verdict == expected);
-    if !all_expected {
-        println!("expected {} in every run", expected.name());
-    }
-    if let (Some(mut file), Some(path)) = (json, &args.json) {
-        let report = ScenarioReport {
-            scenario: sc.name.clone(),
-            variant: args.target.variant.clone(),
-            source: args.target.source.clone(),
-            expected,
-            runs,
-            verdict,
-            count,
-        };
-        let write_err = |source| ScenarioError::Write {
-            path: path.clone(),
-            source,
-        };
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| write_err(std::io::Error::other(e)))?;
-        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(write_err)?;
-    }
-    Ok(if all_expected {
-        0
-    } else {
-        EXIT_UNEXPECTED_VERDICT
-    })
+}
+
+/// Writes the scenario's JSON report into `file` (created before the runs at `path`).
+fn write_json(
+    mut file: std::fs::File,
+    path: &Path,
+    report: &ScenarioReport,
+) -> Result<(), ScenarioError> {
+    let write_err = |source| ScenarioError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let text =
+        serde_json::to_string_pretty(report).map_err(|e| write_err(std::io::Error::other(e)))?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(write_err)
 }
 
 #[cfg(test)]

@@ -225,6 +225,26 @@ pub(crate) fn compare(belief: &Belief, records: &LuoState) -> Vec<String> {
     out
 }
 
+/// The verdict most runs gave, with how many gave it (ties go to the one of
+/// reproduced, not reproduced, inconclusive that comes last: a tie is never called
+/// reproduced); `(Inconclusive, 0)` for no runs.
+pub(crate) fn vote(
+    verdicts: impl Iterator<Item = ScenarioVerdict> + Clone,
+) -> (ScenarioVerdict, u32) {
+    [
+        ScenarioVerdict::Reproduced,
+        ScenarioVerdict::NotReproduced,
+        ScenarioVerdict::Inconclusive,
+    ]
+    .into_iter()
+    .map(|v| {
+        let n = verdicts.clone().filter(|&w| w == v).count();
+        (v, u32::try_from(n).unwrap_or(u32::MAX))
+    })
+    .max_by_key(|&(_, n)| n)
+    .unwrap_or((ScenarioVerdict::Inconclusive, 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +388,24 @@ mod tests {
             ..fixed
         };
         assert_eq!(judge(&r, &oops).verdict, ScenarioVerdict::Reproduced);
+    }
+
+    #[test]
+    fn the_vote_is_the_most_common_verdict() {
+        use ScenarioVerdict::*;
+        assert_eq!(
+            vote([Reproduced, NotReproduced, Reproduced].into_iter()),
+            (Reproduced, 2)
+        );
+        assert_eq!(
+            vote([Inconclusive, NotReproduced].into_iter()),
+            (Inconclusive, 1)
+        );
+        assert_eq!(
+            vote([Reproduced, NotReproduced].into_iter()),
+            (NotReproduced, 1)
+        );
+        assert_eq!(vote([Inconclusive].into_iter()), (Inconclusive, 1));
+        assert_eq!(vote([].into_iter()), (Inconclusive, 0));
     }
 }

@@ -1,13 +1,18 @@
 //! Building a VM on /dev/kvm and running it to its end: memory, kernel and boot
 //! structures, devices, one thread per vCPU (running `vcpu::run::run_loop`), and the main
-//! thread that waits for a reset, a fatal exit or the deadline.
+//! thread, which blocks in an `event-manager` loop (epoll) until the guest resets, a vCPU
+//! dies, an observer ends the run or the deadline passes, delivering the probe's messages
+//! and the terminal's input meanwhile.
 
+use std::cell::RefCell;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use luo_devices::console::LineObserver;
@@ -17,15 +22,18 @@ use luo_devices::{
 };
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::machine::arch::{write_boot, BootError, BootSpec};
+use crate::machine::console_input::StdinToSerial;
 use crate::machine::dirty::set_slots;
 use crate::machine::layout::KVM_TSS_ADDRESS;
 use crate::machine::loader::{load_initrd, load_kernel, LoaderError};
 use crate::machine::memory::{create_guest_memory, guest_memory_map, MemoryError};
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
+use crate::machine::vcpu::kick::{kick, kickable};
 use crate::machine::vcpu::run::{run_loop, FatalExit, HookAction, LoopHooks, VcpuNotice, VcpuStop};
 use crate::machine::vcpu::stepper::Stepper;
 use crate::machine::vcpu::{Vcpu, VcpuError};
@@ -175,6 +183,25 @@ enum VcpuReport {
     Notice(VcpuNotice),
 }
 
+/// A vCPU thread's end of the reports: a channel, and an `EventFd` signalled after each
+/// report so that the main thread's event loop wakes for it.
+#[derive(Clone)]
+struct ReportSender {
+    tx: mpsc::Sender<VcpuReport>,
+    ready: Arc<EventFd>,
+}
+
+impl ReportSender {
+    fn send(&self, report: VcpuReport) {
+        // The main thread is gone only once the run is over: nothing to tell then.
+        if self.tx.send(report).is_ok() {
+            if let Err(e) = self.ready.write(1) {
+                log::warn!("cannot signal a vCPU report's eventfd: {e}");
+            }
+        }
+    }
+}
+
 /// A VM ready to run.
 pub(crate) struct Vm {
     _kvm: Kvm,
@@ -185,6 +212,8 @@ pub(crate) struct Vm {
     bus: PioBus,
     reset: EventFd,
     probe: ProbeReceiver,
+    /// Signalled by the probe each time it queues a message.
+    probe_ready: EventFd,
     serial: Arc<Mutex<SerialConsole>>,
     observer: Option<Arc<dyn RunObserver>>,
 }
@@ -264,6 +293,7 @@ impl Vm {
             bus: devices.bus,
             reset: devices.reset,
             probe: devices.probe,
+            probe_ready: devices.probe_ready,
             serial: devices.serial,
             observer: spec.observer.clone(),
         })
@@ -277,9 +307,50 @@ impl Vm {
         mut on_probe: impl FnMut(&ProbeEvent),
     ) -> Result<VmExit, VmError> {
         let started = Instant::now();
-        let (tx, rx) = mpsc::channel::<VcpuReport>();
-        let control = Arc::new(VcpuControl::new(self.vcpus.len()));
+        let host = |what| move |source| VmError::Host { what, source };
         install_kick_handler()?;
+        let stop_event = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+        let control = Arc::new(VcpuControl::with_stop_event(self.vcpus.len(), stop_event));
+        let reports_ready = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?);
+        let (tx, reports) = mpsc::channel::<VcpuReport>();
+        let report = ReportSender {
+            tx,
+            ready: reports_ready.clone(),
+        };
+        let deadline = match timeout {
+            Some(after) => {
+                let sys = |what| move |e: vmm_sys_util::errno::Error| host(what)(e.into());
+                let mut timer = TimerFd::new().map_err(sys("timerfd"))?;
+                // A zero duration would disarm the timer: at least a nanosecond.
+                let left = after.saturating_sub(started.elapsed());
+                timer
+                    .reset(left.max(Duration::from_nanos(1)), None)
+                    .map_err(sys("arming the deadline timerfd"))?;
+                Some((timer, after))
+            }
+            None => None,
+        };
+
+        let mut deliver = |ev: ProbeEvent| {
+            if let Some(o) = &self.observer {
+                o.on_probe(&ev);
+            }
+            on_probe(&ev);
+        };
+        // Everything the main thread waits for, registered before any vCPU runs.
+        let mut main = MainLoop::new(Sources {
+            vcpus: self.vcpus.len(),
+            probe_ready: &self.probe_ready,
+            probe: &self.probe.events,
+            deliver: &mut deliver,
+            control: &control,
+            reset: &self.reset,
+            reports_ready: &reports_ready,
+            reports: &reports,
+            deadline,
+            input: StdinToSerial::for_terminal(self.serial.clone()),
+        })?;
+
         if let Some(o) = &self.observer {
             o.attach(&control);
         }
@@ -295,23 +366,41 @@ impl Vm {
                 vm_fd: self.vm_fd.clone(),
                 stepper: Stepper::new(breakpoints),
                 observer: self.observer.clone(),
-                tx: tx.clone(),
+                report: report.clone(),
                 control: control.clone(),
             };
-            threads.push(spawn_vcpu(vcpu, ctx)?);
-        }
-        let mut deliver = |ev: ProbeEvent| {
-            if let Some(o) = &self.observer {
-                o.on_probe(&ev);
+            match spawn_vcpu(vcpu, ctx) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    control.request_stop(StopCause::Host);
+                    stop_vcpus(threads, &reports, main.stopped(), STOP_WAIT);
+                    return Err(e);
+                }
             }
-            on_probe(&ev);
+        }
+        // Only the vCPU threads send reports now.
+        drop(report);
+
+        let waited = main.wait();
+        let stopped = main.stopped();
+        // The loop's borrows (of `deliver` among others) end here.
+        drop(main);
+        let (exit, cause) = match waited {
+            Ok(end) => end,
+            Err(e) => {
+                control.request_stop(StopCause::Host);
+                stop_vcpus(threads, &reports, stopped, STOP_WAIT);
+                return Err(VmError::Host {
+                    what: "the event loop (epoll)",
+                    source: std::io::Error::other(e),
+                });
+            }
         };
-        let (exit, cause) = self.wait(started, timeout, &rx, &control, &mut deliver);
         if cause == StopCause::Timeout {
             sample_rips(&control, &threads);
         }
         control.request_stop(cause);
-        stop_vcpus(threads);
+        stop_vcpus(threads, &reports, stopped, STOP_WAIT);
         if let Some(o) = &self.observer {
             o.on_stopped(&self.vm_fd, &self.memory);
         }
@@ -328,49 +417,298 @@ impl Vm {
         }
         Ok(exit)
     }
+}
 
-    fn wait(
-        &self,
-        started: Instant,
-        timeout: Option<Duration>,
-        rx: &mpsc::Receiver<VcpuReport>,
-        control: &VcpuControl,
-        deliver: &mut impl FnMut(ProbeEvent),
-    ) -> (VmExit, StopCause) {
-        let _input = crate::machine::console_input::spawn(self.serial.clone());
+/// What the main thread waits on while the vCPUs run.
+struct Sources<'a> {
+    /// vCPUs in the run.
+    vcpus: usize,
+    /// Signalled by the probe for each message it queues.
+    probe_ready: &'a EventFd,
+    /// The probe's messages.
+    probe: &'a mpsc::Receiver<ProbeEvent>,
+    /// Hands each probe message on, in arrival order.
+    deliver: &'a mut dyn FnMut(ProbeEvent),
+    /// Signals stop requests (an observer's end).
+    control: &'a VcpuControl,
+    /// The i8042's reset line.
+    reset: &'a EventFd,
+    /// Signalled for each vCPU report.
+    reports_ready: &'a EventFd,
+    /// The vCPU threads' reports.
+    reports: &'a mpsc::Receiver<VcpuReport>,
+    /// The armed deadline timer and the timeout it stands for.
+    deadline: Option<(TimerFd, Duration)>,
+    /// Terminal input for the guest's console.
+    input: Option<StdinToSerial>,
+}
+
+/// The main thread's event loop: one `event-manager` subscriber per source, each
+/// recording what it saw in a shared [`Seen`].
+struct MainLoop<'a> {
+    events: EventManager<Box<dyn MutEventSubscriber + 'a>>,
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl<'a> MainLoop<'a> {
+    /// Registers every source; fails (before any vCPU runs) if one cannot be watched.
+    fn new(s: Sources<'a>) -> Result<Self, VmError> {
+        let host = |what, e: String| VmError::Host {
+            what,
+            source: std::io::Error::other(e),
+        };
+        let seen = Rc::new(RefCell::new(Seen::new(s.vcpus)));
+        let mut events = EventManager::<Box<dyn MutEventSubscriber + 'a>>::new()
+            .map_err(|e| host("creating the event loop (epoll)", e.to_string()))?;
+        events.add_subscriber(Box::new(ProbeWatch {
+            ready: s.probe_ready,
+            events: s.probe,
+            deliver: s.deliver,
+            seen: seen.clone(),
+        }));
+        events.add_subscriber(Box::new(StopWatch {
+            control: s.control,
+            seen: seen.clone(),
+        }));
+        events.add_subscriber(Box::new(ResetWatch {
+            reset: s.reset,
+            seen: seen.clone(),
+        }));
+        events.add_subscriber(Box::new(ReportWatch {
+            ready: s.reports_ready,
+            reports: s.reports,
+            seen: seen.clone(),
+        }));
+        if let Some((timer, after)) = s.deadline {
+            events.add_subscriber(Box::new(DeadlineWatch {
+                timer,
+                after,
+                seen: seen.clone(),
+            }));
+        }
+        if let Some(input) = s.input {
+            events.add_subscriber(Box::new(input));
+        }
+        if let Some(what) = seen.borrow_mut().broken.take() {
+            return Err(host("registering with the event loop (epoll)", what));
+        }
+        Ok(MainLoop { events, seen })
+    }
+
+    /// Blocks until what the subscribers saw ends the run.
+    fn wait(&mut self) -> Result<(VmExit, StopCause), event_manager::Error> {
         loop {
-            for ev in self.probe.events.try_iter() {
-                deliver(ev);
+            if let Some(end) = self.seen.borrow().outcome() {
+                return Ok(end);
             }
-            if control.stop_requested() == Some(StopCause::Ended) {
-                return (VmExit::Ended, StopCause::Ended);
+            // Returns once it has dispatched what epoll reported, or at once (0) when a
+            // signal interrupted the wait.
+            self.events.run()?;
+        }
+    }
+
+    /// Per vCPU: whether its thread reported that its loop ended.
+    fn stopped(&self) -> Vec<bool> {
+        self.seen.borrow().stopped.clone()
+    }
+}
+
+/// What the main thread's event loop has seen, kept by its subscribers.
+#[derive(Debug)]
+struct Seen {
+    /// An observer requested [`StopCause::Ended`].
+    ended: bool,
+    /// The guest reset the machine.
+    reset: bool,
+    /// The first fatal vCPU exit.
+    fatal: Option<(u8, FatalExit)>,
+    /// The deadline passed: the run's timeout.
+    timed_out: Option<Duration>,
+    /// Per vCPU: its thread reported that its loop ended.
+    stopped: Vec<bool>,
+    /// A subscriber could not register its descriptor.
+    broken: Option<String>,
+}
+
+impl Seen {
+    fn new(vcpus: usize) -> Self {
+        Seen {
+            ended: false,
+            reset: false,
+            fatal: None,
+            timed_out: None,
+            stopped: vec![false; vcpus],
+            broken: None,
+        }
+    }
+
+    /// How the run ends, if it does: an observer's end first, then the guest's reset,
+    /// then the first fatal vCPU exit, then the deadline (the order the checks have always
+    /// had, for events that arrive together).
+    fn outcome(&self) -> Option<(VmExit, StopCause)> {
+        if self.ended {
+            Some((VmExit::Ended, StopCause::Ended))
+        } else if self.reset {
+            Some((VmExit::Reset, StopCause::Reset))
+        } else if let Some((vcpu, exit)) = &self.fatal {
+            Some((
+                VmExit::Fatal {
+                    vcpu: *vcpu,
+                    exit: exit.clone(),
+                },
+                StopCause::VcpuFailed,
+            ))
+        } else {
+            self.timed_out
+                .map(|after| (VmExit::Timeout { after }, StopCause::Timeout))
+        }
+    }
+
+    fn mark_stopped(&mut self, vcpu: u8) {
+        if let Some(s) = self.stopped.get_mut(usize::from(vcpu)) {
+            *s = true;
+        }
+    }
+
+    /// Registers `fd` for input with `ops`, or records why it could not.
+    fn watch(&mut self, ops: &mut EventOps, fd: &impl std::os::fd::AsRawFd, what: &str) {
+        if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+            self.broken.get_or_insert(format!("{what}: {e}"));
+        }
+    }
+}
+
+/// The probe's messages: delivered (to the observer, then the caller) in arrival order
+/// each time the probe signals that it queued some.
+struct ProbeWatch<'a> {
+    ready: &'a EventFd,
+    events: &'a mpsc::Receiver<ProbeEvent>,
+    deliver: &'a mut dyn FnMut(ProbeEvent),
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl MutEventSubscriber for ProbeWatch<'_> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Read (reset) the counter first: a message queued after the drain signals again.
+        let _ = self.ready.read();
+        for ev in self.events.try_iter() {
+            (self.deliver)(ev);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.seen.borrow_mut().watch(ops, self.ready, "probe");
+    }
+}
+
+/// Stop requests ([`VcpuControl::stop_event`]): an observer ending the run, from any
+/// thread.
+struct StopWatch<'a> {
+    control: &'a VcpuControl,
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl MutEventSubscriber for StopWatch<'_> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Some(event) = self.control.stop_event() {
+            let _ = event.read();
+        }
+        if self.control.stop_requested() == Some(StopCause::Ended) {
+            self.seen.borrow_mut().ended = true;
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut seen = self.seen.borrow_mut();
+        match self.control.stop_event() {
+            Some(event) => seen.watch(ops, event, "stop requests"),
+            None => {
+                seen.broken
+                    .get_or_insert_with(|| "stop requests: no eventfd".into());
             }
-            if self.reset.read().is_ok() {
-                return (VmExit::Reset, StopCause::Reset);
-            }
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(VcpuReport::Stopped {
+        }
+    }
+}
+
+/// The i8042's reset line.
+struct ResetWatch<'a> {
+    reset: &'a EventFd,
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl MutEventSubscriber for ResetWatch<'_> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if self.reset.read().is_ok() {
+            self.seen.borrow_mut().reset = true;
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.seen.borrow_mut().watch(ops, self.reset, "i8042 reset");
+    }
+}
+
+/// The vCPU threads' reports: a fatal exit ends the run, notices are logged.
+struct ReportWatch<'a> {
+    ready: &'a EventFd,
+    reports: &'a mpsc::Receiver<VcpuReport>,
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl MutEventSubscriber for ReportWatch<'_> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.ready.read();
+        let mut seen = self.seen.borrow_mut();
+        for report in self.reports.try_iter() {
+            match report {
+                VcpuReport::Stopped {
                     vcpu,
                     stop: VcpuStop::Fatal(exit),
-                }) => return (VmExit::Fatal { vcpu, exit }, StopCause::VcpuFailed),
-                Ok(VcpuReport::Stopped {
+                } => {
+                    seen.mark_stopped(vcpu);
+                    seen.fatal.get_or_insert((vcpu, exit));
+                }
+                VcpuReport::Stopped {
                     vcpu,
                     stop: VcpuStop::Requested(cause),
-                }) => log::debug!("vCPU {vcpu} stopped early ({cause:?})"),
-                Ok(VcpuReport::Notice(VcpuNotice::ForeignDebug { vcpu, pc })) => {
+                } => {
+                    seen.mark_stopped(vcpu);
+                    log::debug!("vCPU {vcpu} stopped early ({cause:?})");
+                }
+                VcpuReport::Notice(VcpuNotice::ForeignDebug { vcpu, pc }) => {
                     log::warn!("vCPU {vcpu}: debug exit at {pc:#x} that is no breakpoint of ours");
                 }
-                Ok(VcpuReport::Notice(VcpuNotice::HoldTimedOut { vcpu, slot })) => {
+                VcpuReport::Notice(VcpuNotice::HoldTimedOut { vcpu, slot }) => {
                     log::warn!("vCPU {vcpu}: hold at breakpoint {slot} timed out; released");
-                }
-                Err(_) => {}
-            }
-            if let Some(t) = timeout {
-                if started.elapsed() > t {
-                    return (VmExit::Timeout { after: t }, StopCause::Timeout);
                 }
             }
         }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.seen
+            .borrow_mut()
+            .watch(ops, self.ready, "vCPU reports");
+    }
+}
+
+/// The run's deadline: a timerfd armed for the time left when the run started.
+struct DeadlineWatch {
+    timer: TimerFd,
+    after: Duration,
+    seen: Rc<RefCell<Seen>>,
+}
+
+impl MutEventSubscriber for DeadlineWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Readable: the timer expired, so this read does not block.
+        if self.timer.wait().is_ok() {
+            self.seen.borrow_mut().timed_out = Some(self.after);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.seen.borrow_mut().watch(ops, &self.timer, "deadline");
     }
 }
 
@@ -379,6 +717,7 @@ struct Devices {
     bus: PioBus,
     reset: EventFd,
     probe: ProbeReceiver,
+    probe_ready: EventFd,
     serial: Arc<Mutex<SerialConsole>>,
 }
 
@@ -406,7 +745,9 @@ fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmErro
 
     let reset = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let i8042 = ResetDevice::new(reset.try_clone().map_err(host("eventfd clone"))?);
-    let (mut probe, probe_rx) = ProbePort::new(spec.gates.clone());
+    let probe_ready = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+    let (probe, probe_rx) = ProbePort::new(spec.gates.clone());
+    let mut probe = probe.with_notifier(probe_ready.try_clone().map_err(host("eventfd clone"))?);
     if let Some(o) = &spec.observer {
         let o = o.clone();
         probe = probe.with_listener(Arc::new(move |ev: &ProbeEvent| o.on_probe_now(ev)));
@@ -430,6 +771,7 @@ fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmErro
         bus,
         reset,
         probe: probe_rx,
+        probe_ready,
         serial,
     })
 }
@@ -440,53 +782,79 @@ struct VcpuThread {
     vm_fd: Arc<VmFd>,
     stepper: Stepper,
     observer: Option<Arc<dyn RunObserver>>,
-    tx: mpsc::Sender<VcpuReport>,
+    report: ReportSender,
     control: Arc<VcpuControl>,
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs (once) the handler of the signal that kicks a vCPU thread out of `KVM_RUN`:
-/// it does nothing, so the ioctl returns `EINTR` and the thread sees the stop request.
+/// Installs (once) the handler of the signal that kicks a vCPU thread out of `KVM_RUN`
+/// (`vcpu::kick`).
 fn install_kick_handler() -> Result<(), VmError> {
-    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| e.errno()))
-        .map_err(|errno| VmError::Host {
-            what: "installing the vCPU kick signal handler",
-            source: std::io::Error::from_raw_os_error(errno),
-        })
+    crate::machine::vcpu::kick::install_handler().map_err(|source| VmError::Host {
+        what: "installing the vCPU kick signal handler",
+        source,
+    })
 }
 
 /// How many RIP samples a timed-out guest gets before its vCPUs stop, and how far apart.
 const TIMEOUT_SAMPLES: usize = 5;
 const TIMEOUT_SAMPLE_GAP: Duration = Duration::from_millis(200);
 
-/// Samples every vCPU's RIP [`TIMEOUT_SAMPLES`] times (a request, then a kick out of
+/// Samples every vCPU's RIP [`TIMEOUT_SAMPLES`] times (a request, then one kick out of
 /// `KVM_RUN`; the vCPU records it and runs on): a vCPU that spins in one place shows
 /// the same RIP each time, one that loops shows where.
 fn sample_rips(control: &VcpuControl, threads: &[thread::JoinHandle<()>]) {
     for _ in 0..TIMEOUT_SAMPLES {
         control.request_sample();
         for t in threads {
-            let _ = t.kill(SIGRTMIN());
+            kick(t);
         }
         thread::sleep(TIMEOUT_SAMPLE_GAP);
     }
 }
 
-/// Stops every vCPU thread: kicks each out of `KVM_RUN` until it has returned (the stop
-/// request is already made), for at most a second; a thread still running then ends with
-/// the process.
-fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    for t in threads {
-        while !t.is_finished() && Instant::now() < deadline {
-            let _ = t.kill(SIGRTMIN());
-            thread::sleep(Duration::from_millis(5));
+/// How long the vCPU threads get to return once kicked.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Stops every vCPU thread (the stop request is already made): one kick each (not to
+/// those whose loop already ended: `stopped`), then waits for their reports, at most
+/// `limit` in all ([`STOP_WAIT`]), and joins them. A thread still running then is named
+/// in a warning and ends with the process.
+fn stop_vcpus(
+    threads: Vec<thread::JoinHandle<()>>,
+    reports: &mpsc::Receiver<VcpuReport>,
+    mut stopped: Vec<bool>,
+    limit: Duration,
+) {
+    stopped.resize(threads.len(), false);
+    for (t, done) in threads.iter().zip(&stopped) {
+        if !done {
+            kick(t);
         }
-        if t.is_finished() {
+    }
+    let deadline = Instant::now() + limit;
+    while stopped.contains(&false) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match reports.recv_timeout(left) {
+            Ok(VcpuReport::Stopped { vcpu, .. }) => {
+                if let Some(s) = stopped.get_mut(usize::from(vcpu)) {
+                    *s = true;
+                }
+            }
+            // The run is over: a late notice changes nothing.
+            Ok(VcpuReport::Notice(_)) => {}
+            // The time is up, or every thread is gone (one that panicked reports nothing).
+            Err(_) => break,
+        }
+    }
+    for (id, (t, done)) in threads.into_iter().zip(stopped).enumerate() {
+        if done || t.is_finished() {
             let _ = t.join();
+        } else {
+            log::warn!(
+                "vCPU {id}: its thread did not return within {} ms of its stop kick; \
+                 it is left to end with the process",
+                limit.as_millis()
+            );
         }
     }
 }
@@ -501,7 +869,7 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
                 vm_fd,
                 mut stepper,
                 observer,
-                tx,
+                report,
                 control,
             } = ctx;
             let mut on_hit = |v: &mut Vcpu, slot: usize, pc: u64| match &observer {
@@ -520,18 +888,21 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
                 if let Some(o) = &observer {
                     o.on_notice(n);
                 }
-                let _ = tx.send(VcpuReport::Notice(n));
+                report.send(VcpuReport::Notice(n));
             };
-            let stop = run_loop(
-                &mut vcpu,
-                &bus,
-                &control,
-                &mut stepper,
-                LoopHooks {
-                    on_hit: &mut on_hit,
-                    notice: &notice,
-                },
-            );
+            // Kicks sent to this thread reach this vCPU while its loop runs.
+            let stop = kickable(&mut vcpu, |vcpu| {
+                run_loop(
+                    vcpu,
+                    &bus,
+                    &control,
+                    &mut stepper,
+                    LoopHooks {
+                        on_hit: &mut on_hit,
+                        notice: &notice,
+                    },
+                )
+            });
             // A guest that ran out of time: where each vCPU was is the first thing to
             // know (a spinning CPU, one halted waiting for an IPI); map RIP with the
             // kernel's System.map.
@@ -549,7 +920,7 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
                     samples.join(" ")
                 );
             }
-            let _ = tx.send(VcpuReport::Stopped {
+            report.send(VcpuReport::Stopped {
                 vcpu: vcpu.id,
                 stop,
             });
@@ -558,4 +929,203 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
             what: "spawning a vCPU thread",
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luo_protocol::message::Message;
+
+    /// The main loop's sources, faked: the test holds the other ends.
+    struct Fakes {
+        probe_ready: EventFd,
+        probe_tx: mpsc::Sender<ProbeEvent>,
+        probe_rx: mpsc::Receiver<ProbeEvent>,
+        control: VcpuControl,
+        reset: EventFd,
+        report: ReportSender,
+        reports: mpsc::Receiver<VcpuReport>,
+        reports_ready: Arc<EventFd>,
+    }
+
+    fn fakes() -> Fakes {
+        let fd = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let (probe_tx, probe_rx) = mpsc::channel();
+        let (tx, reports) = mpsc::channel();
+        let reports_ready = Arc::new(fd());
+        Fakes {
+            probe_ready: fd(),
+            probe_tx,
+            probe_rx,
+            control: VcpuControl::with_stop_event(2, fd()),
+            reset: fd(),
+            report: ReportSender {
+                tx,
+                ready: reports_ready.clone(),
+            },
+            reports,
+            reports_ready,
+        }
+    }
+
+    /// Runs the main loop over `f` until it ends, with `deadline` if given, while
+    /// `meanwhile` acts from another thread; returns the end, the probe messages
+    /// delivered, and which vCPUs reported they stopped.
+    fn run_loop_with(
+        f: &Fakes,
+        deadline: Option<Duration>,
+        meanwhile: impl FnOnce() + Send,
+    ) -> ((VmExit, StopCause), Vec<ProbeEvent>, Vec<bool>) {
+        let mut got = Vec::new();
+        let mut deliver = |ev: ProbeEvent| got.push(ev);
+        let deadline = deadline.map(|after| {
+            let mut t = TimerFd::new().unwrap();
+            t.reset(after, None).unwrap();
+            (t, after)
+        });
+        let mut main = MainLoop::new(Sources {
+            vcpus: 2,
+            probe_ready: &f.probe_ready,
+            probe: &f.probe_rx,
+            deliver: &mut deliver,
+            control: &f.control,
+            reset: &f.reset,
+            reports_ready: &f.reports_ready,
+            reports: &f.reports,
+            deadline,
+            input: None,
+        })
+        .unwrap();
+        let (end, stopped) = thread::scope(|s| {
+            s.spawn(meanwhile);
+            let end = main.wait().unwrap();
+            (end, main.stopped())
+        });
+        drop(main);
+        (end, got, stopped)
+    }
+
+    fn message(n: u16) -> ProbeEvent {
+        ProbeEvent {
+            item: Ok(Message::UserspaceUp { cpus_online: n }),
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn probe_messages_arrive_in_order_then_the_reset_ends_the_run() {
+        let f = fakes();
+        let (end, got, _) = run_loop_with(&f, None, || {
+            for n in 0..3 {
+                f.probe_tx.send(message(n)).unwrap();
+                f.probe_ready.write(1).unwrap();
+                thread::sleep(Duration::from_millis(5));
+            }
+            f.reset.write(1).unwrap();
+        });
+        assert_eq!(end, (VmExit::Reset, StopCause::Reset));
+        let counts: Vec<_> = got
+            .iter()
+            .map(|e| match e.item {
+                Ok(Message::UserspaceUp { cpus_online }) => cpus_online,
+                _ => u16::MAX,
+            })
+            .collect();
+        assert_eq!(counts, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn an_observer_ending_the_run_wakes_the_loop() {
+        let f = fakes();
+        let t = Instant::now();
+        let (end, _, _) = run_loop_with(&f, Some(Duration::from_secs(30)), || {
+            thread::sleep(Duration::from_millis(20));
+            f.control.request_stop(StopCause::Ended);
+        });
+        assert_eq!(end, (VmExit::Ended, StopCause::Ended));
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_deadline_ends_the_run() {
+        let f = fakes();
+        let after = Duration::from_millis(30);
+        let t = Instant::now();
+        let (end, _, _) = run_loop_with(&f, Some(after), || {});
+        assert_eq!(end, (VmExit::Timeout { after }, StopCause::Timeout));
+        assert!(t.elapsed() >= after);
+    }
+
+    #[test]
+    fn a_fatal_vcpu_exit_ends_the_run_and_notices_do_not() {
+        let f = fakes();
+        let (end, _, stopped) = run_loop_with(&f, None, || {
+            f.report.send(VcpuReport::Notice(VcpuNotice::ForeignDebug {
+                vcpu: 0,
+                pc: 1,
+            }));
+            f.report.send(VcpuReport::Stopped {
+                vcpu: 0,
+                stop: VcpuStop::Requested(StopCause::Reset),
+            });
+            thread::sleep(Duration::from_millis(20));
+            f.report.send(VcpuReport::Stopped {
+                vcpu: 1,
+                stop: VcpuStop::Fatal(FatalExit::FailEntry(7)),
+            });
+        });
+        assert_eq!(
+            end,
+            (
+                VmExit::Fatal {
+                    vcpu: 1,
+                    exit: FatalExit::FailEntry(7)
+                },
+                StopCause::VcpuFailed
+            )
+        );
+        assert_eq!(stopped, vec![true, true]);
+    }
+
+    #[test]
+    fn events_seen_together_end_the_run_in_the_old_order() {
+        let mut seen = Seen::new(1);
+        assert_eq!(seen.outcome(), None);
+        seen.timed_out = Some(Duration::from_secs(1));
+        assert_eq!(seen.outcome().unwrap().1, StopCause::Timeout);
+        seen.fatal = Some((0, FatalExit::SystemEvent(1)));
+        assert_eq!(seen.outcome().unwrap().1, StopCause::VcpuFailed);
+        seen.reset = true;
+        assert_eq!(seen.outcome().unwrap().1, StopCause::Reset);
+        seen.ended = true;
+        assert_eq!(seen.outcome(), Some((VmExit::Ended, StopCause::Ended)));
+    }
+
+    #[test]
+    fn stopping_waits_for_reports_within_its_limit() {
+        install_kick_handler().unwrap();
+        let f = fakes();
+        let (release, wait) = mpsc::channel::<()>();
+        // vCPU 0 reports at once; vCPU 1 does not return in time.
+        let report = f.report.clone();
+        let quick = thread::spawn(move || {
+            report.send(VcpuReport::Stopped {
+                vcpu: 0,
+                stop: VcpuStop::Requested(StopCause::Reset),
+            })
+        });
+        let slow = thread::spawn(move || {
+            let _ = wait.recv_timeout(Duration::from_secs(30));
+        });
+        let t = Instant::now();
+        stop_vcpus(
+            vec![quick, slow],
+            &f.reports,
+            vec![false, false],
+            Duration::from_millis(50),
+        );
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert!(t.elapsed() < Duration::from_secs(10));
+        drop(release);
+    }
 }

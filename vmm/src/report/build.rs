@@ -3,6 +3,7 @@
 //! run errors.
 
 use super::*;
+use crate::run::agent::AgentLog;
 
 /// Every field of `h`, for the report.
 pub(super) fn field_entries(h: &Handover) -> Vec<FieldEntry> {
@@ -150,129 +151,38 @@ pub(crate) fn build_report(
     let guest_ok = outcome.exit.is_clean()
         && outcome.kernel_panic.is_none()
         && verdict.is_some_and(|v| v.passed());
-    let boots = &outcome.boots;
     let selftest = match workload {
         Workload::Selftest(t) => Some(t),
         _ => None,
     };
     let selftests: Vec<SelftestReport> = selftest
         .map(|t| {
-            boots
+            outcome
+                .boots
                 .iter()
                 .flat_map(|b| &b.selftests)
                 .map(|r| SelftestReport::new(t, r))
                 .collect()
         })
         .unwrap_or_default();
-
-    let mut rounds = Vec::new();
-    for (i, round) in got.timeline.rounds().iter().enumerate() {
-        let cap = got.rounds.get(i);
-        let seen = RoundSeen::of(round, cap);
-        // Handover i goes from boot i (stage 1) to boot i + 1 (stage 2).
-        let before = boots.get(i);
-        let after = boots.get(i + 1);
-        let inventory = before.and_then(inventory_report);
-        let checked = after.and_then(|b| b.verified);
-        let stage2 = selftest.and_then(|t| {
-            after
-                .and_then(|b| b.selftest(Some(Stage::Two)))
-                .map(|r| SelftestReport::new(t, r))
-        });
-        let agent_side = match workload {
-            Workload::Handover(_) => checked.is_some_and(|c| {
-                inventory
-                    .as_ref()
-                    .and_then(|inv| inv.totals)
-                    .is_none_or(|t| t.files == c.files && t.bytes == c.bytes)
-            }),
-            Workload::Selftest(_) => stage2.as_ref().is_some_and(SelftestReport::passed),
-            Workload::Boot | Workload::Scenario => false,
-        };
-        let agent_ok = guest_ok && agent_side;
-        let marks = Mark::ALL
-            .iter()
-            .filter_map(|&m| {
-                Some(MarkTime {
-                    name: m.name().to_owned(),
-                    t_ns: round.get(m)?,
-                })
-            })
-            .collect();
-        let pair: Vec<&AgentBoot> = before.into_iter().chain(after).collect();
-        let cpus_online = CpusOnline {
-            vcpus: opts.vcpus,
-            before: before.and_then(|b| b.cpus_online),
-            after: after.and_then(|b| b.cpus_online),
-        };
-        let state = cap.and_then(|c| c.handover.as_ref()?.as_ref().ok());
-        let verified = seen.checks(cpus_online.all_up_after(), agent_ok).verified();
-        let RoundSeen {
-            handover,
-            extent_list,
-            errors,
-            invariants,
-        } = seen;
-        rounds.push(RoundReport {
-            verified,
-            cpus_online,
-            handover,
-            marks,
-            extent_list,
-            hook_ns: cap.map_or(0, |c| c.hook_ns),
-            hooks: cap.map_or_else(Vec::new, |c| c.hooks.clone()),
-            inventory,
-            checked,
-            selftest: stage2,
-            failed_actions: failed_actions(&pair),
-            injected: cap.and_then(|c| c.injected.clone()),
-            injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
-            outcome: cap.filter(|c| !c.injection.writes.is_empty()).map(|c| {
-                judged::judge(&judged::Evidence {
-                    exit: &outcome.exit,
-                    kernel_panic: outcome.kernel_panic.as_deref(),
-                    kernel_trouble: &outcome.kernel_trouble,
-                    kernel_lines: &outcome.kernel_liveupdate,
-                    after,
-                    agent: after.and_then(|b| b.verdict).or(verdict),
-                    written_after: c.written_after.as_ref(),
-                    preserved: state.map(|st| &st.extents.set),
-                })
-            }),
-            fields: state
-                .map(|st| field_entries(&st.handover))
-                .unwrap_or_default(),
-            invariants,
-            errors,
-            agent_ok,
-        });
-    }
-
-    let mut errors = Vec::new();
+    let rounds: Vec<RoundReport> = got
+        .timeline
+        .rounds()
+        .iter()
+        .enumerate()
+        .map(|(i, round)| {
+            let ctx = RoundContext {
+                outcome,
+                workload,
+                vcpus: opts.vcpus,
+                guest_ok,
+            };
+            build_round(&ctx, i, round, got.rounds.get(i))
+        })
+        .collect();
     let expected = workload.handovers();
     let seen = u32::try_from(rounds.len()).unwrap_or(u32::MAX);
-    if seen < expected {
-        errors.push(RunError::MissingHandovers { expected, seen });
-    }
-    match verdict {
-        Some(v) if !v.passed() => errors.push(RunError::AgentFailed {
-            step: v.step.name().to_owned(),
-            errno: v.errno,
-        }),
-        Some(_) => {}
-        None => errors.push(RunError::NoVerdict),
-    }
-    if let Some(line) = &outcome.kernel_panic {
-        errors.push(RunError::KernelPanic(line.clone()));
-    }
-    match &outcome.exit {
-        VmExit::Reset => {}
-        VmExit::Timeout { after } => errors.push(RunError::Timeout(after.as_secs())),
-        VmExit::Fatal { vcpu, exit } => {
-            errors.push(RunError::VmDied(format!("vCPU {vcpu}: {exit}")))
-        }
-        VmExit::Ended => errors.push(RunError::VmDied("the run was ended early".into())),
-    }
+    let errors = run_errors(outcome, expected, seen);
     let verified = guest_ok
         && if workload.hands_over() {
             seen >= expected && rounds.iter().all(|r| r.verified)
@@ -295,23 +205,155 @@ pub(crate) fn build_report(
         },
         rounds,
         selftests,
-        agent: AgentSummary {
-            cpus_online: outcome.agent.first_cpus_online(),
-            verdict: verdict.map(|v| {
-                if v.passed() {
-                    "pass".to_owned()
-                } else {
-                    v.step.name().to_owned()
-                }
-            }),
-            errno: verdict.map_or(0, |v| v.errno),
-            messages: outcome.agent.messages.len() as u64,
-            decode_errors: outcome.agent.error_count,
-            dropped: outcome.agent.dropped,
-        },
+        agent: agent_summary(&outcome.agent),
         guest_ok,
         errors,
         verified,
+    }
+}
+
+/// What every round of a run shares.
+struct RoundContext<'a> {
+    outcome: &'a GuestOutcome,
+    workload: Workload,
+    vcpus: u8,
+    guest_ok: bool,
+}
+
+/// Handover `i` of the run (from the agent's boot `i`, stage 1, to boot `i + 1`, stage
+/// 2), with what the interceptor captured of it.
+fn build_round(
+    ctx: &RoundContext<'_>,
+    i: usize,
+    round: &Round,
+    cap: Option<&RoundCapture>,
+) -> RoundReport {
+    let outcome = ctx.outcome;
+    let seen = RoundSeen::of(round, cap);
+    let before = outcome.boots.get(i);
+    let after = outcome.boots.get(i + 1);
+    let inventory = before.and_then(inventory_report);
+    let checked = after.and_then(|b| b.verified);
+    let stage2 = match ctx.workload {
+        Workload::Selftest(t) => after
+            .and_then(|b| b.selftest(Some(Stage::Two)))
+            .map(|r| SelftestReport::new(t, r)),
+        _ => None,
+    };
+    let agent_side = match ctx.workload {
+        Workload::Handover(_) => checked.is_some_and(|c| {
+            inventory
+                .as_ref()
+                .and_then(|inv| inv.totals)
+                .is_none_or(|t| t.files == c.files && t.bytes == c.bytes)
+        }),
+        Workload::Selftest(_) => stage2.as_ref().is_some_and(SelftestReport::passed),
+        Workload::Boot | Workload::Scenario => false,
+    };
+    let agent_ok = ctx.guest_ok && agent_side;
+    let marks = Mark::ALL
+        .iter()
+        .filter_map(|&m| {
+            Some(MarkTime {
+                name: m.name().to_owned(),
+                t_ns: round.get(m)?,
+            })
+        })
+        .collect();
+    let pair: Vec<&AgentBoot> = before.into_iter().chain(after).collect();
+    let cpus_online = CpusOnline {
+        vcpus: ctx.vcpus,
+        before: before.and_then(|b| b.cpus_online),
+        after: after.and_then(|b| b.cpus_online),
+    };
+    let state = cap.and_then(|c| c.handover.as_ref()?.as_ref().ok());
+    let verified = seen.checks(cpus_online.all_up_after(), agent_ok).verified();
+    let RoundSeen {
+        handover,
+        extent_list,
+        errors,
+        invariants,
+    } = seen;
+    RoundReport {
+        verified,
+        cpus_online,
+        handover,
+        marks,
+        extent_list,
+        hook_ns: cap.map_or(0, |c| c.hook_ns),
+        hooks: cap.map_or_else(Vec::new, |c| c.hooks.clone()),
+        inventory,
+        checked,
+        selftest: stage2,
+        failed_actions: failed_actions(&pair),
+        injected: cap.and_then(|c| c.injected.clone()),
+        injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
+        outcome: cap.filter(|c| !c.injection.writes.is_empty()).map(|c| {
+            judged::judge(&judged::Evidence {
+                exit: &outcome.exit,
+                kernel_panic: outcome.kernel_panic.as_deref(),
+                kernel_trouble: &outcome.kernel_trouble,
+                kernel_lines: &outcome.kernel_liveupdate,
+                after,
+                agent: after.and_then(|b| b.verdict).or(outcome.agent.verdict()),
+                written_after: c.written_after.as_ref(),
+                preserved: state.map(|st| &st.extents.set),
+            })
+        }),
+        fields: state
+            .map(|st| field_entries(&st.handover))
+            .unwrap_or_default(),
+        invariants,
+        errors,
+        agent_ok,
+    }
+}
+
+/// What went wrong with the run as a whole: handovers missing (`seen` of `expected`),
+/// the agent's failure or silence, a panic, how the VM ended.
+fn run_errors(outcome: &GuestOutcome, expected: u32, seen: u32) -> Vec<RunError> {
+    let mut errors = Vec::new();
+    if seen < expected {
+        errors.push(RunError::MissingHandovers { expected, seen });
+    }
+    match outcome.agent.verdict() {
+        Some(v) if !v.passed() => errors.push(RunError::AgentFailed {
+            step: v.step.name().to_owned(),
+            errno: v.errno,
+        }),
+        Some(_) => {}
+        None => errors.push(RunError::NoVerdict),
+    }
+    if let Some(line) = &outcome.kernel_panic {
+        errors.push(RunError::KernelPanic(line.clone()));
+    }
+    match &outcome.exit {
+        VmExit::Reset => {}
+        VmExit::Timeout { after } => errors.push(RunError::Timeout(after.as_secs())),
+        VmExit::Fatal { vcpu, exit } => {
+            errors.push(RunError::VmDied(format!("vCPU {vcpu}: {exit}")))
+        }
+        VmExit::Ended => errors.push(RunError::VmDied("the run was ended early".into())),
+    }
+    errors
+}
+
+/// The agent's side of the run in a few numbers.
+fn agent_summary(agent: &AgentLog) -> AgentSummary {
+    let verdict = agent.verdict();
+    AgentSummary {
+        cpus_online: agent.first_cpus_online(),
+        verdict: verdict.map(|v| {
+            if v.passed() {
+                "pass".to_owned()
+            } else {
+                v.step.name().to_owned()
+            }
+        }),
+        errno: verdict.map_or(0, |v| v.errno),
+        messages: agent.messages.len() as u64,
+        decode_errors: agent.error_count,
+        dropped: agent.dropped,
     }
 }
 

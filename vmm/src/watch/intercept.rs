@@ -47,10 +47,53 @@ pub enum MissingSymbol {
     Next(SymbolError),
 }
 
-/// Breakpoint slots, in the order of the addresses given to [`Interceptor::new`].
-const SLOT_SERIALIZE: usize = 0;
-const SLOT_POINT_OF_NO_RETURN: usize = 1;
-const SLOT_START_KERNEL: usize = 2;
+/// The interception's breakpoints, by what each marks; its slot on a vCPU is its place
+/// in [`InterceptPoint::ALL`] (vCPU 0 arms all three, the others the first two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InterceptPoint {
+    /// `liveupdate_reboot`: serialize-start.
+    Serialize,
+    /// `machine_kexec`: point-of-no-return.
+    PointOfNoReturn,
+    /// `start_kernel`: next-kernel-start (or the first boot).
+    StartKernel,
+}
+
+impl InterceptPoint {
+    /// Every point, in slot order.
+    pub const ALL: [Self; 3] = [Self::Serialize, Self::PointOfNoReturn, Self::StartKernel];
+
+    /// The point armed in `slot` of the interceptor's breakpoints.
+    pub fn at_slot(slot: usize) -> Option<Self> {
+        Self::ALL.get(slot).copied()
+    }
+
+    /// The kernel symbol it breaks at.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::Serialize => SYM_LIVEUPDATE_REBOOT,
+            Self::PointOfNoReturn => SYM_MACHINE_KEXEC,
+            Self::StartKernel => SYM_START_KERNEL,
+        }
+    }
+
+    /// How a schedule's timeline names a hit: `kernel: machine_kexec (point-of-no-return)`.
+    pub fn describe(self) -> String {
+        match self {
+            Self::StartKernel => format!("kernel: {}", self.symbol()),
+            _ => format!("kernel: {} ({})", self.symbol(), self.mark().name()),
+        }
+    }
+
+    /// The mark it records (in a handover, for `start_kernel`).
+    fn mark(self) -> Mark {
+        match self {
+            Self::Serialize => Mark::SerializeStart,
+            Self::PointOfNoReturn => Mark::PointOfNoReturn,
+            Self::StartKernel => Mark::NextKernelStart,
+        }
+    }
+}
 
 /// What the interceptor learned about one handover.
 #[derive(Debug, Default)]
@@ -492,16 +535,13 @@ impl Parts {
     }
 }
 
-/// The mark and the symbol of breakpoint `slot` (`in_kexec`: a start_kernel hit belongs
+/// The mark and the symbol of breakpoint `point` (`in_kexec`: a start_kernel hit belongs
 /// to a handover).
-fn hook_names(slot: usize, in_kexec: bool) -> (&'static str, &'static str) {
-    use luo_handover::symbols::{SYM_LIVEUPDATE_REBOOT, SYM_MACHINE_KEXEC, SYM_START_KERNEL};
-    match slot {
-        SLOT_SERIALIZE => (Mark::SerializeStart.name(), SYM_LIVEUPDATE_REBOOT),
-        SLOT_POINT_OF_NO_RETURN => (Mark::PointOfNoReturn.name(), SYM_MACHINE_KEXEC),
-        SLOT_START_KERNEL if in_kexec => (Mark::NextKernelStart.name(), SYM_START_KERNEL),
-        SLOT_START_KERNEL => ("first-boot", SYM_START_KERNEL),
-        _ => ("unknown", "?"),
+fn hook_names(point: Option<InterceptPoint>, in_kexec: bool) -> (&'static str, &'static str) {
+    match point {
+        Some(InterceptPoint::StartKernel) if !in_kexec => ("first-boot", SYM_START_KERNEL),
+        Some(p) => (p.mark().name(), p.symbol()),
+        None => ("unknown", "?"),
     }
 }
 
@@ -543,7 +583,7 @@ impl RunObserver for Interceptor {
         } else if vcpu == 0 {
             self.breakpoints.clone()
         } else {
-            self.breakpoints[..SLOT_START_KERNEL].to_vec()
+            self.breakpoints[..InterceptPoint::StartKernel as usize].to_vec()
         }
     }
 
@@ -570,17 +610,18 @@ impl RunObserver for Interceptor {
     fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) -> HookAction {
         let hit = Instant::now();
         let mut s = self.lock();
-        let (mark, symbol) = hook_names(slot, s.in_kexec);
+        let point = InterceptPoint::at_slot(slot);
+        let (mark, symbol) = hook_names(point, s.in_kexec);
         let mut parts = Parts::new(hit);
         let mut round_done = false;
-        match slot {
-            SLOT_SERIALIZE => self.mark(Mark::SerializeStart, hit),
-            SLOT_POINT_OF_NO_RETURN => {
+        match point {
+            Some(InterceptPoint::Serialize) => self.mark(Mark::SerializeStart, hit),
+            Some(InterceptPoint::PointOfNoReturn) => {
                 self.mark(Mark::PointOfNoReturn, hit);
                 self.point_of_no_return(&at, &mut s, &mut parts);
             }
             // The first start_kernel is the first boot, not a handover.
-            SLOT_START_KERNEL if s.in_kexec => {
+            Some(InterceptPoint::StartKernel) if s.in_kexec => {
                 self.mark(Mark::NextKernelStart, hit);
                 self.next_kernel_start(&at, &mut s, &mut parts);
                 round_done = true;
@@ -661,15 +702,31 @@ mod tests {
     #[test]
     fn each_hook_is_named_by_its_mark_and_symbol() {
         assert_eq!(
-            hook_names(SLOT_POINT_OF_NO_RETURN, false),
+            hook_names(Some(InterceptPoint::PointOfNoReturn), false),
             ("point-of-no-return", "machine_kexec")
         );
         assert_eq!(
-            hook_names(SLOT_START_KERNEL, true),
+            hook_names(Some(InterceptPoint::StartKernel), true),
             ("next-kernel-start", "start_kernel")
         );
-        assert_eq!(hook_names(SLOT_START_KERNEL, false).0, "first-boot");
-        assert_eq!(hook_names(SLOT_SERIALIZE, true).1, "liveupdate_reboot");
+        assert_eq!(
+            hook_names(Some(InterceptPoint::StartKernel), false).0,
+            "first-boot"
+        );
+        assert_eq!(
+            hook_names(Some(InterceptPoint::Serialize), true).1,
+            "liveupdate_reboot"
+        );
+        assert_eq!(hook_names(None, true), ("unknown", "?"));
+        assert_eq!(
+            InterceptPoint::PointOfNoReturn.describe(),
+            "kernel: machine_kexec (point-of-no-return)"
+        );
+        assert_eq!(
+            InterceptPoint::StartKernel.describe(),
+            "kernel: start_kernel"
+        );
+        assert_eq!(InterceptPoint::at_slot(3), None);
         let mut parts = Parts::new(Instant::now());
         parts.lap("a");
         parts.lap("b");

@@ -20,6 +20,8 @@ pub(crate) enum StopCause {
     VcpuFailed,
     /// The observer ended the run (a scenario saw what it waited for).
     Ended,
+    /// The VMM itself failed (a vCPU thread could not start, its event loop broke).
+    Host,
 }
 
 impl StopCause {
@@ -29,6 +31,7 @@ impl StopCause {
             StopCause::Timeout => 2,
             StopCause::VcpuFailed => 3,
             StopCause::Ended => 4,
+            StopCause::Host => 5,
         }
     }
 
@@ -38,6 +41,7 @@ impl StopCause {
             2 => Some(StopCause::Timeout),
             3 => Some(StopCause::VcpuFailed),
             4 => Some(StopCause::Ended),
+            5 => Some(StopCause::Host),
             _ => None,
         }
     }

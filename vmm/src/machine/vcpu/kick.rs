@@ -79,3 +79,55 @@ pub(crate) fn kick<T>(thread: &JoinHandle<T>) {
         log::debug!("kicking a vCPU thread: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvm_ioctls::Kvm;
+    use luo_devices::PioBus;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::machine::vcpu::run::VcpuBackend;
+
+    /// Sends the kick signal to the calling thread: delivered before this returns.
+    fn kick_self() {
+        // SAFETY: pthread_self is always valid for the calling thread, and the signal's
+        // handler is installed (it only stores into this thread's kick target).
+        let rc = unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+        assert_eq!(rc, 0);
+    }
+
+    #[test]
+    fn a_kick_before_kvm_run_makes_it_return_at_once() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        };
+        install_handler().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        let mut vcpu = Vcpu::new(0, vm.create_vcpu(0).unwrap(), memory);
+        // Outside `kickable` a kick changes nothing.
+        kick_self();
+        assert_eq!(vcpu.fd.get_kvm_run().immediate_exit, 0);
+        let (before, run, after) = kickable(&mut vcpu, |v| {
+            // The kick lands in user space, before KVM_RUN.
+            kick_self();
+            let before = v.fd.get_kvm_run().immediate_exit;
+            let run = v.run(&PioBus::new()).map(|_| ()).map_err(|e| e.errno());
+            (before, run, v.fd.get_kvm_run().immediate_exit)
+        });
+        assert_eq!(before, 1, "the handler set immediate_exit");
+        assert_eq!(
+            run,
+            Err(libc::EINTR),
+            "KVM_RUN returned without entering the guest"
+        );
+        assert_eq!(after, 0, "the loop consumed the kick");
+        // After `kickable`, the thread no longer points at the vCPU.
+        kick_self();
+        assert_eq!(vcpu.fd.get_kvm_run().immediate_exit, 0);
+    }
+}
