@@ -7,6 +7,7 @@ pub(crate) mod arch;
 pub(crate) mod console_input;
 pub(crate) mod debug;
 pub(crate) mod dirty;
+pub(crate) mod event_loop;
 pub(crate) mod host;
 pub(crate) mod layout;
 pub(crate) mod loader;
