@@ -43,12 +43,14 @@ fn interceptor(
     let vmlinux = &guest.kernel;
     let next = intercept.next_kernel.as_ref().unwrap_or(vmlinux);
     let first = load_symbols(vmlinux)?;
+    let other;
     let second = if next == vmlinux {
-        first.clone()
+        &first
     } else {
-        load_symbols(next)?
+        other = load_symbols(next)?;
+        &other
     };
-    Interceptor::for_kernels(&first, &second, intercept.clone()).map_err(|e| {
+    Interceptor::for_kernels(&first, second, intercept.clone()).map_err(|e| {
         let (path, source) = match e {
             MissingSymbol::Outgoing(source) => (vmlinux, source),
             MissingSymbol::Next(source) => (next, source),
