@@ -55,6 +55,7 @@ pub(crate) fn config_nr_cpus(config: &str) -> Option<u32> {
         .lines()
         .find_map(|l| l.trim().strip_prefix("CONFIG_NR_CPUS="))
         .and_then(|v| v.trim().parse().ok())
+        .filter(|&n| n > 0)
 }
 
 /// The kernel's own CPU limit, where it can be found: the initial value of `nr_cpu_ids`
@@ -63,7 +64,7 @@ pub(crate) fn config_nr_cpus(config: &str) -> Option<u32> {
 /// for a bzImage without a `.config` beside it, or a kernel built without SMP symbols.
 pub(crate) fn cpu_limit(kernel: &Path) -> Option<CpuLimit> {
     let data = std::fs::read(kernel).ok()?;
-    if let Some(cpus) = initial_u32(&data, "nr_cpu_ids") {
+    if let Some(cpus) = initial_u32(&data, "nr_cpu_ids").filter(|&n| n > 0) {
         return Some(CpuLimit {
             cpus,
             from: format!("nr_cpu_ids in {}", kernel.display()),
@@ -89,6 +90,7 @@ mod tests {
         assert_eq!(config_nr_cpus(config), Some(4));
         assert_eq!(config_nr_cpus("CONFIG_SMP=y\n"), None);
         assert_eq!(config_nr_cpus("CONFIG_NR_CPUS=many\n"), None);
+        assert_eq!(config_nr_cpus("CONFIG_NR_CPUS=0\n"), None);
     }
 
     #[test]
