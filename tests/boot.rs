@@ -161,3 +161,69 @@ fn a_guest_out_of_time_shows_where_every_vcpu_was() {
         );
     }
 }
+
+/// `luo-vmm host` names the KVM (here the emulating `kvm_pvm`), the profile `auto` picks,
+/// and every capability luo-vmm checks with what it does about it; it runs no guest.
+#[test]
+fn host_reports_the_kvm_the_profile_and_every_capability() {
+    let started = std::time::Instant::now();
+    let out = luo_vmm(&["host"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "luo-vmm host failed: {stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(stdout.contains("KVM:            emulated: "), "{stdout}");
+        assert!(stdout.contains("kvm_pvm"), "{stdout}");
+        assert!(stdout.contains("--profile auto picks the emulation profile"));
+        assert!(stdout.contains("luo_emulation clearcpuid="));
+        assert!(stdout.contains("this KVM ignores KVM_SET_CPUID2"));
+    } else {
+        assert!(stdout.contains("--profile auto picks the"), "{stdout}");
+    }
+    assert!(stdout.contains("host kernel:    Linux "));
+    assert!(stdout.contains("/dev/kvm:       usable: KVM API version 12"));
+    for cap in [
+        "KVM_GUESTDBG_BLOCKIRQ",
+        "KVM_GUESTDBG_INJECT_DB",
+        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+        "KVM_CAP_TSC_DEADLINE_TIMER",
+        "KVM_CAP_XSAVE2",
+        "KVM_CAP_KVMCLOCK_CTRL",
+        "KVM_CAP_X2APIC_API",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(cap))
+            .unwrap_or_else(|| panic!("{cap} is not reported: {stdout}"));
+        assert!(
+            [" used: ", " fallback: ", " not needed: "]
+                .iter()
+                .any(|s| line.contains(s)),
+            "{cap} has no state: {line}"
+        );
+    }
+    for feature in [
+        "LA57 (5-level paging)",
+        "x2APIC",
+        "XSAVE size, all (0xD.0 ECX)",
+    ] {
+        assert!(stdout.contains(feature), "no {feature}: {stdout}");
+    }
+    assert!(stdout.contains("verdict: guests can run here"));
+
+    // A capability hidden as if KVM lacked it shows its fallback.
+    let out = std::process::Command::new(common::LUO_VMM)
+        .arg("host")
+        .env("LUO_VMM_HIDE_CAPS", "KVM_GUESTDBG_BLOCKIRQ")
+        .output()
+        .unwrap();
+    let (stdout, _) = text(&out);
+    let blockirq = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("KVM_GUESTDBG_BLOCKIRQ"))
+        .unwrap();
+    assert!(
+        blockirq.contains(" fallback: the guest's RFLAGS.IF is cleared"),
+        "{blockirq}"
+    );
+}

@@ -5,6 +5,7 @@
 //! failure); 3 timeout; 4 the guest succeeded but the handover could not be verified.
 
 pub(crate) mod handover;
+pub(crate) mod host;
 pub(crate) mod scenario;
 pub(crate) mod soak;
 
@@ -63,6 +64,12 @@ pub enum CommandError {
     /// `scenario`.
     #[error(transparent)]
     Scenario(#[from] crate::commands::scenario::ScenarioError),
+    /// `host`: /dev/kvm cannot be opened (missing, no permission).
+    #[error(transparent)]
+    Kvm(crate::machine::vm::VmError),
+    /// `host`: KVM cannot create a VM, or `LUO_VMM_HIDE_CAPS` is wrong.
+    #[error(transparent)]
+    HostCheck(crate::machine::host::HostError),
     /// `soak -- ARGS`: the arguments for `boot` do not parse.
     #[error("soak: the arguments after -- are not `luo-vmm boot` arguments: {0}")]
     SoakBootArgs(String),
@@ -73,6 +80,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
     match command {
         Command::Boot(BootArgs { guest, trace }) => boot(&guest, &trace),
         Command::Soak(args) => soak(&args),
+        Command::Host => host::run(),
         Command::Handover(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Selftest(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Report(args) => {

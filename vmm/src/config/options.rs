@@ -128,6 +128,10 @@ pub enum Command {
         #[command(subcommand)]
         action: ScenarioAction,
     },
+    /// Say what this host offers a guest (the kind of KVM, the kernel, each KVM
+    /// capability luo-vmm checks, the CPU features that change the guest) and what
+    /// luo-vmm will do with it; exit 1 with the reason when no guest can run here.
+    Host,
     /// The reference guest image.
     Image {
         /// What to do with it.
@@ -324,7 +328,12 @@ pub struct InterceptOptions {
     pub verify_digest: bool,
     /// The hash of `--verify-digest`: xxh3 (XXH3-128, memory speed) or sha256
     /// (cryptographic, about 15x slower).
-    #[arg(long, value_name = "xxh3|sha256", default_value = "xxh3")]
+    #[arg(
+        long,
+        value_name = "xxh3|sha256",
+        default_value = "xxh3",
+        requires = "verify_digest"
+    )]
     pub digest: DigestAlgorithm,
     /// Do not log dirty pages during the kexec (no in-place proof; measures the cost of
     /// the interception).
@@ -624,6 +633,16 @@ mod tests {
             .to_string()
             .starts_with("--console-log /nonexistent/dir/console.log: "));
         assert!(Cli::try_parse_from(["luo-vmm", "boot", "--timeout", "0"]).is_err());
+        // --digest names the hash of --verify-digest: alone it would be ignored.
+        assert!(Cli::try_parse_from(["luo-vmm", "handover", "--digest", "sha256"]).is_err());
+        assert!(Cli::try_parse_from([
+            "luo-vmm",
+            "handover",
+            "--verify-digest",
+            "--digest",
+            "sha256"
+        ])
+        .is_ok());
     }
 
     #[test]

@@ -9,8 +9,6 @@
 //!   bits it clears: the preserved set, O(preserved pages). `KVM_GET_DIRTY_LOG` then only
 //!   reads. See Documentation/virt/kvm/api.rst, "KVM_CLEAR_DIRTY_LOG".
 
-use std::os::raw::c_ulong;
-
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region, KVMIO,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
@@ -22,6 +20,8 @@ use luo_handover::mem::{to_usize, PAGE_SHIFT};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
+
+use crate::machine::host::Capabilities;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
@@ -93,14 +93,13 @@ pub fn take_bitmaps(
 }
 
 /// Switches `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET` on for the
-/// VM, if KVM offers both; false if not (then the log protects every page when it starts).
-/// Call before dirty logging is first switched on.
-pub fn enable_manual_protect(vm_fd: &VmFd) -> bool {
-    let want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
-    let offered = vm_fd.check_extension_raw(c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-    if u32::try_from(offered).unwrap_or(0) & want != want {
+/// VM, if KVM offers both (`caps`, checked when the VM was created); false if not (then the
+/// log protects every page when it starts). Call before dirty logging is first switched on.
+pub fn enable_manual_protect(vm_fd: &VmFd, caps: &Capabilities) -> bool {
+    if !caps.manual_dirty_protect() {
         return false;
     }
+    let want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
     let mut cap = kvm_enable_cap {
         cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
         ..Default::default()

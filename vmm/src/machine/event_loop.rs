@@ -19,7 +19,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::machine::console_input::StdinToSerial;
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
 use crate::machine::vcpu::kick::kick;
-use crate::machine::vcpu::run::{FatalExit, VcpuNotice, VcpuStop};
+use crate::machine::vcpu::run::{DebugFate, FatalExit, VcpuNotice, VcpuStop};
 
 /// A source the event loop could not watch.
 #[derive(Debug, Error)]
@@ -337,8 +337,31 @@ impl MutEventSubscriber for ReportWatch<'_> {
                     seen.mark_stopped(vcpu);
                     log::debug!("vCPU {vcpu} stopped early ({cause:?})");
                 }
-                VcpuReport::Notice(VcpuNotice::ForeignDebug { vcpu, pc }) => {
-                    log::warn!("vCPU {vcpu}: debug exit at {pc:#x} that is no breakpoint of ours");
+                VcpuReport::Notice(VcpuNotice::ForeignDebug {
+                    vcpu,
+                    pc,
+                    dr6,
+                    fate,
+                }) => {
+                    let what = format!(
+                        "vCPU {vcpu}: the guest's own debug exception at {pc:#x} (DR6 {dr6:#x})"
+                    );
+                    match fate {
+                        DebugFate::Reinjected => log::info!("{what}, given back to it"),
+                        DebugFate::Dropped => log::warn!(
+                            "{what} dropped: KVM cannot inject one (no KVM_GUESTDBG_INJECT_DB)"
+                        ),
+                        DebugFate::Failed(errno) => log::warn!(
+                            "{what} dropped: KVM_SET_GUEST_DEBUG with KVM_GUESTDBG_INJECT_DB: {}",
+                            std::io::Error::from_raw_os_error(errno)
+                        ),
+                    }
+                }
+                VcpuReport::Notice(VcpuNotice::StepInterrupted { vcpu, slot }) => {
+                    log::info!(
+                        "vCPU {vcpu}: the step over breakpoint {slot} was cut short by an NMI \
+                         or exception; stepped over again when the call comes back"
+                    );
                 }
                 VcpuReport::Notice(VcpuNotice::HoldTimedOut { vcpu, slot }) => {
                     log::warn!("vCPU {vcpu}: hold at breakpoint {slot} timed out; released");
@@ -554,6 +577,8 @@ mod tests {
             f.report.send(VcpuReport::Notice(VcpuNotice::ForeignDebug {
                 vcpu: 0,
                 pc: 1,
+                dr6: crate::machine::debug::DR6_BS,
+                fate: DebugFate::Reinjected,
             }));
             f.report.send(VcpuReport::Stopped {
                 vcpu: 0,

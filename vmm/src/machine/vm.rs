@@ -22,6 +22,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::machine::arch::cpuid::CpuidHost;
 use crate::machine::arch::{write_boot, BootError, BootSpec};
 use crate::machine::console_input::StdinToSerial;
 use crate::machine::dirty::set_slots;
@@ -29,13 +30,14 @@ pub(crate) use crate::machine::event_loop::VmExit;
 use crate::machine::event_loop::{
     stop_vcpus, EventLoopError, MainLoop, ReportSender, Sources, VcpuReport, STOP_WAIT,
 };
+use crate::machine::host::{Capabilities, HostError};
 use crate::machine::layout::KVM_TSS_ADDRESS;
 use crate::machine::loader::{load_initrd, load_kernel, LoaderError};
 use crate::machine::memory::{create_guest_memory, guest_memory_map, MemoryError};
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
 use crate::machine::vcpu::kick::{kick, kickable};
 use crate::machine::vcpu::run::{run_loop, HookAction, LoopHooks, VcpuNotice, VcpuStop};
-use crate::machine::vcpu::stepper::Stepper;
+use crate::machine::vcpu::stepper::{StepCaps, Stepper};
 use crate::machine::vcpu::{Vcpu, VcpuError};
 
 /// Errors of building or running a VM.
@@ -86,6 +88,9 @@ pub enum VmError {
     /// The main thread's event loop.
     #[error("the event loop: {0}")]
     EventLoop(#[from] EventLoopError),
+    /// Checking KVM's capabilities.
+    #[error(transparent)]
+    Capabilities(#[from] HostError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -128,6 +133,8 @@ pub(crate) struct StoppedVcpu<'a> {
     pub vm_fd: &'a VmFd,
     /// Every vCPU's holds.
     pub control: &'a VcpuControl,
+    /// What KVM offers this VM.
+    pub caps: &'a Capabilities,
 }
 
 /// Watches a whole run: the breakpoints it wants armed on every vCPU, what happens at
@@ -155,6 +162,8 @@ pub(crate) trait RunObserver: Send + Sync {
 /// A VM ready to run.
 pub(crate) struct Vm {
     _kvm: Kvm,
+    /// What KVM offers this VM, checked once when it was created.
+    caps: Capabilities,
     /// Guest memory (the vCPUs hold it too); the observer reads it once they stopped.
     memory: Arc<GuestMemoryMmap>,
     vm_fd: Arc<VmFd>,
@@ -168,7 +177,8 @@ pub(crate) struct Vm {
     observer: Option<Arc<dyn RunObserver>>,
 }
 
-fn open_kvm() -> Result<Kvm, VmError> {
+/// Opens /dev/kvm, its two usual failures (missing, no permission) as their own errors.
+pub(crate) fn open_kvm() -> Result<Kvm, VmError> {
     Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT => VmError::NoKvm,
         libc::EACCES | libc::EPERM => VmError::KvmPermission,
@@ -185,6 +195,12 @@ impl Vm {
     pub fn new(spec: &MachineSpec<'_>) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Once per VM; what luo-vmm does without each missing one, said before it boots.
+        let caps = Capabilities::check(&vm_fd)?;
+        let kvmclock_in_guest = !spec.cmdline.split_whitespace().any(|w| w == "nopv");
+        for line in caps.fallback_lines(kvmclock_in_guest) {
+            eprintln!("luo-vmm: {line}");
+        }
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -223,13 +239,17 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        // KVM emulates the TSC-deadline timer and says so only through this capability.
+        let cpuid_host = CpuidHost {
+            tsc_deadline: caps.tsc_deadline_timer,
+        };
         let mut vcpus = Vec::new();
         for id in 0..spec.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let vcpu = Vcpu::new(id, fd, memory.clone());
-            vcpu.configure_common(&cpuid, spec.vcpus)?;
+            vcpu.configure_common(&cpuid, spec.vcpus, cpuid_host)?;
             if id == 0 {
                 vcpu.configure_boot(kernel.mode, kernel.entry)?;
             }
@@ -237,6 +257,7 @@ impl Vm {
         }
         Ok(Self {
             _kvm: kvm,
+            caps,
             memory,
             vm_fd,
             vcpus,
@@ -314,7 +335,14 @@ impl Vm {
             let ctx = VcpuThread {
                 bus: self.bus.clone(),
                 vm_fd: self.vm_fd.clone(),
-                stepper: Stepper::new(breakpoints),
+                stepper: Stepper::with_caps(
+                    breakpoints,
+                    StepCaps {
+                        block_irq: self.caps.block_irq(),
+                        inject_db: self.caps.inject_db(),
+                    },
+                ),
+                caps: self.caps,
                 observer: self.observer.clone(),
                 report: report.clone(),
                 control: control.clone(),
@@ -435,6 +463,7 @@ fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmErro
 
 /// What a vCPU thread works with besides its vCPU.
 struct VcpuThread {
+    caps: Capabilities,
     bus: PioBus,
     vm_fd: Arc<VmFd>,
     stepper: Stepper,
@@ -475,6 +504,7 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
         .spawn(move || {
             let mut vcpu = vcpu;
             let VcpuThread {
+                caps,
                 bus,
                 vm_fd,
                 mut stepper,
@@ -488,6 +518,7 @@ fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmE
                         vcpu: v,
                         vm_fd: &vm_fd,
                         control: &control,
+                        caps: &caps,
                     },
                     slot,
                     pc,

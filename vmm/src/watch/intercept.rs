@@ -323,7 +323,7 @@ impl Interceptor {
     ) -> Result<Watched, String> {
         let memory = at.vcpu.memory();
         if s.dirty_log == DirtyLog::Off {
-            let manual = tracked.is_some() && enable_manual_protect(at.vm_fd);
+            let manual = tracked.is_some() && enable_manual_protect(at.vm_fd, at.caps);
             set_slots(at.vm_fd, memory, true)
                 .map_err(|e| format!("cannot start dirty logging: {e}"))?;
             s.dirty_log = if manual {
@@ -352,21 +352,20 @@ impl Interceptor {
     fn outgoing_preserved_set(&self, at: &StoppedVcpu<'_>) -> Result<ExtentSet, String> {
         let kho_out = self.kho_out_va.clone()?;
         let memory = at.vcpu.memory();
-        let cr3 = at
+        let sregs = at
             .vcpu
             .fd
             .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?
-            .cr3;
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
         let field = kho_out.wrapping_add(KHO_OUT_FDT_OFFSET);
-        let fdt_va = translate(cr3, field, read)
+        let fdt_va = translate(&sregs, field, read)
             .and_then(read)
             .ok_or_else(|| format!("{SYM_KHO_OUT} at {kho_out:#x} is not mapped"))?;
         if fdt_va == 0 {
             return Err(format!("{SYM_KHO_OUT}.fdt is NULL: KHO is not enabled"));
         }
-        let fdt_gpa = translate(cr3, fdt_va, read)
+        let fdt_gpa = translate(&sregs, fdt_va, read)
             .ok_or_else(|| format!("{SYM_KHO_OUT}.fdt {fdt_va:#x} is not mapped"))?;
         let live = LiveRam(memory);
         let handover = Handover::from_fdt(&live, fdt_gpa, &Budget::for_memory(&live))
@@ -432,7 +431,7 @@ impl Interceptor {
             .get_sregs()
             .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
-        let zero_page = translate(sregs.cr3, self.boot_params_va, read).ok_or_else(|| {
+        let zero_page = translate(&sregs, self.boot_params_va, read).ok_or_else(|| {
             format!(
                 "boot_params at {:#x} is not mapped by the next kernel's page tables",
                 self.boot_params_va

@@ -412,7 +412,7 @@ fn fail_function(at: &StoppedVcpu<'_>, ret: i64) -> Result<u64, String> {
     let sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     let memory = at.vcpu.memory();
     let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
-    let pa = translate(sregs.cr3, regs.rsp, read)
+    let pa = translate(&sregs, regs.rsp, read)
         .ok_or_else(|| format!("the stack at {:#x} is not mapped", regs.rsp))?;
     let back = read(pa).ok_or_else(|| format!("cannot read the stack at {pa:#x}"))?;
     regs.rax = u64::from_ne_bytes(ret.to_ne_bytes());

@@ -194,7 +194,7 @@ impl Tracer {
                 );
                 continue;
             };
-            let gpa = translate(s.cr3, va, |pa| {
+            let gpa = translate(&s, va, |pa| {
                 vcpu.memory().read_obj::<u64>(GuestAddress(pa)).ok()
             });
             let bytes = vcpu.bytes_at(&s, va, p.len);

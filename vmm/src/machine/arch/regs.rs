@@ -1,6 +1,7 @@
-//! Initial vCPU register state for each way of entering the kernel.
+//! Initial vCPU register state for each way of entering the kernel, and the MSRs every
+//! vCPU starts with.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs};
 
 use super::gdt::{
     kvm_segment_from_gdt, CODE_INDEX, DATA_INDEX, GDT_LONG_MODE, GDT_PROTECTED_MODE, TSS_INDEX,
@@ -106,6 +107,53 @@ pub fn initial_fpu() -> kvm_fpu {
     }
 }
 
+/// IA32_MISC_ENABLE (Intel SDM Vol. 4, Table 2-2).
+pub(crate) const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+/// IA32_MISC_ENABLE bit 0: fast-string operations enabled.
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// IA32_MTRR_DEF_TYPE (Intel SDM Vol. 3A §12.11.2.1 "IA32_MTRR_DEF_TYPE MSR"; AMD APM
+/// Vol. 2 §7.7 "Memory-Type Range Registers", MTRRdefType).
+pub(crate) const MSR_IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// IA32_MTRR_DEF_TYPE bit 11: MTRRs enabled.
+const MTRR_ENABLE: u64 = 1 << 11;
+/// Memory type 6: write-back (Intel SDM Vol. 3A §12.11.2, Table 12-8).
+const MTRR_MEM_TYPE_WB: u64 = 6;
+
+/// The MSRs every vCPU starts with, in the order `KVM_SET_MSRS` takes them:
+/// IA32_MISC_ENABLE with fast strings, as firmware leaves it, and IA32_MTRR_DEF_TYPE =
+/// 0x806, MTRRs enabled with write-back as the default type (what Firecracker's
+/// `arch/x86_64/msr.rs` and Cloud Hypervisor's `arch/src/x86_64/regs.rs` set). Left at
+/// its reset value 0, MTRRs are off and the architecture makes all memory uncacheable:
+/// the guest kernel sees that, and KVM honours it where guest memory types count (an
+/// assigned device with non-coherent DMA).
+pub(crate) fn boot_msrs() -> Vec<kvm_msr_entry> {
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    vec![
+        msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        msr(MSR_IA32_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_MEM_TYPE_WB),
+    ]
+}
+
+/// The first MSR of `given` that KVM refused, when `KVM_SET_MSRS` set only `accepted` of
+/// them: KVM sets them in order and stops at the first it cannot (`msr_io()` in
+/// arch/x86/kvm/x86.c returns how many it processed), so that is entry `accepted`.
+pub(crate) fn first_refused(given: &[kvm_msr_entry], accepted: usize) -> Option<u32> {
+    given.get(accepted).map(|e| e.index)
+}
+
+/// The architectural name of an MSR this module sets, for an error message.
+pub(crate) fn msr_name(index: u32) -> &'static str {
+    match index {
+        MSR_IA32_MISC_ENABLE => "IA32_MISC_ENABLE",
+        MSR_IA32_MTRR_DEF_TYPE => "IA32_MTRR_DEF_TYPE",
+        _ => "MSR",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +180,25 @@ mod tests {
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!((s.efer, s.cr4), (0, 0));
         assert_eq!((s.cs.db, s.cs.l), (1, 0));
+    }
+
+    #[test]
+    fn boot_msrs_enable_write_back_mtrrs() {
+        let msrs = boot_msrs();
+        let get = |i| msrs.iter().find(|e| e.index == i).map(|e| e.data);
+        assert_eq!(get(MSR_IA32_MTRR_DEF_TYPE), Some(0x806));
+        assert_eq!(get(MSR_IA32_MISC_ENABLE), Some(1));
+        assert_eq!(msrs.len(), 2);
+    }
+
+    #[test]
+    fn the_refused_msr_is_the_first_kvm_did_not_set() {
+        let msrs = boot_msrs();
+        assert_eq!(first_refused(&msrs, msrs.len()), None);
+        assert_eq!(first_refused(&msrs, 0), Some(MSR_IA32_MISC_ENABLE));
+        assert_eq!(first_refused(&msrs, 1), Some(MSR_IA32_MTRR_DEF_TYPE));
+        assert_eq!(msr_name(0x2ff), "IA32_MTRR_DEF_TYPE");
+        assert_eq!(msr_name(0x1a0), "IA32_MISC_ENABLE");
+        assert_eq!(msr_name(0x10), "MSR");
     }
 }

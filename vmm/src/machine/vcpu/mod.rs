@@ -3,6 +3,7 @@
 //! loop, the breakpoint step-over state machine, and how the VMM stops and holds it.
 
 pub(crate) mod control;
+mod debug_state;
 pub(crate) mod irq;
 pub(crate) mod kick;
 pub(crate) mod run;
@@ -11,18 +12,19 @@ pub(crate) mod stepper;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use luo_devices::PioBus;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::machine::arch::cpuid::adjust_for_vcpu;
+use crate::machine::arch::cpuid::{normalize, CpuidError, CpuidHost};
 use crate::machine::arch::paging::translate;
-use crate::machine::arch::regs::{apply_entry_sregs, entry_regs, initial_fpu, EntryMode};
-use crate::machine::debug::guest_debug;
+use crate::machine::arch::regs::{
+    apply_entry_sregs, boot_msrs, entry_regs, first_refused, initial_fpu, msr_name, EntryMode,
+};
 use run::VcpuBackend;
-use stepper::Arming;
+use stepper::{Arming, IfMask, StepEnd};
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -36,6 +38,40 @@ pub enum VcpuError {
         what: &'static str,
         /// Its error.
         source: kvm_ioctls::Error,
+    },
+    /// KVM's supported CPUID table could not be made this vCPU's.
+    #[error("vCPU {id}: CPUID: {source}")]
+    Cpuid {
+        /// The vCPU.
+        id: u8,
+        /// Why.
+        source: CpuidError,
+    },
+    /// A table or list too long for KVM's ioctl structure.
+    #[error("vCPU {id}: {what}: {len} entries, more than KVM takes")]
+    TooLong {
+        /// The vCPU.
+        id: u8,
+        /// Which list.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// `KVM_SET_MSRS` set fewer MSRs than given: it stopped at `index`.
+    #[error(
+        "vCPU {id}: KVM refused to set {name} (MSR {index:#x}); it set {accepted} of {given} boot MSRs"
+    )]
+    MsrRefused {
+        /// The vCPU.
+        id: u8,
+        /// The first MSR KVM did not set.
+        index: u32,
+        /// Its name.
+        name: &'static str,
+        /// How many KVM set.
+        accepted: usize,
+        /// How many were given.
+        given: usize,
     },
 }
 
@@ -130,25 +166,27 @@ impl Vcpu {
         })
     }
 
-    /// CPUID, MSRs, FPU and local APIC, common to every vCPU.
-    pub fn configure_common(&self, cpuid: &CpuId, count: u8) -> Result<(), VcpuError> {
-        let mut cpuid = cpuid.clone();
-        adjust_for_vcpu(cpuid.as_mut_slice(), self.id, count);
-        self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))?;
-
-        // IA32_MISC_ENABLE: fast strings, as firmware leaves it.
-        const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_MISC_ENABLE,
-            data: 1,
-            ..Default::default()
-        }])
-        .map_err(|_| VcpuError::Kvm {
+    /// CPUID, MSRs, FPU and local APIC, common to every vCPU. `cpuid` is KVM's supported
+    /// table, made this vCPU's of `count` by [`normalize`] (with what `host` says KVM
+    /// offers); the MSRs are [`boot_msrs`], each of which KVM must accept.
+    pub fn configure_common(
+        &self,
+        cpuid: &CpuId,
+        count: u8,
+        host: CpuidHost,
+    ) -> Result<(), VcpuError> {
+        let entries: Vec<kvm_cpuid_entry2> = normalize(cpuid.as_slice(), self.id, count, host)
+            .map_err(|source| VcpuError::Cpuid {
+                id: self.id,
+                source,
+            })?;
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::TooLong {
             id: self.id,
-            what: "building MSR list",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
+            what: "CPUID table",
+            len: entries.len(),
         })?;
-        self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))?;
+        self.set_boot_msrs()?;
         self.kvm("KVM_SET_FPU", self.fd.set_fpu(&initial_fpu()))?;
 
         // LINT0 = ExtINT, LINT1 = NMI, as the MP table says.
@@ -156,6 +194,28 @@ impl Vcpu {
         set_lapic_reg(&mut lapic.regs, 0x350, 7 << 8);
         set_lapic_reg(&mut lapic.regs, 0x360, 4 << 8);
         self.kvm("KVM_SET_LAPIC", self.fd.set_lapic(&lapic))
+    }
+
+    /// Sets [`boot_msrs`]; `KVM_SET_MSRS` returns how many it set, and anything short of
+    /// all of them is an error naming the first it refused.
+    fn set_boot_msrs(&self) -> Result<(), VcpuError> {
+        let given = boot_msrs();
+        let msrs = Msrs::from_entries(&given).map_err(|_| VcpuError::TooLong {
+            id: self.id,
+            what: "boot MSR list",
+            len: given.len(),
+        })?;
+        let accepted = self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        match first_refused(&given, accepted) {
+            None => Ok(()),
+            Some(index) => Err(VcpuError::MsrRefused {
+                id: self.id,
+                index,
+                name: msr_name(index),
+                accepted,
+                given: given.len(),
+            }),
+        }
     }
 
     /// Registers of the bootstrap processor at the kernel's entry point.
@@ -230,7 +290,7 @@ impl Vcpu {
     /// when paging is on.
     pub fn bytes_at(&self, sregs: &kvm_sregs, va: u64, len: usize) -> Option<Vec<u8>> {
         let gpa = if sregs.cr0 & 0x8000_0000 != 0 {
-            translate(sregs.cr3, va, |pa| {
+            translate(sregs, va, |pa| {
                 self.memory.read_obj::<u64>(GuestAddress(pa)).ok()
             })?
         } else {
@@ -262,8 +322,24 @@ impl VcpuBackend for Vcpu {
     }
 
     fn set_debug(&self, addrs: &[u64], arming: Arming) -> Result<(), kvm_ioctls::Error> {
-        self.fd
-            .set_guest_debug(&guest_debug(addrs, arming.skip, arming.single_step))
+        debug_state::set_guest_debug(&self.fd, addrs, arming, false)
+    }
+
+    fn mask_if(&self, pc: u64) -> IfMask {
+        self.mask_if_for_step(pc)
+    }
+
+    fn unmask_if(&self, bp: u64) -> Result<StepEnd, kvm_ioctls::Error> {
+        self.unmask_if_after_step(bp)
+    }
+
+    fn reinject_debug(
+        &self,
+        addrs: &[u64],
+        arming: Arming,
+        dr6: u64,
+    ) -> Result<(), kvm_ioctls::Error> {
+        self.reinject_debug_exception(addrs, arming, dr6)
     }
 
     fn dump(&self) -> String {
@@ -272,6 +348,10 @@ impl VcpuBackend for Vcpu {
 
     fn rip(&self) -> Option<u64> {
         self.fd.get_regs().ok().map(|r| r.rip)
+    }
+
+    fn kvmclock_ctrl(&self) -> Result<(), kvm_ioctls::Error> {
+        self.fd.kvmclock_ctrl()
     }
 }
 
@@ -331,6 +411,36 @@ pub(crate) fn format_regs(id: u8, r: &kvm_regs, s: &kvm_sregs) -> String {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn kvm_takes_the_normalized_cpuid_and_every_boot_msr() {
+        // Needs /dev/kvm, runs no guest. On an emulating KVM (kvm_pvm) KVM_SET_CPUID2 is
+        // accepted and ignored; a hardware KVM checks the table here.
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let host = CpuidHost {
+            tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        };
+        let memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        for id in 0..2 {
+            let vcpu = Vcpu::new(id, vm.create_vcpu(u64::from(id)).unwrap(), memory.clone());
+            vcpu.configure_common(&supported, 2, host).unwrap();
+            let mut back = Msrs::from_entries(&boot_msrs()).unwrap();
+            assert_eq!(vcpu.fd.get_msrs(&mut back).unwrap(), boot_msrs().len());
+            let mtrr = back
+                .as_slice()
+                .iter()
+                .find(|e| e.index == crate::machine::arch::regs::MSR_IA32_MTRR_DEF_TYPE);
+            assert_eq!(mtrr.map(|e| e.data), Some(0x806));
+        }
+    }
 
     #[test]
     fn io_exits_reach_the_bus() {
