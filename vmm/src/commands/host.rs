@@ -51,8 +51,14 @@ pub(crate) fn gather() -> (HostReport, Option<CommandError>) {
 
 /// `luo-vmm host`.
 pub(crate) fn run() -> Result<u8, CommandError> {
+    // A misspelt LUO_VMM_HIDE_CAPS is the variable's fault, not /dev/kvm's: one line.
+    if let Ok(names) = std::env::var(HIDE_CAPS_ENV) {
+        host::hidden(host::RawCaps::default(), &names).map_err(CommandError::HostCheck)?;
+    }
     let (report, error) = gather();
-    print!("{}", render(&report));
+    let text = render(&report);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+        .map_err(CommandError::Stdout)?;
     match error {
         Some(e) => Err(e),
         None => Ok(0),
@@ -231,7 +237,7 @@ pub(crate) fn render(r: &HostReport) -> String {
     let _ = writeln!(out, "  {cpuid}");
     let la57 = match (emulated, la57) {
         (true, _) => "the guest's CPUID is the emulator's to give, not luo-vmm's",
-        (false, true) => "offered, so a Linux guest turns 5-level paging on",
+        (false, true) => "offered: a kernel entered through its bzImage decompressor (the next kernel of a handover) turns 5-level paging on; one entered through PVH (the reference vmlinux) stays on 4 levels",
         (false, false) => "not offered, so the guest uses 4-level paging",
     };
     let _ = writeln!(
@@ -368,7 +374,7 @@ mod tests {
             "{blockirq}"
         );
         assert!(text.contains("KVM_CAP_KVMCLOCK_CTRL              1          used: "));
-        assert!(text.contains("LA57: offered, so a Linux guest turns 5-level paging on"));
+        assert!(text.contains("LA57: offered: a kernel entered through its bzImage decompressor"));
         assert!(blockirq.contains(" assumed    fallback: "), "{blockirq}");
         assert!(text.contains("(assumed: KVM has no KVM_CAP_SET_GUEST_DEBUG2, so KVM_SET_GUEST_DEBUG is taken to accept what it has since Linux 2.6.31, 0xf0003, without BLOCKIRQ)"));
         assert!(text.contains("(LUO_VMM_HIDE_CAPS=KVM_CAP_SET_GUEST_DEBUG2: "));

@@ -70,6 +70,9 @@ pub enum CommandError {
     /// `host`: KVM cannot create a VM, or `LUO_VMM_HIDE_CAPS` is wrong.
     #[error(transparent)]
     HostCheck(crate::machine::host::HostError),
+    /// Standard output could not be written.
+    #[error("cannot write to standard output: {0}")]
+    Stdout(std::io::Error),
     /// `soak -- ARGS`: the arguments for `boot` do not parse.
     #[error("soak: the arguments after -- are not `luo-vmm boot` arguments: {0}")]
     SoakBootArgs(String),

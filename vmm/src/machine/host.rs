@@ -428,6 +428,9 @@ impl Capabilities {
 /// answer 0, or for a `KVM_GUESTDBG_*` flag, taken out of `KVM_CAP_SET_GUEST_DEBUG2`'s
 /// answer (or of [`GUESTDBG_BEFORE_5_15`] where that capability is absent).
 pub(crate) fn hidden(mut raw: RawCaps, names: &str) -> Result<RawCaps, HostError> {
+    // Hiding KVM_CAP_SET_GUEST_DEBUG2 hides the whole list, whatever else is named and in
+    // whichever order: it is applied after the single flags.
+    let mut no_debug2 = false;
     for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         let without = |raw: &mut RawCaps, flag: u32| {
             let listed = u32::try_from(raw.set_guest_debug2)
@@ -441,7 +444,7 @@ pub(crate) fn hidden(mut raw: RawCaps, names: &str) -> Result<RawCaps, HostError
             raw.set_guest_debug2 = i32::try_from(listed & !flag).unwrap_or(0);
         };
         match name {
-            "KVM_CAP_SET_GUEST_DEBUG2" => raw.set_guest_debug2 = 0,
+            "KVM_CAP_SET_GUEST_DEBUG2" => no_debug2 = true,
             "KVM_GUESTDBG_BLOCKIRQ" => without(&mut raw, KVM_GUESTDBG_BLOCKIRQ),
             "KVM_GUESTDBG_INJECT_DB" => without(&mut raw, KVM_GUESTDBG_INJECT_DB),
             "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2" => raw.manual_dirty_log_protect2 = 0,
@@ -452,6 +455,9 @@ pub(crate) fn hidden(mut raw: RawCaps, names: &str) -> Result<RawCaps, HostError
             other => return Err(HostError::UnknownCapability(other.into())),
         }
     }
+    if no_debug2 {
+        raw.set_guest_debug2 = 0;
+    }
     Ok(raw)
 }
 
@@ -459,7 +465,8 @@ pub(crate) fn hidden(mut raw: RawCaps, names: &str) -> Result<RawCaps, HostError
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct CpuFeatures {
     /// Leaf 7 ECX[16]: 57-bit linear addresses, 5-level paging (Intel Ice Lake-SP, AMD
-    /// Zen 4 and later). Linux turns it on where offered.
+    /// Zen 4 and later). A kernel entered through its bzImage decompressor turns it on where
+    /// offered; one entered through PVH stays on 4 levels.
     pub la57: bool,
     /// Leaf 1 ECX[21].
     pub x2apic: bool,
@@ -594,6 +601,34 @@ pub(crate) fn kvm_facts(kvm: &Kvm) -> Result<KvmFacts, HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hiding_is_the_same_in_any_order() {
+        let raw = RawCaps {
+            set_guest_debug: 1,
+            set_guest_debug2: 0x1f_0003,
+            manual_dirty_log_protect2: 3,
+            tsc_deadline_timer: 1,
+            xsave2: 4096,
+            kvmclock_ctrl: 1,
+            x2apic_api: 0xb,
+        };
+        for (a, b) in [
+            ("KVM_CAP_SET_GUEST_DEBUG2", "KVM_GUESTDBG_BLOCKIRQ"),
+            ("KVM_CAP_SET_GUEST_DEBUG2", "KVM_GUESTDBG_INJECT_DB"),
+            ("KVM_GUESTDBG_BLOCKIRQ", "KVM_GUESTDBG_INJECT_DB"),
+        ] {
+            let one = hidden(raw, &format!("{a},{b}")).unwrap();
+            let other = hidden(raw, &format!("{b},{a}")).unwrap();
+            assert_eq!(one, other, "{a} and {b}");
+        }
+        assert_eq!(
+            hidden(raw, "KVM_GUESTDBG_BLOCKIRQ,KVM_CAP_SET_GUEST_DEBUG2")
+                .unwrap()
+                .set_guest_debug2,
+            0
+        );
+    }
 
     /// What this development machine's `kvm_pvm` answers on a VM (2026-12-04).
     const PVM: RawCaps = RawCaps {
