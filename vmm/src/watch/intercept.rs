@@ -352,11 +352,7 @@ impl Interceptor {
     fn outgoing_preserved_set(&self, at: &StoppedVcpu<'_>) -> Result<ExtentSet, String> {
         let kho_out = self.kho_out_va.clone()?;
         let memory = at.vcpu.memory();
-        let sregs = at
-            .vcpu
-            .fd
-            .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        let sregs = sregs_of(at)?;
         let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
         let field = kho_out.wrapping_add(KHO_OUT_FDT_OFFSET);
         let fdt_va = translate(&sregs, field, read)
@@ -425,11 +421,7 @@ impl Interceptor {
 
     fn read_handover(&self, at: &StoppedVcpu<'_>) -> Result<HandoverState, String> {
         let memory = at.vcpu.memory();
-        let sregs = at
-            .vcpu
-            .fd
-            .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        let sregs = sregs_of(at)?;
         let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
         let zero_page = translate(&sregs, self.boot_params_va, read).ok_or_else(|| {
             format!(
@@ -532,6 +524,14 @@ impl Parts {
         });
         self.last = now;
     }
+}
+
+/// The stopped vCPU's special registers (CR3 and CR4.LA57 for the page walk).
+fn sregs_of(at: &StoppedVcpu<'_>) -> Result<kvm_bindings::kvm_sregs, String> {
+    at.vcpu
+        .fd
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))
 }
 
 /// The mark and the symbol of breakpoint `point` (`in_kexec`: a start_kernel hit belongs

@@ -42,7 +42,8 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     // `kickable` nulls the pointer before that borrow ends. The handler only stores one
     // byte, `immediate_exit`, in the vCPU's `kvm_run` mapping, memory the kernel shares and
     // writes on every `KVM_RUN` anyway, and nothing else reads it in between (as in
-    // Firecracker's `Vcpu::register_kick_signal_handler`).
+    // Firecracker's `Vcpu::register_kick_signal_handler`). SAFETY in short: a live VcpuFd
+    // that does not move, one byte written.
     unsafe { (*fd).set_kvm_immediate_exit(1) };
     compiler_fence(Ordering::SeqCst);
 }
