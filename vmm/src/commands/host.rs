@@ -44,7 +44,9 @@ pub(crate) fn gather() -> (HostReport, Option<CommandError>) {
         kernel: kernel_release(),
         host_cpu: CpuFeatures::of_host(),
         kvm,
-        hidden: std::env::var(HIDE_CAPS_ENV).ok().filter(|v| !v.is_empty()),
+        hidden: std::env::var(HIDE_CAPS_ENV)
+            .ok()
+            .filter(|v| v.split(',').any(|n| !n.trim().is_empty())),
     };
     (report, error)
 }
