@@ -295,15 +295,7 @@ mod tests {
             host_cpu: cpu,
             kvm: Ok(KvmFacts {
                 api_version: 12,
-                caps: Capabilities::from_raw(RawCaps {
-                    set_guest_debug: 1,
-                    set_guest_debug2: 0x1f_0003,
-                    manual_dirty_log_protect2: 3,
-                    tsc_deadline_timer: 1,
-                    xsave2: 4096,
-                    kvmclock_ctrl: 1,
-                    x2apic_api: 0xb,
-                }),
+                caps: Capabilities::from_raw(RawCaps::KVM_PVM),
                 guest_cpu: Some(cpu),
                 tsc_khz: Some(2_999_999),
             }),

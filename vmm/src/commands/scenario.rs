@@ -209,6 +209,21 @@ fn breakpoint_owners(
 struct ScenarioObserver {
     interceptor: Interceptor,
     scheduler: Scheduler,
+    /// Per vCPU, the owner of each armed slot (fixed for the run; not rebuilt per hit).
+    owners: Vec<Vec<BreakpointOwner>>,
+}
+
+impl ScenarioObserver {
+    fn new(interceptor: Interceptor, scheduler: Scheduler, vcpus: u8) -> Self {
+        let owners = (0..vcpus)
+            .map(|v| breakpoint_owners(&interceptor, &scheduler, v))
+            .collect();
+        Self {
+            interceptor,
+            scheduler,
+            owners,
+        }
+    }
 }
 
 impl RunObserver for ScenarioObserver {
@@ -227,8 +242,11 @@ impl RunObserver for ScenarioObserver {
     }
 
     fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64) -> HookAction {
-        let owners = breakpoint_owners(&self.interceptor, &self.scheduler, at.vcpu.id);
-        match owners.get(slot) {
+        let owner = self
+            .owners
+            .get(usize::from(at.vcpu.id))
+            .and_then(|o| o.get(slot));
+        match owner {
             Some(&BreakpointOwner::Intercept(point)) => {
                 self.scheduler
                     .mark(std::time::Instant::now(), &point.describe());
@@ -683,10 +701,11 @@ fn run_once(p: &Prepared, run: u32, log: PathBuf) -> Result<RunResult, ScenarioE
     let interceptor = interceptor(&p.syms)?;
     let hooks = arm(&p.sc, &p.syms, &interceptor, p.vcpus)?;
     let gates = Gates::default();
-    let observer = Arc::new(ScenarioObserver {
+    let observer = Arc::new(ScenarioObserver::new(
         interceptor,
-        scheduler: Scheduler::new(hooks, p.sc.gates.clone(), gates.clone()),
-    });
+        Scheduler::new(hooks, p.sc.gates.clone(), gates.clone()),
+        p.vcpus,
+    ));
     let outcome = run_guest(
         &run_opts,
         &p.guest,

@@ -124,6 +124,21 @@ pub(crate) struct RawCaps {
     pub x2apic_api: i32,
 }
 
+#[cfg(test)]
+impl RawCaps {
+    /// What this development machine's `kvm_pvm` answers on a VM (2026-12-04): the tests'
+    /// one copy of it.
+    pub(crate) const KVM_PVM: RawCaps = RawCaps {
+        set_guest_debug: 1,
+        set_guest_debug2: 0x1f_0003,
+        manual_dirty_log_protect2: 3,
+        tsc_deadline_timer: 1,
+        xsave2: 4096,
+        kvmclock_ctrl: 1,
+        x2apic_api: 0xb,
+    };
+}
+
 /// The names `LUO_VMM_HIDE_CAPS` takes (comma-separated): each hides one capability, or
 /// one `KVM_GUESTDBG_*` flag, from luo-vmm as if KVM lacked it, to run the fallbacks on
 /// a KVM that has everything (docs/hardware.md).
@@ -604,15 +619,7 @@ mod tests {
 
     #[test]
     fn hiding_is_the_same_in_any_order() {
-        let raw = RawCaps {
-            set_guest_debug: 1,
-            set_guest_debug2: 0x1f_0003,
-            manual_dirty_log_protect2: 3,
-            tsc_deadline_timer: 1,
-            xsave2: 4096,
-            kvmclock_ctrl: 1,
-            x2apic_api: 0xb,
-        };
+        let raw = RawCaps::KVM_PVM;
         for (a, b) in [
             ("KVM_CAP_SET_GUEST_DEBUG2", "KVM_GUESTDBG_BLOCKIRQ"),
             ("KVM_CAP_SET_GUEST_DEBUG2", "KVM_GUESTDBG_INJECT_DB"),
@@ -630,16 +637,7 @@ mod tests {
         );
     }
 
-    /// What this development machine's `kvm_pvm` answers on a VM (2026-12-04).
-    const PVM: RawCaps = RawCaps {
-        set_guest_debug: 1,
-        set_guest_debug2: 0x1f_0003,
-        manual_dirty_log_protect2: 3,
-        tsc_deadline_timer: 1,
-        xsave2: 4096,
-        kvmclock_ctrl: 1,
-        x2apic_api: 0xb,
-    };
+    const PVM: RawCaps = RawCaps::KVM_PVM;
 
     /// A KVM of Linux 5.10: no SET_GUEST_DEBUG2 (so no BLOCKIRQ), no XSAVE2.
     const LINUX_5_10: RawCaps = RawCaps {

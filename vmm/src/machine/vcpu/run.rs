@@ -526,6 +526,19 @@ mod tests {
         assert_eq!(armings, [Arming::ALL, Arming::step_over(0), Arming::ALL]);
     }
 
+    /// Two hits stepped over with IF masked: the breakpoint disarmed for each step and
+    /// re-armed after it, and IF cleared before each step and given back after it.
+    fn assert_two_masked_steps(vcpu: FakeVcpu, step: Arming) {
+        assert_eq!(
+            vcpu.armings.into_inner().unwrap(),
+            [Arming::ALL, step, Arming::ALL, step, Arming::ALL]
+        );
+        assert_eq!(
+            vcpu.if_ops.into_inner().unwrap(),
+            [(true, BP), (false, BP), (true, BP), (false, BP)]
+        );
+    }
+
     #[test]
     fn without_blockirq_a_step_over_masks_if_and_gives_it_back() {
         let control = Arc::new(VcpuControl::new(1));
@@ -551,14 +564,7 @@ mod tests {
         assert!(notices.is_empty());
         let step = Arming::step_over_unblocked(0);
         assert!(!step.block_irq);
-        assert_eq!(
-            vcpu.armings.into_inner().unwrap(),
-            [Arming::ALL, step, Arming::ALL, step, Arming::ALL]
-        );
-        assert_eq!(
-            vcpu.if_ops.into_inner().unwrap(),
-            [(true, BP), (false, BP), (true, BP), (false, BP)]
-        );
+        assert_two_masked_steps(vcpu, step);
     }
 
     #[test]
@@ -606,14 +612,7 @@ mod tests {
             vec![VcpuNotice::StepInterrupted { vcpu: 0, slot: 0 }]
         );
         let step = Arming::step_over_unblocked(0);
-        assert_eq!(
-            vcpu.armings.into_inner().unwrap(),
-            [Arming::ALL, step, Arming::ALL, step, Arming::ALL]
-        );
-        assert_eq!(
-            vcpu.if_ops.into_inner().unwrap(),
-            [(true, BP), (false, BP), (true, BP), (false, BP)]
-        );
+        assert_two_masked_steps(vcpu, step);
     }
 
     #[test]
