@@ -17,9 +17,10 @@ pub use console::ConsoleOutput;
 pub use i8042::{ResetDevice, I8042_LEN, I8042_PORT};
 pub use legacy::{Sink, LEGACY_SINK_RANGES};
 pub use probe::{
-    Gates, ProbeEvent, ProbeListener, ProbePort, ProbeReceiver, PROBE_PORT, PROBE_PORTS,
+    Gates, ProbeEvent, ProbeListener, ProbePort, ProbeReceiver, ProbeState, PROBE_PORT, PROBE_PORTS,
 };
 pub use serial::{SerialConsole, COM1_IRQ, COM1_PORT};
+pub use vm_superio::serial::SerialState;
 
 /// A `vm-superio` trigger that signals an `EventFd`: the UART's interrupt line (an
 /// irqfd) or the i8042's reset line.

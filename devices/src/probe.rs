@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use luo_protocol::message::{DecodeError, Decoder, Feed, Message};
 use luo_protocol::probe::{
-    Gate, GATE_CLOSED, GATE_OPEN, REG_SIGNATURE, REG_VERSION, SIGNATURE, VERSION,
+    Gate, GATE_CLOSED, GATE_OPEN, MAX_FRAME, REG_SIGNATURE, REG_VERSION, SIGNATURE, VERSION,
 };
 pub use luo_protocol::probe::{PROBE_PORT, PROBE_PORTS};
 use vmm_sys_util::eventfd::EventFd;
@@ -61,6 +61,23 @@ impl Gates {
     pub fn is_open(&self, gate: Gate) -> bool {
         self.closed.load(Ordering::SeqCst) & (1 << gate.id()) == 0
     }
+
+    /// Every gate at once: bit g set when gate g is closed (what a snapshot keeps).
+    pub fn closed_bits(&self) -> u64 {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Sets every gate at once from [`Gates::closed_bits`].
+    pub fn set_closed_bits(&self, bits: u64) {
+        self.closed.store(bits, Ordering::SeqCst);
+    }
+}
+
+/// What the probe device holds besides its gates: the frame begun and not ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeState {
+    /// The bytes of the unfinished frame ([`Decoder::pending`]); empty between frames.
+    pub pending: Vec<u8>,
 }
 
 /// The probe's receiving end, kept by the VMM.
@@ -123,6 +140,28 @@ impl ProbePort {
     pub fn with_notifier(mut self, notifier: EventFd) -> Self {
         self.notifier = Some(notifier);
         self
+    }
+
+    /// The device's state for a snapshot.
+    pub fn state(&self) -> ProbeState {
+        ProbeState {
+            pending: self.decoder.pending().to_vec(),
+        }
+    }
+
+    /// Puts the decoder back in `state`: its unfinished frame fed again (nothing is
+    /// emitted: a frame that was unfinished stays unfinished; bytes beyond one frame are
+    /// dropped, as the decoder would).
+    pub fn restore(&mut self, state: &ProbeState) {
+        self.decoder = Decoder::new();
+        let frame = &state.pending[..state.pending.len().min(MAX_FRAME - 1)];
+        for (offset, &b) in (0u16..).zip(frame) {
+            if let Feed::Done(_) = self.decoder.feed(offset, b) {
+                // A complete frame was not pending: start clean.
+                self.decoder = Decoder::new();
+            }
+        }
+        self.frame_start = Instant::now();
     }
 
     fn register(&self, offset: u16) -> u8 {
@@ -189,6 +228,47 @@ mod tests {
         for (i, &b) in (0u16..).zip(msg.encode().as_bytes()) {
             probe.write(i, &[b]);
         }
+    }
+
+    #[test]
+    fn an_unfinished_frame_survives_a_state_round_trip() {
+        let msg = Message::UserspaceUp { cpus_online: 3 };
+        let frame = msg.encode();
+        let bytes = frame.as_bytes();
+        let (mut probe, rx) = ProbePort::new(Gates::default());
+        // Half a frame, then a snapshot.
+        let half = bytes.len() / 2;
+        for (i, &b) in (0u16..).zip(&bytes[..half]) {
+            probe.write(i, &[b]);
+        }
+        let state = probe.state();
+        assert_eq!(state.pending, bytes[..half]);
+        // Another device, restored, gets the rest and completes the same message.
+        let (mut other, rx2) = ProbePort::new(Gates::default());
+        other.restore(&state);
+        for (i, &b) in (0u16..).zip(bytes).skip(half) {
+            other.write(i, &[b]);
+        }
+        assert_eq!(rx2.events.try_recv().unwrap().item, Ok(msg));
+        assert!(rx.events.try_recv().is_err());
+        // Between frames the state is empty, and a hostile oversized state is cut.
+        assert!(other.state().pending.is_empty());
+        other.restore(&ProbeState {
+            pending: vec![0; 10 * MAX_FRAME],
+        });
+        assert!(other.state().pending.len() < MAX_FRAME);
+    }
+
+    #[test]
+    fn gates_round_trip_as_bits() {
+        let g = Gates::default();
+        g.close(Gate::BEFORE_REBOOT);
+        let bits = g.closed_bits();
+        let h = Gates::default();
+        h.set_closed_bits(bits);
+        assert!(!h.is_open(Gate::BEFORE_REBOOT));
+        h.set_closed_bits(0);
+        assert!(h.is_open(Gate::BEFORE_REBOOT));
     }
 
     #[test]

@@ -934,6 +934,13 @@ impl Decoder {
         self.len > 0
     }
 
+    /// The bytes of the frame begun and not ended (empty between frames): what a
+    /// snapshot keeps, and feeds again at offsets 0.. ([`Decoder::feed_frame`]) to put a
+    /// new decoder in the same state.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     /// Feeds the byte the guest wrote at window `offset`. A byte at offset 0 starts a new
     /// frame; if one was unfinished, it is reported as [`DecodeError::Truncated`] and the
     /// new frame begins with this byte.

@@ -7,11 +7,14 @@
 //! records the next kernel gets are parsed and compared with what user space believes it
 //! preserved.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use luo_devices::{Gates, ProbeEvent};
 use luo_handover::symbols::KernelSymbols;
+use luo_protocol::probe::Gate;
+use luo_protocol::script::Step;
 use luo_protocol::workload::Workload;
 use serde::Serialize;
 use thiserror::Error;
@@ -22,11 +25,12 @@ use crate::config::options::{
 use crate::config::scenario::{Scenario, ScenarioFileError};
 use crate::judge::scenario::{belief, compare, judge, vote, Judgement, RunFacts, ScenarioVerdict};
 use crate::machine::debug::MAX_BREAKPOINTS;
+use crate::machine::dirty::DirtyLog;
 use crate::machine::vcpu::control::VcpuControl;
 use crate::machine::vcpu::run::{HookAction, VcpuNotice};
 use crate::machine::vm::{RunObserver, StoppedVcpu, VmExit};
 use crate::report::RoundSeen;
-use crate::run::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
+use crate::run::guest::{GuestError, GuestMachine, GuestOutcome, ResolvedGuest, SnapshotPoint};
 use crate::run::image::ImageError;
 use crate::run::kernel::{load_symbols, KernelFileError};
 use crate::watch::intercept::{InterceptPoint, Interception, Interceptor};
@@ -233,8 +237,12 @@ impl RunObserver for ScenarioObserver {
         b
     }
 
-    fn attach(&self, control: &Arc<VcpuControl>) {
-        self.scheduler.attach(control);
+    fn attach(&self, control: &Arc<VcpuControl>, started: std::time::Instant) {
+        self.scheduler.attach(control, started);
+    }
+
+    fn quiescent(&self) -> bool {
+        self.scheduler.quiescent() && self.interceptor.quiescent()
     }
 
     fn on_notice(&self, notice: VcpuNotice) {
@@ -265,8 +273,8 @@ impl RunObserver for ScenarioObserver {
         self.scheduler.on_probe(ev);
     }
 
-    fn on_stopped(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
-        self.interceptor.on_stopped(vm_fd, memory);
+    fn on_stopped(&self, dirty: &DirtyLog) {
+        self.interceptor.on_stopped(dirty);
     }
 }
 
@@ -275,6 +283,8 @@ impl RunObserver for ScenarioObserver {
 pub struct RunResult {
     /// 1-based.
     pub run: u32,
+    /// Whether the run started from a snapshot (else it booted).
+    pub from_snapshot: bool,
     /// The verdict and why.
     pub judgement: Judgement,
     /// The schedule as it happened.
@@ -636,6 +646,26 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         args.runs,
         expected.name()
     );
+    let point = snapshot_point(&p.sc, args);
+    let mut machine = match &args.from_snapshot {
+        Some(dir) => {
+            let m = GuestMachine::from_snapshot(
+                &p.opts,
+                &p.guest,
+                &script_params(&p.sc),
+                Gates::default(),
+                dir,
+            )?;
+            eprintln!("luo-vmm: every run starts from the snapshot in {}", dir.display());
+            Some(m)
+        }
+        None => None,
+    };
+    if args.from_snapshot.is_none() && !args.no_snapshot && point.is_none() {
+        eprintln!(
+            "luo-vmm: the scenario has no gate step in stage 1: every run boots (no snapshot point)"
+        );
+    }
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         let log = args.log_dir.join(format!(
@@ -646,9 +676,20 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
                 .as_deref()
                 .map_or(String::new(), |v| format!("-{v}"))
         ));
-        let result = run_once(&p, run, log)?;
+        let result = run_once(&p, run, log, &mut machine, point.as_ref())?;
         print_run(&result, args.runs);
         runs.push(result);
+    }
+    if let Some(dir) = &args.save_snapshot {
+        let m = machine.as_ref().ok_or_else(|| {
+            ScenarioError::Options("--save-snapshot: no run kept a snapshot".into())
+        })?;
+        let bytes = m.save(dir, &p.opts, &p.guest)?;
+        println!(
+            "snapshot saved to {} ({:.1} MiB)",
+            dir.display(),
+            bytes as f64 / f64::from(1u32 << 20)
+        );
     }
     let (verdict, count) = vote(runs.iter().map(|r| r.judgement.verdict));
     println!("verdict: {} ({count}/{} runs)", verdict.name(), args.runs);
@@ -689,35 +730,81 @@ fn kernel_name(target: &ScenarioTarget) -> String {
     }
 }
 
-/// One run of the prepared scenario, its console in `log`: a fresh VM, the interception
-/// and the schedule armed, the facts judged.
-fn run_once(p: &Prepared, run: u32, log: PathBuf) -> Result<RunResult, ScenarioError> {
-    // The console log appends; each run starts its own.
-    let _ = std::fs::remove_file(&log);
-    let run_opts = GuestOptions {
-        console_log: Some(log.clone()),
-        ..p.opts.clone()
+/// Where `scenario run` takes its snapshot: `--snapshot-gate`s, or the first gate of
+/// every stage-1 thread that has one; none with `--no-snapshot` or without gates.
+fn snapshot_point(sc: &Scenario, args: &ScenarioRunArgs) -> Option<SnapshotPoint> {
+    if args.no_snapshot {
+        return None;
+    }
+    let gates: BTreeSet<Gate> = if args.snapshot_gate.is_empty() {
+        sc.script
+            .stage1
+            .threads
+            .iter()
+            .filter_map(|t| {
+                t.steps.iter().find_map(|s| match s {
+                    Step::Gate(g) => Some(*g),
+                    _ => None,
+                })
+            })
+            .collect()
+    } else {
+        args.snapshot_gate.iter().filter_map(|&g| Gate::new(g)).collect()
     };
+    (!gates.is_empty()).then_some(SnapshotPoint { gates })
+}
+
+/// One run of the prepared scenario, its console in `log`, the interception and the
+/// schedule armed, the facts judged. From the snapshot `machine` keeps, reset to it, when
+/// it keeps one; else a fresh VM from boot, which keeps a snapshot at `point` if given.
+fn run_once(
+    p: &Prepared,
+    run: u32,
+    log: PathBuf,
+    machine: &mut Option<GuestMachine>,
+    point: Option<&SnapshotPoint>,
+) -> Result<RunResult, ScenarioError> {
     let interceptor = interceptor(&p.syms)?;
     let hooks = arm(&p.sc, &p.syms, &interceptor, p.vcpus)?;
-    let gates = Gates::default();
+    let from_snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
+    let m = match machine {
+        Some(m) if from_snapshot => {
+            let reset = m.reset()?;
+            eprintln!(
+                "luo-vmm: run {run}: reset to the snapshot ({} pages written back, {:.1} ms)",
+                reset.pages,
+                reset.nanos as f64 * 1e-6
+            );
+            m
+        }
+        _ => machine.insert(GuestMachine::boot(
+            &p.opts,
+            &p.guest,
+            &script_params(&p.sc),
+            Gates::default(),
+        )?),
+    };
     let observer = Arc::new(ScenarioObserver::new(
         interceptor,
-        Scheduler::new(hooks, p.sc.gates.clone(), gates.clone()),
+        Scheduler::new(hooks, p.sc.gates.clone(), m.gates()),
         p.vcpus,
     ));
-    let outcome = run_guest(
-        &run_opts,
-        &p.guest,
-        &script_params(&p.sc),
+    let outcome = m.run(
         Some(observer.clone() as Arc<dyn RunObserver>),
-        gates,
+        Some(&log),
+        if from_snapshot { None } else { point.cloned() },
     )?;
+    if !from_snapshot && point.is_some() {
+        if let Some(why) = m.no_snapshot() {
+            eprintln!("luo-vmm: run {run} kept no snapshot ({why}); the next runs boot");
+        }
+    }
     let got = observer.interceptor.finish(outcome.started);
     let log_seen = observer.scheduler.finish();
     let f = facts(&outcome, &got, &log_seen);
     Ok(RunResult {
         run,
+        from_snapshot,
         judgement: judge(&p.sc.verdict, &f),
         timeline: log_seen.timeline,
         discrepancies: f.discrepancies,

@@ -213,6 +213,23 @@ pub struct ScenarioRunArgs {
     /// Also echo the guest console.
     #[arg(long)]
     pub console: bool,
+    /// Boot every run (by default run 1 boots, pauses once the agent waits at the
+    /// scenario's first gates, keeps a snapshot there, and runs 2..N start from it).
+    #[arg(long, conflicts_with_all = ["from_snapshot", "save_snapshot", "snapshot_gate"])]
+    pub no_snapshot: bool,
+    /// Take the snapshot once the agent has waited at every one of these gates (a
+    /// `gate N` step; repeatable) instead of at each stage-1 thread's first gate.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..64))]
+    pub snapshot_gate: Vec<u8>,
+    /// Also write the snapshot to this directory (replaced if it holds one), for
+    /// `--from-snapshot` in another process.
+    #[arg(long, value_name = "DIR")]
+    pub save_snapshot: Option<PathBuf>,
+    /// Start every run from the snapshot in this directory (written by
+    /// `--save-snapshot` for the same scenario, kernel, --mem and --vcpus; checked whole
+    /// before anything runs).
+    #[arg(long, value_name = "DIR", conflicts_with = "snapshot_gate")]
+    pub from_snapshot: Option<PathBuf>,
 }
 
 /// `luo-vmm boot`.

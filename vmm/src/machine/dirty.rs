@@ -233,6 +233,199 @@ pub fn clear_log(
     Ok(calls)
 }
 
+/// How the log is kept once on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// `KVM_MEM_LOG_DIRTY_PAGES` on every slot, every page write-protected when it
+    /// started; reading the log clears it.
+    WholeGuest,
+    /// Manual protection: only the pages whose bits were cleared are watched.
+    Manual,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    /// `None` while off.
+    mode: Option<LogMode>,
+    /// Every page written since the snapshot a reset goes back to, accumulated over
+    /// every read of the log (any reader's), while a snapshot is kept.
+    since_snapshot: Option<Vec<SlotBitmap>>,
+}
+
+/// The VM's dirty log, one per VM and every reader through it: the interception's
+/// rounds and leak check, and the reset to a snapshot, which must learn of every page
+/// written since the snapshot even when another reader's `KVM_GET_DIRTY_LOG` cleared its
+/// bit. While a snapshot is kept the log runs [`LogMode::WholeGuest`] (manual protection
+/// would hide from the reset what it does not watch).
+pub struct DirtyLog {
+    vm_fd: std::sync::Arc<VmFd>,
+    memory: std::sync::Arc<GuestMemoryMmap>,
+    caps: Capabilities,
+    state: std::sync::Mutex<LogState>,
+}
+
+impl DirtyLog {
+    /// The log of the VM `vm_fd` over `memory` (registered with [`set_slots`]), off.
+    pub fn new(
+        vm_fd: std::sync::Arc<VmFd>,
+        memory: std::sync::Arc<GuestMemoryMmap>,
+        caps: Capabilities,
+    ) -> Self {
+        DirtyLog {
+            vm_fd,
+            memory,
+            caps,
+            state: std::sync::Mutex::new(LogState::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts watching, for a reader that wants a clean log from now: switches the log on
+    /// if it is off (under manual protection when `tracked` is given, KVM offers it and
+    /// no snapshot is kept), then clears the bits of `tracked` (manual) or reads the
+    /// whole log once (whole guest). Returns the mode.
+    ///
+    /// # Errors
+    /// The errno of `KVM_SET_USER_MEMORY_REGION`, `KVM_CLEAR_DIRTY_LOG` or
+    /// `KVM_GET_DIRTY_LOG`.
+    pub fn start(&self, tracked: Option<&ExtentSet>) -> Result<LogMode, kvm_ioctls::Error> {
+        let mut st = self.state();
+        let mode = match st.mode {
+            Some(mode) => mode,
+            None => {
+                let manual = tracked.is_some()
+                    && st.since_snapshot.is_none()
+                    && enable_manual_protect(&self.vm_fd, &self.caps);
+                set_slots(&self.vm_fd, &self.memory, true)?;
+                let mode = if manual {
+                    LogMode::Manual
+                } else {
+                    LogMode::WholeGuest
+                };
+                st.mode = Some(mode);
+                mode
+            }
+        };
+        match mode {
+            LogMode::Manual => {
+                clear_log(&self.vm_fd, &self.memory, tracked)?;
+            }
+            LogMode::WholeGuest => {
+                self.take_locked(&mut st)?;
+            }
+        }
+        Ok(mode)
+    }
+
+    /// Clears (and write-protects) the bits of `tracked` again; under
+    /// [`LogMode::WholeGuest`] (or off) nothing needs doing. Returns the ioctls made.
+    pub fn clear(&self, tracked: &ExtentSet) -> Result<usize, kvm_ioctls::Error> {
+        let st = self.state();
+        match st.mode {
+            Some(LogMode::Manual) => clear_log(&self.vm_fd, &self.memory, Some(tracked)),
+            _ => Ok(0),
+        }
+    }
+
+    /// The current mode (`None`: off).
+    pub fn mode(&self) -> Option<LogMode> {
+        self.state().mode
+    }
+
+    /// Reads the log of every slot (clearing it under [`LogMode::WholeGuest`]); what it
+    /// saw is also added to the pages written since the snapshot, if one is kept.
+    pub fn take(&self) -> Result<Vec<SlotBitmap>, kvm_ioctls::Error> {
+        let mut st = self.state();
+        self.take_locked(&mut st)
+    }
+
+    fn take_locked(&self, st: &mut LogState) -> Result<Vec<SlotBitmap>, kvm_ioctls::Error> {
+        let maps = take_bitmaps(&self.vm_fd, &self.memory)?;
+        if let Some(acc) = &mut st.since_snapshot {
+            accumulate(acc, &maps);
+        }
+        Ok(maps)
+    }
+
+    /// A snapshot was just taken (every vCPU stopped): from now on every page written is
+    /// remembered for [`DirtyLog::written_since_snapshot`]. Switches the log on over the
+    /// whole guest if it is off (every page write-protected once: O(guest size)).
+    ///
+    /// # Errors
+    /// Under manual protection (an interception round started before the snapshot) the
+    /// log cannot tell every page written: `EBUSY`.
+    pub fn keep_snapshot(&self) -> Result<(), kvm_ioctls::Error> {
+        let mut st = self.state();
+        match st.mode {
+            Some(LogMode::Manual) => return Err(kvm_ioctls::Error::new(libc::EBUSY)),
+            Some(LogMode::WholeGuest) => {
+                take_bitmaps(&self.vm_fd, &self.memory)?;
+            }
+            None => {
+                set_slots(&self.vm_fd, &self.memory, true)?;
+                st.mode = Some(LogMode::WholeGuest);
+            }
+        }
+        st.since_snapshot = Some(empty_like(&take_bitmaps(&self.vm_fd, &self.memory)?));
+        Ok(())
+    }
+
+    /// The guest-physical addresses of every page written since the snapshot (or since
+    /// the last call), ascending; the record starts again empty. Every vCPU must be
+    /// stopped. `None` if no snapshot is kept.
+    pub fn written_since_snapshot(&self) -> Result<Option<Vec<u64>>, kvm_ioctls::Error> {
+        let mut st = self.state();
+        if st.since_snapshot.is_none() {
+            return Ok(None);
+        }
+        self.take_locked(&mut st)?;
+        let acc = st.since_snapshot.as_mut().map(std::mem::take).unwrap_or_default();
+        let pages = pages_of(&acc);
+        st.since_snapshot = Some(empty_like(&acc));
+        // After a reset the interception starts afresh: its mode is kept (the log stays
+        // on over the whole guest).
+        Ok(Some(pages))
+    }
+}
+
+/// ORs `maps` into `acc` (the same slots, in order).
+pub fn accumulate(acc: &mut [SlotBitmap], maps: &[SlotBitmap]) {
+    for (a, m) in acc.iter_mut().zip(maps) {
+        for (w, x) in a.words.iter_mut().zip(&m.words) {
+            *w |= x;
+        }
+    }
+}
+
+/// The same slots with every bit clear.
+pub fn empty_like(maps: &[SlotBitmap]) -> Vec<SlotBitmap> {
+    maps.iter()
+        .map(|m| SlotBitmap {
+            base: m.base,
+            words: vec![0; m.words.len()],
+        })
+        .collect()
+}
+
+/// The guest-physical address of every page whose bit is set, ascending per slot.
+pub fn pages_of(maps: &[SlotBitmap]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for m in maps {
+        for (i, &w) in m.words.iter().enumerate() {
+            let mut bits = w;
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                out.push(m.base + ((i as u64) * 64 + b) * (1 << PAGE_SHIFT));
+                bits &= bits - 1;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +476,19 @@ mod tests {
             .sum();
         assert_eq!(bits, 295);
         assert_eq!(r[2].bitmap, vec![(1 << 44) - 1]);
+    }
+
+    #[test]
+    fn pages_written_accumulate_over_reads() {
+        let one = |base, words: Vec<u64>| vec![SlotBitmap { base, words }];
+        let mut acc = empty_like(&one(0x10_0000, vec![0, 0]));
+        accumulate(&mut acc, &one(0x10_0000, vec![0b101, 0]));
+        accumulate(&mut acc, &one(0x10_0000, vec![0b100, 1 << 63]));
+        assert_eq!(
+            pages_of(&acc),
+            vec![0x10_0000, 0x10_2000, 0x10_0000 + 127 * 4096]
+        );
+        assert!(pages_of(&empty_like(&acc)).is_empty());
     }
 
     #[test]

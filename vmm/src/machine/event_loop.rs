@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::machine::console_input::StdinToSerial;
+use crate::machine::snapshot::state::{StateError, VcpuState};
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
 use crate::machine::vcpu::kick::kick;
 use crate::machine::vcpu::run::{DebugFate, FatalExit, VcpuNotice, VcpuStop};
@@ -61,8 +62,25 @@ impl VmExit {
 
 /// What a vCPU thread tells the main thread.
 pub(crate) enum VcpuReport {
-    Stopped { vcpu: u8, stop: VcpuStop },
+    Stopped {
+        vcpu: u8,
+        stop: VcpuStop,
+    },
     Notice(VcpuNotice),
+    /// Parked for a pause, with its state (or why it could not be read).
+    Parked {
+        vcpu: u8,
+        state: Box<Result<VcpuState, StateError>>,
+    },
+}
+
+/// What wakes the main thread for good or for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The run ends.
+    End(VmExit, StopCause),
+    /// A pause is requested ([`VcpuControl::request_pause`]).
+    Pause,
 }
 
 /// A vCPU thread's end of the reports: a channel, and an `EventFd` signalled after each
@@ -157,16 +175,51 @@ impl<'a> MainLoop<'a> {
         Ok(MainLoop { events, seen })
     }
 
-    /// Blocks until what the subscribers saw ends the run.
-    pub fn wait(&mut self) -> Result<(VmExit, StopCause), event_manager::Error> {
+    /// Blocks until what the subscribers saw ends the run or asks for a pause.
+    pub fn wait(&mut self) -> Result<Wake, event_manager::Error> {
         loop {
-            if let Some(end) = self.seen.borrow().outcome() {
-                return Ok(end);
+            let seen = self.seen.borrow();
+            if let Some((exit, cause)) = seen.outcome() {
+                return Ok(Wake::End(exit, cause));
             }
+            if seen.pause {
+                return Ok(Wake::Pause);
+            }
+            drop(seen);
             // Returns once it has dispatched what epoll reported, or at once (0) when a
             // signal interrupted the wait.
             self.events.run()?;
         }
+    }
+
+    /// During a pause: dispatches events until every vCPU whose loop still runs has
+    /// parked, the run ends, or `limit` passes. Returns each vCPU's parked state (`None`:
+    /// it did not park), and forgets the pause request and the states.
+    pub fn wait_parked(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Vec<Option<Result<VcpuState, StateError>>>, event_manager::Error> {
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let seen = self.seen.borrow();
+                let all = seen
+                    .parked
+                    .iter()
+                    .zip(&seen.stopped)
+                    .all(|(p, stopped)| p.is_some() || *stopped);
+                if all || seen.outcome().is_some() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            self.events.run_with_timeout(ms)?;
+        }
+        let mut seen = self.seen.borrow_mut();
+        seen.pause = false;
+        let n = seen.parked.len();
+        Ok(std::mem::replace(&mut seen.parked, (0..n).map(|_| None).collect()))
     }
 
     /// Per vCPU: whether its thread reported that its loop ended.
@@ -190,6 +243,10 @@ struct Seen {
     stopped: Vec<bool>,
     /// A subscriber could not register its descriptor.
     broken: Option<String>,
+    /// A pause is requested and not handled yet.
+    pause: bool,
+    /// Per vCPU, during a pause: its state once parked.
+    parked: Vec<Option<Result<VcpuState, StateError>>>,
 }
 
 impl Seen {
@@ -201,6 +258,8 @@ impl Seen {
             timed_out: None,
             stopped: vec![false; vcpus],
             broken: None,
+            pause: false,
+            parked: (0..vcpus).map(|_| None).collect(),
         }
     }
 
@@ -275,8 +334,12 @@ impl MutEventSubscriber for StopWatch<'_> {
         if let Some(event) = self.control.stop_event() {
             let _ = event.read();
         }
+        let mut seen = self.seen.borrow_mut();
         if self.control.stop_requested() == Some(StopCause::Ended) {
-            self.seen.borrow_mut().ended = true;
+            seen.ended = true;
+        }
+        if self.control.pause_requested() {
+            seen.pause = true;
         }
     }
 
@@ -363,6 +426,11 @@ impl MutEventSubscriber for ReportWatch<'_> {
                          or exception; stepped over again when the call comes back"
                     );
                 }
+                VcpuReport::Parked { vcpu, state } => {
+                    if let Some(p) = seen.parked.get_mut(usize::from(vcpu)) {
+                        *p = Some(*state);
+                    }
+                }
                 VcpuReport::Notice(VcpuNotice::HoldTimedOut { vcpu, slot }) => {
                     log::warn!("vCPU {vcpu}: hold at breakpoint {slot} timed out; released");
                 }
@@ -402,14 +470,15 @@ pub(crate) const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// Stops every vCPU thread (the stop request is already made): one kick each (not to
 /// those whose loop already ended: `stopped`), then waits for their reports, at most
-/// `limit` in all ([`STOP_WAIT`]), and joins them. A thread still running then is named
-/// in a warning and ends with the process.
-pub(crate) fn stop_vcpus(
-    threads: Vec<thread::JoinHandle<()>>,
+/// `limit` in all ([`STOP_WAIT`]), and joins them. Returns what each thread returned
+/// (its vCPU), `None` for a thread still running then: it is named in a warning and ends
+/// with the process.
+pub(crate) fn stop_vcpus<T>(
+    threads: Vec<thread::JoinHandle<T>>,
     reports: &mpsc::Receiver<VcpuReport>,
     mut stopped: Vec<bool>,
     limit: Duration,
-) {
+) -> Vec<Option<T>> {
     stopped.resize(threads.len(), false);
     for (t, done) in threads.iter().zip(&stopped) {
         if !done {
@@ -425,23 +494,26 @@ pub(crate) fn stop_vcpus(
                     *s = true;
                 }
             }
-            // The run is over: a late notice changes nothing.
-            Ok(VcpuReport::Notice(_)) => {}
+            // The run is over: a late notice or parked state changes nothing.
+            Ok(VcpuReport::Notice(_) | VcpuReport::Parked { .. }) => {}
             // The time is up, or every thread is gone (one that panicked reports nothing).
             Err(_) => break,
         }
     }
+    let mut back = Vec::new();
     for (id, (t, done)) in threads.into_iter().zip(stopped).enumerate() {
         if done || t.is_finished() {
-            let _ = t.join();
+            back.push(t.join().ok());
         } else {
             log::warn!(
                 "vCPU {id}: its thread did not return within {} ms of its stop kick; \
                  it is left to end with the process",
                 limit.as_millis()
             );
+            back.push(None);
         }
     }
+    back
 }
 
 #[cfg(test)]
@@ -490,6 +562,10 @@ mod tests {
         deadline: Option<Duration>,
         meanwhile: impl FnOnce() + Send,
     ) -> ((VmExit, StopCause), Vec<ProbeEvent>, Vec<bool>) {
+        let end = |w: Wake| match w {
+            Wake::End(exit, cause) => (exit, cause),
+            Wake::Pause => panic!("no pause was asked for"),
+        };
         let mut got = Vec::new();
         let mut deliver = |ev: ProbeEvent| got.push(ev);
         let deadline = deadline.map(|after| {
@@ -512,7 +588,7 @@ mod tests {
         .unwrap();
         let (end, stopped) = thread::scope(|s| {
             s.spawn(meanwhile);
-            let end = main.wait().unwrap();
+            let end = end(main.wait().unwrap());
             (end, main.stopped())
         });
         drop(main);

@@ -12,5 +12,6 @@ pub(crate) mod host;
 pub(crate) mod layout;
 pub(crate) mod loader;
 pub(crate) mod memory;
+pub(crate) mod snapshot;
 pub(crate) mod vcpu;
 pub(crate) mod vm;

@@ -10,12 +10,16 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_guest_debug, kvm_pit_config, KVM_CAP_XCRS, KVM_CAP_XSAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use luo_devices::console::LineObserver;
 use luo_devices::{
     ConsoleOutput, Gates, PioBus, ProbeEvent, ProbePort, ProbeReceiver, ResetDevice, SerialConsole,
-    Sink, COM1_IRQ, COM1_PORT, I8042_LEN, I8042_PORT, LEGACY_SINK_RANGES, PROBE_PORT, PROBE_PORTS,
+    SerialState, Sink, COM1_IRQ, COM1_PORT, I8042_LEN, I8042_PORT, LEGACY_SINK_RANGES, PROBE_PORT,
+    PROBE_PORTS,
 };
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
@@ -25,15 +29,18 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::machine::arch::cpuid::CpuidHost;
 use crate::machine::arch::{write_boot, BootError, BootSpec};
 use crate::machine::console_input::StdinToSerial;
-use crate::machine::dirty::set_slots;
+use crate::machine::dirty::{set_slots, DirtyLog};
 pub(crate) use crate::machine::event_loop::VmExit;
 use crate::machine::event_loop::{
-    stop_vcpus, EventLoopError, MainLoop, ReportSender, Sources, VcpuReport, STOP_WAIT,
+    stop_vcpus, EventLoopError, MainLoop, ReportSender, Sources, VcpuReport, Wake, STOP_WAIT,
 };
 use crate::machine::host::{Capabilities, HostError};
 use crate::machine::layout::KVM_TSS_ADDRESS;
 use crate::machine::loader::{load_initrd, load_kernel, LoaderError};
 use crate::machine::memory::{create_guest_memory, guest_memory_map, MemoryError};
+use crate::machine::snapshot::memory::{regions_of, MemoryImage, MemoryImageError};
+use crate::machine::snapshot::state::{StateError, VcpuState, VmState};
+use crate::machine::snapshot::{DeviceState, MachineSnapshot, RestoreStats, UartState};
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
 use crate::machine::vcpu::kick::{kick, kickable};
 use crate::machine::vcpu::run::{run_loop, HookAction, LoopHooks, VcpuNotice, VcpuStop};
@@ -91,6 +98,18 @@ pub enum VmError {
     /// Checking KVM's capabilities.
     #[error(transparent)]
     Capabilities(#[from] HostError),
+    /// Saving or restoring vCPU or VM state.
+    #[error("snapshot: {0}")]
+    State(#[from] StateError),
+    /// Saving or restoring guest RAM.
+    #[error("snapshot: {0}")]
+    MemoryImage(#[from] MemoryImageError),
+    /// A snapshot could not be taken or put back.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// A vCPU thread of an earlier run never returned: the VM cannot run again.
+    #[error("the VM cannot run again: {0}")]
+    Lost(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -129,12 +148,10 @@ pub(crate) struct MachineSpec<'a> {
 pub(crate) struct StoppedVcpu<'a> {
     /// The stopped vCPU (registers, guest page tables, memory).
     pub vcpu: &'a Vcpu,
-    /// The VM (dirty logs).
-    pub vm_fd: &'a VmFd,
+    /// The VM's dirty log.
+    pub dirty: &'a DirtyLog,
     /// Every vCPU's holds.
     pub control: &'a VcpuControl,
-    /// What KVM offers this VM.
-    pub caps: &'a Capabilities,
 }
 
 /// Watches a whole run: the breakpoints it wants armed on every vCPU, what happens at
@@ -142,8 +159,9 @@ pub(crate) struct StoppedVcpu<'a> {
 pub(crate) trait RunObserver: Send + Sync {
     /// Guest-virtual addresses to break at on vCPU `vcpu` (at most four).
     fn breakpoints(&self, vcpu: u8) -> Vec<u64>;
-    /// The run starts: `control` stops, holds and releases its vCPUs.
-    fn attach(&self, _control: &Arc<VcpuControl>) {}
+    /// The run starts: `control` stops, holds, releases and pauses its vCPUs; `started`
+    /// is the run's time zero (a run from a snapshot started before the snapshot).
+    fn attach(&self, _control: &Arc<VcpuControl>, _started: Instant) {}
     /// A vCPU's notice (a hold that timed out, a foreign debug exit), on its thread.
     fn on_notice(&self, _notice: VcpuNotice) {}
     /// Breakpoint `slot` (an index into [`RunObserver::breakpoints`]) was hit at `pc`;
@@ -155,9 +173,38 @@ pub(crate) trait RunObserver: Send + Sync {
     /// what must happen before the guest's next instruction (arming a hook on the call
     /// the agent just announced).
     fn on_probe_now(&self, _ev: &ProbeEvent) {}
-    /// Every vCPU has stopped; the VM and its memory are still there.
-    fn on_stopped(&self, _vm_fd: &VmFd, _memory: &GuestMemoryMmap) {}
+    /// Every vCPU has stopped; the VM, its memory and dirty log are still there.
+    fn on_stopped(&self, _dirty: &DirtyLog) {}
+    /// Whether nothing this observer did so far needed a vCPU stopped at one of its
+    /// breakpoints: then a fresh observer given the probe messages so far is in the same
+    /// state, and a snapshot taken now can serve later runs.
+    fn quiescent(&self) -> bool {
+        true
+    }
 }
+
+/// The observer of the current run, behind a lock: the probe device's listener reads it
+/// for each message, and each run of a VM that is reset to a snapshot has its own.
+type ObserverSlot = Arc<Mutex<Option<Arc<dyn RunObserver>>>>;
+
+fn current(slot: &ObserverSlot) -> Option<Arc<dyn RunObserver>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// How one run of a VM starts.
+pub(crate) struct RunSpec<'a> {
+    /// The run's time zero: now for a boot; for a run from a snapshot, now less the
+    /// time the snapshot's run had taken, so that times go on where they were.
+    pub started: Instant,
+    /// The run ends [`VmExit::Timeout`] this long after `started`.
+    pub timeout: Option<Duration>,
+    /// Probe messages of the snapshot's run before it was taken, delivered to this run's
+    /// observer (and `on_probe`) before any vCPU runs.
+    pub replay: &'a [ProbeEvent],
+}
+
+/// How long the vCPUs get to park once a pause is asked for.
+const PARK_WAIT: Duration = Duration::from_secs(5);
 
 /// A VM ready to run.
 pub(crate) struct Vm {
@@ -174,7 +221,17 @@ pub(crate) struct Vm {
     /// Signalled by the probe each time it queues a message.
     probe_ready: EventFd,
     serial: Arc<Mutex<SerialConsole>>,
-    observer: Option<Arc<dyn RunObserver>>,
+    probe_port: Arc<Mutex<ProbePort>>,
+    gates: Gates,
+    observer: ObserverSlot,
+    /// The dirty log, every reader's (`machine::dirty`).
+    dirty: Arc<DirtyLog>,
+    /// `KVM_GET_MSR_INDEX_LIST`: the MSRs a snapshot saves.
+    msr_list: Arc<Vec<u32>>,
+    /// The snapshot the VM resets to, once one is taken or loaded.
+    kept: Option<Arc<MachineSnapshot>>,
+    /// Why the VM cannot run again, if it cannot.
+    lost: Option<String>,
 }
 
 /// Opens /dev/kvm, its two usual failures (missing, no permission) as their own errors.
@@ -189,10 +246,68 @@ pub(crate) fn open_kvm() -> Result<Kvm, VmError> {
     })
 }
 
+/// XXH3-64 (hex) of KVM's supported CPUID table on this host: snapshots are used only
+/// where it is the same (the same host CPU model and KVM).
+pub(crate) fn cpuid_digest() -> Result<String, VmError> {
+    let kvm = open_kvm()?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for e in cpuid.as_slice() {
+        for w in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            h.update(&w.to_le_bytes());
+        }
+    }
+    Ok(format!("{:016x}", h.digest()))
+}
+
 impl Vm {
     /// Creates the VM, loads the kernel, initramfs and boot structures, creates the
     /// devices and vCPUs.
     pub fn new(spec: &MachineSpec<'_>) -> Result<Self, VmError> {
+        let vm = Self::create(spec)?;
+        let kernel = load_kernel(&vm.memory, spec.kernel, spec.no_pvh)?;
+        let map = guest_memory_map(spec.mem);
+        let initrd = spec
+            .initrd
+            .map(|p| load_initrd(&vm.memory, p, &map, &kernel))
+            .transpose()?;
+        write_boot(
+            &vm.memory,
+            &BootSpec {
+                kernel: &kernel,
+                initrd,
+                cmdline: spec.cmdline,
+                memory_map: &map,
+                vcpus: spec.vcpus,
+            },
+        )?;
+        if let Some(bsp) = vm.vcpus.first() {
+            bsp.configure_boot(kernel.mode, kernel.entry)?;
+        }
+        Ok(vm)
+    }
+
+    /// A VM of `spec`'s size put in the state of `snap` (read from a file and checked
+    /// against this VM's memory layout): every kept page written into its fresh memory,
+    /// every vCPU, the VM's in-kernel state and the devices restored. `spec`'s kernel,
+    /// initramfs and command line are not used: they are in the snapshot's memory. The
+    /// VM keeps `snap` and resets to it.
+    pub fn from_snapshot(spec: &MachineSpec<'_>, snap: MachineSnapshot) -> Result<Self, VmError> {
+        let mut vm = Self::create(spec)?;
+        snap.memory.check(&regions_of(&vm.memory))?;
+        let pages = snap.memory.restore_all(&vm.memory)?;
+        vm.put_back(&snap)?;
+        vm.dirty.keep_snapshot().map_err(kvm_err("starting the dirty log"))?;
+        log::info!("restored a snapshot: {pages} pages");
+        vm.kept = Some(Arc::new(snap));
+        Ok(vm)
+    }
+
+    /// KVM's VM with its irqchip, PIT, memory, devices and vCPUs (CPUID, MSRs, LAPIC);
+    /// nothing loaded.
+    fn create(spec: &MachineSpec<'_>) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Once per VM; what luo-vmm does without each missing one, said before it boots.
@@ -217,28 +332,17 @@ impl Vm {
         // The Vm keeps `memory` alive (in its vCPUs) as long as `vm_fd`.
         set_slots(&vm_fd, &memory, false).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
-        let kernel = load_kernel(&memory, spec.kernel, spec.no_pvh)?;
-        let map = guest_memory_map(spec.mem);
-        let initrd = spec
-            .initrd
-            .map(|p| load_initrd(&memory, p, &map, &kernel))
-            .transpose()?;
-        write_boot(
-            &memory,
-            &BootSpec {
-                kernel: &kernel,
-                initrd,
-                cmdline: spec.cmdline,
-                memory_map: &map,
-                vcpus: spec.vcpus,
-            },
-        )?;
-
-        let devices = build_devices(&vm_fd, spec)?;
+        let observer: ObserverSlot = Arc::new(Mutex::new(spec.observer.clone()));
+        let devices = build_devices(&vm_fd, spec, &observer)?;
         let vm_fd = Arc::new(vm_fd);
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         // KVM emulates the TSC-deadline timer and says so only through this capability.
         let cpuid_host = CpuidHost {
             tsc_deadline: caps.tsc_deadline_timer,
@@ -250,34 +354,168 @@ impl Vm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let vcpu = Vcpu::new(id, fd, memory.clone());
             vcpu.configure_common(&cpuid, spec.vcpus, cpuid_host)?;
-            if id == 0 {
-                vcpu.configure_boot(kernel.mode, kernel.entry)?;
-            }
             vcpus.push(vcpu);
         }
+        let dirty = Arc::new(DirtyLog::new(vm_fd.clone(), memory.clone(), caps));
         Ok(Self {
-            _kvm: kvm,
-            caps,
-            memory,
-            vm_fd,
-            vcpus,
-            bus: devices.bus,
-            reset: devices.reset,
-            probe: devices.probe,
-            probe_ready: devices.probe_ready,
-            serial: devices.serial,
-            observer: spec.observer.clone(),
+                _kvm: kvm,
+                caps,
+                memory,
+                vm_fd,
+                vcpus,
+                bus: devices.bus,
+                reset: devices.reset,
+                probe: devices.probe,
+                probe_ready: devices.probe_ready,
+                serial: devices.serial,
+                probe_port: devices.probe_port,
+                gates: spec.gates.clone(),
+                observer,
+                dirty,
+                msr_list: Arc::new(msr_list),
+                kept: None,
+                lost: None,
         })
     }
 
-    /// Runs the VM until it resets, a vCPU dies or `timeout` passes. `on_probe` sees each
-    /// probe message as it arrives (after the observer, if any).
+    /// Who watches the next run (replacing the one the VM was built with).
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn RunObserver>>) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = observer;
+    }
+
+    /// Where the guest's console goes from now on (the next run's log and observer).
+    pub fn set_console(&self, out: ConsoleOutput) {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_output(out);
+    }
+
+    /// The snapshot the VM resets to, if one was taken or loaded.
+    pub fn kept_snapshot(&self) -> Option<&Arc<MachineSnapshot>> {
+        self.kept.as_ref()
+    }
+
+    /// Whether KVM offers what a snapshot needs (XSAVE and XCRs); why not, if it does not.
+    pub fn snapshot_support(&self) -> Result<(), String> {
+        for (cap, name) in [(KVM_CAP_XSAVE, "KVM_CAP_XSAVE"), (KVM_CAP_XCRS, "KVM_CAP_XCRS")] {
+            if self.vm_fd.check_extension_raw(libc::c_ulong::from(cap)) <= 0 {
+                return Err(format!("this KVM lacks {name}, which a snapshot needs"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the VM back in the state of the snapshot it keeps: the pages written since
+    /// (KVM's dirty log, every reader's), every vCPU (its host debug state cleared first:
+    /// the next run arms its own breakpoints), the VM's in-kernel state, the devices.
+    /// Every vCPU must be stopped (between runs).
+    pub fn reset(&mut self) -> Result<RestoreStats, VmError> {
+        let t = Instant::now();
+        if let Some(why) = &self.lost {
+            return Err(VmError::Lost(why.clone()));
+        }
+        let snap = self
+            .kept
+            .clone()
+            .ok_or_else(|| VmError::Snapshot("no snapshot was taken to reset to".into()))?;
+        let written = self
+            .dirty
+            .written_since_snapshot()
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?
+            .ok_or_else(|| VmError::Snapshot("the dirty log kept no record".into()))?;
+        let pages = snap.memory.restore_pages(&self.memory, written)?;
+        self.put_back(&snap)?;
+        Ok(RestoreStats {
+            pages,
+            nanos: u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Every vCPU, the VM's state and the devices from `snap` (memory aside).
+    fn put_back(&mut self, snap: &MachineSnapshot) -> Result<(), VmError> {
+        if snap.vcpus.len() != self.vcpus.len() {
+            return Err(VmError::Snapshot(format!(
+                "{} vCPU states for {} vCPUs",
+                snap.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        for (vcpu, state) in self.vcpus.iter().zip(&snap.vcpus) {
+            vcpu.fd
+                .set_guest_debug(&kvm_guest_debug::default())
+                .map_err(kvm_err("KVM_SET_GUEST_DEBUG (off, for a restore)"))?;
+            state.apply(&vcpu.fd)?;
+        }
+        snap.vm.apply(&self.vm_fd)?;
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&SerialState::from(&snap.devices.uart))
+            .map_err(|e| VmError::Snapshot(e.to_string()))?;
+        self.probe_port
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&snap.devices.probe());
+        self.gates.set_closed_bits(snap.devices.gates_closed);
+        Ok(())
+    }
+
+    /// The snapshot of the VM with every vCPU parked in `parked`.
+    fn take_snapshot(
+        &self,
+        parked: Vec<Option<Result<VcpuState, StateError>>>,
+    ) -> Result<MachineSnapshot, VmError> {
+        self.snapshot_support().map_err(VmError::Snapshot)?;
+        let mut vcpus = Vec::with_capacity(parked.len());
+        for (id, p) in parked.into_iter().enumerate() {
+            match p {
+                Some(state) => vcpus.push(state?),
+                None => {
+                    return Err(VmError::Snapshot(format!(
+                        "vCPU {id} did not stop at an instruction boundary within {} s \
+                         (held at a hook, or its thread ended)",
+                        PARK_WAIT.as_secs()
+                    )))
+                }
+            }
+        }
+        let vm = VmState::capture(&self.vm_fd)?;
+        let devices = DeviceState {
+            uart: UartState::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            probe_pending: self
+                .probe_port
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state()
+                .pending,
+            gates_closed: self.gates.closed_bits(),
+        };
+        let memory = MemoryImage::capture(&self.memory)?;
+        Ok(MachineSnapshot {
+            vcpus,
+            vm,
+            devices,
+            memory,
+        })
+    }
+
+    /// Runs the VM until it resets, a vCPU dies or the run's timeout passes. `on_probe`
+    /// sees each probe message as it arrives (after the observer). When the observer asks
+    /// for a pause ([`VcpuControl::request_pause`]), every vCPU parks at an instruction
+    /// boundary, the VM's snapshot is taken and handed to `on_pause` (or why it could not
+    /// be), the VM keeps it to [`Vm::reset`] to, and the run goes on. The VM can run again
+    /// afterwards (from where it stopped, or after a reset).
     pub fn run(
-        mut self,
-        timeout: Option<Duration>,
+        &mut self,
+        run: RunSpec<'_>,
         mut on_probe: impl FnMut(&ProbeEvent),
+        mut on_pause: impl FnMut(Result<&MachineSnapshot, &VmError>),
     ) -> Result<VmExit, VmError> {
-        let started = Instant::now();
+        if let Some(why) = &self.lost {
+            return Err(VmError::Lost(why.clone()));
+        }
+        let started = run.started;
         let host = |what| move |source| VmError::Host { what, source };
         install_kick_handler()?;
         let stop_event = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
@@ -288,7 +526,7 @@ impl Vm {
             tx,
             ready: reports_ready.clone(),
         };
-        let deadline = match timeout {
+        let deadline = match run.timeout {
             Some(after) => {
                 let sys = |what| move |e: vmm_sys_util::errno::Error| host(what)(e.into());
                 let mut timer = TimerFd::new().map_err(sys("timerfd"))?;
@@ -301,13 +539,24 @@ impl Vm {
             }
             None => None,
         };
+        let observer = current(&self.observer);
 
         let mut deliver = |ev: ProbeEvent| {
-            if let Some(o) = &self.observer {
+            if let Some(o) = &observer {
                 o.on_probe(&ev);
             }
             on_probe(&ev);
         };
+        if let Some(o) = &observer {
+            o.attach(&control, started);
+        }
+        // The snapshot's run, as far as it had gone: for this run's observers.
+        for ev in run.replay {
+            if let Some(o) = &observer {
+                o.on_probe_now(ev);
+            }
+            deliver(ev.clone());
+        }
         // Everything the main thread waits for, registered before any vCPU runs.
         let mut main = MainLoop::new(Sources {
             vcpus: self.vcpus.len(),
@@ -322,19 +571,15 @@ impl Vm {
             input: StdinToSerial::for_terminal(self.serial.clone()),
         })?;
 
-        if let Some(o) = &self.observer {
-            o.attach(&control);
-        }
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
-            let breakpoints = self
-                .observer
+            let breakpoints = observer
                 .as_ref()
                 .map(|o| o.breakpoints(vcpu.id))
                 .unwrap_or_default();
             let ctx = VcpuThread {
                 bus: self.bus.clone(),
-                vm_fd: self.vm_fd.clone(),
+                dirty: self.dirty.clone(),
                 stepper: Stepper::with_caps(
                     breakpoints,
                     StepCaps {
@@ -342,8 +587,8 @@ impl Vm {
                         inject_db: self.caps.inject_db(),
                     },
                 ),
-                caps: self.caps,
-                observer: self.observer.clone(),
+                msr_list: self.msr_list.clone(),
+                observer: observer.clone(),
                 report: report.clone(),
                 control: control.clone(),
             };
@@ -351,7 +596,11 @@ impl Vm {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     control.request_stop(StopCause::Host);
-                    stop_vcpus(threads, &reports, main.stopped(), STOP_WAIT);
+                    let stopped = main.stopped();
+                    drop(main);
+                    self.take_back(stop_vcpus(threads, &reports, stopped, STOP_WAIT));
+                    // The vCPU whose thread never started went with it.
+                    self.lost = Some("a vCPU thread could not be spawned".into());
                     return Err(e);
                 }
             }
@@ -359,15 +608,44 @@ impl Vm {
         // Only the vCPU threads send reports now.
         drop(report);
 
-        let waited = main.wait();
+        let mut kept = None;
+        let waited = loop {
+            match main.wait() {
+                Ok(Wake::Pause) => {
+                    for t in &threads {
+                        kick(t);
+                    }
+                    let snap = main
+                        .wait_parked(PARK_WAIT)
+                        .map_err(|e| VmError::Snapshot(format!("waiting for the vCPUs: {e}")))
+                        .and_then(|parked| self.take_snapshot(parked))
+                        .and_then(|snap| {
+                            self.dirty
+                                .keep_snapshot()
+                                .map_err(kvm_err("starting the dirty log for resets"))?;
+                            Ok(snap)
+                        });
+                    on_pause(snap.as_ref());
+                    if let Ok(snap) = snap {
+                        kept = Some(Arc::new(snap));
+                    }
+                    control.resume();
+                }
+                Ok(Wake::End(exit, cause)) => break Ok((exit, cause)),
+                Err(e) => break Err(e),
+            }
+        };
         let stopped = main.stopped();
         // The loop's borrows (of `deliver` among others) end here.
         drop(main);
+        if kept.is_some() {
+            self.kept = kept;
+        }
         let (exit, cause) = match waited {
             Ok(end) => end,
             Err(e) => {
                 control.request_stop(StopCause::Host);
-                stop_vcpus(threads, &reports, stopped, STOP_WAIT);
+                self.take_back(stop_vcpus(threads, &reports, stopped, STOP_WAIT));
                 return Err(VmError::Host {
                     what: "the event loop (epoll)",
                     source: std::io::Error::other(e),
@@ -378,9 +656,9 @@ impl Vm {
             sample_rips(&control, &threads);
         }
         control.request_stop(cause);
-        stop_vcpus(threads, &reports, stopped, STOP_WAIT);
-        if let Some(o) = &self.observer {
-            o.on_stopped(&self.vm_fd, &self.memory);
+        self.take_back(stop_vcpus(threads, &reports, stopped, STOP_WAIT));
+        if let Some(o) = &observer {
+            o.on_stopped(&self.dirty);
         }
         // Messages that arrived while the vCPUs stopped.
         for ev in self.probe.events.try_iter() {
@@ -395,6 +673,20 @@ impl Vm {
         }
         Ok(exit)
     }
+
+    /// Takes back the vCPUs their threads returned; a missing one makes the VM unable to
+    /// run again.
+    fn take_back(&mut self, back: Vec<Option<Vcpu>>) {
+        for (id, v) in back.into_iter().enumerate() {
+            match v {
+                Some(v) => self.vcpus.push(v),
+                None => {
+                    self.lost
+                        .get_or_insert(format!("vCPU {id}'s thread did not return"));
+                }
+            }
+        }
+    }
 }
 
 /// The devices on the bus, and the VMM's ends of them.
@@ -404,9 +696,14 @@ struct Devices {
     probe: ProbeReceiver,
     probe_ready: EventFd,
     serial: Arc<Mutex<SerialConsole>>,
+    probe_port: Arc<Mutex<ProbePort>>,
 }
 
-fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmError> {
+fn build_devices(
+    vm_fd: &VmFd,
+    spec: &MachineSpec<'_>,
+    observer: &ObserverSlot,
+) -> Result<Devices, VmError> {
     let host = |what| move |source| VmError::Host { what, source };
     let log = spec
         .console_log
@@ -433,10 +730,13 @@ fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmErro
     let probe_ready = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     let (probe, probe_rx) = ProbePort::new(spec.gates.clone());
     let mut probe = probe.with_notifier(probe_ready.try_clone().map_err(host("eventfd clone"))?);
-    if let Some(o) = &spec.observer {
-        let o = o.clone();
-        probe = probe.with_listener(Arc::new(move |ev: &ProbeEvent| o.on_probe_now(ev)));
-    }
+    let slot = observer.clone();
+    probe = probe.with_listener(Arc::new(move |ev: &ProbeEvent| {
+        if let Some(o) = current(&slot) {
+            o.on_probe_now(ev);
+        }
+    }));
+    let probe_port = Arc::new(Mutex::new(probe));
 
     let mut bus = PioBus::new();
     let bus_err = |e: luo_devices::BusError| VmError::Host {
@@ -446,7 +746,7 @@ fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmErro
     bus.insert(serial.clone(), COM1_PORT, 8).map_err(bus_err)?;
     bus.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, I8042_LEN)
         .map_err(bus_err)?;
-    bus.insert(Arc::new(Mutex::new(probe)), PROBE_PORT, PROBE_PORTS)
+    bus.insert(probe_port.clone(), PROBE_PORT, PROBE_PORTS)
         .map_err(bus_err)?;
     let sink = Arc::new(Mutex::new(Sink));
     for (base, len) in LEGACY_SINK_RANGES {
@@ -458,14 +758,15 @@ fn build_devices(vm_fd: &VmFd, spec: &MachineSpec<'_>) -> Result<Devices, VmErro
         probe: probe_rx,
         probe_ready,
         serial,
+        probe_port,
     })
 }
 
 /// What a vCPU thread works with besides its vCPU.
 struct VcpuThread {
-    caps: Capabilities,
     bus: PioBus,
-    vm_fd: Arc<VmFd>,
+    dirty: Arc<DirtyLog>,
+    msr_list: Arc<Vec<u32>>,
     stepper: Stepper,
     observer: Option<Arc<dyn RunObserver>>,
     report: ReportSender,
@@ -488,7 +789,7 @@ const TIMEOUT_SAMPLE_GAP: Duration = Duration::from_millis(200);
 /// Samples every vCPU's RIP [`TIMEOUT_SAMPLES`] times (a request, then one kick out of
 /// `KVM_RUN`; the vCPU records it and runs on): a vCPU that spins in one place shows
 /// the same RIP each time, one that loops shows where.
-fn sample_rips(control: &VcpuControl, threads: &[thread::JoinHandle<()>]) {
+fn sample_rips(control: &VcpuControl, threads: &[thread::JoinHandle<Vcpu>]) {
     for _ in 0..TIMEOUT_SAMPLES {
         control.request_sample();
         for t in threads {
@@ -498,76 +799,95 @@ fn sample_rips(control: &VcpuControl, threads: &[thread::JoinHandle<()>]) {
     }
 }
 
-fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<()>, VmError> {
+/// Starts `vcpu`'s thread, which returns it when its loop ends.
+fn spawn_vcpu(vcpu: Vcpu, ctx: VcpuThread) -> Result<thread::JoinHandle<Vcpu>, VmError> {
     thread::Builder::new()
         .name(format!("vcpu{}", vcpu.id))
         .spawn(move || {
             let mut vcpu = vcpu;
-            let VcpuThread {
-                caps,
-                bus,
-                vm_fd,
-                mut stepper,
-                observer,
-                report,
-                control,
-            } = ctx;
-            let mut on_hit = |v: &mut Vcpu, slot: usize, pc: u64| match &observer {
-                Some(o) => o.on_breakpoint(
-                    StoppedVcpu {
-                        vcpu: v,
-                        vm_fd: &vm_fd,
-                        control: &control,
-                        caps: &caps,
-                    },
-                    slot,
-                    pc,
-                ),
-                None => HookAction::Continue,
-            };
-            let notice = |n: VcpuNotice| {
-                if let Some(o) = &observer {
-                    o.on_notice(n);
-                }
-                report.send(VcpuReport::Notice(n));
-            };
-            // Kicks sent to this thread reach this vCPU while its loop runs.
-            let stop = kickable(&mut vcpu, |vcpu| {
-                run_loop(
-                    vcpu,
-                    &bus,
-                    &control,
-                    &mut stepper,
-                    LoopHooks {
-                        on_hit: &mut on_hit,
-                        notice: &notice,
-                    },
-                )
-            });
-            // A guest that ran out of time: where each vCPU was is the first thing to
-            // know (a spinning CPU, one halted waiting for an IPI); map RIP with the
-            // kernel's System.map.
-            if stop == VcpuStop::Requested(StopCause::Timeout) {
-                let samples: Vec<String> = control
-                    .samples(vcpu.id)
-                    .iter()
-                    .map(|r| format!("{r:#x}"))
-                    .collect();
-                eprintln!(
-                    "luo-vmm: at the timeout, {}\n  rip sampled {} times {} ms apart: {}",
-                    vcpu.hang_dump(),
-                    samples.len(),
-                    TIMEOUT_SAMPLE_GAP.as_millis(),
-                    samples.join(" ")
-                );
-            }
-            report.send(VcpuReport::Stopped {
-                vcpu: vcpu.id,
-                stop,
-            });
+            vcpu_thread(&mut vcpu, ctx);
+            vcpu
         })
         .map_err(|source| VmError::Host {
             what: "spawning a vCPU thread",
             source,
         })
+}
+
+/// The body of a vCPU thread: its run loop, with the observer's hooks, parking for a
+/// pause, and the timeout's report.
+fn vcpu_thread(vcpu: &mut Vcpu, ctx: VcpuThread) {
+    let VcpuThread {
+        bus,
+        dirty,
+        msr_list,
+        mut stepper,
+        observer,
+        report,
+        control,
+    } = ctx;
+    let mut on_hit = |v: &mut Vcpu, slot: usize, pc: u64| match &observer {
+        Some(o) => o.on_breakpoint(
+            StoppedVcpu {
+                vcpu: v,
+                dirty: &dirty,
+                control: &control,
+            },
+            slot,
+            pc,
+        ),
+        None => HookAction::Continue,
+    };
+    let notice = |n: VcpuNotice| {
+        if let Some(o) = &observer {
+            o.on_notice(n);
+        }
+        report.send(VcpuReport::Notice(n));
+    };
+    // A pause: the port I/O of the last exit completed, the state read and sent, then
+    // wait until the VMM resumes the run.
+    let mut park = |v: &mut Vcpu| {
+        let state = v
+            .complete_pending_io(&bus)
+            .and_then(|()| VcpuState::capture(v.id, &v.fd, &msr_list));
+        report.send(VcpuReport::Parked {
+            vcpu: v.id,
+            state: Box::new(state),
+        });
+        control.wait_resumed();
+    };
+    // Kicks sent to this thread reach this vCPU while its loop runs.
+    let stop = kickable(vcpu, |vcpu| {
+        run_loop(
+            vcpu,
+            &bus,
+            &control,
+            &mut stepper,
+            LoopHooks {
+                on_hit: &mut on_hit,
+                notice: &notice,
+                park: &mut park,
+            },
+        )
+    });
+    // A guest that ran out of time: where each vCPU was is the first thing to know (a
+    // spinning CPU, one halted waiting for an IPI); map RIP with the kernel's System.map.
+    if stop == VcpuStop::Requested(StopCause::Timeout) {
+        let samples: Vec<String> = control
+            .samples(vcpu.id)
+            .iter()
+            .map(|r| format!("{r:#x}"))
+            .collect();
+        eprintln!(
+            "luo-vmm: at the timeout, {}\n  rip sampled {} times {} ms apart: {}",
+            vcpu.hang_dump(),
+            samples.len(),
+            TIMEOUT_SAMPLE_GAP.as_millis(),
+            samples.join(" ")
+        );
+    }
+    report.send(VcpuReport::Stopped {
+        vcpu: vcpu.id,
+        stop,
+    });
 }

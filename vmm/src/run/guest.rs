@@ -2,19 +2,32 @@
 //! the kernel command line composed, what the agent said over the probe, whether the
 //! kernel panicked, and the run's exit status.
 
-use std::path::PathBuf;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use luo_devices::{Gates, ProbeEvent};
+use luo_devices::console::LineObserver;
+use luo_devices::{ConsoleOutput, Gates, ProbeEvent};
 use luo_protocol::message::Message;
+use luo_protocol::probe::Gate;
+use serde::{Deserialize, Serialize};
 use luo_protocol::workload::{timeout_scale_param, EMULATED_TIMEOUT_SCALE};
 use thiserror::Error;
 
 use crate::config::options::{GuestOptions, Profile};
+use crate::machine::dirty::DirtyLog;
 use crate::machine::host::{self, KvmBackend};
-use crate::machine::vcpu::run::FatalExit;
-use crate::machine::vm::{MachineSpec, RunObserver, Vm, VmError, VmExit};
+use crate::machine::memory::ram_slots;
+use crate::machine::snapshot::{file, MachineSnapshot, RestoreStats};
+use crate::machine::vcpu::control::VcpuControl;
+use crate::machine::vcpu::run::{FatalExit, HookAction, VcpuNotice};
+use crate::machine::vm::{
+    cpuid_digest, MachineSpec, RunObserver, RunSpec, StoppedVcpu, Vm, VmError, VmExit,
+};
 use crate::run::agent::{AgentBoot, AgentLog};
 use crate::run::cmdline;
 use crate::run::image::{ensure_image, GuestImage, ImageError};
@@ -29,6 +42,12 @@ pub enum GuestError {
     /// Building or running the VM.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A snapshot file.
+    #[error(transparent)]
+    SnapshotFile(#[from] file::FileError),
+    /// A snapshot that cannot be used.
+    #[error("{0}")]
+    Snapshot(String),
     /// More vCPUs than the kernel can bring up.
     #[error("--vcpus {vcpus}: this kernel brings up at most {} CPUs ({}); use --vcpus {} or fewer, or a kernel built with a larger CONFIG_NR_CPUS", limit.cpus, limit.from, limit.cpus)]
     TooManyVcpus {
@@ -137,7 +156,7 @@ const MAX_LIVEUPDATE_LINES: usize = 32;
 const MAX_CPU_LINES: usize = 8;
 
 /// The console lines luo-vmm keeps: what only the kernel can say, each kind bounded.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct ConsoleLines {
     panic: Option<String>,
     trouble: Vec<String>,
@@ -243,9 +262,9 @@ pub(crate) fn is_liveupdate_line(line: &str) -> bool {
     .any(|p| text.starts_with(p))
 }
 
-/// Runs `guest` with `opts`; `workload_params` (the agent's `luo.*` parameters) go after
-/// the user's. `observer` (if any) arms its breakpoints and sees every probe message;
-/// `gates` are the probe's.
+/// Runs `guest` with `opts`, once, from boot; `workload_params` (the agent's `luo.*`
+/// parameters) go after the user's. `observer` (if any) arms its breakpoints and sees
+/// every probe message; `gates` are the probe's.
 pub(crate) fn run_guest(
     opts: &GuestOptions,
     guest: &ResolvedGuest,
@@ -253,6 +272,478 @@ pub(crate) fn run_guest(
     observer: Option<Arc<dyn RunObserver>>,
     gates: Gates,
 ) -> Result<GuestOutcome, GuestError> {
+    let mut machine = GuestMachine::boot(opts, guest, workload_params, gates)?;
+    machine.run(observer, opts.console_log.as_deref(), None)
+}
+
+/// Where a run pauses to take the snapshot later runs start from: once the agent has
+/// announced a wait at every one of these gates (a scenario's stage-1 threads each at its
+/// first gate: the set-up before them then runs once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotPoint {
+    /// The gates, at least one.
+    pub gates: BTreeSet<Gate>,
+}
+
+impl SnapshotPoint {
+    /// Whether `msg`, after the gate waits in `seen` (updated), completes the point.
+    fn reached(&self, seen: &mut BTreeSet<Gate>, msg: &Message) -> bool {
+        match msg {
+            Message::GateWait(g) if self.gates.contains(g) => {
+                seen.insert(*g);
+                seen.len() == self.gates.len()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The run that a snapshot was taken in, as far as it had gone: what a later run from
+/// the snapshot is given before its vCPUs start.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RunHistory {
+    /// From the run's start to the snapshot.
+    pub at: Duration,
+    /// The probe messages before the snapshot, with their time from the run's start.
+    pub messages: Vec<(Duration, Message)>,
+    /// The console so far (what the run's log file held), at most [`MAX_HISTORY_CONSOLE`]
+    /// bytes.
+    pub console: Vec<u8>,
+    /// The console lines kept so far.
+    lines: ConsoleLines,
+}
+
+/// The history as `state.json` keeps it: each message as its probe frame (hex).
+#[derive(Serialize, Deserialize)]
+struct HistoryFile {
+    at_ns: u64,
+    messages: Vec<(u64, String)>,
+    console: String,
+    lines: ConsoleLines,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl RunHistory {
+    /// The JSON value a snapshot file keeps.
+    fn to_json(&self) -> serde_json::Value {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let f = HistoryFile {
+            at_ns: ns(self.at),
+            messages: self
+                .messages
+                .iter()
+                .map(|(t, m)| (ns(*t), hex(m.encode().as_bytes())))
+                .collect(),
+            console: hex(&self.console),
+            lines: self.lines.clone(),
+        };
+        serde_json::to_value(f).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Reads [`RunHistory::to_json`]'s value back; every message must decode whole.
+    fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        let f: HistoryFile =
+            serde_json::from_value(v.clone()).map_err(|e| format!("its run record: {e}"))?;
+        if f.messages.len() > MAX_HISTORY_MESSAGES {
+            return Err(format!("more than {MAX_HISTORY_MESSAGES} messages in its run record"));
+        }
+        let mut messages = Vec::with_capacity(f.messages.len());
+        for (i, (t, frame)) in f.messages.iter().enumerate() {
+            let bytes = unhex(frame).ok_or_else(|| format!("message {i}: not hex"))?;
+            let mut d = luo_protocol::message::Decoder::new();
+            match d.feed_frame(&bytes).as_slice() {
+                [Ok(m)] => messages.push((Duration::from_nanos(*t), m.clone())),
+                _ => return Err(format!("message {i}: not one whole probe frame")),
+            }
+        }
+        let console = unhex(&f.console).ok_or("its console: not hex")?;
+        if console.len() as u64 > MAX_HISTORY_CONSOLE {
+            return Err("its console is longer than a snapshot keeps".into());
+        }
+        Ok(RunHistory {
+            at: Duration::from_nanos(f.at_ns),
+            messages,
+            console,
+            lines: f.lines,
+        })
+    }
+}
+
+/// Most probe messages a snapshot's history keeps; a run with more before its snapshot
+/// point keeps no snapshot.
+const MAX_HISTORY_MESSAGES: usize = 1 << 16;
+/// Most console bytes a snapshot's history keeps (the start of the console; later runs'
+/// logs say where it was cut).
+pub(crate) const MAX_HISTORY_CONSOLE: u64 = 16 << 20;
+
+/// Pauses the run at a [`SnapshotPoint`] when its observer is [`RunObserver::quiescent`]
+/// there; everything else goes to the observer it wraps.
+struct SnapshotTrigger {
+    inner: Option<Arc<dyn RunObserver>>,
+    point: SnapshotPoint,
+    control: Mutex<Option<Arc<VcpuControl>>>,
+    /// The point's gates waited at so far.
+    seen: Mutex<BTreeSet<Gate>>,
+    fired: AtomicBool,
+    /// Why the point passed without a pause.
+    skipped: Mutex<Option<String>>,
+}
+
+impl RunObserver for SnapshotTrigger {
+    fn breakpoints(&self, vcpu: u8) -> Vec<u64> {
+        self.inner.as_ref().map(|o| o.breakpoints(vcpu)).unwrap_or_default()
+    }
+    fn attach(&self, control: &Arc<VcpuControl>, started: Instant) {
+        *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
+        if let Some(o) = &self.inner {
+            o.attach(control, started);
+        }
+    }
+    fn on_notice(&self, notice: VcpuNotice) {
+        if let Some(o) = &self.inner {
+            o.on_notice(notice);
+        }
+    }
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, pc: u64) -> HookAction {
+        match &self.inner {
+            Some(o) => o.on_breakpoint(at, slot, pc),
+            None => HookAction::Continue,
+        }
+    }
+    fn on_probe(&self, ev: &ProbeEvent) {
+        if let Some(o) = &self.inner {
+            o.on_probe(ev);
+        }
+    }
+    fn on_probe_now(&self, ev: &ProbeEvent) {
+        if let Some(o) = &self.inner {
+            o.on_probe_now(ev);
+        }
+        let Ok(msg) = &ev.item else { return };
+        let reached = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            self.point.reached(&mut seen, msg)
+        };
+        if !reached || self.fired.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.inner.as_ref().is_some_and(|o| !o.quiescent()) {
+            *self.skipped.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+                "a hook had already stopped a vCPU before the snapshot point: runs from it \
+                 could not replay that"
+                    .into(),
+            );
+            return;
+        }
+        if let Some(c) = &*self.control.lock().unwrap_or_else(|e| e.into_inner()) {
+            c.request_pause();
+        }
+    }
+    fn on_stopped(&self, dirty: &DirtyLog) {
+        if let Some(o) = &self.inner {
+            o.on_stopped(dirty);
+        }
+    }
+    fn quiescent(&self) -> bool {
+        self.inner.as_ref().is_none_or(|o| o.quiescent())
+    }
+}
+
+/// A guest VM that runs once or many times: booted, or built from a snapshot file, and
+/// reset to the snapshot it keeps between runs.
+pub(crate) struct GuestMachine {
+    vm: Vm,
+    gates: Gates,
+    backend: KvmBackend,
+    echo: bool,
+    vcpus: u8,
+    timeout: Option<Duration>,
+    /// The composed kernel command line (what a snapshot's identity records).
+    cmdline: String,
+    /// The run as far as it had gone when the kept snapshot was taken.
+    history: Option<RunHistory>,
+    /// Why a snapshot asked for was not kept.
+    no_snapshot: Option<String>,
+}
+
+impl GuestMachine {
+    /// A VM of `guest` with `opts`, `workload_params` after the user's command line, and
+    /// the probe's `gates`; not started.
+    pub fn boot(
+        opts: &GuestOptions,
+        guest: &ResolvedGuest,
+        workload_params: &str,
+        gates: Gates,
+    ) -> Result<Self, GuestError> {
+        let (backend, cmdline) = compose_cmdline(opts, workload_params);
+        let vm = Vm::new(&machine_spec(opts, guest, &cmdline, gates.clone()))?;
+        Ok(GuestMachine {
+            vm,
+            gates,
+            backend,
+            echo: !opts.quiet,
+            vcpus: opts.vcpus,
+            timeout: opts.timeout(),
+            cmdline,
+            history: None,
+            no_snapshot: None,
+        })
+    }
+
+    /// A VM in the state of the snapshot in `dir` (checked whole against this run's
+    /// identity before anything is built); later runs start from it.
+    pub fn from_snapshot(
+        opts: &GuestOptions,
+        guest: &ResolvedGuest,
+        workload_params: &str,
+        gates: Gates,
+        dir: &Path,
+    ) -> Result<Self, GuestError> {
+        let (backend, cmdline) = compose_cmdline(opts, workload_params);
+        let want = identity(opts, guest, &cmdline)?;
+        let regions = ram_slots(opts.mem);
+        let (snap, run) = file::read(dir, &want, &regions)?;
+        let history = RunHistory::from_json(&run)
+            .map_err(|why| GuestError::Snapshot(format!("snapshot {}: {why}", dir.display())))?;
+        let vm = Vm::from_snapshot(&machine_spec(opts, guest, &cmdline, gates.clone()), snap)?;
+        Ok(GuestMachine {
+            vm,
+            gates,
+            backend,
+            echo: !opts.quiet,
+            vcpus: opts.vcpus,
+            timeout: opts.timeout(),
+            cmdline,
+            history: Some(history),
+            no_snapshot: None,
+        })
+    }
+
+    /// The probe's gates (one set for the VM's life; each run's schedule drives them).
+    pub fn gates(&self) -> Gates {
+        self.gates.clone()
+    }
+
+    /// Whether a snapshot is kept (later runs can start from it).
+    pub fn has_snapshot(&self) -> bool {
+        self.history.is_some() && self.vm.kept_snapshot().is_some()
+    }
+
+    /// Why a snapshot asked for in the last run was not kept.
+    pub fn no_snapshot(&self) -> Option<&str> {
+        self.no_snapshot.as_deref()
+    }
+
+    /// Resets the VM to the snapshot it keeps.
+    pub fn reset(&mut self) -> Result<RestoreStats, GuestError> {
+        Ok(self.vm.reset()?)
+    }
+
+    /// Writes the kept snapshot to `dir`; returns the bytes written.
+    pub fn save(
+        &self,
+        dir: &Path,
+        opts: &GuestOptions,
+        guest: &ResolvedGuest,
+    ) -> Result<u64, GuestError> {
+        let (Some(snap), Some(history)) = (self.vm.kept_snapshot(), &self.history) else {
+            return Err(GuestError::Snapshot(format!(
+                "no snapshot to save: {}",
+                self.no_snapshot.as_deref().unwrap_or("none was taken")
+            )));
+        };
+        let id = identity(opts, guest, &self.cmdline)?;
+        Ok(file::write(dir, &id, snap, history.to_json())?)
+    }
+
+    /// Runs the VM until it ends: from boot (or where the last run left it), or, after
+    /// [`GuestMachine::reset`], from the kept snapshot, this run's observer given the
+    /// snapshot's run as far as it had gone. The console goes to stdout (unless quiet)
+    /// and `console_log`. With `snapshot_at`, the run pauses there, the VM keeps a
+    /// snapshot, and the run goes on.
+    pub fn run(
+        &mut self,
+        observer: Option<Arc<dyn RunObserver>>,
+        console_log: Option<&Path>,
+        snapshot_at: Option<SnapshotPoint>,
+    ) -> Result<GuestOutcome, GuestError> {
+        let from_snapshot = self.history.is_some() && snapshot_at.is_none();
+        let history = if from_snapshot {
+            self.history.clone().unwrap_or_default()
+        } else {
+            RunHistory::default()
+        };
+        let console = Arc::new(Mutex::new(history.lines.clone()));
+        let log = open_console_log(console_log, &history.console)?;
+        if self.echo && !history.console.is_empty() {
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&history.console);
+        }
+        let seen = console.clone();
+        let line_observer: LineObserver = Arc::new(move |line: &str| {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).observe(line);
+        });
+        self.vm
+            .set_console(ConsoleOutput::new(self.echo, log, Some(line_observer)));
+
+        let trigger = snapshot_at.clone().map(|point| {
+            Arc::new(SnapshotTrigger {
+                inner: observer.clone(),
+                point,
+                control: Mutex::new(None),
+                seen: Mutex::new(BTreeSet::new()),
+                fired: AtomicBool::new(false),
+                skipped: Mutex::new(None),
+            })
+        });
+        let run_observer = match &trigger {
+            Some(t) => Some(t.clone() as Arc<dyn RunObserver>),
+            None => observer,
+        };
+        self.vm.set_observer(run_observer);
+
+        let started = Instant::now()
+            .checked_sub(history.at)
+            .unwrap_or_else(Instant::now);
+        let replay: Vec<ProbeEvent> = history
+            .messages
+            .iter()
+            .map(|(t, m)| ProbeEvent {
+                item: Ok(m.clone()),
+                at: started + *t,
+            })
+            .collect();
+        let resumed_at = started + history.at;
+        let agent = RefCell::new(AgentLog::default());
+        let recorded: RefCell<Vec<(Duration, Message)>> = RefCell::new(Vec::new());
+        let saved: RefCell<Option<RunHistory>> = RefCell::new(None);
+        let vcpus = self.vcpus;
+        let on_probe = |ev: &ProbeEvent| {
+            let replayed = from_snapshot && ev.at <= resumed_at;
+            if let Ok(m) = &ev.item {
+                let mut r = recorded.borrow_mut();
+                if r.len() <= MAX_HISTORY_MESSAGES {
+                    r.push((ev.at.saturating_duration_since(started), m.clone()));
+                }
+            }
+            if let (Ok(Message::UserspaceUp { cpus_online }), false) = (&ev.item, replayed) {
+                if agent.borrow().first_cpus_online().is_none() {
+                    eprintln!(
+                        "luo-vmm: guest agent up {:.2} s after VM start, {cpus_online} CPUs online",
+                        ev.at.duration_since(started).as_secs_f64()
+                    );
+                }
+                if *cpus_online < u16::from(vcpus) {
+                    let lines = console.lock().unwrap_or_else(|e| e.into_inner());
+                    eprintln!(
+                        "luo-vmm: the guest brought up {cpus_online} of {vcpus} CPUs; {}",
+                        why_cpus_missing(&lines.cpus)
+                    );
+                }
+            }
+            agent.borrow_mut().push(ev);
+        };
+        let on_pause = |snap: Result<&MachineSnapshot, &VmError>| match snap {
+            Ok(snap) => {
+                let messages = recorded.borrow().clone();
+                if messages.len() > MAX_HISTORY_MESSAGES {
+                    return;
+                }
+                let console_bytes = console_log
+                    .map(|p| read_prefix(p, MAX_HISTORY_CONSOLE))
+                    .unwrap_or_default();
+                let at = started.elapsed();
+                eprintln!(
+                    "luo-vmm: snapshot taken {:.2} s after VM start ({} vCPUs, {} guest pages kept)",
+                    at.as_secs_f64(),
+                    snap.vcpus.len(),
+                    snap.memory.pages()
+                );
+                *saved.borrow_mut() = Some(RunHistory {
+                    at,
+                    messages,
+                    console: console_bytes,
+                    lines: console.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                });
+            }
+            Err(e) => eprintln!("luo-vmm: no snapshot: {e}"),
+        };
+        let exit = self.vm.run(
+            RunSpec {
+                started,
+                timeout: self.timeout,
+                replay: &replay,
+            },
+            on_probe,
+            on_pause,
+        )?;
+        self.vm.set_observer(None);
+        if snapshot_at.is_some() {
+            match saved.into_inner() {
+                Some(h) => {
+                    self.history = Some(h);
+                    self.no_snapshot = None;
+                }
+                None => {
+                    let why = trigger
+                        .as_ref()
+                        .and_then(|t| t.skipped.lock().unwrap_or_else(|e| e.into_inner()).take())
+                        .unwrap_or_else(|| {
+                            if recorded.borrow().len() > MAX_HISTORY_MESSAGES {
+                                format!("more than {MAX_HISTORY_MESSAGES} probe messages before the snapshot point")
+                            } else if trigger.as_ref().is_some_and(|t| t.fired.load(Ordering::SeqCst)) {
+                                "the snapshot could not be taken (above)".into()
+                            } else {
+                                "the agent never reached the snapshot point (its gate waits)".into()
+                            }
+                        });
+                    self.no_snapshot = Some(why);
+                }
+            }
+        }
+        let agent = agent.into_inner();
+        if agent.error_count > 0 {
+            eprintln!(
+                "luo-vmm: {} probe writes were not messages (first: {})",
+                agent.error_count,
+                agent
+                    .errors
+                    .first()
+                    .map_or(String::new(), ToString::to_string)
+            );
+        }
+        let lines = std::mem::take(&mut *console.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(GuestOutcome {
+            exit,
+            boots: agent.boots(),
+            agent,
+            kernel_panic: lines.panic,
+            kernel_trouble: lines.trouble,
+            kernel_liveupdate: lines.liveupdate,
+            kernel_cpus: lines.cpus,
+            started,
+            vcpus,
+            backend: self.backend.clone(),
+        })
+    }
+}
+
+/// The KVM in use and the full kernel command line for `opts` and the workload's
+/// parameters (said on stderr).
+fn compose_cmdline(opts: &GuestOptions, workload_params: &str) -> (KvmBackend, String) {
     let backend = host::detect();
     let emulated = match opts.profile {
         Profile::Auto => backend.is_emulated(),
@@ -280,68 +771,96 @@ pub(crate) fn run_guest(
     let tsc_khz = if emulated { host::tsc_khz() } else { None };
     let cmdline = cmdline::compose(emulated, tsc_khz, &user);
     log::info!("kernel command line: {cmdline}");
+    (backend, cmdline)
+}
 
-    let console = Arc::new(Mutex::new(ConsoleLines::default()));
-    let seen = console.clone();
-    let console_observer: luo_devices::console::LineObserver = Arc::new(move |line: &str| {
-        seen.lock().unwrap_or_else(|e| e.into_inner()).observe(line);
-    });
-    let vm = Vm::new(&MachineSpec {
+fn machine_spec<'a>(
+    opts: &GuestOptions,
+    guest: &'a ResolvedGuest,
+    cmdline: &'a str,
+    gates: Gates,
+) -> MachineSpec<'a> {
+    MachineSpec {
         mem: opts.mem,
         vcpus: opts.vcpus,
         no_pvh: opts.no_pvh,
-        echo_console: !opts.quiet,
-        console_log: opts.console_log.as_deref(),
+        // Each run sets its own console (GuestMachine::run).
+        echo_console: false,
+        console_log: None,
         kernel: &guest.kernel,
         initrd: guest.initrd.as_deref(),
-        cmdline: &cmdline,
-        console_observer: Some(console_observer),
-        observer,
+        cmdline,
+        console_observer: None,
+        observer: None,
         gates,
-    })?;
-    let started = Instant::now();
-    let mut agent = AgentLog::default();
-    let vcpus = opts.vcpus;
-    let exit = vm.run(opts.timeout(), |ev: &ProbeEvent| {
-        if let Ok(Message::UserspaceUp { cpus_online }) = &ev.item {
-            if agent.first_cpus_online().is_none() {
-                eprintln!(
-                    "luo-vmm: guest agent up {:.2} s after VM start, {cpus_online} CPUs online",
-                    ev.at.duration_since(started).as_secs_f64()
-                );
-            }
-            if *cpus_online < u16::from(vcpus) {
-                let lines = console.lock().unwrap_or_else(|e| e.into_inner());
-                eprintln!(
-                    "luo-vmm: the guest brought up {cpus_online} of {vcpus} CPUs; {}",
-                    why_cpus_missing(&lines.cpus)
-                );
+    }
+}
+
+/// Opens a run's console log (truncated), with `history` (the snapshot's run's console)
+/// written first.
+fn open_console_log(path: Option<&Path>, history: &[u8]) -> Result<Option<File>, GuestError> {
+    let Some(path) = path else { return Ok(None) };
+    let err = |source| {
+        GuestError::Vm(VmError::ConsoleLog {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
+    if !history.is_empty() {
+        use std::io::Write as _;
+        f.write_all(history).map_err(err)?;
+        writeln!(f, "\n[luo-vmm: the run above, to here, is the snapshot's; this run starts from it]")
+            .map_err(err)?;
+    }
+    Ok(Some(f))
+}
+
+/// The first `max` bytes of `path` (empty if unreadable).
+fn read_prefix(path: &Path, max: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Ok(f) = File::open(path) {
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(f, max), &mut out);
+    }
+    out
+}
+
+/// What a snapshot of this run must have been taken on.
+fn identity(
+    opts: &GuestOptions,
+    guest: &ResolvedGuest,
+    cmdline: &str,
+) -> Result<file::Identity, GuestError> {
+    let image = match &guest.image {
+        Some(img) => img
+            .dir
+            .file_name()
+            .map_or_else(|| img.dir.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        None => {
+            let stamp = |p: &Path| {
+                std::fs::metadata(p).map_or_else(
+                    |_| format!("{} (unreadable)", p.display()),
+                    |m| format!("{} ({} bytes)", p.display(), m.len()),
+                )
+            };
+            match &guest.initrd {
+                Some(i) => format!("{} + {}", stamp(&guest.kernel), stamp(i)),
+                None => stamp(&guest.kernel),
             }
         }
-        agent.push(ev);
-    })?;
-    if agent.error_count > 0 {
-        eprintln!(
-            "luo-vmm: {} probe writes were not messages (first: {})",
-            agent.error_count,
-            agent
-                .errors
-                .first()
-                .map_or(String::new(), ToString::to_string)
-        );
-    }
-    let lines = std::mem::take(&mut *console.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(GuestOutcome {
-        exit,
-        boots: agent.boots(),
-        agent,
-        kernel_panic: lines.panic,
-        kernel_trouble: lines.trouble,
-        kernel_liveupdate: lines.liveupdate,
-        kernel_cpus: lines.cpus,
-        started,
-        vcpus,
-        backend,
+    };
+    Ok(file::Identity {
+        luo_vmm: env!("CARGO_PKG_VERSION").to_owned(),
+        image,
+        mem: opts.mem,
+        vcpus: opts.vcpus,
+        cpuid: cpuid_digest()?,
+        cmdline: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(cmdline.as_bytes())),
     })
 }
 

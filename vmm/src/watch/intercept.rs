@@ -31,7 +31,7 @@ use super::injector::{self, Injection};
 use crate::config::options::InterceptOptions;
 use crate::machine::arch::paging::translate;
 use crate::machine::dirty::{
-    clear_log, enable_manual_protect, set_slots, take_bitmaps, SlotBitmap,
+    DirtyLog, LogMode, SlotBitmap,
 };
 use crate::machine::vcpu::run::HookAction;
 use crate::machine::vm::{RunObserver, StoppedVcpu};
@@ -130,21 +130,6 @@ pub struct HandoverState {
     pub handover: Handover,
 }
 
-/// How the dirty log is kept (see [`crate::machine::dirty`]).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum DirtyLog {
-    /// Not logging.
-    #[default]
-    Off,
-    /// `KVM_MEM_LOG_DIRTY_PAGES` switched on at point-of-no-return (every page
-    /// write-protected) and off at next-kernel-start.
-    WholeGuest,
-    /// Manual protection: logging on since the first point-of-no-return and kept on (it
-    /// costs nothing where no bit is cleared); each point-of-no-return clears the bits
-    /// of what is watched.
-    Manual,
-}
-
 /// The pages whose dirty bits were cleared at this round's point-of-no-return.
 #[derive(Debug)]
 enum Watched {
@@ -170,10 +155,11 @@ struct Marks {
 struct State {
     /// Between point-of-no-return and next-kernel-start.
     in_kexec: bool,
+    /// Breakpoints hit so far, the first boot's `start_kernel` aside.
+    hits: usize,
     /// `--verify-digest`: the preserved extents' digests taken at point-of-no-return, or
     /// why there are none.
     before: Option<Result<ExtentDigests, String>>,
-    dirty_log: DirtyLog,
     /// What this round's dirty log watches, once it is on.
     watched: Option<Watched>,
     /// The preserved set handed over at the last next-kernel-start, watched since then
@@ -304,7 +290,7 @@ impl Interceptor {
         }
         if log {
             let tracked = outgoing.and_then(Result::ok).filter(|_| track_preserved);
-            match self.start_dirty_log(at, s, tracked) {
+            match self.start_dirty_log(at, tracked) {
                 Ok(watched) => s.watched = Some(watched),
                 Err(e) => s.current.dirty = Some(Err(e)),
             }
@@ -318,31 +304,16 @@ impl Interceptor {
     fn start_dirty_log(
         &self,
         at: &StoppedVcpu<'_>,
-        s: &mut State,
         tracked: Option<ExtentSet>,
     ) -> Result<Watched, String> {
-        let memory = at.vcpu.memory();
-        if s.dirty_log == DirtyLog::Off {
-            let manual = tracked.is_some() && enable_manual_protect(at.vm_fd, at.caps);
-            set_slots(at.vm_fd, memory, true)
-                .map_err(|e| format!("cannot start dirty logging: {e}"))?;
-            s.dirty_log = if manual {
-                DirtyLog::Manual
-            } else {
-                DirtyLog::WholeGuest
-            };
-        }
-        match s.dirty_log {
-            DirtyLog::Manual => {
-                clear_log(at.vm_fd, memory, tracked.as_ref())
-                    .map_err(|e| format!("KVM_CLEAR_DIRTY_LOG: {e}"))?;
-                Ok(tracked.map_or(Watched::AllPages, Watched::Preserved))
-            }
-            // A fresh log is clean; reading it once more makes sure.
-            _ => take_bitmaps(at.vm_fd, memory)
-                .map(|_| Watched::AllPages)
-                .map_err(|e| format!("cannot start dirty logging: {e}")),
-        }
+        let mode = at
+            .dirty
+            .start(tracked.as_ref())
+            .map_err(|e| format!("cannot start dirty logging: {e}"))?;
+        Ok(match (mode, tracked) {
+            (LogMode::Manual, Some(set)) => Watched::Preserved(set),
+            _ => Watched::AllPages,
+        })
     }
 
     /// The preserved set as the outgoing kernel has it at `machine_kexec`: `kho_out.fdt`
@@ -373,7 +344,7 @@ impl Interceptor {
         s.in_kexec = false;
         let memory = at.vcpu.memory();
         let watched = s.watched.take();
-        let bitmaps = watched.as_ref().map(|_| take_bitmaps(at.vm_fd, memory));
+        let bitmaps = watched.as_ref().map(|_| at.dirty.take());
         parts.lap("dirty log read");
         let live = LiveRam(memory);
         let state = self.read_handover(at);
@@ -390,11 +361,10 @@ impl Interceptor {
             }
             parts.lap("dirty ∩ extents");
             // The leak check: the log stays on, now watching the set handed over.
-            if s.dirty_log != DirtyLog::Off {
-                let again = match s.dirty_log {
-                    DirtyLog::Manual => clear_log(at.vm_fd, memory, Some(&st.extents.set)),
-                    _ => Ok(0), // just read, and so cleared
-                };
+            if at.dirty.mode().is_some() {
+                // Under manual protection the set's bits are cleared again; over the
+                // whole guest the log was just read, and so cleared.
+                let again = at.dirty.clear(&st.extents.set);
                 match again {
                     Ok(_) => s.watched_after = Some(st.extents.set.clone()),
                     Err(e) => {
@@ -547,12 +517,13 @@ fn hook_names(point: Option<InterceptPoint>, in_kexec: bool) -> (&'static str, &
 impl Interceptor {
     /// The leak check's end: the preserved pages (of the last set handed over) written
     /// since that next-kernel-start, with their owners, into the last round.
-    fn leak_check(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
+    fn leak_check(&self, dirty: &DirtyLog) {
         let mut s = self.lock();
         let Some(preserved) = s.watched_after.take() else {
             return;
         };
-        let written = take_bitmaps(vm_fd, memory)
+        let written = dirty
+            .take()
             .map(|maps| {
                 maps.iter()
                     .flat_map(|m| preserved.written_pages(&DirtyBitmap::new(m.base, &m.words)))
@@ -570,8 +541,14 @@ impl Interceptor {
 }
 
 impl RunObserver for Interceptor {
-    fn on_stopped(&self, vm_fd: &kvm_ioctls::VmFd, memory: &vm_memory::GuestMemoryMmap) {
-        self.leak_check(vm_fd, memory);
+    fn on_stopped(&self, dirty: &DirtyLog) {
+        self.leak_check(dirty);
+    }
+
+    /// No breakpoint of the interception hit yet but the first boot's `start_kernel`
+    /// (which only times its hook): what it knows came from the probe.
+    fn quiescent(&self) -> bool {
+        self.lock().hits == 0
     }
 
     /// `liveupdate_reboot` and `machine_kexec` on every vCPU (the reboot may come from
@@ -610,6 +587,10 @@ impl RunObserver for Interceptor {
         let hit = Instant::now();
         let mut s = self.lock();
         let point = InterceptPoint::at_slot(slot);
+        // The first boot's start_kernel only times the hook: not a handover's state.
+        if !(point == Some(InterceptPoint::StartKernel) && !s.in_kexec) {
+            s.hits += 1;
+        }
         let (mark, symbol) = hook_names(point, s.in_kexec);
         let mut parts = Parts::new(hit);
         let mut round_done = false;

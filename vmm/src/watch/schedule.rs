@@ -157,10 +157,19 @@ impl Scheduler {
         self.slots(vcpu).map(|i| self.hooks[i].addr).collect()
     }
 
-    /// Sets the start of the timeline and takes the run's vCPU control.
-    pub fn attach(&self, control: &Arc<VcpuControl>) {
-        let _ = self.started.set(Instant::now());
+    /// Sets the start of the timeline (`started`, the run's time zero) and takes the
+    /// run's vCPU control.
+    pub fn attach(&self, control: &Arc<VcpuControl>, started: Instant) {
+        let _ = self.started.set(started);
         let _ = self.control.set(control.clone());
+    }
+
+    /// Whether nothing the schedule did so far needed a vCPU stopped at a breakpoint (no
+    /// hook was hit, counted or acted, none holds): its state is then what the probe
+    /// messages so far make of a fresh one, and a snapshot taken now can be replayed.
+    pub fn quiescent(&self) -> bool {
+        let st = self.lock();
+        st.fired.is_empty() && st.holding.is_empty() && st.calls.iter().all(|&c| c == 0)
     }
 
     /// Applies `event`: arms hooks, opens gates, releases holds.
@@ -487,7 +496,7 @@ mod tests {
             gates.clone(),
         );
         let control = Arc::new(VcpuControl::new(2));
-        s.attach(&control);
+        s.attach(&control, Instant::now());
         assert!(!gates.is_open(g1) && !gates.is_open(g2));
         assert_eq!(s.breakpoints(0).len(), 1);
         assert_eq!(s.breakpoints(1).len(), 1);

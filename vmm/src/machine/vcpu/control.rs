@@ -3,7 +3,7 @@
 //! A stop request also signals an `EventFd`, so that the VMM's event loop wakes whoever
 //! made it (an observer ending the run from a vCPU thread).
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -71,8 +71,11 @@ pub(crate) struct VcpuControl {
     sample_generation: AtomicU32,
     /// Per vCPU: the RIPs recorded, in order.
     samples: Mutex<Vec<Vec<u64>>>,
-    /// Signalled by every [`VcpuControl::request_stop`].
+    /// Signalled by every [`VcpuControl::request_stop`] and [`VcpuControl::request_pause`].
     stop_event: Option<EventFd>,
+    /// A pause is requested: every vCPU parks at its next instruction boundary until
+    /// [`VcpuControl::resume`] (a snapshot is taken meanwhile).
+    pause: AtomicBool,
 }
 
 impl VcpuControl {
@@ -86,6 +89,7 @@ impl VcpuControl {
             sample_generation: AtomicU32::new(0),
             samples: Mutex::new(vec![Vec::new(); vcpus]),
             stop_event: None,
+            pause: AtomicBool::new(false),
         }
     }
 
@@ -128,6 +132,42 @@ impl VcpuControl {
     /// The stop request, if any.
     pub fn stop_requested(&self) -> Option<StopCause> {
         StopCause::from_code(self.stop.load(Ordering::SeqCst))
+    }
+
+    /// Asks every vCPU to park at its next instruction boundary (the VMM's event loop,
+    /// woken through the [`VcpuControl::stop_event`], then kicks them and takes a
+    /// snapshot). A second request before [`VcpuControl::resume`] changes nothing.
+    pub fn request_pause(&self) {
+        if !self.pause.swap(true, Ordering::SeqCst) {
+            if let Some(event) = &self.stop_event {
+                if let Err(e) = event.write(1) {
+                    log::warn!("cannot signal the pause request's eventfd: {e}");
+                }
+            }
+        }
+    }
+
+    /// Whether a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// Ends the pause: parked vCPUs go on.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+        let _guard = self.held();
+        self.changed.notify_all();
+    }
+
+    /// Waits, on a parked vCPU's thread, until the pause ends or a stop is requested.
+    pub fn wait_resumed(&self) {
+        let mut held = self.held();
+        while self.pause_requested() && self.stop_requested().is_none() {
+            held = self
+                .changed
+                .wait(held)
+                .unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Asks every vCPU to record its RIP the next time its loop comes round (the caller

@@ -20,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::machine::arch::cpuid::{normalize, CpuidError, CpuidHost};
 use crate::machine::arch::paging::translate;
+use crate::machine::snapshot::state::StateError;
 use crate::machine::arch::regs::{
     apply_entry_sregs, boot_msrs, entry_regs, first_refused, initial_fpu, msr_name, EntryMode,
 };
@@ -216,6 +217,49 @@ impl Vcpu {
                 given: given.len(),
             }),
         }
+    }
+
+    /// Completes the port I/O of the last exit (KVM finishes an `in`/`out` — the value
+    /// read into RAX, RIP past the instruction — only on the next `KVM_RUN`): one
+    /// `KVM_RUN` with `immediate_exit` set, which completes it and returns `EINTR` before
+    /// entering the guest (Documentation/virt/kvm/api.rst, "immediate_exit"; Firecracker
+    /// does the same before saving a vCPU). Needed before the vCPU's state is read for a
+    /// snapshot. An exit KVM still reports is handled on `bus` (port I/O) or an error.
+    pub fn complete_pending_io(&mut self, bus: &PioBus) -> Result<(), StateError> {
+        let err = |id: u8, what, source| StateError::Kvm {
+            whose: format!("vCPU {id}"),
+            what,
+            source,
+        };
+        for _ in 0..4 {
+            self.fd.set_kvm_immediate_exit(1);
+            let event = match self.fd.run() {
+                Ok(exit) => Some(handle_exit(exit, bus)),
+                Err(e) if e.errno() == libc::EINTR => None,
+                Err(e) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Err(err(self.id, "KVM_RUN (completing I/O for a pause)", e));
+                }
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            match event {
+                None => return Ok(()),
+                Some(ExitEvent::Continue) => {}
+                Some(other) => {
+                    log::warn!("vCPU {}: {other:?} while completing I/O for a pause", self.id);
+                    return Err(err(
+                        self.id,
+                        "KVM_RUN (completing I/O for a pause): an exit other than I/O",
+                        kvm_ioctls::Error::new(libc::EIO),
+                    ));
+                }
+            }
+        }
+        Err(err(
+            self.id,
+            "KVM_RUN (completing I/O for a pause): still exiting after 4 tries",
+            kvm_ioctls::Error::new(libc::EIO),
+        ))
     }
 
     /// Registers of the bootstrap processor at the kernel's entry point.

@@ -198,6 +198,9 @@ pub(crate) struct LoopHooks<'a, V> {
     pub on_hit: &'a mut dyn FnMut(&mut V, usize, u64) -> HookAction,
     /// Hears notices.
     pub notice: &'a dyn Fn(VcpuNotice),
+    /// Parks the vCPU for a pause ([`VcpuControl::request_pause`]): called at an
+    /// instruction boundary with no step in progress; returns when the pause ends.
+    pub park: &'a mut dyn FnMut(&mut V),
 }
 
 /// Runs `vcpu` until the VMM stops it or an exit is fatal.
@@ -227,6 +230,11 @@ pub(crate) fn run_loop<V: VcpuBackend>(
     loop {
         if let Some(cause) = control.stop_requested() {
             return VcpuStop::Requested(cause);
+        }
+        // Parked only between steps: a step in progress ends at the next exit.
+        if control.pause_requested() && stepper.is_idle() {
+            (hooks.park)(vcpu);
+            continue;
         }
         let generation = control.sample_generation();
         if generation != sampled {
@@ -357,6 +365,8 @@ mod tests {
     const BP: u64 = 0xffff_ffff_8100_1000;
     /// A scripted exit: the VMM requests a RIP sample and kicks the vCPU (EINTR).
     const SAMPLE_THEN_EINTR: i32 = -1;
+    /// A scripted exit: the VMM requests a pause and kicks the vCPU (EINTR).
+    const PAUSE_THEN_EINTR: i32 = -2;
 
     /// A vCPU whose exits come from a script; when the script ends it asks the VMM to
     /// stop (as a reset would) and returns EINTR (as a kick would).
@@ -379,6 +389,8 @@ mod tests {
         if_ops: Mutex<Vec<(bool, u64)>>,
         /// #DBs given back to the guest: the exit's DR6 and the arming applied with it.
         injected: Mutex<Vec<(u64, Arming)>>,
+        /// Per park: how many armings had been applied by then.
+        parked_after: Mutex<Vec<usize>>,
     }
 
     impl FakeVcpu {
@@ -394,6 +406,7 @@ mod tests {
                 step_ends: Mutex::new(VecDeque::new()),
                 if_ops: Mutex::new(Vec::new()),
                 injected: Mutex::new(Vec::new()),
+                parked_after: Mutex::new(Vec::new()),
             }
         }
     }
@@ -407,6 +420,10 @@ mod tests {
                 Some(Ok(e)) => Ok(e),
                 Some(Err(SAMPLE_THEN_EINTR)) => {
                     self.control.request_sample();
+                    Err(kvm_ioctls::Error::new(libc::EINTR))
+                }
+                Some(Err(PAUSE_THEN_EINTR)) => {
+                    self.control.request_pause();
                     Err(kvm_ioctls::Error::new(libc::EINTR))
                 }
                 Some(Err(errno)) => Err(kvm_ioctls::Error::new(errno)),
@@ -486,6 +503,11 @@ mod tests {
             action
         };
         let notice = |n: VcpuNotice| notices.lock().unwrap().push(n);
+        let mut park = |v: &mut FakeVcpu| {
+            let armed = v.armings.lock().unwrap().len();
+            v.parked_after.lock().unwrap().push(armed);
+            v.control.resume();
+        };
         let stop = run_loop(
             vcpu,
             &PioBus::new(),
@@ -494,6 +516,7 @@ mod tests {
             LoopHooks {
                 on_hit: &mut on_hit,
                 notice: &notice,
+                park: &mut park,
             },
         );
         (
@@ -505,6 +528,33 @@ mod tests {
 
     fn debug(pc: u64, dr6: u64) -> Result<ExitEvent, i32> {
         Ok(ExitEvent::Debug { pc, dr6 })
+    }
+
+    #[test]
+    fn a_pause_parks_the_vcpu_only_between_steps() {
+        let control = Arc::new(VcpuControl::new(1));
+        // A pause requested while stepping over the breakpoint waits for the step's end;
+        // one requested with no step in progress parks at once.
+        let mut vcpu = FakeVcpu::new(
+            &control,
+            vec![
+                debug(BP, 1),
+                Err(PAUSE_THEN_EINTR),
+                debug(BP + 3, DR6_BS),
+                Err(PAUSE_THEN_EINTR),
+            ],
+        );
+        let (stop, hits, _) = run_fake(&control, &mut vcpu, HookAction::Continue);
+        assert_eq!(stop, VcpuStop::Requested(StopCause::Reset));
+        assert_eq!(hits, vec![(0, BP)]);
+        let armings = vcpu.armings.lock().unwrap().clone();
+        // Initial arming, the step over, the re-arming after it.
+        assert_eq!(armings.len(), 3);
+        assert_eq!(
+            *vcpu.parked_after.lock().unwrap(),
+            vec![3, 3],
+            "both parks came after the step ended and the breakpoint was armed again"
+        );
     }
 
     #[test]

@@ -204,6 +204,12 @@ impl Stepper {
         }
     }
 
+    /// Whether no step over a breakpoint is in progress: the vCPU is at an instruction
+    /// boundary with its own RFLAGS.IF, where it may be paused and saved.
+    pub fn is_idle(&self) -> bool {
+        self.stepping.is_none()
+    }
+
     /// The breakpoint addresses.
     pub fn addrs(&self) -> &[u64] {
         &self.addrs

@@ -1,0 +1,242 @@
+//! The architectural state of a stopped VM, as KVM gives it: per vCPU and per VM, read
+//! and written with the ioctls Firecracker's `vstate` uses (src/vmm/src/arch/x86_64/vcpu.rs,
+//! `save_state`/`restore_state`; src/vmm/src/vstate/vm.rs), in the order KVM needs.
+//!
+//! Order of a restore (each step depends on the ones before): MP state, registers, special
+//! registers, XSAVE, XCRs, debug registers, local APIC, MSRs
+//! (the TSC among them), vCPU events (pending exceptions, NMIs, interrupt shadow) last. Per
+//! VM: the PIT, the KVM clock, the PIC pair and the IOAPIC.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A KVM ioctl that failed while saving or restoring state.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// The ioctl, on which vCPU (or the VM), and KVM's error.
+    #[error("{whose}: {what}: {source}")]
+    Kvm {
+        /// `vCPU N` or `the VM`.
+        whose: String,
+        /// The ioctl.
+        what: &'static str,
+        /// Its error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM took fewer MSRs than were saved, and skipping the one it refused did not help.
+    #[error("vCPU {vcpu}: KVM_SET_MSRS: KVM refused MSR {index:#x} of the saved ones")]
+    MsrRefused {
+        /// The vCPU.
+        vcpu: u8,
+        /// The MSR.
+        index: u32,
+    },
+}
+
+fn kvm_err(whose: String, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm {
+        whose,
+        what,
+        source,
+    }
+}
+
+/// One vCPU's state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// Its index (and APIC ID).
+    pub id: u8,
+    /// `KVM_GET_MP_STATE`.
+    pub mp_state: kvm_mp_state,
+    /// `KVM_GET_REGS`.
+    pub regs: kvm_regs,
+    /// `KVM_GET_SREGS`.
+    pub sregs: kvm_sregs,
+    /// `KVM_GET_XSAVE`: the FPU, SSE and AVX state (the 4 KiB area; every feature but
+    /// AMX tiles, which luo-vmm's guests are not given).
+    pub xsave: Box<kvm_xsave>,
+    /// `KVM_GET_XCRS`.
+    pub xcrs: kvm_xcrs,
+    /// `KVM_GET_DEBUGREGS`: the guest's own DR0-3, DR6, DR7.
+    pub debug_regs: kvm_debugregs,
+    /// `KVM_GET_LAPIC`.
+    pub lapic: kvm_lapic_state,
+    /// `(index, value)` of every MSR of KVM's list that it read, the TSC among them.
+    pub msrs: Vec<(u32, u64)>,
+    /// `KVM_GET_VCPU_EVENTS`.
+    pub events: kvm_vcpu_events,
+}
+
+impl VcpuState {
+    /// Reads vCPU `id`'s state from `fd` (stopped, its pending I/O completed); `msr_list`
+    /// is KVM's `KVM_GET_MSR_INDEX_LIST`. MSRs KVM lists but will not read are left out
+    /// (KVM reads a prefix and stops). Needs `KVM_CAP_XSAVE` and `KVM_CAP_XCRS`.
+    pub fn capture(id: u8, fd: &VcpuFd, msr_list: &[u32]) -> Result<Self, StateError> {
+        let who = || format!("vCPU {id}");
+        let xsave = Box::new(fd.get_xsave().map_err(kvm_err(who(), "KVM_GET_XSAVE"))?);
+        let xcrs = fd.get_xcrs().map_err(kvm_err(who(), "KVM_GET_XCRS"))?;
+        Ok(VcpuState {
+            id,
+            mp_state: fd.get_mp_state().map_err(kvm_err(who(), "KVM_GET_MP_STATE"))?,
+            regs: fd.get_regs().map_err(kvm_err(who(), "KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(kvm_err(who(), "KVM_GET_SREGS"))?,
+            xsave,
+            xcrs,
+            debug_regs: fd
+                .get_debug_regs()
+                .map_err(kvm_err(who(), "KVM_GET_DEBUGREGS"))?,
+            lapic: fd.get_lapic().map_err(kvm_err(who(), "KVM_GET_LAPIC"))?,
+            msrs: read_msrs(id, fd, msr_list)?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(kvm_err(who(), "KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Writes this state into `fd` (a stopped vCPU of a VM with the same CPUID), in the
+    /// order in the module's documentation.
+    pub fn apply(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        let who = || format!("vCPU {}", self.id);
+        fd.set_mp_state(self.mp_state)
+            .map_err(kvm_err(who(), "KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs).map_err(kvm_err(who(), "KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs)
+            .map_err(kvm_err(who(), "KVM_SET_SREGS"))?;
+        // SAFETY: `xsave` is a whole `kvm_xsave` (read by KVM_GET_XSAVE from a vCPU of the
+        // same CPUID, or parsed into one); KVM reads exactly its 4 KiB region.
+        unsafe { fd.set_xsave(&self.xsave) }.map_err(kvm_err(who(), "KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&self.xcrs)
+            .map_err(kvm_err(who(), "KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(kvm_err(who(), "KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&self.lapic)
+            .map_err(kvm_err(who(), "KVM_SET_LAPIC"))?;
+        write_msrs(self.id, fd, &self.msrs)?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(kvm_err(who(), "KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+/// Reads every MSR of `list` that KVM will read: `KVM_GET_MSRS` reads a prefix and stops
+/// at the first it cannot; that one is skipped and the rest read again.
+fn read_msrs(id: u8, fd: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, StateError> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::Kvm {
+            whose: format!("vCPU {id}"),
+            what: "KVM_GET_MSRS (list too long)",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err(format!("vCPU {id}"), "KVM_GET_MSRS"))?;
+        out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        // The one at `read` was refused (if the chunk was not read whole): skip it.
+        let used = if read < chunk.len() { read + 1 } else { read };
+        rest = &rest[used..];
+    }
+    Ok(out)
+}
+
+/// Writes `saved` back; KVM sets a prefix and stops at the first it refuses: that one is
+/// an error (it read it, so it must take it back).
+fn write_msrs(id: u8, fd: &VcpuFd, saved: &[(u32, u64)]) -> Result<(), StateError> {
+    for chunk in saved.chunks(KVM_MAX_MSR_ENTRIES) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| StateError::Kvm {
+            whose: format!("vCPU {id}"),
+            what: "KVM_SET_MSRS (list too long)",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let set = fd
+            .set_msrs(&msrs)
+            .map_err(kvm_err(format!("vCPU {id}"), "KVM_SET_MSRS"))?;
+        if let Some(&(index, _)) = chunk.get(set) {
+            return Err(StateError::MsrRefused { vcpu: id, index });
+        }
+    }
+    Ok(())
+}
+
+/// The VM's own state: the in-kernel PIC pair and IOAPIC, the PIT, the KVM clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// `KVM_GET_IRQCHIP` of the PIC master, the PIC slave and the IOAPIC, in that order.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// `KVM_GET_PIT2`.
+    pub pit: kvm_pit_state2,
+    /// `KVM_GET_CLOCK`: kvmclock's nanoseconds when the VM stopped.
+    pub clock: kvm_clock_data,
+}
+
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+impl VmState {
+    /// Reads the VM's state (every vCPU stopped).
+    pub fn capture(vm: &VmFd) -> Result<Self, StateError> {
+        let who = || "the VM".to_owned();
+        let irqchips = IRQCHIPS
+            .iter()
+            .map(|&chip_id| {
+                let mut chip = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                vm.get_irqchip(&mut chip)
+                    .map(|()| chip)
+                    .map_err(kvm_err(who(), "KVM_GET_IRQCHIP"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(VmState {
+            irqchips,
+            pit: vm.get_pit2().map_err(kvm_err(who(), "KVM_GET_PIT2"))?,
+            clock: vm.get_clock().map_err(kvm_err(who(), "KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes it back. The clock is set to the saved nanoseconds with no flag (not
+    /// `KVM_CLOCK_REALTIME`): the guest's kvmclock goes on from the instant it stopped,
+    /// however long ago that was on the host.
+    pub fn apply(&self, vm: &VmFd) -> Result<(), StateError> {
+        let who = || "the VM".to_owned();
+        vm.set_pit2(&self.pit)
+            .map_err(kvm_err(who(), "KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: self.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock)
+            .map_err(kvm_err(who(), "KVM_SET_CLOCK"))?;
+        for chip in &self.irqchips {
+            vm.set_irqchip(chip)
+                .map_err(kvm_err(who(), "KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+}
