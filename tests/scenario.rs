@@ -12,6 +12,11 @@ use serde_json::Value;
 /// Runs `luo-vmm scenario run ARGS --runs 1 --json <tmp>`; returns the exit status, the
 /// text output and the JSON.
 fn scenario(name: &str, args: &[&str]) -> (Option<i32>, String, Value) {
+    scenario_runs(name, args, 1)
+}
+
+/// The same with `--runs N`.
+fn scenario_runs(name: &str, args: &[&str], runs: u32) -> (Option<i32>, String, Value) {
     reference_image();
     let dir = std::env::temp_dir().join(format!("luo-scenario-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -19,7 +24,8 @@ fn scenario(name: &str, args: &[&str]) -> (Option<i32>, String, Value) {
     let (json_s, dir_s) = (json.to_str().unwrap(), dir.to_str().unwrap());
     let mut all = vec!["scenario", "run"];
     all.extend_from_slice(args);
-    all.extend_from_slice(&["--runs", "1", "--json", json_s, "--log-dir", dir_s]);
+    let runs = runs.to_string();
+    all.extend_from_slice(&["--runs", &runs, "--json", json_s, "--log-dir", dir_s]);
     let out = luo_vmm(&all);
     let (stdout, _) = text(&out);
     let report: Value =
@@ -38,15 +44,56 @@ fn timeline(run: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The schedule of a run: its timeline without times (nor the length of holds).
+fn schedule(run: &Value) -> Vec<String> {
+    timeline(run)
+        .into_iter()
+        .map(|l| match l.find(" after ") {
+            // "released from X after 13.3 ms (hook Y)": the hold's length is host time.
+            Some(i) if l.starts_with("released from") => {
+                let tail = l.rfind(" (").map_or("", |j| &l[j..]);
+                format!("{}{tail}", &l[..i])
+            }
+            _ => l,
+        })
+        .collect()
+}
+
+/// Runs 2 and 3 start from the snapshot run 1 took (and a second process from the
+/// snapshot file): the same verdict and the same schedule as a run from boot; and bad
+/// snapshots are refused before any guest runs.
 #[test]
 fn a_session_close_during_reboot_waits_for_the_kexec_on_the_reference_kernel() {
-    let (code, stdout, report) = scenario("ref", &["session-close-during-reboot"]);
-    assert_eq!(code, Some(0), "the run did not give the expected verdict");
+    let snap = std::env::temp_dir().join(format!("luo-snapshot-close-{}", std::process::id()));
+    let snap_s = snap.to_str().unwrap();
+    let (code, stdout, report) = scenario_runs(
+        "ref",
+        &["session-close-during-reboot", "--save-snapshot", snap_s],
+        2,
+    );
+    assert_eq!(code, Some(0), "the runs did not give the expected verdict");
     assert!(
-        stdout.contains("verdict: not reproduced (1/1 runs)"),
+        stdout.contains("verdict: not reproduced (2/2 runs)"),
         "{stdout}"
     );
-    let run = &report["runs"][0];
+    assert!(stdout.contains("snapshot saved to "), "{stdout}");
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs[0]["from_snapshot"], false);
+    assert_eq!(runs[1]["from_snapshot"], true);
+    // The run from the snapshot lacks only the first boot's start_kernel (a breakpoint
+    // hit before the snapshot).
+    let mut first = schedule(&runs[0]);
+    let boot = first
+        .iter()
+        .position(|l| l == "kernel: start_kernel")
+        .expect("no first boot in run 1");
+    first.remove(boot);
+    assert_eq!(
+        first,
+        schedule(&runs[1]),
+        "a run from the snapshot had another schedule"
+    );
+    let run = &runs[1];
     assert_eq!(run["judgement"]["verdict"], "not-reproduced");
     // The close reached the rwsem's slow path on vCPU 1 while vCPU 0 was held after
     // serialization; that, and nothing else, released vCPU 0.
@@ -71,6 +118,59 @@ fn a_session_close_during_reboot_waits_for_the_kexec_on_the_reference_kernel() {
     );
     assert_eq!(run["discrepancies"], serde_json::json!([]));
     assert_eq!(run["kernel_trouble"], serde_json::json!([]));
+
+    // Another process, from the file.
+    let (code, stdout, report) = scenario(
+        "from-file",
+        &["session-close-during-reboot", "--from-snapshot", snap_s],
+    );
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("verdict: not reproduced (1/1 runs)"),
+        "{stdout}"
+    );
+    assert_eq!(report["runs"][0]["from_snapshot"], true);
+
+    // Bad snapshots: one line each, before any guest runs.
+    let refused = |args: &[&str], needle: &str| {
+        let mut all = vec!["scenario", "run", "session-close-during-reboot"];
+        all.extend_from_slice(args);
+        let out = luo_vmm(&all);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stdout.contains("run 1/"), "a guest ran: {stdout}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("luo-vmm: error"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(needle), "{}", errors[0]);
+    };
+    refused(
+        &["--from-snapshot", snap_s, "--mem", "1G"],
+        "was taken with --mem 512 MiB; this run has --mem 1024 MiB",
+    );
+    refused(
+        &[
+            "--from-snapshot",
+            snap_s,
+            "--variant",
+            "luo-reboot-unlocked",
+        ],
+        "was taken with the guest image",
+    );
+    let mem = snap.join("memory.bin");
+    let mut bytes = std::fs::read(&mem).unwrap();
+    bytes[12345] ^= 0x40;
+    std::fs::write(&mem, &bytes).unwrap();
+    refused(
+        &["--from-snapshot", snap_s],
+        "memory.bin is corrupt: XXH3-128",
+    );
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&mem, &bytes).unwrap();
+    refused(&["--from-snapshot", snap_s], "truncated");
+    let _ = std::fs::remove_dir_all(&snap);
 }
 
 /// A user's scenario file (the built-in one, renamed and with its own hold limit) on the

@@ -10,6 +10,7 @@
 //! guest run), [`watch`] (observers of a running guest), [`judge`] (verdicts),
 //! [`report`] (the typed report, its text, table and statistics), [`commands`].
 
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub(crate) mod judge;

@@ -656,7 +656,10 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
                 Gates::default(),
                 dir,
             )?;
-            eprintln!("luo-vmm: every run starts from the snapshot in {}", dir.display());
+            eprintln!(
+                "luo-vmm: every run starts from the snapshot in {}",
+                dir.display()
+            );
             Some(m)
         }
         None => None,
@@ -749,7 +752,10 @@ fn snapshot_point(sc: &Scenario, args: &ScenarioRunArgs) -> Option<SnapshotPoint
             })
             .collect()
     } else {
-        args.snapshot_gate.iter().filter_map(|&g| Gate::new(g)).collect()
+        args.snapshot_gate
+            .iter()
+            .filter_map(|&g| Gate::new(g))
+            .collect()
     };
     (!gates.is_empty()).then_some(SnapshotPoint { gates })
 }

@@ -382,7 +382,11 @@ impl DirtyLog {
             return Ok(None);
         }
         self.take_locked(&mut st)?;
-        let acc = st.since_snapshot.as_mut().map(std::mem::take).unwrap_or_default();
+        let acc = st
+            .since_snapshot
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
         let pages = pages_of(&acc);
         st.since_snapshot = Some(empty_like(&acc));
         // After a reset the interception starts afresh: its mode is kept (the log stays

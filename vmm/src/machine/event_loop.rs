@@ -219,7 +219,10 @@ impl<'a> MainLoop<'a> {
         let mut seen = self.seen.borrow_mut();
         seen.pause = false;
         let n = seen.parked.len();
-        Ok(std::mem::replace(&mut seen.parked, (0..n).map(|_| None).collect()))
+        Ok(std::mem::replace(
+            &mut seen.parked,
+            (0..n).map(|_| None).collect(),
+        ))
     }
 
     /// Per vCPU: whether its thread reported that its loop ended.
@@ -634,6 +637,52 @@ mod tests {
         });
         assert_eq!(end, (VmExit::Ended, StopCause::Ended));
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_pause_wakes_the_loop_and_collects_what_the_vcpus_parked_with() {
+        let f = fakes();
+        let mut got = Vec::new();
+        let mut deliver = |ev: ProbeEvent| got.push(ev);
+        let mut main = MainLoop::new(Sources {
+            vcpus: 2,
+            probe_ready: &f.probe_ready,
+            probe: &f.probe_rx,
+            deliver: &mut deliver,
+            control: &f.control,
+            reset: &f.reset,
+            reports_ready: &f.reports_ready,
+            reports: &f.reports,
+            deadline: None,
+            input: None,
+        })
+        .unwrap();
+        f.control.request_pause();
+        assert_eq!(main.wait().unwrap(), Wake::Pause);
+        // vCPU 0 parks (its state could not be read, as a KVM lacking an ioctl would
+        // say); vCPU 1 never does: the wait ends at its limit.
+        f.report.send(VcpuReport::Parked {
+            vcpu: 0,
+            state: Box::new(Err(StateError::MsrRefused {
+                vcpu: 0,
+                index: 0x10,
+            })),
+        });
+        let t = Instant::now();
+        let parked = main.wait_parked(Duration::from_millis(50)).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert!(matches!(
+            parked[0],
+            Some(Err(StateError::MsrRefused { .. }))
+        ));
+        assert!(parked[1].is_none());
+        // The pause is handled: the loop waits for the end again.
+        f.control.resume();
+        f.reset.write(1).unwrap();
+        assert_eq!(
+            main.wait().unwrap(),
+            Wake::End(VmExit::Reset, StopCause::Reset)
+        );
     }
 
     #[test]

@@ -299,7 +299,9 @@ impl Vm {
         snap.memory.check(&regions_of(&vm.memory))?;
         let pages = snap.memory.restore_all(&vm.memory)?;
         vm.put_back(&snap)?;
-        vm.dirty.keep_snapshot().map_err(kvm_err("starting the dirty log"))?;
+        vm.dirty
+            .keep_snapshot()
+            .map_err(kvm_err("starting the dirty log"))?;
         log::info!("restored a snapshot: {pages} pages");
         vm.kept = Some(Arc::new(snap));
         Ok(vm)
@@ -358,23 +360,23 @@ impl Vm {
         }
         let dirty = Arc::new(DirtyLog::new(vm_fd.clone(), memory.clone(), caps));
         Ok(Self {
-                _kvm: kvm,
-                caps,
-                memory,
-                vm_fd,
-                vcpus,
-                bus: devices.bus,
-                reset: devices.reset,
-                probe: devices.probe,
-                probe_ready: devices.probe_ready,
-                serial: devices.serial,
-                probe_port: devices.probe_port,
-                gates: spec.gates.clone(),
-                observer,
-                dirty,
-                msr_list: Arc::new(msr_list),
-                kept: None,
-                lost: None,
+            _kvm: kvm,
+            caps,
+            memory,
+            vm_fd,
+            vcpus,
+            bus: devices.bus,
+            reset: devices.reset,
+            probe: devices.probe,
+            probe_ready: devices.probe_ready,
+            serial: devices.serial,
+            probe_port: devices.probe_port,
+            gates: spec.gates.clone(),
+            observer,
+            dirty,
+            msr_list: Arc::new(msr_list),
+            kept: None,
+            lost: None,
         })
     }
 
@@ -398,7 +400,10 @@ impl Vm {
 
     /// Whether KVM offers what a snapshot needs (XSAVE and XCRs); why not, if it does not.
     pub fn snapshot_support(&self) -> Result<(), String> {
-        for (cap, name) in [(KVM_CAP_XSAVE, "KVM_CAP_XSAVE"), (KVM_CAP_XCRS, "KVM_CAP_XCRS")] {
+        for (cap, name) in [
+            (KVM_CAP_XSAVE, "KVM_CAP_XSAVE"),
+            (KVM_CAP_XCRS, "KVM_CAP_XCRS"),
+        ] {
             if self.vm_fd.check_extension_raw(libc::c_ulong::from(cap)) <= 0 {
                 return Err(format!("this KVM lacks {name}, which a snapshot needs"));
             }
@@ -406,11 +411,53 @@ impl Vm {
         Ok(())
     }
 
+    /// A VM of `mem` bytes and one vCPU that never runs, keeping a snapshot of itself as
+    /// created: what the reset benchmark resets (`crate::bench`).
+    pub fn idle(mem: u64) -> Result<Self, VmError> {
+        let spec = MachineSpec {
+            mem,
+            vcpus: 1,
+            no_pvh: false,
+            kernel: Path::new(""),
+            initrd: None,
+            cmdline: "",
+            echo_console: false,
+            console_log: None,
+            console_observer: None,
+            observer: None,
+            gates: Gates::default(),
+        };
+        let mut vm = Self::create(&spec)?;
+        let states = vm
+            .vcpus
+            .iter()
+            .map(|v| VcpuState::capture(v.id, &v.fd, &vm.msr_list).map(Some))
+            .collect::<Result<Vec<_>, _>>()?;
+        let snap = vm.take_snapshot(states.into_iter().map(|s| s.map(Ok)).collect())?;
+        vm.dirty
+            .keep_snapshot()
+            .map_err(kvm_err("starting the dirty log for resets"))?;
+        vm.kept = Some(Arc::new(snap));
+        Ok(vm)
+    }
+
+    /// The VM's guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
     /// Puts the VM back in the state of the snapshot it keeps: the pages written since
     /// (KVM's dirty log, every reader's), every vCPU (its host debug state cleared first:
     /// the next run arms its own breakpoints), the VM's in-kernel state, the devices.
     /// Every vCPU must be stopped (between runs).
     pub fn reset(&mut self) -> Result<RestoreStats, VmError> {
+        self.reset_with(&[])
+    }
+
+    /// [`Vm::reset`], with the pages at `also` (guest-physical, page-aligned) written
+    /// back too: pages the host wrote, which KVM's dirty log does not see (the
+    /// benchmark's stand-in for pages a guest wrote).
+    pub fn reset_with(&mut self, also: &[u64]) -> Result<RestoreStats, VmError> {
         let t = Instant::now();
         if let Some(why) = &self.lost {
             return Err(VmError::Lost(why.clone()));
@@ -419,11 +466,16 @@ impl Vm {
             .kept
             .clone()
             .ok_or_else(|| VmError::Snapshot("no snapshot was taken to reset to".into()))?;
-        let written = self
+        let mut written = self
             .dirty
             .written_since_snapshot()
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?
             .ok_or_else(|| VmError::Snapshot("the dirty log kept no record".into()))?;
+        if !also.is_empty() {
+            written.extend_from_slice(also);
+            written.sort_unstable();
+            written.dedup();
+        }
         let pages = snap.memory.restore_pages(&self.memory, written)?;
         self.put_back(&snap)?;
         Ok(RestoreStats {
@@ -482,7 +534,13 @@ impl Vm {
         }
         let vm = VmState::capture(&self.vm_fd)?;
         let devices = DeviceState {
-            uart: UartState::from(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            uart: UartState::from(
+                &self
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .state(),
+            ),
             probe_pending: self
                 .probe_port
                 .lock()

@@ -14,8 +14,8 @@ use luo_devices::console::LineObserver;
 use luo_devices::{ConsoleOutput, Gates, ProbeEvent};
 use luo_protocol::message::Message;
 use luo_protocol::probe::Gate;
-use serde::{Deserialize, Serialize};
 use luo_protocol::workload::{timeout_scale_param, EMULATED_TIMEOUT_SCALE};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::options::{GuestOptions, Profile};
@@ -358,7 +358,9 @@ impl RunHistory {
         let f: HistoryFile =
             serde_json::from_value(v.clone()).map_err(|e| format!("its run record: {e}"))?;
         if f.messages.len() > MAX_HISTORY_MESSAGES {
-            return Err(format!("more than {MAX_HISTORY_MESSAGES} messages in its run record"));
+            return Err(format!(
+                "more than {MAX_HISTORY_MESSAGES} messages in its run record"
+            ));
         }
         let mut messages = Vec::with_capacity(f.messages.len());
         for (i, (t, frame)) in f.messages.iter().enumerate() {
@@ -404,7 +406,10 @@ struct SnapshotTrigger {
 
 impl RunObserver for SnapshotTrigger {
     fn breakpoints(&self, vcpu: u8) -> Vec<u64> {
-        self.inner.as_ref().map(|o| o.breakpoints(vcpu)).unwrap_or_default()
+        self.inner
+            .as_ref()
+            .map(|o| o.breakpoints(vcpu))
+            .unwrap_or_default()
     }
     fn attach(&self, control: &Arc<VcpuControl>, started: Instant) {
         *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
@@ -815,8 +820,11 @@ fn open_console_log(path: Option<&Path>, history: &[u8]) -> Result<Option<File>,
     if !history.is_empty() {
         use std::io::Write as _;
         f.write_all(history).map_err(err)?;
-        writeln!(f, "\n[luo-vmm: the run above, to here, is the snapshot's; this run starts from it]")
-            .map_err(err)?;
+        writeln!(
+            f,
+            "\n[luo-vmm: the run above, to here, is the snapshot's; this run starts from it]"
+        )
+        .map_err(err)?;
     }
     Ok(Some(f))
 }
@@ -837,10 +845,10 @@ fn identity(
     cmdline: &str,
 ) -> Result<file::Identity, GuestError> {
     let image = match &guest.image {
-        Some(img) => img
-            .dir
-            .file_name()
-            .map_or_else(|| img.dir.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        Some(img) => img.dir.file_name().map_or_else(
+            || img.dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
         None => {
             let stamp = |p: &Path| {
                 std::fs::metadata(p).map_or_else(
@@ -1060,6 +1068,51 @@ mod tests {
             c.observe("[ 1.0] smpboot: CPU 5 is stuck");
         }
         assert_eq!(c.cpus.len(), MAX_CPU_LINES);
+    }
+
+    #[test]
+    fn a_run_history_survives_its_file_form() {
+        let mut lines = ConsoleLines::default();
+        lines.observe("[ 1.0] smp: Brought up 1 node, 2 CPUs");
+        let h = RunHistory {
+            at: Duration::from_millis(64_730),
+            messages: vec![
+                (
+                    Duration::from_secs(25),
+                    Message::UserspaceUp { cpus_online: 2 },
+                ),
+                (
+                    Duration::from_secs(64),
+                    Message::GateWait(Gate::new(1).unwrap()),
+                ),
+            ],
+            console: b"boot\n".to_vec(),
+            lines,
+        };
+        let back = RunHistory::from_json(&h.to_json()).unwrap();
+        assert_eq!(back.at, h.at);
+        assert_eq!(back.messages, h.messages);
+        assert_eq!(back.console, h.console);
+        assert_eq!(back.lines.cpus, h.lines.cpus);
+        // A frame that is not one whole message is refused, not half-read.
+        let mut v = h.to_json();
+        v["messages"][1][1] = serde_json::json!("0501");
+        assert!(RunHistory::from_json(&v).unwrap_err().contains("message 1"));
+        v["messages"][1][1] = serde_json::json!("zz");
+        assert!(RunHistory::from_json(&v).unwrap_err().contains("not hex"));
+    }
+
+    #[test]
+    fn the_snapshot_point_is_reached_once_every_gate_was_waited_at() {
+        let g = |n| Gate::new(n).unwrap();
+        let point = SnapshotPoint {
+            gates: [g(1), g(2)].into(),
+        };
+        let mut seen = BTreeSet::new();
+        assert!(!point.reached(&mut seen, &Message::GateWait(g(2))));
+        assert!(!point.reached(&mut seen, &Message::GateWait(g(3))));
+        assert!(!point.reached(&mut seen, &Message::RebootRequested));
+        assert!(point.reached(&mut seen, &Message::GateWait(g(1))));
     }
 
     #[test]

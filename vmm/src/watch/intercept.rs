@@ -30,9 +30,7 @@ use super::guest_ram::LiveRam;
 use super::injector::{self, Injection};
 use crate::config::options::InterceptOptions;
 use crate::machine::arch::paging::translate;
-use crate::machine::dirty::{
-    DirtyLog, LogMode, SlotBitmap,
-};
+use crate::machine::dirty::{DirtyLog, LogMode, SlotBitmap};
 use crate::machine::vcpu::run::HookAction;
 use crate::machine::vm::{RunObserver, StoppedVcpu};
 
@@ -588,7 +586,7 @@ impl RunObserver for Interceptor {
         let mut s = self.lock();
         let point = InterceptPoint::at_slot(slot);
         // The first boot's start_kernel only times the hook: not a handover's state.
-        if !(point == Some(InterceptPoint::StartKernel) && !s.in_kexec) {
+        if point != Some(InterceptPoint::StartKernel) || s.in_kexec {
             s.hits += 1;
         }
         let (mark, symbol) = hook_names(point, s.in_kexec);

@@ -100,7 +100,9 @@ impl Identity {
     /// "was taken with X; this run has Y", or `None`.
     pub fn mismatch(&self, want: &Identity) -> Option<String> {
         let differ = |what: &str, have: String, want: String| {
-            Some(format!("was taken with {what} {have}; this run has {want}"))
+            Some(format!(
+                "was taken with {what} {have}; this run has {what} {want}"
+            ))
         };
         if self.luo_vmm != want.luo_vmm {
             return differ("luo-vmm", self.luo_vmm.clone(), want.luo_vmm.clone());
@@ -119,18 +121,17 @@ impl Identity {
             return differ("--vcpus", self.vcpus.to_string(), want.vcpus.to_string());
         }
         if self.cmdline != want.cmdline {
-            return differ(
-                "another kernel command line (another scenario, workload or --cmdline; digest)",
-                self.cmdline.clone(),
-                want.cmdline.clone(),
-            );
+            return Some(format!(
+                "was taken with another kernel command line (digest {}; this run's is {}): \
+                 another scenario, workload or --cmdline",
+                self.cmdline, want.cmdline
+            ));
         }
         if self.cpuid != want.cpuid {
-            return differ(
-                "another host CPU or KVM (CPUID digest)",
-                self.cpuid.clone(),
-                want.cpuid.clone(),
-            );
+            return Some(format!(
+                "was taken on another host CPU or KVM (CPUID digest {}; this host's is {})",
+                self.cpuid, want.cpuid
+            ));
         }
         None
     }
@@ -218,7 +219,9 @@ pub fn write(
     };
     let header =
         serde_json::to_vec_pretty(&header).map_err(|e| io(dir)(std::io::Error::other(e)))?;
-    let name = dir.file_name().map_or("snapshot".into(), |n| n.to_string_lossy().into_owned());
+    let name = dir
+        .file_name()
+        .map_or("snapshot".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
@@ -284,7 +287,10 @@ pub fn read(
     let header: Header = serde_json::from_slice(&header)
         .map_err(|e| corrupt(HEADER, format!("not a snapshot header: {e}")))?;
     if header.format != FORMAT {
-        return Err(format(format!("format {:?}, not {FORMAT:?}", header.format)));
+        return Err(format(format!(
+            "format {:?}, not {FORMAT:?}",
+            header.format
+        )));
     }
     if header.version != VERSION {
         return Err(format(format!(
@@ -309,7 +315,10 @@ pub fn read(
         if len != part.bytes {
             return Err(corrupt(
                 file,
-                format!("{len} bytes; its header says {} (truncated or extended)", part.bytes),
+                format!(
+                    "{len} bytes; its header says {} (truncated or extended)",
+                    part.bytes
+                ),
             ));
         }
         let bytes = read_bounded(&path, max).map_err(|source| FileError::Io { path, source })?;
@@ -435,7 +444,11 @@ mod tests {
             mem: 4 << 20,
             ..identity()
         };
-        assert!(err(&other_mem).contains("was taken with --mem 2 MiB; this run has --mem 4 MiB"));
+        let e = err(&other_mem);
+        assert!(
+            e.contains("was taken with --mem 2 MiB; this run has --mem 4 MiB"),
+            "{e}"
+        );
         let other_image = Identity {
             image: "variant-x".into(),
             ..identity()

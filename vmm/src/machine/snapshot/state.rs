@@ -8,9 +8,9 @@
 //! VM: the PIT, the KVM clock, the PIC pair and the IOAPIC.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -83,7 +83,9 @@ impl VcpuState {
         let xcrs = fd.get_xcrs().map_err(kvm_err(who(), "KVM_GET_XCRS"))?;
         Ok(VcpuState {
             id,
-            mp_state: fd.get_mp_state().map_err(kvm_err(who(), "KVM_GET_MP_STATE"))?,
+            mp_state: fd
+                .get_mp_state()
+                .map_err(kvm_err(who(), "KVM_GET_MP_STATE"))?,
             regs: fd.get_regs().map_err(kvm_err(who(), "KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm_err(who(), "KVM_GET_SREGS"))?,
             xsave,
@@ -105,7 +107,8 @@ impl VcpuState {
         let who = || format!("vCPU {}", self.id);
         fd.set_mp_state(self.mp_state)
             .map_err(kvm_err(who(), "KVM_SET_MP_STATE"))?;
-        fd.set_regs(&self.regs).map_err(kvm_err(who(), "KVM_SET_REGS"))?;
+        fd.set_regs(&self.regs)
+            .map_err(kvm_err(who(), "KVM_SET_REGS"))?;
         fd.set_sregs(&self.sregs)
             .map_err(kvm_err(who(), "KVM_SET_SREGS"))?;
         // SAFETY: `xsave` is a whole `kvm_xsave` (read by KVM_GET_XSAVE from a vCPU of the

@@ -163,10 +163,7 @@ impl VcpuControl {
     pub fn wait_resumed(&self) {
         let mut held = self.held();
         while self.pause_requested() && self.stop_requested().is_none() {
-            held = self
-                .changed
-                .wait(held)
-                .unwrap_or_else(|e| e.into_inner());
+            held = self.changed.wait(held).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -253,6 +250,34 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
+
+    #[test]
+    fn a_parked_vcpu_waits_for_the_resume_or_a_stop() {
+        let fd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let c = Arc::new(VcpuControl::with_stop_event(1, fd()));
+        c.request_pause();
+        c.request_pause();
+        assert!(c.pause_requested());
+        // One signal for the two requests: the event loop wakes once.
+        assert_eq!(c.stop_event().unwrap().read().unwrap(), 1);
+        let parked = {
+            let c = c.clone();
+            thread::spawn(move || c.wait_resumed())
+        };
+        thread::sleep(Duration::from_millis(20));
+        assert!(!parked.is_finished());
+        c.resume();
+        parked.join().unwrap();
+        assert!(!c.pause_requested());
+        // A stop ends a pause's wait too.
+        c.request_pause();
+        let parked = {
+            let c = c.clone();
+            thread::spawn(move || c.wait_resumed())
+        };
+        c.request_stop(StopCause::Reset);
+        parked.join().unwrap();
+    }
 
     #[test]
     fn a_hold_ends_when_released() {

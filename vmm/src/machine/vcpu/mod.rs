@@ -20,10 +20,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::machine::arch::cpuid::{normalize, CpuidError, CpuidHost};
 use crate::machine::arch::paging::translate;
-use crate::machine::snapshot::state::StateError;
 use crate::machine::arch::regs::{
     apply_entry_sregs, boot_msrs, entry_regs, first_refused, initial_fpu, msr_name, EntryMode,
 };
+use crate::machine::snapshot::state::StateError;
 use run::VcpuBackend;
 use stepper::{Arming, IfMask, StepEnd};
 
@@ -246,7 +246,10 @@ impl Vcpu {
                 None => return Ok(()),
                 Some(ExitEvent::Continue) => {}
                 Some(other) => {
-                    log::warn!("vCPU {}: {other:?} while completing I/O for a pause", self.id);
+                    log::warn!(
+                        "vCPU {}: {other:?} while completing I/O for a pause",
+                        self.id
+                    );
                     return Err(err(
                         self.id,
                         "KVM_RUN (completing I/O for a pause): an exit other than I/O",
