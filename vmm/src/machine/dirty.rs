@@ -361,14 +361,13 @@ impl DirtyLog {
         let mut st = self.state();
         match st.mode {
             Some(LogMode::Manual) => return Err(kvm_ioctls::Error::new(libc::EBUSY)),
-            Some(LogMode::WholeGuest) => {
-                take_bitmaps(&self.vm_fd, &self.memory)?;
-            }
+            Some(LogMode::WholeGuest) => {}
             None => {
                 set_slots(&self.vm_fd, &self.memory, true)?;
                 st.mode = Some(LogMode::WholeGuest);
             }
         }
+        // Read (and so cleared) once: from here on the log holds only later writes.
         st.since_snapshot = Some(empty_like(&take_bitmaps(&self.vm_fd, &self.memory)?));
         Ok(())
     }

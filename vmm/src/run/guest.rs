@@ -482,6 +482,9 @@ pub(crate) struct GuestMachine {
     history: Option<RunHistory>,
     /// Why a snapshot asked for was not kept.
     no_snapshot: Option<String>,
+    /// The VM is at its snapshot (just reset, or just built from one): the next run
+    /// starts there and is given the snapshot's run so far.
+    at_snapshot: bool,
 }
 
 impl GuestMachine {
@@ -505,6 +508,7 @@ impl GuestMachine {
             cmdline,
             history: None,
             no_snapshot: None,
+            at_snapshot: false,
         })
     }
 
@@ -534,6 +538,7 @@ impl GuestMachine {
             cmdline,
             history: Some(history),
             no_snapshot: None,
+            at_snapshot: true,
         })
     }
 
@@ -554,7 +559,9 @@ impl GuestMachine {
 
     /// Resets the VM to the snapshot it keeps.
     pub fn reset(&mut self) -> Result<RestoreStats, GuestError> {
-        Ok(self.vm.reset()?)
+        let stats = self.vm.reset()?;
+        self.at_snapshot = true;
+        Ok(stats)
     }
 
     /// Writes the kept snapshot to `dir`; returns the bytes written.
@@ -575,8 +582,8 @@ impl GuestMachine {
     }
 
     /// Runs the VM until it ends: from boot (or where the last run left it), or, after
-    /// [`GuestMachine::reset`], from the kept snapshot, this run's observer given the
-    /// snapshot's run as far as it had gone. The console goes to stdout (unless quiet)
+    /// [`GuestMachine::reset`] (or built from a snapshot file), from the kept snapshot,
+    /// this run's observer given the snapshot's run as far as it had gone. The console goes to stdout (unless quiet)
     /// and `console_log`. With `snapshot_at`, the run pauses there, the VM keeps a
     /// snapshot, and the run goes on.
     pub fn run(
@@ -585,7 +592,7 @@ impl GuestMachine {
         console_log: Option<&Path>,
         snapshot_at: Option<SnapshotPoint>,
     ) -> Result<GuestOutcome, GuestError> {
-        let from_snapshot = self.history.is_some() && snapshot_at.is_none();
+        let from_snapshot = std::mem::take(&mut self.at_snapshot) && self.history.is_some();
         let history = if from_snapshot {
             self.history.clone().unwrap_or_default()
         } else {
