@@ -404,6 +404,38 @@ struct SnapshotTrigger {
     skipped: Mutex<Option<String>>,
 }
 
+impl SnapshotTrigger {
+    fn new(inner: Option<Arc<dyn RunObserver>>, point: SnapshotPoint) -> Self {
+        SnapshotTrigger {
+            inner,
+            point,
+            control: Mutex::new(None),
+            seen: Mutex::new(BTreeSet::new()),
+            fired: AtomicBool::new(false),
+            skipped: Mutex::new(None),
+        }
+    }
+
+    /// Why a run with this trigger kept no snapshot (`messages`: how many it recorded).
+    fn why_not(&self, messages: usize) -> String {
+        if let Some(why) = self
+            .skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return why;
+        }
+        if messages > MAX_HISTORY_MESSAGES {
+            format!("more than {MAX_HISTORY_MESSAGES} probe messages before the snapshot point")
+        } else if self.fired.load(Ordering::SeqCst) {
+            "the snapshot could not be taken (said above)".into()
+        } else {
+            "the agent never reached the snapshot point (its gate waits)".into()
+        }
+    }
+}
+
 impl RunObserver for SnapshotTrigger {
     fn breakpoints(&self, vcpu: u8) -> Vec<u64> {
         self.inner
@@ -583,9 +615,9 @@ impl GuestMachine {
 
     /// Runs the VM until it ends: from boot (or where the last run left it), or, after
     /// [`GuestMachine::reset`] (or built from a snapshot file), from the kept snapshot,
-    /// this run's observer given the snapshot's run as far as it had gone. The console goes to stdout (unless quiet)
-    /// and `console_log`. With `snapshot_at`, the run pauses there, the VM keeps a
-    /// snapshot, and the run goes on.
+    /// this run's observer given the snapshot's run as far as it had gone. The console
+    /// goes to stdout (unless quiet) and `console_log`. With `snapshot_at`, the run pauses
+    /// there, the VM keeps a snapshot, and the run goes on.
     pub fn run(
         &mut self,
         observer: Option<Arc<dyn RunObserver>>,
@@ -593,40 +625,20 @@ impl GuestMachine {
         snapshot_at: Option<SnapshotPoint>,
     ) -> Result<GuestOutcome, GuestError> {
         let from_snapshot = std::mem::take(&mut self.at_snapshot) && self.history.is_some();
-        let history = if from_snapshot {
-            self.history.clone().unwrap_or_default()
-        } else {
-            RunHistory::default()
+        let history = match (&self.history, from_snapshot) {
+            (Some(h), true) => h.clone(),
+            _ => RunHistory::default(),
         };
         let console = Arc::new(Mutex::new(history.lines.clone()));
-        let log = open_console_log(console_log, &history.console)?;
-        if self.echo && !history.console.is_empty() {
-            use std::io::Write as _;
-            let _ = std::io::stdout().write_all(&history.console);
-        }
-        let seen = console.clone();
-        let line_observer: LineObserver = Arc::new(move |line: &str| {
-            seen.lock().unwrap_or_else(|e| e.into_inner()).observe(line);
-        });
-        self.vm
-            .set_console(ConsoleOutput::new(self.echo, log, Some(line_observer)));
-
-        let trigger = snapshot_at.clone().map(|point| {
-            Arc::new(SnapshotTrigger {
-                inner: observer.clone(),
-                point,
-                control: Mutex::new(None),
-                seen: Mutex::new(BTreeSet::new()),
-                fired: AtomicBool::new(false),
-                skipped: Mutex::new(None),
-            })
-        });
-        let run_observer = match &trigger {
+        self.set_console(console_log, &history, &console)?;
+        let trigger =
+            snapshot_at.map(|point| Arc::new(SnapshotTrigger::new(observer.clone(), point)));
+        self.vm.set_observer(match &trigger {
             Some(t) => Some(t.clone() as Arc<dyn RunObserver>),
             None => observer,
-        };
-        self.vm.set_observer(run_observer);
+        });
 
+        // Time goes on from the snapshot's run: this run "started" that long ago.
         let started = Instant::now()
             .checked_sub(history.at)
             .unwrap_or_else(Instant::now);
@@ -638,95 +650,37 @@ impl GuestMachine {
                 at: started + *t,
             })
             .collect();
-        let resumed_at = started + history.at;
-        let agent = RefCell::new(AgentLog::default());
-        let recorded: RefCell<Vec<(Duration, Message)>> = RefCell::new(Vec::new());
-        let saved: RefCell<Option<RunHistory>> = RefCell::new(None);
-        let vcpus = self.vcpus;
-        let on_probe = |ev: &ProbeEvent| {
-            let replayed = from_snapshot && ev.at <= resumed_at;
-            if let Ok(m) = &ev.item {
-                let mut r = recorded.borrow_mut();
-                if r.len() <= MAX_HISTORY_MESSAGES {
-                    r.push((ev.at.saturating_duration_since(started), m.clone()));
-                }
-            }
-            if let (Ok(Message::UserspaceUp { cpus_online }), false) = (&ev.item, replayed) {
-                if agent.borrow().first_cpus_online().is_none() {
-                    eprintln!(
-                        "luo-vmm: guest agent up {:.2} s after VM start, {cpus_online} CPUs online",
-                        ev.at.duration_since(started).as_secs_f64()
-                    );
-                }
-                if *cpus_online < u16::from(vcpus) {
-                    let lines = console.lock().unwrap_or_else(|e| e.into_inner());
-                    eprintln!(
-                        "luo-vmm: the guest brought up {cpus_online} of {vcpus} CPUs; {}",
-                        why_cpus_missing(&lines.cpus)
-                    );
-                }
-            }
-            agent.borrow_mut().push(ev);
-        };
-        let on_pause = |snap: Result<&MachineSnapshot, &VmError>| match snap {
-            Ok(snap) => {
-                let messages = recorded.borrow().clone();
-                if messages.len() > MAX_HISTORY_MESSAGES {
-                    return;
-                }
-                let console_bytes = console_log
-                    .map(|p| read_prefix(p, MAX_HISTORY_CONSOLE))
-                    .unwrap_or_default();
-                let at = started.elapsed();
-                eprintln!(
-                    "luo-vmm: snapshot taken {:.2} s after VM start ({} vCPUs, {} guest pages kept)",
-                    at.as_secs_f64(),
-                    snap.vcpus.len(),
-                    snap.memory.pages()
-                );
-                *saved.borrow_mut() = Some(RunHistory {
-                    at,
-                    messages,
-                    console: console_bytes,
-                    lines: console.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                });
-            }
-            Err(e) => eprintln!("luo-vmm: no snapshot: {e}"),
-        };
+        let rec = RefCell::new(Recorder {
+            started,
+            replayed_until: from_snapshot.then(|| started + history.at),
+            vcpus: self.vcpus,
+            agent: AgentLog::default(),
+            messages: Vec::new(),
+            saved: None,
+        });
         let exit = self.vm.run(
             RunSpec {
                 started,
                 timeout: self.timeout,
                 replay: &replay,
             },
-            on_probe,
-            on_pause,
+            |ev: &ProbeEvent| rec.borrow_mut().on_probe(ev, &console),
+            |snap: Result<&MachineSnapshot, &VmError>| {
+                rec.borrow_mut().on_pause(snap, console_log, &console)
+            },
         )?;
         self.vm.set_observer(None);
-        if snapshot_at.is_some() {
-            match saved.into_inner() {
+        let rec = rec.into_inner();
+        if let Some(t) = &trigger {
+            match rec.saved {
                 Some(h) => {
                     self.history = Some(h);
                     self.no_snapshot = None;
                 }
-                None => {
-                    let why = trigger
-                        .as_ref()
-                        .and_then(|t| t.skipped.lock().unwrap_or_else(|e| e.into_inner()).take())
-                        .unwrap_or_else(|| {
-                            if recorded.borrow().len() > MAX_HISTORY_MESSAGES {
-                                format!("more than {MAX_HISTORY_MESSAGES} probe messages before the snapshot point")
-                            } else if trigger.as_ref().is_some_and(|t| t.fired.load(Ordering::SeqCst)) {
-                                "the snapshot could not be taken (above)".into()
-                            } else {
-                                "the agent never reached the snapshot point (its gate waits)".into()
-                            }
-                        });
-                    self.no_snapshot = Some(why);
-                }
+                None => self.no_snapshot = Some(t.why_not(rec.messages.len())),
             }
         }
-        let agent = agent.into_inner();
+        let agent = rec.agent;
         if agent.error_count > 0 {
             eprintln!(
                 "luo-vmm: {} probe writes were not messages (first: {})",
@@ -747,9 +701,107 @@ impl GuestMachine {
             kernel_liveupdate: lines.liveupdate,
             kernel_cpus: lines.cpus,
             started,
-            vcpus,
+            vcpus: self.vcpus,
             backend: self.backend.clone(),
         })
+    }
+
+    /// This run's console: stdout (unless quiet), `console_log` (the snapshot's run's
+    /// console first), and the kept kernel lines (`console`, starting from the snapshot's).
+    fn set_console(
+        &self,
+        console_log: Option<&Path>,
+        history: &RunHistory,
+        console: &Arc<Mutex<ConsoleLines>>,
+    ) -> Result<(), GuestError> {
+        let log = open_console_log(console_log, &history.console)?;
+        if self.echo && !history.console.is_empty() {
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&history.console);
+        }
+        let seen = console.clone();
+        let line_observer: LineObserver = Arc::new(move |line: &str| {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).observe(line);
+        });
+        self.vm
+            .set_console(ConsoleOutput::new(self.echo, log, Some(line_observer)));
+        Ok(())
+    }
+}
+
+/// What one run records from the probe: the agent's log, the messages a snapshot's
+/// history keeps, and the history when the snapshot is taken.
+struct Recorder {
+    started: Instant,
+    /// In a run from a snapshot: until when messages are the snapshot's, replayed.
+    replayed_until: Option<Instant>,
+    vcpus: u8,
+    agent: AgentLog,
+    /// Every message so far with its time from `started` (at most one past
+    /// [`MAX_HISTORY_MESSAGES`]: then no snapshot is kept).
+    messages: Vec<(Duration, Message)>,
+    saved: Option<RunHistory>,
+}
+
+impl Recorder {
+    fn on_probe(&mut self, ev: &ProbeEvent, console: &Mutex<ConsoleLines>) {
+        let replayed = self.replayed_until.is_some_and(|until| ev.at <= until);
+        if let Ok(m) = &ev.item {
+            if self.messages.len() <= MAX_HISTORY_MESSAGES {
+                self.messages
+                    .push((ev.at.saturating_duration_since(self.started), m.clone()));
+            }
+        }
+        if let (Ok(Message::UserspaceUp { cpus_online }), false) = (&ev.item, replayed) {
+            if self.agent.first_cpus_online().is_none() {
+                eprintln!(
+                    "luo-vmm: guest agent up {:.2} s after VM start, {cpus_online} CPUs online",
+                    ev.at.duration_since(self.started).as_secs_f64()
+                );
+            }
+            if *cpus_online < u16::from(self.vcpus) {
+                let lines = console.lock().unwrap_or_else(|e| e.into_inner());
+                eprintln!(
+                    "luo-vmm: the guest brought up {cpus_online} of {} CPUs; {}",
+                    self.vcpus,
+                    why_cpus_missing(&lines.cpus)
+                );
+            }
+        }
+        self.agent.push(ev);
+    }
+
+    fn on_pause(
+        &mut self,
+        snap: Result<&MachineSnapshot, &VmError>,
+        console_log: Option<&Path>,
+        console: &Mutex<ConsoleLines>,
+    ) {
+        let snap = match snap {
+            Ok(snap) => snap,
+            Err(e) => {
+                eprintln!("luo-vmm: no snapshot: {e}");
+                return;
+            }
+        };
+        if self.messages.len() > MAX_HISTORY_MESSAGES {
+            return;
+        }
+        let at = self.started.elapsed();
+        eprintln!(
+            "luo-vmm: snapshot taken {:.2} s after VM start ({} vCPUs, {} guest pages kept)",
+            at.as_secs_f64(),
+            snap.vcpus.len(),
+            snap.memory.pages()
+        );
+        self.saved = Some(RunHistory {
+            at,
+            messages: self.messages.clone(),
+            console: console_log
+                .map(|p| read_prefix(p, MAX_HISTORY_CONSOLE))
+                .unwrap_or_default(),
+            lines: console.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        });
     }
 }
 
