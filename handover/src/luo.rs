@@ -36,6 +36,10 @@ pub const LUO_NODE: &str = "LUO";
 pub const LUO_ABI_COMPATIBLE: &str = "luo-v5";
 /// `MEMFD_LUO_FH_COMPATIBLE`.
 pub const MEMFD_COMPATIBLE: &str = "memfd-v2";
+/// The memfd handler's name after the posted rename (2026: the version moves to the
+/// feature-negotiation header), with the same `memfd_luo_ser` layout: decoded like
+/// [`MEMFD_COMPATIBLE`] (the kernels themselves match names with `strcmp()`).
+pub const MEMFD_RENAMED: &str = "memfd";
 /// `sizeof(struct luo_ser)`: `ALIGN(sizeof("luo-v5"), 8)` + 3 u64.
 pub const LUO_SER_SIZE: usize = 8 + 24;
 /// Components this reader understands after a [`LUO_ABI_COMPATIBLE`] base (the granular
@@ -362,7 +366,12 @@ pub fn hex(bytes: &[u8]) -> String {
 /// What `compatible` tells this reader to do: decode a memfd, or report the parts it does not
 /// know.
 fn classify(compatible: &str) -> Result<(), Vec<String>> {
-    understood(compatible, MEMFD_COMPATIBLE, MEMFD_COMPONENTS)
+    let base = if Compatible::parse(compatible).base == MEMFD_RENAMED {
+        MEMFD_RENAMED
+    } else {
+        MEMFD_COMPATIBLE
+    };
+    understood(compatible, base, MEMFD_COMPONENTS)
 }
 
 /// One entry of a block list: its guest address and its bytes.
@@ -998,6 +1007,15 @@ mod tests {
                 .any(|(a, _, o)| *a == f.data & !(PAGE_SIZE - 1) && o == "unparsed:state/0x9"));
         }
         let file = first_file(&mem, &l);
+        // The renamed handler has memfd-v2's layout: decoded.
+        set_compatible(&mut mem, file, "memfd");
+        let st = read(&mem, &l.subtree).unwrap();
+        assert!(st.sessions[0].files[0].memfd.is_some());
+        assert_eq!(
+            classify("memfd;hugetlb-v1"),
+            Err(vec!["hugetlb-v1".to_string()])
+        );
+        assert_eq!(classify("memfd-v3"), Err(vec!["memfd-v3".to_string()]));
         // With components this reader knows, the memfd is still decoded.
         set_compatible(&mut mem, file, "memfd-v2;vmalloc-v1");
         let st = read(&mem, &l.subtree).unwrap();
