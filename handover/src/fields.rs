@@ -437,16 +437,23 @@ impl Lister {
     fn luo(&mut self, luo: &LuoState) {
         let at = luo.ser_pa;
         self.record("luo", at);
-        self.text("luo.compatible", at, 8, crate::luo::LUO_ABI_COMPATIBLE);
+        let width = crate::luo::luo_compat_len(&luo.compatible);
+        let w = width as u64;
+        self.text(
+            "luo.compatible",
+            at,
+            u32::try_from(width).unwrap_or(u32::MAX),
+            &luo.compatible,
+        );
         self.int(
             "luo.liveupdate_num",
-            at.wrapping_add(8),
+            at.wrapping_add(w),
             8,
             luo.liveupdate_num,
         );
         let head = luo.session_blocks.first().copied().unwrap_or(0);
-        self.int("luo.sessions_pa", at.wrapping_add(16), 8, head);
-        self.int("luo.flbs_pa", at.wrapping_add(24), 8, luo.flb_pa);
+        self.int("luo.sessions_pa", at.wrapping_add(w + 8), 8, head);
+        self.int("luo.flbs_pa", at.wrapping_add(w + 16), 8, luo.flb_pa);
         let session_pas: Vec<u64> = luo.sessions.iter().map(|s| s.ser_pa).collect();
         self.blocks("luo.session_block", &luo.session_blocks, &session_pas);
         for (si, s) in luo.sessions.iter().enumerate() {

@@ -123,6 +123,8 @@ pub enum Finding {
     },
     /// A file whose `compatible` this reader does not decode.
     UnknownCompatible(UnknownCompatible),
+    /// A subsystem's state whose `compatible` this reader does not decode.
+    Unparsed(crate::state::Unparsed),
 }
 
 impl fmt::Display for Finding {
@@ -149,12 +151,16 @@ impl fmt::Display for Finding {
             }
             Finding::UnknownCompatible(u) => write!(
                 f,
-                "session {:?} token {:#x}: {:?} (not understood: {})",
+                "session {:?} token {:#x}: {:?} (not understood: {}; luo_file_ser at {:#x}: {}; data {:#x} unparsed)",
                 u.session,
                 u.token,
                 u.compatible,
-                u.unknown.join(";")
+                u.unknown.join(";"),
+                u.ser_pa,
+                u.bytes,
+                u.data
             ),
+            Finding::Unparsed(u) => write!(f, "{u}"),
         }
     }
 }
@@ -356,11 +362,15 @@ fn not_preserved(extents: &LabelledExtents) -> InvariantCheck {
     c
 }
 
-/// `known-compatibles`: [`crate::luo::LuoState::unknown_compatibles`], one finding each.
+/// `known-compatibles`: [`crate::luo::LuoState::unknown_compatibles`] and
+/// [`Handover::unparsed`], one finding each.
 fn unknown_compatibles(handover: &Handover) -> InvariantCheck {
     let mut c = InvariantCheck::new(Invariant::KnownCompatibles);
     for u in handover.luo.iter().flat_map(|l| &l.unknown_compatibles) {
         c.push(|| Finding::UnknownCompatible(u.clone()));
+    }
+    for u in &handover.unparsed {
+        c.push(|| Finding::Unparsed(u.clone()));
     }
     c
 }
@@ -581,9 +591,16 @@ mod tests {
         assert_eq!(u.count, 2);
         assert_eq!(
             u.to_string(),
-            "every preserved file's compatible is understood (unknown ones listed): VIOLATED: \
-             session \"other\" token 0x9: \"memfd-v2;hugetlb-v1\" (not understood: hugetlb-v1); \
-             session \"other\" token 0xa: \"vfio-v1\" (not understood: vfio-v1)"
+            format!(
+                "every preserved file's compatible is understood (unknown ones listed): VIOLATED: \
+             session \"other\" token 0x9: \"memfd-v2;hugetlb-v1\" (not understood: hugetlb-v1; \
+             luo_file_ser at 0x10b010: 6d656d66642d76323b68756765746c622d7631{z}0900000000000000; \
+             data 0x0 unparsed); \
+             session \"other\" token 0xa: \"vfio-v1\" (not understood: vfio-v1; \
+             luo_file_ser at 0x10b050: 7666696f2d7631{y}0a00000000000000; data 0x0 unparsed)",
+                z = "00".repeat(48 - 19 + 8),
+                y = "00".repeat(48 - 7 + 8),
+            )
         );
         let json = serde_json::to_value(&u.findings[1]).unwrap();
         assert_eq!(json["kind"], "unknown-compatible");

@@ -18,6 +18,36 @@ use crate::mem::{c_string, read_array, read_vec, to_usize, GuestMemoryRead, LeBy
 
 /// `KHO_FDT_COMPATIBLE`.
 pub const KHO_FDT_COMPATIBLE: &str = "kho-v4";
+/// Components this reader understands after a [`KHO_FDT_COMPATIBLE`] base (the granular
+/// form of the June 2026 RFC, `kho-v4;radix-v1;vmalloc-v1`): the preserved-memory radix
+/// tree and the `kho_vmalloc` areas it decodes, as Linux 7.2 lays them out.
+pub const KHO_COMPONENTS: &[&str] = &["radix-v1", "vmalloc-v1"];
+
+/// Whether this reader decodes a KHO root whose `compatible` entry is `compatible`: `kho-v4`,
+/// alone or with components it knows ([`KHO_COMPONENTS`]). Err: the parts it does not know.
+pub fn kho_compatible_understood(compatible: &str) -> Result<(), Vec<String>> {
+    understood(compatible, KHO_FDT_COMPATIBLE, KHO_COMPONENTS)
+}
+
+/// Whether `compatible` is `base`, alone or with `;`-separated components all in `known`
+/// (the granular form; empty components ignored). Err: the base if it is another, else the
+/// unknown components. Pure.
+pub(crate) fn understood(compatible: &str, base: &str, known: &[&str]) -> Result<(), Vec<String>> {
+    let mut parts = compatible.split(';');
+    let first = parts.next().unwrap_or_default();
+    if first != base {
+        return Err(vec![first.to_owned()]);
+    }
+    let unknown: Vec<String> = parts
+        .filter(|c| !c.is_empty() && !known.contains(c))
+        .map(str::to_owned)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(unknown)
+    }
+}
 /// `KHO_FDT_MEMORY_MAP_PROP_NAME`.
 pub const MEMORY_MAP_PROP: &str = "preserved-memory-map";
 /// `KHO_SUB_TREE_PROP_NAME`.
@@ -133,11 +163,13 @@ impl KhoFdt {
 /// subtree list are charged to `budget`.
 pub fn parse_kho_fdt(blob: &[u8], budget: &Budget) -> Result<KhoFdt, KhoError> {
     let mut root = fdt::parse(blob, FdtLimits::default(), budget)?;
-    // Like fdt_node_check_compatible(): any entry of the string list may match.
+    // Like fdt_node_check_compatible(): any entry of the string list may match; an entry
+    // may be the granular form (`kho-v4;radix-v1;vmalloc-v1`) naming formats this reader
+    // decodes.
     let compatible = root.property("compatible").unwrap_or_default();
     if !compatible
         .split(|&b| b == 0)
-        .any(|c| c == KHO_FDT_COMPATIBLE.as_bytes())
+        .any(|c| std::str::from_utf8(c).is_ok_and(|c| kho_compatible_understood(c).is_ok()))
     {
         return Err(KhoError::Incompatible(c_string(compatible)));
     }
@@ -366,6 +398,23 @@ mod tests {
                 start: 0x3000,
                 len: u64::MAX
             }))
+        );
+        // The granular form names the formats this reader decodes: parsed as kho-v4.
+        let granular = kho_fdt_blob("kho-v4;radix-v1;vmalloc-v1", 0x9000, &subtrees());
+        assert_eq!(
+            parse_kho_fdt(&granular, &budget()).unwrap().subtrees,
+            subtrees()
+        );
+        // A component it does not know: refused, the string named.
+        let unknown = kho_fdt_blob("kho-v4;radix-v2", 0x9000, &subtrees());
+        assert_eq!(
+            parse_kho_fdt(&unknown, &budget()),
+            Err(KhoError::Incompatible("kho-v4;radix-v2".into()))
+        );
+        assert_eq!(kho_compatible_understood("kho-v4"), Ok(()));
+        assert_eq!(
+            kho_compatible_understood("kho-v5;radix-v1"),
+            Err(vec!["kho-v5".to_string()])
         );
     }
 

@@ -44,7 +44,7 @@ pub mod kho;
 pub mod luo;
 pub mod mem;
 pub mod radix;
-mod state;
+pub(crate) mod state;
 pub mod symbols;
 pub mod timeline;
 
@@ -53,7 +53,8 @@ pub mod timeline;
 mod fixture;
 
 pub use state::{
-    Handover, HandoverError, LabelledExtents, OWNER_KHO, OWNER_KHO_FDT, OWNER_SCRATCH,
+    Handover, HandoverError, LabelledExtents, Unparsed, OWNER_KHO, OWNER_KHO_FDT, OWNER_SCRATCH,
+    UNPARSED_HEAD,
 };
 
 /// Fuzzing entry point: `data` becomes guest memory at address 0 and is read as a handover

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::budget::{Budget, BudgetError};
-use crate::kho::KhoSubtree;
+use crate::kho::{understood, KhoSubtree};
 use crate::mem::{
     c_string, read_array, read_vec, to_usize, GuestMemoryRead, LeBytes, MemError, PAGE_BYTES,
     PAGE_SHIFT, PAGE_SIZE,
@@ -36,8 +36,33 @@ pub const LUO_NODE: &str = "LUO";
 pub const LUO_ABI_COMPATIBLE: &str = "luo-v5";
 /// `MEMFD_LUO_FH_COMPATIBLE`.
 pub const MEMFD_COMPATIBLE: &str = "memfd-v2";
+/// The memfd handler's name after the posted rename (2026: the version moves to the
+/// feature-negotiation header), with the same `memfd_luo_ser` layout: decoded like
+/// [`MEMFD_COMPATIBLE`] (the kernels themselves match names with `strcmp()`).
+pub const MEMFD_RENAMED: &str = "memfd";
 /// `sizeof(struct luo_ser)`: `ALIGN(sizeof("luo-v5"), 8)` + 3 u64.
 pub const LUO_SER_SIZE: usize = 8 + 24;
+/// Components this reader understands after a [`LUO_ABI_COMPATIBLE`] base (the granular
+/// form of the June 2026 RFC, `luo-v5;block-v1`): the `kho_block` lists it decodes.
+pub const LUO_COMPONENTS: &[&str] = &["block-v1"];
+/// Longest `compatible[]` of a `struct luo_ser` this reader accepts (the whole header must
+/// fit in a small read).
+pub const MAX_LUO_COMPAT_LEN: usize = 64;
+
+/// Bytes of `struct luo_ser`'s `compatible[]` for the string `compatible`:
+/// `LUO_ABI_COMPAT_LEN = ALIGN(sizeof(LUO_ABI_COMPATIBLE), 8)` (`include/linux/kho/abi/luo.h`):
+/// 8 for `luo-v5`, 16 for `luo-v5;block-v1`.
+pub fn luo_compat_len(compatible: &str) -> usize {
+    (compatible.len() + 1).next_multiple_of(8)
+}
+
+/// Whether this reader decodes a LUO state whose `luo_ser.compatible` is `compatible`:
+/// `luo-v5`, alone or with components it knows ([`LUO_COMPONENTS`]). Err: the parts it does
+/// not know.
+pub fn luo_compatible_understood(compatible: &str) -> Result<(), Vec<String>> {
+    understood(compatible, LUO_ABI_COMPATIBLE, LUO_COMPONENTS)
+}
+
 /// `sizeof(struct kho_block_header_ser)`.
 pub const BLOCK_HEADER_SIZE: usize = 16;
 /// `sizeof(struct luo_session_ser)`: `name[64]` + `luo_file_set_ser`.
@@ -161,6 +186,21 @@ pub struct LuoState {
     /// in the preserved set), in session order.
     #[serde(default)]
     pub unknown_compatibles: Vec<UnknownCompatible>,
+    /// `luo_ser.compatible` as read (`luo-v5`, or a granular form such as
+    /// `luo-v5;block-v1`).
+    #[serde(default = "default_luo_compatible")]
+    pub compatible: String,
+}
+
+fn default_luo_compatible() -> String {
+    LUO_ABI_COMPATIBLE.to_owned()
+}
+
+impl LuoState {
+    /// Bytes of `struct luo_ser` as this kernel laid it out ([`luo_compat_len`] + 3 u64).
+    pub fn ser_size(&self) -> usize {
+        luo_compat_len(&self.compatible) + 24
+    }
 }
 
 /// One preserved session.
@@ -286,6 +326,10 @@ impl<'a> Compatible<'a> {
     }
 }
 
+/// Owner label prefix of preserved memory a record points at that this reader could not
+/// decode (`unparsed:<session>/<token>`, or `unparsed:<subtree>`).
+pub const UNPARSED_PREFIX: &str = "unparsed:";
+
 /// Components this reader understands after a [`MEMFD_COMPATIBLE`] base: the folio array
 /// layout it decodes (`struct kho_vmalloc`, `kho_restore_vmalloc()`).
 pub const MEMFD_COMPONENTS: &[&str] = &["vmalloc-v1"];
@@ -302,26 +346,32 @@ pub struct UnknownCompatible {
     pub compatible: String,
     /// The parts not understood: the base if it is unknown, else the unknown components.
     pub unknown: Vec<String>,
+    /// Guest address of its `struct luo_file_ser`.
+    #[serde(default)]
+    pub ser_pa: u64,
+    /// The record's 64 bytes (`compatible[48]`, `data`, `token`), in hex.
+    #[serde(default)]
+    pub bytes: String,
+    /// Its handler-private `data`: the address of what this reader could not decode
+    /// (labelled `unparsed:<session>/<token>` in the preserved set when it is preserved).
+    #[serde(default)]
+    pub data: u64,
+}
+
+/// Bytes as lower-case hex, two digits each.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `compatible` tells this reader to do: decode a memfd, or report the parts it does not
 /// know.
 fn classify(compatible: &str) -> Result<(), Vec<String>> {
-    let c = Compatible::parse(compatible);
-    if c.base != MEMFD_COMPATIBLE {
-        return Err(vec![c.base.to_owned()]);
-    }
-    let unknown: Vec<String> = c
-        .components
-        .iter()
-        .filter(|comp| !MEMFD_COMPONENTS.contains(comp))
-        .map(|&comp| comp.to_owned())
-        .collect();
-    if unknown.is_empty() {
-        Ok(())
+    let base = if Compatible::parse(compatible).base == MEMFD_RENAMED {
+        MEMFD_RENAMED
     } else {
-        Err(unknown)
-    }
+        MEMFD_COMPATIBLE
+    };
+    understood(compatible, base, MEMFD_COMPONENTS)
 }
 
 /// One entry of a block list: its guest address and its bytes.
@@ -421,14 +471,26 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
             return Err(LuoError::ShortBlob(subtree.blob_size));
         }
         self.claim(subtree.preserved_data, "luo_ser")?;
-        self.budget.read(LUO_SER_SIZE)?;
-        let ser: [u8; LUO_SER_SIZE] = read_array(self.mem, subtree.preserved_data)?;
-        let compatible = c_string(ser.get(..8).unwrap_or_default());
-        if compatible != LUO_ABI_COMPATIBLE {
+        // The header's width follows its compatible string (LUO_ABI_COMPAT_LEN): read the
+        // string first, within the blob.
+        let head_len = to_usize(subtree.blob_size.min((MAX_LUO_COMPAT_LEN + 24) as u64));
+        self.budget.read(head_len)?;
+        let ser = read_vec(self.mem, subtree.preserved_data, head_len)?;
+        let compatible = c_string(
+            ser.get(..head_len.min(MAX_LUO_COMPAT_LEN))
+                .unwrap_or_default(),
+        );
+        if luo_compatible_understood(&compatible).is_err() {
             return Err(LuoError::Incompatible(compatible));
         }
-        let field = |off| ser.u64_at(off).unwrap_or(0);
-        let (liveupdate_num, sessions_pa, flb_pa) = (field(8), field(16), field(24));
+        let width = luo_compat_len(&compatible);
+        // `ser` holds min(blob_size, MAX_LUO_COMPAT_LEN + 24) bytes.
+        if ser.len() < width + 24 {
+            return Err(LuoError::ShortBlob(subtree.blob_size));
+        }
+        self.budget.bytes(compatible.len())?;
+        let field = |off| ser.u64_at(width + off).unwrap_or(0);
+        let (liveupdate_num, sessions_pa, flb_pa) = (field(0), field(8), field(16));
         let (session_blocks, raw_sessions) =
             self.blocks(sessions_pa, SESSION_SER_SIZE, "session block")?;
         let mut unknown_compatibles = Vec::new();
@@ -446,6 +508,7 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
             flb_pgcnt,
             session_blocks,
             unknown_compatibles,
+            compatible,
         })
     }
 
@@ -480,11 +543,15 @@ impl<M: GuestMemoryRead + ?Sized> Reader<'_, M> {
                             + compatible.len()
                             + parts.iter().map(String::len).sum::<usize>(),
                     )?;
+                    self.budget.bytes(2 * FILE_SER_SIZE)?;
                     unknown.push(UnknownCompatible {
                         session: name.clone(),
                         token,
                         compatible: compatible.clone(),
                         unknown: parts,
+                        ser_pa: *file_pa,
+                        bytes: hex(f),
+                        data,
                     });
                     None
                 }
@@ -694,7 +761,7 @@ impl LuoState {
         let page = |pa: u64, label: String| (pa, pa.saturating_add(PAGE_SIZE), label);
         let mut out = vec![(
             self.ser_pa,
-            self.ser_pa.saturating_add(LUO_SER_SIZE as u64),
+            self.ser_pa.saturating_add(self.ser_size() as u64),
             "LUO".to_owned(),
         )];
         out.extend(
@@ -712,7 +779,17 @@ impl LuoState {
                     .map(|&b| page(b, format!("session:{}/files", s.name))),
             );
             for f in &s.files {
-                let Some(m) = &f.memfd else { continue };
+                let Some(m) = &f.memfd else {
+                    // A file this reader cannot decode: the page its `data` points at is
+                    // labelled as such (what lies beyond it is unknown).
+                    if f.data != 0 {
+                        out.push(page(
+                            f.data & !(PAGE_SIZE - 1),
+                            format!("{UNPARSED_PREFIX}{}/{:#x}", s.name, f.token),
+                        ));
+                    }
+                    continue;
+                };
                 let who = format!("memfd:{}/{:#x}", s.name, f.token);
                 out.push((
                     f.data,
@@ -860,19 +937,85 @@ mod tests {
     }
 
     #[test]
+    fn granular_luo_headers_are_wider() {
+        assert_eq!(luo_compat_len("luo-v5"), 8);
+        assert_eq!(luo_compat_len("luo-v5;block-v1"), 16);
+        assert_eq!(luo_compat_len("luo-v5;block-v1;x"), 24);
+        assert_eq!(luo_compatible_understood("luo-v5;block-v1"), Ok(()));
+        assert_eq!(
+            luo_compatible_understood("luo-v5;block-v2"),
+            Err(vec!["block-v2".to_string()])
+        );
+        assert_eq!(
+            luo_compatible_understood("luo-v6"),
+            Err(vec!["luo-v6".to_string()])
+        );
+        // The header as the granular kernel writes it: compatible[16], then the counters.
+        let (mut mem, l) = layout();
+        let before = read(&mem, &l.subtree).unwrap();
+        let pa = l.subtree.preserved_data;
+        let ser = read_vec(&mem, pa, LUO_SER_SIZE).unwrap();
+        let mut wide = vec![0u8; 16];
+        wide[..15].copy_from_slice(b"luo-v5;block-v1");
+        wide.extend_from_slice(&ser[8..]);
+        mem.put(pa, &wide).unwrap();
+        let granular = read(
+            &mem,
+            &KhoSubtree {
+                blob_size: 40,
+                ..l.subtree.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(granular.compatible, "luo-v5;block-v1");
+        assert_eq!(granular.ser_size(), 40);
+        assert_eq!(
+            (granular.liveupdate_num, granular.sessions.len()),
+            (before.liveupdate_num, before.sessions.len())
+        );
+        // Another ABI altogether is refused (the handover lists it as unparsed).
+        mem.put(pa, b"luo-v9\0\0").unwrap();
+        assert_eq!(
+            read(&mem, &l.subtree),
+            Err(LuoError::Incompatible("luo-v9".into()))
+        );
+    }
+
+    #[test]
     fn unknown_compatibles_are_reported_not_dropped() {
         let (mut mem, l) = layout();
         let st = read(&mem, &l.subtree).unwrap();
+        let u = &st.unknown_compatibles;
+        assert_eq!(u.len(), 1);
         assert_eq!(
-            st.unknown_compatibles,
-            vec![UnknownCompatible {
-                session: "state".into(),
-                token: 9,
-                compatible: "liveupdate-test-v1".into(),
-                unknown: vec!["liveupdate-test-v1".into()],
-            }]
+            (u[0].session.as_str(), u[0].token, u[0].compatible.as_str()),
+            ("state", 9, "liveupdate-test-v1")
         );
+        assert_eq!(u[0].unknown, ["liveupdate-test-v1"]);
+        // Listed with its record's bytes and where it lies: the compatible, data, token.
+        let f = st.sessions[0].files.iter().find(|f| f.token == 9).unwrap();
+        assert_eq!(u[0].ser_pa, f.ser_pa);
+        assert_eq!(u[0].data, f.data);
+        assert_eq!(u[0].bytes.len(), 2 * FILE_SER_SIZE);
+        assert!(u[0].bytes.starts_with(&hex(b"liveupdate-test-v1\0")));
+        assert!(u[0].bytes.ends_with(&hex(&9u64.to_le_bytes())));
+        // The page its data points at is labelled as not parsed.
+        if f.data != 0 {
+            let owners = st.owned_ranges();
+            assert!(owners
+                .iter()
+                .any(|(a, _, o)| *a == f.data & !(PAGE_SIZE - 1) && o == "unparsed:state/0x9"));
+        }
         let file = first_file(&mem, &l);
+        // The renamed handler has memfd-v2's layout: decoded.
+        set_compatible(&mut mem, file, "memfd");
+        let st = read(&mem, &l.subtree).unwrap();
+        assert!(st.sessions[0].files[0].memfd.is_some());
+        assert_eq!(
+            classify("memfd;hugetlb-v1"),
+            Err(vec!["hugetlb-v1".to_string()])
+        );
+        assert_eq!(classify("memfd-v3"), Err(vec!["memfd-v3".to_string()]));
         // With components this reader knows, the memfd is still decoded.
         set_compatible(&mut mem, file, "memfd-v2;vmalloc-v1");
         let st = read(&mem, &l.subtree).unwrap();

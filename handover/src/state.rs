@@ -14,8 +14,8 @@ use crate::kho::{
     read_kexec_metadata, read_kho_fdt, read_scratch_areas, KexecMetadata, KhoError, KhoFdt,
     ScratchArea, METADATA_NODE,
 };
-use crate::luo::{read_luo, LuoError, LuoState, LUO_NODE};
-use crate::mem::{GuestMemoryRead, PAGE_SIZE};
+use crate::luo::{hex, read_luo, LuoError, LuoState, LUO_NODE};
+use crate::mem::{read_vec, to_usize, GuestMemoryRead, PAGE_SIZE};
 use crate::radix::{self, PreservedMemory, RadixError};
 
 /// Owner label of preserved memory no subsystem claimed.
@@ -77,8 +77,41 @@ pub struct Handover {
     pub preserved: PreservedMemory,
     /// `kexec-metadata`, if the previous kernel exported it.
     pub metadata: Option<KexecMetadata>,
-    /// LUO state, if a `LUO` subtree is present.
+    /// LUO state, if a `LUO` subtree is present and this reader decodes its `compatible`.
     pub luo: Option<LuoState>,
+    /// Subsystem states present whose `compatible` this reader does not decode (a `LUO`
+    /// subtree of another ABI): listed with their bytes and owner, never silently skipped.
+    #[serde(default)]
+    pub unparsed: Vec<Unparsed>,
+}
+
+/// A subsystem's preserved state this reader could not decode: who owns it, its
+/// `compatible`, where it lies and its first bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unparsed {
+    /// Its owner (the KHO subtree's name: `LUO`).
+    pub owner: String,
+    /// Its `compatible`, as read.
+    pub compatible: String,
+    /// Guest address of the blob.
+    pub gpa: u64,
+    /// Its size in bytes (the subtree's `blob-size`).
+    pub size: u64,
+    /// Its first bytes (at most [`UNPARSED_HEAD`]), in hex.
+    pub head: String,
+}
+
+/// Most bytes of an unparsed blob kept in [`Unparsed::head`].
+pub const UNPARSED_HEAD: usize = 64;
+
+impl std::fmt::Display for Unparsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at {:#x} ({} bytes): compatible {:?} not understood, not parsed; first bytes {}",
+            self.owner, self.gpa, self.size, self.compatible, self.head
+        )
+    }
 }
 
 /// Preserved extents labelled by owner, and what subsystems reference but KHO does not
@@ -156,10 +189,29 @@ impl Handover {
             .subtree(METADATA_NODE)
             .map(|s| read_kexec_metadata(mem, s, budget))
             .transpose()?;
-        let luo = fdt
-            .subtree(LUO_NODE)
-            .map(|s| read_luo(mem, s, budget))
-            .transpose()?;
+        let mut unparsed = Vec::new();
+        let luo = match fdt.subtree(LUO_NODE).map(|s| (s, read_luo(mem, s, budget))) {
+            None => None,
+            Some((_, Ok(luo))) => Some(luo),
+            // Another LUO ABI: listed, with its bytes, rather than failing the whole parse
+            // or passing for an empty one.
+            Some((s, Err(LuoError::Incompatible(compatible)))) => {
+                let n = to_usize(s.blob_size.min(UNPARSED_HEAD as u64));
+                budget.read(n)?;
+                budget.records(1)?;
+                budget.bytes(compatible.len() + 2 * n)?;
+                let head = read_vec(mem, s.preserved_data, n).map_err(LuoError::from)?;
+                unparsed.push(Unparsed {
+                    owner: LUO_NODE.to_owned(),
+                    compatible,
+                    gpa: s.preserved_data,
+                    size: s.blob_size,
+                    head: hex(&head),
+                });
+                None
+            }
+            Some((_, Err(e))) => return Err(e.into()),
+        };
         Ok(Handover {
             setup_data,
             kho_data,
@@ -168,6 +220,7 @@ impl Handover {
             preserved,
             metadata,
             luo,
+            unparsed,
         })
     }
 
@@ -389,6 +442,30 @@ mod tests {
         let err = Handover::from_fdt(&mem, fx.zero_page, &budget).unwrap_err();
         assert!(matches!(err, HandoverError::Kho(_)), "{err}");
         assert!(Handover::from_fdt(&mem, 1 << 40, &budget).is_err());
+    }
+
+    #[test]
+    fn another_luo_abi_is_listed_unparsed_not_dropped() {
+        let (mut mem, fx) = small();
+        let pa = fx.luo.subtree.preserved_data;
+        mem.put(pa, b"luo-v9\0\0").unwrap();
+        let h = Handover::read(&mem, fx.zero_page).unwrap();
+        assert!(h.luo.is_none());
+        assert_eq!(h.unparsed.len(), 1);
+        let u = &h.unparsed[0];
+        assert_eq!(
+            (u.owner.as_str(), u.compatible.as_str(), u.gpa),
+            ("LUO", "luo-v9", pa)
+        );
+        assert_eq!(u.size, fx.luo.subtree.blob_size);
+        assert!(u.head.starts_with("6c756f2d7639"), "{}", u.head);
+        assert!(u.to_string().starts_with(&format!("LUO at {pa:#x} (")));
+        // The KHO level still parses: the preserved set is whole, the LUO blob labelled.
+        assert_eq!(h.preserved.pages, fx.preserved_pages());
+        let inv = crate::invariants::check(&h, &h.preserved_extents());
+        assert!(inv
+            .iter()
+            .any(|c| !c.held && c.to_string().contains("\"luo-v9\" not understood")));
     }
 
     #[test]

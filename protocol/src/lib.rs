@@ -15,9 +15,11 @@
 //!   form;
 //! - [`session`]: LUO sessions and their memfds as the workloads number and name them
 //!   (bounds, tokens, session names, sizes);
-//! - [`tap`]: counting a kselftest's TAP output in the guest.
+//! - [`tap`]: counting a kselftest's TAP output in the guest;
+//! - [`kexec`]: which kernel image each handover kexecs (the next kernels luo-vmm puts
+//!   into the initramfs).
 //!
-//! Modules import downwards only: `probe`, `mark`, `tap` and `session` import no other
+//! Modules import downwards only: `probe`, `mark`, `tap`, `kexec` and `session` import no other
 //! module; `script` imports `probe` and `session`; `workload` imports `script` and
 //! `session`; `message` imports `mark`, `probe`, `tap`, `session` and `workload`.
 //!
@@ -26,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod kexec;
 pub mod mark;
 pub mod message;
 pub mod probe;

@@ -7,7 +7,7 @@
 //! - `boot`: nothing more; reboot (the VMM sees an i8042 reset with `reboot=k`).
 //! - `handover`: stage 1 creates `luo.sessions` LUO sessions with `luo.files` memfds of
 //!   `luo.memfd_size` bytes each, filled with a checkable pattern, preserves them, sends
-//!   the inventory of what it preserved and kexecs the next kernel (`/boot/bzImage`, this
+//!   the inventory of what it preserved and kexecs the next kernel (`/boot/bzImage`, or luo-vmm's `/boot/next/N` in a cross-kernel run; this
 //!   initramfs, this command line with `luo.stage=2`). Stage 2 retrieves and checks every
 //!   byte, finishes the sessions, and either chains another handover (`luo.round` <
 //!   `luo.repeat`) or passes.
@@ -540,7 +540,7 @@ fn handover_stage2(
 /// before this boot.
 fn kexec_next(agent: &mut Agent, round: u32, cmdline: &str) -> Result<()> {
     load_next_kernel(&agent.probe, round, cmdline).at(FailedStep::KexecLoad, || {
-        "kexec_file_load(/boot/bzImage)".into()
+        format!("kexec_file_load({})", next_kernel_image(round))
     })?;
     agent
         .probe
@@ -558,11 +558,23 @@ fn kexec_next(agent: &mut Agent, round: u32, cmdline: &str) -> Result<()> {
     })
 }
 
-/// `kexec_file_load` of `/boot/bzImage` with this boot's initramfs and the stage-2
-/// command line (announced as `kexec-load`). `round` is the number of handovers done
-/// before this boot.
+/// The image handover `round` kexecs: `/boot/next/(round % N)` when luo-vmm put a cycle
+/// of N next kernels into the initramfs (a cross-kernel run), else `/boot/bzImage`
+/// (`luo_protocol::kexec`).
+fn next_kernel_image(round: u32) -> String {
+    let count = (0..luo_protocol::kexec::MAX_CYCLE)
+        .take_while(|&i| std::path::Path::new(&luo_protocol::kexec::cycle_entry(i)).exists())
+        .count();
+    luo_protocol::kexec::kernel_for_round(round, count)
+}
+
+/// `kexec_file_load` of the next kernel ([`next_kernel_image`]) with this boot's initramfs
+/// and the stage-2 command line (announced as `kexec-load`). `round` is the number of
+/// handovers done before this boot.
 pub(crate) fn load_next_kernel(probe: &Probe, round: u32, cmdline: &str) -> io::Result<()> {
-    let kernel = File::open("/boot/bzImage")?;
+    let image = next_kernel_image(round);
+    println!("luo-agent: next kernel {image}");
+    let kernel = File::open(&image)?;
     let next = next_cmdline(
         cmdline,
         Progress {

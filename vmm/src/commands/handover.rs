@@ -9,12 +9,15 @@ use luo_handover::symbols::SymbolError;
 use luo_protocol::workload::Workload;
 use thiserror::Error;
 
+use crate::config::image::NextSpec;
 use crate::config::options::{GuestOptions, InterceptOptions};
 use crate::machine::vm::RunObserver;
 use crate::report::{build_report, RunReport};
 use crate::run::guest::{run_guest, GuestError, GuestOutcome, ResolvedGuest};
 use crate::run::kernel::{load_symbols, KernelFileError};
+use crate::run::next::{NextKernelError, RunKernels};
 use crate::watch::intercept::{Interception, Interceptor, MissingSymbol};
+use luo_handover::symbols::KernelSymbols;
 
 /// Errors of running a handover (the report itself is never an error).
 #[derive(Debug, Error)]
@@ -25,6 +28,12 @@ pub enum HandoverRunError {
     /// A kernel file the interception needs.
     #[error(transparent)]
     Kernel(#[from] KernelFileError),
+    /// The next kernel's image, or the initramfs that carries it.
+    #[error(transparent)]
+    Next(#[from] NextKernelError),
+    /// The kernels need more breakpoints than a vCPU has.
+    #[error("{0}")]
+    Breakpoints(String),
     /// A symbol the interception needs.
     #[error("{}: {source}", path.display())]
     Symbols {
@@ -35,31 +44,34 @@ pub enum HandoverRunError {
     },
 }
 
-/// The interceptor for `guest`'s kernel (and the next kernel's symbols, when given).
-fn interceptor(
-    guest: &ResolvedGuest,
+/// The interceptor of `rounds` handovers through `kernels` (each kernel's symbols loaded
+/// once).
+pub(crate) fn interceptor(
+    kernels: &RunKernels,
+    rounds: u32,
     intercept: &InterceptOptions,
 ) -> Result<Interceptor, HandoverRunError> {
-    let vmlinux = &guest.kernel;
-    let next = intercept.next_kernel.as_ref().unwrap_or(vmlinux);
-    let first = load_symbols(vmlinux)?;
-    let other;
-    let second = if next == vmlinux {
-        &first
-    } else {
-        other = load_symbols(next)?;
-        &other
-    };
-    Interceptor::for_kernels(&first, second, intercept.clone()).map_err(|e| {
-        let (path, source) = match e {
-            MissingSymbol::Outgoing(source) => (vmlinux, source),
-            MissingSymbol::Next(source) => (next, source),
-        };
-        HandoverRunError::Symbols {
-            path: path.clone(),
-            source,
-        }
-    })
+    let symbols = kernels
+        .kernels
+        .iter()
+        .map(|k| load_symbols(&k.vmlinux))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&KernelSymbols> = symbols.iter().collect();
+    Interceptor::for_kernels(&refs, kernels.sequence.clone(), rounds, intercept.clone()).map_err(
+        |e| match e {
+            MissingSymbol::Outgoing(i, source) | MissingSymbol::Next(i, source) => {
+                HandoverRunError::Symbols {
+                    path: kernels
+                        .kernels
+                        .get(i)
+                        .map(|k| k.vmlinux.clone())
+                        .unwrap_or_default(),
+                    source,
+                }
+            }
+            other => HandoverRunError::Breakpoints(other.to_string()),
+        },
+    )
 }
 
 /// Runs `workload` in `guest` and builds its report. A workload that hands over runs
@@ -69,10 +81,22 @@ pub(crate) fn run_workload(
     opts: &GuestOptions,
     guest: &ResolvedGuest,
     intercept: &InterceptOptions,
+    next: Option<&NextSpec>,
     workload: Workload,
 ) -> Result<(GuestOutcome, RunReport), HandoverRunError> {
+    let mut cross_guest = guest.clone();
+    let kernels = RunKernels::prepare(
+        &guest.kernel,
+        guest.image.as_ref(),
+        &mut cross_guest.initrd,
+        next,
+        intercept.next.alternate,
+    )?;
+    let guest = &cross_guest;
     let interceptor = if workload.hands_over() {
-        Some(Arc::new(interceptor(guest, intercept)?))
+        Some(Arc::new(
+            interceptor(&kernels, workload.handovers(), intercept)?.with_ids(kernels.ids()),
+        ))
     } else {
         None
     };

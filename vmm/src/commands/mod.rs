@@ -4,6 +4,7 @@
 //! verdict) or an error before the guest ran; 2 the VM died (triple fault, emulation
 //! failure); 3 timeout; 4 the guest succeeded but the handover could not be verified.
 
+pub(crate) mod compat;
 pub(crate) mod handover;
 pub(crate) mod host;
 pub(crate) mod scenario;
@@ -73,6 +74,9 @@ pub enum CommandError {
     /// Standard output could not be written.
     #[error("cannot write to standard output: {0}")]
     Stdout(std::io::Error),
+    /// `compat`.
+    #[error(transparent)]
+    Compat(#[from] compat::CompatError),
     /// `soak -- ARGS`: the arguments for `boot` do not parse.
     #[error("soak: the arguments after -- are not `luo-vmm boot` arguments: {0}")]
     SoakBootArgs(String),
@@ -84,6 +88,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
         Command::Boot(BootArgs { guest, trace }) => boot(&guest, &trace),
         Command::Soak(args) => soak(&args),
         Command::Host => host::run(),
+        Command::Compat(args) => Ok(compat::run(&args)?),
         Command::Handover(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Selftest(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Report(args) => {
@@ -189,8 +194,9 @@ fn run_and_report(
     intercept: &InterceptOptions,
     workload: Workload,
 ) -> Result<u8, CommandError> {
+    let next = intercept.next.spec(workload.handovers())?;
     let guest = ResolvedGuest::resolve(opts)?;
-    let (outcome, report) = run_workload(opts, &guest, intercept, workload)?;
+    let (outcome, report) = run_workload(opts, &guest, intercept, next.as_ref(), workload)?;
     let status = exit_status(&outcome);
     print!("{}", render_text(&report));
     if let Some(path) = &intercept.json {

@@ -33,6 +33,7 @@ use crate::report::RoundSeen;
 use crate::run::guest::{GuestError, GuestMachine, GuestOutcome, ResolvedGuest, SnapshotPoint};
 use crate::run::image::ImageError;
 use crate::run::kernel::{load_symbols, KernelFileError};
+use crate::run::next::{KernelSequence, RunKernels};
 use crate::watch::intercept::{InterceptPoint, Interception, Interceptor};
 use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
 
@@ -352,9 +353,17 @@ fn arm(
     Ok(hooks)
 }
 
-fn interceptor(syms: &KernelSymbols) -> Result<Interceptor, ScenarioError> {
-    // A scenario's kernel kexecs itself; scenarios take no digests.
-    Interceptor::for_kernels(syms, syms, InterceptOptions::default()).map_err(|e| {
+/// The interception of a scenario's one handover: into the kernel itself, or into the
+/// next kernel (`--next-*`) when its symbols are given; scenarios take no digests.
+fn interceptor(
+    syms: &KernelSymbols,
+    next: Option<&KernelSymbols>,
+) -> Result<Interceptor, ScenarioError> {
+    let (kernels, sequence) = match next {
+        Some(n) => (vec![syms, n], KernelSequence::cross(false)),
+        None => (vec![syms], KernelSequence::same()),
+    };
+    Interceptor::for_kernels(&kernels, sequence, 1, InterceptOptions::default()).map_err(|e| {
         ScenarioError::Symbol {
             what: "the interception".to_owned(),
             why: e.to_string(),
@@ -473,6 +482,8 @@ struct Prepared {
     opts: GuestOptions,
     guest: ResolvedGuest,
     syms: KernelSymbols,
+    /// The next kernel's symbols (`--next-*`), when stage 2 runs in another kernel.
+    next_syms: Option<KernelSymbols>,
     vcpus: u8,
 }
 
@@ -490,14 +501,35 @@ fn prepare(
     if let Some(v) = &sc.variant {
         crate::config::image::check_variant(v).map_err(ImageError::from)?;
     }
-    let guest = ResolvedGuest::resolve(&opts)?;
+    let next = args
+        .next
+        .spec(1)
+        .map_err(|e| ScenarioError::Options(e.to_string()))?;
+    let mut guest = ResolvedGuest::resolve(&opts)?;
     let syms = load_symbols(&guest.kernel)?;
-    arm(&sc, &syms, &interceptor(&syms)?, vcpus)?;
+    // Stage 2 in another kernel: its image in the initramfs, its symbols for start_kernel.
+    let next_syms = match &next {
+        Some(spec) => {
+            let kernels = RunKernels::prepare(
+                &guest.kernel,
+                guest.image.as_ref(),
+                &mut guest.initrd,
+                Some(spec),
+                false,
+            )
+            .map_err(|e| ScenarioError::Options(e.to_string()))?;
+            let vmlinux = &kernels.kernels[kernels.kernels.len() - 1].vmlinux;
+            Some(load_symbols(vmlinux)?)
+        }
+        None => None,
+    };
+    arm(&sc, &syms, &interceptor(&syms, next_syms.as_ref())?, vcpus)?;
     Ok(Prepared {
         sc,
         opts,
         guest,
         syms,
+        next_syms,
         vcpus,
     })
 }
@@ -770,7 +802,7 @@ fn run_once(
     machine: &mut Option<GuestMachine>,
     point: Option<&SnapshotPoint>,
 ) -> Result<RunResult, ScenarioError> {
-    let interceptor = interceptor(&p.syms)?;
+    let interceptor = interceptor(&p.syms, p.next_syms.as_ref())?;
     let hooks = arm(&p.sc, &p.syms, &interceptor, p.vcpus)?;
     let from_snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
     let m = match machine {

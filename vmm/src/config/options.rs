@@ -12,7 +12,7 @@ use luo_handover::inject::InjectSpec;
 use luo_protocol::workload::{parse_size, Memfds, Selftest, Workload, WorkloadError};
 use thiserror::Error;
 
-use crate::config::image::{source_tree_problem, ImageSpec};
+use crate::config::image::{next_spec, source_tree_problem, ImageSpec, ImageSpecError, NextSpec};
 use crate::config::trace::{PeekSpec, TraceSpec};
 use crate::machine::arch::mptable::MAX_VCPUS;
 use crate::machine::memory::{validate_size, MemoryError};
@@ -71,6 +71,12 @@ pub enum OptionsError {
     /// The workload is out of bounds.
     #[error("{0}")]
     Workload(#[from] WorkloadError),
+    /// `--next-variant`, `--next-source` or `--next-kernel` names no kernel luo-vmm can use.
+    #[error(transparent)]
+    Next(#[from] ImageSpecError),
+    /// `--alternate` without a next kernel, or with a single handover.
+    #[error("--alternate: {0}")]
+    Alternate(&'static str),
     /// A workload option outside its bounds.
     #[error("{option} {value} is out of range: 1 to {max}")]
     OutOfRange {
@@ -132,6 +138,10 @@ pub enum Command {
     /// capability luo-vmm checks, the CPU features that change the guest) and what
     /// luo-vmm will do with it; exit 1 with the reason when no guest can run here.
     Host,
+    /// Every ordered pair of kernels as a cross-kernel handover: the matrix of verdicts
+    /// (compatible, rejected, reused, crashed, accepted) as text, JSON and an SVG; exit 0
+    /// when every cell gives the verdict its kernels' READMEs declare, 5 when not.
+    Compat(CompatArgs),
     /// The reference guest image.
     Image {
         /// What to do with it.
@@ -189,6 +199,9 @@ pub struct ScenarioTarget {
     /// Guest memory, e.g. 512M.
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
     pub mem: u64,
+    /// The kernel stage 2 runs in (default: the first kernel).
+    #[command(flatten)]
+    pub next: NextKernelOptions,
 }
 
 /// `luo-vmm scenario run`.
@@ -332,12 +345,59 @@ pub enum Profile {
     Hardware,
 }
 
+/// The kernel a handover kexecs into (default: the kernel that runs, into itself).
+#[derive(Debug, Clone, Default, Args)]
+pub struct NextKernelOptions {
+    /// Hand over to this kernel variant of guest-images/variants (built and cached on
+    /// first use, like --variant): stage 1 runs the first kernel, the agent kexecs this one.
+    #[arg(long, value_name = "NAME", conflicts_with = "next_kernel")]
+    pub next_variant: Option<String>,
+    /// Hand over to the kernel built from this source tree (out of tree, cached by the
+    /// tree's state, like --source).
+    #[arg(long, value_name = "DIR", conflicts_with = "next_kernel")]
+    pub next_source: Option<PathBuf>,
+    /// Hand over to this kernel: an ELF vmlinux with its bzImage beside it, or a bzImage
+    /// with its vmlinux beside it (the agent kexecs the bzImage; luo-vmm breaks at the
+    /// vmlinux's symbols).
+    #[arg(long, value_name = "vmlinux|bzImage")]
+    pub next_kernel: Option<PathBuf>,
+    /// With --repeat: alternate A->B->A->... instead of A->B->B->...
+    #[arg(long)]
+    pub alternate: bool,
+}
+
+impl NextKernelOptions {
+    /// The next kernel asked for, checked before anything is built or booted; `None`:
+    /// the kernel kexecs itself. `handovers` is how many the workload runs (`--alternate`
+    /// needs two).
+    pub(crate) fn spec(&self, handovers: u32) -> Result<Option<NextSpec>, OptionsError> {
+        let spec = next_spec(
+            self.next_variant.as_deref(),
+            self.next_source.as_deref(),
+            self.next_kernel.as_deref(),
+        )?;
+        if self.alternate {
+            if spec.is_none() {
+                return Err(OptionsError::Alternate(
+                    "there is no next kernel to alternate with (give --next-variant, --next-source or --next-kernel)",
+                ));
+            }
+            if handovers < 2 {
+                return Err(OptionsError::Alternate(
+                    "a single handover has nothing to alternate (give --repeat 2 or more)",
+                ));
+            }
+        }
+        Ok(spec)
+    }
+}
+
 /// What luo-vmm watches and does during a handover.
 #[derive(Debug, Clone, Default, Args)]
 pub struct InterceptOptions {
-    /// vmlinux of the next kernel, for its symbols (default: the first kernel's).
-    #[arg(long)]
-    pub next_kernel: Option<PathBuf>,
+    /// The kernel the handover kexecs into.
+    #[command(flatten)]
+    pub next: NextKernelOptions,
     /// Also compare digests of every preserved extent at point-of-no-return (the set the
     /// outgoing kernel's KHO FDT names, read through `kho_out`) and at next-kernel-start (the
     /// set handed over): host time and memory follow the preserved bytes, not guest size.
@@ -417,6 +477,37 @@ pub struct SelftestArgs {
     pub intercept: InterceptOptions,
 }
 
+/// `luo-vmm compat`.
+#[derive(Debug, Clone, Args)]
+pub struct CompatArgs {
+    /// The kernels, comma-separated: `reference` and variants of guest-images/variants.
+    #[arg(
+        long,
+        default_value = "reference,abi-granular,memfd-renamed,abi-control"
+    )]
+    pub kernels: String,
+    /// Also the kernel of this source tree (repeatable; it declares no ABI, so its cells
+    /// are reported, not checked).
+    #[arg(long, value_name = "DIR")]
+    pub source: Vec<PathBuf>,
+    /// Give up on a cell's handover after this many seconds (the cell then has no
+    /// verdict, or `crashed` when the next kernel hung).
+    #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// Guest memory of every cell, e.g. 512M.
+    #[arg(long, default_value = "512M", value_parser = parse_bytes)]
+    pub mem: u64,
+    /// Write the matrix as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where to write the picture (a grid coloured by verdict).
+    #[arg(long, default_value = "compat-matrix.svg")]
+    pub svg: PathBuf,
+    /// Where each cell's guest console goes (A-to-B.log).
+    #[arg(long, default_value = "compat-logs")]
+    pub log_dir: PathBuf,
+}
+
 /// `luo-vmm report`.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
@@ -465,7 +556,12 @@ impl InterceptOptions {
             if self.track_all_pages {
                 return Err(no_handover("--track-all-pages", "track"));
             }
+            let n = &self.next;
+            if n.next_variant.is_some() || n.next_source.is_some() || n.next_kernel.is_some() {
+                return Err(no_handover("--next-*", "hand over to"));
+            }
         }
+        self.next.spec(workload.handovers())?;
         if let Some(path) = &self.json {
             std::fs::OpenOptions::new()
                 .write(true)

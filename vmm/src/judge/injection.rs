@@ -235,7 +235,16 @@ fn leak_check(e: &Evidence<'_>) -> Option<LeakCheck> {
     let written = e.written_after?.as_ref().ok()?;
     let preserved = e.preserved?;
     let retrieved = Retrieved::of(e.after);
-    let checked = |owner: &str| is_file_state(owner) && !retrieved.owns(owner);
+    // Preserved memory no record luo-vmm decoded claims ("kho") may belong to a record it
+    // could not decode (an unknown compatible): then it is watched as file state too, so
+    // that the check never covers less than the state handed over.
+    let unattributed = preserved
+        .iter()
+        .any(|x| x.owner.starts_with(luo_handover::luo::UNPARSED_PREFIX));
+    let checked = |owner: &str| {
+        (is_file_state(owner) || (unattributed && owner == luo_handover::OWNER_KHO))
+            && !retrieved.owns(owner)
+    };
     let pages_checked = ExtentSet::from_ranges(
         "",
         preserved
@@ -272,13 +281,14 @@ fn leak_check(e: &Evidence<'_>) -> Option<LeakCheck> {
 }
 
 /// Whether a preserved extent of `owner` is a file's state (a memfd's record, folio
-/// arrays or contents: what a retrieval hands to user space), as opposed to the KHO and
+/// arrays or contents: what a retrieval hands to user space; or the page a file luo-vmm
+/// could not decode points at, `unparsed:<session>/<token>`), as opposed to the KHO and
 /// LUO records the next kernel consumes whatever happens (`kho`, `kho-fdt`,
 /// `kexec-metadata`, `LUO`, `LUO/...`, `session:<name>/files`: Linux 7.2 frees `luo_ser`
 /// with `kho_restore_free()` in `liveupdate_early_init()` on every boot, and the block
 /// pages with `kho_block_set_destroy()`).
 fn is_file_state(owner: &str) -> bool {
-    owner.starts_with("memfd:")
+    owner.starts_with("memfd:") || owner.starts_with(luo_handover::luo::UNPARSED_PREFIX)
 }
 
 fn received(after: Option<&AgentBoot>, agent: Option<AgentVerdict>) -> Option<Received> {

@@ -288,6 +288,7 @@ mod tests {
             flb_pgcnt: 0,
             session_blocks: vec![],
             unknown_compatibles: vec![],
+            compatible: "luo-v5".into(),
         }
     }
 

@@ -177,7 +177,7 @@ pub(crate) fn build_report(
                 vcpus: opts.vcpus,
                 guest_ok,
             };
-            build_round(&ctx, i, round, got.rounds.get(i))
+            build_round(&ctx, i, round, got.rounds.get(i), got.kernels.get(i))
         })
         .collect();
     let expected = workload.handovers();
@@ -227,8 +227,13 @@ fn build_round(
     i: usize,
     round: &Round,
     cap: Option<&RoundCapture>,
+    kernels: Option<&(KernelId, KernelId)>,
 ) -> RoundReport {
     let outcome = ctx.outcome;
+    let kernels = kernels.map(|(from, to)| RoundKernels {
+        from: from.clone(),
+        to: to.clone(),
+    });
     let seen = RoundSeen::of(round, cap);
     let before = outcome.boots.get(i);
     let after = outcome.boots.get(i + 1);
@@ -268,6 +273,18 @@ fn build_round(
     };
     let state = cap.and_then(|c| c.handover.as_ref()?.as_ref().ok());
     let verified = seen.checks(cpus_online.all_up_after(), agent_ok).verified();
+    // What the judges of refusals, reuse and crashes look at (injected and cross-kernel
+    // rounds alike).
+    let evidence = judged::Evidence {
+        exit: &outcome.exit,
+        kernel_panic: outcome.kernel_panic.as_deref(),
+        kernel_trouble: &outcome.kernel_trouble,
+        kernel_lines: &outcome.kernel_liveupdate,
+        after,
+        agent: after.and_then(|b| b.verdict).or(outcome.agent.verdict()),
+        written_after: cap.and_then(|c| c.written_after.as_ref()),
+        preserved: state.map(|st| &st.extents.set),
+    };
     let RoundSeen {
         handover,
         extent_list,
@@ -288,18 +305,13 @@ fn build_round(
         failed_actions: failed_actions(&pair),
         injected: cap.and_then(|c| c.injected.clone()),
         injections: cap.map(|c| c.injection.writes.clone()).unwrap_or_default(),
-        outcome: cap.filter(|c| !c.injection.writes.is_empty()).map(|c| {
-            judged::judge(&judged::Evidence {
-                exit: &outcome.exit,
-                kernel_panic: outcome.kernel_panic.as_deref(),
-                kernel_trouble: &outcome.kernel_trouble,
-                kernel_lines: &outcome.kernel_liveupdate,
-                after,
-                agent: after.and_then(|b| b.verdict).or(outcome.agent.verdict()),
-                written_after: c.written_after.as_ref(),
-                preserved: state.map(|st| &st.extents.set),
-            })
-        }),
+        outcome: cap
+            .filter(|c| !c.injection.writes.is_empty())
+            .map(|_| judged::judge(&evidence)),
+        cross: kernels
+            .as_ref()
+            .map(|_| cross::judge(verified, judged::judge(&evidence))),
+        kernels,
         fields: state
             .map(|st| field_entries(&st.handover))
             .unwrap_or_default(),

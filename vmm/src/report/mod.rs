@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::options::GuestOptions;
+use crate::judge::cross;
+pub use crate::judge::cross::{CrossOutcome, CrossVerdict};
 use crate::judge::injection as judged;
 pub use crate::judge::injection::{
     InjectionOutcome, InjectionVerdict, LeakCheck, Received, WrittenPage,
@@ -35,6 +37,7 @@ use crate::machine::vm::VmExit;
 use crate::run::agent::AgentBoot;
 pub use crate::run::agent::{Counts, InventoryFile};
 use crate::run::guest::{GuestOutcome, ResolvedGuest};
+pub use crate::run::next::KernelId;
 use crate::watch::injector::InjectedWrite;
 pub use crate::watch::intercept::{HookPart, HookTime};
 use crate::watch::intercept::{Interception, RoundCapture};
@@ -99,6 +102,22 @@ pub struct RunInfo {
     pub workload: String,
 }
 
+/// The two kernels of one handover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundKernels {
+    /// The outgoing kernel (A).
+    pub from: KernelId,
+    /// The next kernel (B).
+    pub to: KernelId,
+}
+
+impl RoundKernels {
+    /// Whether the handover went to another kernel (the cache keys differ).
+    pub fn cross(&self) -> bool {
+        self.from.key != self.to.key
+    }
+}
+
 /// One handover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundReport {
@@ -135,6 +154,15 @@ pub struct RoundReport {
     /// rejected, accepted, reused), what the agent and the kernel said, the leak check.
     #[serde(default)]
     pub outcome: Option<InjectionOutcome>,
+    /// The kernel this handover went from and the one it went to (release and cache key);
+    /// `None` in reports written before kernels were named.
+    #[serde(default)]
+    pub kernels: Option<RoundKernels>,
+    /// The verdict of this handover as one between two kernels (`judge::cross`; given
+    /// whenever `kernels` is, A→A included): compatible, rejected, reused, crashed or
+    /// accepted, why, and the evidence. The text report prints it when the kernels differ.
+    #[serde(default)]
+    pub cross: Option<CrossOutcome>,
     /// Every field of the KHO/LUO state parsed at next-kernel-start, before any injection:
     /// the paths `--inject PATH=VALUE` takes (JSON only; not in the text report).
     #[serde(default)]
@@ -512,6 +540,7 @@ mod tests {
                 })),
                 ..RoundCapture::default()
             }],
+            kernels: Vec::new(),
         }
     }
 

@@ -317,6 +317,8 @@ mod tests {
                 injected: None,
                 injections: vec![],
                 outcome: None,
+                kernels: None,
+                cross: None,
                 fields: vec![],
                 invariants: vec![],
                 errors: vec![],

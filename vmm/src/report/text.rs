@@ -6,6 +6,12 @@ use super::*;
 /// kernel's lines, the leak check.
 pub(super) fn write_outcome(s: &mut String, o: &InjectionOutcome) {
     let _ = writeln!(s, "verdict: {} ({})", o.verdict.name(), o.reason);
+    write_evidence(s, o);
+}
+
+/// What a judged round's verdict rests on: what the agent got, the kernel's lines, the leak
+/// check (an injected round's, and a cross-kernel round's under its own verdict line).
+pub(super) fn write_evidence(s: &mut String, o: &InjectionOutcome) {
     match &o.received {
         Some(Received::RightData) => {
             let _ = writeln!(s, "received: every memfd's own bytes");
@@ -65,6 +71,9 @@ pub(crate) fn render_text(report: &RunReport) -> String {
     let mut s = String::new();
     for (i, r) in report.rounds.iter().enumerate() {
         let _ = writeln!(s, "\n== handover {} of {} ==", i + 1, report.rounds.len());
+        if let Some(k) = &r.kernels {
+            let _ = writeln!(s, "kernels: {} -> {}", k.from.describe(), k.to.describe());
+        }
         let origin = r.marks.first().map_or(0, |m| m.t_ns);
         for m in &r.marks {
             let _ = writeln!(
@@ -153,6 +162,19 @@ pub(crate) fn render_text(report: &RunReport) -> String {
         }
         if let Some(o) = &r.outcome {
             write_outcome(&mut s, o);
+        }
+        if let Some(c) = r
+            .cross
+            .as_ref()
+            .filter(|_| r.kernels.as_ref().is_some_and(RoundKernels::cross))
+        {
+            let _ = writeln!(
+                s,
+                "cross-kernel verdict: {} ({})",
+                c.verdict.name(),
+                c.reason
+            );
+            write_evidence(&mut s, &c.evidence);
         }
         for e in &r.errors {
             let _ = writeln!(s, "error: {e}");

@@ -7,3 +7,4 @@ pub(crate) mod cmdline;
 pub(crate) mod guest;
 pub(crate) mod image;
 pub(crate) mod kernel;
+pub(crate) mod next;

@@ -33,20 +33,150 @@ use crate::machine::arch::paging::translate;
 use crate::machine::dirty::{DirtyLog, LogMode, SlotBitmap};
 use crate::machine::vcpu::run::HookAction;
 use crate::machine::vm::{RunObserver, StoppedVcpu};
+use crate::run::next::{KernelId, KernelSequence};
 
-/// A symbol the interception needs, missing from one of the two kernels.
+/// Why the interception cannot watch the run's kernels.
 #[derive(Debug, Error)]
 pub enum MissingSymbol {
-    /// From the outgoing kernel.
-    #[error("the outgoing kernel: {0}")]
-    Outgoing(SymbolError),
-    /// From the next kernel.
-    #[error("the next kernel: {0}")]
-    Next(SymbolError),
+    /// A symbol of an outgoing kernel (its index in the run's kernels).
+    #[error("the outgoing kernel: {1}")]
+    Outgoing(usize, SymbolError),
+    /// A symbol of a next kernel (its index in the run's kernels).
+    #[error("the next kernel: {1}")]
+    Next(usize, SymbolError),
+    /// The kernels' addresses need more breakpoints than a vCPU has.
+    #[error("the kernels of this run break at {needed} different addresses on vCPU 0 ({what}); a vCPU has 4 debug registers: run fewer kernels per VM (no --alternate, or --repeat 1)")]
+    TooManyBreakpoints {
+        /// Distinct addresses needed.
+        needed: usize,
+        /// Which.
+        what: String,
+    },
 }
 
-/// The interception's breakpoints, by what each marks; its slot on a vCPU is its place
-/// in [`InterceptPoint::ALL`] (vCPU 0 arms all three, the others the first two).
+/// Where the interception breaks in one kernel, and what it reads there: its
+/// `liveupdate_reboot`, `machine_kexec` and `start_kernel`, its `boot_params` (read when it
+/// is the next kernel) and its `kho_out` (read when it is the outgoing one; a kernel
+/// without KHO lacks it, which the digest reports as its reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KernelPoints {
+    /// `liveupdate_reboot`.
+    pub serialize: u64,
+    /// `machine_kexec`.
+    pub point_of_no_return: u64,
+    /// `start_kernel`.
+    pub start_kernel: u64,
+    /// `boot_params`.
+    pub boot_params: u64,
+    /// `kho_out`, or why there is none.
+    pub kho_out: Result<u64, String>,
+}
+
+impl KernelPoints {
+    /// The points of the kernel with `symbols`, number `index` of the run's kernels; `as_next`
+    /// says which role a missing symbol is reported under.
+    fn of(symbols: &KernelSymbols, index: usize) -> Result<Self, MissingSymbol> {
+        let out = |name| {
+            symbols
+                .address(name)
+                .map_err(|e| MissingSymbol::Outgoing(index, e))
+        };
+        let next = |name| {
+            symbols
+                .address(name)
+                .map_err(|e| MissingSymbol::Next(index, e))
+        };
+        Ok(KernelPoints {
+            serialize: out(SYM_LIVEUPDATE_REBOOT)?,
+            point_of_no_return: out(SYM_MACHINE_KEXEC)?,
+            start_kernel: next(SYM_START_KERNEL)?,
+            boot_params: next(SYM_BOOT_PARAMS)?,
+            kho_out: symbols.address(SYM_KHO_OUT).map_err(|e| e.to_string()),
+        })
+    }
+
+    /// A round's three addresses: this kernel's two, and `next`'s `start_kernel`.
+    fn round_addresses(&self, next: &KernelPoints) -> [u64; 3] {
+        [self.serialize, self.point_of_no_return, next.start_kernel]
+    }
+}
+
+/// The breakpoints of a run whose handovers go `sequence`'s way through `kernels`, for
+/// `rounds` handovers: on vCPU 0 the first round's `liveupdate_reboot`, `machine_kexec` and
+/// next `start_kernel` in slots 0-2 (in [`InterceptPoint::ALL`]'s order), then every
+/// other address a later round needs; on the other vCPUs the outgoing kernels'
+/// `liveupdate_reboot` and `machine_kexec`. Addresses are deduplicated (a kernel that
+/// kexecs itself needs three). Pure. Errors: more than four on a vCPU.
+pub(crate) fn plan_breakpoints(
+    kernels: &[KernelPoints],
+    sequence: &KernelSequence,
+    rounds: u32,
+) -> Result<(Vec<u64>, Vec<u64>), MissingSymbol> {
+    let mut vcpu0: Vec<u64> = Vec::new();
+    let mut others: Vec<u64> = Vec::new();
+    let push = |v: &mut Vec<u64>, a: u64| {
+        if !v.contains(&a) {
+            v.push(a);
+        }
+    };
+    // Enough rounds to see every pair of the cycle once.
+    let distinct = (rounds.max(1) as usize).min(sequence.cycle.len() + 1);
+    for r in 0..distinct {
+        let (out, next) = sequence.round(r);
+        let (Some(o), Some(n)) = (kernels.get(out), kernels.get(next)) else {
+            continue;
+        };
+        for a in o.round_addresses(n) {
+            push(&mut vcpu0, a);
+        }
+        push(&mut others, o.serialize);
+        push(&mut others, o.point_of_no_return);
+    }
+    if vcpu0.len() > 4 || others.len() > 4 {
+        return Err(MissingSymbol::TooManyBreakpoints {
+            needed: vcpu0.len().max(others.len()),
+            what: vcpu0
+                .iter()
+                .map(|a| format!("{a:#x}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok((vcpu0, others))
+}
+
+/// What a breakpoint hit at `pc` is in round `round` (`in_kexec`: between its
+/// point-of-no-return and next-kernel-start): the round's outgoing kernel's
+/// `liveupdate_reboot` or `machine_kexec`, its next kernel's `start_kernel`, the first
+/// kernel's `start_kernel` at the first boot, or nothing (another kernel's address,
+/// reached by this kernel's code, or a stop the round does not expect). Pure.
+pub(crate) fn point_at(
+    kernels: &[KernelPoints],
+    sequence: &KernelSequence,
+    round: usize,
+    in_kexec: bool,
+    pc: u64,
+) -> Option<InterceptPoint> {
+    let (out, next) = sequence.round(round);
+    let (o, n) = (kernels.get(out)?, kernels.get(next)?);
+    if in_kexec {
+        return (pc == n.start_kernel).then_some(InterceptPoint::StartKernel);
+    }
+    if pc == o.serialize {
+        Some(InterceptPoint::Serialize)
+    } else if pc == o.point_of_no_return {
+        Some(InterceptPoint::PointOfNoReturn)
+    } else if round == 0 && pc == kernels.first()?.start_kernel {
+        // The first boot's start_kernel: no handover's.
+        Some(InterceptPoint::StartKernel)
+    } else {
+        None
+    }
+}
+
+/// The interception's breakpoints, by what each marks; in a run's first handover its slot
+/// on vCPU 0 is its place in [`InterceptPoint::ALL`] ([`plan_breakpoints`]); a hit is
+/// named by its address and the round ([`point_at`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InterceptPoint {
     /// `liveupdate_reboot`: serialize-start.
@@ -60,11 +190,6 @@ pub(crate) enum InterceptPoint {
 impl InterceptPoint {
     /// Every point, in slot order.
     pub const ALL: [Self; 3] = [Self::Serialize, Self::PointOfNoReturn, Self::StartKernel];
-
-    /// The point armed in `slot` of the interceptor's breakpoints.
-    pub fn at_slot(slot: usize) -> Option<Self> {
-        Self::ALL.get(slot).copied()
-    }
 
     /// The kernel symbol it breaks at.
     pub fn symbol(self) -> &'static str {
@@ -169,10 +294,16 @@ struct State {
 
 /// Observes the handover; shared between the vCPU threads and the main thread.
 pub struct Interceptor {
+    /// vCPU 0's breakpoints ([`plan_breakpoints`]).
     breakpoints: Vec<u64>,
-    boot_params_va: u64,
-    /// The first kernel's `kho_out` (virtual), or why it has none.
-    kho_out_va: Result<u64, String>,
+    /// The other vCPUs'.
+    breakpoints_other: Vec<u64>,
+    /// The run's kernels: 0 boots, the others are kexec'd into.
+    kernels: Vec<KernelPoints>,
+    /// Which kernel each handover goes from and to.
+    sequence: KernelSequence,
+    /// The kernels' names, by index, for the report (empty: not named).
+    ids: Vec<KernelId>,
     options: InterceptOptions,
     marks: Mutex<Marks>,
     state: Mutex<State>,
@@ -185,6 +316,9 @@ pub struct Interception {
     pub timeline: Timeline,
     /// One capture per handover that reached the next kernel.
     pub rounds: Vec<RoundCapture>,
+    /// Per handover of the timeline (as many as it has, or none when the kernels were not
+    /// named): the kernel it went from and the one it went to.
+    pub kernels: Vec<(KernelId, KernelId)>,
 }
 
 impl Interception {
@@ -193,54 +327,64 @@ impl Interception {
         Interception {
             timeline: Timeline::new(),
             rounds: Vec::new(),
+            kernels: Vec::new(),
         }
     }
 }
 
 impl Interceptor {
-    /// The interceptor of a handover from the kernel with symbols `first` to the one with
-    /// symbols `next` (the same one when a kernel kexecs itself): the one constructor every
-    /// command uses. Errors: a symbol the interception needs is missing. `kho_out` is only
-    /// read for digests; a kernel without KHO lacks it, which the digest reports as its
-    /// reason.
+    /// The interceptor of `rounds` handovers through the kernels with symbols `kernels`
+    /// (index 0 boots; a kernel that kexecs itself is one kernel and
+    /// [`KernelSequence::same`]), going `sequence`'s way: the one constructor every
+    /// command uses. Each round breaks at its outgoing kernel's `liveupdate_reboot` and
+    /// `machine_kexec` and its next kernel's `start_kernel`, reads the outgoing kernel's
+    /// `kho_out` at point-of-no-return and the next kernel's `boot_params` at
+    /// next-kernel-start. Errors: a symbol the interception needs is missing, or the
+    /// addresses do not fit in the debug registers ([`plan_breakpoints`]).
     pub fn for_kernels(
-        first: &KernelSymbols,
-        next: &KernelSymbols,
+        kernels: &[&KernelSymbols],
+        sequence: KernelSequence,
+        rounds: u32,
         options: InterceptOptions,
     ) -> Result<Self, MissingSymbol> {
-        let outgoing = |name| first.address(name).map_err(MissingSymbol::Outgoing);
-        let incoming = |name| next.address(name).map_err(MissingSymbol::Next);
-        Ok(Self::new(
-            [
-                outgoing(SYM_LIVEUPDATE_REBOOT)?,
-                outgoing(SYM_MACHINE_KEXEC)?,
-                incoming(SYM_START_KERNEL)?,
-            ],
-            first.address(SYM_KHO_OUT).map_err(|e| e.to_string()),
-            incoming(SYM_BOOT_PARAMS)?,
-            options,
-        ))
+        let points = kernels
+            .iter()
+            .enumerate()
+            .map(|(i, k)| KernelPoints::of(k, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(points, sequence, rounds, options)
     }
 
-    /// An interceptor breaking at `breakpoints` (the addresses of `liveupdate_reboot`,
-    /// `machine_kexec` and the next kernel's `start_kernel`, in that order), reading the
-    /// outgoing kernel's `kho_out` (its virtual address, or why the kernel has none) at
-    /// point-of-no-return when digests are asked for, and `boot_params` (the next kernel's
-    /// symbol) at next-kernel-start.
+    /// An interceptor over the kernels' `points` (see [`Self::for_kernels`]).
     fn new(
-        breakpoints: [u64; 3],
-        kho_out_va: Result<u64, String>,
-        boot_params_va: u64,
+        kernels: Vec<KernelPoints>,
+        sequence: KernelSequence,
+        rounds: u32,
         options: InterceptOptions,
-    ) -> Self {
-        Self {
-            breakpoints: breakpoints.to_vec(),
-            boot_params_va,
-            kho_out_va,
+    ) -> Result<Self, MissingSymbol> {
+        let (breakpoints, breakpoints_other) = plan_breakpoints(&kernels, &sequence, rounds)?;
+        Ok(Self {
+            breakpoints,
+            breakpoints_other,
+            kernels,
+            sequence,
+            ids: Vec::new(),
             options,
             marks: Mutex::new(Marks::default()),
             state: Mutex::new(State::default()),
-        }
+        })
+    }
+
+    /// Names the kernels (by index, as given to [`Self::for_kernels`]) in the report.
+    pub(crate) fn with_ids(mut self, ids: Vec<KernelId>) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// The run's kernels of handover `round` (0-based): outgoing and next.
+    fn round_kernels(&self, round: usize) -> Option<(&KernelPoints, &KernelPoints)> {
+        let (out, next) = self.sequence.round(round);
+        Some((self.kernels.get(out)?, self.kernels.get(next)?))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -261,9 +405,16 @@ impl Interceptor {
         let marks = std::mem::take(&mut self.marks().marks);
         let timeline = timeline_from(marks, started);
         let mut s = self.lock();
+        let kernels = (0..timeline.rounds().len())
+            .map_while(|r| {
+                let (out, next) = self.sequence.round(r);
+                Some((self.ids.get(out)?.clone(), self.ids.get(next)?.clone()))
+            })
+            .collect();
         Interception {
             timeline,
             rounds: std::mem::take(&mut s.rounds),
+            kernels,
         }
     }
 
@@ -272,8 +423,12 @@ impl Interceptor {
         let memory = at.vcpu.memory();
         let log = !self.options.no_dirty_log;
         let track_preserved = log && !self.options.track_all_pages;
+        let kho_out = self.round_kernels(s.rounds.len()).map_or_else(
+            || Err("no kernel for this round".to_owned()),
+            |(o, _)| o.kho_out.clone(),
+        );
         let outgoing = (self.options.verify_digest || track_preserved)
-            .then(|| self.outgoing_preserved_set(at));
+            .then(|| self.outgoing_preserved_set(at, kho_out));
         if outgoing.is_some() {
             parts.lap("outgoing KHO state");
         }
@@ -318,8 +473,12 @@ impl Interceptor {
     /// (a direct-map pointer to the KHO root FDT, complete since `kho_fill_kimage()`) read
     /// through the stopped vCPU's page tables, and the FDT parsed with
     /// [`Handover::from_fdt`] within a budget sized from guest RAM.
-    fn outgoing_preserved_set(&self, at: &StoppedVcpu<'_>) -> Result<ExtentSet, String> {
-        let kho_out = self.kho_out_va.clone()?;
+    fn outgoing_preserved_set(
+        &self,
+        at: &StoppedVcpu<'_>,
+        kho_out: Result<u64, String>,
+    ) -> Result<ExtentSet, String> {
+        let kho_out = kho_out?;
         let memory = at.vcpu.memory();
         let sregs = sregs_of(at)?;
         let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
@@ -345,7 +504,10 @@ impl Interceptor {
         let bitmaps = watched.as_ref().map(|_| at.dirty.take());
         parts.lap("dirty log read");
         let live = LiveRam(memory);
-        let state = self.read_handover(at);
+        let state = match self.round_kernels(s.rounds.len()) {
+            Some((_, next)) => self.read_handover(at, next.boot_params),
+            None => Err("no kernel for this round".to_owned()),
+        };
         parts.lap("KHO state");
         let before = s.before.take();
         if let Ok(st) = &state {
@@ -387,14 +549,17 @@ impl Interceptor {
         s.current.handover = Some(state);
     }
 
-    fn read_handover(&self, at: &StoppedVcpu<'_>) -> Result<HandoverState, String> {
+    fn read_handover(
+        &self,
+        at: &StoppedVcpu<'_>,
+        boot_params_va: u64,
+    ) -> Result<HandoverState, String> {
         let memory = at.vcpu.memory();
         let sregs = sregs_of(at)?;
         let read = |pa: u64| memory.read_obj::<u64>(GuestAddress(pa)).ok();
-        let zero_page = translate(&sregs, self.boot_params_va, read).ok_or_else(|| {
+        let zero_page = translate(&sregs, boot_params_va, read).ok_or_else(|| {
             format!(
-                "boot_params at {:#x} is not mapped by the next kernel's page tables",
-                self.boot_params_va
+                "boot_params at {boot_params_va:#x} is not mapped by the next kernel's page tables"
             )
         })?;
         let live = LiveRam(memory);
@@ -557,7 +722,7 @@ impl RunObserver for Interceptor {
         } else if vcpu == 0 {
             self.breakpoints.clone()
         } else {
-            self.breakpoints[..InterceptPoint::StartKernel as usize].to_vec()
+            self.breakpoints_other.clone()
         }
     }
 
@@ -581,10 +746,16 @@ impl RunObserver for Interceptor {
         }
     }
 
-    fn on_breakpoint(&self, at: StoppedVcpu<'_>, slot: usize, _pc: u64) -> HookAction {
+    fn on_breakpoint(&self, at: StoppedVcpu<'_>, _slot: usize, pc: u64) -> HookAction {
         let hit = Instant::now();
         let mut s = self.lock();
-        let point = InterceptPoint::at_slot(slot);
+        let point = point_at(
+            &self.kernels,
+            &self.sequence,
+            s.rounds.len(),
+            s.in_kexec,
+            pc,
+        );
         // The first boot's start_kernel only times the hook: not a handover's state.
         if point != Some(InterceptPoint::StartKernel) || s.in_kexec {
             s.hits += 1;
@@ -704,7 +875,6 @@ mod tests {
             InterceptPoint::StartKernel.describe(),
             "kernel: start_kernel"
         );
-        assert_eq!(InterceptPoint::at_slot(3), None);
         let mut parts = Parts::new(Instant::now());
         parts.lap("a");
         parts.lap("b");
@@ -712,15 +882,74 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
     }
 
+    /// A kernel whose points are `base`, `base + 0x10`, `base + 0x20`.
+    fn points(base: u64) -> KernelPoints {
+        KernelPoints {
+            serialize: base,
+            point_of_no_return: base + 0x10,
+            start_kernel: base + 0x20,
+            boot_params: base + 0x30,
+            kho_out: Err("none".into()),
+        }
+    }
+
+    #[test]
+    fn breakpoints_follow_the_kernels_of_each_round() {
+        let (a, b) = (points(0x1000), points(0x2000));
+        let same = plan_breakpoints(std::slice::from_ref(&a), &KernelSequence::same(), 5).unwrap();
+        assert_eq!(same, (vec![0x1000, 0x1010, 0x1020], vec![0x1000, 0x1010]));
+        let kernels = [a.clone(), b.clone()];
+        // One handover A->B: A's two, B's start_kernel, in slot order.
+        let one = plan_breakpoints(&kernels, &KernelSequence::cross(false), 1).unwrap();
+        assert_eq!(one, (vec![0x1000, 0x1010, 0x2020], vec![0x1000, 0x1010]));
+        // A->B->B: B's own two are added (5 > 4 debug registers: refused)...
+        let e = plan_breakpoints(&kernels, &KernelSequence::cross(false), 2).unwrap_err();
+        assert!(e.to_string().contains("5 different addresses"), "{e}");
+        // ...unless the kernels share addresses (a rebuild that moved nothing LUO runs).
+        let b_same_text = KernelPoints {
+            boot_params: 0x9999,
+            ..a.clone()
+        };
+        let shared = [a.clone(), b_same_text.clone()];
+        let abb = plan_breakpoints(&shared, &KernelSequence::cross(true), 3).unwrap();
+        assert_eq!(abb.0, vec![0x1000, 0x1010, 0x1020]);
+        // What a hit is depends on the round.
+        let seq = KernelSequence::cross(true);
+        let at = |round, in_kexec, pc| point_at(&kernels, &seq, round, in_kexec, pc);
+        assert_eq!(
+            at(0, false, 0x1020),
+            Some(InterceptPoint::StartKernel),
+            "first boot"
+        );
+        assert_eq!(at(0, false, 0x1000), Some(InterceptPoint::Serialize));
+        assert_eq!(at(0, false, 0x2000), None, "B's address while A runs");
+        assert_eq!(at(0, true, 0x2020), Some(InterceptPoint::StartKernel));
+        assert_eq!(at(0, true, 0x1020), None);
+        assert_eq!(at(1, false, 0x2010), Some(InterceptPoint::PointOfNoReturn));
+        assert_eq!(
+            at(1, true, 0x1020),
+            Some(InterceptPoint::StartKernel),
+            "back to A"
+        );
+        assert_eq!(
+            at(1, false, 0x1020),
+            None,
+            "A's start_kernel is no first boot later"
+        );
+    }
+
     #[test]
     fn probe_marks_never_wait_for_a_hook_at_work() {
         use std::sync::Arc;
-        let i = Arc::new(Interceptor::new(
-            [1, 2, 3],
-            Err("none".into()),
-            0,
-            InterceptOptions::default(),
-        ));
+        let i = Arc::new(
+            Interceptor::new(
+                vec![points(1)],
+                KernelSequence::same(),
+                1,
+                InterceptOptions::default(),
+            )
+            .unwrap(),
+        );
         // A vCPU thread in a hook (parsing guest data) holds the state...
         let _hook = i.lock();
         // ...while the main thread delivers a probe mark: it must not block.
