@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use luo_devices::{Gates, ProbeEvent};
 use luo_handover::symbols::KernelSymbols;
+use luo_handover::timeline::Mark;
 use luo_protocol::probe::Gate;
 use luo_protocol::script::Step;
 use luo_protocol::workload::Workload;
@@ -290,6 +291,9 @@ pub struct RunResult {
     pub judgement: Judgement,
     /// The schedule as it happened.
     pub timeline: Vec<TimelineEntry>,
+    /// Why the handover is not verified, check by check (empty when it is, or without a
+    /// handover).
+    pub handover_not_verified: Vec<String>,
     /// The detector's findings (`null` without a handover).
     pub discrepancies: Option<Vec<String>>,
     /// Oops, BUG, WARNING, panic lines.
@@ -371,8 +375,9 @@ fn interceptor(
     })
 }
 
-/// The facts of one run.
-fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFacts {
+/// The facts of one run, and why its handover is not verified (empty if it is, or if
+/// there was none).
+fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> (RunFacts, Vec<String>) {
     let agent_boots = &outcome.boots;
     // Stage 2 ran its steps to the end (its verdict passed: /dev/liveupdate opened) and
     // every one succeeded.
@@ -412,12 +417,21 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
         .copied()
         .flatten()
         .is_some_and(|n| n >= u16::from(outcome.vcpus));
-    let handover_verified = got.timeline.rounds().first().is_some_and(|round| {
-        RoundSeen::of(round, capture)
-            .checks(cpus_up, stage2_ok && kernel_trouble.is_empty())
-            .verified()
-    });
-    RunFacts {
+    let workload_ok = stage2_ok && kernel_trouble.is_empty();
+    // A reboot that failed before point-of-no-return (the unwind scenarios) leaves a round
+    // of marks with no handover: the handover is the first round that reached
+    // point-of-no-return, the one the first capture belongs to.
+    let rounds = got.timeline.rounds();
+    let round = rounds
+        .iter()
+        .find(|r| r.get(Mark::PointOfNoReturn).is_some())
+        .or(rounds.first())
+        .map(|round| RoundSeen::of(round, capture));
+    let handover_verified = round
+        .as_ref()
+        .is_some_and(|r| r.checks(cpus_up, workload_ok).verified());
+    let not_verified = round.map_or_else(Vec::new, |r| r.unverified(cpus_up, workload_ok));
+    let facts = RunFacts {
         handover_seen: capture.is_some(),
         handover_verified,
         boots,
@@ -426,7 +440,8 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> RunFa
         hooks_fired: log.fired.clone(),
         hold_timeouts: log.hold_timeouts.clone(),
         timed_out: matches!(outcome.exit, VmExit::Timeout { .. }),
-    }
+    };
+    (facts, not_verified)
 }
 
 fn vm_exit(exit: &VmExit) -> String {
@@ -462,6 +477,9 @@ fn print_run(r: &RunResult, total: u32) {
     }
     for line in &r.kernel_trouble {
         println!("  kernel: {line}");
+    }
+    for why in &r.handover_not_verified {
+        println!("  handover not verified: {why}");
     }
     println!("  VM: {}; console: {}", r.vm_exit, r.console_log.display());
 }
@@ -839,12 +857,13 @@ fn run_once(
     }
     let got = observer.interceptor.finish(outcome.started);
     let log_seen = observer.scheduler.finish();
-    let f = facts(&outcome, &got, &log_seen);
+    let (f, not_verified) = facts(&outcome, &got, &log_seen);
     Ok(RunResult {
         run,
         from_snapshot,
         judgement: judge(&p.sc.verdict, &f),
         timeline: log_seen.timeline,
+        handover_not_verified: not_verified,
         discrepancies: f.discrepancies,
         kernel_trouble: f.kernel_trouble,
         vm_exit: vm_exit(&outcome.exit),

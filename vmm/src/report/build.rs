@@ -80,6 +80,47 @@ impl RoundSeen {
         }
     }
 
+    /// Why the round is not verified, check by check, in words (empty when it is): the
+    /// marks missing or out of order, the dirty log's findings, the digest, what could not
+    /// be read, the invariants that failed, and the guest side.
+    pub fn unverified(&self, cpus_up: bool, workload_ok: bool) -> Vec<String> {
+        let h = &self.handover;
+        let mut why = Vec::new();
+        if !h.missing_marks.is_empty() {
+            let names: Vec<&str> = h.missing_marks.iter().map(|m| m.name()).collect();
+            why.push(format!("marks missing: {}", names.join(", ")));
+        }
+        why.extend(h.issues.iter().map(|i| format!("timeline: {i}")));
+        match &h.pages_written {
+            None => why.push("the dirty log was not read".into()),
+            Some(p) if p.preserved > 0 || p.untracked > 0 => why.push(format!(
+                "preserved pages written: {}, not watched: {}",
+                p.preserved, p.untracked
+            )),
+            Some(_) => {}
+        }
+        if h.digest.as_ref().is_some_and(|d| !d.unchanged()) {
+            why.push("the digests changed".into());
+        }
+        why.extend(self.errors.iter().map(|e| format!("not read: {e}")));
+        why.extend(
+            self.invariants
+                .iter()
+                .filter(|c| !c.held)
+                .map(|c| format!("invariant failed: {}", c.name)),
+        );
+        if !cpus_up {
+            why.push("the next kernel did not bring up every CPU".into());
+        }
+        if !workload_ok {
+            why.push(
+                "the workload did not pass in the next kernel (or the kernel was in trouble)"
+                    .into(),
+            );
+        }
+        why
+    }
+
     /// The checks of [`HandoverChecks`], with what the caller knows of the guest side.
     pub fn checks(&self, cpus_up: bool, workload_ok: bool) -> HandoverChecks {
         HandoverChecks {

@@ -903,23 +903,29 @@ fn identity(
     guest: &ResolvedGuest,
     cmdline: &str,
 ) -> Result<file::Identity, GuestError> {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p).map_or_else(
+            |_| format!("{} (unreadable)", p.display()),
+            |m| format!("{} ({} bytes)", p.display(), m.len()),
+        )
+    };
     let image = match &guest.image {
-        Some(img) => img.dir.file_name().map_or_else(
-            || img.dir.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        ),
-        None => {
-            let stamp = |p: &Path| {
-                std::fs::metadata(p).map_or_else(
-                    |_| format!("{} (unreadable)", p.display()),
-                    |m| format!("{} ({} bytes)", p.display(), m.len()),
-                )
-            };
+        // The image's cache key, and the initramfs if it is not the image's own (the
+        // next kernel of a cross-kernel run travels in an initramfs of its own).
+        Some(img) => {
+            let key = img.dir.file_name().map_or_else(
+                || img.dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
             match &guest.initrd {
-                Some(i) => format!("{} + {}", stamp(&guest.kernel), stamp(i)),
-                None => stamp(&guest.kernel),
+                Some(i) if *i != img.initramfs => format!("{key} + {}", stamp(i)),
+                _ => key,
             }
         }
+        None => match &guest.initrd {
+            Some(i) => format!("{} + {}", stamp(&guest.kernel), stamp(i)),
+            None => stamp(&guest.kernel),
+        },
     };
     Ok(file::Identity {
         luo_vmm: env!("CARGO_PKG_VERSION").to_owned(),
