@@ -666,6 +666,7 @@ pub fn check(args: &ScenarioTarget) -> Result<u8, ScenarioError> {
 /// status (0: every run gave the expected verdict; 5: not).
 pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
     let p = prepare(&args.target, args.timeout, args.console)?;
+    check_snapshot_options(&p.sc, args).map_err(ScenarioError::Options)?;
     std::fs::create_dir_all(&args.log_dir).map_err(|source| ScenarioError::Write {
         path: args.log_dir.clone(),
         source,
@@ -733,17 +734,6 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         print_run(&result, args.runs);
         runs.push(result);
     }
-    if let Some(dir) = &args.save_snapshot {
-        let m = machine.as_ref().ok_or_else(|| {
-            ScenarioError::Options("--save-snapshot: no run kept a snapshot".into())
-        })?;
-        let bytes = m.save(dir, &p.opts, &p.guest)?;
-        println!(
-            "snapshot saved to {} ({:.1} MiB)",
-            dir.display(),
-            bytes as f64 / f64::from(1u32 << 20)
-        );
-    }
     let (verdict, count) = vote(runs.iter().map(|r| r.judgement.verdict));
     println!("verdict: {} ({count}/{} runs)", verdict.name(), args.runs);
     let all_expected = runs.iter().all(|r| r.judgement.verdict == expected);
@@ -761,6 +751,18 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             count,
         };
         write_json(file, path, &report)?;
+    }
+    // Last: the verdicts and the JSON are out even if the snapshot cannot be written.
+    if let Some(dir) = &args.save_snapshot {
+        let m = machine.as_ref().ok_or_else(|| {
+            ScenarioError::Options("--save-snapshot: no run kept a snapshot".into())
+        })?;
+        let bytes = m.save(dir, &p.opts, &p.guest)?;
+        println!(
+            "snapshot saved to {} ({:.1} MiB)",
+            dir.display(),
+            bytes as f64 / f64::from(1u32 << 20)
+        );
     }
     Ok(if all_expected {
         0
@@ -781,6 +783,43 @@ fn kernel_name(target: &ScenarioTarget) -> String {
         (None, Some(v)) => format!("variant {v}"),
         (None, None) => "the reference kernel".to_owned(),
     }
+}
+
+/// The snapshot options checked before anything runs: every `--snapshot-gate` is a gate
+/// of the scenario's stage 1, and `--save-snapshot` names a snapshot or a path that does
+/// not exist yet (never a directory holding something else).
+fn check_snapshot_options(sc: &Scenario, args: &ScenarioRunArgs) -> Result<(), String> {
+    let waits: BTreeSet<u8> = sc
+        .script
+        .stage1
+        .threads
+        .iter()
+        .flat_map(|t| &t.steps)
+        .filter_map(|s| match s {
+            Step::Gate(g) => Some(g.id()),
+            _ => None,
+        })
+        .collect();
+    if let Some(g) = args.snapshot_gate.iter().find(|g| !waits.contains(g)) {
+        let have: Vec<String> = waits.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "--snapshot-gate {g}: the scenario's stage 1 waits at no gate {g} (its gates: {})",
+            if have.is_empty() {
+                "none".to_owned()
+            } else {
+                have.join(", ")
+            }
+        ));
+    }
+    if let Some(dir) = &args.save_snapshot {
+        if dir.exists() && !crate::machine::snapshot::file::is_snapshot(dir) {
+            return Err(format!(
+                "--save-snapshot {}: exists and is not a luo-vmm snapshot; not overwritten",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where `scenario run` takes its snapshot: `--snapshot-gate`s, or the first gate of

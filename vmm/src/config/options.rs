@@ -384,7 +384,7 @@ impl NextKernelOptions {
             }
             if handovers < 2 {
                 return Err(OptionsError::Alternate(
-                    "a single handover has nothing to alternate (give --repeat 2 or more)",
+                    "a single handover has nothing to alternate (handover: give --repeat 2 or more; a scenario or a single-stage selftest runs one)",
                 ));
             }
         }

@@ -377,21 +377,41 @@ impl DirtyLog {
     /// stopped. `None` if no snapshot is kept.
     pub fn written_since_snapshot(&self) -> Result<Option<Vec<u64>>, kvm_ioctls::Error> {
         let mut st = self.state();
-        if st.since_snapshot.is_none() {
+        let Some(mut acc) = st.since_snapshot.take() else {
             return Ok(None);
-        }
-        self.take_locked(&mut st)?;
-        let acc = st
-            .since_snapshot
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default();
-        let pages = pages_of(&acc);
-        st.since_snapshot = Some(empty_like(&acc));
-        // After a reset the interception starts afresh: its mode is kept (the log stays
-        // on over the whole guest).
+        };
+        let maps = match take_bitmaps(&self.vm_fd, &self.memory) {
+            Ok(maps) => maps,
+            Err(e) => {
+                st.since_snapshot = Some(acc);
+                return Err(e);
+            }
+        };
+        // One pass: what was accumulated and what the log holds now, emptied in place
+        // (no new, zeroed allocation for the next round: its first touch would fault
+        // in every page of it).
+        let pages = drain_pages(&mut acc, &maps);
+        st.since_snapshot = Some(acc);
         Ok(Some(pages))
     }
+}
+
+/// The pages set in `acc` or in `maps` (the same slots, in order), ascending per slot;
+/// `acc` is left all clear.
+pub fn drain_pages(acc: &mut [SlotBitmap], maps: &[SlotBitmap]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (a, m) in acc.iter_mut().zip(maps) {
+        for (i, (w, x)) in a.words.iter_mut().zip(&m.words).enumerate() {
+            let mut bits = *w | x;
+            *w = 0;
+            while bits != 0 {
+                let b = u64::from(bits.trailing_zeros());
+                out.push(a.base + ((i as u64) * 64 + b) * (1 << PAGE_SHIFT));
+                bits &= bits - 1;
+            }
+        }
+    }
+    out
 }
 
 /// ORs `maps` into `acc` (the same slots, in order).
@@ -411,22 +431,6 @@ pub fn empty_like(maps: &[SlotBitmap]) -> Vec<SlotBitmap> {
             words: vec![0; m.words.len()],
         })
         .collect()
-}
-
-/// The guest-physical address of every page whose bit is set, ascending per slot.
-pub fn pages_of(maps: &[SlotBitmap]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for m in maps {
-        for (i, &w) in m.words.iter().enumerate() {
-            let mut bits = w;
-            while bits != 0 {
-                let b = u64::from(bits.trailing_zeros());
-                out.push(m.base + ((i as u64) * 64 + b) * (1 << PAGE_SHIFT));
-                bits &= bits - 1;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -486,12 +490,11 @@ mod tests {
         let one = |base, words: Vec<u64>| vec![SlotBitmap { base, words }];
         let mut acc = empty_like(&one(0x10_0000, vec![0, 0]));
         accumulate(&mut acc, &one(0x10_0000, vec![0b101, 0]));
-        accumulate(&mut acc, &one(0x10_0000, vec![0b100, 1 << 63]));
-        assert_eq!(
-            pages_of(&acc),
-            vec![0x10_0000, 0x10_2000, 0x10_0000 + 127 * 4096]
-        );
-        assert!(pages_of(&empty_like(&acc)).is_empty());
+        // The last read: its pages and the accumulated ones, once each.
+        let pages = drain_pages(&mut acc, &one(0x10_0000, vec![0b100, 1 << 63]));
+        assert_eq!(pages, vec![0x10_0000, 0x10_2000, 0x10_0000 + 127 * 4096]);
+        assert!(acc[0].words.iter().all(|&w| w == 0), "left clear");
+        assert!(drain_pages(&mut acc, &one(0x10_0000, vec![0, 0])).is_empty());
     }
 
     #[test]

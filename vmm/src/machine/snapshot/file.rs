@@ -123,7 +123,7 @@ impl Identity {
         if self.cmdline != want.cmdline {
             return Some(format!(
                 "was taken with another kernel command line (digest {}; this run's is {}): \
-                 another scenario, workload or --cmdline",
+                 another scenario or workload",
                 self.cmdline, want.cmdline
             ));
         }
@@ -177,6 +177,11 @@ fn digest(bytes: &[u8]) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
 }
 
+/// Whether `dir` holds a snapshot (its `header.json`): what [`write`] may replace.
+pub fn is_snapshot(dir: &Path) -> bool {
+    dir.join(HEADER).is_file()
+}
+
 /// Writes `snap`, with the caller's `run` record, as the snapshot directory `dir`. An
 /// existing snapshot there is replaced; anything else there is refused. Returns the bytes
 /// written.
@@ -190,7 +195,7 @@ pub fn write(
         let path = path.to_owned();
         move |source| FileError::Io { path, source }
     };
-    if dir.exists() && !dir.join(HEADER).is_file() {
+    if dir.exists() && !is_snapshot(dir) {
         return Err(FileError::Format {
             dir: dir.to_owned(),
             why: "exists and is not a luo-vmm snapshot; not overwritten".into(),
@@ -273,8 +278,11 @@ pub fn read(
         file,
         why,
     };
-    if !dir.is_dir() {
+    if !dir.exists() {
         return Err(format("no such snapshot directory".into()));
+    }
+    if !dir.is_dir() {
+        return Err(format("not a directory: a snapshot is a directory".into()));
     }
     let header_path = dir.join(HEADER);
     let header = read_bounded(&header_path, MAX_HEADER).map_err(|e| match e.kind() {
