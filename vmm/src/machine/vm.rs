@@ -1013,4 +1013,33 @@ mod tests {
             cpuid_identity(&table(0, false))
         );
     }
+
+    /// This host's KVM, asked from a thread pinned to each CPU in turn (where there is
+    /// /dev/kvm and more than one CPU).
+    #[test]
+    fn the_cpuid_digest_is_the_same_on_every_cpu() {
+        if open_kvm().is_err() {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let on = |cpu: usize| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+                // sched_setaffinity only touch it and this thread's affinity.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                cpuid_digest().unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        let first = on(0);
+        for cpu in 1..cpus.min(8) {
+            assert_eq!(on(cpu), first, "CPU {cpu}");
+        }
+    }
 }
