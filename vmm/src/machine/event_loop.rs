@@ -557,6 +557,27 @@ mod tests {
         }
     }
 
+    /// The main loop over `f`'s sources for two vCPUs.
+    fn main_loop<'a>(
+        f: &'a Fakes,
+        deliver: &'a mut dyn FnMut(ProbeEvent),
+        deadline: Option<(TimerFd, Duration)>,
+    ) -> MainLoop<'a> {
+        MainLoop::new(Sources {
+            vcpus: 2,
+            probe_ready: &f.probe_ready,
+            probe: &f.probe_rx,
+            deliver,
+            control: &f.control,
+            reset: &f.reset,
+            reports_ready: &f.reports_ready,
+            reports: &f.reports,
+            deadline,
+            input: None,
+        })
+        .unwrap()
+    }
+
     /// Runs the main loop over `f` until it ends, with `deadline` if given, while
     /// `meanwhile` acts from another thread; returns the end, the probe messages
     /// delivered, and which vCPUs reported they stopped.
@@ -576,19 +597,7 @@ mod tests {
             t.reset(after, None).unwrap();
             (t, after)
         });
-        let mut main = MainLoop::new(Sources {
-            vcpus: 2,
-            probe_ready: &f.probe_ready,
-            probe: &f.probe_rx,
-            deliver: &mut deliver,
-            control: &f.control,
-            reset: &f.reset,
-            reports_ready: &f.reports_ready,
-            reports: &f.reports,
-            deadline,
-            input: None,
-        })
-        .unwrap();
+        let mut main = main_loop(f, &mut deliver, deadline);
         let (end, stopped) = thread::scope(|s| {
             s.spawn(meanwhile);
             let end = end(main.wait().unwrap());
@@ -642,21 +651,8 @@ mod tests {
     #[test]
     fn a_pause_wakes_the_loop_and_collects_what_the_vcpus_parked_with() {
         let f = fakes();
-        let mut got = Vec::new();
-        let mut deliver = |ev: ProbeEvent| got.push(ev);
-        let mut main = MainLoop::new(Sources {
-            vcpus: 2,
-            probe_ready: &f.probe_ready,
-            probe: &f.probe_rx,
-            deliver: &mut deliver,
-            control: &f.control,
-            reset: &f.reset,
-            reports_ready: &f.reports_ready,
-            reports: &f.reports,
-            deadline: None,
-            input: None,
-        })
-        .unwrap();
+        let mut deliver = |_: ProbeEvent| {};
+        let mut main = main_loop(&f, &mut deliver, None);
         f.control.request_pause();
         assert_eq!(main.wait().unwrap(), Wake::Pause);
         // vCPU 0 parks (its state could not be read, as a KVM lacking an ioctl would

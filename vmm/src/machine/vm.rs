@@ -247,40 +247,13 @@ pub(crate) fn open_kvm() -> Result<Kvm, VmError> {
 }
 
 /// XXH3-64 (hex) of what identifies this host's CPU and KVM in KVM's supported CPUID
-/// table ([`cpuid_identity`]): snapshots are used only where it is the same.
+/// table ([`crate::machine::arch::cpuid::identity`]): snapshots are used only where it is the same.
 pub(crate) fn cpuid_digest() -> Result<String, VmError> {
     let kvm = open_kvm()?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(cpuid_identity(cpuid.as_slice()))
-}
-
-/// The digest of the CPU model and the features a guest sees: the vendor (leaf 0), the
-/// family/model/stepping and feature flags (leaf 1 EAX, ECX, EDX), the structured
-/// extended features (leaf 7.0 EBX, ECX, EDX) and the extended ones (leaf 0x80000001 ECX,
-/// EDX). Nothing that names the CPU the process runs on (leaf 1 EBX's APIC ID, the
-/// topology leaves' x2APIC ID): an emulating KVM passes the host's through, and two
-/// processes on two cores of one host must agree. Pure.
-pub(crate) fn cpuid_identity(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> String {
-    let mut picked: Vec<[u32; 5]> = entries
-        .iter()
-        .filter_map(|e| match (e.function, e.index) {
-            (0, _) => Some([e.function, e.eax, e.ebx, e.ecx, e.edx]),
-            (1, _) => Some([e.function, e.eax, 0, e.ecx, e.edx]),
-            (7, 0) => Some([e.function, 0, e.ebx, e.ecx, e.edx]),
-            (0x8000_0001, _) => Some([e.function, 0, 0, e.ecx, e.edx]),
-            _ => None,
-        })
-        .collect();
-    picked.sort_unstable();
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for words in picked {
-        for w in words {
-            h.update(&w.to_le_bytes());
-        }
-    }
-    format!("{:016x}", h.digest())
+    Ok(crate::machine::arch::cpuid::identity(cpuid.as_slice()))
 }
 
 impl Vm {
@@ -974,45 +947,6 @@ fn vcpu_thread(vcpu: &mut Vcpu, ctx: VcpuThread) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
-
-    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax: regs[0],
-            ebx: regs[1],
-            ecx: regs[2],
-            edx: regs[3],
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn the_cpuid_identity_ignores_which_cpu_asked_and_sees_features() {
-        let table = |apic: u32, avx2: bool| {
-            vec![
-                leaf(0, 0, [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
-                leaf(
-                    1,
-                    0,
-                    [0x806f8, (apic << 24) | 0x0800, 0x7ffa_fbff, 0xbfeb_fbff],
-                ),
-                leaf(7, 0, [0, if avx2 { 1 << 5 } else { 0 }, 0, 0]),
-                leaf(0xb, 0, [1, 2, 0x100, apic]),
-                leaf(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800]),
-            ]
-        };
-        assert_eq!(
-            cpuid_identity(&table(0, true)),
-            cpuid_identity(&table(1, true)),
-            "the APIC ID of the CPU the process ran on"
-        );
-        assert_ne!(
-            cpuid_identity(&table(0, true)),
-            cpuid_identity(&table(0, false))
-        );
-    }
 
     /// This host's KVM, asked from a thread pinned to each CPU in turn (where there is
     /// /dev/kvm and more than one CPU).

@@ -530,18 +530,7 @@ impl GuestMachine {
     ) -> Result<Self, GuestError> {
         let (backend, cmdline) = compose_cmdline(opts, workload_params);
         let vm = Vm::new(&machine_spec(opts, guest, &cmdline, gates.clone()))?;
-        Ok(GuestMachine {
-            vm,
-            gates,
-            backend,
-            echo: !opts.quiet,
-            vcpus: opts.vcpus,
-            timeout: opts.timeout(),
-            cmdline,
-            history: None,
-            no_snapshot: None,
-            at_snapshot: false,
-        })
+        Ok(Self::of(vm, gates, backend, opts, cmdline, None))
     }
 
     /// A VM in the state of the snapshot in `dir` (checked whole against this run's
@@ -560,7 +549,20 @@ impl GuestMachine {
         let history = RunHistory::from_json(&run)
             .map_err(|why| GuestError::Snapshot(format!("snapshot {}: {why}", dir.display())))?;
         let vm = Vm::from_snapshot(&machine_spec(opts, guest, &cmdline, gates.clone()), snap)?;
-        Ok(GuestMachine {
+        Ok(Self::of(vm, gates, backend, opts, cmdline, Some(history)))
+    }
+
+    /// The machine around `vm`; with the `history` of a snapshot it was built from, its
+    /// next run starts there.
+    fn of(
+        vm: Vm,
+        gates: Gates,
+        backend: KvmBackend,
+        opts: &GuestOptions,
+        cmdline: String,
+        history: Option<RunHistory>,
+    ) -> Self {
+        GuestMachine {
             vm,
             gates,
             backend,
@@ -568,10 +570,10 @@ impl GuestMachine {
             vcpus: opts.vcpus,
             timeout: opts.timeout(),
             cmdline,
-            history: Some(history),
+            at_snapshot: history.is_some(),
+            history,
             no_snapshot: None,
-            at_snapshot: true,
-        })
+        }
     }
 
     /// The probe's gates (one set for the VM's life; each run's schedule drives them).

@@ -248,6 +248,33 @@ fn set_bit(reg: &mut u32, bit: u32, on: bool) {
     }
 }
 
+/// The digest of the CPU model and the features a guest sees: the vendor (leaf 0), the
+/// family/model/stepping and feature flags (leaf 1 EAX, ECX, EDX), the structured
+/// extended features (leaf 7.0 EBX, ECX, EDX) and the extended ones (leaf 0x80000001 ECX,
+/// EDX). Nothing that names the CPU the process runs on (leaf 1 EBX's APIC ID, the
+/// topology leaves' x2APIC ID): an emulating KVM passes the host's through, and two
+/// processes on two cores of one host must agree. Pure.
+pub(crate) fn identity(entries: &[kvm_cpuid_entry2]) -> String {
+    let mut picked: Vec<[u32; 5]> = entries
+        .iter()
+        .filter_map(|e| match (e.function, e.index) {
+            (0, _) => Some([e.function, e.eax, e.ebx, e.ecx, e.edx]),
+            (1, _) => Some([e.function, e.eax, 0, e.ecx, e.edx]),
+            (7, 0) => Some([e.function, 0, e.ebx, e.ecx, e.edx]),
+            (0x8000_0001, _) => Some([e.function, 0, 0, e.ecx, e.edx]),
+            _ => None,
+        })
+        .collect();
+    picked.sort_unstable();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for words in picked {
+        for w in words {
+            h.update(&w.to_le_bytes());
+        }
+    }
+    format!("{:016x}", h.digest())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,5 +562,28 @@ mod tests {
             [1u8, 2, 3, 4, 5, 8, 9, 64].map(id_bits),
             [0, 1, 2, 2, 3, 3, 4, 6]
         );
+    }
+
+    #[test]
+    fn the_cpuid_identity_ignores_which_cpu_asked_and_sees_features() {
+        let table = |apic: u32, avx2: bool| {
+            vec![
+                leaf(0, 0, [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+                leaf(
+                    1,
+                    0,
+                    [0x806f8, (apic << 24) | 0x0800, 0x7ffa_fbff, 0xbfeb_fbff],
+                ),
+                leaf(7, 0, [0, if avx2 { 1 << 5 } else { 0 }, 0, 0]),
+                leaf(0xb, 0, [1, 2, 0x100, apic]),
+                leaf(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800]),
+            ]
+        };
+        assert_eq!(
+            identity(&table(0, true)),
+            identity(&table(1, true)),
+            "the APIC ID of the CPU the process ran on"
+        );
+        assert_ne!(identity(&table(0, true)), identity(&table(0, false)));
     }
 }
