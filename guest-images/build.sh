@@ -252,11 +252,31 @@ kernel_build() {
 	cc -O2 -o "$out/gen_init_cpio" "$src/usr/gen_init_cpio.c" >>"$buildlog" 2>&1 ||
 		die "cannot build usr/gen_init_cpio"
 	cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$src/System.map" "$src/.config" "$out/"
+	liveupdate_code "$src" "$src" "$out"
 	make -s -C "$src" kernelrelease >"$out/kernel-version"
 	cp "$buildlog" "$out/build.log"
 }
 
-KERNEL_FUNCS=(kernel_extract kernel_patch kernel_configure verify_fragment kernel_make kernel_build)
+# What `luo-vmm explore` searches (docs/explore.md): the function symbols of the LUO and
+# KHO object files (`nm`: FILE FUNCTION per line) and those files' sources, whose
+# definitions say which functions return an error.
+liveupdate_code() {
+	local src=$1 obj=$2 out=$3 o rel c
+	mkdir -p "$out/liveupdate"
+	: >"$out/liveupdate/functions"
+	for o in "$obj"/kernel/liveupdate/*.o "$obj"/mm/memfd_luo.o; do
+		[[ -f $o ]] || continue
+		rel=${o#"$obj"/}
+		c=${rel%.o}.c
+		[[ -f $src/$c ]] || continue
+		nm --defined-only "$o" | awk -v f="$c" '$2 ~ /^[Tt]$/ { print f, $3 }' >>"$out/liveupdate/functions"
+		mkdir -p "$out/liveupdate/$(dirname "$c")"
+		cp "$src/$c" "$out/liveupdate/$c"
+	done
+	[[ -s $out/liveupdate/functions ]] || die "no LUO/KHO object file (kernel/liveupdate/*.o, mm/memfd_luo.o) was built"
+}
+
+KERNEL_FUNCS=(kernel_extract kernel_patch kernel_configure verify_fragment kernel_make kernel_build liveupdate_code)
 
 kernel_key() {
 	local h
@@ -332,7 +352,7 @@ variant_build() {
 
 kernel_complete() {
 	local d=$1 f
-	for f in vmlinux bzImage System.map kernel-version gen_init_cpio; do
+	for f in vmlinux bzImage System.map kernel-version gen_init_cpio liveupdate/functions; do
 		[[ -s $d/$f ]] || return 1
 	done
 }
@@ -386,7 +406,7 @@ ensure_kernel() {
 # (make -C DIR O=<cache>), never written to. The text of these functions is part of the key.
 # ---------------------------------------------------------------------------------------
 
-SOURCE_FUNCS=(source_configure source_selftests source_build)
+SOURCE_FUNCS=(source_configure source_selftests source_build liveupdate_code)
 
 # Refuses what cannot be built from $SOURCE: no kernel tree, a tree that kbuild would
 # refuse for an out-of-tree build, a variant that carries patches.
@@ -508,6 +528,7 @@ source_build() {
 	cc -O2 -o "$out/gen_init_cpio" "$SOURCE/usr/gen_init_cpio.c" >>"$buildlog" 2>&1 ||
 		die "cannot build usr/gen_init_cpio"
 	cp "$obj/vmlinux" "$obj/arch/x86/boot/bzImage" "$obj/System.map" "$obj/.config" "$out/"
+	liveupdate_code "$SOURCE" "$obj" "$out"
 	make -s -C "$obj" kernelrelease >"$out/kernel-version"
 	cp "$buildlog" "$out/build.log"
 }
@@ -618,7 +639,7 @@ make_image_dir() {
 		mkdir -p "$CACHE/images"
 		tmp=$(mktemp -d "$CACHE/images/.$KKEY-$IKEY.XXXXXX")
 		local f
-		for f in vmlinux bzImage System.map kernel-version selftests; do
+		for f in vmlinux bzImage System.map kernel-version selftests liveupdate; do
 			ln -s "$KDIR/$f" "$tmp/$f"
 		done
 		ln -s "$INITRAMFS" "$tmp/initramfs.cpio"

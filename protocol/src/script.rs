@@ -24,6 +24,7 @@
 //! | `kexec-load` | `kexec_file_load` of the next kernel, stage-2 command line | `kexec-load` |
 //! | `reboot` | `reboot(LINUX_REBOOT_CMD_KEXEC)` (marks `reboot-requested` first) | `reboot` |
 //! | `gate N` | waits until the VMM opens gate N | `gate-wait`/`gate-passed` |
+//! | `if N` | runs the thread's next step only if gate N is open now (else skips it); the VMM chooses a step after a snapshot (`luo-vmm explore`) | not announced |
 //! | `pressure SIZE` | allocates and touches SIZE bytes of anonymous memory, then frees it | `pressure` bytes |
 //!
 //! Steps of one thread run in order; a failed step is reported (its errno) and the thread
@@ -122,6 +123,8 @@ pub enum Step {
     Reboot,
     /// `gate N`.
     Gate(Gate),
+    /// `if N`: the next step runs only if gate N is open when this step is reached.
+    If(Gate),
     /// `pressure SIZE`.
     Pressure(u64),
 }
@@ -170,6 +173,13 @@ fn size(text: &str) -> Result<u64, ScriptError> {
     }
 }
 
+fn gate(text: &str) -> Result<Gate, ScriptError> {
+    text.parse::<u8>()
+        .ok()
+        .and_then(Gate::new)
+        .ok_or_else(|| ScriptError(format!("{text:?}: not a gate (0 to 63)")))
+}
+
 impl Step {
     /// Parses one step, its words separated by `:` or spaces.
     pub fn parse(text: &str) -> Result<Step, ScriptError> {
@@ -210,18 +220,12 @@ impl Step {
             "close" => want(1).and_then(|()| Ok(Step::Close(session(words[1])?))),
             "kexec-load" => want(0).map(|()| Step::KexecLoad),
             "reboot" => want(0).map(|()| Step::Reboot),
-            "gate" => want(1).and_then(|()| {
-                let gate = words[1]
-                    .parse::<u8>()
-                    .ok()
-                    .and_then(Gate::new)
-                    .ok_or_else(|| ScriptError(format!("{:?}: not a gate (0 to 63)", words[1])))?;
-                Ok(Step::Gate(gate))
-            }),
+            "gate" => want(1).and_then(|()| Ok(Step::Gate(gate(words[1])?))),
+            "if" => want(1).and_then(|()| Ok(Step::If(gate(words[1])?))),
             "pressure" => want(1).and_then(|()| Ok(Step::Pressure(size(words[1])?))),
             other => err(format!(
                 "{other:?}: unknown step (create, memfd, fill, preserve, retrieve, retrieve-fd, \
-                 finish, close, kexec-load, reboot, gate, pressure)"
+                 finish, close, kexec-load, reboot, gate, if, pressure)"
             )),
         }?;
         Ok(step)
@@ -243,6 +247,7 @@ impl fmt::Display for Step {
             Step::KexecLoad => f.write_str("kexec-load"),
             Step::Reboot => f.write_str("reboot"),
             Step::Gate(g) => write!(f, "gate:{}", g.id()),
+            Step::If(g) => write!(f, "if:{}", g.id()),
             Step::Pressure(n) => write!(f, "pressure:{n}"),
         }
     }
@@ -282,6 +287,12 @@ impl StageScript {
                 return err(format!(
                     "a thread of {} steps: 1 to {MAX_STEPS}",
                     t.steps.len()
+                ));
+            }
+            if matches!(t.steps.last(), Some(Step::If(_))) {
+                return err(format!(
+                    "the thread on CPU {} ends with `if`: it must be followed by the step it guards",
+                    t.cpu
                 ));
             }
         }
@@ -386,6 +397,7 @@ mod tests {
                     cpu: 1,
                     steps: vec![
                         Step::Gate(Gate::new(2).unwrap()),
+                        Step::If(Gate::new(10).unwrap()),
                         Step::Close(0),
                         Step::Pressure(4096),
                     ],
@@ -396,7 +408,7 @@ mod tests {
         assert_eq!(
             wire,
             "0@create:0,memfd:0.1:1048576,fill:0.1:mmap,preserve:0.1,kexec-load,gate:1,reboot;\
-             1@gate:2,close:0,pressure:4096"
+             1@gate:2,if:10,close:0,pressure:4096"
         );
         assert_eq!(StageScript::parse(&wire).unwrap(), script);
         assert!(script.reboots());
@@ -437,6 +449,8 @@ mod tests {
             "memfd 0.0 2T",
             "fill 0.0 splice",
             "gate 64",
+            "if",
+            "if 64",
             "reboot now",
             "dance",
         ] {
@@ -449,6 +463,8 @@ mod tests {
         assert!(StageScript::parse(&many).is_err());
         let long = format!("0@{}", ["reboot"; MAX_STEPS + 1].join(","));
         assert!(StageScript::parse(&long).is_err());
+        let dangling = StageScript::parse("1@gate:2,if:10").unwrap_err();
+        assert!(dangling.0.contains("ends with `if`"), "{dangling}");
     }
 
     #[test]

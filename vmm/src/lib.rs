@@ -8,13 +8,16 @@
 //! The folders, each importing only the ones listed before it (docs/architecture.md):
 //! [`machine`] (the VM on /dev/kvm), [`config`] (what the user asked for), [`run`] (one
 //! guest run), [`watch`] (observers of a running guest), [`judge`] (verdicts),
-//! [`report`] (the typed report, its text, table and statistics), [`commands`].
+//! [`report`] (the typed report, its text, table and statistics), [`trial`] (one
+//! scheduled scenario run), [`explore`] (the search for LUO bugs), [`commands`].
 
 pub mod bench;
 pub mod commands;
 pub mod config;
+pub(crate) mod explore;
 pub(crate) mod judge;
 pub(crate) mod machine;
 pub mod report;
 pub(crate) mod run;
+pub(crate) mod trial;
 pub(crate) mod watch;

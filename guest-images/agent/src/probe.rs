@@ -78,8 +78,8 @@ impl Probe {
         }
     }
 
-    /// Whether `gate` is open (always, without a probe).
-    fn gate_open(&self, gate: Gate) -> bool {
+    /// Whether `gate` is open now (always, without a probe).
+    pub fn gate_open(&self, gate: Gate) -> bool {
         let Some(port) = &self.port else {
             return true;
         };

@@ -153,6 +153,8 @@ impl World<'_> {
             Step::Pressure(bytes) => {
                 p.action(Action::Pressure, bytes, || sys::touch_anonymous(bytes))?;
             }
+            // Decided by the thread's loop (run_stage), which never passes it here.
+            Step::If(_) => {}
         }
         Ok(())
     }
@@ -237,7 +239,17 @@ pub fn run_stage(
                 if let Err(e) = sys::pin_to_cpu(thread.cpu) {
                     println!("luo-agent: [t{t}] cannot pin to CPU {}: {e}", thread.cpu);
                 }
+                // `if N` decides whether the step after it runs.
+                let mut skip = false;
                 for &step in &thread.steps {
+                    if std::mem::take(&mut skip) {
+                        println!("luo-agent: [t{t}/cpu{}] {step}: skipped", thread.cpu);
+                        continue;
+                    }
+                    if let Step::If(gate) = step {
+                        skip = !world.probe.gate_open(gate);
+                        continue;
+                    }
                     let result = world.step(step);
                     let now = sys::monotonic();
                     match result {

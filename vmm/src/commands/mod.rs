@@ -5,6 +5,7 @@
 //! failure); 3 timeout; 4 the guest succeeded but the handover could not be verified.
 
 pub(crate) mod compat;
+pub(crate) mod explore;
 pub(crate) mod handover;
 pub(crate) mod host;
 pub(crate) mod scenario;
@@ -65,6 +66,9 @@ pub enum CommandError {
     /// `scenario`.
     #[error(transparent)]
     Scenario(#[from] crate::commands::scenario::ScenarioError),
+    /// `explore`.
+    #[error(transparent)]
+    Explore(#[from] crate::commands::explore::ExploreError),
     /// `host`: /dev/kvm cannot be opened (missing, no permission).
     #[error(transparent)]
     Kvm(crate::machine::vm::VmError),
@@ -89,6 +93,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
         Command::Soak(args) => soak(&args),
         Command::Host => host::run(),
         Command::Compat(args) => Ok(compat::run(&args)?),
+        Command::Explore(args) => Ok(explore::run(&args)?),
         Command::Handover(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Selftest(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Report(args) => {

@@ -142,12 +142,105 @@ pub enum Command {
     /// (compatible, rejected, reused, crashed, accepted) as text, JSON and an SVG; exit 0
     /// when every cell gives the verdict its kernels' READMEs declare, 5 when not.
     Compat(CompatArgs),
+    /// Search for LUO bugs nobody has reported: every hold point of the kernel's LUO/KHO
+    /// code × every racing LUO call, and every fallible LUO function made to fail, each
+    /// trial from one snapshot, judged by the oracles; each finding becomes a scenario
+    /// file (docs/explore.md).
+    Explore(ExploreArgs),
     /// The reference guest image.
     Image {
         /// What to do with it.
         #[command(subcommand)]
         action: ImageAction,
     },
+}
+
+/// Which trials `explore` makes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ExploreMode {
+    /// Hold points × racing calls × release policies.
+    Race,
+    /// Every fallible function made to fail on its 1st, 2nd, ... call.
+    Fail,
+    /// Both.
+    Both,
+}
+
+impl ExploreMode {
+    /// Whether race trials are made.
+    pub fn races(self) -> bool {
+        matches!(self, ExploreMode::Race | ExploreMode::Both)
+    }
+
+    /// Whether fail trials are made.
+    pub fn fails(self) -> bool {
+        matches!(self, ExploreMode::Fail | ExploreMode::Both)
+    }
+}
+
+/// `luo-vmm explore`.
+#[derive(Debug, Clone, Args)]
+pub struct ExploreArgs {
+    /// Explore this kernel variant of guest-images/variants (default: the reference).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Explore the kernel of this source tree (built like the reference, out of tree).
+    #[arg(long, value_name = "DIR")]
+    pub source: Option<PathBuf>,
+    /// The workload: a scenario file whose CPU-0 thread waits at `gate 1` right before
+    /// its `reboot` (default: two sessions with a memfd each; docs/explore.md).
+    #[arg(long, value_name = "FILE")]
+    pub workload: Option<PathBuf>,
+    /// Race trials, fail trials, or both.
+    #[arg(long, value_enum, default_value = "both")]
+    pub mode: ExploreMode,
+    /// Hold points and fallible functions: `auto` (every function of the kernel's LUO/KHO
+    /// object files), or a file of function names, one per line (`#` comments).
+    #[arg(long, default_value = "auto", value_name = "auto|FILE")]
+    pub points: String,
+    /// Run at most N search trials (the map of where the workload goes comes first and
+    /// is not counted).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub budget: Option<u64>,
+    /// Stop starting trials after this long (e.g. 30m, 2h).
+    #[arg(long, value_name = "T", value_parser = parse_duration_arg)]
+    pub time: Option<std::time::Duration>,
+    /// vCPUs (at least 2: the racing thread runs on CPU 1).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=64))]
+    pub vcpus: u8,
+    /// Guest memory, e.g. 512M.
+    #[arg(long, default_value = "512M", value_parser = parse_bytes)]
+    pub mem: u64,
+    /// Where the results go: trials (trials.jsonl), findings (findings/*.toml, their
+    /// logs), the report and its plot.
+    #[arg(long, default_value = "explore-out", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "F")]
+    pub json: Option<PathBuf>,
+    /// Go on with the exploration in --out (same kernel, workload and options), without
+    /// repeating finished trials.
+    #[arg(long)]
+    pub resume: bool,
+    /// The order of the search trials (a budget samples the space in this order).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// A trial that reaches neither point-of-no-return nor the end of its workload within
+    /// this long (guest time here is ~1000x hardware) is a hang.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    pub hang_after: std::time::Duration,
+    /// Also echo the guest console.
+    #[arg(long)]
+    pub console: bool,
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::scenario::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?}: a duration of more than 0, e.g. 30s, 20m, 2h"))
 }
 
 /// `luo-vmm image ...`.

@@ -91,6 +91,7 @@ struct RawHook {
     open: Vec<u8>,
     #[serde(default)]
     release_when: Vec<String>,
+    release_after: Option<String>,
     #[serde(rename = "return")]
     ret: Option<i64>,
 }
@@ -241,6 +242,9 @@ pub enum HookKind {
         open: Vec<Gate>,
         /// Any of these releases it.
         release: Vec<Trigger>,
+        /// `max` is a release policy (`release_after`), not a failure: the hold ends after
+        /// `max` without making the run inconclusive.
+        timed: bool,
     },
     /// Returns `ret` from the function at whose entry the hook is, without running it.
     Fail {
@@ -310,6 +314,138 @@ pub struct Scenario {
     pub hooks: Vec<Hook>,
     /// The verdict.
     pub verdict: VerdictRules,
+}
+
+/// A duration as a scenario file writes it (`ms` when not whole seconds).
+fn duration_text(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// A TOML string literal (basic string: quotes and backslashes escaped).
+fn quoted(text: &str) -> String {
+    let mut out = String::from('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn quoted_list<T: std::fmt::Display>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(|i| quoted(&i.to_string())).collect();
+    format!("[{}]", items.join(", "))
+}
+
+impl Scenario {
+    /// The scenario as a scenario file (docs/scenarios.md) that [`Scenario::parse`] reads
+    /// back to the same scenario; `comment` (lines) goes first, as `#` lines.
+    pub fn to_toml(&self, comment: &str) -> String {
+        let mut out = String::new();
+        for line in comment.lines() {
+            out.push_str(&format!("# {line}\n").replace("# \n", "#\n"));
+        }
+        out.push_str(&format!("name = {}\n", quoted(&self.name)));
+        out.push_str(&format!("summary = {}\n", quoted(&self.summary)));
+        if let Some(v) = &self.variant {
+            out.push_str(&format!("variant = {}\n", quoted(v)));
+        }
+        out.push_str(&format!("vcpus = {}\n", self.vcpus));
+        out.push_str(&format!(
+            "timeout = {}\n",
+            quoted(&duration_text(self.timeout))
+        ));
+        if !self.cmdline.is_empty() {
+            out.push_str(&format!("cmdline = {}\n", quoted(&self.cmdline)));
+        }
+        for (title, stage) in [
+            ("stage1", &self.script.stage1),
+            ("stage2", &self.script.stage2),
+        ] {
+            if stage.threads.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("\n[{title}]\nthreads = [\n"));
+            for t in &stage.threads {
+                // Steps as a person writes them: words separated by spaces.
+                let steps: Vec<String> = t
+                    .steps
+                    .iter()
+                    .map(|s| quoted(&s.to_string().replace(':', " ")))
+                    .collect();
+                out.push_str(&format!(
+                    "  {{ cpu = {}, steps = [{}] }},\n",
+                    t.cpu,
+                    steps.join(", ")
+                ));
+            }
+            out.push_str("]\n");
+        }
+        for g in &self.gates {
+            out.push_str(&format!("\n[[gate]]\nid = {}\n", g.gate.id()));
+            if let Some(t) = &g.open_when {
+                out.push_str(&format!("open_when = {}\n", quoted(&t.to_string())));
+            }
+        }
+        for h in &self.hooks {
+            out.push_str(&format!("\n[[hook]]\nname = {}\n", quoted(&h.name)));
+            let at = if h.at.offset == 0 {
+                h.at.symbol.clone()
+            } else {
+                format!("{}+{:#x}", h.at.symbol, h.at.offset)
+            };
+            out.push_str(&format!("at = {}\n", quoted(&at)));
+            match h.vcpus {
+                VcpuSelect::One(v) => out.push_str(&format!("vcpu = {v}\n")),
+                VcpuSelect::All => out.push_str("vcpu = \"all\"\n"),
+            }
+            if let Some(n) = h.call {
+                out.push_str(&format!("call = {n}\n"));
+            }
+            match &h.kind {
+                HookKind::Observe => out.push_str("action = \"observe\"\n"),
+                HookKind::Stop => out.push_str("action = \"stop\"\n"),
+                HookKind::Fail { ret } => {
+                    out.push_str(&format!("action = \"fail\"\nreturn = {ret}\n"));
+                }
+                HookKind::Hold {
+                    max,
+                    open,
+                    release,
+                    timed,
+                } => {
+                    out.push_str("action = \"hold\"\n");
+                    if !open.is_empty() {
+                        let ids: Vec<String> = open.iter().map(|g| g.id().to_string()).collect();
+                        out.push_str(&format!("open = [{}]\n", ids.join(", ")));
+                    }
+                    if !release.is_empty() {
+                        out.push_str(&format!("release_when = {}\n", quoted_list(release)));
+                    }
+                    let key = if *timed { "release_after" } else { "max" };
+                    out.push_str(&format!("{key} = {}\n", quoted(&duration_text(*max))));
+                }
+            }
+            if let Some(t) = &h.after {
+                out.push_str(&format!("after = {}\n", quoted(&t.to_string())));
+            }
+        }
+        out.push_str(&format!(
+            "\n[verdict]\ncorrect = {}\nbug = {}\n",
+            quoted_list(&self.verdict.correct),
+            quoted_list(&self.verdict.bug)
+        ));
+        out
+    }
 }
 
 /// Parses `1200s`, `20m`, `500ms`, `2h`.
@@ -519,13 +655,25 @@ impl Scenario {
             };
             let kind = match h.action.as_str() {
                 "hold" => {
+                    if h.max.is_some() && h.release_after.is_some() {
+                        return Err(format!(
+                            "hook {}: max or release_after, not both (release_after is a max that releases the hold as expected)",
+                            h.name
+                        ));
+                    }
+                    let timed = h.release_after.is_some();
                     let max = h
                         .max
                         .as_deref()
+                        .or(h.release_after.as_deref())
                         .map_or(Some(Duration::from_secs(120)), parse_duration)
                         .filter(|d| !d.is_zero())
                         .ok_or_else(|| {
-                            format!("hook {}: max: more than 0, e.g. 120s, 2m, 500ms", h.name)
+                            format!(
+                                "hook {}: {}: more than 0, e.g. 120s, 2m, 500ms",
+                                h.name,
+                                if timed { "release_after" } else { "max" }
+                            )
                         })?;
                     let open = h
                         .open
@@ -540,18 +688,27 @@ impl Scenario {
                             Ok(g)
                         })
                         .collect::<Result<Vec<_>, String>>()?;
-                    if h.release_when.is_empty() {
-                        return Err(format!("hook {}: a hold needs release_when", h.name));
+                    if h.release_when.is_empty() && !timed {
+                        return Err(format!(
+                            "hook {}: a hold needs release_when or release_after",
+                            h.name
+                        ));
                     }
                     let release = h
                         .release_when
                         .iter()
                         .map(|t| parse_trigger(t))
                         .collect::<Result<Vec<_>, _>>()?;
-                    HookKind::Hold { max, open, release }
+                    HookKind::Hold {
+                        max,
+                        open,
+                        release,
+                        timed,
+                    }
                 }
                 other => {
                     only("max", h.max.is_some())?;
+                    only("release_after", h.release_after.is_some())?;
                     only("open", !h.open.is_empty())?;
                     only("release_when", !h.release_when.is_empty())?;
                     match other {
@@ -750,7 +907,9 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
         };
         assert_eq!(s.hooks[1].after, Some(Trigger::Start(close)));
         match &s.hooks[0].kind {
-            HookKind::Hold { max, open, release } => {
+            HookKind::Hold {
+                max, open, release, ..
+            } => {
                 assert_eq!(*max, Duration::from_secs(90));
                 assert_eq!(open, &[Gate::new(2).unwrap()]);
                 assert_eq!(release[1], Trigger::Result(close));

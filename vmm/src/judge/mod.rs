@@ -4,6 +4,7 @@
 //! rule for "handover verified".
 
 pub(crate) mod cross;
+pub(crate) mod explore;
 pub(crate) mod injection;
 pub(crate) mod scenario;
 pub(crate) mod verified;

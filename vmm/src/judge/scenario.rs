@@ -54,6 +54,8 @@ pub(crate) struct RunFacts {
     pub handover_verified: bool,
     /// The next kernel started.
     pub handover_seen: bool,
+    /// The outgoing kernel reached point-of-no-return (`machine_kexec`).
+    pub point_of_no_return: bool,
     /// Oops, BUG, WARNING, panic lines, or a triple fault.
     pub kernel_trouble: Vec<String>,
     /// Hooks that acted.

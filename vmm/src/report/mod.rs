@@ -541,6 +541,7 @@ mod tests {
                 ..RoundCapture::default()
             }],
             kernels: Vec::new(),
+            outgoing: Vec::new(),
         }
     }
 

@@ -508,6 +508,9 @@ pub(crate) struct GuestMachine {
     echo: bool,
     vcpus: u8,
     timeout: Option<Duration>,
+    /// Each run's own bound, counted from where it starts (the snapshot's instant for a
+    /// run from it); `timeout` (from boot) without one.
+    run_bound: Option<Duration>,
     /// The composed kernel command line (what a snapshot's identity records).
     cmdline: String,
     /// The run as far as it had gone when the kept snapshot was taken.
@@ -569,11 +572,18 @@ impl GuestMachine {
             echo: !opts.quiet,
             vcpus: opts.vcpus,
             timeout: opts.timeout(),
+            run_bound: None,
             cmdline,
             at_snapshot: history.is_some(),
             history,
             no_snapshot: None,
         }
+    }
+
+    /// Bounds each later run to `bound` from where it starts (instead of the guest's
+    /// timeout from its boot).
+    pub fn set_run_bound(&mut self, bound: Duration) {
+        self.run_bound = Some(bound);
     }
 
     /// The probe's gates (one set for the VM's life; each run's schedule drives them).
@@ -663,7 +673,7 @@ impl GuestMachine {
         let exit = self.vm.run(
             RunSpec {
                 started,
-                timeout: self.timeout,
+                timeout: self.run_bound.map(|b| history.at + b).or(self.timeout),
                 replay: &replay,
             },
             |ev: &ProbeEvent| rec.borrow_mut().on_probe(ev, &console),

@@ -14,6 +14,7 @@ use luo_handover::extents::{
     classify_dirty, classify_tracked, DirtyBitmap, DirtyClassification, ExtentSet,
 };
 use luo_handover::kho::ScratchArea;
+use luo_handover::luo::LuoState;
 use luo_handover::mem::RecordingMemory;
 use luo_handover::symbols::{
     KernelSymbols, SymbolError, KHO_OUT_FDT_OFFSET, SYM_BOOT_PARAMS, SYM_KHO_OUT,
@@ -290,6 +291,8 @@ struct State {
     watched_after: Option<ExtentSet>,
     rounds: Vec<RoundCapture>,
     current: RoundCapture,
+    /// The outgoing LUO records at each point-of-no-return.
+    outgoing: Vec<Result<Option<LuoState>, String>>,
 }
 
 /// Observes the handover; shared between the vCPU threads and the main thread.
@@ -319,6 +322,10 @@ pub struct Interception {
     /// Per handover of the timeline (as many as it has, or none when the kernels were not
     /// named): the kernel it went from and the one it went to.
     pub kernels: Vec<(KernelId, KernelId)>,
+    /// Per point-of-no-return reached: the LUO records the outgoing kernel's KHO FDT holds
+    /// there (`None`: no LUO subtree), or why they could not be read. A run that ends at
+    /// point-of-no-return (`explore`) is judged on these.
+    pub outgoing: Vec<Result<Option<LuoState>, String>>,
 }
 
 impl Interception {
@@ -328,6 +335,7 @@ impl Interception {
             timeline: Timeline::new(),
             rounds: Vec::new(),
             kernels: Vec::new(),
+            outgoing: Vec::new(),
         }
     }
 }
@@ -415,6 +423,7 @@ impl Interceptor {
             timeline,
             rounds: std::mem::take(&mut s.rounds),
             kernels,
+            outgoing: std::mem::take(&mut s.outgoing),
         }
     }
 
@@ -427,11 +436,18 @@ impl Interceptor {
             || Err("no kernel for this round".to_owned()),
             |(o, _)| o.kho_out.clone(),
         );
+        // Read once: the records for the judge, the preserved set for the digest and the
+        // dirty log.
+        let handover = self.outgoing_handover(at, kho_out);
+        parts.lap("outgoing KHO state");
+        s.outgoing.push(
+            handover
+                .as_ref()
+                .map(|h| h.luo.clone())
+                .map_err(Clone::clone),
+        );
         let outgoing = (self.options.verify_digest || track_preserved)
-            .then(|| self.outgoing_preserved_set(at, kho_out));
-        if outgoing.is_some() {
-            parts.lap("outgoing KHO state");
-        }
+            .then(|| handover.map(|h| h.preserved_extents().set));
         if self.options.verify_digest {
             s.before = outgoing.as_ref().map(|set| {
                 set.as_ref().map_err(Clone::clone).and_then(|set| {
@@ -469,15 +485,15 @@ impl Interceptor {
         })
     }
 
-    /// The preserved set as the outgoing kernel has it at `machine_kexec`: `kho_out.fdt`
+    /// The KHO state as the outgoing kernel has it at `machine_kexec`: `kho_out.fdt`
     /// (a direct-map pointer to the KHO root FDT, complete since `kho_fill_kimage()`) read
     /// through the stopped vCPU's page tables, and the FDT parsed with
     /// [`Handover::from_fdt`] within a budget sized from guest RAM.
-    fn outgoing_preserved_set(
+    fn outgoing_handover(
         &self,
         at: &StoppedVcpu<'_>,
         kho_out: Result<u64, String>,
-    ) -> Result<ExtentSet, String> {
+    ) -> Result<Handover, String> {
         let kho_out = kho_out?;
         let memory = at.vcpu.memory();
         let sregs = sregs_of(at)?;
@@ -492,9 +508,8 @@ impl Interceptor {
         let fdt_gpa = translate(&sregs, fdt_va, read)
             .ok_or_else(|| format!("{SYM_KHO_OUT}.fdt {fdt_va:#x} is not mapped"))?;
         let live = LiveRam(memory);
-        let handover = Handover::from_fdt(&live, fdt_gpa, &Budget::for_memory(&live))
-            .map_err(|e| format!("the outgoing KHO FDT at {fdt_gpa:#x}: {e}"))?;
-        Ok(handover.preserved_extents().set)
+        Handover::from_fdt(&live, fdt_gpa, &Budget::for_memory(&live))
+            .map_err(|e| format!("the outgoing KHO FDT at {fdt_gpa:#x}: {e}"))
     }
 
     fn next_kernel_start(&self, at: &StoppedVcpu<'_>, s: &mut State, parts: &mut Parts) {

@@ -7,7 +7,7 @@
 //! [`Scheduler::fire`], under one lock, so "release the held vCPU when the other one
 //! reached a hook" and "open a gate when the agent waits at another" are the same rule.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -74,6 +74,8 @@ struct State {
     armed: Vec<bool>,
     /// Per hook: armed hits so far.
     calls: Vec<u32>,
+    /// Per hook name: armed hits on each vCPU (index = vCPU).
+    hits: BTreeMap<String, Vec<u32>>,
     /// Holds in progress: hook index, vCPU, since.
     holding: Vec<(usize, u8, Instant)>,
     /// Hooks that acted at least once.
@@ -94,6 +96,8 @@ pub(crate) struct ScheduleLog {
     pub timeline: Vec<TimelineEntry>,
     pub fired: BTreeSet<String>,
     pub hold_timeouts: Vec<String>,
+    /// Per hook name: armed hits on each vCPU (index = vCPU), whether it acted or not.
+    pub hits: BTreeMap<String, Vec<u32>>,
 }
 
 /// The schedule of one run.
@@ -241,6 +245,11 @@ impl Scheduler {
         }
         st.calls[i] += 1;
         let call = st.calls[i];
+        let per_vcpu = st.hits.entry(hook.name.clone()).or_default();
+        if per_vcpu.len() <= usize::from(vcpu) {
+            per_vcpu.resize(usize::from(vcpu) + 1, 0);
+        }
+        per_vcpu[usize::from(vcpu)] += 1;
         if hook.call.is_some_and(|n| n != call) {
             return HookAction::Continue;
         }
@@ -361,15 +370,42 @@ impl Scheduler {
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(k) = st.holding.iter().position(|&(_, v, _)| v == vcpu) {
-            let (i, _, _) = st.holding.remove(k);
+            let (i, _, since) = st.holding.remove(k);
             let name = self.hooks[i].hook.name.clone();
-            self.note(
-                &mut st,
-                now,
-                Some(vcpu),
-                format!("hold {name} timed out: nothing released it"),
-            );
-            st.hold_timeouts.push(name);
+            if matches!(self.hooks[i].hook.kind, HookKind::Hold { timed: true, .. }) {
+                let held = now.saturating_duration_since(since);
+                self.note(
+                    &mut st,
+                    now,
+                    Some(vcpu),
+                    format!(
+                        "released from {name} after {:.1} ms (release_after)",
+                        held.as_secs_f64() * 1e3
+                    ),
+                );
+            } else {
+                self.note(
+                    &mut st,
+                    now,
+                    Some(vcpu),
+                    format!("hold {name} timed out: nothing released it"),
+                );
+                st.hold_timeouts.push(name);
+            }
+        }
+    }
+
+    /// Ends the run now (every vCPU stops), saying `why` in the timeline.
+    pub fn end_run(&self, why: &str) {
+        let mut st = self.lock();
+        self.note(
+            &mut st,
+            Instant::now(),
+            None,
+            format!("the run ends: {why}"),
+        );
+        if let Some(c) = self.control.get() {
+            c.request_stop(StopCause::Ended);
         }
     }
 
@@ -388,6 +424,7 @@ impl Scheduler {
             timeline,
             fired: std::mem::take(&mut st.fired),
             hold_timeouts: std::mem::take(&mut st.hold_timeouts),
+            hits: std::mem::take(&mut st.hits),
         }
     }
 }
@@ -472,6 +509,7 @@ mod tests {
             max: Duration::from_secs(60),
             open: vec![g2],
             release: vec![parse_trigger("result close-session 1").unwrap()],
+            timed: false,
         };
         let s = Scheduler::new(
             vec![
@@ -549,6 +587,7 @@ mod tests {
             max: Duration::from_millis(1),
             open: vec![],
             release: vec![Trigger::Hook("x".into())],
+            timed: false,
         };
         let s = Scheduler::new(vec![hook("h", 0, hold, None)], vec![], Gates::default());
         s.lock().holding.push((0, 0, Instant::now()));

@@ -1,0 +1,794 @@
+//! `luo-vmm explore`: the search for LUO bugs (docs/explore.md). The guest boots once with
+//! the workload and the racing thread; a snapshot is kept where every thread waits at its
+//! first gate; then every trial resets to it, arms its schedule, runs to point-of-no-return
+//! (or the end of the workload, or its bound) and is judged by the oracles. Findings become
+//! scenario files that `luo-vmm scenario run` reproduces.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use luo_handover::symbols::KernelSymbols;
+use luo_protocol::probe::Gate;
+use luo_protocol::script::Step;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::config::options::{ExploreArgs, GuestOptions, Profile};
+use crate::config::scenario::{
+    Condition, Hook, HookKind, Scenario, ScenarioFileError, Trigger, VcpuSelect, VerdictRules,
+};
+use crate::config::trace::TraceSpec;
+use crate::explore::code::{read_code, CodeError};
+use crate::explore::findings::{group, plot, slug, table, totals, Finding, Totals};
+use crate::explore::space::{
+    announced, check_workload, default_workload, finding_scenario, racing_calls, script,
+    search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
+};
+use crate::explore::store::{write_atomic, Manifest, Store, StoreError, TrialRecord};
+use crate::judge::explore::{decide, Oracle, TrialVerdict};
+use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
+use crate::run::image::ImageError;
+use crate::run::kernel::{load_symbols, KernelFileError};
+use crate::trial::{self, check_fits, RunPlan, Target, TrialError};
+use crate::watch::intercept::InterceptPoint;
+
+/// Exit status of `explore` when it ended with findings.
+pub const EXIT_FINDINGS: u8 = 6;
+
+/// The release policies of race trials: settled, and a bounded hold (the racing call may
+/// still be running when CPU 0 goes on).
+const RELEASES: [Release; 2] = [Release::Settled, Release::AfterMs(2_000)];
+
+/// Largest workload or points file read.
+const MAX_INPUT: u64 = 1 << 20;
+
+/// Errors of `luo-vmm explore`.
+#[derive(Debug, Error)]
+pub enum ExploreError {
+    /// Bad options or input.
+    #[error("{0}")]
+    Options(String),
+    /// A workload file that does not parse.
+    #[error(transparent)]
+    Workload(#[from] ScenarioFileError),
+    /// The kernel's LUO/KHO code list.
+    #[error(transparent)]
+    Code(#[from] CodeError),
+    /// The results directory.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Arming or running a trial.
+    #[error(transparent)]
+    Trial(#[from] TrialError),
+    /// The guest image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The kernel's symbols.
+    #[error(transparent)]
+    Kernel(#[from] KernelFileError),
+    /// Building the guest.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+/// The JSON report (`--json`, and `report.json` in `--out`).
+#[derive(Debug, Serialize)]
+pub struct ExploreReport {
+    /// What was explored.
+    pub manifest: Manifest,
+    /// Hold points and fallible functions considered, and those the workload reaches.
+    pub space: SpaceSummary,
+    /// Totals and times.
+    pub totals: Totals,
+    /// One per signature.
+    pub findings: Vec<Finding>,
+    /// Whether every trial of the space (within the budget) ran.
+    pub complete: bool,
+}
+
+/// The space, in counts and names.
+#[derive(Debug, Serialize)]
+pub struct SpaceSummary {
+    /// Functions with an address in the kernel (hold points, map trials).
+    pub points: usize,
+    /// Those that return an error code.
+    pub fallible: usize,
+    /// Reached by the workload on the action's vCPU (race hold points).
+    pub reached_on_action: Vec<String>,
+    /// Reached anywhere, with their calls per vCPU.
+    pub reached: BTreeMap<String, Vec<u32>>,
+    /// Racing calls.
+    pub calls: Vec<String>,
+    /// Search trials in the space.
+    pub search_trials: usize,
+}
+
+/// Everything a trial needs, fixed for the exploration.
+struct Explorer {
+    w: Workload,
+    opts: GuestOptions,
+    guest: ResolvedGuest,
+    syms: KernelSymbols,
+    vcpus: u8,
+    hold_max: Duration,
+    variant: Option<String>,
+    kernel: String,
+    started: Instant,
+    /// Exploring seconds of earlier sessions of this `--out`.
+    earlier_s: f64,
+}
+
+fn options(msg: impl Into<String>) -> ExploreError {
+    ExploreError::Options(msg.into())
+}
+
+fn read_input(path: &Path, what: &str) -> Result<String, ExploreError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| options(format!("{what} {}: {e}", path.display())))?;
+    if !meta.is_file() || meta.len() > MAX_INPUT {
+        return Err(options(format!(
+            "{what} {}: not a regular file of at most {MAX_INPUT} bytes",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| options(format!("{what} {}: {e}", path.display())))
+}
+
+/// A workload file: a scenario file whose stage 1 and 2 and gates are the workload (its
+/// hooks and verdict are not used).
+fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
+    let text = read_input(path, "--workload")?;
+    let sc = Scenario::parse(&text, &path.display().to_string())?;
+    if !sc.hooks.is_empty() {
+        return Err(options(format!(
+            "--workload {}: has hooks; a workload is steps and gates, explore arms the hooks",
+            path.display()
+        )));
+    }
+    let calls = racing_calls(&sc.script.stage1);
+    Ok(Workload {
+        origin: path.display().to_string(),
+        stage1: sc.script.stage1,
+        stage2: sc.script.stage2,
+        cmdline: sc.cmdline,
+        gates: sc.gates,
+        calls,
+    })
+}
+
+/// The hold points and the fallible functions: `auto` (the kernel's LUO/KHO functions
+/// with an address in its vmlinux), or the names of a file, each one checked.
+fn points(
+    spec: &str,
+    guest: &ResolvedGuest,
+    syms: &KernelSymbols,
+) -> Result<(Vec<String>, Vec<String>, String), ExploreError> {
+    let kernel_dir = std::fs::canonicalize(&guest.kernel)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_default();
+    // The interception breaks at these on vCPU 0 (liveupdate_reboot, machine_kexec,
+    // start_kernel): a hold there would share its debug register's address.
+    let taken: Vec<u64> = InterceptPoint::ALL
+        .iter()
+        .filter_map(|p| syms.address(p.symbol()).ok())
+        .collect();
+    if spec == "auto" {
+        let code = read_code(&kernel_dir)?;
+        let mut points = Vec::new();
+        let mut fallible = Vec::new();
+        for f in code {
+            let Ok(addr) = syms.address(&f.name) else {
+                continue;
+            };
+            if taken.contains(&addr) || points.contains(&f.name) {
+                continue;
+            }
+            if f.fallible {
+                fallible.push(f.name.clone());
+            }
+            points.push(f.name);
+        }
+        return Ok((points, fallible, "auto".into()));
+    }
+    let path = PathBuf::from(spec);
+    let text = read_input(&path, "--points")?;
+    let names: Vec<String> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Err(options(format!("--points {spec}: names no function")));
+    }
+    for n in &names {
+        let addr = syms
+            .address(n)
+            .map_err(|e| options(format!("--points {spec}: unknown point {n:?}: {e}")))?;
+        if taken.contains(&addr) {
+            return Err(options(format!(
+                "--points {spec}: {n} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel); hold at the function it calls instead"
+            )));
+        }
+    }
+    // Fallible when the kernel's code list says so; a name it does not list is a hold
+    // point only.
+    let listed = read_code(&kernel_dir).unwrap_or_default();
+    let fallible = names
+        .iter()
+        .filter(|n| listed.iter().any(|f| &f.name == *n && f.fallible))
+        .cloned()
+        .collect();
+    let digest = format!(
+        "{spec} ({:016x})",
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+    );
+    Ok((names, fallible, digest))
+}
+
+/// What caused a trial's trouble, for its signature.
+fn cause(w: &Workload, trial: &Trial) -> String {
+    match trial {
+        Trial::Baseline | Trial::Map { .. } => "the workload alone".into(),
+        Trial::Race { call, .. } => w.calls[*call].pattern().action.name().to_owned(),
+        Trial::Fail { function, .. } => format!("fail {function}"),
+    }
+}
+
+/// File-name form of a trial id.
+fn log_name(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Explorer {
+    fn target<'a>(&'a self, sc: &'a Scenario) -> Target<'a> {
+        Target {
+            sc,
+            opts: &self.opts,
+            guest: &self.guest,
+            syms: &self.syms,
+            next_syms: None,
+            vcpus: self.vcpus,
+        }
+    }
+
+    fn now_s(&self) -> f64 {
+        self.earlier_s + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Runs `trial` (booting the machine if it has no snapshot yet), judges it, keeps its
+    /// log if it is a finding.
+    fn run(
+        &self,
+        machine: &mut Option<GuestMachine>,
+        trial: &Trial,
+        out: &Path,
+        point: &SnapshotPoint,
+    ) -> Result<TrialRecord, ExploreError> {
+        let id = trial.id(&self.w);
+        let sc = trial_scenario(&self.w, trial, self.vcpus, self.hold_max);
+        let log_rel = format!("logs/{}.log", log_name(&id));
+        let plan = RunPlan {
+            run: 1,
+            log: out.join(&log_rel),
+            point: Some(point.clone()),
+            decide_at_point_of_no_return: true,
+            verbose: false,
+        };
+        let got = trial::run(&self.target(&sc), machine, &plan)?;
+        let verdict = decide(&got.facts, &cause(&self.w, trial));
+        let hits = match trial {
+            Trial::Map { .. } => Some(got.hits.get("reach").cloned().unwrap_or_default()),
+            _ => None,
+        };
+        let keep = matches!(
+            verdict,
+            TrialVerdict::Finding { .. } | TrialVerdict::Undecided { .. }
+        ) || matches!(trial, Trial::Baseline);
+        if !keep {
+            let _ = std::fs::remove_file(out.join(&log_rel));
+        }
+        Ok(TrialRecord {
+            id,
+            trial: trial.clone(),
+            verdict,
+            hits,
+            times: got.times,
+            at_s: self.now_s(),
+            log: keep.then_some(log_rel),
+        })
+    }
+
+    /// The scenario file of finding `f`, first seen in `record`.
+    fn finding_file(&self, f: &Finding, record: &TrialRecord, facts_blocked: &[String]) -> String {
+        let sig = &f.signature;
+        let name = slug(f.number, sig);
+        let summary = match &record.trial {
+            Trial::Race {
+                point,
+                call,
+                release,
+            } => format!(
+                "{} on CPU 1 while CPU 0 is held at {point} (released {release}): {}",
+                self.w.calls[*call].pattern(),
+                sig.oracle
+            ),
+            Trial::Fail { function, call } => format!(
+                "{function} fails with -EIO on its call {call}: {}",
+                sig.oracle
+            ),
+            Trial::Baseline | Trial::Map { .. } => format!("the workload alone: {}", sig.oracle),
+        };
+        let mut hooks_extra: Vec<Hook> = Vec::new();
+        let verdict = match sig.oracle {
+            Oracle::RecordsDiffer => VerdictRules {
+                correct: vec![Condition::RecordsMatch],
+                bug: vec![Condition::RecordsDiffer, Condition::KernelOops],
+            },
+            Oracle::KernelTrouble => VerdictRules {
+                correct: vec![Condition::RecordsMatch],
+                bug: vec![Condition::KernelOops],
+            },
+            Oracle::Hang => {
+                // The run ends when the blocked call's CPU goes idle after it started,
+                // when that CPU has a debug register free (not CPU 0); else the blocked
+                // call is seen at the scenario's timeout.
+                let stuck = facts_blocked.iter().find_map(|b| {
+                    self.w
+                        .stage1
+                        .threads
+                        .iter()
+                        .filter(|t| t.cpu != 0)
+                        .flat_map(|t| t.steps.iter().map(move |s| (t.cpu, *s)))
+                        .find_map(|(cpu, s)| {
+                            let p = announced(s).filter(|p| p.to_string() == *b)?;
+                            Some((u8::try_from(cpu).ok()?, p))
+                        })
+                });
+                match stuck {
+                    Some((cpu, p)) => {
+                        hooks_extra.push(Hook {
+                            name: "stuck".into(),
+                            at: TraceSpec {
+                                symbol: IDLE_SYMBOL.into(),
+                                offset: 0,
+                            },
+                            vcpus: VcpuSelect::One(cpu),
+                            kind: HookKind::Stop,
+                            after: Some(Trigger::Start(p)),
+                            call: None,
+                        });
+                        VerdictRules {
+                            correct: vec![Condition::RecordsMatch],
+                            bug: vec![
+                                Condition::Hook("stuck".into()),
+                                Condition::Blocked(p),
+                                Condition::KernelOops,
+                            ],
+                        }
+                    }
+                    None => VerdictRules {
+                        correct: vec![Condition::RecordsMatch],
+                        bug: facts_blocked
+                            .iter()
+                            .filter_map(|b| {
+                                crate::config::scenario::parse_condition(&format!("blocked {b}"))
+                                    .ok()
+                            })
+                            .chain([Condition::KernelOops])
+                            .collect(),
+                    },
+                }
+            }
+        };
+        let mut sc = finding_scenario(
+            &self.w,
+            &record.trial,
+            &name,
+            &summary,
+            self.variant.as_deref(),
+            self.vcpus,
+            Duration::from_secs(1200),
+            self.hold_max,
+            verdict,
+        );
+        sc.hooks.extend(hooks_extra);
+        let mut comment = format!(
+            "Found by luo-vmm explore {} on {}{}, trial {}.\n",
+            env!("CARGO_PKG_VERSION"),
+            self.kernel,
+            self.variant
+                .as_deref()
+                .map_or(String::new(), |v| format!(" (variant {v})")),
+            record.id
+        );
+        comment.push_str(&format!("{}: {}\n", sig.oracle, sig.site));
+        for line in f.because.iter().take(8) {
+            comment.push_str(&format!("  {line}\n"));
+        }
+        comment.push_str(&format!(
+            "Reproduce: luo-vmm scenario run {name}.toml{} --runs 3",
+            self.variant
+                .as_deref()
+                .map_or(String::new(), |v| format!(" --variant {v}"))
+        ));
+        sc.to_toml(&comment)
+    }
+}
+
+/// The gates a snapshot waits for: the first of every stage-1 thread.
+fn snapshot_point(sc: &Scenario) -> SnapshotPoint {
+    let gates: BTreeSet<Gate> = sc
+        .script
+        .stage1
+        .threads
+        .iter()
+        .filter_map(|t| {
+            t.steps.iter().find_map(|s| match s {
+                Step::Gate(g) => Some(*g),
+                _ => None,
+            })
+        })
+        .collect();
+    SnapshotPoint { gates }
+}
+
+/// One progress line.
+fn progress(n: usize, total: usize, phase: &str, r: &TrialRecord, w: &Workload) {
+    let what = r.trial.describe(w);
+    let secs = (r.times.reset_ns + r.times.run_ns + r.times.judge_ns) as f64 * 1e-9;
+    let detail = match (&r.verdict, &r.hits) {
+        (_, Some(h)) => {
+            let total: u32 = h.iter().sum();
+            if total == 0 {
+                "not reached".to_owned()
+            } else {
+                let per: Vec<String> = h
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &c)| c > 0)
+                    .map(|(v, c)| format!("{c}x on vCPU {v}"))
+                    .collect();
+                format!("reached {}", per.join(", "))
+            }
+        }
+        (TrialVerdict::Finding { signature, .. }, None) => format!("FINDING {signature}"),
+        (v, None) => format!("{} ({})", v.name(), v.because().join("; ")),
+    };
+    println!("[{n:>4}/{total:<4} {phase}] {what}: {detail} [{secs:.1} s]");
+}
+
+/// `luo-vmm explore`.
+pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
+    // Everything that can be refused is refused before a guest boots.
+    let w = match &args.workload {
+        None => default_workload(),
+        Some(f) => workload_from_file(f)?,
+    };
+    check_workload(&w).map_err(options)?;
+    if let Some(v) = &args.variant {
+        crate::config::image::check_variant(v).map_err(ImageError::from)?;
+    }
+    let opts = GuestOptions {
+        kernel: None,
+        initrd: None,
+        cmdline: w.cmdline.clone(),
+        mem: args.mem,
+        vcpus: args.vcpus,
+        timeout: Some(1200),
+        console_log: None,
+        profile: Profile::Auto,
+        no_pvh: false,
+        quiet: !args.console,
+        variant: args.variant.clone(),
+        source: args.source.clone(),
+    };
+    opts.validate().map_err(|e| options(e.to_string()))?;
+    let hold_max = args.hang_after / 2;
+    let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
+    check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
+    let point = snapshot_point(&baseline);
+    if let Some(json) = &args.json {
+        std::fs::File::create(json)
+            .map_err(|e| options(format!("--json {}: {e}", json.display())))?;
+    }
+    let guest = ResolvedGuest::resolve(&opts)?;
+    let syms = load_symbols(&guest.kernel)?;
+    syms.address(IDLE_SYMBOL).map_err(|e| {
+        options(format!(
+            "the kernel has no {IDLE_SYMBOL} (where a blocked call's CPU goes idle): {e}"
+        ))
+    })?;
+    let (points, fallible, points_id) = points(&args.points, &guest, &syms)?;
+    // Every kind of trial arms within the debug registers (a race trial needs the most).
+    let probe_race = Trial::Race {
+        point: points[0].clone(),
+        call: 0,
+        release: Release::Settled,
+    };
+    for t in [Trial::Baseline, probe_race] {
+        let sc = trial_scenario(&w, &t, args.vcpus, hold_max);
+        trial::arm(&sc, &syms, &trial::interceptor(&syms, None)?, args.vcpus)?;
+    }
+    let kernel = guest.image.as_ref().map_or_else(
+        || guest.kernel.display().to_string(),
+        |img| {
+            img.dir
+                .file_name()
+                .map_or(img.dir.display().to_string(), |n| {
+                    n.to_string_lossy().into_owned()
+                })
+        },
+    );
+    let manifest = Manifest {
+        format: crate::explore::store::FORMAT.into(),
+        version: crate::explore::store::VERSION,
+        luo_vmm: env!("CARGO_PKG_VERSION").into(),
+        kernel: kernel.clone(),
+        release: guest
+            .image
+            .as_ref()
+            .map_or(String::new(), |i| i.kernel_version.clone()),
+        workload: w.origin.clone(),
+        script: script(&w).kernel_params(),
+        mode: args.mode,
+        points: points_id,
+        seed: args.seed,
+        releases: RELEASES.to_vec(),
+        vcpus: args.vcpus,
+        mem: args.mem,
+        hang_after_ms: u64::try_from(args.hang_after.as_millis()).unwrap_or(u64::MAX),
+    };
+    let mut store = Store::open(&args.out, &manifest, args.resume)?;
+    let out = store.dir().to_owned();
+    let done = store.done_ids();
+    let earlier_s = store.done.iter().map(|r| r.at_s).fold(0.0, f64::max);
+    let ex = Explorer {
+        w,
+        opts,
+        guest,
+        syms,
+        vcpus: args.vcpus,
+        hold_max,
+        variant: args.variant.clone(),
+        kernel,
+        started: Instant::now(),
+        earlier_s,
+    };
+    println!(
+        "explore {} ({}): {} points, {} fallible, {} racing calls; mode {:?}, seed {}; results in {}{}",
+        ex.kernel,
+        ex.variant.as_deref().map_or("the reference kernel".into(), |v| format!("variant {v}")),
+        points.len(),
+        fallible.len(),
+        ex.w.calls.len(),
+        args.mode,
+        args.seed,
+        out.display(),
+        if done.is_empty() {
+            String::new()
+        } else {
+            format!(" (resumed: {} trials done)", done.len())
+        }
+    );
+
+    // The boot: the baseline run keeps the snapshot every later trial starts from.
+    let mut machine: Option<GuestMachine> = None;
+    let t0 = Instant::now();
+    let base = ex.run(&mut machine, &Trial::Baseline, &out, &point)?;
+    let snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
+    if !snapshot {
+        let why = machine
+            .as_ref()
+            .and_then(GuestMachine::no_snapshot)
+            .unwrap_or("the workload never waited at its gates")
+            .to_owned();
+        return Err(options(format!(
+            "the workload did not reach the action under test with a snapshot ({why}); see {}",
+            out.join(base.log.as_deref().unwrap_or("logs")).display()
+        )));
+    }
+    if !base
+        .verdict
+        .because()
+        .iter()
+        .any(|b| b.contains("point-of-no-return"))
+    {
+        eprintln!(
+            "luo-vmm: warning: the workload alone did not reach point-of-no-return: {}",
+            base.verdict.because().join("; ")
+        );
+    }
+    println!(
+        "booted and kept the snapshot in {:.1} s; baseline: {}",
+        t0.elapsed().as_secs_f64(),
+        base.verdict.name()
+    );
+    if let Some(m) = machine.as_mut() {
+        m.set_run_bound(args.hang_after);
+    }
+    if !done.contains(&base.id) {
+        store.append(base)?;
+    }
+
+    // The map: where the workload goes.
+    let map: Vec<Trial> = points
+        .iter()
+        .map(|p| Trial::Map {
+            function: p.clone(),
+        })
+        .collect();
+    for (i, t) in map.iter().enumerate() {
+        if done.contains(&t.id(&ex.w)) {
+            continue;
+        }
+        let r = ex.run(&mut machine, t, &out, &point)?;
+        progress(i + 1, map.len(), "map", &r, &ex.w);
+        store.append(r)?;
+    }
+    let reach: Reach = store
+        .done
+        .iter()
+        .filter_map(|r| match (&r.trial, &r.hits) {
+            (Trial::Map { function }, Some(h)) if h.iter().any(|&c| c > 0) => {
+                Some((function.clone(), h.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+
+    // The search.
+    let trials = search_trials(
+        args.mode,
+        &points,
+        &fallible,
+        &reach,
+        ex.w.calls.len(),
+        &RELEASES,
+        args.seed,
+    );
+    let budget = args.budget.map_or(trials.len(), |b| {
+        usize::try_from(b).unwrap_or(usize::MAX).min(trials.len())
+    });
+    let planned = &trials[..budget];
+    let mut complete = true;
+    let mut written: BTreeSet<String> = BTreeSet::new();
+    for (i, t) in planned.iter().enumerate() {
+        if done.contains(&t.id(&ex.w)) {
+            continue;
+        }
+        if args.time.is_some_and(|limit| ex.started.elapsed() >= limit) {
+            println!(
+                "--time reached: {} of {} trials not run",
+                planned.len() - i,
+                planned.len()
+            );
+            complete = false;
+            break;
+        }
+        let r = ex.run(&mut machine, t, &out, &point)?;
+        progress(i + 1, planned.len(), "search", &r, &ex.w);
+        store.append(r)?;
+        write_findings(&ex, &store.done, &out, &mut written)?;
+    }
+    write_findings(&ex, &store.done, &out, &mut written)?;
+
+    // The report.
+    let findings = group(&store.done);
+    let t = totals(&store.done, trials.len());
+    let text = table(&findings, &t);
+    println!("{text}");
+    let report = ExploreReport {
+        manifest,
+        space: SpaceSummary {
+            points: points.len(),
+            fallible: fallible.len(),
+            reached_on_action: reach
+                .iter()
+                .filter(|(_, h)| h.first().is_some_and(|&c| c > 0))
+                .map(|(f, _)| f.clone())
+                .collect(),
+            reached: reach.clone(),
+            calls: ex.w.calls.iter().map(|c| c.pattern().to_string()).collect(),
+            search_trials: trials.len(),
+        },
+        totals: t,
+        findings,
+        complete: complete && budget == trials.len(),
+    };
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| options(format!("the JSON report: {e}")))?;
+    write_atomic(&out.join("report.json"), json.as_bytes())?;
+    write_atomic(&out.join("report.txt"), text.as_bytes())?;
+    let title = format!(
+        "luo-vmm explore {}: trials and findings over time",
+        ex.variant.as_deref().unwrap_or("(reference)")
+    );
+    write_atomic(
+        &out.join("progress.svg"),
+        plot(&store.done, &title).as_bytes(),
+    )?;
+    if let Some(path) = &args.json {
+        write_atomic(path, json.as_bytes())?;
+    }
+    println!(
+        "report: {} (and report.json, progress.svg, findings/)",
+        out.join("report.txt").display()
+    );
+    Ok(if report.findings.is_empty() {
+        0
+    } else {
+        EXIT_FINDINGS
+    })
+}
+
+/// Writes the scenario file of every finding of `records` not written yet.
+fn write_findings(
+    ex: &Explorer,
+    records: &[TrialRecord],
+    out: &Path,
+    written: &mut BTreeSet<String>,
+) -> Result<(), ExploreError> {
+    for f in group(records) {
+        if written.contains(&f.scenario) {
+            continue;
+        }
+        let Some(first) = records.iter().find(|r| r.id == f.first) else {
+            continue;
+        };
+        // The hang oracle's evidence names each call left blocked: `ACTION ARG blocked`.
+        let blocked: Vec<String> = f
+            .because
+            .iter()
+            .filter_map(|b| b.strip_suffix(" blocked").map(str::to_owned))
+            .collect();
+        let text = ex.finding_file(&f, first, &blocked);
+        write_atomic(&out.join(&f.scenario), text.as_bytes())?;
+        println!(
+            "finding #{}: {} -> {}",
+            f.number,
+            f.signature,
+            out.join(&f.scenario).display()
+        );
+        written.insert(f.scenario.clone());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_names_are_file_names() {
+        assert_eq!(
+            log_name("race:luo_flb_serialize:preserve-fd-0.1:after-2000ms"),
+            "race_luo_flb_serialize_preserve-fd-0.1_after-2000ms"
+        );
+    }
+
+    #[test]
+    fn causes_name_the_call_or_the_function() {
+        let w = default_workload();
+        let race = Trial::Race {
+            point: "p".into(),
+            call: 2,
+            release: Release::Settled,
+        };
+        assert_eq!(cause(&w, &race), "close-session");
+        let fail = Trial::Fail {
+            function: "luo_file_freeze".into(),
+            call: 2,
+        };
+        assert_eq!(cause(&w, &fail), "fail luo_file_freeze");
+    }
+}

@@ -1,0 +1,324 @@
+//! The oracles of an `explore` trial (docs/explore.md), applied to what the run saw:
+//! kernel trouble (oops, BUG, WARNING, panic, lockdep, list corruption, a vCPU's fatal
+//! exit), a hang (the run stopped progressing: neither point-of-no-return nor the end of
+//! the workload came within the trial's bound: a racing call that blocks until the kexec
+//! is the fix at work and lets the reboot reach point-of-no-return, a deadlock does not),
+//! and the detector (the LUO records the outgoing kernel hands over at point-of-no-return
+//! against what user space believes it preserved).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::scenario::ActionPattern;
+use crate::judge::scenario::RunFacts;
+
+/// Which oracle spoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Oracle {
+    /// An oops, BUG, WARNING, panic, lockdep report, list corruption, or a vCPU's fatal
+    /// exit (a triple fault).
+    KernelTrouble,
+    /// The run stopped progressing.
+    Hang,
+    /// The records handed over are not what user space believes.
+    RecordsDiffer,
+}
+
+impl fmt::Display for Oracle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Oracle::KernelTrouble => "kernel trouble",
+            Oracle::Hang => "hang",
+            Oracle::RecordsDiffer => "records differ",
+        })
+    }
+}
+
+/// What makes two findings the same: the oracle, where (the kernel function of the
+/// trouble, the calls left blocked, or the kinds of record that differ), and what caused
+/// it (the racing call, or the failing function).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Signature {
+    /// The oracle.
+    pub oracle: Oracle,
+    /// Where.
+    pub site: String,
+    /// The racing call's action, or `fail FUNCTION`.
+    pub cause: String,
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({})", self.oracle, self.site, self.cause)
+    }
+}
+
+/// A trial's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum TrialVerdict {
+    /// No oracle spoke.
+    Pass {
+        /// What was checked.
+        because: Vec<String>,
+    },
+    /// An oracle spoke.
+    Finding {
+        /// Its signature.
+        signature: Signature,
+        /// The evidence, in words.
+        because: Vec<String>,
+    },
+    /// The trial could not be decided (a hold nothing released, no records to compare).
+    Undecided {
+        /// Why.
+        because: Vec<String>,
+    },
+}
+
+impl TrialVerdict {
+    /// The signature, for a finding.
+    #[cfg(test)]
+    pub fn signature(&self) -> Option<&Signature> {
+        match self {
+            TrialVerdict::Finding { signature, .. } => Some(signature),
+            _ => None,
+        }
+    }
+
+    /// One word.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TrialVerdict::Pass { .. } => "pass",
+            TrialVerdict::Finding { .. } => "FINDING",
+            TrialVerdict::Undecided { .. } => "undecided",
+        }
+    }
+
+    /// The reasons.
+    pub fn because(&self) -> &[String] {
+        match self {
+            TrialVerdict::Pass { because }
+            | TrialVerdict::Finding { because, .. }
+            | TrialVerdict::Undecided { because } => because,
+        }
+    }
+}
+
+/// Digits to `N`: PIDs, CPU numbers, addresses and session indices do not split a
+/// signature.
+fn without_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_number = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            if !in_number {
+                out.push('N');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The kernel function a trouble line names: `... at FILE:LINE FUNCTION+0x../0x..` (a
+/// WARNING), `RIP: 0010:FUNCTION+0x..`, else the line, its numbers dropped (at most 100
+/// characters).
+pub fn trouble_site(line: &str) -> String {
+    let symbol = |s: &str| {
+        let name = s.split('+').next().unwrap_or(s);
+        (!name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .then(|| name.to_owned())
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for (i, w) in words.iter().enumerate() {
+        if *w == "at" {
+            if let (Some(file), Some(func)) = (words.get(i + 1), words.get(i + 2)) {
+                if file.contains(".c:") {
+                    if let Some(f) = symbol(func) {
+                        return f;
+                    }
+                }
+            }
+        }
+        if let Some(rest) = w.strip_prefix("RIP:") {
+            let at = if rest.is_empty() {
+                words.get(i + 1).copied()
+            } else {
+                Some(rest)
+            };
+            if let Some(f) = at.and_then(|a| a.rsplit(':').next()).and_then(symbol) {
+                return f;
+            }
+        }
+    }
+    without_numbers(line.trim()).chars().take(100).collect()
+}
+
+/// Decides a trial on `facts`; `cause` names what the trial did (the racing call's
+/// action, or `fail FUNCTION`).
+pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
+    let sig = |oracle, site: String| Signature {
+        oracle,
+        site,
+        cause: cause.to_owned(),
+    };
+    if let Some(first) = facts.kernel_trouble.first() {
+        return TrialVerdict::Finding {
+            signature: sig(Oracle::KernelTrouble, trouble_site(first)),
+            because: facts.kernel_trouble.clone(),
+        };
+    }
+    let blocked: BTreeSet<String> = facts
+        .boots
+        .last()
+        .into_iter()
+        .flatten()
+        .filter(|c| c.result.is_none() && c.action != luo_protocol::message::Action::Reboot)
+        .map(|c| {
+            let call = ActionPattern {
+                action: c.action,
+                arg: Some(c.arg),
+            };
+            format!("{call} blocked")
+        })
+        .collect();
+    if facts.timed_out && !facts.point_of_no_return {
+        let site = if blocked.is_empty() {
+            "no call left blocked".to_owned()
+        } else {
+            blocked.iter().cloned().collect::<Vec<_>>().join(", ")
+        };
+        let mut because = vec![
+            "neither point-of-no-return nor the end of the workload within the trial's bound"
+                .to_owned(),
+        ];
+        because.extend(blocked.iter().cloned());
+        return TrialVerdict::Finding {
+            signature: sig(Oracle::Hang, site),
+            because,
+        };
+    }
+    if let Some(d) = facts.discrepancies.as_ref().filter(|d| !d.is_empty()) {
+        let kinds: BTreeSet<String> = d.iter().map(|l| without_numbers(l)).collect();
+        return TrialVerdict::Finding {
+            signature: sig(
+                Oracle::RecordsDiffer,
+                kinds.into_iter().collect::<Vec<_>>().join("; "),
+            ),
+            because: d.clone(),
+        };
+    }
+    if !facts.hold_timeouts.is_empty() {
+        return TrialVerdict::Undecided {
+            because: facts
+                .hold_timeouts
+                .iter()
+                .map(|h| format!("hold {h}: the racing call neither returned nor blocked in time"))
+                .collect(),
+        };
+    }
+    let mut because = Vec::new();
+    if facts.point_of_no_return {
+        because.push("records match at point-of-no-return".to_owned());
+    } else {
+        because.push("no handover (the workload ended without one)".to_owned());
+    }
+    because.extend(blocked);
+    TrialVerdict::Pass { because }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::agent::ActionCall;
+    use luo_protocol::message::Action;
+
+    fn call(action: Action, arg: u64, result: Option<i64>) -> ActionCall {
+        ActionCall {
+            action,
+            arg,
+            at: std::time::Instant::now(),
+            result: result.map(|r| (r, if r < 0 { 5 } else { 0 })),
+        }
+    }
+
+    #[test]
+    fn trouble_lines_name_their_function() {
+        assert_eq!(
+            trouble_site("WARNING: CPU: 1 PID: 97 at kernel/liveupdate/luo_session.c:412 luo_session_serialize+0x1a2/0x2c0"),
+            "luo_session_serialize"
+        );
+        assert_eq!(
+            trouble_site("RIP: 0010:luo_file_unfreeze+0x12/0x80"),
+            "luo_file_unfreeze"
+        );
+        assert_eq!(
+            trouble_site("BUG: kernel NULL pointer dereference, address: 0000000000000010"),
+            "BUG: kernel NULL pointer dereference, address: N"
+        );
+        assert_eq!(
+            trouble_site("Kernel panic - not syncing: Fatal exception"),
+            "Kernel panic - not syncing: Fatal exception"
+        );
+    }
+
+    #[test]
+    fn the_oracles_in_order() {
+        let mut f = RunFacts {
+            point_of_no_return: true,
+            discrepancies: Some(vec![]),
+            ..RunFacts::default()
+        };
+        assert!(matches!(
+            decide(&f, "close-session"),
+            TrialVerdict::Pass { .. }
+        ));
+        f.discrepancies = Some(vec![
+            "session luo-vmm-s1 arrived, but user space does not have it".into(),
+        ]);
+        let v = decide(&f, "close-session");
+        let s = v.signature().unwrap();
+        assert_eq!(s.oracle, Oracle::RecordsDiffer);
+        assert_eq!(
+            s.site,
+            "session luo-vmm-sN arrived, but user space does not have it"
+        );
+        // A blocked racing call with point-of-no-return reached is the fix at work.
+        f.discrepancies = Some(vec![]);
+        f.boots = vec![vec![call(Action::CloseSession, 1, None)]];
+        assert!(matches!(
+            decide(&f, "close-session"),
+            TrialVerdict::Pass { .. }
+        ));
+        // The same blocked call without point-of-no-return, out of time: a hang.
+        f.point_of_no_return = false;
+        f.timed_out = true;
+        let v = decide(&f, "fail luo_file_freeze");
+        assert_eq!(v.signature().unwrap().oracle, Oracle::Hang);
+        assert_eq!(v.signature().unwrap().site, "close-session 1 blocked");
+        f.kernel_trouble = vec!["BUG: scheduling while atomic: luo/1/0x00000002".into()];
+        assert_eq!(
+            decide(&f, "x").signature().unwrap().oracle,
+            Oracle::KernelTrouble
+        );
+        let undecided = RunFacts {
+            hold_timeouts: vec!["held".into()],
+            point_of_no_return: true,
+            ..RunFacts::default()
+        };
+        assert!(matches!(
+            decide(&undecided, "x"),
+            TrialVerdict::Undecided { .. }
+        ));
+    }
+}
