@@ -25,7 +25,7 @@ use crate::explore::space::{
     announced, check_workload, default_workload, finding_scenario, racing_calls, script,
     search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
 };
-use crate::explore::store::{write_atomic, Manifest, Store, StoreError, TrialRecord};
+use crate::explore::store::{write_atomic, Manifest, Plan, Store, StoreError, TrialRecord};
 use crate::judge::explore::{decide, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
 use crate::run::image::ImageError;
@@ -547,6 +547,8 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         vcpus: args.vcpus,
         mem: args.mem,
         hang_after_ms: u64::try_from(args.hang_after.as_millis()).unwrap_or(u64::MAX),
+        budget: args.budget,
+        shard: args.shard,
     };
     let mut store = Store::open(&args.out, &manifest, args.resume)?;
     let out = store.dir().to_owned();
@@ -656,10 +658,23 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         &RELEASES,
         args.seed,
     );
+    // The budget takes the first trials of the list; a shard takes every N-th of those.
     let budget = args.budget.map_or(trials.len(), |b| {
         usize::try_from(b).unwrap_or(usize::MAX).min(trials.len())
     });
-    let planned = &trials[..budget];
+    let planned: Vec<Trial> = trials[..budget]
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| args.shard.is_none_or(|s| s.has(*k)))
+        .map(|(_, t)| t.clone())
+        .collect();
+    let plan = Plan {
+        space: trials.len(),
+        trials: planned.iter().map(|t| t.id(&ex.w)).collect(),
+    };
+    let plan_json =
+        serde_json::to_string_pretty(&plan).map_err(|e| options(format!("plan.json: {e}")))?;
+    write_atomic(&out.join("plan.json"), plan_json.as_bytes())?;
     let mut complete = true;
     let mut written: BTreeSet<String> = BTreeSet::new();
     for (i, t) in planned.iter().enumerate() {
@@ -703,7 +718,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         },
         totals: t,
         findings,
-        complete: complete && budget == trials.len(),
+        complete,
     };
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| options(format!("the JSON report: {e}")))?;

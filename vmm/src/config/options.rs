@@ -232,9 +232,46 @@ pub struct ExploreArgs {
     /// this long (guest time here is ~1000x hardware) is a hang.
     #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
     pub hang_after: std::time::Duration,
+    /// Run only shard I of N of the search trials (0 <= I < N): the same trial list on
+    /// every shard, trial k goes to shard k mod N (each shard maps the workload itself).
+    #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+    pub shard: Option<Shard>,
     /// Also echo the guest console.
     #[arg(long)]
     pub console: bool,
+}
+
+/// `--shard I/N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shard {
+    /// This shard, 0-based.
+    pub index: u32,
+    /// How many.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Whether search trial `k` (0-based, in the trial list's order) is this shard's.
+    pub fn has(self, k: usize) -> bool {
+        k % self.count as usize == self.index as usize
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+fn parse_shard(text: &str) -> Result<Shard, String> {
+    let bad = || format!("{text:?}: I/N with 0 <= I < N, e.g. 0/4");
+    let (i, n) = text.split_once('/').ok_or_else(bad)?;
+    let index: u32 = i.trim().parse().map_err(|_| bad())?;
+    let count: u32 = n.trim().parse().map_err(|_| bad())?;
+    if count == 0 || index >= count {
+        return Err(bad());
+    }
+    Ok(Shard { index, count })
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {

@@ -81,6 +81,23 @@ pub struct Manifest {
     pub mem: u64,
     /// The hang bound, in ms.
     pub hang_after_ms: u64,
+    /// The search budget (`--budget`), if any.
+    #[serde(default)]
+    pub budget: Option<u64>,
+    /// This shard of the search (`--shard I/N`), if any.
+    #[serde(default)]
+    pub shard: Option<crate::config::options::Shard>,
+}
+
+/// The search trials of this exploration (or shard), written before the search starts
+/// (`plan.json`): what a complete run of it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Search trials in the whole space (every shard's).
+    pub space: usize,
+    /// The ids of the search trials this run makes, in order (its shard, within the
+    /// budget).
+    pub trials: Vec<String>,
 }
 
 impl Manifest {
@@ -288,6 +305,8 @@ mod tests {
             vcpus: 2,
             mem: 512 << 20,
             hang_after_ms: 30_000,
+            budget: None,
+            shard: None,
         }
     }
 
