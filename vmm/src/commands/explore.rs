@@ -135,10 +135,16 @@ fn read_input(path: &Path, what: &str) -> Result<String, ExploreError> {
     std::fs::read_to_string(path).map_err(|e| options(format!("{what} {}: {e}", path.display())))
 }
 
-/// A workload file: a scenario file whose stage 1 and 2 and gates are the workload (its
-/// hooks and verdict are not used).
+/// A workload file: a scenario file (docs/scenarios.md) without hooks, whose stages,
+/// gates and command line are the workload; its `[verdict]` may be left out (unused).
 fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
-    let text = read_input(path, "--workload")?;
+    let mut text = read_input(path, "--workload")?;
+    // A workload has no verdict of its own (the oracles judge): one is supplied if the
+    // file has none, so that it parses as a scenario file.
+    let has_verdict = text.lines().any(|l| l.trim() == "[verdict]");
+    if !has_verdict {
+        text.push_str("\n[verdict]\ncorrect = [\"records match\"]\nbug = [\"records differ\"]\n");
+    }
     let sc = Scenario::parse(&text, &path.display().to_string())?;
     if !sc.hooks.is_empty() {
         return Err(options(format!(
@@ -296,6 +302,18 @@ impl Explorer {
         ) || matches!(trial, Trial::Baseline);
         if !keep {
             let _ = std::fs::remove_file(out.join(&log_rel));
+        } else if !got.timeout_reports.is_empty() {
+            // A hang's evidence: where each vCPU was, after its console.
+            use std::io::Write as _;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .append(true)
+                .open(out.join(&log_rel))
+            {
+                let _ = writeln!(f, "\n[luo-vmm: the trial's bound passed]");
+                for r in &got.timeout_reports {
+                    let _ = writeln!(f, "{r}");
+                }
+            }
         }
         Ok(TrialRecord {
             id,

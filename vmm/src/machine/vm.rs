@@ -181,6 +181,11 @@ pub(crate) trait RunObserver: Send + Sync {
     fn quiescent(&self) -> bool {
         true
     }
+    /// Where vCPU `vcpu` was when the run ran out of time (registers, LAPIC, sampled RIPs):
+    /// on stderr unless the observer keeps it.
+    fn on_timeout_report(&self, _vcpu: u8, report: &str) {
+        eprintln!("{report}");
+    }
 }
 
 /// The observer of the current run, behind a lock: the probe device's listener reads it
@@ -930,13 +935,17 @@ fn vcpu_thread(vcpu: &mut Vcpu, ctx: VcpuThread) {
             .iter()
             .map(|r| format!("{r:#x}"))
             .collect();
-        eprintln!(
+        let text = format!(
             "luo-vmm: at the timeout, {}\n  rip sampled {} times {} ms apart: {}",
             vcpu.hang_dump(),
             samples.len(),
             TIMEOUT_SAMPLE_GAP.as_millis(),
             samples.join(" ")
         );
+        match &observer {
+            Some(o) => o.on_timeout_report(vcpu.id, &text),
+            None => eprintln!("{text}"),
+        }
     }
     report.send(VcpuReport::Stopped {
         vcpu: vcpu.id,

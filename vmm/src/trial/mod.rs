@@ -85,8 +85,11 @@ fn breakpoint_owners(
 struct ScenarioObserver {
     interceptor: Interceptor,
     scheduler: Scheduler,
-    /// End the run at point-of-no-return (the outgoing state is complete there).
+    /// End the run at point-of-no-return (the outgoing state is complete there); keep the
+    /// timeout's report of each vCPU instead of printing it.
     decide_at_point_of_no_return: bool,
+    /// The timeout's report of each vCPU, when kept.
+    timeout_reports: std::sync::Mutex<Vec<String>>,
     /// Per vCPU, the owner of each armed slot (fixed for the run; not rebuilt per hit).
     owners: Vec<Vec<BreakpointOwner>>,
 }
@@ -100,6 +103,7 @@ impl ScenarioObserver {
             interceptor,
             scheduler,
             decide_at_point_of_no_return: decide,
+            timeout_reports: std::sync::Mutex::default(),
             owners,
         }
     }
@@ -154,6 +158,17 @@ impl RunObserver for ScenarioObserver {
 
     fn on_stopped(&self, dirty: &DirtyLog) {
         self.interceptor.on_stopped(dirty);
+    }
+
+    fn on_timeout_report(&self, _vcpu: u8, report: &str) {
+        if self.decide_at_point_of_no_return {
+            self.timeout_reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(report.to_owned());
+        } else {
+            eprintln!("{report}");
+        }
     }
 }
 
@@ -435,6 +450,9 @@ pub(crate) struct RunOutput {
     pub facts: RunFacts,
     /// Per hook name: its armed hits on each vCPU.
     pub hits: std::collections::BTreeMap<String, Vec<u32>>,
+    /// Where each vCPU was at the timeout (kept, not printed, for runs decided at
+    /// point-of-no-return).
+    pub timeout_reports: Vec<String>,
     /// Host time of the reset, the run, and the judging.
     pub times: RunTimes,
 }
@@ -515,6 +533,12 @@ pub(crate) fn run(
     let mut log_seen = observer.scheduler.finish();
     let (f, not_verified) = facts(&outcome, &got, &log_seen);
     let hits = std::mem::take(&mut log_seen.hits);
+    let timeout_reports = std::mem::take(
+        &mut *observer
+            .timeout_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
     let result = RunResult {
         run: plan.run,
         from_snapshot,
@@ -535,6 +559,7 @@ pub(crate) fn run(
         result,
         facts: f,
         hits,
+        timeout_reports,
         times,
     })
 }

@@ -1,0 +1,162 @@
+//! `luo-vmm explore` on real guests: bad input refused before any guest boots, and a
+//! small search (one hold point, every racing call, both release policies) on the variant
+//! that reverts the reboot lock, interrupted after its map and resumed, which must find
+//! the close, create and preserve races with nothing but the kernel and the default
+//! workload, and write scenario files that `scenario check` accepts.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::{luo_vmm, reference_image, text};
+use serde_json::Value;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("luo-explore-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `luo-vmm explore ARGS` must fail with one `luo-vmm: error` line naming `what`, and
+/// boot nothing.
+fn refused(args: &[&str], what: &str) {
+    let mut all = vec!["explore"];
+    all.extend_from_slice(args);
+    let out = luo_vmm(&all);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{args:?} was accepted");
+    assert!(stderr.contains(what), "{args:?}: {stderr}");
+    assert!(
+        !stderr.contains("guest agent up") && !stdout.contains("booted"),
+        "{args:?} booted a guest"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_before_a_guest_boots() {
+    reference_image();
+    let dir = tmp("refused");
+    std::fs::create_dir_all(&dir).unwrap();
+    let points = dir.join("points");
+    std::fs::write(&points, "luo_flb_serialize\nno_such_function_anywhere\n").unwrap();
+    let out = dir.join("out");
+    let out_s = out.to_str().unwrap();
+    refused(
+        &["--points", points.to_str().unwrap(), "--out", out_s],
+        "unknown point \"no_such_function_anywhere\"",
+    );
+    let workload = dir.join("workload.toml");
+    std::fs::write(
+        &workload,
+        r#"name = "no-reboot"
+summary = "never reboots"
+[stage1]
+threads = [{ cpu = 0, steps = ["create 0", "memfd 0.0 64K", "preserve 0.0"] }]
+"#,
+    )
+    .unwrap();
+    refused(
+        &["--workload", workload.to_str().unwrap(), "--out", out_s],
+        "never reaches the action under test",
+    );
+    refused(&["--budget", "0", "--out", out_s], "--budget");
+    refused(&["--vcpus", "1", "--out", out_s], "--vcpus");
+    refused(&["--out", "/proc/luo-vmm-explore"], "/proc/luo-vmm-explore");
+    refused(
+        &["--resume", "--out", out_s],
+        "no exploration to go on with",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The ids of `dir`'s trials.jsonl.
+fn trial_ids(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("trials.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_blind_search_finds_the_reboot_races_and_resumes() {
+    reference_image();
+    let dir = tmp("races");
+    std::fs::create_dir_all(&dir).unwrap();
+    // One hold point after serialization; every racing call of the default workload.
+    let points = dir.join("points");
+    std::fs::write(
+        &points,
+        "# after luo_session_serialize()\nluo_flb_serialize\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let json = dir.join("report.json");
+    let base = [
+        "explore",
+        "--variant",
+        "luo-reboot-unlocked",
+        "--mode",
+        "race",
+        "--points",
+        points.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    // Interrupted: the time is up before the first search trial.
+    let mut first = base.to_vec();
+    first.extend_from_slice(&["--time", "1s"]);
+    let o = luo_vmm(&first);
+    let (stdout, _) = text(&o);
+    assert!(stdout.contains("--time reached"), "{stdout}");
+    let mapped = trial_ids(&out);
+    assert_eq!(mapped, ["baseline", "map:luo_flb_serialize"], "{stdout}");
+    // Resumed: the map is not run again, every search trial runs once.
+    let mut second = base.to_vec();
+    second.push("--resume");
+    let o = luo_vmm(&second);
+    let (stdout, stderr) = text(&o);
+    assert!(stdout.contains("resumed: 2 trials done"), "{stdout}");
+    assert!(!stdout.contains(" map]"), "the map ran again: {stdout}");
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "findings: exit 6\n{stdout}\n{stderr}"
+    );
+    let ids = trial_ids(&out);
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a trial ran twice: {ids:?}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["totals"]["search"], 16, "8 calls × 2 releases");
+    assert_eq!(report["complete"], true);
+    let findings = report["findings"].as_array().unwrap();
+    let causes: BTreeSet<&str> = findings
+        .iter()
+        .filter(|f| f["signature"]["oracle"] == "records-differ")
+        .map(|f| f["signature"]["cause"].as_str().unwrap())
+        .collect();
+    for want in ["close-session", "create-session", "preserve-fd"] {
+        assert!(causes.contains(want), "no {want} race found: {findings:?}");
+    }
+    // Every finding is a scenario file `scenario` accepts, on the variant it was found on.
+    for f in findings {
+        let file = out.join(f["scenario"].as_str().unwrap());
+        let o = luo_vmm(&[
+            "scenario",
+            "check",
+            file.to_str().unwrap(),
+            "--variant",
+            "luo-reboot-unlocked",
+        ]);
+        assert!(o.status.success(), "{}: {}", file.display(), text(&o).1);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
