@@ -20,7 +20,7 @@ use crate::config::scenario::{
 };
 use crate::config::trace::TraceSpec;
 use crate::explore::code::{read_code, CodeError};
-use crate::explore::findings::{group, plot, slug, table, totals, Finding, Totals};
+use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
     announced, check_workload, default_workload, finding_scenario, racing_calls, script,
     search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
@@ -39,6 +39,9 @@ pub const EXIT_FINDINGS: u8 = 6;
 /// The release policies of race trials: settled, and a bounded hold (the racing call may
 /// still be running when CPU 0 goes on).
 const RELEASES: [Release; 2] = [Release::Settled, Release::AfterMs(2_000)];
+
+/// Runs of a finding's trial again from the snapshot to confirm it.
+const CONFIRM_RUNS: u32 = 3;
 
 /// Largest workload or points file read.
 const MAX_INPUT: u64 = 1 << 20;
@@ -279,10 +282,11 @@ impl Explorer {
         trial: &Trial,
         out: &Path,
         point: &SnapshotPoint,
+        log_suffix: &str,
     ) -> Result<TrialRecord, ExploreError> {
         let id = trial.id(&self.w);
         let sc = trial_scenario(&self.w, trial, self.vcpus, self.hold_max);
-        let log_rel = format!("logs/{}.log", log_name(&id));
+        let log_rel = format!("logs/{}{log_suffix}.log", log_name(&id));
         let plan = RunPlan {
             run: 1,
             log: out.join(&log_rel),
@@ -604,7 +608,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     // The boot: the baseline run keeps the snapshot every later trial starts from.
     let mut machine: Option<GuestMachine> = None;
     let t0 = Instant::now();
-    let base = ex.run(&mut machine, &Trial::Baseline, &out, &point)?;
+    let base = ex.run(&mut machine, &Trial::Baseline, &out, &point, "")?;
     let snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
     if !snapshot {
         let why = machine
@@ -651,7 +655,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         if done.contains(&t.id(&ex.w)) {
             continue;
         }
-        let r = ex.run(&mut machine, t, &out, &point)?;
+        let r = ex.run(&mut machine, t, &out, &point, "")?;
         progress(i + 1, map.len(), "map", &r, &ex.w);
         store.append(r)?;
     }
@@ -708,15 +712,19 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             complete = false;
             break;
         }
-        let r = ex.run(&mut machine, t, &out, &point)?;
+        let r = ex.run(&mut machine, t, &out, &point, "")?;
         progress(i + 1, planned.len(), "search", &r, &ex.w);
         store.append(r)?;
         write_findings(&ex, &store.done, &out, &mut written)?;
     }
-    write_findings(&ex, &store.done, &out, &mut written)?;
 
-    // The report.
-    let findings = group(&store.done);
+    // Each finding's representative, run again from the snapshot: the scenario file is
+    // written from the first candidate that gives its signature every time.
+    let mut findings = group(&store.done);
+    for f in &mut findings {
+        confirm(&ex, &mut machine, f, &store.done, &out, &point)?;
+        write_finding(&ex, f, &store.done, &out)?;
+    }
     let t = totals(&store.done, trials.len());
     let text = table(&findings, &t);
     println!("{text}");
@@ -764,7 +772,8 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     })
 }
 
-/// Writes the scenario file of every finding of `records` not written yet.
+/// Writes the scenario file of every finding of `records` not written yet (as they are
+/// found: an interrupted exploration keeps them).
 fn write_findings(
     ex: &Explorer,
     records: &[TrialRecord],
@@ -772,27 +781,96 @@ fn write_findings(
     written: &mut BTreeSet<String>,
 ) -> Result<(), ExploreError> {
     for f in group(records) {
-        if written.contains(&f.scenario) {
-            continue;
+        if written.insert(f.scenario.clone()) {
+            write_finding(ex, &f, records, out)?;
+            println!(
+                "finding #{}: {} -> {}",
+                f.number,
+                f.signature,
+                out.join(&f.scenario).display()
+            );
         }
-        let Some(first) = records.iter().find(|r| r.id == f.first) else {
-            continue;
-        };
-        // The hang oracle's evidence names each call left blocked: `ACTION ARG blocked`.
-        let blocked: Vec<String> = f
-            .because
-            .iter()
-            .filter_map(|b| b.strip_suffix(" blocked").map(str::to_owned))
-            .collect();
-        let text = ex.finding_file(&f, first, &blocked);
-        write_atomic(&out.join(&f.scenario), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Writes finding `f`'s scenario file, from its representative trial.
+fn write_finding(
+    ex: &Explorer,
+    f: &Finding,
+    records: &[TrialRecord],
+    out: &Path,
+) -> Result<(), ExploreError> {
+    let Some(first) = records.iter().find(|r| r.id == f.first) else {
+        return Ok(());
+    };
+    // The hang oracle's evidence names each call left blocked: `ACTION ARG blocked`.
+    let blocked: Vec<String> = f
+        .because
+        .iter()
+        .filter_map(|b| b.strip_suffix(" blocked").map(str::to_owned))
+        .collect();
+    let text = ex.finding_file(f, first, &blocked);
+    write_atomic(&out.join(&f.scenario), text.as_bytes())?;
+    Ok(())
+}
+
+/// Runs finding `f`'s deterministic trials (its representative first, at most three) again
+/// from the snapshot, [`CONFIRM_RUNS`] times each, until one gives its signature every
+/// time; makes that one the representative and records `k/n`.
+fn confirm(
+    ex: &Explorer,
+    machine: &mut Option<GuestMachine>,
+    f: &mut Finding,
+    records: &[TrialRecord],
+    out: &Path,
+    point: &SnapshotPoint,
+) -> Result<(), ExploreError> {
+    let mut candidates: Vec<&TrialRecord> = Vec::new();
+    for id in std::iter::once(&f.first).chain(&f.trials) {
+        if let Some(r) = records.iter().find(|r| &r.id == id) {
+            if !candidates.iter().any(|c| c.id == r.id)
+                && (deterministic(&r.trial) || candidates.is_empty())
+            {
+                candidates.push(r);
+            }
+        }
+        if candidates.len() == 3 {
+            break;
+        }
+    }
+    let mut best: Option<(&TrialRecord, u32)> = None;
+    for c in candidates {
+        let mut same = 0;
+        for _ in 0..CONFIRM_RUNS {
+            let again = ex.run(machine, &c.trial, out, point, "-again")?;
+            // The first run's log is the evidence; the confirmations' are not kept.
+            if let Some(log) = &again.log {
+                let _ = std::fs::remove_file(out.join(log));
+            }
+            if matches!(&again.verdict, TrialVerdict::Finding { signature, .. } if *signature == f.signature)
+            {
+                same += 1;
+            }
+        }
+        if best.is_none_or(|(_, k)| same > k) {
+            best = Some((c, same));
+        }
+        if same == CONFIRM_RUNS {
+            break;
+        }
+    }
+    if let Some((r, k)) = best {
+        f.first = r.id.clone();
+        f.log = r.log.clone();
+        if let TrialVerdict::Finding { because, .. } = &r.verdict {
+            f.because = because.clone();
+        }
+        f.confirmed = Some(format!("{k}/{CONFIRM_RUNS}"));
         println!(
-            "finding #{}: {} -> {}",
-            f.number,
-            f.signature,
-            out.join(&f.scenario).display()
+            "finding #{}: {} again from the snapshot: {k}/{CONFIRM_RUNS} the same",
+            f.number, r.id
         );
-        written.insert(f.scenario.clone());
     }
     Ok(())
 }

@@ -546,6 +546,10 @@ mod tests {
             );
         }
         assert_eq!(builtins().len(), BUILTIN.len());
+        for s in builtins() {
+            let text = s.to_toml("written back");
+            assert_eq!(Scenario::parse(&text, &s.name).unwrap(), s, "{text}");
+        }
         assert!(list().contains("reproduces on: luo-reboot-unlocked"));
         assert!(matches!(
             load("no-such-scenario"),

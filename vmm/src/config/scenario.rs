@@ -924,6 +924,20 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
     }
 
     #[test]
+    fn a_timed_hold_releases_after_its_time() {
+        let text = EXAMPLE.replace("max = \"90s\"", "release_after = \"2s\"");
+        let s = Scenario::parse(&text, "x.toml").unwrap();
+        assert!(matches!(
+            &s.hooks[0].kind,
+            HookKind::Hold { max, timed: true, .. } if *max == Duration::from_secs(2)
+        ));
+        assert_eq!(Scenario::parse(&s.to_toml(""), "x.toml").unwrap(), s);
+        let both = EXAMPLE.replace("max = \"90s\"", "max = \"90s\"\nrelease_after = \"2s\"");
+        let e = Scenario::parse(&both, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
     fn mistakes_are_named_before_anything_runs() {
         let bad = |from: &str, to: &str| {
             let text = EXAMPLE.replace(from, to);

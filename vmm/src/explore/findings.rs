@@ -18,8 +18,14 @@ pub struct Finding {
     pub number: usize,
     /// What makes it one finding.
     pub signature: Signature,
-    /// Its first trial (the one its scenario file reproduces).
+    /// Its representative trial (the one its scenario file reproduces): the first trial
+    /// found with a deterministic schedule (a race released when the call settled, or a
+    /// failing function), else the first found.
     pub first: String,
+    /// How often the representative gave the same signature when run again from the
+    /// snapshot (`k/n`), once confirmed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<String>,
     /// Every trial that gave it.
     pub trials: Vec<String>,
     /// The evidence of the first trial.
@@ -49,6 +55,18 @@ pub fn slug(number: usize, signature: &Signature) -> String {
     out.trim_end_matches('-').chars().take(60).collect()
 }
 
+/// Whether `trial`'s schedule does not depend on host time (a hold released after a
+/// time does).
+pub fn deterministic(trial: &Trial) -> bool {
+    !matches!(
+        trial,
+        Trial::Race {
+            release: crate::explore::space::Release::AfterMs(_),
+            ..
+        }
+    )
+}
+
 /// The findings of `records`, one per signature, in the order first found.
 pub fn group(records: &[TrialRecord]) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
@@ -58,7 +76,19 @@ pub fn group(records: &[TrialRecord]) -> Vec<Finding> {
             continue;
         };
         match index.get(signature) {
-            Some(&i) => out[i].trials.push(r.id.clone()),
+            Some(&i) => {
+                let f = &mut out[i];
+                f.trials.push(r.id.clone());
+                let first_timed = records
+                    .iter()
+                    .find(|x| x.id == f.first)
+                    .is_some_and(|x| !deterministic(&x.trial));
+                if first_timed && deterministic(&r.trial) {
+                    f.first = r.id.clone();
+                    f.because = because.clone();
+                    f.log = r.log.clone();
+                }
+            }
             None => {
                 let number = out.len() + 1;
                 index.insert(signature.clone(), out.len());
@@ -66,6 +96,7 @@ pub fn group(records: &[TrialRecord]) -> Vec<Finding> {
                     number,
                     signature: signature.clone(),
                     first: r.id.clone(),
+                    confirmed: None,
                     trials: vec![r.id.clone()],
                     because: because.clone(),
                     log: r.log.clone(),
@@ -172,19 +203,20 @@ pub fn table(findings: &[Finding], t: &Totals) -> String {
     let _ = writeln!(out, "findings: {}", findings.len());
     let _ = writeln!(
         out,
-        "  {:<3} {:<15} {:<28} {:<52} {:>6}  scenario",
-        "#", "oracle", "cause", "where", "trials"
+        "  {:<3} {:<15} {:<28} {:<52} {:>6} {:>9}  scenario",
+        "#", "oracle", "cause", "where", "trials", "confirmed"
     );
     for f in findings {
         let site: String = f.signature.site.chars().take(52).collect();
         let _ = writeln!(
             out,
-            "  {:<3} {:<15} {:<28} {:<52} {:>6}  {}",
+            "  {:<3} {:<15} {:<28} {:<52} {:>6} {:>9}  {}",
             f.number,
             f.signature.oracle.to_string(),
             f.signature.cause,
             site,
             f.trials.len(),
+            f.confirmed.as_deref().unwrap_or("-"),
             f.scenario
         );
     }
@@ -278,6 +310,28 @@ mod tests {
             },
             because: vec![site.into()],
         }
+    }
+
+    #[test]
+    fn a_finding_is_represented_by_a_deterministic_schedule() {
+        use crate::explore::space::Release;
+        let race = |id: &str, release| TrialRecord {
+            trial: Trial::Race {
+                point: "p".into(),
+                call: 0,
+                release,
+            },
+            ..rec(id, 1.0, finding("x"))
+        };
+        let records = vec![
+            race("timed", Release::AfterMs(2000)),
+            race("settled", Release::Settled),
+            race("settled-too", Release::Settled),
+        ];
+        let f = group(&records);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].first, "settled");
+        assert_eq!(f[0].trials, ["timed", "settled", "settled-too"]);
     }
 
     #[test]

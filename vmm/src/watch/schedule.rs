@@ -596,6 +596,28 @@ mod tests {
     }
 
     #[test]
+    fn a_timed_release_is_no_timeout() {
+        let hold = HookKind::Hold {
+            max: Duration::from_millis(1),
+            open: vec![],
+            release: vec![],
+            timed: true,
+        };
+        let s = Scheduler::new(vec![hook("h", 0, hold, None)], vec![], Gates::default());
+        s.lock().holding.push((0, 0, Instant::now()));
+        s.on_notice(VcpuNotice::HoldTimedOut { vcpu: 0, slot: 0 });
+        let log = s.finish();
+        assert!(log.hold_timeouts.is_empty());
+        assert!(
+            log.timeline
+                .iter()
+                .any(|e| e.what.contains("(release_after)")),
+            "{:?}",
+            log.timeline
+        );
+    }
+
+    #[test]
     fn events_match_their_patterns() {
         let t = Trigger::Start(ActionPattern {
             action: Action::PreserveFd,
