@@ -37,12 +37,23 @@ die() {
 say() { echo "one-node: $*"; }
 
 ((EUID == 0)) || die "run as root (the one-node cluster runs its daemons as root)"
-for c in munged slurmctld slurmd sbatch squeue scontrol sinfo jq flock ss; do
+for c in munged slurmctld slurmd sbatch squeue scancel sinfo jq flock ss; do
 	command -v "$c" >/dev/null || die "$c not found (apt-get install slurmctld slurmd slurm-client munge jq)"
 done
 
+budget=${ONE_NODE_BUDGET:-8}
+if ((!smoke)); then
+	if [[ -z ${LUO_VMM:-} ]]; then
+		cargo build --release -p luo-vmm
+		LUO_VMM=$root/target/release/luo-vmm
+	fi
+	LUO_VMM=$(realpath "$LUO_VMM")
+	export LUO_VMM
+fi
+
 T=$(mktemp -d /tmp/luo-slurm.XXXXXX)
 chmod 700 "$T"
+touch "$T/start"
 mkdir -p "$T"/{munge,state,spool,log,run}
 pids=()
 
@@ -52,6 +63,10 @@ stop_all() {
 	# Jobs first (so that no step outlives its slurmd), then the daemons we started.
 	if [[ -n ${SLURM_CONF:-} ]] && [[ -f $T/run/slurmctld.pid ]]; then
 		scancel --quiet --user=root >/dev/null 2>&1
+		for _ in $(seq 60); do
+			[[ -z $(squeue -h 2>/dev/null) ]] && break
+			sleep 1
+		done
 	fi
 	for pidfile in "$T"/run/slurmd.pid "$T"/run/slurmctld.pid "$T"/run/munged.pid; do
 		[[ -f $pidfile ]] || continue
@@ -69,13 +84,28 @@ stop_all() {
 	done
 	# Nothing of ours may be left: a process whose command line names our directory.
 	local left
-	left=$(pgrep -a -f -- "$T" | grep -v "pgrep" || true)
+	left=$({
+		pgrep -a -f -- "$T" || true
+		pgrep -a -x slurmstepd || true
+	} | grep -v pgrep || true)
 	if [[ -n $left ]]; then
 		echo "one-node: FAIL: left running:" >&2
 		echo "$left" >&2
 		rc=1
 	else
-		echo "one-node: every daemon stopped (none left naming $T)"
+		echo "one-node: every daemon stopped (no slurmstepd, nothing naming $T left)"
+	fi
+	# No system file changed: nothing under /etc or the packages' default state, spool,
+	# log and run directories is newer than the start of the test.
+	local changed
+	changed=$(find /etc /var/lib/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm \
+		/var/lib/munge /var/log/munge /run/munge -newer "$T/start" 2>/dev/null | head -20)
+	if [[ -n $changed ]]; then
+		echo "one-node: FAIL: system files changed during the test:" >&2
+		echo "$changed" >&2
+		rc=1
+	else
+		echo "one-node: no file under /etc or the packages' state, spool, log and run directories changed"
 	fi
 	if [[ ${KEEP:-0} == 1 || $rc != 0 ]]; then
 		echo "one-node: logs kept in $T"
@@ -163,3 +193,41 @@ sbatch --wait --quiet --output="$out" --wrap hostname >/dev/null || die "sbatch 
 [[ $(cat "$out") == "$(hostname)" ]] || die "sbatch --wrap hostname printed $(cat "$out")"
 say "sbatch --wrap hostname: $(cat "$out")"
 ((smoke)) && exit 0
+
+# The campaign: 2 shards, one at a time (one guest at a time on this machine), merged by
+# the dependent job; submit.sh --wait returns the merge's exit status.
+say "campaign: 2 shards of explore --mode race --budget $budget on the reference kernel"
+rc=0
+contrib/slurm/submit.sh --shards 2 --parallel 1 --campaign "$T/campaign" --wait -- \
+	--mode race --budget "$budget" || rc=$?
+for f in "$T"/campaign/logs/*.out; do
+	echo "--- $f (last lines)"
+	tail -4 "$f"
+done
+((rc == 0 || rc == 6)) || die "the merge job ended with status $rc (7: a shard missing or incomplete)"
+merged=$T/campaign/merged/report.json
+[[ -f $merged ]] || die "no merged report"
+[[ $(jq -r '.complete' "$merged") == true ]] || die "the merged campaign is incomplete: $(jq -c .missing "$merged")"
+[[ $(jq -r '.shards_of' "$merged") == 2 ]] || die "the merged campaign is not of 2 shards"
+
+# The same budget as one process, merged alone (to read it the same way).
+say "the same budget as one process"
+rc=0
+"$LUO_VMM" explore --mode race --budget "$budget" --out "$T/single" >"$T/single.log" 2>&1 || rc=$?
+((rc == 0 || rc == 6)) || die "explore as one process ended with status $rc: $(tail -3 "$T/single.log")"
+rc=0
+"$LUO_VMM" explore merge "$T/single" --out "$T/single-merged" >/dev/null || rc=$?
+((rc == 0 || rc == 6)) || die "explore merge of the single run ended with status $rc"
+single=$T/single-merged/report.json
+
+# The check: the same findings (signatures and the trials that gave them) and the same
+# search trials covered, in the same order.
+sigs() { jq -c '[.findings[] | {oracle: .signature.oracle, site: .signature.site, cause: .signature.cause, trials}]' "$1"; }
+trials() { jq -c '.coverage.trials' "$1"; }
+[[ $(sigs "$merged") == "$(sigs "$single")" ]] ||
+	die "findings differ: campaign $(sigs "$merged"), one process $(sigs "$single")"
+[[ $(trials "$merged") == "$(trials "$single")" ]] ||
+	die "trials covered differ: campaign $(trials "$merged"), one process $(trials "$single")"
+say "campaign = one process: findings $(sigs "$merged"), $(jq '.coverage.trials | length' "$merged") search trials covered, the same ids in the same order"
+sed 's/^/one-node:   /' "$T/campaign/merged/report.txt"
+say "PASS"

@@ -167,9 +167,9 @@ impl std::fmt::Display for ShardState {
                 "incomplete: no plan.json (stopped before its search: while booting or mapping the workload)",
             ),
             ShardState::NoManifest => {
-                f.write_str("missing: no manifest.json (the shard never started here)")
+                f.write_str("no manifest.json (the shard never started here)")
             }
-            ShardState::Missing => f.write_str("missing: no result given for it"),
+            ShardState::Missing => f.write_str("no result given for it"),
             ShardState::Damaged { why } => write!(f, "damaged: {why} (not merged)"),
             ShardState::OtherList { why } => write!(
                 f,
@@ -285,6 +285,11 @@ fn shard_of(m: &Manifest) -> Shard {
     m.shard.unwrap_or(Shard { index: 0, count: 1 })
 }
 
+/// `I/N`, or `unsharded`.
+fn shard_name(m: &Manifest) -> String {
+    m.shard.map_or("unsharded".into(), |s| s.to_string())
+}
+
 fn is_map(r: &TrialRecord) -> bool {
     matches!(r.trial, Trial::Map { .. } | Trial::Baseline)
 }
@@ -346,8 +351,11 @@ pub fn merge(inputs: &[ShardInput]) -> Result<Merged, MergeError> {
         let (a, b) = (shard_of(&base), shard_of(m));
         if a.count != b.count {
             return Err(MergeError::Mismatch(format!(
-                "{} and {} are shards of different splits: {a} and {b}",
-                first.dir, s.dir
+                "{} and {} are shards of different splits: {} and {}",
+                first.dir,
+                s.dir,
+                shard_name(&base),
+                shard_name(m)
             )));
         }
         if let Some(other) = by_index.insert(b.index, s) {
@@ -599,6 +607,14 @@ pub fn text(m: &Merged) -> String {
         if m.shards_of == 1 { "" } else { "s" }
     );
     for s in &m.shards {
+        if matches!(s.state, ShardState::Missing | ShardState::NoManifest) {
+            let _ = writeln!(
+                out,
+                "  shard {:<7} {}: {} (its part: {})",
+                s.shard, s.dir, s.state, s.covers
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "  shard {:<7} {}: {}; {} of {} search trials ({}), {} map, {} findings, {} undecided, {:.0} s, {:.0} trials/hour",
@@ -940,7 +956,7 @@ mod tests {
         assert_eq!(
             m.missing,
             [
-                "shard 1/3: missing: no result given for it",
+                "shard 1/3: no result given for it",
                 "shard 2/3 (shard-2): incomplete: 1 of 2 trials"
             ]
         );
@@ -969,7 +985,7 @@ mod tests {
             [
                 "shard 1/3 (shard-1): incomplete: no plan.json (stopped before its search: while booting or mapping the workload)",
                 "shard 2/3 (shard-2): damaged: line 3: expected value (not merged)",
-                "shard-x: missing: no manifest.json (the shard never started here)"
+                "shard-x: no manifest.json (the shard never started here)"
             ]
         );
         // The damaged shard's records are not merged.
@@ -998,6 +1014,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("different splits: 0/2 and 1/3"), "{e}");
+        let e = merge(&[shard(0, 2, 3), shard(0, 1, 6)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("different splits: 0/2 and unsharded"), "{e}");
         let e = merge(&[shard(0, 2, 3), shard(0, 2, 3)])
             .unwrap_err()
             .to_string();
