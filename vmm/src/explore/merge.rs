@@ -184,7 +184,7 @@ impl std::fmt::Display for ShardState {
 pub struct ShardSummary {
     /// Its directory (`-` for a missing index).
     pub dir: String,
-    /// `I/N`, or `-` for a directory without a manifest, `whole` for an unsharded run.
+    /// `I/N`, or `-` for a directory without a manifest, `unsharded` for a run without `--shard`.
     pub shard: String,
     /// How it stands.
     pub state: ShardState,
@@ -464,18 +464,18 @@ pub fn merge(inputs: &[ShardInput]) -> Result<Merged, MergeError> {
                 search.push((pos, search.len(), r.clone()));
             }
         }
+        let shard = s
+            .manifest
+            .as_ref()
+            .map_or_else(|| format!("{index}/{n}"), shard_name);
         if !state.ok() {
-            missing.push(format!("shard {index}/{n} ({}): {state}", s.dir));
+            missing.push(format!("shard {shard} ({}): {state}", s.dir));
         }
         let map = records.iter().filter(|r| is_map(r)).count();
         let count = |f: fn(&TrialVerdict) -> bool| records.iter().filter(|r| f(&r.verdict)).count();
         shards.push(ShardSummary {
             dir: s.dir.clone(),
-            shard: if s.manifest.as_ref().and_then(|m| m.shard).is_some() {
-                format!("{index}/{n}")
-            } else {
-                "whole".into()
-            },
+            shard,
             covers: covers(index, n, &base, s.plan.as_ref().map_or(0, |p| p.space)),
             state,
             planned,
