@@ -3,6 +3,7 @@
 //! and an HTML page, with the findings' scenario files copied in and renumbered as one
 //! process would. No guest runs.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -70,7 +71,6 @@ pub fn run(args: &MergeArgs) -> Result<u8, MergeCommandError> {
             )),
         }
     }
-    print!("{report}");
     let json = serde_json::to_string_pretty(&merged).map_err(|e| out_err(e.to_string()))?;
     write_atomic(&args.out.join("report.txt"), report.as_bytes())?;
     write_atomic(&args.out.join("report.json"), json.as_bytes())?;
@@ -78,10 +78,16 @@ pub fn run(args: &MergeArgs) -> Result<u8, MergeCommandError> {
     if let Some(path) = &args.json {
         write_atomic(path, json.as_bytes())?;
     }
-    println!(
-        "merged report: {} (and report.json, report.html, findings/)",
-        args.out.join("report.txt").display()
-    );
+    // The files are written first; standard output closed early (`| head`) is not an
+    // error, and no panic.
+    let mut stdout = std::io::stdout().lock();
+    let _ = write!(stdout, "{report}").and_then(|()| {
+        writeln!(
+            stdout,
+            "merged report: {} (and report.json, report.html, findings/)",
+            args.out.join("report.txt").display()
+        )
+    });
     Ok(if !merged.complete {
         EXIT_INCOMPLETE
     } else if merged.findings.is_empty() {
