@@ -25,7 +25,9 @@ use crate::explore::space::{
     announced, check_workload, default_workload, finding_scenario, racing_calls, script,
     search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
 };
-use crate::explore::store::{write_atomic, Manifest, Plan, Store, StoreError, TrialRecord};
+use crate::explore::store::{
+    list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
+};
 use crate::judge::explore::{decide, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
 use crate::run::image::ImageError;
@@ -693,6 +695,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let plan = Plan {
         space: trials.len(),
         trials: planned.iter().map(|t| t.id(&ex.w)).collect(),
+        list: Some(list_digest(trials.iter().map(|t| t.id(&ex.w)))),
     };
     let plan_json =
         serde_json::to_string_pretty(&plan).map_err(|e| options(format!("plan.json: {e}")))?;

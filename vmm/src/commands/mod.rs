@@ -6,6 +6,7 @@
 
 pub(crate) mod compat;
 pub(crate) mod explore;
+pub(crate) mod explore_merge;
 pub(crate) mod handover;
 pub(crate) mod host;
 pub(crate) mod scenario;
@@ -69,6 +70,9 @@ pub enum CommandError {
     /// `explore`.
     #[error(transparent)]
     Explore(#[from] crate::commands::explore::ExploreError),
+    /// `explore merge`.
+    #[error(transparent)]
+    ExploreMerge(#[from] crate::commands::explore_merge::MergeCommandError),
     /// `host`: /dev/kvm cannot be opened (missing, no permission).
     #[error(transparent)]
     Kvm(crate::machine::vm::VmError),
@@ -93,7 +97,10 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
         Command::Soak(args) => soak(&args),
         Command::Host => host::run(),
         Command::Compat(args) => Ok(compat::run(&args)?),
-        Command::Explore(args) => Ok(explore::run(&args)?),
+        Command::Explore(args) => match &args.action {
+            Some(crate::config::options::ExploreAction::Merge(m)) => Ok(explore_merge::run(m)?),
+            None => Ok(explore::run(&args)?),
+        },
         Command::Handover(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Selftest(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Report(args) => {

@@ -145,7 +145,9 @@ pub enum Command {
     /// Search for LUO bugs nobody has reported: every hold point of the kernel's LUO/KHO
     /// code × every racing LUO call, and every fallible LUO function made to fail, each
     /// trial from one snapshot, judged by the oracles; each finding becomes a scenario
-    /// file (docs/explore.md).
+    /// file (docs/explore.md). `explore merge DIR...` merges the results of the shards
+    /// of a campaign (`--shard I/N`) into one report.
+    #[command(args_conflicts_with_subcommands = true)]
     Explore(ExploreArgs),
     /// The reference guest image.
     Image {
@@ -239,6 +241,34 @@ pub struct ExploreArgs {
     /// Also echo the guest console.
     #[arg(long)]
     pub console: bool,
+    /// `explore merge`, instead of exploring.
+    #[command(subcommand)]
+    pub action: Option<ExploreAction>,
+}
+
+/// `luo-vmm explore ACTION`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ExploreAction {
+    /// Merge the results of the shards of a campaign (each an `explore --shard I/N --out
+    /// DIR`) into one report: findings deduplicated across shards, what each shard
+    /// covered, what is missing; text, JSON and an HTML page. Exit 0 when complete without
+    /// findings, 6 with findings, 7 when a shard is missing or incomplete.
+    Merge(MergeArgs),
+}
+
+/// `luo-vmm explore merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The shards' `--out` directories (e.g. `campaign/shard-*`).
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<PathBuf>,
+    /// Where the merged report goes: report.txt, report.json, report.html, and the
+    /// findings' scenario files (findings/), renumbered as one process would.
+    #[arg(long, default_value = "explore-merged", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Also write the merged report as JSON to this file.
+    #[arg(long, value_name = "F")]
+    pub json: Option<PathBuf>,
 }
 
 /// `--shard I/N`.

@@ -4,5 +4,6 @@
 
 pub(crate) mod code;
 pub(crate) mod findings;
+pub(crate) mod merge;
 pub(crate) mod space;
 pub(crate) mod store;

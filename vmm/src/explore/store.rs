@@ -98,6 +98,21 @@ pub struct Plan {
     /// The ids of the search trials this run makes, in order (its shard, within the
     /// budget).
     pub trials: Vec<String>,
+    /// [`list_digest`] of the whole search list (every shard's, before the budget): shards
+    /// of one campaign must agree on it (`explore merge` checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
+}
+
+/// The digest of a search list, from its trial ids in order: XXH3-64 over the ids, each
+/// followed by a newline, as 16 hex digits.
+pub fn list_digest(ids: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for id in ids {
+        h.update(id.as_ref().as_bytes());
+        h.update(b"\n");
+    }
+    format!("{:016x}", h.digest())
 }
 
 impl Manifest {
@@ -197,8 +212,10 @@ impl Store {
                 why: e.to_string(),
             })?;
             write_atomic(&mpath, text.as_bytes())?;
-            // A stale trials file of an exploration whose manifest was lost is not ours.
+            // A stale trials file or plan of an exploration whose manifest was lost is not
+            // ours.
             let _ = std::fs::remove_file(&tpath);
+            let _ = std::fs::remove_file(dir.join("plan.json"));
         }
         let trials = OpenOptions::new()
             .create(true)
