@@ -30,7 +30,7 @@ pub const RACE_GATE: u8 = 2;
 /// Selector gates: `SELECT_BASE + k` lets the racing thread make call `k`.
 pub const SELECT_BASE: u8 = 10;
 /// Most racing calls (selector gates 10..=41).
-pub const MAX_CALLS: usize = 32;
+pub const MAX_CALLS: u8 = 32;
 /// The vCPU the action runs on (held at hold points).
 pub const ACTION_VCPU: u8 = 0;
 /// The vCPU of the racing thread.
@@ -196,7 +196,7 @@ pub fn default_workload() -> Workload {
 
 /// Whether explore owns gate `g` (the action's, the race's, the selectors).
 pub fn explore_owns(g: u8) -> bool {
-    g == ACTION_GATE || g == RACE_GATE || (SELECT_BASE..SELECT_BASE + MAX_CALLS as u8).contains(&g)
+    g == ACTION_GATE || g == RACE_GATE || (SELECT_BASE..SELECT_BASE + MAX_CALLS).contains(&g)
 }
 
 /// The racing calls a stage-1 script offers: a new session, closing each session,
@@ -261,7 +261,7 @@ pub fn racing_calls(stage1: &StageScript) -> Vec<RacingCall> {
         calls.push(call(Step::Fill(id, Fill::Write)));
         calls.push(call(Step::RetrieveFd(id)));
     }
-    calls.truncate(MAX_CALLS);
+    calls.truncate(usize::from(MAX_CALLS));
     calls
 }
 
@@ -302,7 +302,7 @@ pub fn check_workload(w: &Workload) -> Result<(), String> {
         return Err(format!(
             "workload {}: uses gate {g}; explore owns gates {ACTION_GATE}, {RACE_GATE} and {SELECT_BASE} to {} (the workload waits at gate {ACTION_GATE} before its reboot, at others of its own)",
             w.origin,
-            SELECT_BASE as usize + MAX_CALLS - 1
+            SELECT_BASE + MAX_CALLS - 1
         ));
     }
     if let Some(g) = waits.iter().find(|&&g| {
@@ -328,6 +328,16 @@ fn gate(id: u8) -> Gate {
     Gate::new(id).expect("explore's gates are below 64")
 }
 
+/// The selector gate of racing call `k` (`k` < [`MAX_CALLS`]: the calls are truncated to
+/// that many).
+fn selector(k: usize) -> Gate {
+    let k = u8::try_from(k)
+        .ok()
+        .filter(|&k| k < MAX_CALLS)
+        .expect("at most MAX_CALLS racing calls");
+    gate(SELECT_BASE + k)
+}
+
 /// The script every trial shares (the snapshot's): the workload plus the racing thread.
 pub fn script(w: &Workload) -> Script {
     let mut racer = Vec::new();
@@ -340,7 +350,7 @@ pub fn script(w: &Workload) -> Script {
     }
     racer.push(Step::Gate(gate(RACE_GATE)));
     for (k, c) in w.calls.iter().enumerate() {
-        racer.push(Step::If(gate(SELECT_BASE + k as u8)));
+        racer.push(Step::If(selector(k)));
         racer.push(c.step);
     }
     let mut stage1 = w.stage1.clone();
@@ -489,7 +499,7 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
         z ^ (z >> 31)
     };
     for i in (1..items.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = usize::try_from(next() % (i as u64 + 1)).unwrap_or(i);
         items.swap(i, j);
     }
 }
@@ -539,7 +549,7 @@ fn schedule(
     if select_all {
         for k in 0..w.calls.len() {
             gates.push(GateRule {
-                gate: gate(SELECT_BASE + k as u8),
+                gate: selector(k),
                 open_when: None,
             });
         }
@@ -555,7 +565,7 @@ fn schedule(
             let c = &w.calls[*call];
             let mut open = Vec::new();
             if select_all {
-                open.push(gate(SELECT_BASE + *call as u8));
+                open.push(selector(*call));
             }
             open.push(gate(RACE_GATE));
             let (max, release_when, timed) = match release {
