@@ -22,8 +22,8 @@ use crate::config::trace::TraceSpec;
 use crate::explore::code::{read_code, CodeError};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
-    announced, check_workload, default_workload, finding_scenario, racing_calls, script,
-    search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
+    announced, check_workload, default_workload, finding_scenario, map_trials, racing_calls,
+    reach_key, script, search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
 };
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
@@ -346,8 +346,21 @@ impl Explorer {
                 self.w.calls[*call].pattern(),
                 sig.oracle
             ),
-            Trial::Fail { function, call } => format!(
+            Trial::Fail {
+                function,
+                call,
+                with: None,
+            } => format!(
                 "{function} fails with -EIO on its call {call}: {}",
+                sig.oracle
+            ),
+            Trial::Fail {
+                function,
+                call,
+                with: Some(k),
+            } => format!(
+                "{function} fails with -EIO on its call {call} in {} on CPU 1, before the reboot: {}",
+                self.w.calls[*k].pattern(),
                 sig.oracle
             ),
             Trial::Baseline | Trial::Map { .. } => format!("the workload alone: {}", sig.oracle),
@@ -647,12 +660,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     }
 
     // The map: where the workload goes.
-    let map: Vec<Trial> = points
-        .iter()
-        .map(|p| Trial::Map {
-            function: p.clone(),
-        })
-        .collect();
+    let map = map_trials(args.mode, &points, &fallible, ex.w.calls.len());
     for (i, t) in map.iter().enumerate() {
         if done.contains(&t.id(&ex.w)) {
             continue;
@@ -665,8 +673,8 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         .done
         .iter()
         .filter_map(|r| match (&r.trial, &r.hits) {
-            (Trial::Map { function }, Some(h)) if h.iter().any(|&c| c > 0) => {
-                Some((function.clone(), h.clone()))
+            (Trial::Map { function, with }, Some(h)) if h.iter().any(|&c| c > 0) => {
+                Some((reach_key(&ex.w, function, *with), h.clone()))
             }
             _ => None,
         })
@@ -674,13 +682,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
 
     // The search.
     let trials = search_trials(
-        args.mode,
-        &points,
-        &fallible,
-        &reach,
-        ex.w.calls.len(),
-        &RELEASES,
-        args.seed,
+        &ex.w, args.mode, &points, &fallible, &reach, &RELEASES, args.seed,
     );
     // The budget takes the first trials of the list; a shard takes every N-th of those.
     let budget = args.budget.map_or(trials.len(), |b| {
@@ -902,6 +904,7 @@ mod tests {
         let fail = Trial::Fail {
             function: "luo_file_freeze".into(),
             call: 2,
+            with: None,
         };
         assert_eq!(cause(&w, &fail), "fail luo_file_freeze");
     }

@@ -288,6 +288,7 @@ mod tests {
             trial: Trial::Fail {
                 function: id.into(),
                 call: 1,
+                with: None,
             },
             verdict,
             hits: None,

@@ -299,7 +299,7 @@ fn map_difference(a: &[TrialRecord], b: &[TrialRecord]) -> Option<String> {
     let hits = |rs: &[TrialRecord]| -> BTreeMap<String, Vec<u32>> {
         rs.iter()
             .filter_map(|r| match (&r.trial, &r.hits) {
-                (Trial::Map { function }, Some(h)) => Some((function.clone(), h.clone())),
+                (Trial::Map { .. }, Some(h)) => Some((r.id.clone(), h.clone())),
                 _ => None,
             })
             .collect()
@@ -818,11 +818,15 @@ mod tests {
         let trial = if id == "baseline" {
             Trial::Baseline
         } else if let Some(f) = id.strip_prefix("map:") {
-            Trial::Map { function: f.into() }
+            Trial::Map {
+                function: f.into(),
+                with: None,
+            }
         } else {
             Trial::Fail {
                 function: id.into(),
                 call: 1,
+                with: None,
             }
         };
         TrialRecord {
@@ -1047,7 +1051,7 @@ mod tests {
         assert!(!m.complete);
         assert_eq!(
             m.missing,
-            ["shard 1/2 (shard-1): another search list than the first shard's (its map differs: f ran [1, 0] times per vCPU there, [0, 2] here): the shards do not partition one list"]
+            ["shard 1/2 (shard-1): another search list than the first shard's (its map differs: map:f ran [1, 0] times per vCPU there, [0, 2] here): the shards do not partition one list"]
         );
     }
 

@@ -371,10 +371,14 @@ pub enum Trial {
     /// The workload alone, nothing armed: the run that boots and keeps the snapshot; every
     /// oracle must pass on it.
     Baseline,
-    /// Where the workload goes: how often `function` runs (per vCPU), no race.
+    /// Where the workload goes: how often `function` runs (per vCPU), no race; with
+    /// `with`, racing call `with` is made first, to its end, and then the reboot.
     Map {
         /// The function.
         function: String,
+        /// The racing call made before the reboot (index into the workload's calls).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        with: Option<usize>,
     },
     /// CPU 0 held at `point`'s first call, racing call `call` made on CPU 1, released
     /// by `release`.
@@ -386,13 +390,29 @@ pub enum Trial {
         /// When the hold ends.
         release: Release,
     },
-    /// `function` returns -EIO without running on its `call`-th call.
+    /// `function` returns -EIO without running on its `call`-th call; with `with`,
+    /// during racing call `with`, made before the reboot (the uAPI's error paths).
     Fail {
         /// The function.
         function: String,
         /// 1-based.
         call: u32,
+        /// The racing call made before the reboot (index into the workload's calls).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        with: Option<usize>,
     },
+}
+
+/// `@LABEL` of racing call `with`, or nothing.
+fn with_label(w: &Workload, with: Option<usize>) -> String {
+    with.map_or(String::new(), |k| {
+        format!("@{}", w.calls.get(k).map_or("?".into(), RacingCall::label))
+    })
+}
+
+/// The key of [`Reach`] for `function` reached with racing call `with` made first.
+pub fn reach_key(w: &Workload, function: &str, with: Option<usize>) -> String {
+    format!("{function}{}", with_label(w, with))
 }
 
 impl Trial {
@@ -400,7 +420,7 @@ impl Trial {
     pub fn id(&self, w: &Workload) -> String {
         match self {
             Trial::Baseline => "baseline".into(),
-            Trial::Map { function } => format!("map:{function}"),
+            Trial::Map { function, with } => format!("map:{}", reach_key(w, function, *with)),
             Trial::Race {
                 point,
                 call,
@@ -409,7 +429,11 @@ impl Trial {
                 "race:{point}:{}:{release}",
                 w.calls.get(*call).map_or("?".into(), RacingCall::label)
             ),
-            Trial::Fail { function, call } => format!("fail:{function}:{call}"),
+            Trial::Fail {
+                function,
+                call,
+                with,
+            } => format!("fail:{function}:{call}{}", with_label(w, *with)),
         }
     }
 
@@ -417,7 +441,15 @@ impl Trial {
     pub fn describe(&self, w: &Workload) -> String {
         match self {
             Trial::Baseline => "the workload alone".into(),
-            Trial::Map { function } => format!("map {function}"),
+            Trial::Map { function, with } => match with {
+                None => format!("map {function}"),
+                Some(k) => format!(
+                    "map {function} during {}",
+                    w.calls
+                        .get(*k)
+                        .map_or("?".into(), |c| c.pattern().to_string())
+                ),
+            },
             Trial::Race {
                 point,
                 call,
@@ -428,29 +460,65 @@ impl Trial {
                     .get(*call)
                     .map_or("?".into(), |c| c.pattern().to_string())
             ),
-            Trial::Fail { function, call } => {
-                format!("{function} fails (-EIO) on call {call}")
-            }
+            Trial::Fail {
+                function,
+                call,
+                with: None,
+            } => format!("{function} fails (-EIO) on call {call}"),
+            Trial::Fail {
+                function,
+                call,
+                with: Some(k),
+            } => format!(
+                "{function} fails (-EIO) on call {call}, {} on CPU 1 before the reboot",
+                w.calls
+                    .get(*k)
+                    .map_or("?".into(), |c| c.pattern().to_string())
+            ),
         }
     }
 }
 
-/// What the map trials found: per function, its calls on each vCPU (index = vCPU).
+/// What the map trials found: per [`reach_key`] (a function, alone or with a racing call
+/// made first), its calls on each vCPU (index = vCPU).
 pub type Reach = std::collections::BTreeMap<String, Vec<u32>>;
 
+/// The map trials: every point alone, then (fail mode) every fallible function with each
+/// racing call made first.
+pub fn map_trials(mode: Mode, points: &[String], fallible: &[String], calls: usize) -> Vec<Trial> {
+    let mut out: Vec<Trial> = points
+        .iter()
+        .map(|f| Trial::Map {
+            function: f.clone(),
+            with: None,
+        })
+        .collect();
+    if mode.fails() {
+        for k in 0..calls {
+            out.extend(fallible.iter().map(|f| Trial::Map {
+                function: f.clone(),
+                with: Some(k),
+            }));
+        }
+    }
+    out
+}
+
 /// The search trials, in a deterministic order: for `mode`, race trials at the points
-/// reached on the action's vCPU × calls × `releases`, fail trials for the fallible
-/// functions reached, on calls 1..=min(calls, [`MAX_FAIL_CALLS`]); then shuffled by
-/// `seed` (so a budget samples the whole space, and the same seed gives the same list).
+/// reached on the action's vCPU × calls × `releases`; fail trials for the fallible
+/// functions reached, alone and with each racing call made first, on calls
+/// 1..=min(calls, [`MAX_FAIL_CALLS`]); then shuffled by `seed` (so a budget samples the
+/// whole space, and the same seed gives the same list).
 pub fn search_trials(
+    w: &Workload,
     mode: Mode,
     points: &[String],
     fallible: &[String],
     reach: &Reach,
-    calls: usize,
     releases: &[Release],
     seed: u64,
 ) -> Vec<Trial> {
+    let calls = w.calls.len();
     let mut out = Vec::new();
     if mode.races() {
         for p in points {
@@ -474,13 +542,18 @@ pub fn search_trials(
         }
     }
     if mode.fails() {
-        for f in fallible {
-            let total: u32 = reach.get(f).map_or(0, |v| v.iter().sum());
-            for call in 1..=total.min(MAX_FAIL_CALLS) {
-                out.push(Trial::Fail {
-                    function: f.clone(),
-                    call,
-                });
+        for with in std::iter::once(None).chain((0..calls).map(Some)) {
+            for f in fallible {
+                let total: u32 = reach
+                    .get(&reach_key(w, f, with))
+                    .map_or(0, |v| v.iter().sum());
+                for call in 1..=total.min(MAX_FAIL_CALLS) {
+                    out.push(Trial::Fail {
+                        function: f.clone(),
+                        call,
+                        with,
+                    });
+                }
             }
         }
     }
@@ -554,9 +627,21 @@ fn schedule(
             });
         }
     }
+    // A racing call made first: the race gate and its selector open as soon as the racer
+    // waits, and the reboot waits for the call's result instead of for the racer.
+    if let Trial::Map { with: Some(k), .. } | Trial::Fail { with: Some(k), .. } = trial {
+        let pattern = w.calls[*k].pattern();
+        gates[0].open_when = Some(Trigger::Result(pattern));
+        gates[1].open_when = Some(Trigger::Wait(gate(RACE_GATE)));
+        if select_all {
+            if let Some(g) = gates.iter_mut().find(|g| g.gate == selector(*k)) {
+                g.open_when = Some(Trigger::Wait(gate(RACE_GATE)));
+            }
+        }
+    }
     let hooks = match trial {
         Trial::Baseline => vec![],
-        Trial::Map { function } => vec![observe("reach", function, VcpuSelect::All, None)],
+        Trial::Map { function, .. } => vec![observe("reach", function, VcpuSelect::All, None)],
         Trial::Race {
             point,
             call,
@@ -605,7 +690,7 @@ fn schedule(
             }
             hooks
         }
-        Trial::Fail { function, call } => vec![Hook {
+        Trial::Fail { function, call, .. } => vec![Hook {
             name: "fails".into(),
             at: TraceSpec {
                 symbol: function.clone(),
@@ -654,7 +739,14 @@ pub fn finding_scenario(
 ) -> Scenario {
     let (gates, hooks) = schedule(w, trial, hold_max, false);
     let mut stage1 = w.stage1.clone();
-    if let Trial::Race { call, .. } = trial {
+    if let Trial::Race { call, .. }
+    | Trial::Fail {
+        with: Some(call), ..
+    }
+    | Trial::Map {
+        with: Some(call), ..
+    } = trial
+    {
         let c = &w.calls[*call];
         let mut steps = c.prep.clone();
         steps.push(Step::Gate(gate(RACE_GATE)));
@@ -665,7 +757,11 @@ pub fn finding_scenario(
         });
     }
     // Without a racing thread nobody waits at the race gate: the reboot needs no gate.
-    let gates = if matches!(trial, Trial::Race { .. }) {
+    let racer = matches!(
+        trial,
+        Trial::Race { .. } | Trial::Fail { with: Some(_), .. } | Trial::Map { with: Some(_), .. }
+    );
+    let gates = if racer {
         gates
     } else {
         for t in &mut stage1.threads {
@@ -743,18 +839,26 @@ mod tests {
 
     #[test]
     fn trial_lists_are_deterministic_and_cover_the_reached_space() {
+        let w = default_workload();
         let mut reach = Reach::new();
         reach.insert("a".into(), vec![1, 0]);
         reach.insert("b".into(), vec![0, 3]);
         reach.insert("c".into(), vec![0, 0]);
+        reach.insert(reach_key(&w, "c", Some(3)), vec![0, 2]);
         let points: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let rel = [Release::Settled, Release::AfterMs(500)];
-        let one = search_trials(Mode::Both, &points, &points, &reach, 3, &rel, 7);
-        let two = search_trials(Mode::Both, &points, &points, &reach, 3, &rel, 7);
+        let one = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
+        let two = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
         assert_eq!(one, two);
-        // Race: only a is reached on vCPU 0: 3 calls × 2 releases. Fail: a once, b 3 times.
-        assert_eq!(one.len(), 6 + 1 + 3);
-        let other = search_trials(Mode::Both, &points, &points, &reach, 3, &rel, 8);
+        // Race: only a is reached on vCPU 0: 8 calls × 2 releases. Fail: a once, b 3
+        // times, c twice with call 3 (preserve-fd 0.1) made first.
+        assert_eq!(one.len(), 16 + 1 + 3 + 2);
+        assert!(one.contains(&Trial::Fail {
+            function: "c".into(),
+            call: 2,
+            with: Some(3)
+        }));
+        let other = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 8);
         assert_ne!(one, other, "another seed, another order");
         let mut sorted = one.clone();
         sorted.sort();
@@ -762,10 +866,22 @@ mod tests {
         sorted_other.sort();
         assert_eq!(sorted, sorted_other, "the same trials");
         assert!(
-            search_trials(Mode::Race, &points, &points, &reach, 3, &rel, 7)
+            search_trials(&w, Mode::Race, &points, &points, &reach, &rel, 7)
                 .iter()
                 .all(|t| matches!(t, Trial::Race { point, .. } if point == "a"))
         );
+        // The map: every point alone; in fail mode every fallible one after each call.
+        assert_eq!(map_trials(Mode::Race, &points, &points[..1], 8).len(), 3);
+        assert_eq!(
+            map_trials(Mode::Fail, &points, &points[..1], 8).len(),
+            3 + 8
+        );
+        let with = Trial::Fail {
+            function: "memfd_luo_preserve".into(),
+            call: 1,
+            with: Some(3),
+        };
+        assert_eq!(with.id(&w), "fail:memfd_luo_preserve:1@preserve-fd-0.1");
     }
 
     #[test]
@@ -798,6 +914,7 @@ mod tests {
         let fail = Trial::Fail {
             function: "luo_file_freeze".into(),
             call: 2,
+            with: None,
         };
         let f = finding_scenario(
             &w,
@@ -813,6 +930,36 @@ mod tests {
         let back = Scenario::parse(&f.to_toml(""), "unwind.toml").unwrap();
         assert_eq!(back, f);
         assert_eq!(back.gates.len(), 1, "the workload's own gate only");
+        // A failure inside a racing call made before the reboot.
+        let during = Trial::Fail {
+            function: "memfd_luo_preserve".into(),
+            call: 1,
+            with: Some(3),
+        };
+        let f = finding_scenario(
+            &w,
+            &during,
+            "preserve-fails",
+            "a failed preserve",
+            None,
+            2,
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+            default_verdict(),
+        );
+        let text = f.to_toml("");
+        let back = Scenario::parse(&text, "preserve-fails.toml").unwrap();
+        assert_eq!(back, f);
+        assert!(
+            text.contains("open_when = \"result preserve-fd 0.1\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "steps = [\"memfd 0.1 65536\", \"fill 0.1 write\", \"gate 2\", \"preserve 0.1\"]"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

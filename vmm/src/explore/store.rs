@@ -332,6 +332,7 @@ mod tests {
             id: id.into(),
             trial: Trial::Map {
                 function: id.into(),
+                with: None,
             },
             verdict: TrialVerdict::Pass { because: vec![] },
             hits: Some(vec![1, 0]),
