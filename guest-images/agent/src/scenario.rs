@@ -91,15 +91,18 @@ impl World<'_> {
                 lock(&self.files).insert(id, Arc::new(file));
             }
             Step::Fill(id, how) => {
-                let file = self.file(id)?;
                 // Filled for the handover that follows this boot.
                 let seed = pattern::seed(self.round + 1, id.session, id.file);
-                p.action(Action::Fill, id.token(), || fill(&file, how, seed))?;
+                p.action(Action::Fill, id.token(), || {
+                    fill(&*self.file(id)?, how, seed)
+                })?;
             }
             Step::Preserve(id) => {
-                let session = self.session(id.session)?;
-                let file = self.file(id)?;
+                // Announced even when the session or file is missing here (another thread
+                // closed it): every step that is a call gets a result.
                 p.action(Action::PreserveFd, id.token(), || {
+                    let session = self.session(id.session)?;
+                    let file = self.file(id)?;
                     session.preserve_fd(file.as_fd(), id.token())
                 })?;
             }
@@ -111,9 +114,8 @@ impl World<'_> {
                 lock(&self.sessions).insert(s, Arc::new(session));
             }
             Step::RetrieveFd(id) => {
-                let session = self.session(id.session)?;
                 let fd = p.action(Action::RetrieveFd, id.token(), || {
-                    session.retrieve_fd(id.token())
+                    self.session(id.session)?.retrieve_fd(id.token())
                 })?;
                 let file = File::from(fd);
                 let (size, patterned) = self.made(id);
@@ -122,8 +124,9 @@ impl World<'_> {
                 lock(&self.files).insert(id, Arc::new(file));
             }
             Step::Finish(s) => {
-                let session = self.session(s)?;
-                p.action(Action::FinishSession, u64::from(s), || session.finish())?;
+                p.action(Action::FinishSession, u64::from(s), || {
+                    self.session(s)?.finish()
+                })?;
             }
             Step::Close(s) => {
                 let session = lock(&self.sessions).remove(&s);

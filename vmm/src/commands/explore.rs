@@ -23,7 +23,8 @@ use crate::explore::code::{read_code, CodeError};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
     announced, check_workload, default_workload, finding_scenario, map_trials, racing_calls,
-    reach_key, script, search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
+    racing_calls2, reach_key, script, search_trials, stage2_end, trial_scenario, Reach, Release,
+    Trial, Workload, IDLE_SYMBOL,
 };
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
@@ -158,6 +159,7 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
         )));
     }
     let calls = racing_calls(&sc.script.stage1);
+    let calls2 = racing_calls2(&sc.script.stage2);
     Ok(Workload {
         origin: path.display().to_string(),
         stage1: sc.script.stage1,
@@ -165,6 +167,7 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
         cmdline: sc.cmdline,
         gates: sc.gates,
         calls,
+        calls2,
     })
 }
 
@@ -241,9 +244,25 @@ fn points(
 /// What caused a trial's trouble, for its signature.
 fn cause(w: &Workload, trial: &Trial) -> String {
     match trial {
-        Trial::Baseline | Trial::Map { .. } => "the workload alone".into(),
-        Trial::Race { call, .. } => w.calls[*call].pattern().action.name().to_owned(),
-        Trial::Fail { function, .. } => format!("fail {function}"),
+        Trial::Baseline | Trial::Baseline2 | Trial::Map { .. } => "the workload alone".into(),
+        Trial::Race {
+            call,
+            stage2: false,
+            ..
+        } => w.calls[*call].pattern().action.name().to_owned(),
+        Trial::Race {
+            call, stage2: true, ..
+        } => format!("stage 2: {}", w.calls2[*call].pattern().action.name()),
+        Trial::Fail {
+            function,
+            stage2: false,
+            ..
+        } => format!("fail {function}"),
+        Trial::Fail {
+            function,
+            stage2: true,
+            ..
+        } => format!("stage 2: fail {function}"),
     }
 }
 
@@ -280,21 +299,32 @@ impl Explorer {
     /// log if it is a finding.
     fn run(
         &self,
-        machine: &mut Option<GuestMachine>,
+        machines: &mut Machines,
         trial: &Trial,
         out: &Path,
-        point: &SnapshotPoint,
         log_suffix: &str,
     ) -> Result<TrialRecord, ExploreError> {
         let id = trial.id(&self.w);
         let sc = trial_scenario(&self.w, trial, self.vcpus, self.hold_max);
         let log_rel = format!("logs/{}{log_suffix}.log", log_name(&id));
+        // Stage 1's trials end at point-of-no-return; stage 2's run to the end of the
+        // workload, on the machine that kept stage 2's snapshot (no interception: it
+        // would not be quiescent there).
+        let stage2 = trial.stage2();
         let plan = RunPlan {
             run: 1,
             log: out.join(&log_rel),
-            point: Some(point.clone()),
-            decide_at_point_of_no_return: true,
+            point: Some(snapshot_point(&sc, stage2)),
+            decide_at_point_of_no_return: !stage2,
+            keep_timeout_reports: true,
+            no_intercept: stage2,
+            end_when: if stage2 { stage2_end(&self.w) } else { None },
             verbose: false,
+        };
+        let machine = if stage2 {
+            &mut machines.stage2
+        } else {
+            &mut machines.stage1
         };
         let got = trial::run(&self.target(&sc), machine, &plan)?;
         let verdict = decide(&got.facts, &cause(&self.w, trial));
@@ -305,7 +335,7 @@ impl Explorer {
         let keep = matches!(
             verdict,
             TrialVerdict::Finding { .. } | TrialVerdict::Undecided { .. }
-        ) || matches!(trial, Trial::Baseline);
+        ) || matches!(trial, Trial::Baseline | Trial::Baseline2);
         if !keep {
             let _ = std::fs::remove_file(out.join(&log_rel));
         } else if !got.timeout_reports.is_empty() {
@@ -341,35 +371,71 @@ impl Explorer {
                 point,
                 call,
                 release,
+                stage2,
             } => format!(
-                "{} on CPU 1 while CPU 0 is held at {point} (released {release}): {}",
-                self.w.calls[*call].pattern(),
+                "{} on CPU 1 while CPU 0 is held at {point} (released {release}){}: {}",
+                if *stage2 {
+                    self.w.calls2[*call].pattern()
+                } else {
+                    self.w.calls[*call].pattern()
+                },
+                if *stage2 { " in stage 2" } else { "" },
                 sig.oracle
             ),
             Trial::Fail {
                 function,
                 call,
                 with: None,
+                stage2,
             } => format!(
-                "{function} fails with -EIO on its call {call}: {}",
+                "{function} fails with -EIO on its call {call}{}: {}",
+                if *stage2 { " in stage 2" } else { "" },
                 sig.oracle
             ),
             Trial::Fail {
                 function,
                 call,
                 with: Some(k),
+                ..
             } => format!(
                 "{function} fails with -EIO on its call {call} in {} on CPU 1, before the reboot: {}",
                 self.w.calls[*k].pattern(),
                 sig.oracle
             ),
-            Trial::Baseline | Trial::Map { .. } => format!("the workload alone: {}", sig.oracle),
+            Trial::Baseline | Trial::Baseline2 | Trial::Map { .. } => {
+                format!("the workload alone: {}", sig.oracle)
+            }
         };
         let mut hooks_extra: Vec<Hook> = Vec::new();
         let verdict = match sig.oracle {
             Oracle::RecordsDiffer => VerdictRules {
                 correct: vec![Condition::RecordsMatch],
                 bug: vec![Condition::RecordsDiffer, Condition::KernelOops],
+            },
+            Oracle::Stage2Data => VerdictRules {
+                correct: vec![Condition::RecordsMatch],
+                bug: f
+                    .because
+                    .iter()
+                    .filter_map(|b| {
+                        let call = b.split(':').next()?;
+                        crate::config::scenario::parse_condition(&format!("failed {call}")).ok()
+                    })
+                    .chain([Condition::KernelOops])
+                    .collect(),
+            },
+            Oracle::RetrievedTwice => VerdictRules {
+                correct: vec![Condition::RecordsMatch],
+                bug: f
+                    .because
+                    .iter()
+                    .filter_map(|b| {
+                        let call = b.strip_suffix(" returned success twice")?;
+                        crate::config::scenario::parse_condition(&format!("returned twice {call}"))
+                            .ok()
+                    })
+                    .chain([Condition::KernelOops])
+                    .collect(),
             },
             Oracle::KernelTrouble => VerdictRules {
                 correct: vec![Condition::RecordsMatch],
@@ -462,11 +528,22 @@ impl Explorer {
     }
 }
 
-/// The gates a snapshot waits for: the first of every stage-1 thread.
-fn snapshot_point(sc: &Scenario) -> SnapshotPoint {
-    let gates: BTreeSet<Gate> = sc
-        .script
-        .stage1
+/// The machines of an exploration: one keeps stage 1's snapshot, the other (when stage 2 is
+/// searched) stage 2's.
+#[derive(Default)]
+struct Machines {
+    stage1: Option<GuestMachine>,
+    stage2: Option<GuestMachine>,
+}
+
+/// The gates a snapshot waits for: the first of every thread of stage 1 (or 2).
+fn snapshot_point(sc: &Scenario, stage2: bool) -> SnapshotPoint {
+    let stage = if stage2 {
+        &sc.script.stage2
+    } else {
+        &sc.script.stage1
+    };
+    let gates: BTreeSet<Gate> = stage
         .threads
         .iter()
         .filter_map(|t| {
@@ -533,7 +610,6 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let hold_max = args.hang_after / 2;
     let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
-    let point = snapshot_point(&baseline);
     if let Some(json) = &args.json {
         std::fs::File::create(json)
             .map_err(|e| options(format!("--json {}: {e}", json.display())))?;
@@ -547,14 +623,24 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     })?;
     let (points, fallible, points_id) = points(&args.points, &guest, &syms)?;
     // Every kind of trial arms within the debug registers (a race trial needs the most).
-    let probe_race = Trial::Race {
+    let probe_race = |stage2| Trial::Race {
         point: points[0].clone(),
         call: 0,
         release: Release::Settled,
+        stage2,
     };
-    for t in [Trial::Baseline, probe_race] {
+    let mut probes = vec![Trial::Baseline, probe_race(false)];
+    if !w.calls2.is_empty() {
+        probes.push(probe_race(true));
+    }
+    for t in probes {
         let sc = trial_scenario(&w, &t, args.vcpus, hold_max);
-        trial::arm(&sc, &syms, &trial::interceptor(&syms, None)?, args.vcpus)?;
+        trial::arm(
+            &sc,
+            &syms,
+            &trial::interceptor(&syms, None, false)?,
+            args.vcpus,
+        )?;
     }
     let kernel = guest.image.as_ref().map_or_else(
         || guest.kernel.display().to_string(),
@@ -620,52 +706,57 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         }
     );
 
-    // The boot: the baseline run keeps the snapshot every later trial starts from.
-    let mut machine: Option<GuestMachine> = None;
-    let t0 = Instant::now();
-    let base = ex.run(&mut machine, &Trial::Baseline, &out, &point, "")?;
-    let snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
-    if !snapshot {
-        let why = machine
-            .as_ref()
-            .and_then(GuestMachine::no_snapshot)
-            .unwrap_or("the workload never waited at its gates")
-            .to_owned();
-        return Err(options(format!(
-            "the workload did not reach the action under test with a snapshot ({why}); see {}",
-            out.join(base.log.as_deref().unwrap_or("logs")).display()
-        )));
+    // The boots: the baseline run keeps the snapshot every stage-1 trial starts from; the
+    // second baseline (when stage 2 is searched) goes through the handover and keeps stage
+    // 2's.
+    let mut machines = Machines::default();
+    let mut baselines = vec![Trial::Baseline];
+    if !ex.w.calls2.is_empty() {
+        baselines.push(Trial::Baseline2);
     }
-    if !base
-        .verdict
-        .because()
-        .iter()
-        .any(|b| b.contains("point-of-no-return"))
-    {
-        eprintln!(
-            "luo-vmm: warning: the workload alone did not reach point-of-no-return: {}",
+    for b in baselines {
+        let t0 = Instant::now();
+        let base = ex.run(&mut machines, &b, &out, "")?;
+        let m = if b.stage2() {
+            &mut machines.stage2
+        } else {
+            &mut machines.stage1
+        };
+        if !m.as_ref().is_some_and(GuestMachine::has_snapshot) {
+            let why = m
+                .as_ref()
+                .and_then(GuestMachine::no_snapshot)
+                .unwrap_or("the workload never waited at its gates")
+                .to_owned();
+            return Err(options(format!(
+                "the workload did not reach the action under test{} with a snapshot ({why}); see {}",
+                if b.stage2() { " in stage 2" } else { "" },
+                out.join(base.log.as_deref().unwrap_or("logs")).display()
+            )));
+        }
+        println!(
+            "booted and kept {} snapshot in {:.1} s; {}: {} ({})",
+            if b.stage2() { "stage 2's" } else { "stage 1's" },
+            t0.elapsed().as_secs_f64(),
+            base.id,
+            base.verdict.name(),
             base.verdict.because().join("; ")
         );
-    }
-    println!(
-        "booted and kept the snapshot in {:.1} s; baseline: {}",
-        t0.elapsed().as_secs_f64(),
-        base.verdict.name()
-    );
-    if let Some(m) = machine.as_mut() {
-        m.set_run_bound(args.hang_after);
-    }
-    if !done.contains(&base.id) {
-        store.append(base)?;
+        if let Some(m) = m.as_mut() {
+            m.set_run_bound(args.hang_after);
+        }
+        if !done.contains(&base.id) {
+            store.append(base)?;
+        }
     }
 
     // The map: where the workload goes.
-    let map = map_trials(args.mode, &points, &fallible, ex.w.calls.len());
+    let map = map_trials(&ex.w, args.mode, &points, &fallible);
     for (i, t) in map.iter().enumerate() {
         if done.contains(&t.id(&ex.w)) {
             continue;
         }
-        let r = ex.run(&mut machine, t, &out, &point, "")?;
+        let r = ex.run(&mut machines, t, &out, "")?;
         progress(i + 1, map.len(), "map", &r, &ex.w);
         store.append(r)?;
     }
@@ -673,8 +764,15 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         .done
         .iter()
         .filter_map(|r| match (&r.trial, &r.hits) {
-            (Trial::Map { function, with }, Some(h)) if h.iter().any(|&c| c > 0) => {
-                Some((reach_key(&ex.w, function, *with), h.clone()))
+            (
+                Trial::Map {
+                    function,
+                    with,
+                    stage2,
+                },
+                Some(h),
+            ) if h.iter().any(|&c| c > 0) => {
+                Some((reach_key(&ex.w, function, *with, *stage2), h.clone()))
             }
             _ => None,
         })
@@ -717,7 +815,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             complete = false;
             break;
         }
-        let r = ex.run(&mut machine, t, &out, &point, "")?;
+        let r = ex.run(&mut machines, t, &out, "")?;
         progress(i + 1, planned.len(), "search", &r, &ex.w);
         store.append(r)?;
         write_findings(&ex, &store.done, &out, &mut written)?;
@@ -727,7 +825,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     // written from the first candidate that gives its signature every time.
     let mut findings = group(&store.done);
     for f in &mut findings {
-        confirm(&ex, &mut machine, f, &store.done, &out, &point)?;
+        confirm(&ex, &mut machines, f, &store.done, &out)?;
         write_finding(&ex, f, &store.done, &out)?;
     }
     let t = totals(&store.done, trials.len());
@@ -825,11 +923,10 @@ fn write_finding(
 /// time; makes that one the representative and records `k/n`.
 fn confirm(
     ex: &Explorer,
-    machine: &mut Option<GuestMachine>,
+    machines: &mut Machines,
     f: &mut Finding,
     records: &[TrialRecord],
     out: &Path,
-    point: &SnapshotPoint,
 ) -> Result<(), ExploreError> {
     let mut candidates: Vec<&TrialRecord> = Vec::new();
     for id in std::iter::once(&f.first).chain(&f.trials) {
@@ -848,7 +945,7 @@ fn confirm(
     for c in candidates {
         let mut same = 0;
         for _ in 0..CONFIRM_RUNS {
-            let again = ex.run(machine, &c.trial, out, point, "-again")?;
+            let again = ex.run(machines, &c.trial, out, "-again")?;
             // The first run's log is the evidence; the confirmations' are not kept.
             if let Some(log) = &again.log {
                 let _ = std::fs::remove_file(out.join(log));
@@ -899,12 +996,14 @@ mod tests {
             point: "p".into(),
             call: 2,
             release: Release::Settled,
+            stage2: false,
         };
         assert_eq!(cause(&w, &race), "close-session");
         let fail = Trial::Fail {
             function: "luo_file_freeze".into(),
             call: 2,
             with: None,
+            stage2: false,
         };
         assert_eq!(cause(&w, &fail), "fail luo_file_freeze");
     }

@@ -255,7 +255,12 @@ fn prepare(
         }
         None => None,
     };
-    arm(&sc, &syms, &interceptor(&syms, next_syms.as_ref())?, vcpus)?;
+    arm(
+        &sc,
+        &syms,
+        &interceptor(&syms, next_syms.as_ref(), false)?,
+        vcpus,
+    )?;
     Ok(Prepared {
         sc,
         opts,
@@ -395,6 +400,9 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             log,
             point: point.clone(),
             decide_at_point_of_no_return: false,
+            keep_timeout_reports: false,
+            no_intercept: false,
+            end_when: None,
             verbose: true,
         };
         let result = trial::run(&target, &mut machine, &plan)?.result;

@@ -175,6 +175,9 @@ pub enum Condition {
     Blocked(ActionPattern),
     /// `returned ACTION [ARG]`: returned success.
     Returned(ActionPattern),
+    /// `returned twice ACTION [ARG]`: returned success twice in one boot (a session or
+    /// file retrieved twice).
+    ReturnedTwice(ActionPattern),
     /// `failed ACTION [ARG]`: returned an error.
     Failed(ActionPattern),
     /// `records match`: the LUO records the next kernel got are what user space believed
@@ -198,6 +201,7 @@ impl std::fmt::Display for Condition {
         match self {
             Condition::Blocked(a) => write!(f, "blocked {a}"),
             Condition::Returned(a) => write!(f, "returned {a}"),
+            Condition::ReturnedTwice(a) => write!(f, "returned twice {a}"),
             Condition::Failed(a) => write!(f, "failed {a}"),
             Condition::RecordsMatch => f.write_str("records match"),
             Condition::RecordsDiffer => f.write_str("records differ"),
@@ -523,6 +527,7 @@ pub(crate) fn parse_condition(text: &str) -> Result<Condition, String> {
     let pattern = |rest: &[&str]| action_pattern(rest).map_err(|e| format!("{text:?}: {e}"));
     match w.as_slice() {
         ["blocked", rest @ ..] => pattern(rest).map(Condition::Blocked),
+        ["returned", "twice", rest @ ..] => pattern(rest).map(Condition::ReturnedTwice),
         ["returned", rest @ ..] => pattern(rest).map(Condition::Returned),
         ["failed", rest @ ..] => pattern(rest).map(Condition::Failed),
         ["records", "match"] => Ok(Condition::RecordsMatch),

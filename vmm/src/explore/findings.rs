@@ -289,6 +289,7 @@ mod tests {
                 function: id.into(),
                 call: 1,
                 with: None,
+                stage2: false,
             },
             verdict,
             hits: None,
@@ -321,6 +322,7 @@ mod tests {
                 point: "p".into(),
                 call: 0,
                 release,
+                stage2: false,
             },
             ..rec(id, 1.0, finding("x"))
         };

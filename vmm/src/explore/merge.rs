@@ -821,12 +821,14 @@ mod tests {
             Trial::Map {
                 function: f.into(),
                 with: None,
+                stage2: false,
             }
         } else {
             Trial::Fail {
                 function: id.into(),
                 call: 1,
                 with: None,
+                stage2: false,
             }
         };
         TrialRecord {

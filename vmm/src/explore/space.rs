@@ -31,6 +31,14 @@ pub const RACE_GATE: u8 = 2;
 pub const SELECT_BASE: u8 = 10;
 /// Most racing calls (selector gates 10..=41).
 pub const MAX_CALLS: u8 = 32;
+/// The gate stage 2's CPU-0 thread waits at before its first step (stage 2's action).
+pub const ACTION2_GATE: u8 = 4;
+/// The gate stage 2's racing thread waits at.
+pub const RACE2_GATE: u8 = 5;
+/// Stage 2's selector gates: `SELECT2_BASE + k` lets its racing thread make call `k`.
+pub const SELECT2_BASE: u8 = 42;
+/// Most stage-2 racing calls (selector gates 42..=61).
+pub const MAX_CALLS2: u8 = 20;
 /// The vCPU the action runs on (held at hold points).
 pub const ACTION_VCPU: u8 = 0;
 /// The vCPU of the racing thread.
@@ -124,6 +132,9 @@ pub struct Workload {
     pub gates: Vec<GateRule>,
     /// The candidate racing calls.
     pub calls: Vec<RacingCall>,
+    /// Stage 2's racing calls (none: stage 2 is not searched, its CPU-0 thread does not
+    /// start with `gate 4`).
+    pub calls2: Vec<RacingCall>,
 }
 
 /// The gate the default workload's second thread waits at until a `reboot` failed.
@@ -173,7 +184,15 @@ pub fn default_workload() -> Workload {
     let stage2 = StageScript {
         threads: vec![Thread {
             cpu: 0,
-            steps: steps(&["retrieve 0", "retrieve-fd 0.0", "finish 0"]),
+            steps: steps(&[
+                "gate 4",
+                "retrieve 0",
+                "retrieve-fd 0.0",
+                "finish 0",
+                "retrieve 1",
+                "retrieve-fd 1.0",
+                "finish 1",
+            ]),
         }],
     };
     let mut w = Workload {
@@ -189,14 +208,65 @@ pub fn default_workload() -> Workload {
             })),
         }],
         calls: vec![],
+        calls2: vec![],
     };
     w.calls = racing_calls(&w.stage1);
+    w.calls2 = racing_calls2(&w.stage2);
     w
+}
+
+/// Stage 2's racing calls, when its CPU-0 thread starts with `gate 4`: retrieving each
+/// session it retrieves a second time, the first file it retrieves a second time,
+/// finishing and closing the first session (on the handle the other thread retrieved), a
+/// new session.
+pub fn racing_calls2(stage2: &StageScript) -> Vec<RacingCall> {
+    let starts = stage2.threads.iter().any(|t| {
+        t.cpu == u16::from(ACTION_VCPU) && t.steps.first() == Some(&Step::Gate(gate(ACTION2_GATE)))
+    });
+    if !starts {
+        return vec![];
+    }
+    let steps: Vec<Step> = stage2
+        .threads
+        .iter()
+        .flat_map(|t| t.steps.iter().copied())
+        .collect();
+    let mut sessions: Vec<u32> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Retrieve(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    sessions.dedup();
+    let call = |step| RacingCall { step, prep: vec![] };
+    let mut calls: Vec<RacingCall> = sessions
+        .iter()
+        .take(4)
+        .map(|&s| call(Step::Retrieve(s)))
+        .collect();
+    if let Some(id) = steps.iter().find_map(|s| match s {
+        Step::RetrieveFd(id) => Some(*id),
+        _ => None,
+    }) {
+        calls.push(call(Step::RetrieveFd(id)));
+    }
+    if let Some(&s) = sessions.first() {
+        calls.push(call(Step::Finish(s)));
+        calls.push(call(Step::Close(s)));
+        calls.push(call(Step::Create(
+            sessions.iter().max().map_or(0, |m| m + 1),
+        )));
+    }
+    calls.truncate(usize::from(MAX_CALLS2));
+    calls
 }
 
 /// Whether explore owns gate `g` (the action's, the race's, the selectors).
 pub fn explore_owns(g: u8) -> bool {
-    g == ACTION_GATE || g == RACE_GATE || (SELECT_BASE..SELECT_BASE + MAX_CALLS).contains(&g)
+    [ACTION_GATE, RACE_GATE, ACTION2_GATE, RACE2_GATE].contains(&g)
+        || (SELECT_BASE..SELECT_BASE + MAX_CALLS).contains(&g)
+        || (SELECT2_BASE..SELECT2_BASE + MAX_CALLS2).contains(&g)
 }
 
 /// The racing calls a stage-1 script offers: a new session, closing each session,
@@ -296,13 +366,14 @@ pub fn check_workload(w: &Workload) -> Result<(), String> {
             Step::Gate(g) | Step::If(g) => Some(g.id()),
             _ => None,
         })
-        .filter(|&g| g != ACTION_GATE)
+        .filter(|&g| g != ACTION_GATE && g != ACTION2_GATE)
         .collect();
     if let Some(g) = waits.iter().find(|&&g| explore_owns(g)) {
         return Err(format!(
-            "workload {}: uses gate {g}; explore owns gates {ACTION_GATE}, {RACE_GATE} and {SELECT_BASE} to {} (the workload waits at gate {ACTION_GATE} before its reboot, at others of its own)",
+            "workload {}: uses gate {g}; explore owns gates {ACTION_GATE} to {RACE2_GATE}, {SELECT_BASE} to {} and {SELECT2_BASE} to {} (the workload waits at gate {ACTION_GATE} before its reboot, at gate {ACTION2_GATE} first in stage 2, at others of its own)",
             w.origin,
-            SELECT_BASE + MAX_CALLS - 1
+            SELECT_BASE + MAX_CALLS - 1,
+            SELECT2_BASE + MAX_CALLS2 - 1
         ));
     }
     if let Some(g) = waits.iter().find(|&&g| {
@@ -338,30 +409,73 @@ fn selector(k: usize) -> Gate {
     gate(SELECT_BASE + k)
 }
 
-/// The script every trial shares (the snapshot's): the workload plus the racing thread.
-pub fn script(w: &Workload) -> Script {
-    let mut racer = Vec::new();
-    for c in &w.calls {
+/// The selector gate of stage-2 racing call `k` (`k` < [`MAX_CALLS2`]).
+fn selector2(k: usize) -> Gate {
+    let k = u8::try_from(k)
+        .ok()
+        .filter(|&k| k < MAX_CALLS2)
+        .expect("at most MAX_CALLS2 stage-2 racing calls");
+    gate(SELECT2_BASE + k)
+}
+
+/// What differs between the stages' searches: their gates, selectors and calls.
+struct Side<'a> {
+    action_gate: Gate,
+    race_gate: Gate,
+    selector: fn(usize) -> Gate,
+    calls: &'a [RacingCall],
+}
+
+fn side(w: &Workload, stage2: bool) -> Side<'_> {
+    if stage2 {
+        Side {
+            action_gate: gate(ACTION2_GATE),
+            race_gate: gate(RACE2_GATE),
+            selector: selector2,
+            calls: &w.calls2,
+        }
+    } else {
+        Side {
+            action_gate: gate(ACTION_GATE),
+            race_gate: gate(RACE_GATE),
+            selector,
+            calls: &w.calls,
+        }
+    }
+}
+
+/// The racing thread of `side`: the calls' preparation, the race gate, every call behind
+/// its selector.
+fn racer(side: &Side<'_>) -> Thread {
+    let mut steps = Vec::new();
+    for c in side.calls {
         for p in &c.prep {
-            if !racer.contains(p) {
-                racer.push(*p);
+            if !steps.contains(p) {
+                steps.push(*p);
             }
         }
     }
-    racer.push(Step::Gate(gate(RACE_GATE)));
-    for (k, c) in w.calls.iter().enumerate() {
-        racer.push(Step::If(selector(k)));
-        racer.push(c.step);
+    steps.push(Step::Gate(side.race_gate));
+    for (k, c) in side.calls.iter().enumerate() {
+        steps.push(Step::If((side.selector)(k)));
+        steps.push(c.step);
     }
-    let mut stage1 = w.stage1.clone();
-    stage1.threads.push(Thread {
+    Thread {
         cpu: u16::from(RACE_VCPU),
-        steps: racer,
-    });
-    Script {
-        stage1,
-        stage2: w.stage2.clone(),
+        steps,
     }
+}
+
+/// The script every trial shares (the snapshot's): the workload plus the racing thread of
+/// each stage searched.
+pub fn script(w: &Workload) -> Script {
+    let mut stage1 = w.stage1.clone();
+    stage1.threads.push(racer(&side(w, false)));
+    let mut stage2 = w.stage2.clone();
+    if !w.calls2.is_empty() {
+        stage2.threads.push(racer(&side(w, true)));
+    }
+    Script { stage1, stage2 }
 }
 
 /// One trial.
@@ -371,6 +485,9 @@ pub enum Trial {
     /// The workload alone, nothing armed: the run that boots and keeps the snapshot; every
     /// oracle must pass on it.
     Baseline,
+    /// The same through the handover into stage 2, without interception: the run that
+    /// keeps stage 2's snapshot (where its threads wait at their first gates).
+    Baseline2,
     /// Where the workload goes: how often `function` runs (per vCPU), no race; with
     /// `with`, racing call `with` is made first, to its end, and then the reboot.
     Map {
@@ -379,6 +496,9 @@ pub enum Trial {
         /// The racing call made before the reboot (index into the workload's calls).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         with: Option<usize>,
+        /// In stage 2 (from stage 2's snapshot, to the end of the workload).
+        #[serde(default, skip_serializing_if = "is_false")]
+        stage2: bool,
     },
     /// CPU 0 held at `point`'s first call, racing call `call` made on CPU 1, released
     /// by `release`.
@@ -389,6 +509,9 @@ pub enum Trial {
         call: usize,
         /// When the hold ends.
         release: Release,
+        /// In stage 2 (`call` indexes stage 2's calls).
+        #[serde(default, skip_serializing_if = "is_false")]
+        stage2: bool,
     },
     /// `function` returns -EIO without running on its `call`-th call; with `with`,
     /// during racing call `with`, made before the reboot (the uAPI's error paths).
@@ -400,7 +523,33 @@ pub enum Trial {
         /// The racing call made before the reboot (index into the workload's calls).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         with: Option<usize>,
+        /// In stage 2.
+        #[serde(default, skip_serializing_if = "is_false")]
+        stage2: bool,
     },
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `2` for a stage-2 trial's id kind.
+fn stage_tag(stage2: bool) -> &'static str {
+    if stage2 {
+        "2"
+    } else {
+        ""
+    }
+}
+
+/// ` (stage 2)` in a stage-2 trial's words.
+fn stage_words(stage2: bool) -> &'static str {
+    if stage2 {
+        " (stage 2)"
+    } else {
+        ""
+    }
 }
 
 /// `@LABEL` of racing call `with`, or nothing.
@@ -410,9 +559,24 @@ fn with_label(w: &Workload, with: Option<usize>) -> String {
     })
 }
 
-/// The key of [`Reach`] for `function` reached with racing call `with` made first.
-pub fn reach_key(w: &Workload, function: &str, with: Option<usize>) -> String {
-    format!("{function}{}", with_label(w, with))
+/// The key of [`Reach`] for `function` reached with racing call `with` made first, or in
+/// stage 2 (`2:FUNCTION`).
+pub fn reach_key(w: &Workload, function: &str, with: Option<usize>, stage2: bool) -> String {
+    let stage = if stage2 { "2:" } else { "" };
+    format!("{stage}{function}{}", with_label(w, with))
+}
+
+impl Trial {
+    /// Whether it runs in stage 2 (from stage 2's snapshot).
+    pub fn stage2(&self) -> bool {
+        match self {
+            Trial::Baseline => false,
+            Trial::Baseline2 => true,
+            Trial::Map { stage2, .. } | Trial::Race { stage2, .. } | Trial::Fail { stage2, .. } => {
+                *stage2
+            }
+        }
+    }
 }
 
 impl Trial {
@@ -420,20 +584,39 @@ impl Trial {
     pub fn id(&self, w: &Workload) -> String {
         match self {
             Trial::Baseline => "baseline".into(),
-            Trial::Map { function, with } => format!("map:{}", reach_key(w, function, *with)),
+            Trial::Baseline2 => "baseline2".into(),
+            Trial::Map {
+                function,
+                with,
+                stage2,
+            } => format!(
+                "map{}:{function}{}",
+                stage_tag(*stage2),
+                with_label(w, *with)
+            ),
             Trial::Race {
                 point,
                 call,
                 release,
+                stage2,
             } => format!(
-                "race:{point}:{}:{release}",
-                w.calls.get(*call).map_or("?".into(), RacingCall::label)
+                "race{}:{point}:{}:{release}",
+                stage_tag(*stage2),
+                side(w, *stage2)
+                    .calls
+                    .get(*call)
+                    .map_or("?".into(), RacingCall::label)
             ),
             Trial::Fail {
                 function,
                 call,
                 with,
-            } => format!("fail:{function}:{call}{}", with_label(w, *with)),
+                stage2,
+            } => format!(
+                "fail{}:{function}:{call}{}",
+                stage_tag(*stage2),
+                with_label(w, *with)
+            ),
         }
     }
 
@@ -441,8 +624,13 @@ impl Trial {
     pub fn describe(&self, w: &Workload) -> String {
         match self {
             Trial::Baseline => "the workload alone".into(),
-            Trial::Map { function, with } => match with {
-                None => format!("map {function}"),
+            Trial::Baseline2 => "the workload alone, into stage 2".into(),
+            Trial::Map {
+                function,
+                with,
+                stage2,
+            } => match with {
+                None => format!("map {function}{}", stage_words(*stage2)),
                 Some(k) => format!(
                     "map {function} during {}",
                     w.calls
@@ -454,21 +642,29 @@ impl Trial {
                 point,
                 call,
                 release,
+                stage2,
             } => format!(
-                "hold CPU 0 at {point}, {} on CPU 1, release {release}",
-                w.calls
+                "hold CPU 0 at {point}, {} on CPU 1, release {release}{}",
+                side(w, *stage2)
+                    .calls
                     .get(*call)
-                    .map_or("?".into(), |c| c.pattern().to_string())
+                    .map_or("?".into(), |c| c.pattern().to_string()),
+                stage_words(*stage2)
             ),
             Trial::Fail {
                 function,
                 call,
                 with: None,
-            } => format!("{function} fails (-EIO) on call {call}"),
+                stage2,
+            } => format!(
+                "{function} fails (-EIO) on call {call}{}",
+                stage_words(*stage2)
+            ),
             Trial::Fail {
                 function,
                 call,
                 with: Some(k),
+                ..
             } => format!(
                 "{function} fails (-EIO) on call {call}, {} on CPU 1 before the reboot",
                 w.calls
@@ -483,32 +679,31 @@ impl Trial {
 /// made first), its calls on each vCPU (index = vCPU).
 pub type Reach = std::collections::BTreeMap<String, Vec<u32>>;
 
-/// The map trials: every point alone, then (fail mode) every fallible function with each
-/// racing call made first.
-pub fn map_trials(mode: Mode, points: &[String], fallible: &[String], calls: usize) -> Vec<Trial> {
-    let mut out: Vec<Trial> = points
-        .iter()
-        .map(|f| Trial::Map {
-            function: f.clone(),
-            with: None,
-        })
-        .collect();
+/// The map trials: every point alone, in stage 1 and (when the workload searches it) in
+/// stage 2; in fail mode also every fallible function with each racing call made first.
+pub fn map_trials(w: &Workload, mode: Mode, points: &[String], fallible: &[String]) -> Vec<Trial> {
+    let map = |function: &String, with, stage2| Trial::Map {
+        function: function.clone(),
+        with,
+        stage2,
+    };
+    let mut out: Vec<Trial> = points.iter().map(|f| map(f, None, false)).collect();
     if mode.fails() {
-        for k in 0..calls {
-            out.extend(fallible.iter().map(|f| Trial::Map {
-                function: f.clone(),
-                with: Some(k),
-            }));
+        for k in 0..w.calls.len() {
+            out.extend(fallible.iter().map(|f| map(f, Some(k), false)));
         }
+    }
+    if !w.calls2.is_empty() {
+        out.extend(points.iter().map(|f| map(f, None, true)));
     }
     out
 }
 
 /// The search trials, in a deterministic order: for `mode`, race trials at the points
-/// reached on the action's vCPU × calls × `releases`; fail trials for the fallible
-/// functions reached, alone and with each racing call made first, on calls
-/// 1..=min(calls, [`MAX_FAIL_CALLS`]); then shuffled by `seed` (so a budget samples the
-/// whole space, and the same seed gives the same list).
+/// reached on the action's vCPU × calls × `releases`, in each stage searched; fail trials
+/// for the fallible functions reached (in the reboot, in each racing call made first, in
+/// stage 2), on calls 1..=min(calls, [`MAX_FAIL_CALLS`]); then shuffled by `seed` (so a
+/// budget samples the whole space, and the same seed gives the same list).
 pub fn search_trials(
     w: &Workload,
     mode: Mode,
@@ -518,40 +713,53 @@ pub fn search_trials(
     releases: &[Release],
     seed: u64,
 ) -> Vec<Trial> {
-    let calls = w.calls.len();
     let mut out = Vec::new();
+    let stages: &[bool] = if w.calls2.is_empty() {
+        &[false]
+    } else {
+        &[false, true]
+    };
     if mode.races() {
-        for p in points {
-            let on_action = reach
-                .get(p)
-                .and_then(|v| v.get(usize::from(ACTION_VCPU)))
-                .copied()
-                .unwrap_or(0);
-            if on_action == 0 {
-                continue;
-            }
-            for call in 0..calls {
-                for &release in releases {
-                    out.push(Trial::Race {
-                        point: p.clone(),
-                        call,
-                        release,
-                    });
+        for &stage2 in stages {
+            for p in points {
+                let on_action = reach
+                    .get(&reach_key(w, p, None, stage2))
+                    .and_then(|v| v.get(usize::from(ACTION_VCPU)))
+                    .copied()
+                    .unwrap_or(0);
+                if on_action == 0 {
+                    continue;
+                }
+                for call in 0..side(w, stage2).calls.len() {
+                    for &release in releases {
+                        out.push(Trial::Race {
+                            point: p.clone(),
+                            call,
+                            release,
+                            stage2,
+                        });
+                    }
                 }
             }
         }
     }
     if mode.fails() {
-        for with in std::iter::once(None).chain((0..calls).map(Some)) {
+        let mut settings: Vec<(Option<usize>, bool)> = vec![(None, false)];
+        settings.extend((0..w.calls.len()).map(|k| (Some(k), false)));
+        if stages.len() == 2 {
+            settings.push((None, true));
+        }
+        for (with, stage2) in settings {
             for f in fallible {
                 let total: u32 = reach
-                    .get(&reach_key(w, f, with))
+                    .get(&reach_key(w, f, with, stage2))
                     .map_or(0, |v| v.iter().sum());
                 for call in 1..=total.min(MAX_FAIL_CALLS) {
                     out.push(Trial::Fail {
                         function: f.clone(),
                         call,
                         with,
+                        stage2,
                     });
                 }
             }
@@ -600,59 +808,84 @@ fn observe(name: &str, symbol: &str, vcpus: VcpuSelect, after: Option<Trigger>) 
     }
 }
 
-/// The hooks and gates of `trial` (the script aside). `hold_max`: the longest a settled
-/// hold waits.
-fn schedule(
-    w: &Workload,
-    trial: &Trial,
-    hold_max: Duration,
-    select_all: bool,
-) -> (Vec<GateRule>, Vec<Hook>) {
+/// The gate rules of one stage's search: the action gate opens when the racer waits (with
+/// a call made first: on the call's result), the race gate when a hold opens it (with a
+/// call made first: at once), the selectors closed (with a call made first: that call's
+/// opens at once). `select_all`: declare every selector (the shared script's trials).
+fn stage_gates(side: &Side<'_>, with: Option<usize>, select_all: bool) -> Vec<GateRule> {
+    let (action_open, race_open) = match with {
+        Some(k) => (
+            Some(Trigger::Result(side.calls[k].pattern())),
+            Some(Trigger::Wait(side.race_gate)),
+        ),
+        None => (Some(Trigger::Wait(side.race_gate)), None),
+    };
     let mut gates = vec![
         GateRule {
-            gate: gate(ACTION_GATE),
-            open_when: Some(Trigger::Wait(gate(RACE_GATE))),
+            gate: side.action_gate,
+            open_when: action_open,
         },
         GateRule {
-            gate: gate(RACE_GATE),
-            open_when: None,
+            gate: side.race_gate,
+            open_when: race_open,
         },
     ];
-    gates.extend(w.gates.iter().cloned());
     if select_all {
-        for k in 0..w.calls.len() {
+        for k in 0..side.calls.len() {
             gates.push(GateRule {
-                gate: selector(k),
-                open_when: None,
+                gate: (side.selector)(k),
+                open_when: (with == Some(k)).then_some(Trigger::Wait(side.race_gate)),
             });
         }
     }
-    // A racing call made first: the race gate and its selector open as soon as the racer
-    // waits, and the reboot waits for the call's result instead of for the racer.
-    if let Trial::Map { with: Some(k), .. } | Trial::Fail { with: Some(k), .. } = trial {
-        let pattern = w.calls[*k].pattern();
-        gates[0].open_when = Some(Trigger::Result(pattern));
-        gates[1].open_when = Some(Trigger::Wait(gate(RACE_GATE)));
-        if select_all {
-            if let Some(g) = gates.iter_mut().find(|g| g.gate == selector(*k)) {
-                g.open_when = Some(Trigger::Wait(gate(RACE_GATE)));
-            }
+    gates
+}
+
+/// What arms a stage-2 trial's hooks: the start of stage 2's first announced step on CPU 0
+/// (the same functions run in stage 1 at the same addresses; a scenario file from boot
+/// must not count those calls).
+fn stage2_arm(w: &Workload) -> Option<Trigger> {
+    w.stage2
+        .threads
+        .iter()
+        .find(|t| t.cpu == u16::from(ACTION_VCPU))
+        .and_then(|t| t.steps.iter().find_map(|s| announced(*s)))
+        .map(Trigger::Start)
+}
+
+/// When a stage-2 trial is decided: the result of the last announced step of stage 2's
+/// CPU-0 thread (its racing thread may wait at its gate forever).
+pub fn stage2_end(w: &Workload) -> Option<Trigger> {
+    w.stage2
+        .threads
+        .iter()
+        .find(|t| t.cpu == u16::from(ACTION_VCPU))
+        .and_then(|t| t.steps.iter().rev().find_map(|s| announced(*s)))
+        .map(Trigger::Result)
+}
+
+/// The hooks of `trial`. `hold_max`: the longest a settled hold waits; `select_all`: the
+/// hold opens the call's selector gate (the shared script's trials).
+fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> Vec<Hook> {
+    let after = if trial.stage2() { stage2_arm(w) } else { None };
+    match trial {
+        Trial::Baseline | Trial::Baseline2 => vec![],
+        Trial::Map { function, .. } => {
+            vec![observe("reach", function, VcpuSelect::All, after)]
         }
-    }
-    let hooks = match trial {
-        Trial::Baseline => vec![],
-        Trial::Map { function, .. } => vec![observe("reach", function, VcpuSelect::All, None)],
         Trial::Race {
             point,
             call,
             release,
+            stage2,
         } => {
-            let c = &w.calls[*call];
+            let side = side(w, *stage2);
+            let c = &side.calls[*call];
             let mut open = Vec::new();
             if select_all {
-                open.push(selector(*call));
+                open.push((side.selector)(*call));
             }
-            open.push(gate(RACE_GATE));
+            open.push(side.race_gate);
             let (max, release_when, timed) = match release {
                 Release::Settled => (
                     hold_max,
@@ -677,7 +910,7 @@ fn schedule(
                     release: release_when,
                     timed,
                 },
-                after: None,
+                after,
                 call: Some(1),
             }];
             if *release == Release::Settled {
@@ -698,17 +931,34 @@ fn schedule(
             },
             vcpus: VcpuSelect::All,
             kind: HookKind::Fail { ret: FAIL_RETURN },
-            after: None,
+            after,
             call: Some(*call),
         }],
-    };
-    (gates, hooks)
+    }
 }
 
-/// The scenario a trial runs: the shared script (all racing calls behind their selector
-/// gates) and the trial's hooks and gates.
+/// The racing call `trial` makes in its own stage, if any.
+fn racing_call(trial: &Trial) -> Option<usize> {
+    match trial {
+        Trial::Race { call, .. } => Some(*call),
+        Trial::Fail { with, .. } | Trial::Map { with, .. } => *with,
+        Trial::Baseline | Trial::Baseline2 => None,
+    }
+}
+
+/// The scenario a trial runs: the shared script (every racing call of both stages behind
+/// its selector gate), every gate of it declared, and the trial's hooks.
 pub fn trial_scenario(w: &Workload, trial: &Trial, vcpus: u8, hold_max: Duration) -> Scenario {
-    let (gates, hooks) = schedule(w, trial, hold_max, true);
+    let with = if trial.stage2() {
+        None
+    } else {
+        racing_call(trial).filter(|_| !matches!(trial, Trial::Race { .. }))
+    };
+    let mut gates = stage_gates(&side(w, false), with, true);
+    gates.extend(w.gates.iter().cloned());
+    if !w.calls2.is_empty() {
+        gates.extend(stage_gates(&side(w, true), None, true));
+    }
     Scenario {
         name: "explore-trial".into(),
         summary: trial.describe(w),
@@ -718,13 +968,22 @@ pub fn trial_scenario(w: &Workload, trial: &Trial, vcpus: u8, hold_max: Duration
         cmdline: w.cmdline.clone(),
         script: script(w),
         gates,
-        hooks,
+        hooks: hooks(w, trial, hold_max, true),
         verdict: default_verdict(),
     }
 }
 
-/// The scenario file of a finding: the workload with only the trial's racing call (no
-/// selector gates), its hooks, and `verdict`.
+/// `stage` without its `gate` step at `g` (nobody opens it in a finding's scenario).
+fn without_gate(stage: &StageScript, g: Gate) -> StageScript {
+    let mut stage = stage.clone();
+    for t in &mut stage.threads {
+        t.steps.retain(|s| *s != Step::Gate(g));
+    }
+    stage
+}
+
+/// The scenario file of a finding: the workload with only the trial's racing call, in its
+/// stage (no selector gates), the gates that call needs, its hooks, and `verdict`.
 #[allow(clippy::too_many_arguments)]
 pub fn finding_scenario(
     w: &Workload,
@@ -737,38 +996,31 @@ pub fn finding_scenario(
     hold_max: Duration,
     verdict: VerdictRules,
 ) -> Scenario {
-    let (gates, hooks) = schedule(w, trial, hold_max, false);
-    let mut stage1 = w.stage1.clone();
-    if let Trial::Race { call, .. }
-    | Trial::Fail {
-        with: Some(call), ..
-    }
-    | Trial::Map {
-        with: Some(call), ..
-    } = trial
-    {
-        let c = &w.calls[*call];
+    let stage2 = trial.stage2();
+    let sd = side(w, stage2);
+    let call = racing_call(trial);
+    let mut stage1 = without_gate(&w.stage1, gate(ACTION_GATE));
+    let mut stage2_script = without_gate(&w.stage2, gate(ACTION2_GATE));
+    let mut gates = w.gates.clone();
+    if let Some(k) = call {
+        let c = &sd.calls[k];
         let mut steps = c.prep.clone();
-        steps.push(Step::Gate(gate(RACE_GATE)));
+        steps.push(Step::Gate(sd.race_gate));
         steps.push(c.step);
-        stage1.threads.push(Thread {
+        let thread = Thread {
             cpu: u16::from(RACE_VCPU),
             steps,
-        });
-    }
-    // Without a racing thread nobody waits at the race gate: the reboot needs no gate.
-    let racer = matches!(
-        trial,
-        Trial::Race { .. } | Trial::Fail { with: Some(_), .. } | Trial::Map { with: Some(_), .. }
-    );
-    let gates = if racer {
-        gates
-    } else {
-        for t in &mut stage1.threads {
-            t.steps.retain(|s| *s != Step::Gate(gate(ACTION_GATE)));
+        };
+        let with = (!matches!(trial, Trial::Race { .. })).then_some(k);
+        gates.splice(0..0, stage_gates(&sd, with, false));
+        if stage2 {
+            stage2_script = w.stage2.clone();
+            stage2_script.threads.push(thread);
+        } else {
+            stage1 = w.stage1.clone();
+            stage1.threads.push(thread);
         }
-        w.gates.clone()
-    };
+    }
     Scenario {
         name: name.into(),
         summary: summary.into(),
@@ -778,10 +1030,10 @@ pub fn finding_scenario(
         cmdline: w.cmdline.clone(),
         script: Script {
             stage1,
-            stage2: w.stage2.clone(),
+            stage2: stage2_script,
         },
         gates,
-        hooks,
+        hooks: hooks(w, trial, hold_max, false),
         verdict,
     }
 }
@@ -844,7 +1096,7 @@ mod tests {
         reach.insert("a".into(), vec![1, 0]);
         reach.insert("b".into(), vec![0, 3]);
         reach.insert("c".into(), vec![0, 0]);
-        reach.insert(reach_key(&w, "c", Some(3)), vec![0, 2]);
+        reach.insert(reach_key(&w, "c", Some(3), false), vec![0, 2]);
         let points: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let rel = [Release::Settled, Release::AfterMs(500)];
         let one = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
@@ -856,7 +1108,8 @@ mod tests {
         assert!(one.contains(&Trial::Fail {
             function: "c".into(),
             call: 2,
-            with: Some(3)
+            with: Some(3),
+            stage2: false,
         }));
         let other = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 8);
         assert_ne!(one, other, "another seed, another order");
@@ -871,15 +1124,20 @@ mod tests {
                 .all(|t| matches!(t, Trial::Race { point, .. } if point == "a"))
         );
         // The map: every point alone; in fail mode every fallible one after each call.
-        assert_eq!(map_trials(Mode::Race, &points, &points[..1], 8).len(), 3);
+        // (and every point in stage 2: the default workload searches it)
         assert_eq!(
-            map_trials(Mode::Fail, &points, &points[..1], 8).len(),
-            3 + 8
+            map_trials(&w, Mode::Race, &points, &points[..1]).len(),
+            3 + 3
+        );
+        assert_eq!(
+            map_trials(&w, Mode::Fail, &points, &points[..1]).len(),
+            3 + 8 + 3
         );
         let with = Trial::Fail {
             function: "memfd_luo_preserve".into(),
             call: 1,
             with: Some(3),
+            stage2: false,
         };
         assert_eq!(with.id(&w), "fail:memfd_luo_preserve:1@preserve-fd-0.1");
     }
@@ -891,11 +1149,50 @@ mod tests {
             point: "luo_flb_serialize".into(),
             call: 2,
             release: Release::Settled,
+            stage2: false,
         };
         assert_eq!(t.id(&w), "race:luo_flb_serialize:close-session-1:settled");
+        // A trial's scenario declares every gate of the shared script (the other stage's
+        // race gate is never opened: no file is written from it).
         let sc = trial_scenario(&w, &t, 2, Duration::from_secs(30));
-        let back = Scenario::parse(&sc.to_toml(""), "trial.toml").unwrap();
-        assert_eq!(back, sc);
+        sc.script.stage1.validate().unwrap();
+        sc.script.stage2.validate().unwrap();
+        let declared = |g: u8| sc.gates.iter().any(|r| r.gate.id() == g);
+        assert!([1, 2, 3, 4, 5, 10, 17, 42, 47].into_iter().all(declared));
+        assert_eq!(
+            sc.script.stage2.threads[1].steps[0],
+            Step::Gate(gate(RACE2_GATE))
+        );
+        // A stage-2 race: its file holds the stage-2 racer and arms its hooks in stage 2.
+        let t2 = Trial::Race {
+            point: "luo_session_retrieve".into(),
+            call: 0,
+            release: Release::Settled,
+            stage2: true,
+        };
+        assert_eq!(
+            t2.id(&w),
+            "race2:luo_session_retrieve:retrieve-session-0:settled"
+        );
+        let f = finding_scenario(
+            &w,
+            &t2,
+            "double-retrieve",
+            "a second retrieve",
+            None,
+            2,
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+            default_verdict(),
+        );
+        let text = f.to_toml("");
+        let back = Scenario::parse(&text, "double-retrieve.toml").unwrap();
+        assert_eq!(back, f);
+        assert!(
+            text.contains("after = \"start retrieve-session 0\""),
+            "{text}"
+        );
+        assert!(!text.contains("\"gate 1\""), "{text}");
         let f = finding_scenario(
             &w,
             &t,
@@ -915,6 +1212,7 @@ mod tests {
             function: "luo_file_freeze".into(),
             call: 2,
             with: None,
+            stage2: false,
         };
         let f = finding_scenario(
             &w,
@@ -935,6 +1233,7 @@ mod tests {
             function: "memfd_luo_preserve".into(),
             call: 1,
             with: Some(3),
+            stage2: false,
         };
         let f = finding_scenario(
             &w,

@@ -333,6 +333,7 @@ mod tests {
             trial: Trial::Map {
                 function: id.into(),
                 with: None,
+                stage2: false,
             },
             verdict: TrialVerdict::Pass { because: vec![] },
             hits: Some(vec![1, 0]),

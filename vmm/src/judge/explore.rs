@@ -11,6 +11,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use luo_protocol::message::Action;
+
 use crate::config::scenario::ActionPattern;
 use crate::judge::scenario::RunFacts;
 
@@ -25,6 +27,10 @@ pub enum Oracle {
     Hang,
     /// The records handed over are not what user space believes.
     RecordsDiffer,
+    /// Stage 2: a retrieved memfd's bytes or size are not what stage 1 wrote.
+    Stage2Data,
+    /// Stage 2: one session or one file retrieved twice, both times with success.
+    RetrievedTwice,
 }
 
 impl fmt::Display for Oracle {
@@ -33,6 +39,8 @@ impl fmt::Display for Oracle {
             Oracle::KernelTrouble => "kernel trouble",
             Oracle::Hang => "hang",
             Oracle::RecordsDiffer => "records differ",
+            Oracle::Stage2Data => "stage-2 data",
+            Oracle::RetrievedTwice => "retrieved twice",
         })
     }
 }
@@ -164,6 +172,14 @@ pub fn trouble_site(line: &str) -> String {
     without_numbers(line.trim()).chars().take(100).collect()
 }
 
+/// The call `action(arg)` as a scenario file writes it.
+fn pattern(action: Action, arg: u64) -> ActionPattern {
+    ActionPattern {
+        action,
+        arg: Some(arg),
+    }
+}
+
 /// Decides a trial on `facts`; `cause` names what the trial did (the racing call's
 /// action, or `fail FUNCTION`).
 pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
@@ -183,14 +199,8 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
         .last()
         .into_iter()
         .flatten()
-        .filter(|c| c.result.is_none() && c.action != luo_protocol::message::Action::Reboot)
-        .map(|c| {
-            let call = ActionPattern {
-                action: c.action,
-                arg: Some(c.arg),
-            };
-            format!("{call} blocked")
-        })
+        .filter(|c| c.result.is_none() && c.action != Action::Reboot)
+        .map(|c| format!("{} blocked", pattern(c.action, c.arg)))
         .collect();
     if facts.timed_out && !facts.point_of_no_return {
         let site = if blocked.is_empty() {
@@ -207,6 +217,44 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
             signature: sig(Oracle::Hang, site),
             because,
         };
+    }
+    // Stage 2 (the last boot, when there was a handover): the data, and what was retrieved.
+    if facts.boots.len() > 1 {
+        let calls = facts.boots.last().map_or(&[][..], Vec::as_slice);
+        let bad_data: Vec<String> = calls
+            .iter()
+            .filter(|c| c.action == Action::CheckData && c.result.is_some_and(|(r, _)| r < 0))
+            .map(|c| {
+                let errno = c.result.map_or(0, |(_, e)| e);
+                format!(
+                    "{}: {}",
+                    pattern(c.action, c.arg),
+                    std::io::Error::from_raw_os_error(errno)
+                )
+            })
+            .collect();
+        if let Some(first) = bad_data.first() {
+            return TrialVerdict::Finding {
+                signature: sig(Oracle::Stage2Data, without_numbers(first)),
+                because: bad_data,
+            };
+        }
+        let mut seen = BTreeSet::new();
+        let twice: Vec<String> = calls
+            .iter()
+            .filter(|c| {
+                matches!(c.action, Action::RetrieveSession | Action::RetrieveFd)
+                    && c.result.is_some_and(|(r, _)| r >= 0)
+            })
+            .filter(|c| !seen.insert((c.action.name(), c.arg)))
+            .map(|c| format!("{} returned success twice", pattern(c.action, c.arg)))
+            .collect();
+        if let Some(first) = twice.first() {
+            return TrialVerdict::Finding {
+                signature: sig(Oracle::RetrievedTwice, first.clone()),
+                because: twice,
+            };
+        }
     }
     if let Some(d) = facts.discrepancies.as_ref().filter(|d| !d.is_empty()) {
         let kinds: BTreeSet<String> = d.iter().map(|l| without_numbers(l)).collect();
@@ -228,7 +276,9 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
         };
     }
     let mut because = Vec::new();
-    if facts.point_of_no_return {
+    if facts.boots.len() > 1 {
+        because.push("stage 2 ran to its end: data as written, nothing retrieved twice".to_owned());
+    } else if facts.point_of_no_return {
         because.push("records match at point-of-no-return".to_owned());
     } else {
         because.push("no handover (the workload ended without one)".to_owned());
@@ -320,5 +370,34 @@ mod tests {
             decide(&undecided, "x"),
             TrialVerdict::Undecided { .. }
         ));
+    }
+
+    #[test]
+    fn stage_2_oracles_read_the_last_boot() {
+        let mut f = RunFacts {
+            boots: vec![
+                vec![],
+                vec![
+                    call(Action::RetrieveSession, 0, Some(0)),
+                    call(Action::RetrieveFd, 0, Some(0)),
+                    call(Action::CheckData, 0, Some(0)),
+                ],
+            ],
+            ..RunFacts::default()
+        };
+        assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
+        f.boots[1].push(call(Action::RetrieveSession, 0, Some(0)));
+        let v = decide(&f, "stage 2: retrieve-session");
+        assert_eq!(v.signature().unwrap().oracle, Oracle::RetrievedTwice);
+        assert_eq!(
+            v.signature().unwrap().site,
+            "retrieve-session 0 returned success twice"
+        );
+        f.boots[1][2] = call(Action::CheckData, 0, Some(-1));
+        let v = decide(&f, "stage 2: fail memfd_luo_retrieve");
+        assert_eq!(v.signature().unwrap().oracle, Oracle::Stage2Data);
+        // A failed retrieve is no finding by itself (the failure may be the one injected).
+        f.boots[1] = vec![call(Action::RetrieveSession, 0, Some(-1))];
+        assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
     }
 }

@@ -79,6 +79,12 @@ pub(crate) fn holds(c: &Condition, facts: &RunFacts) -> bool {
     match c {
         Condition::Blocked(p) => calls(facts, p).any(|c| c.result.is_none()),
         Condition::Returned(p) => calls(facts, p).any(|c| c.result.is_some_and(|(r, _)| r >= 0)),
+        Condition::ReturnedTwice(p) => facts.boots.iter().any(|boot| {
+            boot.iter()
+                .filter(|c| p.matches(c.action, c.arg) && c.result.is_some_and(|(r, _)| r >= 0))
+                .count()
+                >= 2
+        }),
         Condition::Failed(p) => calls(facts, p).any(|c| c.result.is_some_and(|(r, _)| r < 0)),
         Condition::RecordsMatch => facts.discrepancies.as_ref().is_some_and(Vec::is_empty),
         Condition::RecordsDiffer => facts.discrepancies.as_ref().is_some_and(|d| !d.is_empty()),

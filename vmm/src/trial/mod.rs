@@ -85,9 +85,10 @@ fn breakpoint_owners(
 struct ScenarioObserver {
     interceptor: Interceptor,
     scheduler: Scheduler,
-    /// End the run at point-of-no-return (the outgoing state is complete there); keep the
-    /// timeout's report of each vCPU instead of printing it.
+    /// End the run at point-of-no-return (the outgoing state is complete there).
     decide_at_point_of_no_return: bool,
+    /// Keep the timeout's report of each vCPU instead of printing it.
+    keep_timeout_reports: bool,
     /// The timeout's report of each vCPU, when kept.
     timeout_reports: std::sync::Mutex<Vec<String>>,
     /// Per vCPU, the owner of each armed slot (fixed for the run; not rebuilt per hit).
@@ -95,7 +96,13 @@ struct ScenarioObserver {
 }
 
 impl ScenarioObserver {
-    fn new(interceptor: Interceptor, scheduler: Scheduler, vcpus: u8, decide: bool) -> Self {
+    fn new(
+        interceptor: Interceptor,
+        scheduler: Scheduler,
+        vcpus: u8,
+        decide: bool,
+        keep_timeout_reports: bool,
+    ) -> Self {
         let owners = (0..vcpus)
             .map(|v| breakpoint_owners(&interceptor, &scheduler, v))
             .collect();
@@ -103,6 +110,7 @@ impl ScenarioObserver {
             interceptor,
             scheduler,
             decide_at_point_of_no_return: decide,
+            keep_timeout_reports,
             timeout_reports: std::sync::Mutex::default(),
             owners,
         }
@@ -161,7 +169,7 @@ impl RunObserver for ScenarioObserver {
     }
 
     fn on_timeout_report(&self, _vcpu: u8, report: &str) {
-        if self.decide_at_point_of_no_return {
+        if self.keep_timeout_reports {
             self.timeout_reports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -232,16 +240,19 @@ pub(crate) fn arm(
 pub(crate) fn interceptor(
     syms: &KernelSymbols,
     next: Option<&KernelSymbols>,
+    no_intercept: bool,
 ) -> Result<Interceptor, TrialError> {
     let (kernels, sequence) = match next {
         Some(n) => (vec![syms, n], KernelSequence::cross(false)),
         None => (vec![syms], KernelSequence::same()),
     };
-    Interceptor::for_kernels(&kernels, sequence, 1, InterceptOptions::default()).map_err(|e| {
-        TrialError::Symbol {
-            what: "the interception".to_owned(),
-            why: e.to_string(),
-        }
+    let options = InterceptOptions {
+        no_intercept,
+        ..InterceptOptions::default()
+    };
+    Interceptor::for_kernels(&kernels, sequence, 1, options).map_err(|e| TrialError::Symbol {
+        what: "the interception".to_owned(),
+        why: e.to_string(),
     })
 }
 
@@ -438,6 +449,13 @@ pub(crate) struct RunPlan {
     pub point: Option<SnapshotPoint>,
     /// End the run at the first point-of-no-return.
     pub decide_at_point_of_no_return: bool,
+    /// Keep each vCPU's timeout report in the output instead of printing it.
+    pub keep_timeout_reports: bool,
+    /// End the run when this happens (the end of a stage-2 trial's workload).
+    pub end_when: Option<crate::config::scenario::Trigger>,
+    /// No interception (no breakpoints of its own, no dirty log): a run whose snapshot is
+    /// taken after a handover needs none before it (it would not be quiescent).
+    pub no_intercept: bool,
     /// Say each reset on stderr.
     pub verbose: bool,
 }
@@ -480,7 +498,7 @@ pub(crate) fn run(
     machine: &mut Option<GuestMachine>,
     plan: &RunPlan,
 ) -> Result<RunOutput, TrialError> {
-    let interceptor = interceptor(t.syms, t.next_syms)?;
+    let interceptor = interceptor(t.syms, t.next_syms, plan.no_intercept)?;
     let hooks = arm(t.sc, t.syms, &interceptor, t.vcpus)?;
     let from_snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
     let t0 = Instant::now();
@@ -507,9 +525,10 @@ pub(crate) fn run(
     let t1 = Instant::now();
     let observer = Arc::new(ScenarioObserver::new(
         interceptor,
-        Scheduler::new(hooks, t.sc.gates.clone(), m.gates()),
+        Scheduler::new(hooks, t.sc.gates.clone(), m.gates()).end_when(plan.end_when.clone()),
         t.vcpus,
         plan.decide_at_point_of_no_return,
+        plan.keep_timeout_reports,
     ));
     let outcome = m.run(
         Some(observer.clone() as Arc<dyn RunObserver>),

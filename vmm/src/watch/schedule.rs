@@ -109,6 +109,8 @@ pub(crate) struct Scheduler {
     started: OnceLock<Instant>,
     created: Instant,
     control: OnceLock<Arc<VcpuControl>>,
+    /// The run ends when this happens (a trial that is decided there).
+    end_when: Option<Trigger>,
     state: Mutex<State>,
 }
 
@@ -135,6 +137,7 @@ impl Scheduler {
             created: Instant::now(),
             control: OnceLock::new(),
             state: Mutex::new(state),
+            end_when: None,
         }
     }
 
@@ -178,6 +181,12 @@ impl Scheduler {
 
     /// Applies `event`: arms hooks, opens gates, releases holds.
     fn fire(&self, st: &mut State, event: &Event, at: Instant) {
+        if self.end_when.as_ref().is_some_and(|t| t.matches(event)) {
+            self.note(st, at, None, format!("the run ends: {}", describe(event)));
+            if let Some(c) = self.control.get() {
+                c.request_stop(StopCause::Ended);
+            }
+        }
         for (i, h) in self.hooks.iter().enumerate() {
             if !st.armed[i] && h.hook.after.as_ref().is_some_and(|t| t.matches(event)) {
                 st.armed[i] = true;
@@ -393,6 +402,12 @@ impl Scheduler {
                 st.hold_timeouts.push(name);
             }
         }
+    }
+
+    /// Ends the run when `trigger` happens.
+    pub fn end_when(mut self, trigger: Option<Trigger>) -> Self {
+        self.end_when = trigger;
+        self
     }
 
     /// Ends the run now (every vCPU stops), saying `why` in the timeline.
