@@ -1,7 +1,7 @@
 //! Trials per hour of `luo-vmm explore` against full `luo-vmm scenario run` runs per hour,
 //! for the same schedules, side by side in one process (docs/benchmarks.md, "Explore").
 //!
-//! 1. `explore --variant luo-reboot-unlocked --mode race --points <luo_flb_serialize>`:
+//! 1. `explore --variant luo-reboot-unlocked --mode race --stage 1 --points <luo_flb_serialize>`:
 //!    one boot (the baseline, which keeps the snapshot), one map trial, 16 search trials
 //!    (8 racing calls × 2 release policies), each from the snapshot to point-of-no-return.
 //! 2. `scenario run <the close-session finding that search wrote> --no-snapshot --runs 2`:
@@ -44,6 +44,8 @@ fn main() {
         "luo-reboot-unlocked",
         "--mode",
         "race",
+        "--stage",
+        "1",
         "--points",
         points.to_str().unwrap(),
         "--out",

@@ -104,6 +104,8 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
         "luo-reboot-unlocked",
         "--mode",
         "race",
+        "--stage",
+        "1",
         "--points",
         points.to_str().unwrap(),
         "--out",

@@ -196,10 +196,10 @@ say "sbatch --wrap hostname: $(cat "$out")"
 
 # The campaign: 2 shards, one at a time (one guest at a time on this machine), merged by
 # the dependent job; submit.sh --wait returns the merge's exit status.
-say "campaign: 2 shards of explore --mode race --budget $budget on the reference kernel"
+say "campaign: 2 shards of explore --mode race --stage 1 --budget $budget on the reference kernel"
 rc=0
 contrib/slurm/submit.sh --shards 2 --parallel 1 --campaign "$T/campaign" --wait -- \
-	--mode race --budget "$budget" || rc=$?
+	--mode race --stage 1 --budget "$budget" || rc=$?
 for f in "$T"/campaign/logs/*.out; do
 	echo "--- $f (last lines)"
 	tail -4 "$f"
@@ -213,7 +213,7 @@ merged=$T/campaign/merged/report.json
 # The same budget as one process, merged alone (to read it the same way).
 say "the same budget as one process"
 rc=0
-"$LUO_VMM" explore --mode race --budget "$budget" --out "$T/single" >"$T/single.log" 2>&1 || rc=$?
+"$LUO_VMM" explore --mode race --stage 1 --budget "$budget" --out "$T/single" >"$T/single.log" 2>&1 || rc=$?
 ((rc == 0 || rc == 6)) || die "explore as one process ended with status $rc: $(tail -3 "$T/single.log")"
 rc=0
 "$LUO_VMM" explore merge "$T/single" --out "$T/single-merged" >/dev/null || rc=$?

@@ -584,11 +584,19 @@ fn progress(n: usize, total: usize, phase: &str, r: &TrialRecord, w: &Workload) 
 /// `luo-vmm explore`.
 pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     // Everything that can be refused is refused before a guest boots.
-    let w = match &args.workload {
+    let mut w = match &args.workload {
         None => default_workload(),
         Some(f) => workload_from_file(f)?,
     };
     check_workload(&w).map_err(options)?;
+    if !args.stage.has(true) {
+        w.calls2.clear();
+    } else if w.calls2.is_empty() && !args.stage.has(false) {
+        return Err(options(format!(
+            "--stage 2: workload {} does not search stage 2 (its stage-2 thread on CPU 0 must start with `gate 4`)",
+            w.origin
+        )));
+    }
     if let Some(v) = &args.variant {
         crate::config::image::check_variant(v).map_err(ImageError::from)?;
     }
@@ -670,6 +678,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         vcpus: args.vcpus,
         mem: args.mem,
         hang_after_ms: u64::try_from(args.hang_after.as_millis()).unwrap_or(u64::MAX),
+        stage: args.stage,
         budget: args.budget,
         shard: args.shard,
     };
@@ -710,7 +719,10 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     // second baseline (when stage 2 is searched) goes through the handover and keeps stage
     // 2's.
     let mut machines = Machines::default();
-    let mut baselines = vec![Trial::Baseline];
+    let mut baselines = Vec::new();
+    if args.stage.has(false) {
+        baselines.push(Trial::Baseline);
+    }
     if !ex.w.calls2.is_empty() {
         baselines.push(Trial::Baseline2);
     }
@@ -751,7 +763,9 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     }
 
     // The map: where the workload goes.
-    let map = map_trials(&ex.w, args.mode, &points, &fallible);
+    let wanted = |t: &Trial| args.stage.has(t.stage2());
+    let mut map = map_trials(&ex.w, args.mode, &points, &fallible);
+    map.retain(wanted);
     for (i, t) in map.iter().enumerate() {
         if done.contains(&t.id(&ex.w)) {
             continue;
@@ -779,9 +793,10 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         .collect();
 
     // The search.
-    let trials = search_trials(
+    let mut trials = search_trials(
         &ex.w, args.mode, &points, &fallible, &reach, &RELEASES, args.seed,
     );
+    trials.retain(wanted);
     // The budget takes the first trials of the list; a shard takes every N-th of those.
     let budget = args.budget.map_or(trials.len(), |b| {
         usize::try_from(b).unwrap_or(usize::MAX).min(trials.len())

@@ -183,6 +183,33 @@ impl ExploreMode {
     }
 }
 
+/// Which stages `explore` searches.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ExploreStage {
+    /// Stage 1: the reboot and the calls around it.
+    #[value(name = "1")]
+    One,
+    /// Stage 2: retrieve and finish in the next kernel.
+    #[value(name = "2")]
+    Two,
+    /// Both.
+    Both,
+}
+
+impl ExploreStage {
+    /// Whether stage 1 (`false`) or stage 2 (`true`) is searched.
+    pub fn has(self, stage2: bool) -> bool {
+        match self {
+            ExploreStage::One => !stage2,
+            ExploreStage::Two => stage2,
+            ExploreStage::Both => true,
+        }
+    }
+}
+
 /// `luo-vmm explore`.
 #[derive(Debug, Clone, Args)]
 pub struct ExploreArgs {
@@ -230,6 +257,10 @@ pub struct ExploreArgs {
     /// The order of the search trials (a budget samples the space in this order).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Which stages to search: 1 (around `reboot()`), 2 (around retrieve and finish in the
+    /// next kernel, from a second snapshot taken there), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    pub stage: ExploreStage,
     /// A trial that reaches neither point-of-no-return nor the end of its workload within
     /// this long (guest time here is ~1000x hardware) is a hang.
     #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]

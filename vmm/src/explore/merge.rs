@@ -809,6 +809,7 @@ mod tests {
             vcpus: 2,
             mem: 512 << 20,
             hang_after_ms: 30_000,
+            stage: crate::config::options::ExploreStage::Both,
             budget: Some(6),
             shard: shard.map(|(index, count)| Shard { index, count }),
         }

@@ -81,12 +81,19 @@ pub struct Manifest {
     pub mem: u64,
     /// The hang bound, in ms.
     pub hang_after_ms: u64,
+    /// The stages searched (`--stage`).
+    #[serde(default = "both_stages")]
+    pub stage: crate::config::options::ExploreStage,
     /// The search budget (`--budget`), if any.
     #[serde(default)]
     pub budget: Option<u64>,
     /// This shard of the search (`--shard I/N`), if any.
     #[serde(default)]
     pub shard: Option<crate::config::options::Shard>,
+}
+
+fn both_stages() -> crate::config::options::ExploreStage {
+    crate::config::options::ExploreStage::Both
 }
 
 /// The search trials of this exploration (or shard), written before the search starts
@@ -322,6 +329,7 @@ mod tests {
             vcpus: 2,
             mem: 512 << 20,
             hang_after_ms: 30_000,
+            stage: crate::config::options::ExploreStage::Both,
             budget: None,
             shard: None,
         }
