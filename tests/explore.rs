@@ -162,3 +162,44 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
+    reference_image();
+    let dir = tmp("stage2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let points = dir.join("points");
+    std::fs::write(&points, "luo_session_retrieve\nmemfd_luo_retrieve\n").unwrap();
+    let out = dir.join("out");
+    let o = luo_vmm(&[
+        "explore",
+        "--stage",
+        "2",
+        "--mode",
+        "fail",
+        "--points",
+        points.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    // The reference kernel: a failed retrieve is an error returned, nothing worse.
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("kept stage 2's snapshot"), "{stdout}");
+    let ids = trial_ids(&out);
+    assert_eq!(
+        ids[0], "baseline2",
+        "stage 2 only: no stage-1 boot: {ids:?}"
+    );
+    assert!(
+        ids.iter().any(|i| i == "map2:memfd_luo_retrieve"),
+        "{ids:?}"
+    );
+    // Both functions run twice in stage 2 (two sessions, one file each): a trial per call.
+    let fails: Vec<&String> = ids.iter().filter(|i| i.starts_with("fail2:")).collect();
+    assert_eq!(fails.len(), 4, "{ids:?}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["totals"]["findings"], 0, "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,15 +16,13 @@ use thiserror::Error;
 
 use crate::config::options::{ExploreArgs, GuestOptions, Profile};
 use crate::config::scenario::{
-    Condition, Hook, HookKind, Scenario, ScenarioFileError, Trigger, VcpuSelect, VerdictRules,
+    Condition, EndRule, Scenario, ScenarioFileError, Trigger, VerdictRules,
 };
-use crate::config::trace::TraceSpec;
 use crate::explore::code::{read_code, CodeError};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
-    announced, check_workload, default_workload, finding_scenario, map_trials, racing_calls,
-    racing_calls2, reach_key, script, search_trials, stage2_end, trial_scenario, Reach, Release,
-    Trial, Workload, IDLE_SYMBOL,
+    check_workload, default_workload, finding_scenario, map_trials, racing_calls, racing_calls2,
+    reach_key, script, search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
 };
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
@@ -118,6 +116,7 @@ struct Explorer {
     syms: KernelSymbols,
     vcpus: u8,
     hold_max: Duration,
+    hang_after: Duration,
     variant: Option<String>,
     kernel: String,
     started: Instant,
@@ -318,7 +317,6 @@ impl Explorer {
             decide_at_point_of_no_return: !stage2,
             keep_timeout_reports: true,
             no_intercept: stage2,
-            end_when: if stage2 { stage2_end(&self.w) } else { None },
             verbose: false,
         };
         let machine = if stage2 {
@@ -406,7 +404,7 @@ impl Explorer {
                 format!("the workload alone: {}", sig.oracle)
             }
         };
-        let mut hooks_extra: Vec<Hook> = Vec::new();
+        let mut end = None;
         let verdict = match sig.oracle {
             Oracle::RecordsDiffer => VerdictRules {
                 correct: vec![Condition::RecordsMatch],
@@ -442,53 +440,31 @@ impl Explorer {
                 bug: vec![Condition::KernelOops],
             },
             Oracle::Hang => {
-                // The run ends when the blocked call's CPU goes idle after it started,
-                // when that CPU has a debug register free (not CPU 0); else the blocked
-                // call is seen at the scenario's timeout.
-                let stuck = facts_blocked.iter().find_map(|b| {
-                    self.w
-                        .stage1
-                        .threads
-                        .iter()
-                        .filter(|t| t.cpu != 0)
-                        .flat_map(|t| t.steps.iter().map(move |s| (t.cpu, *s)))
-                        .find_map(|(cpu, s)| {
-                            let p = announced(s).filter(|p| p.to_string() == *b)?;
-                            Some((u8::try_from(cpu).ok()?, p))
-                        })
-                });
-                match stuck {
-                    Some((cpu, p)) => {
-                        hooks_extra.push(Hook {
-                            name: "stuck".into(),
-                            at: TraceSpec {
-                                symbol: IDLE_SYMBOL.into(),
-                                offset: 0,
-                            },
-                            vcpus: VcpuSelect::One(cpu),
-                            kind: HookKind::Stop,
-                            after: Some(Trigger::Start(p)),
-                            call: None,
+                // The first call left blocked: the run ends the trial's bound after it
+                // started; blocked then is the bug, returned the fix (a call that sleeps a
+                // moment is no hang). Without one, the run's timeout shows it.
+                let blocked =
+                    facts_blocked.iter().find_map(
+                        |b| match crate::config::scenario::parse_condition(&format!("blocked {b}"))
+                        {
+                            Ok(Condition::Blocked(p)) => Some(p),
+                            _ => None,
+                        },
+                    );
+                match blocked {
+                    Some(p) => {
+                        end = Some(EndRule {
+                            when: Trigger::Start(p),
+                            after: self.hang_after,
                         });
                         VerdictRules {
-                            correct: vec![Condition::RecordsMatch],
-                            bug: vec![
-                                Condition::Hook("stuck".into()),
-                                Condition::Blocked(p),
-                                Condition::KernelOops,
-                            ],
+                            correct: vec![Condition::Returned(p)],
+                            bug: vec![Condition::Blocked(p), Condition::KernelOops],
                         }
                     }
                     None => VerdictRules {
                         correct: vec![Condition::RecordsMatch],
-                        bug: facts_blocked
-                            .iter()
-                            .filter_map(|b| {
-                                crate::config::scenario::parse_condition(&format!("blocked {b}"))
-                                    .ok()
-                            })
-                            .chain([Condition::KernelOops])
-                            .collect(),
+                        bug: vec![Condition::KernelOops],
                     },
                 }
             }
@@ -504,7 +480,7 @@ impl Explorer {
             self.hold_max,
             verdict,
         );
-        sc.hooks.extend(hooks_extra);
+        sc.end = end;
         let mut comment = format!(
             "Found by luo-vmm explore {} on {}{}, trial {}.\n",
             env!("CARGO_PKG_VERSION"),
@@ -693,6 +669,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         syms,
         vcpus: args.vcpus,
         hold_max,
+        hang_after: args.hang_after,
         variant: args.variant.clone(),
         kernel,
         started: Instant::now(),

@@ -402,7 +402,6 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             decide_at_point_of_no_return: false,
             keep_timeout_reports: false,
             no_intercept: false,
-            end_when: None,
             verbose: true,
         };
         let result = trial::run(&target, &mut machine, &plan)?.result;

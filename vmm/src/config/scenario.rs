@@ -48,6 +48,14 @@ struct RawScenario {
     #[serde(default)]
     hook: Vec<RawHook>,
     verdict: RawVerdict,
+    end: Option<RawEnd>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnd {
+    when: String,
+    after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +293,17 @@ pub struct GateRule {
     pub open_when: Option<Trigger>,
 }
 
+/// `[end]`: the run ends `after` this long once `when` happened (a hang's scenario: a call
+/// that has not returned that long after it started is blocked; a trial decided when its
+/// workload's last step returned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndRule {
+    /// What starts the countdown.
+    pub when: Trigger,
+    /// How long after it the run ends (zero: at once).
+    pub after: Duration,
+}
+
 /// The verdict's rules: any `bug` condition means reproduced; all `correct` conditions
 /// mean not reproduced; else inconclusive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,6 +337,8 @@ pub struct Scenario {
     pub hooks: Vec<Hook>,
     /// The verdict.
     pub verdict: VerdictRules,
+    /// When the run ends before the guest does, if ever.
+    pub end: Option<EndRule>,
 }
 
 /// A duration as a scenario file writes it (`ms` when not whole seconds).
@@ -448,6 +469,13 @@ impl Scenario {
             quoted_list(&self.verdict.correct),
             quoted_list(&self.verdict.bug)
         ));
+        if let Some(e) = &self.end {
+            out.push_str(&format!(
+                "\n[end]\nwhen = {}\nafter = {}\n",
+                quoted(&e.when.to_string()),
+                quoted(&duration_text(e.after))
+            ));
+        }
         out
     }
 }
@@ -771,6 +799,19 @@ impl Scenario {
         if verdict.correct.is_empty() || verdict.bug.is_empty() {
             return Err("verdict: both correct and bug need at least one condition".into());
         }
+        let end = raw
+            .end
+            .map(|e| {
+                Ok::<_, String>(EndRule {
+                    when: parse_trigger(&e.when).map_err(|x| format!("[end] when: {x}"))?,
+                    after: e
+                        .after
+                        .as_deref()
+                        .map_or(Some(Duration::ZERO), parse_duration)
+                        .ok_or_else(|| "[end] after: a duration, e.g. 30s".to_owned())?,
+                })
+            })
+            .transpose()?;
         let scenario = Scenario {
             name: raw.name,
             summary: raw.summary,
@@ -782,6 +823,7 @@ impl Scenario {
             gates,
             hooks,
             verdict,
+            end,
         };
         scenario.check_references()?;
         Ok(scenario)
@@ -796,6 +838,7 @@ impl Scenario {
             .iter()
             .filter_map(|g| g.open_when.as_ref())
             .collect();
+        triggers.extend(self.end.as_ref().map(|e| &e.when));
         for h in &self.hooks {
             triggers.extend(&h.after);
             if let HookKind::Hold { release, .. } = &h.kind {
@@ -926,6 +969,19 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
             s.gates[0].open_when,
             Some(Trigger::Wait(Gate::new(2).unwrap()))
         );
+    }
+
+    #[test]
+    fn an_end_rule_parses_and_is_written_back() {
+        let text = format!("{EXAMPLE}\n[end]\nwhen = \"start close-session 0\"\nafter = \"30s\"\n");
+        let s = Scenario::parse(&text, "x.toml").unwrap();
+        let end = s.end.clone().unwrap();
+        assert_eq!(end.after, Duration::from_secs(30));
+        assert_eq!(end.when.to_string(), "start close-session 0");
+        assert_eq!(Scenario::parse(&s.to_toml(""), "x.toml").unwrap(), s);
+        let bad = format!("{EXAMPLE}\n[end]\nwhen = \"hook nobody\"\n");
+        let e = Scenario::parse(&bad, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("no hook is named nobody"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::options::ExploreMode as Mode;
 use crate::config::scenario::{
-    ActionPattern, Condition, GateRule, Hook, HookKind, Scenario, Trigger, VcpuSelect, VerdictRules,
+    ActionPattern, Condition, EndRule, GateRule, Hook, HookKind, Scenario, Trigger, VcpuSelect,
+    VerdictRules,
 };
 use crate::config::trace::TraceSpec;
 
@@ -970,6 +971,16 @@ pub fn trial_scenario(w: &Workload, trial: &Trial, vcpus: u8, hold_max: Duration
         gates,
         hooks: hooks(w, trial, hold_max, true),
         verdict: default_verdict(),
+        // A stage-2 trial is decided when its CPU-0 thread's last step returned (the
+        // racing thread may wait at its gate forever).
+        end: if trial.stage2() {
+            stage2_end(w).map(|when| EndRule {
+                when,
+                after: Duration::ZERO,
+            })
+        } else {
+            None
+        },
     }
 }
 
@@ -1035,6 +1046,7 @@ pub fn finding_scenario(
         gates,
         hooks: hooks(w, trial, hold_max, false),
         verdict,
+        end: None,
     }
 }
 

@@ -451,8 +451,6 @@ pub(crate) struct RunPlan {
     pub decide_at_point_of_no_return: bool,
     /// Keep each vCPU's timeout report in the output instead of printing it.
     pub keep_timeout_reports: bool,
-    /// End the run when this happens (the end of a stage-2 trial's workload).
-    pub end_when: Option<crate::config::scenario::Trigger>,
     /// No interception (no breakpoints of its own, no dirty log): a run whose snapshot is
     /// taken after a handover needs none before it (it would not be quiescent).
     pub no_intercept: bool,
@@ -525,7 +523,7 @@ pub(crate) fn run(
     let t1 = Instant::now();
     let observer = Arc::new(ScenarioObserver::new(
         interceptor,
-        Scheduler::new(hooks, t.sc.gates.clone(), m.gates()).end_when(plan.end_when.clone()),
+        Scheduler::new(hooks, t.sc.gates.clone(), m.gates()).with_end(t.sc.end.clone()),
         t.vcpus,
         plan.decide_at_point_of_no_return,
         plan.keep_timeout_reports,

@@ -17,7 +17,7 @@ use luo_protocol::probe::Gate;
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::config::scenario::{GateRule, Hook, HookKind, Trigger};
+use crate::config::scenario::{EndRule, GateRule, Hook, HookKind, Trigger};
 use crate::machine::arch::paging::translate;
 use crate::machine::vcpu::control::{StopCause, VcpuControl};
 use crate::machine::vcpu::run::{HookAction, VcpuNotice};
@@ -109,8 +109,10 @@ pub(crate) struct Scheduler {
     started: OnceLock<Instant>,
     created: Instant,
     control: OnceLock<Arc<VcpuControl>>,
-    /// The run ends when this happens (a trial that is decided there).
-    end_when: Option<Trigger>,
+    /// The run ends this long after this happens.
+    end: Option<EndRule>,
+    /// The end's countdown started.
+    ending: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -137,7 +139,8 @@ impl Scheduler {
             created: Instant::now(),
             control: OnceLock::new(),
             state: Mutex::new(state),
-            end_when: None,
+            end: None,
+            ending: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -181,10 +184,32 @@ impl Scheduler {
 
     /// Applies `event`: arms hooks, opens gates, releases holds.
     fn fire(&self, st: &mut State, event: &Event, at: Instant) {
-        if self.end_when.as_ref().is_some_and(|t| t.matches(event)) {
-            self.note(st, at, None, format!("the run ends: {}", describe(event)));
-            if let Some(c) = self.control.get() {
-                c.request_stop(StopCause::Ended);
+        if let Some(end) = self.end.as_ref().filter(|e| e.when.matches(event)) {
+            if !self.ending.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                self.note(
+                    st,
+                    at,
+                    None,
+                    format!(
+                        "the run ends {:.1} s after {}",
+                        end.after.as_secs_f64(),
+                        describe(event)
+                    ),
+                );
+                if let Some(c) = self.control.get() {
+                    if end.after.is_zero() {
+                        c.request_stop(StopCause::Ended);
+                    } else {
+                        // The countdown outlives nothing: a stop asked of a run that has
+                        // ended is ignored with the run's control.
+                        let c = c.clone();
+                        let after = end.after;
+                        std::thread::spawn(move || {
+                            std::thread::sleep(after);
+                            c.request_stop(StopCause::Ended);
+                        });
+                    }
+                }
             }
         }
         for (i, h) in self.hooks.iter().enumerate() {
@@ -404,9 +429,9 @@ impl Scheduler {
         }
     }
 
-    /// Ends the run when `trigger` happens.
-    pub fn end_when(mut self, trigger: Option<Trigger>) -> Self {
-        self.end_when = trigger;
+    /// Ends the run when `end` says.
+    pub fn with_end(mut self, end: Option<EndRule>) -> Self {
+        self.end = end;
         self
     }
 
