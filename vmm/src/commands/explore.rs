@@ -21,8 +21,9 @@ use crate::config::scenario::{
 use crate::explore::code::{read_code, CodeError};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
-    check_workload, default_workload, finding_scenario, map_trials, racing_calls, racing_calls2,
-    reach_key, script, search_trials, trial_scenario, Reach, Release, Trial, Workload, IDLE_SYMBOL,
+    check_workload, default_workload, explore_owns, finding_scenario, map_trials, racing_calls,
+    racing_calls2, reach_key, script, search_trials, trial_scenario, Reach, Release, Trial,
+    Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL,
 };
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
@@ -157,6 +158,24 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
             path.display()
         )));
     }
+    // Explore owns the rules of gates 1 and 4 (a file declares them to parse as a scenario);
+    // it owns 2, 5 and the selectors outright.
+    if let Some(g) = sc.gates.iter().find(|g| {
+        let id = g.gate.id();
+        id != ACTION_GATE && id != ACTION2_GATE && explore_owns(id)
+    }) {
+        return Err(options(format!(
+            "--workload {}: declares gate {}, which explore owns",
+            path.display(),
+            g.gate.id()
+        )));
+    }
+    let gates = sc
+        .gates
+        .iter()
+        .filter(|g| ![ACTION_GATE, ACTION2_GATE].contains(&g.gate.id()))
+        .cloned()
+        .collect();
     let calls = racing_calls(&sc.script.stage1);
     let calls2 = racing_calls2(&sc.script.stage2);
     Ok(Workload {
@@ -164,7 +183,7 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
         stage1: sc.script.stage1,
         stage2: sc.script.stage2,
         cmdline: sc.cmdline,
-        gates: sc.gates,
+        gates,
         calls,
         calls2,
     })
@@ -215,6 +234,11 @@ fn points(
     if names.is_empty() {
         return Err(options(format!("--points {spec}: names no function")));
     }
+    let mut seen = BTreeSet::new();
+    let names: Vec<String> = names
+        .into_iter()
+        .filter(|n| seen.insert(n.clone()))
+        .collect();
     for n in &names {
         let addr = syms
             .address(n)
@@ -233,11 +257,19 @@ fn points(
         .filter(|n| listed.iter().any(|f| &f.name == *n && f.fallible))
         .cloned()
         .collect();
-    let digest = format!(
-        "{spec} ({:016x})",
-        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
-    );
+    // The content, not the path: shards and resumes may name the same list differently.
+    let digest = format!("file {:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
     Ok((names, fallible, digest))
+}
+
+/// The workload as the manifest names it: `default`, or its script's digest (a file's path
+/// may differ between shards and resumes).
+fn workload_id(w: &Workload) -> String {
+    if w.origin == "default" {
+        return w.origin.clone();
+    }
+    let text = format!("{} {}", script(w).kernel_params(), w.cmdline);
+    format!("file {:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
 /// What caused a trial's trouble, for its signature.
@@ -495,7 +527,7 @@ impl Explorer {
             comment.push_str(&format!("  {line}\n"));
         }
         comment.push_str(&format!(
-            "Reproduce: luo-vmm scenario run {name}.toml{} --runs 3",
+            "Reproduce: luo-vmm scenario run <this file>{} --runs 3",
             self.variant
                 .as_deref()
                 .map_or(String::new(), |v| format!(" --variant {v}"))
@@ -595,8 +627,16 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
     if let Some(json) = &args.json {
-        std::fs::File::create(json)
+        // Writable, checked without touching what is there (written whole at the end).
+        let existed = json.exists();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(json)
             .map_err(|e| options(format!("--json {}: {e}", json.display())))?;
+        if !existed {
+            let _ = std::fs::remove_file(json);
+        }
     }
     let guest = ResolvedGuest::resolve(&opts)?;
     let syms = load_symbols(&guest.kernel)?;
@@ -606,6 +646,12 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         ))
     })?;
     let (points, fallible, points_id) = points(&args.points, &guest, &syms)?;
+    if args.mode == crate::config::options::ExploreMode::Fail && fallible.is_empty() {
+        return Err(options(format!(
+            "--mode fail: none of the {} points returns an error code (int, long, ssize_t): nothing to make fail",
+            points.len()
+        )));
+    }
     // Every kind of trial arms within the debug registers (a race trial needs the most).
     let probe_race = |stage2| Trial::Race {
         point: points[0].clone(),
@@ -645,7 +691,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             .image
             .as_ref()
             .map_or(String::new(), |i| i.kernel_version.clone()),
-        workload: w.origin.clone(),
+        workload: workload_id(&w),
         script: script(&w).kernel_params(),
         mode: args.mode,
         points: points_id,
@@ -682,7 +728,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         points.len(),
         fallible.len(),
         ex.w.calls.len(),
-        args.mode,
+        format!("{:?}", args.mode).to_lowercase(),
         args.seed,
         out.display(),
         if done.is_empty() {

@@ -57,9 +57,32 @@ pub fn run(args: &MergeArgs) -> Result<u8, MergeCommandError> {
         .iter()
         .map(|d| load_shard(d))
         .collect::<Result<Vec<_>, _>>()?;
-    let merged = merge(&inputs)?;
+    let mut merged = merge(&inputs)?;
+    // The confirmation of each finding, as the shard that ran it wrote it in its report.
+    for f in &mut merged.findings {
+        f.finding.confirmed = f.shards.iter().find_map(|dir| {
+            let text =
+                std::fs::read_to_string(std::path::Path::new(dir).join("report.json")).ok()?;
+            let report: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let sig = serde_json::to_value(&f.finding.signature).ok()?;
+            report["findings"]
+                .as_array()?
+                .iter()
+                .find(|g| g["signature"] == sig)?["confirmed"]
+                .as_str()
+                .map(str::to_owned)
+        });
+    }
     let findings_dir = args.out.join("findings");
     std::fs::create_dir_all(&findings_dir).map_err(|e| out_err(e.to_string()))?;
+    // A merge's findings are this merge's only: files of an earlier merge into --out go.
+    if let Ok(entries) = std::fs::read_dir(&findings_dir) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "toml") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mut report = text(&merged);
     for f in &merged.findings {
         let to = args.out.join(&f.finding.scenario);

@@ -188,7 +188,7 @@ pub fn table(findings: &[Finding], t: &Totals) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "trials: {} map + {} search of {} ({} passed, {} findings, {} undecided) in {:.0} s: {:.0} trials/hour",
+        "trials: {} boot and map + {} search of {} ({} passed, {} with a finding, {} undecided) in {:.0} s: {:.0} trials/hour",
         t.map, t.search, t.space, t.passed, t.findings, t.undecided, t.seconds, t.trials_per_hour
     );
     let _ = writeln!(

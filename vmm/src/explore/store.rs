@@ -65,8 +65,6 @@ pub struct Manifest {
     pub release: String,
     /// The workload (`default`, or its file) and its script's wire form.
     pub workload: String,
-    /// The script every trial shares.
-    pub script: String,
     /// Race, fail, both.
     pub mode: Mode,
     /// `auto` or the points file's content digest.
@@ -90,6 +88,8 @@ pub struct Manifest {
     /// This shard of the search (`--shard I/N`), if any.
     #[serde(default)]
     pub shard: Option<crate::config::options::Shard>,
+    /// The script every trial shares (last: a mismatch names a shorter field first).
+    pub script: String,
 }
 
 fn both_stages() -> crate::config::options::ExploreStage {
@@ -169,7 +169,16 @@ impl Store {
     /// `resume` is not set), or, with `resume`, the one there (refused if its manifest
     /// differs). Checks that `dir` can be written before any guest boots.
     pub fn open(dir: &Path, manifest: &Manifest, resume: bool) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if resume && !dir.join("manifest.json").exists() {
+            return Err(StoreError::Refused(format!(
+                "--resume: {} holds no exploration to go on with",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+            path: dir.to_owned(),
+            why: format!("--out: {e}"),
+        })?;
         let mpath = dir.join("manifest.json");
         let tpath = dir.join("trials.jsonl");
         let mut done = Vec::new();
@@ -384,7 +393,7 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(Store::open(&dir, &m, true).is_err(), "nothing to resume");
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!dir.exists(), "a refused resume creates nothing");
     }
 
     #[test]
