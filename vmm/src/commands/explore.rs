@@ -722,7 +722,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         earlier_s,
     };
     println!(
-        "explore {} ({}): {} points, {} fallible, {} racing calls; mode {:?}, seed {}; results in {}{}",
+        "explore {} ({}): {} points, {} fallible, {} racing calls; mode {}, seed {}; results in {}{}",
         ex.kernel,
         ex.variant.as_deref().map_or("the reference kernel".into(), |v| format!("variant {v}")),
         points.len(),
