@@ -871,8 +871,14 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
     let after = if trial.stage2() { stage2_arm(w) } else { None };
     match trial {
         Trial::Baseline | Trial::Baseline2 => vec![],
-        Trial::Map { function, .. } => {
-            vec![observe("reach", function, VcpuSelect::All, after)]
+        // With a racing call made first, only its CPU counts: what the call reaches, not
+        // the reboot after it (the plain trials cover that).
+        Trial::Map { function, with, .. } => {
+            let vcpus = match with {
+                Some(_) => VcpuSelect::One(RACE_VCPU),
+                None => VcpuSelect::All,
+            };
+            vec![observe("reach", function, vcpus, after)]
         }
         Trial::Race {
             point,
@@ -924,13 +930,21 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
             }
             hooks
         }
-        Trial::Fail { function, call, .. } => vec![Hook {
+        Trial::Fail {
+            function,
+            call,
+            with,
+            ..
+        } => vec![Hook {
             name: "fails".into(),
             at: TraceSpec {
                 symbol: function.clone(),
                 offset: 0,
             },
-            vcpus: VcpuSelect::All,
+            vcpus: match with {
+                Some(_) => VcpuSelect::One(RACE_VCPU),
+                None => VcpuSelect::All,
+            },
             kind: HookKind::Fail { ret: FAIL_RETURN },
             after,
             call: Some(*call),
