@@ -719,6 +719,14 @@ main() {
 	fi
 
 	mkdir -p "$CACHE"
+	# One kernel build at a time per cache: two would fight over the cores, and each
+	# prunes build trees that are not its own or the reference's (a concurrent variant
+	# build's among them). A build already cached takes the lock only to find it.
+	exec {kernel_lock}>"$CACHE/.kernel-build.lock"
+	if ! flock -n "$kernel_lock"; then
+		log "waiting for another kernel build of this cache to finish"
+		flock "$kernel_lock"
+	fi
 	if [[ -n $SOURCE ]]; then
 		log "kernel source: $SOURCE (your tree, built out of tree; hashing its state)"
 		compute_key
@@ -731,6 +739,7 @@ main() {
 		log "kernel version: $KVER${VARIANT:+, variant $VARIANT} (cache key $KKEY)"
 		ensure_kernel
 	fi
+	flock -u "$kernel_lock"
 	log "kernel release: $(cat "$KDIR/kernel-version")"
 	build_agent
 	ensure_initramfs
