@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -189,7 +189,9 @@ fn fill(file: &File, how: Fill, seed: u64) -> io::Result<()> {
 
 /// Checks a retrieved memfd: its size (when stage 1 said it) and its bytes (the pattern
 /// of `seed`, or zeroes without one). `EFBIG`: wrong size; `EBADMSG`: a wrong byte.
-fn check(mut file: &File, size: Option<u64>, seed: Option<u64>) -> io::Result<()> {
+/// Reads at explicit offsets: a file retrieved twice is one open file (LUO hands out the
+/// same `struct file` again), whose shared offset another thread's check moves.
+fn check(file: &File, size: Option<u64>, seed: Option<u64>) -> io::Result<()> {
     let len = file.metadata()?.len();
     if size.is_some_and(|s| s != len) {
         println!("luo-agent: size {len}, stage 1 made {size:?}");
@@ -199,7 +201,7 @@ fn check(mut file: &File, size: Option<u64>, seed: Option<u64>) -> io::Result<()
     let mut offset = 0u64;
     while offset < len {
         let n = crate::chunk_len(len - offset);
-        file.read_exact(&mut buf[..n])?;
+        file.read_exact_at(&mut buf[..n], offset)?;
         let bad = match seed {
             Some(seed) => pattern::check(seed, offset, &buf[..n]).map(|m| m.offset),
             None => buf[..n]

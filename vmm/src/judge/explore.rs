@@ -29,7 +29,8 @@ pub enum Oracle {
     RecordsDiffer,
     /// Stage 2: a retrieved memfd's bytes or size are not what stage 1 wrote.
     Stage2Data,
-    /// Stage 2: one session or one file retrieved twice, both times with success.
+    /// Stage 2: one session retrieved twice, both times with success (a file may be: LUO
+    /// hands out the same file again, `luo_retrieve_file()` in kernel/liveupdate/luo_file.c).
     RetrievedTwice,
 }
 
@@ -243,8 +244,7 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
         let twice: Vec<String> = calls
             .iter()
             .filter(|c| {
-                matches!(c.action, Action::RetrieveSession | Action::RetrieveFd)
-                    && c.result.is_some_and(|(r, _)| r >= 0)
+                c.action == Action::RetrieveSession && c.result.is_some_and(|(r, _)| r >= 0)
             })
             .filter(|c| !seen.insert((c.action.name(), c.arg)))
             .map(|c| format!("{} returned success twice", pattern(c.action, c.arg)))
