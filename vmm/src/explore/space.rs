@@ -1068,6 +1068,31 @@ pub fn finding_scenario(
 mod tests {
     use super::*;
 
+    /// `trial`'s finding scenario, written as a file and read back (the same scenario):
+    /// what was read, and the text.
+    fn written_back(
+        w: &Workload,
+        trial: &Trial,
+        name: &str,
+        variant: Option<&str>,
+    ) -> (Scenario, String) {
+        let f = finding_scenario(
+            w,
+            trial,
+            name,
+            "a finding",
+            variant,
+            2,
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+            default_verdict(),
+        );
+        let text = f.to_toml("found by luo-vmm explore");
+        let back = Scenario::parse(&text, &format!("{name}.toml")).unwrap();
+        assert_eq!(back, f, "{text}");
+        (back, text)
+    }
+
     #[test]
     fn the_default_workload_offers_every_kind_of_call_and_checks() {
         let w = default_workload();
@@ -1200,39 +1225,13 @@ mod tests {
             t2.id(&w),
             "race2:luo_session_retrieve:retrieve-session-0:settled"
         );
-        let f = finding_scenario(
-            &w,
-            &t2,
-            "double-retrieve",
-            "a second retrieve",
-            None,
-            2,
-            Duration::from_secs(600),
-            Duration::from_secs(30),
-            default_verdict(),
-        );
-        let text = f.to_toml("");
-        let back = Scenario::parse(&text, "double-retrieve.toml").unwrap();
-        assert_eq!(back, f);
+        let (_, text) = written_back(&w, &t2, "double-retrieve", None);
         assert!(
             text.contains("after = \"start retrieve-session 0\""),
             "{text}"
         );
         assert!(!text.contains("\"gate 1\""), "{text}");
-        let f = finding_scenario(
-            &w,
-            &t,
-            "close-race",
-            "a close",
-            Some("luo-reboot-unlocked"),
-            2,
-            Duration::from_secs(600),
-            Duration::from_secs(30),
-            default_verdict(),
-        );
-        let text = f.to_toml("found by luo-vmm explore");
-        let back = Scenario::parse(&text, "close-race.toml").unwrap();
-        assert_eq!(back, f, "{text}");
+        let (_, text) = written_back(&w, &t, "close-race", Some("luo-reboot-unlocked"));
         assert!(text.contains("steps = [\"gate 2\", \"close 1\"]"), "{text}");
         let fail = Trial::Fail {
             function: "luo_file_freeze".into(),
@@ -1240,19 +1239,7 @@ mod tests {
             with: None,
             stage2: false,
         };
-        let f = finding_scenario(
-            &w,
-            &fail,
-            "unwind",
-            "a failed freeze",
-            None,
-            2,
-            Duration::from_secs(600),
-            Duration::from_secs(30),
-            default_verdict(),
-        );
-        let back = Scenario::parse(&f.to_toml(""), "unwind.toml").unwrap();
-        assert_eq!(back, f);
+        let (back, _) = written_back(&w, &fail, "unwind", None);
         assert_eq!(back.gates.len(), 1, "the workload's own gate only");
         // A failure inside a racing call made before the reboot.
         let during = Trial::Fail {
@@ -1261,20 +1248,7 @@ mod tests {
             with: Some(3),
             stage2: false,
         };
-        let f = finding_scenario(
-            &w,
-            &during,
-            "preserve-fails",
-            "a failed preserve",
-            None,
-            2,
-            Duration::from_secs(600),
-            Duration::from_secs(30),
-            default_verdict(),
-        );
-        let text = f.to_toml("");
-        let back = Scenario::parse(&text, "preserve-fails.toml").unwrap();
-        assert_eq!(back, f);
+        let (_, text) = written_back(&w, &during, "preserve-fails", None);
         assert!(
             text.contains("open_when = \"result preserve-fd 0.1\""),
             "{text}"

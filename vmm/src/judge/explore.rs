@@ -290,17 +290,7 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::agent::ActionCall;
-    use luo_protocol::message::Action;
-
-    fn call(action: Action, arg: u64, result: Option<i64>) -> ActionCall {
-        ActionCall {
-            action,
-            arg,
-            at: std::time::Instant::now(),
-            result: result.map(|r| (r, if r < 0 { 5 } else { 0 })),
-        }
-    }
+    use crate::judge::scenario::tests::call;
 
     #[test]
     fn trouble_lines_name_their_function() {

@@ -254,13 +254,15 @@ pub(crate) fn vote(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::scenario::parse_condition;
     use luo_handover::luo::{PreservedFile, Session};
     use std::time::Instant;
 
-    fn call(action: Action, arg: u64, result: Option<i64>) -> ActionCall {
+    /// A call of the agent with `result` (errno 5 when negative); also the explore
+    /// oracles' tests'.
+    pub(crate) fn call(action: Action, arg: u64, result: Option<i64>) -> ActionCall {
         ActionCall {
             action,
             arg,
