@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use luo_protocol::message::{Action, Message};
 use luo_protocol::probe::{Gate, GATE_OPEN, PROBE_PORT, REG_SIGNATURE, SIGNATURE};
@@ -93,15 +93,19 @@ impl Probe {
         }
     }
 
-    /// Announces the wait at `gate`, polls it until the VMM opens it (at most `limit`),
-    /// and announces the pass.
+    /// Announces the wait at `gate`, polls it until the VMM opens it (at most `limit`
+    /// worth of polls), and announces the pass. The polls are counted, not timed: a VMM
+    /// resetting to a snapshot taken during this wait may leave the guest's clock hours
+    /// ahead (a KVM that cannot put the TSC back), which must not use up the wait.
     pub fn wait_gate(&self, gate: Gate, limit: Duration) -> Result<(), GateTimeout> {
         self.send(&Message::GateWait(gate));
-        let start = Instant::now();
+        let polls = limit.as_millis() / GATE_POLL.as_millis().max(1);
+        let mut polled = 0u128;
         while !self.gate_open(gate) {
-            if start.elapsed() > limit {
+            if polled >= polls {
                 return Err(GateTimeout(gate));
             }
+            polled += 1;
             std::thread::sleep(GATE_POLL);
         }
         self.send(&Message::GatePassed(gate));

@@ -520,6 +520,9 @@ pub(crate) struct GuestMachine {
     /// The VM is at its snapshot (just reset, or just built from one): the next run
     /// starts there and is given the snapshot's run so far.
     at_snapshot: bool,
+    /// How far ahead of the snapshot's the last reset left the guest's clock (ns;
+    /// [`RestoreStats::clock_ahead_ns`]): said in the next run's console log.
+    clock_ahead_ns: u64,
 }
 
 impl GuestMachine {
@@ -575,6 +578,7 @@ impl GuestMachine {
             run_bound: None,
             cmdline,
             at_snapshot: history.is_some(),
+            clock_ahead_ns: 0,
             history,
             no_snapshot: None,
         }
@@ -605,6 +609,7 @@ impl GuestMachine {
     pub fn reset(&mut self) -> Result<RestoreStats, GuestError> {
         let stats = self.vm.reset()?;
         self.at_snapshot = true;
+        self.clock_ahead_ns = stats.clock_ahead_ns;
         Ok(stats)
     }
 
@@ -726,7 +731,7 @@ impl GuestMachine {
         history: &RunHistory,
         console: &Arc<Mutex<ConsoleLines>>,
     ) -> Result<(), GuestError> {
-        let log = open_console_log(console_log, &history.console)?;
+        let log = open_console_log(console_log, &history.console, self.clock_ahead_ns)?;
         if self.echo && !history.console.is_empty() {
             use std::io::Write as _;
             let _ = std::io::stdout().write_all(&history.console);
@@ -873,8 +878,13 @@ fn machine_spec<'a>(
 }
 
 /// Opens a run's console log (truncated), with `history` (the snapshot's run's console)
-/// written first.
-fn open_console_log(path: Option<&Path>, history: &[u8]) -> Result<Option<File>, GuestError> {
+/// written first, and a line saying where this run starts (and, if the reset left the
+/// guest's clock `clock_ahead_ns` ahead, by how much).
+fn open_console_log(
+    path: Option<&Path>,
+    history: &[u8],
+    clock_ahead_ns: u64,
+) -> Result<Option<File>, GuestError> {
     let Some(path) = path else { return Ok(None) };
     let err = |source| {
         GuestError::Vm(VmError::ConsoleLog {
@@ -891,13 +901,24 @@ fn open_console_log(path: Option<&Path>, history: &[u8]) -> Result<Option<File>,
     if !history.is_empty() {
         use std::io::Write as _;
         f.write_all(history).map_err(err)?;
-        writeln!(
-            f,
-            "\n[luo-vmm: the run above, to here, is the snapshot's; this run starts from it]"
-        )
-        .map_err(err)?;
+        writeln!(f, "\n{}", resumed_line(clock_ahead_ns)).map_err(err)?;
     }
     Ok(Some(f))
+}
+
+/// The console log's line between the snapshot's run and this one.
+fn resumed_line(clock_ahead_ns: u64) -> String {
+    let mut line =
+        "[luo-vmm: the run above, to here, is the snapshot's; this run starts from it".to_owned();
+    if clock_ahead_ns > 0 {
+        line.push_str(&format!(
+            "; the guest's clock is {:.1} s ahead of the snapshot's (this KVM did not put \
+             the TSC back: docs/snapshots.md)",
+            clock_ahead_ns as f64 * 1e-9
+        ));
+    }
+    line.push(']');
+    line
 }
 
 /// The first `max` bytes of `path` (empty if unreadable).

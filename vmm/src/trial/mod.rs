@@ -504,8 +504,16 @@ pub(crate) fn run(
         Some(m) if from_snapshot => {
             let reset = m.reset()?;
             if plan.verbose {
+                let clock = if reset.clock_ahead_ns > 0 {
+                    format!(
+                        "; the guest's clock {:.1} s ahead of the snapshot's",
+                        reset.clock_ahead_ns as f64 * 1e-9
+                    )
+                } else {
+                    String::new()
+                };
                 eprintln!(
-                    "luo-vmm: run {}: reset to the snapshot ({} pages written back, {:.1} ms)",
+                    "luo-vmm: run {}: reset to the snapshot ({} pages written back, {:.1} ms{clock})",
                     plan.run,
                     reset.pages,
                     reset.nanos as f64 * 1e-6

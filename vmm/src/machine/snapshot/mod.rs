@@ -103,6 +103,11 @@ pub struct RestoreStats {
     pub pages: usize,
     /// Wall time of the whole reset, in nanoseconds.
     pub nanos: u64,
+    /// How far the guest's clock (its TSC, on the vCPU furthest off) runs ahead of the
+    /// snapshot's after the reset, in nanoseconds: 0 where KVM put every TSC back (within
+    /// a millisecond); else about the host time since the snapshot (a KVM that ignores the
+    /// TSC writes and offsets, as the `kvm_pvm` emulator does: docs/snapshots.md).
+    pub clock_ahead_ns: u64,
 }
 
 #[cfg(test)]

@@ -8,9 +8,10 @@
 //! VM: the PIT, the KVM clock, the PIC pair and the IOAPIC.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+    kvm_clock_data, kvm_debugregs, kvm_device_attr, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVMIO, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+    KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -181,6 +182,95 @@ fn write_msrs(id: u8, fd: &VcpuFd, saved: &[(u32, u64)]) -> Result<(), StateErro
         }
     }
     Ok(())
+}
+
+/// `IA32_TIME_STAMP_COUNTER`: the guest's TSC.
+const MSR_IA32_TSC: u32 = 0x10;
+
+// `KVM_GET_DEVICE_ATTR`/`KVM_SET_DEVICE_ATTR` on a vCPU fd (Documentation/virt/kvm/api.rst,
+// 4.81): kvm-ioctls offers them for vCPUs on aarch64 only.
+vmm_sys_util::ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+
+impl VcpuState {
+    /// The guest TSC this state saved (`IA32_TSC` among its MSRs), if KVM read it.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|&&(index, _)| index == MSR_IA32_TSC)
+            .map(|&(_, value)| value)
+    }
+}
+
+/// vCPU `id`'s guest TSC now (`KVM_GET_MSRS` of `IA32_TSC`).
+fn read_tsc(id: u8, fd: &VcpuFd) -> Result<u64, StateError> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|_| StateError::Kvm {
+        whose: format!("vCPU {id}"),
+        what: "KVM_GET_MSRS (IA32_TSC)",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    match fd.get_msrs(&mut msrs) {
+        Ok(1) => Ok(msrs.as_slice()[0].data),
+        Ok(_) => Err(StateError::MsrRefused {
+            vcpu: id,
+            index: MSR_IA32_TSC,
+        }),
+        Err(e) => Err(kvm_err(format!("vCPU {id}"), "KVM_GET_MSRS (IA32_TSC)")(e)),
+    }
+}
+
+/// The vCPU's TSC offset attribute (`KVM_VCPU_TSC_CTRL`/`KVM_VCPU_TSC_OFFSET`,
+/// Documentation/virt/kvm/devices/vcpu.rst, Linux 5.16+): read, or written when `set`.
+/// `None` where KVM does not offer it.
+fn tsc_offset(fd: &VcpuFd, set: Option<u64>) -> Option<u64> {
+    let mut value = set.unwrap_or(0);
+    let attr = kvm_device_attr {
+        flags: 0,
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr: std::ptr::addr_of_mut!(value) as u64,
+    };
+    let request = if set.is_some() {
+        KVM_SET_DEVICE_ATTR()
+    } else {
+        KVM_GET_DEVICE_ATTR()
+    };
+    // SAFETY: `fd` is a vCPU fd; `attr` is a whole `kvm_device_attr` whose `addr` points
+    // at `value`, a u64 that outlives the call, which KVM reads (set) or writes (get):
+    // the attribute is one u64.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, request, &attr) };
+    (r == 0).then_some(value)
+}
+
+/// Puts vCPU `id`'s guest TSC back at `saved`, after [`VcpuState::apply`] asked for it with
+/// `KVM_SET_MSRS`, and returns how far ahead of `saved` it is then, in TSC cycles
+/// (negative: behind).
+///
+/// The MSR write is not enough everywhere. KVM takes a host write that lands within a
+/// second of the cycles the one before it predicts as meant to be "in sync" with it and
+/// keeps the earlier offset instead (`kvm_synchronize_tsc`, arch/x86/kvm/x86.c): resets a
+/// fraction of a second apart would each leave the guest's TSC ahead by the runs before.
+/// And the `kvm_pvm` emulator ignores the write (docs/snapshots.md). So where the TSC is
+/// more than `slack` cycles off, the vCPU's TSC offset is moved by the difference, where
+/// KVM offers it; what is left after that is returned, not refused: the guest goes on,
+/// its clock that much ahead.
+pub fn rewind_tsc(id: u8, fd: &VcpuFd, saved: u64, slack: u64) -> Result<i64, StateError> {
+    // The difference in two's complement: TSCs are far below 2^63 cycles (a century at
+    // 3 GHz), so as an i64 it is the signed distance.
+    let off = read_tsc(id, fd)?.wrapping_sub(saved);
+    if (off as i64).unsigned_abs() <= slack {
+        return Ok(off as i64);
+    }
+    match tsc_offset(fd, None) {
+        Some(offset) if tsc_offset(fd, Some(offset.wrapping_sub(off))).is_some() => {
+            Ok(read_tsc(id, fd)?.wrapping_sub(saved) as i64)
+        }
+        _ => Ok(off as i64),
+    }
 }
 
 /// The VM's own state: the in-kernel PIC pair and IOAPIC, the PIT, the KVM clock.
