@@ -6,8 +6,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use luo_handover::extents::ExtentSet;
 use luo_handover::symbols::KernelSymbols;
 use luo_protocol::probe::Gate;
 use luo_protocol::script::Step;
@@ -22,8 +24,8 @@ use crate::explore::code::{read_code, CodeError};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
     check_workload, default_workload, explore_owns, finding_scenario, map_trials, racing_calls,
-    racing_calls2, reach_key, script, search_trials, trial_scenario, Reach, Release, Trial,
-    Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL,
+    racing_calls2, reach_key, script, search_trials, stage_cmdline, trial_scenario, Reach, Release,
+    Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL,
 };
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
@@ -112,7 +114,11 @@ pub struct SpaceSummary {
 /// Everything a trial needs, fixed for the exploration.
 struct Explorer {
     w: Workload,
+    /// Stage 1's machine's options.
     opts: GuestOptions,
+    /// Stage 2's machine's: the same, with [`crate::explore::space::STAGE2_PARAMS`] on its
+    /// command line.
+    opts2: GuestOptions,
     guest: ResolvedGuest,
     syms: KernelSymbols,
     vcpus: u8,
@@ -311,10 +317,10 @@ fn log_name(id: &str) -> String {
 }
 
 impl Explorer {
-    fn target<'a>(&'a self, sc: &'a Scenario) -> Target<'a> {
+    fn target<'a>(&'a self, sc: &'a Scenario, stage2: bool) -> Target<'a> {
         Target {
             sc,
-            opts: &self.opts,
+            opts: if stage2 { &self.opts2 } else { &self.opts },
             guest: &self.guest,
             syms: &self.syms,
             next_syms: None,
@@ -341,6 +347,8 @@ impl Explorer {
         // Stage 1's trials end at point-of-no-return; stage 2's run to the end of the
         // workload, on the machine that kept stage 2's snapshot (no interception: it
         // would not be quiescent there).
+        // Stage 2's machine intercepts its one handover, on the boot that keeps its
+        // snapshot, only to learn the preserved set; its trials watch that set's pages.
         let stage2 = trial.stage2();
         let plan = RunPlan {
             run: 1,
@@ -349,6 +357,8 @@ impl Explorer {
             decide_at_point_of_no_return: !stage2,
             keep_timeout_reports: true,
             no_intercept: stage2,
+            intercept_until_snapshot: stage2,
+            watch_preserved: machines.preserved2.clone().filter(|_| stage2),
             verbose: false,
         };
         let machine = if stage2 {
@@ -356,7 +366,11 @@ impl Explorer {
         } else {
             &mut machines.stage1
         };
-        let got = trial::run(&self.target(&sc), machine, &plan)?;
+        let got = trial::run(&self.target(&sc, stage2), machine, &plan)?;
+        if stage2 && !got.result.from_snapshot {
+            // The boot that kept (or failed to keep) the snapshot the next trials reset to.
+            machines.preserved2 = got.handed_over.clone().map(Arc::new);
+        }
         let verdict = decide(&got.facts, &cause(&self.w, trial));
         let hits = match trial {
             Trial::Map { .. } => Some(got.hits.get("reach").cloned().unwrap_or_default()),
@@ -471,6 +485,10 @@ impl Explorer {
                 correct: vec![Condition::RecordsMatch],
                 bug: vec![Condition::KernelOops],
             },
+            Oracle::PreservedDataWritten => VerdictRules {
+                correct: vec![Condition::RecordsMatch],
+                bug: vec![Condition::PreservedDataWritten, Condition::KernelOops],
+            },
             Oracle::Hang => {
                 // The first call left blocked: the run ends the trial's bound after it
                 // started; blocked then is the bug, returned the fix (a call that sleeps a
@@ -542,6 +560,9 @@ impl Explorer {
 struct Machines {
     stage1: Option<GuestMachine>,
     stage2: Option<GuestMachine>,
+    /// The preserved set stage 2's machine's handover handed over (with owners), read on
+    /// the boot that kept its snapshot.
+    preserved2: Option<Arc<ExtentSet>>,
 }
 
 /// The gates a snapshot waits for: the first of every thread of stage 1 (or 2).
@@ -668,7 +689,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         trial::arm(
             &sc,
             &syms,
-            &trial::interceptor(&syms, None, false)?,
+            &trial::interceptor(&syms, None, false, false)?,
             args.vcpus,
         )?;
     }
@@ -708,9 +729,14 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let out = store.dir().to_owned();
     let done = store.done_ids();
     let earlier_s = store.done.iter().map(|r| r.at_s).fold(0.0, f64::max);
+    let opts2 = GuestOptions {
+        cmdline: stage_cmdline(&w, true),
+        ..opts.clone()
+    };
     let ex = Explorer {
         w,
         opts,
+        opts2,
         guest,
         syms,
         vcpus: args.vcpus,

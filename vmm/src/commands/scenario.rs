@@ -258,7 +258,7 @@ fn prepare(
     arm(
         &sc,
         &syms,
-        &interceptor(&syms, next_syms.as_ref(), false)?,
+        &interceptor(&syms, next_syms.as_ref(), false, false)?,
         vcpus,
     )?;
     Ok(Prepared {
@@ -403,6 +403,7 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
             keep_timeout_reports: false,
             no_intercept: false,
             verbose: true,
+            ..RunPlan::default()
         };
         let result = trial::run(&target, &mut machine, &plan)?.result;
         print_run(&result, args.runs);

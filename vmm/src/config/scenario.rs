@@ -200,6 +200,10 @@ pub enum Condition {
     NoHandover,
     /// `kernel oops`: an oops, BUG, WARNING, panic or triple fault.
     KernelOops,
+    /// `preserved data written`: in stage 2, a page of a preserved memfd's contents was
+    /// written while no retrieval or finish accounted for it (judge::scenario,
+    /// `unaccounted_data_writes`): "leak, never reuse" broken.
+    PreservedDataWritten,
     /// `hook NAME`: the hook was reached (armed).
     Hook(String),
 }
@@ -216,6 +220,7 @@ impl std::fmt::Display for Condition {
             Condition::HandoverVerified => f.write_str("handover verified"),
             Condition::NoHandover => f.write_str("no handover"),
             Condition::KernelOops => f.write_str("kernel oops"),
+            Condition::PreservedDataWritten => f.write_str("preserved data written"),
             Condition::Hook(n) => write!(f, "hook {n}"),
         }
     }
@@ -563,10 +568,12 @@ pub(crate) fn parse_condition(text: &str) -> Result<Condition, String> {
         ["handover", "verified"] => Ok(Condition::HandoverVerified),
         ["no", "handover"] => Ok(Condition::NoHandover),
         ["kernel", "oops"] => Ok(Condition::KernelOops),
+        ["preserved", "data", "written"] => Ok(Condition::PreservedDataWritten),
         ["hook", name] => Ok(Condition::Hook((*name).to_owned())),
         _ => Err(format!(
-            "{text:?}: not a condition (blocked|returned|failed ACTION [ARG], records match, \
-             records differ, handover verified, no handover, kernel oops, hook NAME)"
+            "{text:?}: not a condition (blocked|returned|failed ACTION [ARG], returned twice \
+             ACTION [ARG], records match, records differ, handover verified, no handover, \
+             kernel oops, preserved data written, hook NAME)"
         )),
     }
 }
@@ -1048,6 +1055,16 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
         };
         assert!(any.matches(Action::Reboot, 7));
         assert_eq!(parse_condition("failed reboot"), Ok(Condition::Failed(any)));
+        for word_condition in [
+            Condition::PreservedDataWritten,
+            Condition::KernelOops,
+            Condition::RecordsDiffer,
+        ] {
+            assert_eq!(
+                parse_condition(&word_condition.to_string()),
+                Ok(word_condition)
+            );
+        }
         assert!(parse_trigger("wait 64").is_err());
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));

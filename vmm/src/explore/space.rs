@@ -51,6 +51,20 @@ pub const MAX_FAIL_CALLS: u32 = 4;
 pub const IDLE_SYMBOL: &str = "default_idle_call";
 /// The error a failing function returns (-EIO).
 pub const FAIL_RETURN: i64 = -5;
+/// What stage 2's machine boots with besides the workload's parameters: a freed page is
+/// zeroed at once (`init_on_free=1`, mm/mm_init.c), so that preserved memory the next
+/// kernel hands back to its allocator is written, and seen in the dirty log, within the
+/// trial that freed it (the "preserved data written" oracle, docs/explore.md).
+pub const STAGE2_PARAMS: &str = "init_on_free=1";
+
+/// The workload's extra kernel parameters for a trial of stage 1 or 2 ([`STAGE2_PARAMS`]).
+pub fn stage_cmdline(w: &Workload, stage2: bool) -> String {
+    match (stage2, w.cmdline.trim()) {
+        (false, extra) => extra.to_owned(),
+        (true, "") => STAGE2_PARAMS.to_owned(),
+        (true, extra) => format!("{extra} {STAGE2_PARAMS}"),
+    }
+}
 
 /// When a hold at a hold point ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -980,7 +994,7 @@ pub fn trial_scenario(w: &Workload, trial: &Trial, vcpus: u8, hold_max: Duration
         variant: None,
         vcpus,
         timeout: Duration::from_secs(1200),
-        cmdline: w.cmdline.clone(),
+        cmdline: stage_cmdline(w, trial.stage2()),
         script: script(w),
         gates,
         hooks: hooks(w, trial, hold_max, true),
@@ -1052,7 +1066,7 @@ pub fn finding_scenario(
         variant: variant.map(str::to_owned),
         vcpus,
         timeout,
-        cmdline: w.cmdline.clone(),
+        cmdline: stage_cmdline(w, trial.stage2()),
         script: Script {
             stage1,
             stage2: stage2_script,

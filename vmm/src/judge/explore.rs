@@ -3,8 +3,10 @@
 //! exit), a hang (the run stopped progressing: neither point-of-no-return nor the end of
 //! the workload came within the trial's bound: a racing call that blocks until the kexec
 //! is the fix at work and lets the reboot reach point-of-no-return, a deadlock does not),
-//! and the detector (the LUO records the outgoing kernel hands over at point-of-no-return
-//! against what user space believes it preserved).
+//! the detector (the LUO records the outgoing kernel hands over at point-of-no-return
+//! against what user space believes it preserved), and in stage 2 the data retrieved, a
+//! session retrieved twice, and "leak, never reuse" (preserved memfd contents written
+//! while no retrieval or finish accounts for them).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -14,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use luo_protocol::message::Action;
 
 use crate::config::scenario::ActionPattern;
-use crate::judge::scenario::RunFacts;
+use crate::judge::scenario::{unaccounted_data_writes, RunFacts};
 
 /// Which oracle spoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -32,6 +34,10 @@ pub enum Oracle {
     /// Stage 2: one session retrieved twice, both times with success (a file may be: LUO
     /// hands out the same file again, `luo_retrieve_file()` in kernel/liveupdate/luo_file.c).
     RetrievedTwice,
+    /// Stage 2: preserved memfd contents written while neither a retrieval nor a finish
+    /// accounts for them (`judge::scenario::unaccounted_data_writes`): after a failed
+    /// restore, memory handed back instead of leaked.
+    PreservedDataWritten,
 }
 
 impl fmt::Display for Oracle {
@@ -42,6 +48,7 @@ impl fmt::Display for Oracle {
             Oracle::RecordsDiffer => "records differ",
             Oracle::Stage2Data => "stage-2 data",
             Oracle::RetrievedTwice => "retrieved twice",
+            Oracle::PreservedDataWritten => "preserved data written",
         })
     }
 }
@@ -255,6 +262,39 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
                 because: twice,
             };
         }
+        let written = unaccounted_data_writes(facts);
+        if !written.is_empty() {
+            let failed_restore = calls.iter().find(|c| {
+                matches!(c.action, Action::RetrieveSession | Action::RetrieveFd)
+                    && c.result.is_some_and(|(r, _)| r < 0)
+            });
+            let site = match failed_restore {
+                Some(c) => format!("memfd contents written after a failed {}", c.action.name()),
+                None => "memfd contents written, neither retrieved nor finished".to_owned(),
+            };
+            let mut because: Vec<String> = failed_restore
+                .map(|c| {
+                    let errno = c.result.map_or(0, |(_, e)| e);
+                    format!(
+                        "{} failed: {}",
+                        pattern(c.action, c.arg),
+                        std::io::Error::from_raw_os_error(errno)
+                    )
+                })
+                .into_iter()
+                .collect();
+            because.push(format!("{} preserved page(s) written:", written.len()));
+            because.extend(
+                written
+                    .iter()
+                    .take(8)
+                    .map(|(gpa, owner)| format!("{gpa:#x} ({owner})")),
+            );
+            return TrialVerdict::Finding {
+                signature: sig(Oracle::PreservedDataWritten, site),
+                because,
+            };
+        }
     }
     if let Some(d) = facts.discrepancies.as_ref().filter(|d| !d.is_empty()) {
         let kinds: BTreeSet<String> = d.iter().map(|l| without_numbers(l)).collect();
@@ -277,7 +317,15 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
     }
     let mut because = Vec::new();
     if facts.boots.len() > 1 {
-        because.push("stage 2 ran to its end: data as written, nothing retrieved twice".to_owned());
+        because.push(
+            if facts.preserved_data_written.is_some() {
+                "stage 2 ran to its end: data as written, nothing retrieved twice, no preserved \
+                 page written"
+            } else {
+                "stage 2 ran to its end: data as written, nothing retrieved twice"
+            }
+            .to_owned(),
+        );
     } else if facts.point_of_no_return {
         because.push("records match at point-of-no-return".to_owned());
     } else {
@@ -291,6 +339,7 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
 mod tests {
     use super::*;
     use crate::judge::scenario::tests::call;
+    use luo_protocol::workload::Memfds;
 
     #[test]
     fn trouble_lines_name_their_function() {
@@ -388,6 +437,61 @@ mod tests {
         assert_eq!(v.signature().unwrap().oracle, Oracle::Stage2Data);
         // A failed retrieve is no finding by itself (the failure may be the one injected).
         f.boots[1] = vec![call(Action::RetrieveSession, 0, Some(-1))];
+        assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
+    }
+
+    #[test]
+    fn preserved_contents_written_with_no_owner_are_a_finding() {
+        let token = Memfds::token(0, 0);
+        let data = |t: u64| format!("memfd:luo-vmm-s0/{t:#x}/data");
+        let mut f = RunFacts {
+            boots: vec![
+                vec![],
+                vec![
+                    call(Action::RetrieveSession, 0, Some(0)),
+                    call(Action::RetrieveFd, token, Some(-1)),
+                ],
+            ],
+            preserved_data_written: Some(vec![
+                (0x1234_5000, data(token)),
+                // A record page and another session's file: not contents of this one.
+                (0x1234_6000, format!("memfd:luo-vmm-s0/{token:#x}")),
+            ]),
+            ..RunFacts::default()
+        };
+        let v = decide(&f, "stage 2: fail memfd_luo_retrieve");
+        let s = v.signature().unwrap();
+        assert_eq!(s.oracle, Oracle::PreservedDataWritten);
+        assert_eq!(s.site, "memfd contents written after a failed retrieve-fd");
+        assert!(v.because().iter().any(|l| l.contains("0x12345000")));
+        assert!(!v.because().iter().any(|l| l.contains("0x12346000")));
+        // Retrieved: the file's pages are user space's to write.
+        f.boots[1][1] = call(Action::RetrieveFd, token, Some(0));
+        assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
+        // Not retrieved but its session finished (or closed): discarded by design.
+        for end in [Action::FinishSession, Action::CloseSession] {
+            f.boots[1][1] = call(Action::RetrieveFd, token, Some(-1));
+            f.boots[1].push(call(end, 0, Some(0)));
+            assert!(
+                matches!(decide(&f, "x"), TrialVerdict::Pass { .. }),
+                "{end:?}"
+            );
+            f.boots[1].pop();
+        }
+        // A finish that failed discards nothing.
+        f.boots[1].push(call(Action::FinishSession, 0, Some(-1)));
+        assert_eq!(
+            decide(&f, "x").signature().unwrap().oracle,
+            Oracle::PreservedDataWritten
+        );
+        // Written with no restore failing at all.
+        f.boots[1] = vec![call(Action::RetrieveSession, 0, Some(0))];
+        assert_eq!(
+            decide(&f, "x").signature().unwrap().site,
+            "memfd contents written, neither retrieved nor finished"
+        );
+        // Nobody watched: nothing to say.
+        f.preserved_data_written = None;
         assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
     }
 }

@@ -64,6 +64,60 @@ pub(crate) struct RunFacts {
     pub hold_timeouts: Vec<String>,
     /// The run ran out of time.
     pub timed_out: bool,
+    /// Stage 2: the pages of preserved memfd contents (owner `memfd:<session>/<token>/data`,
+    /// `LuoState::owned_ranges`) the guest wrote during the run (`explore`'s trials from a
+    /// snapshot in the next kernel) or since the next kernel started (an intercepted run's
+    /// leak check): `(gpa, owner)`. `None` where nobody watched.
+    pub preserved_data_written: Option<Vec<(u64, String)>>,
+}
+
+/// The owner label of a preserved memfd's contents: `memfd:<session>/<token>/data`.
+pub(crate) fn is_memfd_data(owner: &str) -> bool {
+    owner.starts_with("memfd:") && owner.ends_with("/data")
+}
+
+/// The pages of [`RunFacts::preserved_data_written`] that nothing in the last boot
+/// accounts for: contents of a file whose `retrieve-fd` never returned success, in a
+/// session that no `finish` (nor `close` of it, which finishes a retrieved session:
+/// `luo_session_release()`) ended with success, those two discarding by design what was
+/// not retrieved (`memfd_luo_finish()`). Such a page was handed back to the allocator (a
+/// freed page is written at once where the guest zeroes on free, `init_on_free=1`, as
+/// explore's stage 2 boots) or written in place; the maintainers' policy after a failed
+/// restore is "leak, never reuse" (../shared/context).
+pub(crate) fn unaccounted_data_writes(facts: &RunFacts) -> Vec<(u64, String)> {
+    let Some(written) = &facts.preserved_data_written else {
+        return vec![];
+    };
+    let calls = facts.boots.last().map_or(&[][..], Vec::as_slice);
+    let ok = |c: &&ActionCall| c.result.is_some_and(|(r, _)| r >= 0);
+    let tokens: BTreeSet<u64> = calls
+        .iter()
+        .filter(ok)
+        .filter(|c| c.action == Action::RetrieveFd)
+        .map(|c| c.arg)
+        .collect();
+    let ended: BTreeSet<String> = calls
+        .iter()
+        .filter(ok)
+        .filter(|c| matches!(c.action, Action::FinishSession | Action::CloseSession))
+        .filter_map(|c| u32::try_from(c.arg).ok())
+        .map(|s| Memfds::session_name(s).to_string())
+        .collect();
+    written
+        .iter()
+        .filter(|(_, owner)| {
+            let Some((session, token)) = owner
+                .strip_prefix("memfd:")
+                .and_then(|o| o.strip_suffix("/data"))
+                .and_then(|o| o.split_once('/'))
+            else {
+                return false;
+            };
+            let token = u64::from_str_radix(token.trim_start_matches("0x"), 16).ok();
+            !ended.contains(session) && !token.is_some_and(|t| tokens.contains(&t))
+        })
+        .cloned()
+        .collect()
 }
 
 fn calls<'a>(facts: &'a RunFacts, p: &'a ActionPattern) -> impl Iterator<Item = &'a ActionCall> {
@@ -91,6 +145,7 @@ pub(crate) fn holds(c: &Condition, facts: &RunFacts) -> bool {
         Condition::HandoverVerified => facts.handover_verified,
         Condition::NoHandover => !facts.handover_seen,
         Condition::KernelOops => !facts.kernel_trouble.is_empty(),
+        Condition::PreservedDataWritten => !unaccounted_data_writes(facts).is_empty(),
         Condition::Hook(n) => facts.hooks_fired.contains(n),
     }
 }

@@ -448,9 +448,11 @@ impl Vm {
         &self.memory
     }
 
-    /// Puts the VM back in the state of the snapshot it keeps: the pages written since
-    /// (KVM's dirty log, every reader's), every vCPU (its host debug state cleared first:
-    /// the next run arms its own breakpoints), the VM's in-kernel state, the devices.
+    /// Puts the VM back in the state of the snapshot it keeps: each vCPU's port I/O left
+    /// pending by the last run completed first, then the pages written since (KVM's dirty
+    /// log, every reader's), every vCPU (its host debug state cleared first: the next run
+    /// arms its own breakpoints; its TSC put back, [`state::rewind_tsc`]), the VM's
+    /// in-kernel state, the devices.
     /// Every vCPU must be stopped (between runs).
     pub fn reset(&mut self) -> Result<RestoreStats, VmError> {
         self.reset_with(&[])
@@ -468,6 +470,14 @@ impl Vm {
             .kept
             .clone()
             .ok_or_else(|| VmError::Snapshot("no snapshot was taken to reset to".into()))?;
+        // First, before memory: a vCPU the last run stopped in a port I/O exit still has
+        // KVM's completion of it pending, which the next `KVM_RUN` would apply on top of
+        // the restored state (an emulated `in` writes back the old instruction's RIP: the
+        // guest then ran at the last run's address, in the snapshot's mode). Completed now,
+        // whatever it writes is overwritten below (guest pages through the dirty log).
+        for vcpu in &mut self.vcpus {
+            vcpu.complete_pending_io(&self.bus)?;
+        }
         let mut written = self
             .dirty
             .written_since_snapshot()

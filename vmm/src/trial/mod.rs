@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luo_devices::{Gates, ProbeEvent};
+use luo_handover::extents::ExtentSet;
 use luo_handover::symbols::KernelSymbols;
 use luo_handover::timeline::Mark;
 use luo_protocol::workload::Workload;
@@ -17,7 +18,7 @@ use thiserror::Error;
 
 use crate::config::options::{GuestOptions, InterceptOptions};
 use crate::config::scenario::Scenario;
-use crate::judge::scenario::{belief, compare, judge, Judgement, RunFacts};
+use crate::judge::scenario::{belief, compare, is_memfd_data, judge, Judgement, RunFacts};
 use crate::machine::debug::MAX_BREAKPOINTS;
 use crate::machine::dirty::DirtyLog;
 use crate::machine::vcpu::control::VcpuControl;
@@ -26,7 +27,7 @@ use crate::machine::vm::{RunObserver, StoppedVcpu, VmExit};
 use crate::report::RoundSeen;
 use crate::run::guest::{GuestError, GuestMachine, GuestOutcome, ResolvedGuest, SnapshotPoint};
 use crate::run::next::KernelSequence;
-use crate::watch::intercept::{InterceptPoint, Interception, Interceptor};
+use crate::watch::intercept::{pages_written, InterceptPoint, Interception, Interceptor};
 use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
 
 /// Errors of arming and running a scenario.
@@ -93,27 +94,54 @@ struct ScenarioObserver {
     timeout_reports: std::sync::Mutex<Vec<String>>,
     /// Per vCPU, the owner of each armed slot (fixed for the run; not rebuilt per hit).
     owners: Vec<Vec<BreakpointOwner>>,
+    /// A snapshot may be taken though the interception has acted: the runs from it do not
+    /// intercept ([`RunPlan::intercept_until_snapshot`]).
+    snapshot_ignores_interception: bool,
+    /// [`RunPlan::watch_preserved`].
+    watch: Option<PreservedWatch>,
+}
+
+/// A preserved set whose written pages the run's end reads from the dirty log, and what
+/// it read there: `(gpa, owner)`.
+struct PreservedWatch {
+    set: Arc<ExtentSet>,
+    written: std::sync::Mutex<Option<Vec<(u64, String)>>>,
 }
 
 impl ScenarioObserver {
-    fn new(
-        interceptor: Interceptor,
-        scheduler: Scheduler,
-        vcpus: u8,
-        decide: bool,
-        keep_timeout_reports: bool,
-    ) -> Self {
+    fn new(interceptor: Interceptor, scheduler: Scheduler, vcpus: u8, plan: &RunPlan) -> Self {
         let owners = (0..vcpus)
             .map(|v| breakpoint_owners(&interceptor, &scheduler, v))
             .collect();
         Self {
             interceptor,
             scheduler,
-            decide_at_point_of_no_return: decide,
-            keep_timeout_reports,
+            decide_at_point_of_no_return: plan.decide_at_point_of_no_return,
+            keep_timeout_reports: plan.keep_timeout_reports,
             timeout_reports: std::sync::Mutex::default(),
             owners,
+            snapshot_ignores_interception: plan.intercept_until_snapshot,
+            watch: plan.watch_preserved.clone().map(|set| PreservedWatch {
+                set,
+                written: std::sync::Mutex::default(),
+            }),
         }
+    }
+
+    /// The watched set's pages of memfd contents written during the run, if watched.
+    fn preserved_data_written(&self) -> Option<Vec<(u64, String)>> {
+        let watch = self.watch.as_ref()?;
+        let written = watch
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        Some(
+            written
+                .into_iter()
+                .filter(|(_, owner)| is_memfd_data(owner))
+                .collect(),
+        )
     }
 }
 
@@ -129,7 +157,8 @@ impl RunObserver for ScenarioObserver {
     }
 
     fn quiescent(&self) -> bool {
-        self.scheduler.quiescent() && self.interceptor.quiescent()
+        self.scheduler.quiescent()
+            && (self.snapshot_ignores_interception || self.interceptor.quiescent())
     }
 
     fn on_notice(&self, notice: VcpuNotice) {
@@ -165,7 +194,21 @@ impl RunObserver for ScenarioObserver {
     }
 
     fn on_stopped(&self, dirty: &DirtyLog) {
-        self.interceptor.on_stopped(dirty);
+        match &self.watch {
+            // The log runs over the whole guest while a snapshot is kept: this read also
+            // goes into what the next reset writes back.
+            Some(watch) => match dirty.take() {
+                Ok(maps) => {
+                    *watch.written.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(pages_written(&watch.set, &maps));
+                }
+                Err(e) => log::warn!(
+                    "KVM_GET_DIRTY_LOG at the end of the run: {e}; the preserved pages it \
+                     wrote are not known"
+                ),
+            },
+            None => self.interceptor.on_stopped(dirty),
+        }
     }
 
     fn on_timeout_report(&self, _vcpu: u8, report: &str) {
@@ -241,6 +284,7 @@ pub(crate) fn interceptor(
     syms: &KernelSymbols,
     next: Option<&KernelSymbols>,
     no_intercept: bool,
+    no_dirty_log: bool,
 ) -> Result<Interceptor, TrialError> {
     let (kernels, sequence) = match next {
         Some(n) => (vec![syms, n], KernelSequence::cross(false)),
@@ -248,6 +292,7 @@ pub(crate) fn interceptor(
     };
     let options = InterceptOptions {
         no_intercept,
+        no_dirty_log,
         ..InterceptOptions::default()
     };
     Interceptor::for_kernels(&kernels, sequence, 1, options).map_err(|e| TrialError::Symbol {
@@ -334,6 +379,18 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> (RunF
         hooks_fired: log.fired.clone(),
         hold_timeouts: log.hold_timeouts.clone(),
         timed_out: matches!(outcome.exit, VmExit::Timeout { .. }),
+        // The leak check of an intercepted run: since the (last) next kernel started.
+        preserved_data_written: got
+            .rounds
+            .last()
+            .and_then(|c| c.written_after.as_ref())
+            .and_then(|w| w.as_ref().ok())
+            .map(|w| {
+                w.iter()
+                    .filter(|(_, owner)| is_memfd_data(owner))
+                    .cloned()
+                    .collect()
+            }),
     };
     (facts, not_verified)
 }
@@ -454,6 +511,14 @@ pub(crate) struct RunPlan {
     /// No interception (no breakpoints of its own, no dirty log): a run whose snapshot is
     /// taken after a handover needs none before it (it would not be quiescent).
     pub no_intercept: bool,
+    /// With `no_intercept`: the run that boots (and keeps the snapshot) intercepts its
+    /// handover anyway, without a dirty log, to read the preserved set it hands over
+    /// ([`RunOutput::handed_over`]); the snapshot after it is taken though the
+    /// interception acted (the runs from it do not intercept, so need not replay it).
+    pub intercept_until_snapshot: bool,
+    /// A run from the snapshot reads, at its end, which pages of this preserved set it
+    /// wrote (the dirty log since the reset): [`RunFacts::preserved_data_written`].
+    pub watch_preserved: Option<Arc<ExtentSet>>,
     /// Say each reset on stderr.
     pub verbose: bool,
 }
@@ -471,6 +536,9 @@ pub(crate) struct RunOutput {
     pub timeout_reports: Vec<String>,
     /// Host time of the reset, the run, and the judging.
     pub times: RunTimes,
+    /// The preserved set (with owners) the handover handed over, read at next-kernel-start,
+    /// where the run intercepted one.
+    pub handed_over: Option<ExtentSet>,
 }
 
 /// Host time of one run's parts, in ns.
@@ -496,9 +564,16 @@ pub(crate) fn run(
     machine: &mut Option<GuestMachine>,
     plan: &RunPlan,
 ) -> Result<RunOutput, TrialError> {
-    let interceptor = interceptor(t.syms, t.next_syms, plan.no_intercept)?;
-    let hooks = arm(t.sc, t.syms, &interceptor, t.vcpus)?;
     let from_snapshot = machine.as_ref().is_some_and(GuestMachine::has_snapshot);
+    // The boot of a machine whose runs do not intercept: it may still read its handover.
+    let intercept_boot = plan.no_intercept && plan.intercept_until_snapshot && !from_snapshot;
+    let interceptor = interceptor(
+        t.syms,
+        t.next_syms,
+        plan.no_intercept && !intercept_boot,
+        intercept_boot,
+    )?;
+    let hooks = arm(t.sc, t.syms, &interceptor, t.vcpus)?;
     let t0 = Instant::now();
     let m = match machine {
         Some(m) if from_snapshot => {
@@ -529,12 +604,15 @@ pub(crate) fn run(
         )?),
     };
     let t1 = Instant::now();
+    let watched = RunPlan {
+        watch_preserved: plan.watch_preserved.clone().filter(|_| from_snapshot),
+        ..plan.clone()
+    };
     let observer = Arc::new(ScenarioObserver::new(
         interceptor,
         Scheduler::new(hooks, t.sc.gates.clone(), m.gates()).with_end(t.sc.end.clone()),
         t.vcpus,
-        plan.decide_at_point_of_no_return,
-        plan.keep_timeout_reports,
+        &watched,
     ));
     let outcome = m.run(
         Some(observer.clone() as Arc<dyn RunObserver>),
@@ -556,7 +634,16 @@ pub(crate) fn run(
     }
     let got = observer.interceptor.finish(outcome.started);
     let mut log_seen = observer.scheduler.finish();
-    let (f, not_verified) = facts(&outcome, &got, &log_seen);
+    let (mut f, not_verified) = facts(&outcome, &got, &log_seen);
+    if let Some(written) = observer.preserved_data_written() {
+        f.preserved_data_written = Some(written);
+    }
+    let handed_over = got
+        .rounds
+        .first()
+        .and_then(|c| c.handover.as_ref())
+        .and_then(|h| h.as_ref().ok())
+        .map(|st| st.extents.set.clone());
     let hits = std::mem::take(&mut log_seen.hits);
     let timeout_reports = std::mem::take(
         &mut *observer
@@ -586,5 +673,6 @@ pub(crate) fn run(
         hits,
         timeout_reports,
         times,
+        handed_over,
     })
 }

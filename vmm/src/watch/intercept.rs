@@ -692,6 +692,18 @@ fn hook_names(point: Option<InterceptPoint>, in_kexec: bool) -> (&'static str, &
     }
 }
 
+/// The pages of `set` that `maps` (a read of the dirty log) says were written, with their
+/// owners, ascending.
+pub(crate) fn pages_written(set: &ExtentSet, maps: &[SlotBitmap]) -> Vec<(u64, String)> {
+    maps.iter()
+        .flat_map(|m| set.written_pages(&DirtyBitmap::new(m.base, &m.words)))
+        .map(|page| {
+            let owner = set.find(page).map_or("?", |e| e.owner);
+            (page, owner.to_owned())
+        })
+        .collect()
+}
+
 impl Interceptor {
     /// The leak check's end: the preserved pages (of the last set handed over) written
     /// since that next-kernel-start, with their owners, into the last round.
@@ -702,15 +714,7 @@ impl Interceptor {
         };
         let written = dirty
             .take()
-            .map(|maps| {
-                maps.iter()
-                    .flat_map(|m| preserved.written_pages(&DirtyBitmap::new(m.base, &m.words)))
-                    .map(|page| {
-                        let owner = preserved.find(page).map_or("?", |e| e.owner);
-                        (page, owner.to_owned())
-                    })
-                    .collect()
-            })
+            .map(|maps| pages_written(&preserved, &maps))
             .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"));
         if let Some(last) = s.rounds.last_mut() {
             last.written_after = Some(written);
