@@ -169,7 +169,11 @@ fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
     let dir = tmp("stage2");
     std::fs::create_dir_all(&dir).unwrap();
     let points = dir.join("points");
-    std::fs::write(&points, "luo_session_retrieve\nmemfd_luo_retrieve\n").unwrap();
+    std::fs::write(
+        &points,
+        "luo_session_retrieve\nmemfd_luo_retrieve\nluo_session_deserialize\n",
+    )
+    .unwrap();
     let out = dir.join("out");
     let o = luo_vmm(&[
         "explore",
@@ -195,9 +199,22 @@ fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
         ids.iter().any(|i| i == "map2:memfd_luo_retrieve"),
         "{ids:?}"
     );
-    // Both functions run twice in stage 2 (two sessions, one file each): a trial per call.
+    // The retrieves run twice in stage 2 (two sessions, one file each): a trial per call.
+    // Deserialization runs once, at the first open of /dev/liveupdate, which the agent
+    // makes after the snapshot: every trial from it deserializes again.
     let fails: Vec<&String> = ids.iter().filter(|i| i.starts_with("fail2:")).collect();
-    assert_eq!(fails.len(), 4, "{ids:?}");
+    assert_eq!(fails.len(), 5, "{ids:?}");
+    assert!(
+        fails
+            .iter()
+            .any(|i| *i == "fail2:luo_session_deserialize:1"),
+        "{ids:?}"
+    );
+    // "Leak, never reuse" watched each of them: a failed restore handed nothing back.
+    let trials = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    for line in trials.lines().filter(|l| l.contains("\"fail2:")) {
+        assert!(line.contains("no preserved page written"), "{line}");
+    }
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["totals"]["findings"], 0, "{stdout}");

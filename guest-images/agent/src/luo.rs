@@ -115,6 +115,34 @@ pub struct Luo {
     dev: File,
 }
 
+/// `/dev/liveupdate`, opened by the first call that needs it (from any thread). In the
+/// next kernel LUO deserializes the sessions the previous one handed over at that first
+/// open (`luo_open()` -> `luo_session_deserialize()`, kernel/liveupdate/luo_core.c), so a
+/// snapshot a VMM takes before it lets every run from it deserialize again. A failed
+/// open fails every call with its errno.
+#[derive(Default)]
+pub struct LazyLuo(std::sync::OnceLock<Result<Luo, i32>>);
+
+impl LazyLuo {
+    /// The device, opened now if no call opened it yet.
+    pub fn get(&self) -> io::Result<&Luo> {
+        let opened = self.0.get_or_init(|| {
+            let r = Luo::open().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
+            match &r {
+                Ok(_) => println!("luo-agent: opened /dev/liveupdate (first use)"),
+                Err(errno) => println!(
+                    "luo-agent: open /dev/liveupdate: {}",
+                    io::Error::from_raw_os_error(*errno)
+                ),
+            }
+            r
+        });
+        opened
+            .as_ref()
+            .map_err(|&errno| io::Error::from_raw_os_error(errno))
+    }
+}
+
 impl Luo {
     /// Opens `/dev/liveupdate`.
     pub fn open() -> io::Result<Self> {

@@ -239,7 +239,9 @@ fn run(agent: &mut Agent) -> Result<()> {
             }
         }
         (Workload::Scenario, _) => {
-            let luo = open_luo(agent)?;
+            // Opened by the first step that needs it: in stage 2 after the threads' first
+            // gates, where a VMM keeps its snapshot, so every run from it deserializes.
+            let luo = luo::LazyLuo::default();
             let script = &cfg.script;
             let this = match stage {
                 Stage::One => &script.stage1,

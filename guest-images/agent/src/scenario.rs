@@ -25,7 +25,7 @@ use crate::{luo, pattern, sys, CHUNK, GATE_LIMIT};
 /// What every thread of a stage shares.
 struct World<'a> {
     probe: &'a Probe,
-    luo: &'a luo::Luo,
+    luo: &'a luo::LazyLuo,
     sessions: Mutex<HashMap<u32, Arc<luo::Session>>>,
     files: Mutex<HashMap<FileId, Arc<File>>>,
     /// Handovers done before this boot.
@@ -78,7 +78,7 @@ impl World<'_> {
             Step::Create(s) => {
                 let name = Memfds::session_name(s);
                 let session = p.action(Action::CreateSession, u64::from(s), || {
-                    self.luo.create_session(name.as_str())
+                    self.luo.get()?.create_session(name.as_str())
                 })?;
                 lock(&self.sessions).insert(s, Arc::new(session));
             }
@@ -109,7 +109,7 @@ impl World<'_> {
             Step::Retrieve(s) => {
                 let name = Memfds::session_name(s);
                 let session = p.action(Action::RetrieveSession, u64::from(s), || {
-                    self.luo.retrieve_session(name.as_str())
+                    self.luo.get()?.retrieve_session(name.as_str())
                 })?;
                 lock(&self.sessions).insert(s, Arc::new(session));
             }
@@ -222,7 +222,7 @@ fn check(file: &File, size: Option<u64>, seed: Option<u64>) -> io::Result<()> {
 /// never returns). Ok when every thread ran its steps, whatever their results.
 pub fn run_stage(
     probe: &Probe,
-    luo: &luo::Luo,
+    luo: &luo::LazyLuo,
     script: &Script,
     stage: &StageScript,
     round: u32,

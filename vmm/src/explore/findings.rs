@@ -146,14 +146,19 @@ pub struct Totals {
 pub fn totals(records: &[TrialRecord], space: usize) -> Totals {
     let map = records
         .iter()
-        .filter(|r| matches!(r.trial, Trial::Map { .. } | Trial::Baseline))
+        .filter(|r| {
+            matches!(
+                r.trial,
+                Trial::Map { .. } | Trial::Baseline | Trial::Baseline2
+            )
+        })
         .count();
     let count = |f: fn(&TrialVerdict) -> bool| records.iter().filter(|r| f(&r.verdict)).count();
     let seconds = records.iter().map(|r| r.at_s).fold(0.0, f64::max);
-    // The trials that started from the snapshot (not the one that booted).
+    // The trials that started from a snapshot (not the ones that booted).
     let reset: Vec<&TrialRecord> = records
         .iter()
-        .filter(|r| !matches!(r.trial, Trial::Baseline))
+        .filter(|r| !matches!(r.trial, Trial::Baseline | Trial::Baseline2))
         .collect();
     let mean = |f: fn(&TrialRecord) -> u64| {
         if reset.is_empty() {
@@ -359,5 +364,24 @@ mod tests {
         assert!(text.contains("findings: 2"), "{text}");
         let svg = plot(&records, "a <test>");
         assert!(svg.contains("&lt;test&gt;") && svg.contains("<polyline"));
+    }
+
+    #[test]
+    fn both_baselines_count_as_boots_not_search_trials_nor_resets() {
+        let pass = || TrialVerdict::Pass { because: vec![] };
+        let mut records = vec![
+            rec("baseline", 1.0, pass()),
+            rec("baseline2", 2.0, pass()),
+            rec("fail", 3.0, pass()),
+        ];
+        records[0].trial = Trial::Baseline;
+        records[1].trial = Trial::Baseline2;
+        for r in &mut records[..2] {
+            r.times.run_ns = 100_000_000_000;
+        }
+        let t = totals(&records, 1);
+        assert_eq!((t.map, t.search), (2, 1));
+        // The boots' 100 s runs are not a trial from the snapshot.
+        assert!((t.mean.run_ms - 2000.0).abs() < 1e-6, "{}", t.mean.run_ms);
     }
 }
