@@ -106,6 +106,8 @@ pub fn announced(step: Step) -> Option<ActionPattern> {
         Step::RetrieveFd(id) => (Action::RetrieveFd, id.token()),
         Step::Fill(id, _) => (Action::Fill, id.token()),
         Step::Memfd(id, _) => (Action::Memfd, id.token()),
+        Step::Truncate(id, _) => (Action::Truncate, id.token()),
+        Step::CloseFd(id) => (Action::CloseFd, id.token()),
         Step::KexecLoad => (Action::KexecLoad, 0),
         Step::Reboot => (Action::Reboot, 0),
         Step::Pressure(n) => (Action::Pressure, n),
