@@ -2,8 +2,8 @@
 //! for the same schedules, side by side in one process (docs/benchmarks.md, "Explore").
 //!
 //! 1. `explore --variant luo-reboot-unlocked --mode race --stage 1 --points <luo_flb_serialize>`:
-//!    one boot (the baseline, which keeps the snapshot), one map trial, 16 search trials
-//!    (8 racing calls × 2 release policies), each from the snapshot to point-of-no-return.
+//!    one boot (the baseline, which keeps the snapshot), one map trial, 20 search trials
+//!    (10 racing calls × 2 release policies), each from the snapshot to point-of-no-return.
 //! 2. `scenario run <the close-session finding that search wrote> --no-snapshot --runs 2`:
 //!    the same schedule as one of those trials, run as a scenario is without explore (every
 //!    run boots and goes through the next kernel's stage 2).

@@ -137,7 +137,7 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "a trial ran twice: {ids:?}");
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["totals"]["search"], 16, "8 calls × 2 releases");
+    assert_eq!(report["totals"]["search"], 20, "10 calls × 2 releases");
     assert_eq!(report["complete"], true);
     let findings = report["findings"].as_array().unwrap();
     let causes: BTreeSet<&str> = findings

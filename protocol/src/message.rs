@@ -292,10 +292,16 @@ pub enum Action {
     CheckData,
     /// Allocating and touching anonymous memory; arg: bytes.
     Pressure,
+    /// `ftruncate` of a scenario's memfd (to the step's size, not sent); arg: its token.
+    Truncate,
+    /// `close()` of a scenario's memfd's descriptor; arg: its token.
+    CloseFd,
 }
 
 impl Action {
-    const ALL: [Action; 12] = [
+    /// Every action, in wire-code order: a new action is appended, never inserted (the
+    /// codes of the others must not change).
+    const ALL: [Action; 14] = [
         Action::CreateSession,
         Action::RetrieveSession,
         Action::PreserveFd,
@@ -308,6 +314,8 @@ impl Action {
         Action::Fill,
         Action::CheckData,
         Action::Pressure,
+        Action::Truncate,
+        Action::CloseFd,
     ];
 
     /// The wire code (1-based; 0 is never an action).
@@ -323,6 +331,21 @@ impl Action {
     /// The action named `name` (its [`Action::name`]).
     pub fn from_name(name: &str) -> Option<Action> {
         Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Whether its argument is a memfd's token (`S.F` in scenario files), not a session
+    /// index or a number.
+    pub const fn arg_is_token(self) -> bool {
+        matches!(
+            self,
+            Action::PreserveFd
+                | Action::RetrieveFd
+                | Action::Memfd
+                | Action::Fill
+                | Action::CheckData
+                | Action::Truncate
+                | Action::CloseFd
+        )
     }
 
     /// Every action's name, comma-separated (for error messages).
@@ -345,6 +368,8 @@ impl Action {
             Action::Fill => "fill",
             Action::CheckData => "check-data",
             Action::Pressure => "pressure",
+            Action::Truncate => "truncate",
+            Action::CloseFd => "close-fd",
         }
     }
 }
@@ -1085,6 +1110,28 @@ mod tests {
                 offset: 0,
                 whose: Whose::Zeros,
             },
+            Message::ActionStart {
+                seq: 2,
+                action: Action::Truncate,
+                arg: 2,
+            },
+            Message::ActionResult {
+                seq: 2,
+                action: Action::Truncate,
+                ret: -1,
+                errno: 1,
+            },
+            Message::ActionStart {
+                seq: u32::MAX,
+                action: Action::CloseFd,
+                arg: 63_099,
+            },
+            Message::ActionResult {
+                seq: u32::MAX,
+                action: Action::CloseFd,
+                ret: 0,
+                errno: 0,
+            },
             Message::GateWait(Gate::BEFORE_REBOOT),
             Message::GatePassed(Gate::new(63).unwrap()),
         ]
@@ -1170,7 +1217,44 @@ mod tests {
             assert_eq!(Action::from_code(a.code()), Some(a));
         }
         assert_eq!(Action::from_code(0), None);
+        assert_eq!(Action::from_code(15), None);
         assert_eq!(FailedStep::from_code(17), None);
+    }
+
+    #[test]
+    fn action_codes_are_stable() {
+        // docs/protocol.md's table: a VMM and an agent of different builds must agree, so
+        // new actions take new codes and old ones keep theirs.
+        let codes: Vec<(u8, &str)> = Action::ALL.iter().map(|a| (a.code(), a.name())).collect();
+        assert_eq!(
+            codes,
+            [
+                (1, "create-session"),
+                (2, "retrieve-session"),
+                (3, "preserve-fd"),
+                (4, "retrieve-fd"),
+                (5, "finish-session"),
+                (6, "close-session"),
+                (7, "kexec-load"),
+                (8, "reboot"),
+                (9, "memfd"),
+                (10, "fill"),
+                (11, "check-data"),
+                (12, "pressure"),
+                (13, "truncate"),
+                (14, "close-fd"),
+            ]
+        );
+        // The wire bytes of a truncate's start: kind, length, seq, code 13, token.
+        let frame = Message::ActionStart {
+            seq: 1,
+            action: Action::Truncate,
+            arg: 2,
+        }
+        .encode();
+        assert_eq!(frame.payload()[4], 13);
+        assert!(Action::Truncate.arg_is_token() && Action::CloseFd.arg_is_token());
+        assert!(!Action::CloseSession.arg_is_token() && !Action::Pressure.arg_is_token());
     }
 
     #[test]

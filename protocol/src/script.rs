@@ -17,6 +17,8 @@
 //! | `memfd S.F SIZE` | `memfd_create` and `ftruncate` of file F of session S | `memfd` token |
 //! | `fill S.F write\|fallocate\|mmap` | fills it with its pattern (`pwrite`), or allocates it (`fallocate`, no pattern), or writes the pattern through a shared mapping | `fill` token |
 //! | `preserve S.F` | `LIVEUPDATE_SESSION_PRESERVE_FD` with token [`Memfds::token`](crate::workload::Memfds::token) | `preserve-fd` token |
+//! | `truncate S.F SIZE` | `ftruncate` of memfd S.F to SIZE bytes | `truncate` token |
+//! | `close-fd S.F` | `close()` of memfd S.F's descriptor (later steps on it fail with `EBADF`) | `close-fd` token |
 //! | `retrieve S` | `LIVEUPDATE_IOCTL_RETRIEVE_SESSION` | `retrieve-session` S |
 //! | `retrieve-fd S.F` | `LIVEUPDATE_SESSION_RETRIEVE_FD`, then checks size and pattern | `retrieve-fd`, then `check-data` token |
 //! | `finish S` | `LIVEUPDATE_SESSION_FINISH` | `finish-session` S |
@@ -109,6 +111,11 @@ pub enum Step {
     Fill(FileId, Fill),
     /// `preserve S.F`.
     Preserve(FileId),
+    /// `truncate S.F SIZE`: `ftruncate` of the memfd to SIZE bytes (1 ..=
+    /// [`MAX_MEMFD_SIZE`]).
+    Truncate(FileId, u64),
+    /// `close-fd S.F`: `close()` of the memfd's descriptor.
+    CloseFd(FileId),
     /// `retrieve S`.
     Retrieve(u32),
     /// `retrieve-fd S.F`.
@@ -214,6 +221,10 @@ impl Step {
                 Ok(Step::Fill(file_id(words[1])?, how))
             }),
             "preserve" => want(1).and_then(|()| Ok(Step::Preserve(file_id(words[1])?))),
+            "truncate" => {
+                want(2).and_then(|()| Ok(Step::Truncate(file_id(words[1])?, size(words[2])?)))
+            }
+            "close-fd" => want(1).and_then(|()| Ok(Step::CloseFd(file_id(words[1])?))),
             "retrieve" => want(1).and_then(|()| Ok(Step::Retrieve(session(words[1])?))),
             "retrieve-fd" => want(1).and_then(|()| Ok(Step::RetrieveFd(file_id(words[1])?))),
             "finish" => want(1).and_then(|()| Ok(Step::Finish(session(words[1])?))),
@@ -224,8 +235,8 @@ impl Step {
             "if" => want(1).and_then(|()| Ok(Step::If(gate(words[1])?))),
             "pressure" => want(1).and_then(|()| Ok(Step::Pressure(size(words[1])?))),
             other => err(format!(
-                "{other:?}: unknown step (create, memfd, fill, preserve, retrieve, retrieve-fd, \
-                 finish, close, kexec-load, reboot, gate, if, pressure)"
+                "{other:?}: unknown step (create, memfd, fill, preserve, truncate, close-fd, \
+                 retrieve, retrieve-fd, finish, close, kexec-load, reboot, gate, if, pressure)"
             )),
         }?;
         Ok(step)
@@ -240,6 +251,8 @@ impl fmt::Display for Step {
             Step::Memfd(id, size) => write!(f, "memfd:{id}:{size}"),
             Step::Fill(id, how) => write!(f, "fill:{id}:{}", how.name()),
             Step::Preserve(id) => write!(f, "preserve:{id}"),
+            Step::Truncate(id, size) => write!(f, "truncate:{id}:{size}"),
+            Step::CloseFd(id) => write!(f, "close-fd:{id}"),
             Step::Retrieve(s) => write!(f, "retrieve:{s}"),
             Step::RetrieveFd(id) => write!(f, "retrieve-fd:{id}"),
             Step::Finish(s) => write!(f, "finish:{s}"),
@@ -400,6 +413,8 @@ mod tests {
                         Step::If(Gate::new(10).unwrap()),
                         Step::Close(0),
                         Step::Pressure(4096),
+                        Step::Truncate(id(0, 1), 32 << 10),
+                        Step::CloseFd(id(0, 1)),
                     ],
                 },
             ],
@@ -408,7 +423,7 @@ mod tests {
         assert_eq!(
             wire,
             "0@create:0,memfd:0.1:1048576,fill:0.1:mmap,preserve:0.1,kexec-load,gate:1,reboot;\
-             1@gate:2,if:10,close:0,pressure:4096"
+             1@gate:2,if:10,close:0,pressure:4096,truncate:0.1:32768,close-fd:0.1"
         );
         assert_eq!(StageScript::parse(&wire).unwrap(), script);
         assert!(script.reboots());
@@ -433,6 +448,29 @@ mod tests {
             Step::parse("fill 0.0 fallocate"),
             Ok(Step::Fill(id(0, 0), Fill::Fallocate))
         );
+        assert_eq!(
+            Step::parse("truncate 0.2 32K"),
+            Ok(Step::Truncate(id(0, 2), 32 << 10))
+        );
+        assert_eq!(
+            Step::parse("truncate:0.2:32768"),
+            Ok(Step::Truncate(id(0, 2), 32 << 10))
+        );
+        assert_eq!(Step::parse("close-fd 3.1"), Ok(Step::CloseFd(id(3, 1))));
+    }
+
+    #[test]
+    fn file_operations_round_trip_through_both_forms() {
+        for step in [
+            Step::Truncate(id(1, 4), 1),
+            Step::Truncate(id(0, 0), MAX_MEMFD_SIZE),
+            Step::CloseFd(id(2, 7)),
+        ] {
+            let wire = step.to_string();
+            assert_eq!(Step::parse(&wire), Ok(step), "{wire}");
+            // A scenario file's form: the words separated by spaces.
+            assert_eq!(Step::parse(&wire.replace(':', " ")), Ok(step), "{wire}");
+        }
     }
 
     #[test]
@@ -448,6 +486,16 @@ mod tests {
             "memfd 0.0 0",
             "memfd 0.0 2T",
             "fill 0.0 splice",
+            "truncate",
+            "truncate 0.0",
+            "truncate 0.0 0",
+            "truncate 0.0 2T",
+            "truncate 0 1M",
+            "truncate 0.0 1M 2",
+            "close-fd",
+            "close-fd 0",
+            "close-fd 0.999",
+            "close-fd 0.0 0.1",
             "gate 64",
             "if",
             "if 64",

@@ -2,7 +2,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret < 0 {
@@ -38,6 +38,15 @@ pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(io::Error::other)?;
     // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `close(fd)`, with its error (which std's drop of a descriptor ignores). The descriptor
+/// is gone either way: Linux releases it before reporting an error.
+pub(crate) fn close(fd: OwnedFd) -> io::Result<()> {
+    // SAFETY: `into_raw_fd` gives up ownership, so this is the one close of a descriptor
+    // this process owned.
+    let ret = unsafe { libc::close(fd.into_raw_fd()) };
+    check(ret.into()).map(drop)
 }
 
 /// `kexec_file_load(kernel, initrd, cmdline, flags = 0)`: loads the next kernel.

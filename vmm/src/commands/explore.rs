@@ -183,7 +183,7 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
         .cloned()
         .collect();
     let calls = racing_calls(&sc.script.stage1);
-    let calls2 = racing_calls2(&sc.script.stage2);
+    let calls2 = racing_calls2(&sc.script.stage1, &sc.script.stage2);
     Ok(Workload {
         origin: path.display().to_string(),
         stage1: sc.script.stage1,

@@ -131,21 +131,10 @@ impl std::fmt::Display for ActionPattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.action.name())?;
         match self.arg {
-            Some(a)
-                if matches!(
-                    self.action,
-                    Action::PreserveFd
-                        | Action::RetrieveFd
-                        | Action::Memfd
-                        | Action::Fill
-                        | Action::CheckData
-                ) =>
-            {
-                match FileId::from_token(a) {
-                    Some(id) => write!(f, " {id}"),
-                    None => write!(f, " {a}"),
-                }
-            }
+            Some(a) if self.action.arg_is_token() => match FileId::from_token(a) {
+                Some(id) => write!(f, " {id}"),
+                None => write!(f, " {a}"),
+            },
             Some(a) => write!(f, " {a}"),
             None => Ok(()),
         }
@@ -989,6 +978,61 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
         let bad = format!("{EXAMPLE}\n[end]\nwhen = \"hook nobody\"\n");
         let e = Scenario::parse(&bad, "x.toml").unwrap_err().to_string();
         assert!(e.contains("no hook is named nobody"), "{e}");
+    }
+
+    #[test]
+    fn file_operations_name_their_memfd_in_steps_triggers_and_conditions() {
+        let text = EXAMPLE
+            .replace(
+                "steps = [\"gate 2\", \"close 0\"]",
+                "steps = [\"gate 2\", \"truncate 0.0 32K\", \"close-fd 0.0\"]",
+            )
+            .replace("result close-session 0", "result close-fd 0.0")
+            .replace("start close-session 0", "start truncate 0.0")
+            .replace("blocked close-session 0", "failed truncate 0.0")
+            .replace("returned close-session 0", "returned truncate 0.0");
+        let s = Scenario::parse(&text, "fileops.toml").unwrap();
+        let racer = &s.script.stage1.threads[1].steps;
+        let f = FileId {
+            session: 0,
+            file: 0,
+        };
+        assert_eq!(racer[1..], [Step::Truncate(f, 32 << 10), Step::CloseFd(f)]);
+        let truncate = ActionPattern {
+            action: Action::Truncate,
+            arg: Some(f.token()),
+        };
+        let close_fd = ActionPattern {
+            action: Action::CloseFd,
+            arg: Some(f.token()),
+        };
+        assert_eq!(s.hooks[1].after, Some(Trigger::Start(truncate)));
+        assert!(matches!(
+            &s.hooks[0].kind,
+            HookKind::Hold { release, .. } if release[1] == Trigger::Result(close_fd)
+        ));
+        assert_eq!(s.verdict.correct[0], Condition::Failed(truncate));
+        assert_eq!(s.verdict.bug[0], Condition::Returned(truncate));
+        // Written back: the memfd as S.F, the steps with spaces, the same scenario.
+        let back = s.to_toml("");
+        for want in [
+            "\"truncate 0.0 32768\", \"close-fd 0.0\"",
+            "\"result close-fd 0.0\"",
+            "after = \"start truncate 0.0\"",
+            "\"failed truncate 0.0\"",
+            "\"returned truncate 0.0\"",
+        ] {
+            assert!(back.contains(want), "{want}: {back}");
+        }
+        assert_eq!(Scenario::parse(&back, "fileops.toml").unwrap(), s);
+        assert_eq!(
+            parse_condition("returned close-fd 2.3"),
+            Ok(Condition::Returned(ActionPattern {
+                action: Action::CloseFd,
+                arg: Some(2003),
+            }))
+        );
+        assert!(parse_trigger("start truncate 0.x").is_err());
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub fn announced(step: Step) -> Option<ActionPattern> {
         Step::RetrieveFd(id) => (Action::RetrieveFd, id.token()),
         Step::Fill(id, _) => (Action::Fill, id.token()),
         Step::Memfd(id, _) => (Action::Memfd, id.token()),
+        Step::Truncate(id, _) => (Action::Truncate, id.token()),
+        Step::CloseFd(id) => (Action::CloseFd, id.token()),
         Step::KexecLoad => (Action::KexecLoad, 0),
         Step::Reboot => (Action::Reboot, 0),
         Step::Pressure(n) => (Action::Pressure, n),
@@ -129,6 +131,36 @@ pub fn announced(step: Step) -> Option<ActionPattern> {
         action,
         arg: Some(arg),
     })
+}
+
+/// The size a racing `truncate` of memfd `id` gives it: half its size in `stage` (its
+/// `memfd` step), or half of [`TRUNCATE_DEFAULT`] when `stage` does not make it; at least
+/// one byte (a step's size is 1 or more).
+fn truncated_size(stage: &StageScript, id: FileId) -> u64 {
+    let made = stage
+        .threads
+        .iter()
+        .flat_map(|t| &t.steps)
+        .find_map(|s| match s {
+            Step::Memfd(f, size) if *f == id => Some(*size),
+            _ => None,
+        });
+    (made.unwrap_or(TRUNCATE_DEFAULT) / 2).max(1)
+}
+
+/// The racing calls on memfd `id` itself: `ftruncate` to half its size (stage 1's `memfd`
+/// step says it), then `close()` of the agent's descriptor.
+fn file_calls(stage1: &StageScript, id: FileId) -> [RacingCall; 2] {
+    [
+        RacingCall {
+            step: Step::Truncate(id, truncated_size(stage1, id)),
+            prep: vec![],
+        },
+        RacingCall {
+            step: Step::CloseFd(id),
+            prep: vec![],
+        },
+    ]
 }
 
 /// The workload of an exploration.
@@ -151,6 +183,9 @@ pub struct Workload {
     /// start with `gate 4`).
     pub calls2: Vec<RacingCall>,
 }
+
+/// The size a racing `truncate` halves when the script does not say the memfd's (bytes).
+pub const TRUNCATE_DEFAULT: u64 = 64 << 10;
 
 /// The gate the default workload's second thread waits at until a `reboot` failed.
 pub const RETRY_GATE: u8 = 3;
@@ -226,15 +261,17 @@ pub fn default_workload() -> Workload {
         calls2: vec![],
     };
     w.calls = racing_calls(&w.stage1);
-    w.calls2 = racing_calls2(&w.stage2);
+    w.calls2 = racing_calls2(&w.stage1, &w.stage2);
     w
 }
 
 /// Stage 2's racing calls, when its CPU-0 thread starts with `gate 4`: retrieving each
 /// session it retrieves a second time, the first file it retrieves a second time,
 /// finishing and closing the first session (on the handle the other thread retrieved), a
-/// new session.
-pub fn racing_calls2(stage2: &StageScript) -> Vec<RacingCall> {
+/// new session, and on that first file (the descriptor the other thread retrieved, which
+/// the agent shares once its data is checked) `truncate` to half its size in `stage1`
+/// and `close-fd`. At most [`MAX_CALLS2`], the first ones.
+pub fn racing_calls2(stage1: &StageScript, stage2: &StageScript) -> Vec<RacingCall> {
     let starts = stage2.threads.iter().any(|t| {
         t.cpu == u16::from(ACTION_VCPU) && t.steps.first() == Some(&Step::Gate(gate(ACTION2_GATE)))
     });
@@ -260,10 +297,11 @@ pub fn racing_calls2(stage2: &StageScript) -> Vec<RacingCall> {
         .take(4)
         .map(|&s| call(Step::Retrieve(s)))
         .collect();
-    if let Some(id) = steps.iter().find_map(|s| match s {
+    let retrieved = steps.iter().find_map(|s| match s {
         Step::RetrieveFd(id) => Some(*id),
         _ => None,
-    }) {
+    });
+    if let Some(id) = retrieved {
         calls.push(call(Step::RetrieveFd(id)));
     }
     if let Some(&s) = sessions.first() {
@@ -272,6 +310,9 @@ pub fn racing_calls2(stage2: &StageScript) -> Vec<RacingCall> {
         calls.push(call(Step::Create(
             sessions.iter().max().map_or(0, |m| m + 1),
         )));
+    }
+    if let Some(id) = retrieved {
+        calls.extend(file_calls(stage1, id));
     }
     calls.truncate(usize::from(MAX_CALLS2));
     calls
@@ -285,8 +326,10 @@ pub fn explore_owns(g: u8) -> bool {
 }
 
 /// The racing calls a stage-1 script offers: a new session, closing each session,
-/// preserving a new memfd into the first, writing a preserved memfd, and the calls that
-/// belong to stage 2 made too early (finish, retrieve, retrieve-fd).
+/// preserving a new memfd into the first, writing a preserved memfd, the calls that
+/// belong to stage 2 made too early (finish, retrieve, retrieve-fd), and on that
+/// preserved memfd `truncate` to half its size and `close-fd`. At most [`MAX_CALLS`], the
+/// first ones.
 pub fn racing_calls(stage1: &StageScript) -> Vec<RacingCall> {
     let steps: Vec<Step> = stage1
         .threads
@@ -345,6 +388,7 @@ pub fn racing_calls(stage1: &StageScript) -> Vec<RacingCall> {
     if let Some(&id) = preserved.first() {
         calls.push(call(Step::Fill(id, Fill::Write)));
         calls.push(call(Step::RetrieveFd(id)));
+        calls.extend(file_calls(stage1, id));
     }
     calls.truncate(usize::from(MAX_CALLS));
     calls
@@ -1122,8 +1166,45 @@ mod tests {
                 "finish-session-0",
                 "retrieve-session-0",
                 "fill-0.0",
-                "retrieve-fd-0.0"
+                "retrieve-fd-0.0",
+                "truncate-0.0",
+                "close-fd-0.0"
             ]
+        );
+        // Half of memfd 0.0's 64 KiB.
+        assert_eq!(
+            w.calls[8].step,
+            Step::Truncate(
+                FileId {
+                    session: 0,
+                    file: 0
+                },
+                32 << 10
+            )
+        );
+        let labels2: Vec<String> = w.calls2.iter().map(RacingCall::label).collect();
+        assert_eq!(
+            labels2,
+            [
+                "retrieve-session-0",
+                "retrieve-session-1",
+                "retrieve-fd-0.0",
+                "finish-session-0",
+                "close-session-0",
+                "create-session-2",
+                "truncate-0.0",
+                "close-fd-0.0"
+            ]
+        );
+        assert_eq!(
+            w.calls2[6].step,
+            Step::Truncate(
+                FileId {
+                    session: 0,
+                    file: 0
+                },
+                32 << 10
+            )
         );
         let s = script(&w);
         s.stage1.validate().unwrap();
@@ -1167,9 +1248,9 @@ mod tests {
         let one = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
         let two = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
         assert_eq!(one, two);
-        // Race: only a is reached on vCPU 0: 8 calls × 2 releases. Fail: a once, b 3
+        // Race: only a is reached on vCPU 0: 10 calls × 2 releases. Fail: a once, b 3
         // times, c twice with call 3 (preserve-fd 0.1) made first.
-        assert_eq!(one.len(), 16 + 1 + 3 + 2);
+        assert_eq!(one.len(), 20 + 1 + 3 + 2);
         assert!(one.contains(&Trial::Fail {
             function: "c".into(),
             call: 2,
@@ -1196,7 +1277,7 @@ mod tests {
         );
         assert_eq!(
             map_trials(&w, Mode::Fail, &points, &points[..1]).len(),
-            3 + 8 + 3
+            3 + 10 + 3
         );
         let with = Trial::Fail {
             function: "memfd_luo_preserve".into(),
@@ -1271,6 +1352,94 @@ mod tests {
             text.contains(
                 "steps = [\"memfd 0.1 65536\", \"fill 0.1 write\", \"gate 2\", \"preserve 0.1\"]"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn file_operations_race_on_the_first_preserved_and_the_first_retrieved_memfd() {
+        let steps =
+            |list: &[&str]| -> Vec<Step> { list.iter().map(|s| Step::parse(s).unwrap()).collect() };
+        let f = |session, file| FileId { session, file };
+        // Stage 1: the first preserved memfd (1.0), halved; a 1-byte memfd stays 1 byte.
+        let stage1 = StageScript {
+            threads: vec![Thread {
+                cpu: 0,
+                steps: steps(&[
+                    "create 1",
+                    "memfd 1.0 1",
+                    "memfd 1.1 1M",
+                    "preserve 1.0",
+                    "preserve 1.1",
+                    "kexec-load",
+                    "gate 1",
+                    "reboot",
+                ]),
+            }],
+        };
+        let calls = racing_calls(&stage1);
+        let tail: Vec<Step> = calls[calls.len() - 2..].iter().map(|c| c.step).collect();
+        assert_eq!(tail, [Step::Truncate(f(1, 0), 1), Step::CloseFd(f(1, 0))]);
+        assert!(calls.len() <= usize::from(MAX_CALLS));
+        // Stage 2: the first file retrieved; stage 1 does not make 3.0: half of 64 KiB.
+        let stage2 = StageScript {
+            threads: vec![Thread {
+                cpu: 0,
+                steps: steps(&["gate 4", "retrieve 3", "retrieve-fd 3.0", "retrieve-fd 1.1"]),
+            }],
+        };
+        let calls2 = racing_calls2(&stage1, &stage2);
+        let tail: Vec<Step> = calls2[calls2.len() - 2..].iter().map(|c| c.step).collect();
+        assert_eq!(
+            tail,
+            [Step::Truncate(f(3, 0), 32 << 10), Step::CloseFd(f(3, 0))]
+        );
+        assert!(calls2.len() <= usize::from(MAX_CALLS2));
+        // Nothing retrieved: no file calls in stage 2.
+        let none = StageScript {
+            threads: vec![Thread {
+                cpu: 0,
+                steps: steps(&["gate 4", "retrieve 3"]),
+            }],
+        };
+        assert!(racing_calls2(&stage1, &none)
+            .iter()
+            .all(|c| !matches!(c.step, Step::Truncate(..) | Step::CloseFd(_))));
+    }
+
+    #[test]
+    fn file_operation_findings_round_trip() {
+        let w = default_workload();
+        let truncate = Trial::Race {
+            point: "luo_flb_serialize".into(),
+            call: 8,
+            release: Release::Settled,
+            stage2: false,
+        };
+        assert_eq!(
+            truncate.id(&w),
+            "race:luo_flb_serialize:truncate-0.0:settled"
+        );
+        let (_, text) = written_back(&w, &truncate, "truncate-race", None);
+        assert!(
+            text.contains("steps = [\"gate 2\", \"truncate 0.0 32768\"]"),
+            "{text}"
+        );
+        assert!(text.contains("\"result truncate 0.0\""), "{text}");
+        let close = Trial::Race {
+            point: "memfd_luo_finish".into(),
+            call: 7,
+            release: Release::AfterMs(2000),
+            stage2: true,
+        };
+        assert_eq!(
+            close.id(&w),
+            "race2:memfd_luo_finish:close-fd-0.0:after-2000ms"
+        );
+        let (_, text) = written_back(&w, &close, "close-fd-race", None);
+        assert!(text.contains("\"gate 5\", \"close-fd 0.0\""), "{text}");
+        assert!(
+            text.contains("after = \"start retrieve-session 0\""),
             "{text}"
         );
     }
