@@ -101,12 +101,10 @@ pub const EMULATION_NOPV: &str = "nopv";
 /// `KVM_SET_MSRS` of `IA32_TSC` and `KVM_VCPU_TSC_OFFSET`; the guest reads the host's), so
 /// after a reset to a snapshot the guest's clock is ahead by the host time since the
 /// snapshot, minutes into an exploration. An RCU grace period in flight in the snapshot
-/// then looks stalled for all that time: RCU reports a stall at once and sends an NMI to
-/// dump the stack of each CPU that has not reported, and a CPU the emulator interrupts
-/// that way can come back broken (init faulting in user mode at a kernel address, then
-/// "Attempted to kill init!": 3 of 123 stage-2 trials from one snapshot,
-/// docs/snapshots.md). The stall detector says nothing true after such a leap;
-/// `luo-vmm`'s own hang bound, on host time, stands in for it.
+/// then looks stalled for all that time: RCU reports a stall at once, after nearly every
+/// reset, and sends NMIs to dump the stacks of the CPUs it blames (docs/snapshots.md).
+/// Those reports say nothing true on the emulator; `luo-vmm`'s own hang bound, on host
+/// time, stands in for the detector there.
 pub const EMULATION_RCU_STALLS: &str = "rcupdate.rcu_cpu_stall_suppress=1";
 
 /// The emulation profile's parameters: `luo_emulation` switches on the reference
