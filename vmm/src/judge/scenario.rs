@@ -457,6 +457,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn preserved_data_written_counts_only_contents_nothing_accounts_for() {
+        let r = rules(&["records match"], &["preserved data written"]);
+        let token = Memfds::token(1, 0);
+        let mut f = RunFacts {
+            boots: vec![vec![], vec![call(Action::RetrieveSession, 1, Some(0))]],
+            discrepancies: Some(vec![]),
+            // Contents of s1's file, and a page of another kind: its record.
+            preserved_data_written: Some(vec![
+                (0x20_0000, format!("memfd:luo-vmm-s1/{token:#x}/data")),
+                (0x30_0000, format!("memfd:luo-vmm-s1/{token:#x}")),
+            ]),
+            ..RunFacts::default()
+        };
+        assert_eq!(unaccounted_data_writes(&f).len(), 1);
+        assert_eq!(judge(&r, &f).verdict, ScenarioVerdict::Reproduced);
+        // Closing the retrieved session finishes it: what was not retrieved is discarded.
+        f.boots[1].push(call(Action::CloseSession, 1, Some(0)));
+        assert!(unaccounted_data_writes(&f).is_empty());
+        assert_eq!(judge(&r, &f).verdict, ScenarioVerdict::NotReproduced);
+        // Another session's finish accounts for nothing here.
+        f.boots[1].pop();
+        f.boots[1].push(call(Action::FinishSession, 0, Some(0)));
+        assert_eq!(unaccounted_data_writes(&f).len(), 1);
+        // Retrieved: its pages are user space's to write.
+        f.boots[1] = vec![call(Action::RetrieveFd, token, Some(0))];
+        assert!(unaccounted_data_writes(&f).is_empty());
+        assert!(!is_memfd_data(&format!("memfd:luo-vmm-s1/{token:#x}/meta")));
+    }
+
+    #[test]
     fn the_vote_is_the_most_common_verdict() {
         use ScenarioVerdict::*;
         assert_eq!(
