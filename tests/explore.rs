@@ -213,7 +213,7 @@ fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
     // "Leak, never reuse" watched each of them: a failed restore handed nothing back.
     let trials = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
     for line in trials.lines().filter(|l| l.contains("\"fail2:")) {
-        assert!(line.contains("no preserved page written"), "{line}");
+        assert!(line.contains("preserved data not reused"), "{line}");
     }
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();

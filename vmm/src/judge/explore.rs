@@ -318,9 +318,9 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
     let mut because = Vec::new();
     if facts.boots.len() > 1 {
         because.push(
-            if facts.preserved_data_written.is_some() {
-                "stage 2 ran to its end: data as written, nothing retrieved twice, no preserved \
-                 page written"
+            if facts.preserved_written.is_some() {
+                "stage 2 ran to its end: data as written, nothing retrieved twice, preserved \
+                 data not reused"
             } else {
                 "stage 2 ran to its end: data as written, nothing retrieved twice"
             }
@@ -452,7 +452,7 @@ mod tests {
                     call(Action::RetrieveFd, token, Some(-1)),
                 ],
             ],
-            preserved_data_written: Some(vec![
+            preserved_written: Some(vec![
                 (0x1234_5000, data(token)),
                 // A record page and another session's file: not contents of this one.
                 (0x1234_6000, format!("memfd:luo-vmm-s0/{token:#x}")),
@@ -491,7 +491,7 @@ mod tests {
             "memfd contents written, neither retrieved nor finished"
         );
         // Nobody watched: nothing to say.
-        f.preserved_data_written = None;
+        f.preserved_written = None;
         assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
     }
 }

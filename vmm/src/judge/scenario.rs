@@ -64,20 +64,20 @@ pub(crate) struct RunFacts {
     pub hold_timeouts: Vec<String>,
     /// The run ran out of time.
     pub timed_out: bool,
-    /// Stage 2: the pages of preserved memfd contents (owner `memfd:<session>/<token>/data`,
-    /// `LuoState::owned_ranges`) the guest wrote during the run (`explore`'s trials from a
-    /// snapshot in the next kernel) or since the next kernel started (an intercepted run's
-    /// leak check): `(gpa, owner)`. `None` where nobody watched.
-    pub preserved_data_written: Option<Vec<(u64, String)>>,
+    /// Stage 2: the pages of the preserved set (owners as `LuoState::owned_ranges` labels
+    /// them) the guest wrote during the run (`explore`'s trials from a snapshot in the next
+    /// kernel) or since the next kernel started (an intercepted run's leak check):
+    /// `(gpa, owner)`. `None` where nobody watched.
+    pub preserved_written: Option<Vec<(u64, String)>>,
 }
 
 /// The owner label of a preserved memfd's contents: `memfd:<session>/<token>/data`.
-pub(crate) fn is_memfd_data(owner: &str) -> bool {
+fn is_memfd_data(owner: &str) -> bool {
     owner.starts_with("memfd:") && owner.ends_with("/data")
 }
 
-/// The pages of [`RunFacts::preserved_data_written`] that nothing in the last boot
-/// accounts for: contents of a file whose `retrieve-fd` never returned success, in a
+/// The pages of [`RunFacts::preserved_written`] that hold a memfd's contents and that
+/// nothing in the last boot accounts for: contents of a file whose `retrieve-fd` never returned success, in a
 /// session that no `finish` (nor `close` of it, which finishes a retrieved session:
 /// `luo_session_release()`) ended with success, those two discarding by design what was
 /// not retrieved (`memfd_luo_finish()`). Such a page was handed back to the allocator (a
@@ -85,7 +85,7 @@ pub(crate) fn is_memfd_data(owner: &str) -> bool {
 /// explore's stage 2 boots) or written in place; the maintainers' policy after a failed
 /// restore is "leak, never reuse" (../shared/context).
 pub(crate) fn unaccounted_data_writes(facts: &RunFacts) -> Vec<(u64, String)> {
-    let Some(written) = &facts.preserved_data_written else {
+    let Some(written) = &facts.preserved_written else {
         return vec![];
     };
     let calls = facts.boots.last().map_or(&[][..], Vec::as_slice);
@@ -105,6 +105,7 @@ pub(crate) fn unaccounted_data_writes(facts: &RunFacts) -> Vec<(u64, String)> {
         .collect();
     written
         .iter()
+        .filter(|(_, owner)| is_memfd_data(owner))
         .filter(|(_, owner)| {
             let Some((session, token)) = owner
                 .strip_prefix("memfd:")
@@ -464,7 +465,7 @@ pub(crate) mod tests {
             boots: vec![vec![], vec![call(Action::RetrieveSession, 1, Some(0))]],
             discrepancies: Some(vec![]),
             // Contents of s1's file, and a page of another kind: its record.
-            preserved_data_written: Some(vec![
+            preserved_written: Some(vec![
                 (0x20_0000, format!("memfd:luo-vmm-s1/{token:#x}/data")),
                 (0x30_0000, format!("memfd:luo-vmm-s1/{token:#x}")),
             ]),

@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::config::options::{GuestOptions, InterceptOptions};
 use crate::config::scenario::Scenario;
-use crate::judge::scenario::{belief, compare, is_memfd_data, judge, Judgement, RunFacts};
+use crate::judge::scenario::{belief, compare, judge, Judgement, RunFacts};
 use crate::machine::debug::MAX_BREAKPOINTS;
 use crate::machine::dirty::DirtyLog;
 use crate::machine::vcpu::control::VcpuControl;
@@ -128,20 +128,11 @@ impl ScenarioObserver {
         }
     }
 
-    /// The watched set's pages of memfd contents written during the run, if watched.
-    fn preserved_data_written(&self) -> Option<Vec<(u64, String)>> {
+    /// The watched set's pages written during the run, if watched.
+    fn preserved_written(&self) -> Option<Vec<(u64, String)>> {
         let watch = self.watch.as_ref()?;
-        let written = watch
-            .written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
-        Some(
-            written
-                .into_iter()
-                .filter(|(_, owner)| is_memfd_data(owner))
-                .collect(),
-        )
+        let mut written = watch.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.take()
     }
 }
 
@@ -380,17 +371,12 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> (RunF
         hold_timeouts: log.hold_timeouts.clone(),
         timed_out: matches!(outcome.exit, VmExit::Timeout { .. }),
         // The leak check of an intercepted run: since the (last) next kernel started.
-        preserved_data_written: got
+        preserved_written: got
             .rounds
             .last()
             .and_then(|c| c.written_after.as_ref())
             .and_then(|w| w.as_ref().ok())
-            .map(|w| {
-                w.iter()
-                    .filter(|(_, owner)| is_memfd_data(owner))
-                    .cloned()
-                    .collect()
-            }),
+            .cloned(),
     };
     (facts, not_verified)
 }
@@ -517,7 +503,7 @@ pub(crate) struct RunPlan {
     /// interception acted (the runs from it do not intercept, so need not replay it).
     pub intercept_until_snapshot: bool,
     /// A run from the snapshot reads, at its end, which pages of this preserved set it
-    /// wrote (the dirty log since the reset): [`RunFacts::preserved_data_written`].
+    /// wrote (the dirty log since the reset): [`RunFacts::preserved_written`].
     pub watch_preserved: Option<Arc<ExtentSet>>,
     /// Say each reset on stderr.
     pub verbose: bool,
@@ -635,8 +621,8 @@ pub(crate) fn run(
     let got = observer.interceptor.finish(outcome.started);
     let mut log_seen = observer.scheduler.finish();
     let (mut f, not_verified) = facts(&outcome, &got, &log_seen);
-    if let Some(written) = observer.preserved_data_written() {
-        f.preserved_data_written = Some(written);
+    if let Some(written) = observer.preserved_written() {
+        f.preserved_written = Some(written);
     }
     let handed_over = got
         .rounds
