@@ -43,8 +43,9 @@ pub struct CodeFunction {
     pub file: String,
     /// Its symbol.
     pub name: String,
-    /// Its definition returns an error code (`int`, `long`, `ssize_t`): `fail` mode makes
-    /// it return -EIO.
+    /// Its definition returns an error code (`int`, `long`, `ssize_t`) that someone reads
+    /// (not a `.release` handler, [`is_release_handler`]): `fail` mode makes it return
+    /// -EIO.
     pub fallible: bool,
 }
 
@@ -153,6 +154,25 @@ pub(crate) fn is_error_code(ty: &str) -> bool {
         )
 }
 
+/// Whether `source` installs `name` as a `.release` handler (`.release = name,` in an
+/// operations table). The VFS ignores what a `file_operations.release` returns
+/// (`__fput()`, fs/file_table.c) and its work is not optional, so making it return an
+/// error at entry is no failure the kernel can have: it only skips the release (the
+/// luo_session_release trials of a reference exploration, docs/explore.md).
+pub(crate) fn is_release_handler(source: &str, name: &str) -> bool {
+    source.match_indices(".release").any(|(at, field)| {
+        let rest = &source[at + field.len()..];
+        let Some(value) = rest.trim_start().strip_prefix('=') else {
+            return false;
+        };
+        let value = value.trim_start();
+        let end = value
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(value.len());
+        &value[..end] == name
+    })
+}
+
 /// The LUO/KHO functions of the kernel whose build directory (`kernels/<key>/`, where its
 /// vmlinux is) is `kernel_dir`.
 pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeError> {
@@ -176,10 +196,10 @@ pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeErro
             let text = read_small(&dir.join(&file))?;
             sources.insert(file.clone(), text);
         }
-        let fallible = sources
-            .get(&file)
-            .and_then(|src| return_type(src, &name))
-            .is_some_and(|ty| is_error_code(&ty));
+        let fallible = sources.get(&file).is_some_and(|src| {
+            return_type(src, &name).is_some_and(|ty| is_error_code(&ty))
+                && !is_release_handler(src, &name)
+        });
         out.push(CodeFunction {
             file,
             name,
@@ -325,18 +345,32 @@ static int __init luo_session_setup_outgoing(void *fdt_out)
     }
 
     #[test]
+    fn release_handlers_are_found_in_operations_tables() {
+        let src = "static const struct file_operations fops = {\n\t.owner = THIS_MODULE,\n\
+                   \t.release\t= luo_release,\n\t.unlocked_ioctl = luo_ioctl,\n};\n\
+                   static struct x y = { .release = other_release };\n";
+        assert!(is_release_handler(src, "luo_release"));
+        assert!(!is_release_handler(src, "luo_ioctl"));
+        assert!(!is_release_handler(src, "luo_rel"));
+        assert!(is_release_handler(src, "other_release"));
+        // `.release_x = f` is another field.
+        assert!(!is_release_handler(".release_x = f,", "f"));
+    }
+
+    #[test]
     fn a_kernel_without_the_list_is_named() {
         let dir = std::env::temp_dir().join(format!("luo-code-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("liveupdate/kernel")).unwrap();
         assert!(matches!(read_code(&dir), Err(CodeError::Missing(_))));
         std::fs::write(
             dir.join("liveupdate/functions"),
-            "kernel/a.c f\nkernel/a.c g\n",
+            "kernel/a.c f\nkernel/a.c g\nkernel/a.c h_release\n",
         )
         .unwrap();
         std::fs::write(
             dir.join("liveupdate/kernel/a.c"),
-            "int f(void)\n{\n}\nvoid g(void)\n{\n}\n",
+            "int f(void)\n{\n}\nvoid g(void)\n{\n}\nstatic int h_release(struct inode *i, struct file *f)\n{\n}\n\
+             static const struct file_operations h_fops = {\n\t.release\t= h_release,\n};\n",
         )
         .unwrap();
         let code = read_code(&dir).unwrap();
@@ -344,7 +378,7 @@ static int __init luo_session_setup_outgoing(void *fdt_out)
             code.iter()
                 .map(|f| (f.name.as_str(), f.fallible))
                 .collect::<Vec<_>>(),
-            [("f", true), ("g", false)]
+            [("f", true), ("g", false), ("h_release", false)]
         );
         std::fs::write(dir.join("liveupdate/functions"), "../etc/passwd.c f\n").unwrap();
         assert!(matches!(read_code(&dir), Err(CodeError::Read { .. })));
