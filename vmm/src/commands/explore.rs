@@ -669,7 +669,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let (points, fallible, points_id) = points(&args.points, &guest, &syms)?;
     if args.mode == crate::config::options::ExploreMode::Fail && fallible.is_empty() {
         return Err(options(format!(
-            "--mode fail: none of the {} points returns an error code (int, long, ssize_t): nothing to make fail",
+            "--mode fail: none of the {} points returns an error code someone reads (int, long, ssize_t; not a .release handler): nothing to make fail",
             points.len()
         )));
     }
