@@ -125,7 +125,7 @@ impl Probe {
         let result = f();
         let (ret, errno) = match &result {
             Ok(_) => (0, 0),
-            Err(e) => (-1, e.raw_os_error().unwrap_or(0)),
+            Err(e) => (-1, errno_of(e)),
         };
         self.send(&Message::ActionResult {
             seq,
@@ -153,4 +153,16 @@ impl Probe {
             errno: err.raw_os_error().unwrap_or(0),
         });
     }
+}
+
+/// The errno a failed step reports: the system call's, or for a failure of the agent's
+/// own (a session or memfd this stage does not have) the one that says so, never 0
+/// ("Success").
+pub(crate) fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(match e.kind() {
+        io::ErrorKind::NotFound => libc::ENOENT,
+        io::ErrorKind::InvalidInput => libc::EINVAL,
+        io::ErrorKind::TimedOut => libc::ETIMEDOUT,
+        _ => libc::EIO,
+    })
 }

@@ -222,14 +222,23 @@ impl World<'_> {
 }
 
 /// The size memfd `id` has after `steps` (one thread's, in order): its `memfd` step's,
-/// then each `truncate` of it not behind an `if`; `None` without a `memfd` step.
+/// then each `truncate` of it not behind an `if` and made before its `preserve` (LUO
+/// freezes a preserved memfd's size: a later `truncate` fails with `EPERM`); `None`
+/// without a `memfd` step.
 fn made_size(steps: &[Step], id: FileId) -> Option<u64> {
     let mut size = None;
     let mut guarded = false;
+    let mut preserved = false;
     for step in steps {
         match *step {
-            Step::Memfd(f, n) if f == id => size = Some(n),
-            Step::Truncate(f, n) if f == id && !guarded && size.is_some() => size = Some(n),
+            Step::Memfd(f, n) if f == id => {
+                size = Some(n);
+                preserved = false;
+            }
+            Step::Preserve(f) if f == id => preserved = true,
+            Step::Truncate(f, n) if f == id && !guarded && !preserved && size.is_some() => {
+                size = Some(n)
+            }
             _ => {}
         }
         guarded = matches!(step, Step::If(_));
@@ -268,7 +277,8 @@ fn fill(file: &File, how: Fill, seed: u64) -> io::Result<()> {
 fn check(file: &File, size: Option<u64>, seed: Option<u64>) -> io::Result<()> {
     let len = file.metadata()?.len();
     if size.is_some_and(|s| s != len) {
-        println!("luo-agent: size {len}, stage 1 made {size:?}");
+        let made = size.map_or_else(|| "?".to_owned(), |s| s.to_string());
+        println!("luo-agent: size {len}, stage 1 made {made}");
         return Err(io::Error::from_raw_os_error(libc::EFBIG));
     }
     let mut buf = vec![0u8; CHUNK];
@@ -446,5 +456,26 @@ mod tests {
             made_size(&steps(&["truncate 0.0 8K", "memfd 0.0 64K"]), f),
             Some(64 << 10)
         );
+        // After its preserve: refused by the kernel (frozen size), not counted.
+        assert_eq!(
+            made_size(
+                &steps(&["memfd 0.0 64K", "preserve 0.0", "truncate 0.0 32K"]),
+                f
+            ),
+            Some(64 << 10)
+        );
+    }
+
+    #[test]
+    fn agent_failures_never_report_errno_0() {
+        assert_eq!(
+            crate::probe::errno_of(&missing("no session 0 in this stage".into())),
+            libc::ENOENT
+        );
+        assert_eq!(
+            crate::probe::errno_of(&io::Error::from_raw_os_error(libc::EPERM)),
+            libc::EPERM
+        );
+        assert_eq!(crate::probe::errno_of(&io::Error::other("x")), libc::EIO);
     }
 }

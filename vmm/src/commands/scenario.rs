@@ -35,7 +35,7 @@ pub const EXIT_UNEXPECTED_VERDICT: u8 = 5;
 const MAX_FILE: u64 = 1 << 20;
 
 /// The built-in scenarios (`scenarios/*.toml`), by name.
-const BUILTIN: [(&str, &str); 5] = [
+const BUILTIN: [(&str, &str); 6] = [
     (
         "session-close-during-reboot",
         include_str!("../../../scenarios/session-close-during-reboot.toml"),
@@ -55,6 +55,10 @@ const BUILTIN: [(&str, &str); 5] = [
     (
         "reboot-unwind-after-serialize",
         include_str!("../../../scenarios/reboot-unwind-after-serialize.toml"),
+    ),
+    (
+        "memfd-retrieve-frees-preserved-folios",
+        include_str!("../../../scenarios/memfd-retrieve-frees-preserved-folios.toml"),
     ),
 ];
 
@@ -341,7 +345,10 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
                 })
         })
         .transpose()?;
-    let expected = if args.target.variant.is_some() && args.target.variant == p.sc.variant {
+    let on_reference = args.target.variant.is_none() && args.target.source.is_none();
+    let expected = if (args.target.variant.is_some() && args.target.variant == p.sc.variant)
+        || (on_reference && p.sc.reproduces_on_reference)
+    {
         ScenarioVerdict::Reproduced
     } else {
         ScenarioVerdict::NotReproduced
@@ -549,8 +556,8 @@ mod tests {
             let s = Scenario::parse(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(s.name, name);
             assert!(
-                s.variant.is_some(),
-                "{name}: names the variant that reproduces it"
+                s.variant.is_some() || s.reproduces_on_reference,
+                "{name}: names the kernel that reproduces it (a variant, or the reference)"
             );
         }
         assert_eq!(builtins().len(), BUILTIN.len());

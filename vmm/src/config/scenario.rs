@@ -38,6 +38,8 @@ struct RawScenario {
     name: String,
     summary: String,
     variant: Option<String>,
+    #[serde(default)]
+    reproduces_on_reference: bool,
     vcpus: Option<u8>,
     timeout: Option<String>,
     cmdline: Option<String>,
@@ -317,6 +319,9 @@ pub struct Scenario {
     pub summary: String,
     /// The kernel variant that reproduces it (none: no variant does yet).
     pub variant: Option<String>,
+    /// The reference kernel reproduces it too (a behaviour upstream has, not one a variant
+    /// brings back): `scenario run` on the reference expects `reproduced`.
+    pub reproduces_on_reference: bool,
     /// vCPUs (default 2).
     pub vcpus: u8,
     /// Bound of one run (default 1200 s).
@@ -375,6 +380,9 @@ impl Scenario {
         }
         out.push_str(&format!("name = {}\n", quoted(&self.name)));
         out.push_str(&format!("summary = {}\n", quoted(&self.summary)));
+        if self.reproduces_on_reference {
+            out.push_str("reproduces_on_reference = true\n");
+        }
         if let Some(v) = &self.variant {
             out.push_str(&format!("variant = {}\n", quoted(v)));
         }
@@ -812,6 +820,7 @@ impl Scenario {
             name: raw.name,
             summary: raw.summary,
             variant: raw.variant,
+            reproduces_on_reference: raw.reproduces_on_reference,
             vcpus,
             timeout,
             cmdline: raw.cmdline.unwrap_or_default(),

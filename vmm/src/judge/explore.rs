@@ -188,6 +188,35 @@ fn pattern(action: Action, arg: u64) -> ActionPattern {
     }
 }
 
+/// What a stage-2 trial that passed checked: how many files' data, how many restores
+/// failed, whether the preserved pages were watched.
+fn stage2_pass(facts: &RunFacts) -> String {
+    let calls = facts.boots.last().map_or(&[][..], Vec::as_slice);
+    let count = |action: Action, ok: bool| {
+        calls
+            .iter()
+            .filter(|c| c.action == action && c.result.is_some_and(|(r, _)| (r >= 0) == ok))
+            .count()
+    };
+    let checked = count(Action::CheckData, true);
+    let failed = count(Action::RetrieveSession, false) + count(Action::RetrieveFd, false);
+    let mut text = format!(
+        "stage 2 ran to its end: {}, nothing retrieved twice",
+        match checked {
+            0 => "no data checked".to_owned(),
+            1 => "1 file's data as written".to_owned(),
+            n => format!("{n} files' data as written"),
+        }
+    );
+    if failed > 0 {
+        text.push_str(&format!(", {failed} restore(s) failed"));
+    }
+    if facts.preserved_written.is_some() {
+        text.push_str(", preserved data not reused");
+    }
+    text
+}
+
 /// Decides a trial on `facts`; `cause` names what the trial did (the racing call's
 /// action, or `fail FUNCTION`).
 pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
@@ -317,15 +346,7 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
     }
     let mut because = Vec::new();
     if facts.boots.len() > 1 {
-        because.push(
-            if facts.preserved_written.is_some() {
-                "stage 2 ran to its end: data as written, nothing retrieved twice, preserved \
-                 data not reused"
-            } else {
-                "stage 2 ran to its end: data as written, nothing retrieved twice"
-            }
-            .to_owned(),
-        );
+        because.push(stage2_pass(facts));
     } else if facts.point_of_no_return {
         because.push("records match at point-of-no-return".to_owned());
     } else {

@@ -422,17 +422,23 @@ pub(crate) fn check_fits(sc: &Scenario, vcpus: u8, mem: u64) -> Result<(), Strin
             }
         }
     }
-    let memfds: u64 = sc
-        .script
-        .stage1
-        .threads
+    // Each memfd at the largest size a `memfd` or `truncate` step gives it (a fill writes
+    // it whole), in either stage.
+    let mut largest = std::collections::BTreeMap::new();
+    let stages = [&sc.script.stage1, &sc.script.stage2];
+    for step in stages
         .iter()
+        .flat_map(|s| &s.threads)
         .flat_map(|t| &t.steps)
-        .map(|s| match s {
-            luo_protocol::script::Step::Memfd(_, size) => *size,
-            _ => 0,
-        })
-        .fold(0u64, u64::saturating_add);
+    {
+        if let luo_protocol::script::Step::Memfd(id, size)
+        | luo_protocol::script::Step::Truncate(id, size) = step
+        {
+            let at = largest.entry(*id).or_insert(0u64);
+            *at = (*at).max(*size);
+        }
+    }
+    let memfds: u64 = largest.values().fold(0u64, |a, &b| a.saturating_add(b));
     if memfds > mem / 2 {
         return Err(format!(
             "the scenario's memfds hold {memfds} bytes; a guest of {mem} bytes takes at most half of it (--mem)"
@@ -661,4 +667,31 @@ pub(crate) fn run(
         times,
         handed_over,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCENARIO: &str = r#"
+name = "fits"
+summary = "memfds, one truncated larger"
+[stage1]
+threads = [ { cpu = 0, steps = ["create 0", "memfd 0.0 64K", "truncate 0.0 SIZE", "memfd 0.1 64K", "reboot"] } ]
+[verdict]
+correct = ["records match"]
+bug = ["records differ"]
+"#;
+
+    #[test]
+    fn a_truncate_counts_toward_the_memory_a_scenario_needs() {
+        let sc = |size: &str| Scenario::parse(&SCENARIO.replace("SIZE", size), "t.toml").unwrap();
+        // 64 KiB + 64 KiB, then 8 KiB + 64 KiB (the largest size each file has) fit.
+        assert_eq!(check_fits(&sc("32K"), 2, 512 << 20), Ok(()));
+        assert_eq!(check_fits(&sc("8K"), 2, 512 << 20), Ok(()));
+        let too_big = check_fits(&sc("100G"), 2, 512 << 20).unwrap_err();
+        assert!(too_big.contains("memfds hold"), "{too_big}");
+        let cpus = check_fits(&sc("8K"), 1, 512 << 20);
+        assert!(cpus.is_ok(), "{cpus:?}");
+    }
 }
