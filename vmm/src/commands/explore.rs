@@ -304,6 +304,16 @@ fn cause(w: &Workload, trial: &Trial) -> String {
 }
 
 /// File-name form of a trial id.
+/// The header's racing calls: those of the stages searched (stage 2's are cleared when it
+/// is not).
+fn racing_counts(stage1: bool, calls: usize, calls2: usize) -> String {
+    match (stage1, calls2) {
+        (true, 0) => format!("{calls} racing calls"),
+        (true, n) => format!("{calls} racing calls in stage 1, {n} in stage 2"),
+        (false, n) => format!("{n} racing calls in stage 2"),
+    }
+}
+
 fn log_name(id: &str) -> String {
     id.chars()
         .map(|c| {
@@ -748,12 +758,14 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         earlier_s,
     };
     println!(
-        "explore {} ({}): {} points, {} fallible, {} racing calls; mode {}, seed {}; results in {}{}",
+        "explore {} ({}): {} points, {} fallible, {}; mode {}, seed {}; results in {}{}",
         ex.kernel,
-        ex.variant.as_deref().map_or("the reference kernel".into(), |v| format!("variant {v}")),
+        ex.variant
+            .as_deref()
+            .map_or("the reference kernel".into(), |v| format!("variant {v}")),
         points.len(),
         fallible.len(),
-        ex.w.calls.len(),
+        racing_counts(args.stage.has(false), ex.w.calls.len(), ex.w.calls2.len()),
         format!("{:?}", args.mode).to_lowercase(),
         args.seed,
         out.display(),
@@ -1044,6 +1056,16 @@ fn confirm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_counts_the_racing_calls_of_the_stages_searched() {
+        assert_eq!(racing_counts(true, 10, 0), "10 racing calls");
+        assert_eq!(
+            racing_counts(true, 10, 8),
+            "10 racing calls in stage 1, 8 in stage 2"
+        );
+        assert_eq!(racing_counts(false, 10, 8), "8 racing calls in stage 2");
+    }
 
     #[test]
     fn log_names_are_file_names() {

@@ -354,11 +354,12 @@ pub fn run(args: &ScenarioRunArgs) -> Result<u8, ScenarioError> {
         ScenarioVerdict::NotReproduced
     };
     println!(
-        "scenario {} on {} ({} vCPUs, {} runs): expected {}",
+        "scenario {} on {} ({} vCPUs, {} run{}): expected {}",
         p.sc.name,
         kernel_name(&args.target),
         p.vcpus,
         args.runs,
+        if args.runs == 1 { "" } else { "s" },
         expected.name()
     );
     let point = snapshot_point(&p.sc, args);
