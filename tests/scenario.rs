@@ -221,3 +221,32 @@ fn a_user_scenario_file_reproduces_the_close_race_on_the_variant_without_the_fix
         "{found:?}"
     );
 }
+
+/// The one shipped scenario the reference kernel itself reproduces: a memfd whose retrieve
+/// fails part-way has its preserved folios freed (zeroed at once with `init_on_free=1`,
+/// so written where the dirty log sees it), not leaked.
+#[test]
+fn a_failed_memfd_retrieve_frees_preserved_folios_on_the_reference_kernel() {
+    let (code, stdout, report) = scenario("reuse", &["memfd-retrieve-frees-preserved-folios"]);
+    assert!(stdout.contains("expected reproduced"), "{stdout}");
+    assert_eq!(code, Some(0), "{stdout}");
+    let run = &report["runs"][0];
+    assert_eq!(run["judgement"]["verdict"], "reproduced", "{stdout}");
+    assert_eq!(
+        run["judgement"]["because"],
+        serde_json::json!(["preserved data written"]),
+        "{stdout}"
+    );
+    // The retrieve failed where the hook made it fail, and only there.
+    let t = timeline(run);
+    assert!(
+        t.iter()
+            .any(|l| l.contains("shmem_add_to_page_cache returned -12")),
+        "{t:?}"
+    );
+    assert!(
+        t.iter()
+            .any(|l| l.contains("retrieve-fd 0.0 failed: Cannot allocate memory")),
+        "{t:?}"
+    );
+}
