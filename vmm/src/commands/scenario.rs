@@ -124,7 +124,12 @@ pub fn list() -> String {
             "{}\n    {}\n    reproduces on: {}\n",
             s.name,
             s.summary,
-            s.variant.as_deref().unwrap_or("(no variant)")
+            match (&s.variant, s.reproduces_on_reference) {
+                (Some(v), false) => v.clone(),
+                (Some(v), true) => format!("the reference kernel, {v}"),
+                (None, true) => "the reference kernel".to_owned(),
+                (None, false) => "(no kernel yet)".to_owned(),
+            }
         ));
     }
     out
@@ -567,6 +572,7 @@ mod tests {
             assert_eq!(Scenario::parse(&text, &s.name).unwrap(), s, "{text}");
         }
         assert!(list().contains("reproduces on: luo-reboot-unlocked"));
+        assert!(list().contains("reproduces on: the reference kernel"));
         assert!(matches!(
             load("no-such-scenario"),
             Err(ScenarioError::Unknown(_))
