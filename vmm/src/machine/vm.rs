@@ -513,10 +513,11 @@ impl Vm {
                 continue;
             };
             let khz = u64::from(khz.max(1));
-            // Slack: a millisecond of cycles (the reset itself takes a fraction of that).
+            // Slack: a millisecond of cycles (the reset itself takes a fraction of that);
+            // within it the TSC counts as put back.
             let ahead = state::rewind_tsc(vcpu.id, &vcpu.fd, saved, khz)?;
-            let ns = ahead.unsigned_abs().saturating_mul(1_000_000) / khz;
-            if ahead > 0 {
+            if ahead > 0 && ahead.unsigned_abs() > khz {
+                let ns = ahead.unsigned_abs().saturating_mul(1_000_000) / khz;
                 clock_ahead_ns = clock_ahead_ns.max(ns);
             }
         }
