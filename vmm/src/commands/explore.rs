@@ -304,6 +304,19 @@ fn cause(w: &Workload, trial: &Trial) -> String {
 }
 
 /// File-name form of a trial id.
+/// A finding's bug conditions: the one `condition` writes for each line of its evidence
+/// (those that parse), and `kernel oops`.
+fn conditions_from(
+    because: &[String],
+    condition: impl Fn(&str) -> Option<String>,
+) -> Vec<Condition> {
+    because
+        .iter()
+        .filter_map(|b| crate::config::scenario::parse_condition(&condition(b)?).ok())
+        .chain([Condition::KernelOops])
+        .collect()
+}
+
 /// The header's racing calls: those of the stages searched (stage 2's are cleared when it
 /// is not).
 fn racing_counts(stage1: bool, calls: usize, calls2: usize) -> String {
@@ -461,74 +474,63 @@ impl Explorer {
             }
         };
         let mut end = None;
-        let verdict = match sig.oracle {
-            Oracle::RecordsDiffer => VerdictRules {
-                correct: vec![Condition::RecordsMatch],
-                bug: vec![Condition::RecordsDiffer, Condition::KernelOops],
-            },
-            Oracle::Stage2Data => VerdictRules {
-                correct: vec![Condition::RecordsMatch],
-                bug: f
-                    .because
-                    .iter()
-                    .filter_map(|b| {
-                        let call = b.split(':').next()?;
-                        crate::config::scenario::parse_condition(&format!("failed {call}")).ok()
-                    })
-                    .chain([Condition::KernelOops])
-                    .collect(),
-            },
-            Oracle::RetrievedTwice => VerdictRules {
-                correct: vec![Condition::RecordsMatch],
-                bug: f
-                    .because
-                    .iter()
-                    .filter_map(|b| {
-                        let call = b.strip_suffix(" returned success twice")?;
-                        crate::config::scenario::parse_condition(&format!("returned twice {call}"))
-                            .ok()
-                    })
-                    .chain([Condition::KernelOops])
-                    .collect(),
-            },
-            Oracle::KernelTrouble => VerdictRules {
-                correct: vec![Condition::RecordsMatch],
-                bug: vec![Condition::KernelOops],
-            },
-            Oracle::PreservedDataWritten => VerdictRules {
-                correct: vec![Condition::RecordsMatch],
-                bug: vec![Condition::PreservedDataWritten, Condition::KernelOops],
-            },
-            Oracle::Hang => {
-                // The first call left blocked: the run ends the trial's bound after it
-                // started; blocked then is the bug, returned the fix (a call that sleeps a
-                // moment is no hang). Without one, the run's timeout shows it.
-                let blocked =
-                    facts_blocked.iter().find_map(
-                        |b| match crate::config::scenario::parse_condition(&format!("blocked {b}"))
-                        {
+        let verdict =
+            match sig.oracle {
+                Oracle::RecordsDiffer => VerdictRules {
+                    correct: vec![Condition::RecordsMatch],
+                    bug: vec![Condition::RecordsDiffer, Condition::KernelOops],
+                },
+                Oracle::Stage2Data => VerdictRules {
+                    correct: vec![Condition::RecordsMatch],
+                    bug: conditions_from(&f.because, |b| {
+                        Some(format!("failed {}", b.split(':').next()?))
+                    }),
+                },
+                Oracle::RetrievedTwice => VerdictRules {
+                    correct: vec![Condition::RecordsMatch],
+                    bug: conditions_from(&f.because, |b| {
+                        Some(format!(
+                            "returned twice {}",
+                            b.strip_suffix(" returned success twice")?
+                        ))
+                    }),
+                },
+                Oracle::KernelTrouble => VerdictRules {
+                    correct: vec![Condition::RecordsMatch],
+                    bug: vec![Condition::KernelOops],
+                },
+                Oracle::PreservedDataWritten => VerdictRules {
+                    correct: vec![Condition::RecordsMatch],
+                    bug: vec![Condition::PreservedDataWritten, Condition::KernelOops],
+                },
+                Oracle::Hang => {
+                    // The first call left blocked: the run ends the trial's bound after it
+                    // started; blocked then is the bug, returned the fix (a call that sleeps a
+                    // moment is no hang). Without one, the run's timeout shows it.
+                    let blocked = facts_blocked.iter().find_map(|b| {
+                        match crate::config::scenario::parse_condition(&format!("blocked {b}")) {
                             Ok(Condition::Blocked(p)) => Some(p),
                             _ => None,
-                        },
-                    );
-                match blocked {
-                    Some(p) => {
-                        end = Some(EndRule {
-                            when: Trigger::Start(p),
-                            after: self.hang_after,
-                        });
-                        VerdictRules {
-                            correct: vec![Condition::Returned(p)],
-                            bug: vec![Condition::Blocked(p), Condition::KernelOops],
                         }
+                    });
+                    match blocked {
+                        Some(p) => {
+                            end = Some(EndRule {
+                                when: Trigger::Start(p),
+                                after: self.hang_after,
+                            });
+                            VerdictRules {
+                                correct: vec![Condition::Returned(p)],
+                                bug: vec![Condition::Blocked(p), Condition::KernelOops],
+                            }
+                        }
+                        None => VerdictRules {
+                            correct: vec![Condition::RecordsMatch],
+                            bug: vec![Condition::KernelOops],
+                        },
                     }
-                    None => VerdictRules {
-                        correct: vec![Condition::RecordsMatch],
-                        bug: vec![Condition::KernelOops],
-                    },
                 }
-            }
-        };
+            };
         let mut sc = finding_scenario(
             &self.w,
             &record.trial,

@@ -163,6 +163,22 @@ fn file_calls(stage1: &StageScript, id: FileId) -> [RacingCall; 2] {
     ]
 }
 
+/// Every step of a stage, its threads one after the other.
+fn stage_steps(stage: &StageScript) -> Vec<Step> {
+    stage
+        .threads
+        .iter()
+        .flat_map(|t| t.steps.iter().copied())
+        .collect()
+}
+
+/// The sessions `pick` names in `steps`, in order, runs of one collapsed.
+fn sessions_of(steps: &[Step], pick: impl Fn(&Step) -> Option<u32>) -> Vec<u32> {
+    let mut sessions: Vec<u32> = steps.iter().filter_map(pick).collect();
+    sessions.dedup();
+    sessions
+}
+
 /// The workload of an exploration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -278,19 +294,11 @@ pub fn racing_calls2(stage1: &StageScript, stage2: &StageScript) -> Vec<RacingCa
     if !starts {
         return vec![];
     }
-    let steps: Vec<Step> = stage2
-        .threads
-        .iter()
-        .flat_map(|t| t.steps.iter().copied())
-        .collect();
-    let mut sessions: Vec<u32> = steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Retrieve(s) => Some(*s),
-            _ => None,
-        })
-        .collect();
-    sessions.dedup();
+    let steps = stage_steps(stage2);
+    let sessions = sessions_of(&steps, |s| match s {
+        Step::Retrieve(s) => Some(*s),
+        _ => None,
+    });
     let call = |step| RacingCall { step, prep: vec![] };
     let mut calls: Vec<RacingCall> = sessions
         .iter()
@@ -331,19 +339,11 @@ pub fn explore_owns(g: u8) -> bool {
 /// preserved memfd `truncate` to half its size and `close-fd`. At most [`MAX_CALLS`], the
 /// first ones.
 pub fn racing_calls(stage1: &StageScript) -> Vec<RacingCall> {
-    let steps: Vec<Step> = stage1
-        .threads
-        .iter()
-        .flat_map(|t| t.steps.iter().copied())
-        .collect();
-    let mut sessions: Vec<u32> = steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Create(s) => Some(*s),
-            _ => None,
-        })
-        .collect();
-    sessions.dedup();
+    let steps = stage_steps(stage1);
+    let sessions = sessions_of(&steps, |s| match s {
+        Step::Create(s) => Some(*s),
+        _ => None,
+    });
     let files: Vec<FileId> = steps
         .iter()
         .filter_map(|s| match s {
