@@ -20,7 +20,7 @@ use crate::config::options::{ExploreArgs, GuestOptions, Profile};
 use crate::config::scenario::{
     Condition, EndRule, Scenario, ScenarioFileError, Trigger, VerdictRules,
 };
-use crate::explore::code::{read_code, CodeError};
+use crate::explore::code::{read_code, CodeError, Fallible};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
     check_workload, default_workload, explore_owns, finding_scenario, map_trials, racing_calls,
@@ -201,7 +201,7 @@ fn points(
     spec: &str,
     guest: &ResolvedGuest,
     syms: &KernelSymbols,
-) -> Result<(Vec<String>, Vec<String>, String), ExploreError> {
+) -> Result<(Vec<String>, Vec<Fallible>, String), ExploreError> {
     let kernel_dir = std::fs::canonicalize(&guest.kernel)
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
@@ -223,8 +223,11 @@ fn points(
             if taken.contains(&addr) || points.contains(&f.name) {
                 continue;
             }
-            if f.fallible {
-                fallible.push(f.name.clone());
+            if let Some(failure) = f.failure {
+                fallible.push(Fallible {
+                    name: f.name.clone(),
+                    failure,
+                });
             }
             points.push(f.name);
         }
@@ -260,8 +263,13 @@ fn points(
     let listed = read_code(&kernel_dir).unwrap_or_default();
     let fallible = names
         .iter()
-        .filter(|n| listed.iter().any(|f| &f.name == *n && f.fallible))
-        .cloned()
+        .filter_map(|n| {
+            let failure = listed.iter().find(|f| &f.name == n)?.failure?;
+            Some(Fallible {
+                name: n.clone(),
+                failure,
+            })
+        })
         .collect();
     // The content, not the path: shards and resumes may name the same list differently.
     let digest = format!("file {:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
@@ -452,20 +460,24 @@ impl Explorer {
             Trial::Fail {
                 function,
                 call,
+                failure,
                 with: None,
                 stage2,
             } => format!(
-                "{function} fails with -EIO on its call {call}{}: {}",
+                "{function} fails with {} on its call {call}{}: {}",
+                failure.c(),
                 if *stage2 { " in stage 2" } else { "" },
                 sig.oracle
             ),
             Trial::Fail {
                 function,
                 call,
+                failure,
                 with: Some(k),
                 ..
             } => format!(
-                "{function} fails with -EIO on its call {call} in {} on CPU 1, before the reboot: {}",
+                "{function} fails with {} on its call {call} in {} on CPU 1, before the reboot: {}",
+                failure.c(),
                 self.w.calls[*k].pattern(),
                 sig.oracle
             ),
@@ -1088,6 +1100,7 @@ mod tests {
         };
         assert_eq!(cause(&w, &race), "close-session");
         let fail = Trial::Fail {
+            failure: Default::default(),
             function: "luo_file_freeze".into(),
             call: 2,
             with: None,

@@ -4,9 +4,10 @@
 //! `FILE FUNCTION` line per text symbol of those object files, from `nm`) and a copy of
 //! each file's source, whose definitions say which functions return an error code.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Largest `functions` file or source file read (the real ones are tens of KiB).
@@ -43,10 +44,63 @@ pub struct CodeFunction {
     pub file: String,
     /// Its symbol.
     pub name: String,
-    /// Its definition returns an error code (`int`, `long`, `ssize_t`) that someone reads
-    /// (not a `.release` handler, [`is_release_handler`]): `fail` mode makes it return
-    /// -EIO.
-    pub fallible: bool,
+    /// How `fail` mode makes it fail ([`failure`]); `None`: it has no failure a caller
+    /// reads.
+    pub failure: Option<Failure>,
+}
+
+/// -EIO, what a function made to fail returns (as an error code or inside `ERR_PTR`).
+pub const EIO: i64 = -5;
+
+/// How a function made to fail returns to its caller (`rax`, as the kernel's
+/// `override_function_with_return`), read from its definition ([`failure`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    /// `-EIO` from a function returning an error code (`int`, `long`, `ssize_t`).
+    #[default]
+    ErrorCode,
+    /// `ERR_PTR(-EIO)` from a pointer function whose failures are `ERR_PTR`s (its callers
+    /// test `IS_ERR()`).
+    ErrPtr,
+    /// `NULL` from a pointer function that fails with `NULL`.
+    Null,
+}
+
+impl Failure {
+    /// The value in `rax`: -5 for `-EIO` and `ERR_PTR(-EIO)`, 0 for `NULL`.
+    pub fn ret(self) -> i64 {
+        match self {
+            Failure::ErrorCode | Failure::ErrPtr => EIO,
+            Failure::Null => 0,
+        }
+    }
+
+    /// As C writes it: `-EIO`, `ERR_PTR(-EIO)`, `NULL`.
+    pub fn c(self) -> &'static str {
+        match self {
+            Failure::ErrorCode => "-EIO",
+            Failure::ErrPtr => "ERR_PTR(-EIO)",
+            Failure::Null => "NULL",
+        }
+    }
+
+    /// Whether it is the default (serde leaves it out of a trial).
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    pub(crate) fn is_error_code(&self) -> bool {
+        *self == Failure::ErrorCode
+    }
+}
+
+/// A function `fail` mode makes fail, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallible {
+    /// Its symbol.
+    pub name: String,
+    /// What it returns when made to fail.
+    pub failure: Failure,
 }
 
 /// Parses `liveupdate/functions`: `FILE FUNCTION` per line; names sorted and unique per
@@ -81,20 +135,34 @@ pub(crate) fn parse_functions(text: &str, path: &Path) -> Result<Vec<(String, St
     Ok(out.into_iter().collect())
 }
 
-/// The return type of `name`'s definition or declaration in C `source` (kernel style:
-/// the type before the name on its line, or alone on the line before), with storage
-/// classes and attributes dropped; `None` when the name is never declared at the start of
-/// a line.
-pub(crate) fn return_type(source: &str, name: &str) -> Option<String> {
-    let lines: Vec<&str> = source.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
+/// Storage classes and attributes a declaration's return type is written with.
+const NOT_THE_TYPE: [&str; 11] = [
+    "static",
+    "inline",
+    "extern",
+    "noinline",
+    "notrace",
+    "__init",
+    "__exit",
+    "__maybe_unused",
+    "__must_check",
+    "__always_inline",
+    "__cold",
+];
+
+/// The declarations of `name` in C `source` (kernel style: at column 0, the type before
+/// the name on its line or alone on the line before): per declaration, the index of the
+/// line the name is on and the return type, storage classes and attributes dropped.
+fn declarations<'a>(
+    lines: &'a [&'a str],
+    name: &'a str,
+) -> impl Iterator<Item = (usize, String)> + 'a {
+    lines.iter().enumerate().filter_map(move |(i, line)| {
         // Definitions and declarations start at column 0; calls are indented.
         if line.starts_with(|c: char| c.is_whitespace()) || line.starts_with('#') {
-            continue;
+            return None;
         }
-        let Some(at) = find_call(line, name) else {
-            continue;
-        };
+        let at = find_call(line, name)?;
         let before = line[..at].trim();
         let ty = if before.is_empty() {
             // `static int\nname(...)`
@@ -104,27 +172,85 @@ pub(crate) fn return_type(source: &str, name: &str) -> Option<String> {
         };
         let words: Vec<&str> = ty
             .split_whitespace()
-            .filter(|w| {
-                !matches!(
-                    *w,
-                    "static"
-                        | "inline"
-                        | "extern"
-                        | "noinline"
-                        | "notrace"
-                        | "__init"
-                        | "__exit"
-                        | "__maybe_unused"
-                        | "__must_check"
-                        | "__always_inline"
-                        | "__cold"
-                )
-            })
+            .filter(|w| !NOT_THE_TYPE.contains(w))
             .collect();
-        if words.is_empty() {
-            continue;
+        (!words.is_empty()).then(|| (i, words.join(" ")))
+    })
+}
+
+/// The return type of `name`'s definition or declaration in C `source` (kernel style:
+/// the type before the name on its line, or alone on the line before), with storage
+/// classes and attributes dropped; `None` when the name is never declared at the start of
+/// a line.
+pub(crate) fn return_type(source: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = source.lines().collect();
+    let first = declarations(&lines, name).next();
+    first.map(|(_, ty)| ty)
+}
+
+/// `name`'s definition in `source`, kernel style.
+pub(crate) struct Definition<'a> {
+    /// Its parameter list (with what precedes it on its lines).
+    pub(crate) params: String,
+    /// Its body, from the `{` at column 0 to before the `}` at column 0.
+    pub(crate) body: Vec<&'a str>,
+    /// The `Return:` section of its kernel-doc comment (`/** ... */` right above it), or
+    /// empty.
+    pub(crate) doc_return: String,
+}
+
+/// The `Return:` section of the kernel-doc comment that ends on the line before
+/// `lines[at]` (the comment's lines from `Return:` to its end, joined by spaces).
+fn doc_return(lines: &[&str], at: usize) -> String {
+    let Some(end) = at.checked_sub(1).filter(|&e| lines[e].trim() == "*/") else {
+        return String::new();
+    };
+    let Some(start) = lines[..end]
+        .iter()
+        .rposition(|l| l.trim_start().starts_with("/**"))
+    else {
+        return String::new();
+    };
+    let doc: Vec<&str> = lines[start..end]
+        .iter()
+        .map(|l| l.trim().trim_start_matches(['/', '*']).trim())
+        .collect();
+    doc.iter()
+        .position(|l| l.starts_with("Return:"))
+        .map(|k| doc[k..].join(" "))
+        .unwrap_or_default()
+}
+
+/// `name`'s definition in `source` (kernel style: the body from a `{` to a `}` at column
+/// 0), or `None` when `source` only declares it.
+pub(crate) fn definition<'a>(source: &'a str, name: &str) -> Option<Definition<'a>> {
+    let lines: Vec<&str> = source.lines().collect();
+    for (i, _) in declarations(&lines, name) {
+        // The type may be alone on the line before the name's.
+        let first = if lines[i].starts_with(|c: char| c.is_ascii_alphabetic())
+            && find_call(lines[i], name) == Some(0)
+        {
+            i.saturating_sub(1)
+        } else {
+            i
+        };
+        let mut params = String::new();
+        for (j, line) in lines.iter().enumerate().skip(i) {
+            if line.starts_with('{') {
+                let end = lines[j..].iter().position(|l| l.starts_with('}'))?;
+                return Some(Definition {
+                    params,
+                    body: lines[j..j + end].to_vec(),
+                    doc_return: doc_return(&lines, first),
+                });
+            }
+            params.push_str(line.trim());
+            params.push(' ');
+            if line.trim_end().ends_with(';') {
+                // A prototype: look for the definition further on.
+                break;
+            }
         }
-        return Some(words.join(" "));
     }
     None
 }
@@ -173,6 +299,95 @@ pub(crate) fn is_release_handler(source: &str, name: &str) -> bool {
     })
 }
 
+/// What a pointer function's definition says of its failures: its kernel-doc `Return:`
+/// naming `ERR_PTR` or "NULL on failure/error", else its body: `ERR_PTR(...)` or
+/// `ERR_CAST(...)` returned, `NULL` returned, or the result of a call to `callee`
+/// returned as it is (then what that callee's failures are), in that order.
+fn pointer_failure(
+    def: &Definition<'_>,
+    callee: &dyn Fn(&str) -> Option<Failure>,
+) -> Option<Failure> {
+    let doc = def.doc_return.to_ascii_lowercase();
+    if doc.contains("err_ptr") {
+        return Some(Failure::ErrPtr);
+    }
+    if doc.contains("null") && (doc.contains("fail") || doc.contains("error")) {
+        return Some(Failure::Null);
+    }
+    let returns: Vec<&str> = def
+        .body
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("return "))
+        .collect();
+    if returns
+        .iter()
+        .any(|r| r.starts_with("ERR_PTR(") || r.starts_with("ERR_CAST("))
+    {
+        return Some(Failure::ErrPtr);
+    }
+    if returns.iter().any(|r| r.trim_end() == "NULL;") {
+        return Some(Failure::Null);
+    }
+    returns.iter().find_map(|r| {
+        let end = r.find('(')?;
+        let name = &r[..end];
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            .then(|| callee(name))
+            .flatten()
+    })
+}
+
+/// How `fail` mode makes each of `functions` (`(name, source of its file)`) fail:
+///
+/// - a function returning an error code (`int`, `long`, `ssize_t`: [`is_error_code`])
+///   returns -EIO, unless it is a `.release` handler ([`is_release_handler`]);
+/// - a pointer function returns `ERR_PTR(-EIO)` or `NULL` as its kernel-doc says it
+///   fails (`Return: ... NULL on failure`), else `ERR_PTR(-EIO)` when its body returns
+///   `ERR_PTR`s, else `NULL` when it returns `NULL` (`return NULL;`), else what a
+///   function whose result it returns as it is does (`return kho_alloc_preserve(...)`:
+///   `ERR_PTR`), followed through the whole code;
+/// - not an iterator (a pointer function with a `*_it *` parameter: `NULL` is where its
+///   iteration ends, not a failure), nor anything else (`void`, `bool`, unsigned).
+pub(crate) fn failures<'a>(functions: &[(&'a str, &'a str)]) -> BTreeMap<&'a str, Failure> {
+    let mut out = BTreeMap::new();
+    let mut pointers: Vec<(&str, Definition<'a>)> = Vec::new();
+    for &(name, src) in functions {
+        let Some(ty) = return_type(src, name) else {
+            continue;
+        };
+        if is_error_code(&ty) {
+            if !is_release_handler(src, name) {
+                out.insert(name, Failure::ErrorCode);
+            }
+        } else if ty.ends_with('*') {
+            if let Some(def) = definition(src, name) {
+                if !def.params.contains("_it *") {
+                    pointers.push((name, def));
+                }
+            }
+        }
+    }
+    // `return f(...)` takes f's failure: repeat until nothing changes (each round adds a
+    // function or ends, so at most one round per function).
+    loop {
+        let mut added = false;
+        for (name, def) in &pointers {
+            if out.contains_key(name) {
+                continue;
+            }
+            let known = out.clone();
+            if let Some(f) = pointer_failure(def, &|c| known.get(c).copied()) {
+                out.insert(*name, f);
+                added = true;
+            }
+        }
+        if !added {
+            return out;
+        }
+    }
+}
+
 /// The LUO/KHO functions of the kernel whose build directory (`kernels/<key>/`, where its
 /// vmlinux is) is `kernel_dir`.
 pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeError> {
@@ -182,10 +397,9 @@ pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeErro
         return Err(CodeError::Missing(kernel_dir.to_owned()));
     }
     let functions = parse_functions(&read_small(&list)?, &list)?;
-    let mut sources: std::collections::BTreeMap<String, String> = Default::default();
-    let mut out = Vec::with_capacity(functions.len());
-    for (file, name) in functions {
-        if !sources.contains_key(&file) {
+    let mut sources: BTreeMap<String, String> = BTreeMap::new();
+    for (file, _) in &functions {
+        if !sources.contains_key(file) {
             // The list names files relative to the tree; nothing outside `dir` is read.
             if file.split('/').any(|c| c == ".." || c.is_empty()) {
                 return Err(CodeError::Read {
@@ -193,20 +407,23 @@ pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeErro
                     why: format!("{file:?} is not a path inside the kernel tree"),
                 });
             }
-            let text = read_small(&dir.join(&file))?;
+            let text = read_small(&dir.join(file))?;
             sources.insert(file.clone(), text);
         }
-        let fallible = sources.get(&file).is_some_and(|src| {
-            return_type(src, &name).is_some_and(|ty| is_error_code(&ty))
-                && !is_release_handler(src, &name)
-        });
-        out.push(CodeFunction {
-            file,
-            name,
-            fallible,
-        });
     }
-    Ok(out)
+    let with_source: Vec<(&str, &str)> = functions
+        .iter()
+        .filter_map(|(file, name)| Some((name.as_str(), sources.get(file)?.as_str())))
+        .collect();
+    let failure = failures(&with_source);
+    Ok(functions
+        .iter()
+        .map(|(file, name)| CodeFunction {
+            file: file.clone(),
+            name: name.clone(),
+            failure: failure.get(name.as_str()).copied(),
+        })
+        .collect())
 }
 
 fn read_small(path: &Path) -> Result<String, CodeError> {
@@ -344,6 +561,126 @@ static int __init luo_session_setup_outgoing(void *fdt_out)
         }
     }
 
+    const POINTERS: &str = r#"
+static struct luo_session *luo_session_alloc(const char *name);
+
+static struct luo_session *luo_session_alloc(const char *name)
+{
+	struct luo_session *session = kzalloc(sizeof(*session), GFP_KERNEL);
+
+	if (!session)
+		return ERR_PTR(-ENOMEM);
+	return session;
+}
+
+/**
+ * kho_restore_folio - recreates the folio from the preserved memory.
+ * @phys: physical address of the folio.
+ *
+ * Return: pointer to the struct folio on success, NULL on failure.
+ */
+struct folio *kho_restore_folio(phys_addr_t phys)
+{
+	struct page *page = kho_restore_page(phys, true);
+
+	return page ? page_folio(page) : NULL;
+}
+
+static struct page *
+kho_restore_page(phys_addr_t phys, bool is_folio)
+{
+	if (!pfn_valid(PHYS_PFN(phys)))
+		return NULL;
+	return pfn_to_page(PHYS_PFN(phys));
+}
+
+static struct kho_block_header_ser *kho_block_alloc_ser(struct kho_block_set *bs)
+{
+	return luo_session_alloc(NULL);
+}
+
+void *kho_block_set_it_read_entry(struct kho_block_set_it *it)
+{
+	if (!it->block)
+		return NULL;
+	return kho_block_entry(it, it->i++);
+}
+
+static void *kho_block_entries(struct kho_block *block)
+{
+	return (void *)(block->ser + 1);
+}
+
+static const void *kho_get_fdt(void)
+{
+	return kho_in.fdt_phys ? phys_to_virt(kho_in.fdt_phys) : NULL;
+}
+
+int luo_release(struct inode *inode, struct file *file)
+{
+	return 0;
+}
+
+long luo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	return -ENOTTY;
+}
+
+static const struct file_operations fops = {
+	.release = luo_release,
+};
+"#;
+
+    #[test]
+    fn pointer_functions_fail_the_way_their_bodies_do() {
+        let names = [
+            "luo_session_alloc",
+            "kho_restore_folio",
+            "kho_restore_page",
+            "kho_block_alloc_ser",
+            "kho_block_set_it_read_entry",
+            "kho_block_entries",
+            "kho_get_fdt",
+            "luo_release",
+            "luo_ioctl",
+        ];
+        let functions: Vec<(&str, &str)> = names.iter().map(|n| (*n, POINTERS)).collect();
+        let got = failures(&functions);
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            [
+                // Its result, returned as it is, is luo_session_alloc's.
+                ("kho_block_alloc_ser", Failure::ErrPtr),
+                // From its kernel-doc: its body's NULL is in a conditional.
+                ("kho_restore_folio", Failure::Null),
+                ("kho_restore_page", Failure::Null),
+                ("luo_ioctl", Failure::ErrorCode),
+                ("luo_session_alloc", Failure::ErrPtr),
+            ]
+        );
+        assert_eq!(Failure::ErrPtr.ret(), -5);
+        assert_eq!(Failure::Null.ret(), 0);
+        assert_eq!(Failure::ErrorCode.c(), "-EIO");
+        // The prototype is skipped for the definition.
+        let def = definition(POINTERS, "luo_session_alloc").unwrap();
+        assert_eq!(
+            def.params.trim(),
+            "static struct luo_session *luo_session_alloc(const char *name)"
+        );
+        assert!(def.body.iter().any(|l| l.contains("ERR_PTR(-ENOMEM)")));
+        assert!(def.doc_return.is_empty());
+        let doc = definition(POINTERS, "kho_restore_folio")
+            .unwrap()
+            .doc_return;
+        assert_eq!(
+            doc,
+            "Return: pointer to the struct folio on success, NULL on failure."
+        );
+        assert!(definition("int f(void);\n", "f").is_none());
+        // An unterminated body is no definition.
+        assert!(definition("int f(void)\n{\n\treturn 0;\n", "f").is_none());
+    }
+
     #[test]
     fn release_handlers_are_found_in_operations_tables() {
         let src = "static const struct file_operations fops = {\n\t.owner = THIS_MODULE,\n\
@@ -376,9 +713,13 @@ static int __init luo_session_setup_outgoing(void *fdt_out)
         let code = read_code(&dir).unwrap();
         assert_eq!(
             code.iter()
-                .map(|f| (f.name.as_str(), f.fallible))
+                .map(|f| (f.name.as_str(), f.failure))
                 .collect::<Vec<_>>(),
-            [("f", true), ("g", false), ("h_release", false)]
+            [
+                ("f", Some(Failure::ErrorCode)),
+                ("g", None),
+                ("h_release", None)
+            ]
         );
         std::fs::write(dir.join("liveupdate/functions"), "../etc/passwd.c f\n").unwrap();
         assert!(matches!(read_code(&dir), Err(CodeError::Read { .. })));

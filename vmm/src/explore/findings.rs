@@ -291,6 +291,7 @@ mod tests {
         TrialRecord {
             id: id.into(),
             trial: Trial::Fail {
+                failure: Default::default(),
                 function: id.into(),
                 call: 1,
                 with: None,

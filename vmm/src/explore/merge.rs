@@ -826,6 +826,7 @@ mod tests {
             }
         } else {
             Trial::Fail {
+                failure: Default::default(),
                 function: id.into(),
                 call: 1,
                 with: None,

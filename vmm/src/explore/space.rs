@@ -23,6 +23,7 @@ use crate::config::scenario::{
     VerdictRules,
 };
 use crate::config::trace::TraceSpec;
+use crate::explore::code::{Failure, Fallible};
 
 /// The gate CPU 0 waits at before `reboot`.
 pub const ACTION_GATE: u8 = 1;
@@ -49,8 +50,6 @@ pub const MAX_FAIL_CALLS: u32 = 4;
 /// Where a vCPU goes when its task blocks (kernel/sched/idle.c): the racing call blocked
 /// when its vCPU gets here after the call started.
 pub const IDLE_SYMBOL: &str = "default_idle_call";
-/// The error a failing function returns (-EIO).
-pub const FAIL_RETURN: i64 = -5;
 /// What stage 2's machine boots with besides the workload's parameters: a freed page is
 /// zeroed at once (`init_on_free=1`, mm/mm_init.c), so that preserved memory the next
 /// kernel hands back to its allocator is written, and seen in the dirty log, within the
@@ -572,13 +571,17 @@ pub enum Trial {
         #[serde(default, skip_serializing_if = "is_false")]
         stage2: bool,
     },
-    /// `function` returns -EIO without running on its `call`-th call; with `with`,
-    /// during racing call `with`, made before the reboot (the uAPI's error paths).
+    /// `function` returns `failure` (-EIO, `ERR_PTR(-EIO)` or `NULL`) without running on
+    /// its `call`-th call; with `with`, during racing call `with`, made before the reboot
+    /// (the uAPI's error paths).
     Fail {
         /// The function.
         function: String,
         /// 1-based.
         call: u32,
+        /// What it returns (left out of the id: a function fails one way).
+        #[serde(default, skip_serializing_if = "Failure::is_error_code")]
+        failure: Failure,
         /// The racing call made before the reboot (index into the workload's calls).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         with: Option<usize>,
@@ -671,6 +674,7 @@ impl Trial {
                 call,
                 with,
                 stage2,
+                ..
             } => format!(
                 "fail{}:{function}:{call}{}",
                 stage_tag(*stage2),
@@ -713,19 +717,23 @@ impl Trial {
             Trial::Fail {
                 function,
                 call,
+                failure,
                 with: None,
                 stage2,
             } => format!(
-                "{function} fails (-EIO) on call {call}{}",
+                "{function} fails ({}) on call {call}{}",
+                failure.c(),
                 stage_words(*stage2)
             ),
             Trial::Fail {
                 function,
                 call,
+                failure,
                 with: Some(k),
                 ..
             } => format!(
-                "{function} fails (-EIO) on call {call}, {} on CPU 1 before the reboot",
+                "{function} fails ({}) on call {call}, {} on CPU 1 before the reboot",
+                failure.c(),
                 w.calls
                     .get(*k)
                     .map_or("?".into(), |c| c.pattern().to_string())
@@ -740,7 +748,12 @@ pub type Reach = std::collections::BTreeMap<String, Vec<u32>>;
 
 /// The map trials: every point alone, in stage 1 and (when the workload searches it) in
 /// stage 2; in fail mode also every fallible function with each racing call made first.
-pub fn map_trials(w: &Workload, mode: Mode, points: &[String], fallible: &[String]) -> Vec<Trial> {
+pub fn map_trials(
+    w: &Workload,
+    mode: Mode,
+    points: &[String],
+    fallible: &[Fallible],
+) -> Vec<Trial> {
     let map = |function: &String, with, stage2| Trial::Map {
         function: function.clone(),
         with,
@@ -749,7 +762,7 @@ pub fn map_trials(w: &Workload, mode: Mode, points: &[String], fallible: &[Strin
     let mut out: Vec<Trial> = points.iter().map(|f| map(f, None, false)).collect();
     if mode.fails() {
         for k in 0..w.calls.len() {
-            out.extend(fallible.iter().map(|f| map(f, Some(k), false)));
+            out.extend(fallible.iter().map(|f| map(&f.name, Some(k), false)));
         }
     }
     if !w.calls2.is_empty() {
@@ -767,7 +780,7 @@ pub fn search_trials(
     w: &Workload,
     mode: Mode,
     points: &[String],
-    fallible: &[String],
+    fallible: &[Fallible],
     reach: &Reach,
     releases: &[Release],
     seed: u64,
@@ -811,12 +824,13 @@ pub fn search_trials(
         for (with, stage2) in settings {
             for f in fallible {
                 let total: u32 = reach
-                    .get(&reach_key(w, f, with, stage2))
+                    .get(&reach_key(w, &f.name, with, stage2))
                     .map_or(0, |v| v.iter().sum());
                 for call in 1..=total.min(MAX_FAIL_CALLS) {
                     out.push(Trial::Fail {
-                        function: f.clone(),
+                        function: f.name.clone(),
                         call,
+                        failure: f.failure,
                         with,
                         stage2,
                     });
@@ -991,6 +1005,7 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
         Trial::Fail {
             function,
             call,
+            failure,
             with,
             ..
         } => vec![Hook {
@@ -1003,7 +1018,7 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
                 Some(_) => VcpuSelect::One(RACE_VCPU),
                 None => VcpuSelect::All,
             },
-            kind: HookKind::Fail { ret: FAIL_RETURN },
+            kind: HookKind::Fail { ret: failure.ret() },
             after,
             call: Some(*call),
         }],
@@ -1246,20 +1261,38 @@ mod tests {
         reach.insert("c".into(), vec![0, 0]);
         reach.insert(reach_key(&w, "c", Some(3), false), vec![0, 2]);
         let points: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        // c fails with NULL (a pointer function), the others with -EIO.
+        let fallible: Vec<Fallible> = points
+            .iter()
+            .map(|p| Fallible {
+                name: p.clone(),
+                failure: if p == "c" {
+                    Failure::Null
+                } else {
+                    Failure::ErrorCode
+                },
+            })
+            .collect();
         let rel = [Release::Settled, Release::AfterMs(500)];
-        let one = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
-        let two = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 7);
+        let one = search_trials(&w, Mode::Both, &points, &fallible, &reach, &rel, 7);
+        let two = search_trials(&w, Mode::Both, &points, &fallible, &reach, &rel, 7);
         assert_eq!(one, two);
         // Race: only a is reached on vCPU 0: 10 calls × 2 releases. Fail: a once, b 3
         // times, c twice with call 3 (preserve-fd 0.1) made first.
         assert_eq!(one.len(), 20 + 1 + 3 + 2);
-        assert!(one.contains(&Trial::Fail {
+        let c = Trial::Fail {
             function: "c".into(),
             call: 2,
+            failure: Failure::Null,
             with: Some(3),
             stage2: false,
-        }));
-        let other = search_trials(&w, Mode::Both, &points, &points, &reach, &rel, 8);
+        };
+        assert!(one.contains(&c));
+        assert_eq!(c.id(&w), "fail:c:2@preserve-fd-0.1");
+        assert!(c.describe(&w).starts_with("c fails (NULL) on call 2"));
+        let hooks = trial_scenario(&w, &c, 2, Duration::from_secs(30)).hooks;
+        assert_eq!(hooks[0].kind, HookKind::Fail { ret: 0 });
+        let other = search_trials(&w, Mode::Both, &points, &fallible, &reach, &rel, 8);
         assert_ne!(one, other, "another seed, another order");
         let mut sorted = one.clone();
         sorted.sort();
@@ -1267,23 +1300,24 @@ mod tests {
         sorted_other.sort();
         assert_eq!(sorted, sorted_other, "the same trials");
         assert!(
-            search_trials(&w, Mode::Race, &points, &points, &reach, &rel, 7)
+            search_trials(&w, Mode::Race, &points, &fallible, &reach, &rel, 7)
                 .iter()
                 .all(|t| matches!(t, Trial::Race { point, .. } if point == "a"))
         );
         // The map: every point alone; in fail mode every fallible one after each call.
         // (and every point in stage 2: the default workload searches it)
         assert_eq!(
-            map_trials(&w, Mode::Race, &points, &points[..1]).len(),
+            map_trials(&w, Mode::Race, &points, &fallible[..1]).len(),
             3 + 3
         );
         assert_eq!(
-            map_trials(&w, Mode::Fail, &points, &points[..1]).len(),
+            map_trials(&w, Mode::Fail, &points, &fallible[..1]).len(),
             3 + 10 + 3
         );
         let with = Trial::Fail {
             function: "memfd_luo_preserve".into(),
             call: 1,
+            failure: Failure::ErrorCode,
             with: Some(3),
             stage2: false,
         };
@@ -1331,6 +1365,7 @@ mod tests {
         let (_, text) = written_back(&w, &t, "close-race", Some("luo-reboot-unlocked"));
         assert!(text.contains("steps = [\"gate 2\", \"close 1\"]"), "{text}");
         let fail = Trial::Fail {
+            failure: Failure::ErrorCode,
             function: "luo_file_freeze".into(),
             call: 2,
             with: None,
@@ -1340,6 +1375,7 @@ mod tests {
         assert_eq!(back.gates.len(), 1, "the workload's own gate only");
         // A failure inside a racing call made before the reboot.
         let during = Trial::Fail {
+            failure: Failure::ErrorCode,
             function: "memfd_luo_preserve".into(),
             call: 1,
             with: Some(3),
