@@ -16,7 +16,7 @@ use luo_protocol::script::Step;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::options::{ExploreArgs, GuestOptions, Profile};
+use crate::config::options::{ExploreArgs, ExploreStage, GuestOptions, Profile};
 use crate::config::scenario::{
     Condition, EndRule, Scenario, ScenarioFileError, Trigger, VerdictRules,
 };
@@ -227,6 +227,7 @@ fn points(
                 fallible.push(Fallible {
                     name: f.name.clone(),
                     failure,
+                    init: f.init,
                 });
             }
             points.push(f.name);
@@ -264,10 +265,11 @@ fn points(
     let fallible = names
         .iter()
         .filter_map(|n| {
-            let failure = listed.iter().find(|f| &f.name == n)?.failure?;
+            let f = listed.iter().find(|f| &f.name == n)?;
             Some(Fallible {
                 name: n.clone(),
-                failure,
+                failure: f.failure?,
+                init: f.init,
             })
         })
         .collect();
@@ -289,7 +291,9 @@ fn workload_id(w: &Workload) -> String {
 /// What caused a trial's trouble, for its signature.
 fn cause(w: &Workload, trial: &Trial) -> String {
     match trial {
-        Trial::Baseline | Trial::Baseline2 | Trial::Map { .. } => "the workload alone".into(),
+        Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot | Trial::Map { .. } => {
+            "the workload alone".into()
+        }
         Trial::Race {
             call,
             stage2: false,
@@ -298,6 +302,11 @@ fn cause(w: &Workload, trial: &Trial) -> String {
         Trial::Race {
             call, stage2: true, ..
         } => format!("stage 2: {}", w.calls2[*call].pattern().action.name()),
+        Trial::Fail {
+            function,
+            boot: true,
+            ..
+        } => format!("next kernel's boot: fail {function}"),
         Trial::Fail {
             function,
             stage2: false,
@@ -381,28 +390,43 @@ impl Explorer {
         // Stage 2's machine intercepts its one handover, on the boot that keeps its
         // snapshot, only to learn the preserved set; its trials watch that set's pages.
         let stage2 = trial.stage2();
+        // A boot trial goes on through the kexec to the end of stage 2, intercepted: the
+        // leak check of the next kernel is its "leak, never reuse" oracle.
+        let boot = trial.boot();
         let plan = RunPlan {
             run: 1,
             log: out.join(&log_rel),
             point: Some(snapshot_point(&sc, stage2)),
-            decide_at_point_of_no_return: !stage2,
+            decide_at_point_of_no_return: !stage2 && !boot,
             keep_timeout_reports: true,
             no_intercept: stage2,
             intercept_until_snapshot: stage2,
             watch_preserved: machines.preserved2.clone().filter(|_| stage2),
             verbose: false,
         };
-        let machine = if stage2 {
-            &mut machines.stage2
-        } else {
-            &mut machines.stage1
-        };
-        let got = trial::run(&self.target(&sc, stage2), machine, &plan)?;
+        let got = trial::run(&self.target(&sc, stage2 || boot), machines.of(trial), &plan)?;
         if stage2 && !got.result.from_snapshot {
             // The boot that kept (or failed to keep) the snapshot the next trials reset to.
             machines.preserved2 = got.handed_over.clone().map(Arc::new);
         }
-        let verdict = decide(&got.facts, &cause(&self.w, trial));
+        let mut facts = got.facts;
+        if boot {
+            // Decided at the end of stage 2: a bound passed before it is a hang, though
+            // point-of-no-return was long passed.
+            facts.point_of_no_return = false;
+        }
+        let mut verdict = decide(&facts, &cause(&self.w, trial));
+        if let (Trial::Fail { function, .. }, TrialVerdict::Pass { because }) =
+            (trial, &mut verdict)
+        {
+            if got
+                .hits
+                .get("fails")
+                .is_none_or(|h| h.iter().all(|&c| c == 0))
+            {
+                because.push(format!("{function} was not called"));
+            }
+        }
         let hits = match trial {
             Trial::Map { .. } => Some(got.hits.get("reach").cloned().unwrap_or_default()),
             _ => None,
@@ -410,7 +434,10 @@ impl Explorer {
         let keep = matches!(
             verdict,
             TrialVerdict::Finding { .. } | TrialVerdict::Undecided { .. }
-        ) || matches!(trial, Trial::Baseline | Trial::Baseline2);
+        ) || matches!(
+            trial,
+            Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot
+        );
         if !keep {
             let _ = std::fs::remove_file(out.join(&log_rel));
         } else if !got.timeout_reports.is_empty() {
@@ -463,10 +490,17 @@ impl Explorer {
                 failure,
                 with: None,
                 stage2,
+                boot,
             } => format!(
                 "{function} fails with {} on its call {call}{}: {}",
                 failure.c(),
-                if *stage2 { " in stage 2" } else { "" },
+                if *boot {
+                    " in the next kernel's boot"
+                } else if *stage2 {
+                    " in stage 2"
+                } else {
+                    ""
+                },
                 sig.oracle
             ),
             Trial::Fail {
@@ -481,7 +515,7 @@ impl Explorer {
                 self.w.calls[*k].pattern(),
                 sig.oracle
             ),
-            Trial::Baseline | Trial::Baseline2 | Trial::Map { .. } => {
+            Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot | Trial::Map { .. } => {
                 format!("the workload alone: {}", sig.oracle)
             }
         };
@@ -587,6 +621,23 @@ struct Machines {
     /// The preserved set stage 2's machine's handover handed over (with owners), read on
     /// the boot that kept its snapshot.
     preserved2: Option<Arc<ExtentSet>>,
+    /// Keeps stage 1's snapshot for the trials that go on through the kexec into the next
+    /// kernel's boot (booted like stage 2's, `init_on_free=1`, intercepted with the dirty
+    /// log: the leak check since the next kernel started).
+    boot: Option<GuestMachine>,
+}
+
+impl Machines {
+    /// The machine `trial` runs on.
+    fn of(&mut self, trial: &Trial) -> &mut Option<GuestMachine> {
+        if trial.stage2() {
+            &mut self.stage2
+        } else if trial.boot() {
+            &mut self.boot
+        } else {
+            &mut self.stage1
+        }
+    }
 }
 
 /// The gates a snapshot waits for: the first of every thread of stage 1 (or 2).
@@ -642,11 +693,18 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         Some(f) => workload_from_file(f)?,
     };
     check_workload(&w).map_err(options)?;
-    if !args.stage.has(true) {
+    if args.stage == ExploreStage::Boot && !args.mode.fails() {
+        return Err(options(
+            "--stage boot: only fail mode searches the next kernel's boot (--mode fail or both)"
+                .to_owned(),
+        ));
+    }
+    if !args.stage.has(true) && !args.stage.has_boot() {
         w.calls2.clear();
     } else if w.calls2.is_empty() && !args.stage.has(false) {
         return Err(options(format!(
-            "--stage 2: workload {} does not search stage 2 (its stage-2 thread on CPU 0 must start with `gate 4`)",
+            "--stage {}: workload {} does not search stage 2 (its stage-2 thread on CPU 0 must start with `gate 4`)",
+            if args.stage.has_boot() { "boot" } else { "2" },
             w.origin
         )));
     }
@@ -798,17 +856,21 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     if args.stage.has(false) {
         baselines.push(Trial::Baseline);
     }
-    if !ex.w.calls2.is_empty() {
+    if !ex.w.calls2.is_empty() && args.stage.has(true) {
         baselines.push(Trial::Baseline2);
+    }
+    // The boot trials' machine, when there are any.
+    if !ex.w.calls2.is_empty()
+        && args.stage.has_boot()
+        && args.mode.fails()
+        && fallible.iter().any(|f| f.init)
+    {
+        baselines.push(Trial::BaselineBoot);
     }
     for b in baselines {
         let t0 = Instant::now();
         let base = ex.run(&mut machines, &b, &out, "")?;
-        let m = if b.stage2() {
-            &mut machines.stage2
-        } else {
-            &mut machines.stage1
-        };
+        let m = machines.of(&b);
         if !m.as_ref().is_some_and(GuestMachine::has_snapshot) {
             let why = m
                 .as_ref()
@@ -823,14 +885,26 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         }
         println!(
             "booted and kept {} snapshot in {:.1} s; {}: {} ({})",
-            if b.stage2() { "stage 2's" } else { "stage 1's" },
+            if b.stage2() {
+                "stage 2's"
+            } else if b.boot() {
+                "stage 1's (for the boot trials)"
+            } else {
+                "stage 1's"
+            },
             t0.elapsed().as_secs_f64(),
             base.id,
             base.verdict.name(),
             base.verdict.because().join("; ")
         );
         if let Some(m) = m.as_mut() {
-            m.set_run_bound(args.hang_after);
+            // A boot trial goes through the kexec and a whole boot: it is bounded by twice
+            // the boot that kept its snapshot, and the hang bound.
+            m.set_run_bound(if b.boot() {
+                args.hang_after + t0.elapsed() * 2
+            } else {
+                args.hang_after
+            });
         }
         if !done.contains(&base.id) {
             store.append(base)?;
@@ -838,7 +912,13 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     }
 
     // The map: where the workload goes.
-    let wanted = |t: &Trial| args.stage.has(t.stage2());
+    let wanted = |t: &Trial| {
+        if t.boot() {
+            args.stage.has_boot()
+        } else {
+            args.stage.has(t.stage2())
+        }
+    };
     let mut map = map_trials(&ex.w, args.mode, &points, &fallible);
     map.retain(wanted);
     for (i, t) in map.iter().enumerate() {
@@ -1101,6 +1181,7 @@ mod tests {
         assert_eq!(cause(&w, &race), "close-session");
         let fail = Trial::Fail {
             failure: Default::default(),
+            boot: false,
             function: "luo_file_freeze".into(),
             call: 2,
             with: None,

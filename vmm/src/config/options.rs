@@ -195,8 +195,13 @@ pub enum ExploreStage {
     /// Stage 2: retrieve and finish in the next kernel.
     #[value(name = "2")]
     Two,
-    /// Both.
+    /// The next kernel's boot: its `__init` LUO/KHO functions made to fail (fail mode),
+    /// each trial through the kexec.
+    Boot,
+    /// Stages 1 and 2.
     Both,
+    /// Stages 1 and 2 and the next kernel's boot.
+    All,
 }
 
 impl ExploreStage {
@@ -205,8 +210,14 @@ impl ExploreStage {
         match self {
             ExploreStage::One => !stage2,
             ExploreStage::Two => stage2,
-            ExploreStage::Both => true,
+            ExploreStage::Boot => false,
+            ExploreStage::Both | ExploreStage::All => true,
         }
+    }
+
+    /// Whether the next kernel's boot is searched.
+    pub fn has_boot(self) -> bool {
+        matches!(self, ExploreStage::Boot | ExploreStage::All)
     }
 }
 
@@ -258,8 +269,9 @@ pub struct ExploreArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Which stages to search: 1 (around `reboot()`), 2 (around retrieve and finish in the
-    /// next kernel, from a second snapshot taken there), or both.
-    #[arg(long, value_enum, default_value = "both")]
+    /// next kernel, from a second snapshot taken there), boot (the next kernel's boot:
+    /// fail mode, each trial through the kexec), both (1 and 2), or all.
+    #[arg(long, value_enum, default_value = "all")]
     pub stage: ExploreStage,
     /// A trial that reaches neither point-of-no-return nor the end of its workload within
     /// this long (guest time here is ~1000x hardware) is a hang.

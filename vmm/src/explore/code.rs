@@ -47,6 +47,9 @@ pub struct CodeFunction {
     /// How `fail` mode makes it fail ([`failure`]); `None`: it has no failure a caller
     /// reads.
     pub failure: Option<Failure>,
+    /// Its definition is `__init`: it runs only while a kernel boots (in a handover, in the
+    /// next kernel's boot, before user space).
+    pub init: bool,
 }
 
 /// -EIO, what a function made to fail returns (as an error code or inside `ERR_PTR`).
@@ -101,6 +104,8 @@ pub struct Fallible {
     pub name: String,
     /// What it returns when made to fail.
     pub failure: Failure,
+    /// `__init`: made to fail in the next kernel's boot ([`CodeFunction::init`]).
+    pub init: bool,
 }
 
 /// Parses `liveupdate/functions`: `FILE FUNCTION` per line; names sorted and unique per
@@ -151,12 +156,8 @@ const NOT_THE_TYPE: [&str; 11] = [
 ];
 
 /// The declarations of `name` in C `source` (kernel style: at column 0, the type before
-/// the name on its line or alone on the line before): per declaration, the index of the
-/// line the name is on and the return type, storage classes and attributes dropped.
-fn declarations<'a>(
-    lines: &'a [&'a str],
-    name: &'a str,
-) -> impl Iterator<Item = (usize, String)> + 'a {
+/// the name on its line or alone on the line before).
+fn declarations<'a>(lines: &'a [&'a str], name: &'a str) -> impl Iterator<Item = Declaration> + 'a {
     lines.iter().enumerate().filter_map(move |(i, line)| {
         // Definitions and declarations start at column 0; calls are indented.
         if line.starts_with(|c: char| c.is_whitespace()) || line.starts_with('#') {
@@ -170,12 +171,29 @@ fn declarations<'a>(
         } else {
             before
         };
-        let words: Vec<&str> = ty
+        // `struct page *__init name(`: the star is the type's, the attribute is not.
+        let spaced = ty.replace('*', " * ");
+        let words: Vec<&str> = spaced
             .split_whitespace()
             .filter(|w| !NOT_THE_TYPE.contains(w))
             .collect();
-        (!words.is_empty()).then(|| (i, words.join(" ")))
+        let init = spaced.split_whitespace().any(|w| w == "__init");
+        (!words.is_empty()).then(|| Declaration {
+            line: i,
+            ty: words.join(" ").replace("* *", "**"),
+            init,
+        })
     })
+}
+
+/// One declaration or definition of a function, as [`declarations`] finds it.
+struct Declaration {
+    /// The index of the line its name is on.
+    line: usize,
+    /// Its return type, storage classes and attributes dropped.
+    ty: String,
+    /// Marked `__init`: it runs only while the kernel boots (its text is freed after).
+    init: bool,
 }
 
 /// The return type of `name`'s definition or declaration in C `source` (kernel style:
@@ -185,11 +203,13 @@ fn declarations<'a>(
 pub(crate) fn return_type(source: &str, name: &str) -> Option<String> {
     let lines: Vec<&str> = source.lines().collect();
     let first = declarations(&lines, name).next();
-    first.map(|(_, ty)| ty)
+    first.map(|d| d.ty)
 }
 
 /// `name`'s definition in `source`, kernel style.
 pub(crate) struct Definition<'a> {
+    /// Marked `__init`.
+    pub(crate) init: bool,
     /// Its parameter list (with what precedes it on its lines).
     pub(crate) params: String,
     /// Its body, from the `{` at column 0 to before the `}` at column 0.
@@ -225,7 +245,7 @@ fn doc_return(lines: &[&str], at: usize) -> String {
 /// 0), or `None` when `source` only declares it.
 pub(crate) fn definition<'a>(source: &'a str, name: &str) -> Option<Definition<'a>> {
     let lines: Vec<&str> = source.lines().collect();
-    for (i, _) in declarations(&lines, name) {
+    for Declaration { line: i, init, .. } in declarations(&lines, name) {
         // The type may be alone on the line before the name's.
         let first = if lines[i].starts_with(|c: char| c.is_ascii_alphabetic())
             && find_call(lines[i], name) == Some(0)
@@ -239,6 +259,7 @@ pub(crate) fn definition<'a>(source: &'a str, name: &str) -> Option<Definition<'
             if line.starts_with('{') {
                 let end = lines[j..].iter().position(|l| l.starts_with('}'))?;
                 return Some(Definition {
+                    init,
                     params,
                     body: lines[j..j + end].to_vec(),
                     doc_return: doc_return(&lines, first),
@@ -422,6 +443,10 @@ pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeErro
             file: file.clone(),
             name: name.clone(),
             failure: failure.get(name.as_str()).copied(),
+            init: sources
+                .get(file)
+                .and_then(|src| definition(src, name))
+                .is_some_and(|d| d.init),
         })
         .collect())
 }
@@ -504,6 +529,19 @@ static int __init luo_session_setup_outgoing(void *fdt_out)
             return_type(SOURCE, "luo_session_quiesce").as_deref(),
             Some("bool")
         );
+        // `__init` is an attribute, also when glued to the star; it marks a boot function.
+        let glued = "static struct page *__init kho_get_preserved_page(phys_addr_t phys)\n{\n}\n";
+        assert_eq!(
+            return_type(glued, "kho_get_preserved_page").as_deref(),
+            Some("struct page *")
+        );
+        assert!(definition(glued, "kho_get_preserved_page").unwrap().init);
+        assert!(
+            definition(SOURCE, "luo_session_setup_outgoing")
+                .unwrap()
+                .init
+        );
+        assert!(!definition(SOURCE, "luo_session_serialize").unwrap().init);
         // Only called (indented), never defined here.
         assert_eq!(return_type(SOURCE, "luo_session_insert_one"), None);
         // A longer name that ends with this one is not this one.

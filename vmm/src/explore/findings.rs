@@ -149,7 +149,7 @@ pub fn totals(records: &[TrialRecord], space: usize) -> Totals {
         .filter(|r| {
             matches!(
                 r.trial,
-                Trial::Map { .. } | Trial::Baseline | Trial::Baseline2
+                Trial::Map { .. } | Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot
             )
         })
         .count();
@@ -158,7 +158,12 @@ pub fn totals(records: &[TrialRecord], space: usize) -> Totals {
     // The trials that started from a snapshot (not the ones that booted).
     let reset: Vec<&TrialRecord> = records
         .iter()
-        .filter(|r| !matches!(r.trial, Trial::Baseline | Trial::Baseline2))
+        .filter(|r| {
+            !matches!(
+                r.trial,
+                Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot
+            )
+        })
         .collect();
     let mean = |f: fn(&TrialRecord) -> u64| {
         if reset.is_empty() {
@@ -292,6 +297,7 @@ mod tests {
             id: id.into(),
             trial: Trial::Fail {
                 failure: Default::default(),
+                boot: false,
                 function: id.into(),
                 call: 1,
                 with: None,

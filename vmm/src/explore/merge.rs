@@ -291,7 +291,10 @@ fn shard_name(m: &Manifest) -> String {
 }
 
 fn is_map(r: &TrialRecord) -> bool {
-    matches!(r.trial, Trial::Map { .. } | Trial::Baseline)
+    matches!(
+        r.trial,
+        Trial::Map { .. } | Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot
+    )
 }
 
 /// The first map trial whose reach differs between `a` and `b`, in words.
@@ -827,6 +830,7 @@ mod tests {
         } else {
             Trial::Fail {
                 failure: Default::default(),
+                boot: false,
                 function: id.into(),
                 call: 1,
                 with: None,

@@ -546,6 +546,11 @@ pub enum Trial {
     /// The same through the handover into stage 2, without interception: the run that
     /// keeps stage 2's snapshot (where its threads wait at their first gates).
     Baseline2,
+    /// The workload alone, intercepted, through the handover to the end of stage 2, on the
+    /// machine the boot trials reset to (its snapshot is stage 1's): every oracle must
+    /// pass on it.
+    #[serde(rename = "baseline-boot")]
+    BaselineBoot,
     /// Where the workload goes: how often `function` runs (per vCPU), no race; with
     /// `with`, racing call `with` is made first, to its end, and then the reboot.
     Map {
@@ -588,6 +593,10 @@ pub enum Trial {
         /// In stage 2.
         #[serde(default, skip_serializing_if = "is_false")]
         stage2: bool,
+        /// In the next kernel's boot (an `__init` function), from stage 1's snapshot
+        /// through the kexec to the end of stage 2.
+        #[serde(default, skip_serializing_if = "is_false")]
+        boot: bool,
     },
 }
 
@@ -632,7 +641,7 @@ impl Trial {
     /// Whether it runs in stage 2 (from stage 2's snapshot).
     pub fn stage2(&self) -> bool {
         match self {
-            Trial::Baseline => false,
+            Trial::Baseline | Trial::BaselineBoot => false,
             Trial::Baseline2 => true,
             Trial::Map { stage2, .. } | Trial::Race { stage2, .. } | Trial::Fail { stage2, .. } => {
                 *stage2
@@ -642,11 +651,18 @@ impl Trial {
 }
 
 impl Trial {
+    /// Whether it runs through the kexec into the next kernel's boot (from stage 1's
+    /// snapshot, on the machine that keeps it for these).
+    pub fn boot(&self) -> bool {
+        matches!(self, Trial::BaselineBoot | Trial::Fail { boot: true, .. })
+    }
+
     /// Its id, unique in an exploration: `race:luo_flb_serialize:close-session-1:settled`.
     pub fn id(&self, w: &Workload) -> String {
         match self {
             Trial::Baseline => "baseline".into(),
             Trial::Baseline2 => "baseline2".into(),
+            Trial::BaselineBoot => "baseline-boot".into(),
             Trial::Map {
                 function,
                 with,
@@ -674,10 +690,11 @@ impl Trial {
                 call,
                 with,
                 stage2,
+                boot,
                 ..
             } => format!(
                 "fail{}:{function}:{call}{}",
-                stage_tag(*stage2),
+                if *boot { "-boot" } else { stage_tag(*stage2) },
                 with_label(w, *with)
             ),
         }
@@ -688,6 +705,9 @@ impl Trial {
         match self {
             Trial::Baseline => "the workload alone".into(),
             Trial::Baseline2 => "the workload alone, into stage 2".into(),
+            Trial::BaselineBoot => {
+                "the workload alone, intercepted, through the handover to the end of stage 2".into()
+            }
             Trial::Map {
                 function,
                 with,
@@ -718,8 +738,19 @@ impl Trial {
                 function,
                 call,
                 failure,
+                boot: true,
+                ..
+            } => format!(
+                "{function} fails ({}) on call {call} in the next kernel's boot",
+                failure.c(),
+            ),
+            Trial::Fail {
+                function,
+                call,
+                failure,
                 with: None,
                 stage2,
+                ..
             } => format!(
                 "{function} fails ({}) on call {call}{}",
                 failure.c(),
@@ -833,9 +864,22 @@ pub fn search_trials(
                         failure: f.failure,
                         with,
                         stage2,
+                        boot: false,
                     });
                 }
             }
+        }
+        // The next kernel's boot: no map (each trial goes through a kexec and a boot), so
+        // each `__init` function fails on its first call there.
+        if stages.len() == 2 {
+            out.extend(fallible.iter().filter(|f| f.init).map(|f| Trial::Fail {
+                function: f.name.clone(),
+                call: 1,
+                failure: f.failure,
+                with: None,
+                stage2: false,
+                boot: true,
+            }));
         }
     }
     shuffle(&mut out, seed);
@@ -940,9 +984,21 @@ pub fn stage2_end(w: &Workload) -> Option<Trigger> {
 /// The hooks of `trial`. `hold_max`: the longest a settled hold waits; `select_all`: the
 /// hold opens the call's selector gate (the shared script's trials).
 fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> Vec<Hook> {
-    let after = if trial.stage2() { stage2_arm(w) } else { None };
+    let after = if trial.stage2() {
+        stage2_arm(w)
+    } else if trial.boot() {
+        // The next kernel's boot comes after the reboot (its `__init` functions ran in
+        // this kernel's boot too, before any snapshot: a scenario file from boot must not
+        // count those).
+        Some(Trigger::Start(ActionPattern {
+            action: Action::Reboot,
+            arg: None,
+        }))
+    } else {
+        None
+    };
     match trial {
-        Trial::Baseline | Trial::Baseline2 => vec![],
+        Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot => vec![],
         // With a racing call made first, only its CPU counts: what the call reaches, not
         // the reboot after it (the plain trials cover that).
         Trial::Map { function, with, .. } => {
@@ -1030,7 +1086,7 @@ fn racing_call(trial: &Trial) -> Option<usize> {
     match trial {
         Trial::Race { call, .. } => Some(*call),
         Trial::Fail { with, .. } | Trial::Map { with, .. } => *with,
-        Trial::Baseline | Trial::Baseline2 => None,
+        Trial::Baseline | Trial::Baseline2 | Trial::BaselineBoot => None,
     }
 }
 
@@ -1054,14 +1110,15 @@ pub fn trial_scenario(w: &Workload, trial: &Trial, vcpus: u8, hold_max: Duration
         reproduces_on_reference: false,
         vcpus,
         timeout: Duration::from_secs(1200),
-        cmdline: stage_cmdline(w, trial.stage2()),
+        cmdline: stage_cmdline(w, trial.stage2() || trial.boot()),
         script: script(w),
         gates,
         hooks: hooks(w, trial, hold_max, true),
         verdict: default_verdict(),
-        // A stage-2 trial is decided when its CPU-0 thread's last step returned (the
-        // racing thread may wait at its gate forever).
-        end: if trial.stage2() {
+        // A stage-2 trial (or one through the next kernel's boot) is decided when stage
+        // 2's CPU-0 thread's last step returned (the racing thread may wait at its gate
+        // forever).
+        end: if trial.stage2() || trial.boot() {
             stage2_end(w).map(|when| EndRule {
                 when,
                 after: Duration::ZERO,
@@ -1127,7 +1184,7 @@ pub fn finding_scenario(
         reproduces_on_reference: false,
         vcpus,
         timeout,
-        cmdline: stage_cmdline(w, trial.stage2()),
+        cmdline: stage_cmdline(w, trial.stage2() || trial.boot()),
         script: Script {
             stage1,
             stage2: stage2_script,
@@ -1271,6 +1328,8 @@ mod tests {
                 } else {
                     Failure::ErrorCode
                 },
+                // b runs in a boot: one trial through the kexec.
+                init: p == "b",
             })
             .collect();
         let rel = [Release::Settled, Release::AfterMs(500)];
@@ -1279,13 +1338,48 @@ mod tests {
         assert_eq!(one, two);
         // Race: only a is reached on vCPU 0: 10 calls × 2 releases. Fail: a once, b 3
         // times, c twice with call 3 (preserve-fd 0.1) made first.
-        assert_eq!(one.len(), 20 + 1 + 3 + 2);
+        // And b, an `__init` function, fails once in the next kernel's boot.
+        assert_eq!(one.len(), 20 + 1 + 3 + 2 + 1);
+        let boot = Trial::Fail {
+            function: "b".into(),
+            call: 1,
+            failure: Failure::ErrorCode,
+            with: None,
+            stage2: false,
+            boot: true,
+        };
+        assert!(one.contains(&boot));
+        assert_eq!(boot.id(&w), "fail-boot:b:1");
+        assert!(boot.boot() && !boot.stage2());
+        // It runs through the kexec to the end of stage 2, `init_on_free=1` like stage 2,
+        // its hook armed by the reboot (the same function ran in this kernel's boot).
+        let sc = trial_scenario(&w, &boot, 2, Duration::from_secs(30));
+        assert!(sc.cmdline.contains(STAGE2_PARAMS));
+        assert_eq!(sc.end.as_ref().map(|e| &e.when), stage2_end(&w).as_ref());
+        assert_eq!(
+            sc.hooks[0].after,
+            Some(Trigger::Start(ActionPattern {
+                action: Action::Reboot,
+                arg: None
+            }))
+        );
+        assert_eq!(sc.hooks[0].vcpus, VcpuSelect::All);
+        // Its record reads back the same.
+        let json = serde_json::to_string(&boot).unwrap();
+        assert_eq!(serde_json::from_str::<Trial>(&json).unwrap(), boot);
+        let old: Trial =
+            serde_json::from_str(r#"{"kind":"fail","function":"b","call":1}"#).unwrap();
+        assert!(
+            !old.boot(),
+            "records written before boot trials read as they were"
+        );
         let c = Trial::Fail {
             function: "c".into(),
             call: 2,
             failure: Failure::Null,
             with: Some(3),
             stage2: false,
+            boot: false,
         };
         assert!(one.contains(&c));
         assert_eq!(c.id(&w), "fail:c:2@preserve-fd-0.1");
@@ -1320,6 +1414,7 @@ mod tests {
             failure: Failure::ErrorCode,
             with: Some(3),
             stage2: false,
+            boot: false,
         };
         assert_eq!(with.id(&w), "fail:memfd_luo_preserve:1@preserve-fd-0.1");
     }
@@ -1366,6 +1461,7 @@ mod tests {
         assert!(text.contains("steps = [\"gate 2\", \"close 1\"]"), "{text}");
         let fail = Trial::Fail {
             failure: Failure::ErrorCode,
+            boot: false,
             function: "luo_file_freeze".into(),
             call: 2,
             with: None,
@@ -1376,6 +1472,7 @@ mod tests {
         // A failure inside a racing call made before the reboot.
         let during = Trial::Fail {
             failure: Failure::ErrorCode,
+            boot: false,
             function: "memfd_luo_preserve".into(),
             call: 1,
             with: Some(3),
