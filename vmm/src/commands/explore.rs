@@ -20,7 +20,7 @@ use crate::config::options::{ExploreArgs, ExploreStage, GuestOptions, Profile};
 use crate::config::scenario::{
     Condition, EndRule, Scenario, ScenarioFileError, Trigger, VerdictRules,
 };
-use crate::explore::code::{read_code, CodeError, Fallible};
+use crate::explore::code::{read_code, read_restore_fail_messages, CodeError, Fallible};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
 use crate::explore::space::{
     check_workload, default_workload, explore_owns, finding_scenario, map_trials, racing_calls,
@@ -30,7 +30,7 @@ use crate::explore::space::{
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
 };
-use crate::judge::explore::{decide, Oracle, TrialVerdict};
+use crate::judge::explore::{decide, excuse_deliberate_panic, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
 use crate::run::image::ImageError;
 use crate::run::kernel::{load_symbols, KernelFileError};
@@ -129,6 +129,9 @@ struct Explorer {
     started: Instant,
     /// Exploring seconds of earlier sessions of this `--out`.
     earlier_s: f64,
+    /// The messages LUO panics with on purpose when it cannot restore what it was handed
+    /// (`luo_restore_fail`, from the kernel's sources): the policy, not trouble.
+    deliberate_panics: Vec<String>,
 }
 
 fn options(msg: impl Into<String>) -> ExploreError {
@@ -415,7 +418,16 @@ impl Explorer {
             // point-of-no-return was long passed.
             facts.point_of_no_return = false;
         }
+        let excused = excuse_deliberate_panic(&mut facts, &self.deliberate_panics);
         let mut verdict = decide(&facts, &cause(&self.w, trial));
+        if let (Some(line), TrialVerdict::Pass { because }) = (&excused, &mut verdict) {
+            let msg = line
+                .split_once("not syncing: ")
+                .map_or(line.as_str(), |(_, m)| m);
+            because.push(format!(
+                "the next kernel refused what it was handed, as LUO means to (luo_restore_fail panics): {msg}"
+            ));
+        }
         if let (Trial::Fail { function, .. }, TrialVerdict::Pass { because }) =
             (trial, &mut verdict)
         {
@@ -473,7 +485,19 @@ impl Explorer {
                 point,
                 call,
                 release,
+                on_racer: true,
+                ..
+            } => format!(
+                "CPU 0's reboot while CPU 1 is held at {point} inside {} (released {release}): {}",
+                self.w.calls[*call].pattern(),
+                sig.oracle
+            ),
+            Trial::Race {
+                point,
+                call,
+                release,
                 stage2,
+                ..
             } => format!(
                 "{} on CPU 1 while CPU 0 is held at {point} (released {release}){}: {}",
                 if *stage2 {
@@ -756,15 +780,20 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         )));
     }
     // Every kind of trial arms within the debug registers (a race trial needs the most).
-    let probe_race = |stage2| Trial::Race {
+    let probe_race = |stage2, on_racer| Trial::Race {
         point: points[0].clone(),
         call: 0,
         release: Release::Settled,
         stage2,
+        on_racer,
     };
-    let mut probes = vec![Trial::Baseline, probe_race(false)];
+    let mut probes = vec![
+        Trial::Baseline,
+        probe_race(false, false),
+        probe_race(false, true),
+    ];
     if !w.calls2.is_empty() {
-        probes.push(probe_race(true));
+        probes.push(probe_race(true, false));
     }
     for t in probes {
         let sc = trial_scenario(&w, &t, args.vcpus, hold_max);
@@ -815,6 +844,10 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         cmdline: stage_cmdline(&w, true),
         ..opts.clone()
     };
+    let deliberate_panics = std::fs::canonicalize(&guest.kernel)
+        .ok()
+        .and_then(|k| k.parent().map(read_restore_fail_messages))
+        .unwrap_or_default();
     let ex = Explorer {
         w,
         opts,
@@ -828,6 +861,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         kernel,
         started: Instant::now(),
         earlier_s,
+        deliberate_panics,
     };
     println!(
         "explore {} ({}): {} points, {} fallible, {}; mode {}, seed {}; results in {}{}",
@@ -1177,6 +1211,7 @@ mod tests {
             call: 2,
             release: Release::Settled,
             stage2: false,
+            on_racer: false,
         };
         assert_eq!(cause(&w, &race), "close-session");
         let fail = Trial::Fail {

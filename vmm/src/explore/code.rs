@@ -409,6 +409,47 @@ pub(crate) fn failures<'a>(functions: &[(&'a str, &'a str)]) -> BTreeMap<&'a str
     }
 }
 
+/// The messages LUO panics with on purpose: the format strings of its
+/// `luo_restore_fail(...)` calls in `source` (kernel/liveupdate/luo_internal.h: a failed
+/// deserialization panics, "continuing the boot process after a failure is dangerous
+/// because it could lead to leaks of private data"), each up to its first conversion
+/// (`%`), trimmed.
+pub(crate) fn restore_fail_messages(source: &str) -> Vec<String> {
+    source
+        .match_indices("luo_restore_fail(")
+        .filter_map(|(at, call)| {
+            let rest = source[at + call.len()..].trim_start().strip_prefix('"')?;
+            let end = rest.find(['"', '%']).unwrap_or(rest.len());
+            let text = rest[..end].trim();
+            (!text.is_empty()).then(|| text.to_owned())
+        })
+        .collect()
+}
+
+/// [`restore_fail_messages`] of every source the kernel's list names (none when it has no
+/// list).
+pub(crate) fn read_restore_fail_messages(kernel_dir: &Path) -> Vec<String> {
+    let dir = kernel_dir.join("liveupdate");
+    let list = dir.join("functions");
+    let Ok(text) = read_small(&list) else {
+        return vec![];
+    };
+    let Ok(functions) = parse_functions(&text, &list) else {
+        return vec![];
+    };
+    let files: BTreeSet<&str> = functions.iter().map(|(f, _)| f.as_str()).collect();
+    let mut out = BTreeSet::new();
+    for file in files {
+        if file.split('/').any(|c| c == ".." || c.is_empty()) {
+            continue;
+        }
+        if let Ok(src) = read_small(&dir.join(file)) {
+            out.extend(restore_fail_messages(&src));
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// The LUO/KHO functions of the kernel whose build directory (`kernels/<key>/`, where its
 /// vmlinux is) is `kernel_dir`.
 pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeError> {
@@ -717,6 +758,16 @@ static const struct file_operations fops = {
         assert!(definition("int f(void);\n", "f").is_none());
         // An unterminated body is no definition.
         assert!(definition("int f(void)\n{\n\treturn 0;\n", "f").is_none());
+    }
+
+    #[test]
+    fn deliberate_restore_panics_are_read_from_the_source() {
+        let src = "\terr = luo_early_startup();\n\tif (err) {\n\t\tluo_restore_fail(\"The incoming tree failed to initialize properly [%pe], disabling live update\\n\",\n\t\t\t\t ERR_PTR(err));\n\t}\n#define luo_restore_fail(__fmt, ...) panic(__fmt, ##__VA_ARGS__)\n";
+        assert_eq!(
+            restore_fail_messages(src),
+            ["The incoming tree failed to initialize properly ["]
+        );
+        assert!(restore_fail_messages("luo_restore_fail(\"%s\", x)").is_empty());
     }
 
     #[test]

@@ -335,6 +335,7 @@ mod tests {
                 call: 0,
                 release,
                 stage2: false,
+                on_racer: false,
             },
             ..rec(id, 1.0, finding("x"))
         };

@@ -564,7 +564,9 @@ pub enum Trial {
         stage2: bool,
     },
     /// CPU 0 held at `point`'s first call, racing call `call` made on CPU 1, released
-    /// by `release`.
+    /// by `release`; or, `on_racer`, the other way round: CPU 1 held at `point` inside
+    /// call `call`, CPU 0's `reboot` going on meanwhile, released when the reboot settles
+    /// (returned, or CPU 0 idle: blocked on what CPU 1 holds) or by time.
     Race {
         /// The hold point (a function's entry).
         point: String,
@@ -575,6 +577,9 @@ pub enum Trial {
         /// In stage 2 (`call` indexes stage 2's calls).
         #[serde(default, skip_serializing_if = "is_false")]
         stage2: bool,
+        /// The hold is on the racing CPU, inside its call (stage 1).
+        #[serde(default, skip_serializing_if = "is_false")]
+        on_racer: bool,
     },
     /// `function` returns `failure` (-EIO, `ERR_PTR(-EIO)` or `NULL`) without running on
     /// its `call`-th call; with `with`, during racing call `with`, made before the reboot
@@ -677,9 +682,11 @@ impl Trial {
                 call,
                 release,
                 stage2,
+                on_racer,
             } => format!(
-                "race{}:{point}:{}:{release}",
+                "race{}{}:{point}:{}:{release}",
                 stage_tag(*stage2),
+                if *on_racer { "-cpu1" } else { "" },
                 side(w, *stage2)
                     .calls
                     .get(*call)
@@ -725,7 +732,20 @@ impl Trial {
                 point,
                 call,
                 release,
+                on_racer: true,
+                ..
+            } => format!(
+                "hold CPU 1 at {point} inside {}, CPU 0 reboots, release {release}",
+                w.calls
+                    .get(*call)
+                    .map_or("?".into(), |c| c.pattern().to_string()),
+            ),
+            Trial::Race {
+                point,
+                call,
+                release,
                 stage2,
+                ..
             } => format!(
                 "hold CPU 0 at {point}, {} on CPU 1, release {release}{}",
                 side(w, *stage2)
@@ -791,7 +811,9 @@ pub fn map_trials(
         stage2,
     };
     let mut out: Vec<Trial> = points.iter().map(|f| map(f, None, false)).collect();
-    if mode.fails() {
+    // What each call reaches on CPU 1: fail mode's functions inside a call, and race
+    // mode's holds on CPU 1.
+    if mode.fails() || mode.races() {
         for k in 0..w.calls.len() {
             out.extend(fallible.iter().map(|f| map(&f.name, Some(k), false)));
         }
@@ -840,8 +862,32 @@ pub fn search_trials(
                             call,
                             release,
                             stage2,
+                            on_racer: false,
                         });
                     }
+                }
+            }
+        }
+        // The other way round (stage 1): CPU 1 held inside each call at the functions the
+        // map saw that call reach on CPU 1, while CPU 0 reboots.
+        for call in 0..w.calls.len() {
+            for p in points {
+                let on_racer = reach
+                    .get(&reach_key(w, p, Some(call), false))
+                    .and_then(|v| v.get(usize::from(RACE_VCPU)))
+                    .copied()
+                    .unwrap_or(0);
+                if on_racer == 0 {
+                    continue;
+                }
+                for &release in releases {
+                    out.push(Trial::Race {
+                        point: p.clone(),
+                        call,
+                        release,
+                        stage2: false,
+                        on_racer: true,
+                    });
                 }
             }
         }
@@ -925,17 +971,46 @@ fn observe(name: &str, symbol: &str, vcpus: VcpuSelect, after: Option<Trigger>) 
     }
 }
 
-/// The gate rules of one stage's search: the action gate opens when the racer waits (with
-/// a call made first: on the call's result), the race gate when a hold opens it (with a
-/// call made first: at once), the selectors closed (with a call made first: that call's
-/// opens at once). `select_all`: declare every selector (the shared script's trials).
-fn stage_gates(side: &Side<'_>, with: Option<usize>, select_all: bool) -> Vec<GateRule> {
-    let (action_open, race_open) = match with {
-        Some(k) => (
+/// How a stage's action and its racing call are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// CPU 0 goes to its action at once and is held there; the hold opens the race gate
+    /// (and the call's selector).
+    Held,
+    /// Call `k` is made first, to its end; the action follows its result.
+    CallFirst(usize),
+    /// Call `k` is made at once; CPU 1, held inside it, opens the action gate.
+    RacerHeld(usize),
+}
+
+/// How `trial` orders its stage's action and racing call.
+fn order(trial: &Trial) -> Order {
+    match trial {
+        Trial::Race {
+            call,
+            on_racer: true,
+            ..
+        } => Order::RacerHeld(*call),
+        Trial::Race { .. } => Order::Held,
+        _ => racing_call(trial).map_or(Order::Held, Order::CallFirst),
+    }
+}
+
+/// The gate rules of one stage's search, by `order`: the action gate opens when the
+/// racer waits (a call made first: on its result; CPU 1 held: by that hold), the race
+/// gate when a hold opens it (a call made first, or CPU 1 held: at once), the selectors
+/// closed (but the call's, made first or CPU 1 held: at once). `select_all`: declare
+/// every selector (the shared script's trials).
+fn stage_gates(side: &Side<'_>, order: Order, select_all: bool) -> Vec<GateRule> {
+    let at_once = Some(Trigger::Wait(side.race_gate));
+    let (action_open, race_open, with) = match order {
+        Order::Held => (at_once, None, None),
+        Order::CallFirst(k) => (
             Some(Trigger::Result(side.calls[k].pattern())),
-            Some(Trigger::Wait(side.race_gate)),
+            at_once,
+            Some(k),
         ),
-        None => (Some(Trigger::Wait(side.race_gate)), None),
+        Order::RacerHeld(k) => (None, at_once, Some(k)),
     };
     let mut gates = vec![
         GateRule {
@@ -1012,7 +1087,57 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
             point,
             call,
             release,
+            on_racer: true,
+            ..
+        } => {
+            // CPU 1 held inside its call opens the action gate; the reboot settles by
+            // returning (it failed) or by CPU 0 going idle (blocked on CPU 1).
+            let side = side(w, false);
+            let c = &side.calls[*call];
+            let reboot = ActionPattern {
+                action: Action::Reboot,
+                arg: None,
+            };
+            let (max, release_when, timed) = match release {
+                Release::Settled => (
+                    hold_max,
+                    vec![Trigger::Result(reboot), Trigger::Hook("blocked".into())],
+                    false,
+                ),
+                Release::AfterMs(ms) => (Duration::from_millis(*ms), vec![], true),
+            };
+            let mut hooks = vec![Hook {
+                name: "held".into(),
+                at: TraceSpec {
+                    symbol: point.clone(),
+                    offset: 0,
+                },
+                vcpus: VcpuSelect::One(RACE_VCPU),
+                kind: HookKind::Hold {
+                    max,
+                    open: vec![side.action_gate],
+                    release: release_when,
+                    timed,
+                },
+                after: Some(Trigger::Start(c.pattern())),
+                call: Some(1),
+            }];
+            if *release == Release::Settled {
+                hooks.push(observe(
+                    "blocked",
+                    IDLE_SYMBOL,
+                    VcpuSelect::One(ACTION_VCPU),
+                    Some(Trigger::Start(reboot)),
+                ));
+            }
+            hooks
+        }
+        Trial::Race {
+            point,
+            call,
+            release,
             stage2,
+            ..
         } => {
             let side = side(w, *stage2);
             let c = &side.calls[*call];
@@ -1093,15 +1218,15 @@ fn racing_call(trial: &Trial) -> Option<usize> {
 /// The scenario a trial runs: the shared script (every racing call of both stages behind
 /// its selector gate), every gate of it declared, and the trial's hooks.
 pub fn trial_scenario(w: &Workload, trial: &Trial, vcpus: u8, hold_max: Duration) -> Scenario {
-    let with = if trial.stage2() {
-        None
+    let order1 = if trial.stage2() {
+        Order::Held
     } else {
-        racing_call(trial).filter(|_| !matches!(trial, Trial::Race { .. }))
+        order(trial)
     };
-    let mut gates = stage_gates(&side(w, false), with, true);
+    let mut gates = stage_gates(&side(w, false), order1, true);
     gates.extend(w.gates.iter().cloned());
     if !w.calls2.is_empty() {
-        gates.extend(stage_gates(&side(w, true), None, true));
+        gates.extend(stage_gates(&side(w, true), Order::Held, true));
     }
     Scenario {
         name: "explore-trial".into(),
@@ -1167,8 +1292,7 @@ pub fn finding_scenario(
             cpu: u16::from(RACE_VCPU),
             steps,
         };
-        let with = (!matches!(trial, Trial::Race { .. })).then_some(k);
-        gates.splice(0..0, stage_gates(&sd, with, false));
+        gates.splice(0..0, stage_gates(&sd, order(trial), false));
         if stage2 {
             stage2_script = w.stage2.clone();
             stage2_script.threads.push(thread);
@@ -1338,8 +1462,45 @@ mod tests {
         assert_eq!(one, two);
         // Race: only a is reached on vCPU 0: 10 calls × 2 releases. Fail: a once, b 3
         // times, c twice with call 3 (preserve-fd 0.1) made first.
-        // And b, an `__init` function, fails once in the next kernel's boot.
-        assert_eq!(one.len(), 20 + 1 + 3 + 2 + 1);
+        // And b, an `__init` function, fails once in the next kernel's boot; and CPU 1 is
+        // held at c inside call 3 (where the map saw it there) × 2 releases.
+        assert_eq!(one.len(), 20 + 1 + 3 + 2 + 1 + 2);
+        let racer = Trial::Race {
+            point: "c".into(),
+            call: 3,
+            release: Release::Settled,
+            stage2: false,
+            on_racer: true,
+        };
+        assert!(one.contains(&racer));
+        assert_eq!(racer.id(&w), "race-cpu1:c:preserve-fd-0.1:settled");
+        // Its call starts at once; CPU 1, held inside it, opens gate 1 (the reboot), and
+        // is released when the reboot returns or CPU 0 goes idle.
+        let sc = trial_scenario(&w, &racer, 2, Duration::from_secs(30));
+        let rule = |g: u8| sc.gates.iter().find(|r| r.gate.id() == g).unwrap();
+        assert_eq!(rule(ACTION_GATE).open_when, None);
+        assert_eq!(
+            rule(RACE_GATE).open_when,
+            Some(Trigger::Wait(gate(RACE_GATE)))
+        );
+        assert_eq!(
+            rule(selector(3).id()).open_when,
+            Some(Trigger::Wait(gate(RACE_GATE)))
+        );
+        assert_eq!(rule(selector(2).id()).open_when, None);
+        let held = &sc.hooks[0];
+        assert_eq!(held.vcpus, VcpuSelect::One(RACE_VCPU));
+        assert_eq!(
+            held.after,
+            Some(Trigger::Start(w.calls[3].pattern())),
+            "armed by its call: not at the call's preparation"
+        );
+        assert!(matches!(&held.kind, HookKind::Hold { open, .. } if open == &[gate(ACTION_GATE)]));
+        assert_eq!(sc.hooks[1].vcpus, VcpuSelect::One(ACTION_VCPU));
+        // Its finding's file has the same order: the call at once, the reboot by the hold.
+        let (f, _) = written_back(&w, &racer, "racer", None);
+        let frule = |g: u8| f.gates.iter().find(|r| r.gate.id() == g).unwrap();
+        assert_eq!(frule(ACTION_GATE).open_when, None);
         let boot = Trial::Fail {
             function: "b".into(),
             call: 1,
@@ -1396,13 +1557,15 @@ mod tests {
         assert!(
             search_trials(&w, Mode::Race, &points, &fallible, &reach, &rel, 7)
                 .iter()
-                .all(|t| matches!(t, Trial::Race { point, .. } if point == "a"))
+                .all(|t| matches!(t, Trial::Race { point, on_racer, .. }
+                    if (point == "a" && !on_racer) || (point == "c" && *on_racer)))
         );
         // The map: every point alone; in fail mode every fallible one after each call.
         // (and every point in stage 2: the default workload searches it)
         assert_eq!(
             map_trials(&w, Mode::Race, &points, &fallible[..1]).len(),
-            3 + 3
+            // and what each call reaches on CPU 1, for the holds there
+            3 + 10 + 3
         );
         assert_eq!(
             map_trials(&w, Mode::Fail, &points, &fallible[..1]).len(),
@@ -1427,6 +1590,7 @@ mod tests {
             call: 2,
             release: Release::Settled,
             stage2: false,
+            on_racer: false,
         };
         assert_eq!(t.id(&w), "race:luo_flb_serialize:close-session-1:settled");
         // A trial's scenario declares every gate of the shared script (the other stage's
@@ -1446,6 +1610,7 @@ mod tests {
             call: 0,
             release: Release::Settled,
             stage2: true,
+            on_racer: false,
         };
         assert_eq!(
             t2.id(&w),
@@ -1550,6 +1715,7 @@ mod tests {
             call: 8,
             release: Release::Settled,
             stage2: false,
+            on_racer: false,
         };
         assert_eq!(
             truncate.id(&w),
@@ -1566,6 +1732,7 @@ mod tests {
             call: 7,
             release: Release::AfterMs(2000),
             stage2: true,
+            on_racer: false,
         };
         assert_eq!(
             close.id(&w),

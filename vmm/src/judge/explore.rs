@@ -217,6 +217,25 @@ fn stage2_pass(facts: &RunFacts) -> String {
     text
 }
 
+/// Takes out of `facts.kernel_trouble` the panics LUO makes on purpose (`deliberate`: the
+/// messages of its `luo_restore_fail()` calls, explore::code::restore_fail_messages): a
+/// next kernel that cannot restore what it was handed panics rather than run on with
+/// memory in an unknown state, which is the policy, not a bug. Only when that panic is all
+/// the trouble (an oops before it is still trouble). Returns the line taken out.
+pub(crate) fn excuse_deliberate_panic(
+    facts: &mut RunFacts,
+    deliberate: &[String],
+) -> Option<String> {
+    let is_deliberate = |line: &str| {
+        line.split_once("Kernel panic - not syncing: ")
+            .is_some_and(|(_, msg)| deliberate.iter().any(|d| msg.starts_with(d.as_str())))
+    };
+    if facts.kernel_trouble.is_empty() || !facts.kernel_trouble.iter().all(|l| is_deliberate(l)) {
+        return None;
+    }
+    facts.kernel_trouble.drain(..).next()
+}
+
 /// Decides a trial on `facts`; `cause` names what the trial did (the racing call's
 /// action, or `fail FUNCTION`).
 pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
@@ -380,6 +399,36 @@ mod tests {
             trouble_site("Kernel panic - not syncing: Fatal exception"),
             "Kernel panic - not syncing: Fatal exception"
         );
+    }
+
+    #[test]
+    fn luo_s_own_restore_panic_is_the_policy_not_trouble() {
+        let deliberate = ["The incoming tree failed to initialize properly [".to_owned()];
+        let panic = "[   75.458829] Kernel panic - not syncing: The incoming tree failed to initialize properly [-5], disabling live update";
+        let mut facts = RunFacts {
+            kernel_trouble: vec![panic.into()],
+            ..RunFacts::default()
+        };
+        assert_eq!(
+            excuse_deliberate_panic(&mut facts, &deliberate).as_deref(),
+            Some(panic)
+        );
+        assert!(facts.kernel_trouble.is_empty());
+        // An oops before it is trouble still; another panic is trouble.
+        for lines in [
+            vec![
+                "BUG: unable to handle page fault".to_owned(),
+                panic.to_owned(),
+            ],
+            vec!["Kernel panic - not syncing: Fatal exception".to_owned()],
+        ] {
+            let mut facts = RunFacts {
+                kernel_trouble: lines.clone(),
+                ..RunFacts::default()
+            };
+            assert_eq!(excuse_deliberate_panic(&mut facts, &deliberate), None);
+            assert_eq!(facts.kernel_trouble, lines);
+        }
     }
 
     #[test]
