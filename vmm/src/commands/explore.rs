@@ -111,6 +111,9 @@ pub struct SpaceSummary {
     pub calls: Vec<String>,
     /// Search trials in the space.
     pub search_trials: usize,
+    /// The lock sites among the points: `FUNCTION+0xOFF` → the lock function whose call
+    /// returns there (docs/explore.md, "The space").
+    pub lock_sites: BTreeMap<String, String>,
 }
 
 /// Everything a trial needs, fixed for the exploration.
@@ -1050,6 +1053,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             reached: reach.clone(),
             calls: ex.w.calls.iter().map(|c| c.pattern().to_string()).collect(),
             search_trials: trials.len(),
+            lock_sites: ex.w.sites.clone(),
         },
         totals: t,
         findings,
