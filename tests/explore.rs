@@ -46,6 +46,18 @@ fn bad_input_is_refused_before_a_guest_boots() {
         &["--points", points.to_str().unwrap(), "--out", out_s],
         "unknown point \"no_such_function_anywhere\"",
     );
+    // A lock site's offset must be an instruction boundary of the function, inside it
+    // (the reference kernel has IBT: its functions start with the 4-byte endbr64).
+    std::fs::write(&points, "luo_flb_serialize+0x1b\nluo_flb_serialize+0x1\n").unwrap();
+    refused(
+        &["--points", points.to_str().unwrap(), "--out", out_s],
+        "luo_flb_serialize+0x1: offset 0x1 of luo_flb_serialize: not an instruction boundary",
+    );
+    std::fs::write(&points, "luo_flb_serialize+0x100000\n").unwrap();
+    refused(
+        &["--points", points.to_str().unwrap(), "--out", out_s],
+        "past its end",
+    );
     let workload = dir.join("workload.toml");
     std::fs::write(
         &workload,

@@ -86,6 +86,80 @@ pub fn initial_u32(data: &[u8], name: &str) -> Option<u32> {
     Some(u32::from_le_bytes(word.try_into().ok()?))
 }
 
+/// Largest function [`function_code`] returns the bytes of (bytes): the LUO/KHO functions
+/// are a few hundred bytes to a few KiB; a symbol claiming more is not one of them.
+pub const MAX_FUNCTION_SIZE: u64 = 64 << 10;
+
+/// One function of a 64-bit ELF `vmlinux`, as its symbol table gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionCode {
+    /// Its entry: the symbol's address (kernel-image virtual address). With IBT or
+    /// `CALL_PADDING` the `__pfx_` padding lies before it and an `endbr64` may be its first
+    /// instruction; the symbol is still the entry.
+    pub address: u64,
+    /// Its code, `st_size` bytes from the entry, as the file holds them (before the
+    /// kernel's boot-time patching: alternatives, static calls, call thunks).
+    pub bytes: Vec<u8>,
+}
+
+/// The code of the text symbols `wanted` (name, address: the address
+/// [`KernelSymbols::address`] gave, so that a local symbol of one name in two files is the
+/// one the caller means) of a 64-bit ELF `vmlinux`, in one pass over its symbol table.
+/// A wanted symbol without file bytes (no size, larger than [`MAX_FUNCTION_SIZE`], in a
+/// section without data, or past its section's end) is left out of the answer; the
+/// caller says what its absence means. `Err` only for a file that is not a 64-bit ELF.
+pub fn function_code(
+    data: &[u8],
+    wanted: &[(String, u64)],
+) -> Result<HashMap<String, FunctionCode>, SymbolError> {
+    let elf =
+        ElfFile64::<Endianness>::parse(data).map_err(|e| SymbolError::NotElf(e.to_string()))?;
+    let want: HashMap<&str, u64> = wanted.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let mut out = HashMap::new();
+    for s in elf.symbols() {
+        if !s.is_definition() || s.kind() != SymbolKind::Text {
+            continue;
+        }
+        let Ok(name) = s.name() else { continue };
+        if want.get(name) != Some(&s.address()) || out.contains_key(name) {
+            continue;
+        }
+        let size = s.size();
+        if size == 0 || size > MAX_FUNCTION_SIZE {
+            continue;
+        }
+        let Some(index) = s.section_index() else {
+            continue;
+        };
+        let Ok(section) = elf.section_by_index(index) else {
+            continue;
+        };
+        let Ok(bytes) = section.data() else { continue };
+        let Some(at) = s
+            .address()
+            .checked_sub(section.address())
+            .and_then(|a| usize::try_from(a).ok())
+        else {
+            continue;
+        };
+        let Some(code) = usize::try_from(size)
+            .ok()
+            .and_then(|n| at.checked_add(n))
+            .and_then(|end| bytes.get(at..end))
+        else {
+            continue;
+        };
+        out.insert(
+            name.to_owned(),
+            FunctionCode {
+                address: s.address(),
+                bytes: code.to_vec(),
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// Symbols and load segments of one kernel image.
 #[derive(Debug, Clone, Default)]
 pub struct KernelSymbols {
@@ -286,6 +360,55 @@ mod tests {
         assert_eq!(initial_u32(&data, "no_such_symbol"), None);
         assert_eq!(initial_u32(b"not an ELF file", "nr_cpu_ids"), None);
         assert_eq!(initial_u32(&data[..data.len() / 2], "nr_cpu_ids"), None);
+    }
+
+    #[test]
+    fn function_code_comes_from_the_symbol_table_and_its_section() {
+        // A real compiler's object file: two functions of known sizes in .text.
+        let dir = std::env::temp_dir().join(format!("luo-function-code-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, obj) = (dir.join("f.c"), dir.join("f.o"));
+        std::fs::write(
+            &src,
+            "int g(int x) { return x + 1; }\nint f(int x) { return g(x) * 3; }\nint d = 5;\n",
+        )
+        .unwrap();
+        let status = std::process::Command::new("cc")
+            .args(["-c", "-O1", "-fno-inline", "-fcf-protection=none"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status()
+            .expect("cc (gcc) is needed for this test");
+        assert!(status.success());
+        let data = std::fs::read(&obj).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let elf = ElfFile64::<Endianness>::parse(&*data).unwrap();
+        let addr = |n: &str| {
+            elf.symbols()
+                .find(|s| s.name() == Ok(n))
+                .map(|s| (s.address(), s.size()))
+                .unwrap()
+        };
+        let (fa, fsize) = addr("f");
+        let wanted = vec![
+            ("f".to_owned(), fa),
+            ("g".to_owned(), addr("g").0),
+            // A data symbol and a wrong address are not functions to read.
+            ("d".to_owned(), addr("d").0),
+            ("g".to_owned(), 0x1234),
+        ];
+        let got = function_code(&data, &wanted[..3]).unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got["f"].address, fa);
+        assert_eq!(got["f"].bytes.len() as u64, fsize);
+        // gcc -O1 ends a function with `ret` (0xc3).
+        assert_eq!(got["g"].bytes.last(), Some(&0xc3));
+        assert!(function_code(&data, &wanted[3..]).unwrap().is_empty());
+        assert!(function_code(b"not an ELF", &wanted).is_err());
+        for cut in [10, 64, data.len() / 2, data.len() - 1] {
+            let _ = function_code(&data[..cut], &wanted);
+        }
     }
 
     #[test]

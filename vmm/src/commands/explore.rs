@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luo_handover::extents::ExtentSet;
-use luo_handover::symbols::KernelSymbols;
+use luo_handover::symbols::{function_code, FunctionCode, KernelSymbols};
 use luo_protocol::probe::Gate;
 use luo_protocol::script::Step;
 use serde::Serialize;
@@ -20,12 +20,14 @@ use crate::config::options::{ExploreArgs, ExploreStage, GuestOptions, Profile};
 use crate::config::scenario::{
     Condition, EndRule, Scenario, ScenarioFileError, Trigger, VerdictRules,
 };
+use crate::config::trace::TraceSpec;
 use crate::explore::code::{read_code, read_restore_fail_messages, CodeError, Fallible};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
+use crate::explore::sites::{check_offset, lock_sites, LOCK_FUNCTIONS};
 use crate::explore::space::{
-    check_workload, default_workload, explore_owns, finding_scenario, map_trials, racing_calls,
-    racing_calls2, reach_key, script, search_trials, stage_cmdline, trial_scenario, Reach, Release,
-    Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL,
+    check_workload, default_workload, explore_owns, finding_scenario, lock_words, map_trials,
+    racing_calls, racing_calls2, reach_key, script, search_trials, stage_cmdline, trial_scenario,
+    Reach, Release, Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL,
 };
 use crate::explore::store::{
     list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
@@ -109,6 +111,9 @@ pub struct SpaceSummary {
     pub calls: Vec<String>,
     /// Search trials in the space.
     pub search_trials: usize,
+    /// The lock sites among the points: `FUNCTION+0xOFF` → the lock function whose call
+    /// returns there (docs/explore.md, "The space").
+    pub lock_sites: BTreeMap<String, String>,
 }
 
 /// Everything a trial needs, fixed for the exploration.
@@ -195,16 +200,59 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
         gates,
         calls,
         calls2,
+        sites: BTreeMap::new(),
     })
 }
 
+/// The hold points, the fallible functions, the points' id for the manifest, and the lock
+/// sites among the points (point → lock function).
+struct PointSet {
+    names: Vec<String>,
+    fallible: Vec<Fallible>,
+    id: String,
+    sites: BTreeMap<String, String>,
+}
+
+/// The kernel-image addresses of the lock functions ([`LOCK_FUNCTIONS`]) `syms` has.
+fn lock_addresses(syms: &KernelSymbols) -> BTreeMap<u64, String> {
+    let mut out = BTreeMap::new();
+    for name in LOCK_FUNCTIONS {
+        if let Ok(addr) = syms.address(name) {
+            out.entry(addr).or_insert_with(|| (*name).to_owned());
+        }
+    }
+    out
+}
+
+/// The code of the functions `names` in the kernel file `kernel`, each at the address
+/// `syms` gives it. Empty when the file is not an ELF `vmlinux` (a bzImage has no symbol
+/// table: no lock sites) or cannot be read; a function without file bytes is left out.
+fn function_codes(
+    kernel: &Path,
+    syms: &KernelSymbols,
+    names: &[String],
+) -> std::collections::HashMap<String, FunctionCode> {
+    let wanted: Vec<(String, u64)> = names
+        .iter()
+        .filter_map(|n| syms.address(n).ok().map(|a| (n.clone(), a)))
+        .collect();
+    std::fs::read(kernel)
+        .ok()
+        .and_then(|data| function_code(&data, &wanted).ok())
+        .unwrap_or_default()
+}
+
 /// The hold points and the fallible functions: `auto` (the kernel's LUO/KHO functions
-/// with an address in its vmlinux), or the names of a file, each one checked.
+/// with an address in its vmlinux, then the lock sites of those functions,
+/// [`crate::explore::sites`]), or the points of a file (`FUNCTION` or `FUNCTION+0xOFF`,
+/// one a line), each one checked: the function exists, and an offset is the start of an
+/// instruction of it as decoded. A site is never fallible: fail mode makes functions fail
+/// at their entry.
 fn points(
     spec: &str,
     guest: &ResolvedGuest,
     syms: &KernelSymbols,
-) -> Result<(Vec<String>, Vec<Fallible>, String), ExploreError> {
+) -> Result<PointSet, ExploreError> {
     let kernel_dir = std::fs::canonicalize(&guest.kernel)
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
@@ -215,15 +263,16 @@ fn points(
         .iter()
         .filter_map(|p| syms.address(p.symbol()).ok())
         .collect();
+    let locks = lock_addresses(syms);
     if spec == "auto" {
         let code = read_code(&kernel_dir)?;
-        let mut points = Vec::new();
+        let mut names = Vec::new();
         let mut fallible = Vec::new();
         for f in code {
             let Ok(addr) = syms.address(&f.name) else {
                 continue;
             };
-            if taken.contains(&addr) || points.contains(&f.name) {
+            if taken.contains(&addr) || names.contains(&f.name) {
                 continue;
             }
             if let Some(failure) = f.failure {
@@ -233,37 +282,103 @@ fn points(
                     init: f.init,
                 });
             }
-            points.push(f.name);
+            names.push(f.name);
         }
-        return Ok((points, fallible, "auto".into()));
+        // Then each function's lock sites, in the functions' order, each by offset.
+        let codes = function_codes(&guest.kernel, syms, &names);
+        let mut sites = BTreeMap::new();
+        let mut site_names = Vec::new();
+        for f in &names {
+            let Some(c) = codes.get(f) else { continue };
+            for site in lock_sites(&c.bytes, c.address, &locks) {
+                let name = format!("{f}+{:#x}", site.offset);
+                sites.insert(name.clone(), site.lock);
+                site_names.push(name);
+            }
+        }
+        names.extend(site_names);
+        return Ok(PointSet {
+            names,
+            fallible,
+            id: "auto".into(),
+            sites,
+        });
     }
     let path = PathBuf::from(spec);
     let text = read_input(&path, "--points")?;
-    let names: Vec<String> = text
+    let lines: Vec<String> = text
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
         .filter(|l| !l.is_empty())
         .collect();
-    if names.is_empty() {
+    if lines.is_empty() {
         return Err(options(format!("--points {spec}: names no function")));
     }
-    let mut seen = BTreeSet::new();
-    let names: Vec<String> = names
-        .into_iter()
-        .filter(|n| seen.insert(n.clone()))
+    let parsed: Vec<(String, TraceSpec)> = lines
+        .iter()
+        .map(|l| {
+            l.parse::<TraceSpec>().map(|t| (l.clone(), t)).map_err(|_| {
+                options(format!(
+                    "--points {spec}: {l:?} is not FUNCTION or FUNCTION+0xOFFSET"
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let with_offset: Vec<String> = parsed
+        .iter()
+        .filter(|(_, t)| t.offset != 0)
+        .map(|(_, t)| t.symbol.clone())
         .collect();
-    for n in &names {
+    let codes = if with_offset.is_empty() {
+        Default::default()
+    } else {
+        function_codes(&guest.kernel, syms, &with_offset)
+    };
+    let mut seen = BTreeSet::new();
+    let mut names = Vec::new();
+    let mut sites = BTreeMap::new();
+    for (n, t) in parsed {
         let addr = syms
-            .address(n)
+            .address(&t.symbol)
             .map_err(|e| options(format!("--points {spec}: unknown point {n:?}: {e}")))?;
-        if taken.contains(&addr) {
+        if taken.contains(&addr.wrapping_add(t.offset)) {
             return Err(options(format!(
                 "--points {spec}: {n} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel); hold at the function it calls instead"
             )));
         }
+        // One spelling per address: `F+0` is `F`, `F+42` is `F+0x2a`.
+        let name = if t.offset == 0 {
+            t.symbol.clone()
+        } else {
+            let Some(c) = codes.get(&t.symbol) else {
+                return Err(options(format!(
+                    "--points {spec}: {n}: no code of {} in {} to check the offset against (not an ELF vmlinux, or a symbol without a size up to {} bytes)",
+                    t.symbol,
+                    guest.kernel.display(),
+                    luo_handover::symbols::MAX_FUNCTION_SIZE
+                )));
+            };
+            if let Some(why) = check_offset(&c.bytes, c.address, t.offset) {
+                return Err(options(format!(
+                    "--points {spec}: {n}: offset {:#x} of {}: {why}",
+                    t.offset, t.symbol
+                )));
+            }
+            let name = format!("{}+{:#x}", t.symbol, t.offset);
+            if let Some(site) = lock_sites(&c.bytes, c.address, &locks)
+                .into_iter()
+                .find(|s| s.offset == t.offset)
+            {
+                sites.insert(name.clone(), site.lock);
+            }
+            name
+        };
+        if seen.insert(name.clone()) {
+            names.push(name);
+        }
     }
-    // Fallible when the kernel's code list says so; a name it does not list is a hold
-    // point only.
+    // Fallible when the kernel's code list says so; a name it does not list (and a site)
+    // is a hold point only.
     let listed = read_code(&kernel_dir).unwrap_or_default();
     let fallible = names
         .iter()
@@ -277,8 +392,13 @@ fn points(
         })
         .collect();
     // The content, not the path: shards and resumes may name the same list differently.
-    let digest = format!("file {:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
-    Ok((names, fallible, digest))
+    let id = format!("file {:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
+    Ok(PointSet {
+        names,
+        fallible,
+        id,
+        sites,
+    })
 }
 
 /// The workload as the manifest names it: `default`, or its script's digest (a file's path
@@ -499,7 +619,8 @@ impl Explorer {
                 stage2,
                 ..
             } => format!(
-                "{} on CPU 1 while CPU 0 is held at {point} (released {release}){}: {}",
+                "{} on CPU 1 while CPU 0 is held at {point}{} (released {release}){}: {}",
+                lock_words(&self.w, point),
                 if *stage2 {
                     self.w.calls2[*call].pattern()
                 } else {
@@ -772,7 +893,13 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             "the kernel has no {IDLE_SYMBOL} (where a blocked call's CPU goes idle): {e}"
         ))
     })?;
-    let (points, fallible, points_id) = points(&args.points, &guest, &syms)?;
+    let PointSet {
+        names: points,
+        fallible,
+        id: points_id,
+        sites,
+    } = points(&args.points, &guest, &syms)?;
+    w.sites = sites;
     if args.mode == crate::config::options::ExploreMode::Fail && fallible.is_empty() {
         return Err(options(format!(
             "--mode fail: none of the {} points returns an error code someone reads (int, long, ssize_t; not a .release handler): nothing to make fail",
@@ -864,12 +991,16 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         deliberate_panics,
     };
     println!(
-        "explore {} ({}): {} points, {} fallible, {}; mode {}, seed {}; results in {}{}",
+        "explore {} ({}): {} points{}, {} fallible, {}; mode {}, seed {}; results in {}{}",
         ex.kernel,
         ex.variant
             .as_deref()
             .map_or("the reference kernel".into(), |v| format!("variant {v}")),
         points.len(),
+        match ex.w.sites.len() {
+            0 => String::new(),
+            n => format!(" ({n} of them lock sites)"),
+        },
         fallible.len(),
         racing_counts(args.stage.has(false), ex.w.calls.len(), ex.w.calls2.len()),
         format!("{:?}", args.mode).to_lowercase(),
@@ -1048,6 +1179,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             reached: reach.clone(),
             calls: ex.w.calls.iter().map(|c| c.pattern().to_string()).collect(),
             search_trials: trials.len(),
+            lock_sites: ex.w.sites.clone(),
         },
         totals: t,
         findings,

@@ -238,7 +238,9 @@ pub struct ExploreArgs {
     #[arg(long, value_enum, default_value = "both")]
     pub mode: ExploreMode,
     /// Hold points and fallible functions: `auto` (every function of the kernel's LUO/KHO
-    /// object files), or a file of function names, one per line (`#` comments).
+    /// object files, then the lock sites in them), or a file of points, one per line
+    /// (`#` comments): `FUNCTION` (its entry) or `FUNCTION+0xOFF` (an instruction
+    /// boundary of it, e.g. a lock site).
     #[arg(long, default_value = "auto", value_name = "auto|FILE")]
     pub points: String,
     /// Run at most N search trials (the map of where the workload goes comes first and

@@ -197,6 +197,10 @@ pub struct Workload {
     /// Stage 2's racing calls (none: stage 2 is not searched, its CPU-0 thread does not
     /// start with `gate 4`).
     pub calls2: Vec<RacingCall>,
+    /// The lock sites among the hold points (`FUNCTION+0xOFF`, [`crate::explore::sites`])
+    /// → the lock function whose call returns there. Words only ([`Trial::describe`]):
+    /// no trial id depends on it.
+    pub sites: std::collections::BTreeMap<String, String>,
 }
 
 /// The size a racing `truncate` halves when the script does not say the memfd's (bytes).
@@ -274,6 +278,7 @@ pub fn default_workload() -> Workload {
         }],
         calls: vec![],
         calls2: vec![],
+        sites: Default::default(),
     };
     w.calls = racing_calls(&w.stage1);
     w.calls2 = racing_calls2(&w.stage1, &w.stage2);
@@ -568,7 +573,8 @@ pub enum Trial {
     /// call `call`, CPU 0's `reboot` going on meanwhile, released when the reboot settles
     /// (returned, or CPU 0 idle: blocked on what CPU 1 holds) or by time.
     Race {
-        /// The hold point (a function's entry).
+        /// The hold point: a function's entry (`FUNCTION`) or a lock site in it
+        /// (`FUNCTION+0xOFF`, [`point_spec`]).
         point: String,
         /// Index into the workload's calls.
         call: usize,
@@ -735,7 +741,8 @@ impl Trial {
                 on_racer: true,
                 ..
             } => format!(
-                "hold CPU 1 at {point} inside {}, CPU 0 reboots, release {release}",
+                "hold CPU 1 at {point}{} inside {}, CPU 0 reboots, release {release}",
+                lock_words(w, point),
                 w.calls
                     .get(*call)
                     .map_or("?".into(), |c| c.pattern().to_string()),
@@ -747,7 +754,8 @@ impl Trial {
                 stage2,
                 ..
             } => format!(
-                "hold CPU 0 at {point}, {} on CPU 1, release {release}{}",
+                "hold CPU 0 at {point}{}, {} on CPU 1, release {release}{}",
+                lock_words(w, point),
                 side(w, *stage2)
                     .calls
                     .get(*call)
@@ -791,6 +799,24 @@ impl Trial {
             ),
         }
     }
+}
+
+/// ` (LOCK returned: lock held)` for a lock site of the workload's points, else nothing.
+pub fn lock_words(w: &Workload, point: &str) -> String {
+    w.sites.get(point).map_or(String::new(), |lock| {
+        format!(" ({lock} returned: lock held)")
+    })
+}
+
+/// Where a hold point (or a mapped function) is: `FUNCTION` is its entry,
+/// `FUNCTION+0xOFF` a lock site OFF bytes into it ([`TraceSpec`]'s syntax). A name that
+/// does not parse (none the explorer makes) is taken whole, at offset 0, and fails to
+/// resolve when armed.
+pub fn point_spec(point: &str) -> TraceSpec {
+    point.parse().unwrap_or_else(|_| TraceSpec {
+        symbol: point.into(),
+        offset: 0,
+    })
 }
 
 /// What the map trials found: per [`reach_key`] (a function, alone or with a racing call
@@ -957,13 +983,11 @@ fn default_verdict() -> VerdictRules {
     }
 }
 
-fn observe(name: &str, symbol: &str, vcpus: VcpuSelect, after: Option<Trigger>) -> Hook {
+/// An observe hook at `point` ([`point_spec`]).
+fn observe(name: &str, point: &str, vcpus: VcpuSelect, after: Option<Trigger>) -> Hook {
     Hook {
         name: name.into(),
-        at: TraceSpec {
-            symbol: symbol.into(),
-            offset: 0,
-        },
+        at: point_spec(point),
         vcpus,
         kind: HookKind::Observe,
         after,
@@ -1108,10 +1132,7 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
             };
             let mut hooks = vec![Hook {
                 name: "held".into(),
-                at: TraceSpec {
-                    symbol: point.clone(),
-                    offset: 0,
-                },
+                at: point_spec(point),
                 vcpus: VcpuSelect::One(RACE_VCPU),
                 kind: HookKind::Hold {
                     max,
@@ -1159,10 +1180,7 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
             };
             let mut hooks = vec![Hook {
                 name: "held".into(),
-                at: TraceSpec {
-                    symbol: point.clone(),
-                    offset: 0,
-                },
+                at: point_spec(point),
                 vcpus: VcpuSelect::One(ACTION_VCPU),
                 kind: HookKind::Hold {
                     max,
@@ -1580,6 +1598,73 @@ mod tests {
             boot: false,
         };
         assert_eq!(with.id(&w), "fail:memfd_luo_preserve:1@preserve-fd-0.1");
+    }
+
+    #[test]
+    fn lock_sites_are_points_at_an_offset_and_say_which_lock() {
+        let mut w = default_workload();
+        let site = "luo_session_serialize+0x2d";
+        let t = Trial::Race {
+            point: site.into(),
+            call: 2,
+            release: Release::Settled,
+            stage2: false,
+            on_racer: false,
+        };
+        assert_eq!(
+            t.id(&w),
+            "race:luo_session_serialize+0x2d:close-session-1:settled"
+        );
+        let at = |t: &Trial, hook: &str| {
+            trial_scenario(&w, t, 2, Duration::from_secs(30))
+                .hooks
+                .into_iter()
+                .find(|h| h.name == hook)
+                .unwrap()
+                .at
+        };
+        let want = TraceSpec {
+            symbol: "luo_session_serialize".into(),
+            offset: 0x2d,
+        };
+        assert_eq!(at(&t, "held"), want);
+        let map = Trial::Map {
+            function: site.into(),
+            with: None,
+            stage2: false,
+        };
+        assert_eq!(map.id(&w), "map:luo_session_serialize+0x2d");
+        assert_eq!(at(&map, "reach"), want);
+        // A function's entry is offset 0 of its own name, as before.
+        let entry = Trial::Race {
+            point: "luo_flb_serialize".into(),
+            call: 2,
+            release: Release::Settled,
+            stage2: false,
+            on_racer: false,
+        };
+        assert_eq!(
+            at(&entry, "held"),
+            TraceSpec {
+                symbol: "luo_flb_serialize".into(),
+                offset: 0
+            }
+        );
+        // The words name the lock when the workload knows the site; the id never does.
+        assert!(!t.describe(&w).contains("returned"));
+        w.sites.insert(site.into(), "down_write".into());
+        assert_eq!(
+            t.describe(&w),
+            "hold CPU 0 at luo_session_serialize+0x2d (down_write returned: lock held), close-session 1 on CPU 1, release settled"
+        );
+        assert_eq!(
+            t.id(&w),
+            "race:luo_session_serialize+0x2d:close-session-1:settled"
+        );
+        // The finding's scenario file holds at the site, and reads back.
+        let (back, text) = written_back(&w, &t, "site-race", None);
+        assert!(text.contains("luo_session_serialize+0x2d"), "{text}");
+        assert_eq!(back.hooks[0].at, want);
     }
 
     #[test]
