@@ -28,7 +28,7 @@ use crate::explore::space::{
     Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL, RACE2_GATE, RACE_GATE,
 };
 use crate::explore::store::{
-    list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
+    check_out, list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
 };
 use crate::judge::explore::{decide, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
@@ -675,6 +675,9 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         source: args.source.clone(),
     };
     opts.validate().map_err(|e| options(e.to_string()))?;
+    // The results directory: a directory luo-vmm can write (or one it can make), checked
+    // before a kernel is built or a guest boots.
+    check_out(&args.out)?;
     let hold_max = args.hang_after / 2;
     let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
@@ -757,6 +760,12 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         shard: args.shard,
     };
     let mut store = Store::open(&args.out, &manifest, args.resume)?;
+    if store.started_afresh {
+        eprintln!(
+            "luo-vmm: --out {}: an earlier run of this exploration stopped before recording a trial; starting afresh",
+            args.out.display()
+        );
+    }
     let out = store.dir().to_owned();
     let done = store.done_ids();
     let earlier_s = store.done.iter().map(|r| r.at_s).fold(0.0, f64::max);
