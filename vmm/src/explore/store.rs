@@ -54,7 +54,7 @@ pub enum StoreError {
 /// Checks, creating nothing, that `dir` can be the results directory: a directory, or a
 /// path not there yet under one; and that luo-vmm can write in the nearest of them
 /// (a file created and removed there).
-pub fn check_out(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn check_out(dir: &Path) -> Result<(), StoreError> {
     let out = |why: String| StoreError::Out {
         path: dir.to_owned(),
         why,
@@ -242,7 +242,7 @@ pub struct Store {
     pub done: Vec<TrialRecord>,
     /// The directory held this exploration's manifest but no result (a run stopped
     /// before its first trial was recorded): it starts afresh, as if empty.
-    pub started_afresh: bool,
+    pub(crate) started_afresh: bool,
 }
 
 impl Store {
