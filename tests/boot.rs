@@ -97,7 +97,7 @@ fn bad_inputs_give_one_line_errors() {
     );
     assert_one_line_error(
         &["boot", "--vcpus", "9", "--kernel", "/nonexistent"],
-        "--vcpus 9",
+        "'9' for '--vcpus <N>': luo-vmm runs 1 to 8 vCPUs",
     );
     assert_one_line_error(
         &["soak", "--boots", "0"],

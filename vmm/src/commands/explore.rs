@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::config::options::{ExploreArgs, ExploreStage, GuestOptions, Profile};
 use crate::config::scenario::{
-    Condition, EndRule, Scenario, ScenarioFileError, Trigger, VerdictRules,
+    Condition, EndRule, Leeway, Scenario, ScenarioFileError, Trigger, VerdictRules,
 };
 use crate::config::trace::TraceSpec;
 use crate::explore::code::{read_code, read_restore_fail_messages, CodeError, Fallible};
@@ -27,10 +27,10 @@ use crate::explore::sites::{check_offset, lock_sites, LOCK_FUNCTIONS};
 use crate::explore::space::{
     check_workload, default_workload, explore_owns, finding_scenario, lock_words, map_trials,
     racing_calls, racing_calls2, reach_key, script, search_trials, stage_cmdline, trial_scenario,
-    Reach, Release, Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL,
+    Reach, Release, Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL, RACE2_GATE, RACE_GATE,
 };
 use crate::explore::store::{
-    list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
+    check_out, list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
 };
 use crate::judge::explore::{decide, excuse_deliberate_panic, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
@@ -165,7 +165,14 @@ fn workload_from_file(path: &Path) -> Result<Workload, ExploreError> {
     if !has_verdict {
         text.push_str("\n[verdict]\ncorrect = [\"records match\"]\nbug = [\"records differ\"]\n");
     }
-    let sc = Scenario::parse(&text, &path.display().to_string())?;
+    // Explore replaces the rules of its action gates and adds the racing thread, which
+    // waits at its race gates: what those name is not the file's to make.
+    let gate = |id: u8| Gate::new(id).into_iter();
+    let leeway = Leeway {
+        replaced_rules: gate(ACTION_GATE).chain(gate(ACTION2_GATE)).collect(),
+        waited_outside: gate(RACE_GATE).chain(gate(RACE2_GATE)).collect(),
+    };
+    let sc = Scenario::parse_with(&text, &path.display().to_string(), &leeway)?;
     if !sc.hooks.is_empty() {
         return Err(options(format!(
             "--workload {}: has hooks; a workload is steps and gates, explore arms the hooks",
@@ -871,6 +878,9 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         source: args.source.clone(),
     };
     opts.validate().map_err(|e| options(e.to_string()))?;
+    // The results directory: a directory luo-vmm can write (or one it can make), checked
+    // before a kernel is built or a guest boots.
+    check_out(&args.out)?;
     let hold_max = args.hang_after / 2;
     let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
@@ -964,6 +974,12 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         shard: args.shard,
     };
     let mut store = Store::open(&args.out, &manifest, args.resume)?;
+    if store.started_afresh {
+        eprintln!(
+            "luo-vmm: --out {}: an earlier run of this exploration stopped before recording a trial; starting afresh",
+            args.out.display()
+        );
+    }
     let out = store.dir().to_owned();
     let done = store.done_ids();
     let earlier_s = store.done.iter().map(|r| r.at_s).fold(0.0, f64::max);
@@ -1316,6 +1332,55 @@ fn confirm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The docs' workload (docs/explore.md): gates 1 and 4 declared with rules explore
+    /// replaces, waiting on explore's racing threads; gate 3 its own.
+    const WORKLOAD: &str = r#"name = "w"
+summary = "a workload"
+[stage1]
+threads = [
+  { cpu = 0, steps = ["create 0", "memfd 0.0 64K", "fill 0.0 write", "preserve 0.0",
+                      "kexec-load", "gate 1", "reboot"] },
+  { cpu = 1, steps = ["gate 3", "close 0"] },
+]
+[stage2]
+threads = [{ cpu = 0, steps = ["gate 4", "retrieve 0", "retrieve-fd 0.0", "finish 0"] }]
+[[gate]]
+id = 1
+open_when = "wait 2"
+[[gate]]
+id = 3
+open_when = "result reboot"
+[[gate]]
+id = 4
+open_when = "wait 5"
+"#;
+
+    #[test]
+    fn a_workload_file_leaves_explore_its_gates_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("luo-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.toml");
+        std::fs::write(&path, WORKLOAD).unwrap();
+        let w = workload_from_file(&path).unwrap();
+        check_workload(&w).unwrap();
+        assert_eq!(w.gates.len(), 1, "gate 3; explore's rules replace 1 and 4");
+        // Its own gates name what its steps make.
+        std::fs::write(
+            &path,
+            WORKLOAD.replace("\"result reboot\"", "\"result close-session 7\""),
+        )
+        .unwrap();
+        let e = workload_from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "gate 3: open_when \"result close-session 7\": no step of the script makes \
+                 close-session 7; it makes close-session 0"
+            ),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_header_counts_the_racing_calls_of_the_stages_searched() {

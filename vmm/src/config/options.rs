@@ -250,8 +250,8 @@ pub struct ExploreArgs {
     /// Stop starting trials after this long (e.g. 30m, 2h).
     #[arg(long, value_name = "T", value_parser = parse_duration_arg)]
     pub time: Option<std::time::Duration>,
-    /// vCPUs (at least 2: the racing thread runs on CPU 1).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=64))]
+    /// vCPUs, 2 to 8 (at least 2: the racing thread runs on CPU 1).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_explore_vcpus)]
     pub vcpus: u8,
     /// Guest memory, e.g. 512M.
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
@@ -398,8 +398,8 @@ pub struct ScenarioTarget {
     /// unless --variant names the scenario's variant (whose config fragment then applies).
     #[arg(long, value_name = "DIR")]
     pub source: Option<PathBuf>,
-    /// vCPUs (default: the scenario's).
-    #[arg(long)]
+    /// vCPUs, 1 to 8 (default: the scenario's).
+    #[arg(long, value_name = "N", value_parser = parse_vcpus)]
     pub vcpus: Option<u8>,
     /// Guest memory, e.g. 512M.
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
@@ -512,7 +512,7 @@ pub struct GuestOptions {
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
     pub mem: u64,
     /// Number of vCPUs (1 to 8).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
     pub vcpus: u8,
     /// Give up after this many seconds (at least 1; default: never).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -733,6 +733,32 @@ fn parse_inject(s: &str) -> Result<InjectSpec, String> {
     InjectSpec::parse(s).map_err(|e| e.to_string())
 }
 
+/// `--vcpus N` of a guest: 1 to [`MAX_VCPUS`]; any other value is the parser's to
+/// refuse (exit status 2), as every out-of-range option is.
+fn parse_vcpus(s: &str) -> Result<u8, String> {
+    vcpus_in(s, 1, "luo-vmm", "")
+}
+
+/// `--vcpus N` of `explore`: 2 to [`MAX_VCPUS`] (its racing thread runs on CPU 1).
+fn parse_explore_vcpus(s: &str) -> Result<u8, String> {
+    vcpus_in(
+        s,
+        2,
+        "explore",
+        " (at least 2: the racing thread runs on CPU 1)",
+    )
+}
+
+/// `s` as a vCPU count from `min` to [`MAX_VCPUS`]; else why not, naming `who` needs
+/// that range and, after it, `note`.
+fn vcpus_in(s: &str, min: u8, who: &str, note: &str) -> Result<u8, String> {
+    s.trim()
+        .parse::<u8>()
+        .ok()
+        .filter(|n| (min..=MAX_VCPUS).contains(n))
+        .ok_or_else(|| format!("{who} runs {min} to {MAX_VCPUS} vCPUs{note}"))
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| {
         format!("invalid size {s:?}: expected a number with an optional K, M, G or T suffix")
@@ -920,10 +946,74 @@ mod tests {
     }
 
     #[test]
+    fn every_command_refuses_a_vcpu_count_out_of_its_range_the_same_way() {
+        let refused = |args: &[&str]| {
+            let mut all = vec!["luo-vmm"];
+            all.extend_from_slice(args);
+            let e = Cli::try_parse_from(all).unwrap_err();
+            // The parser's refusal: exit status 2, as for any out-of-range option.
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            e.to_string()
+        };
+        let accepted = |args: &[&str]| {
+            let mut all = vec!["luo-vmm"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        };
+        for n in ["0", "9", "300", "two"] {
+            for cmd in [
+                &["boot"][..],
+                &["handover"],
+                &["scenario", "run", "x"],
+                &["scenario", "check", "x"],
+            ] {
+                let mut args = cmd.to_vec();
+                args.extend(["--vcpus", n]);
+                let e = refused(&args);
+                assert!(
+                    e.contains(&format!(
+                        "'{n}' for '--vcpus <N>': luo-vmm runs 1 to 8 vCPUs"
+                    )),
+                    "{args:?}: {e}"
+                );
+            }
+        }
+        for n in ["1", "8"] {
+            accepted(&["boot", "--vcpus", n]);
+            accepted(&["handover", "--vcpus", n]);
+            accepted(&["scenario", "run", "x", "--vcpus", n]);
+        }
+        // Explore needs a racing CPU: 1 and 9 alike are the parser's to refuse.
+        for n in ["0", "1", "9", "300"] {
+            let e = refused(&["explore", "--vcpus", n]);
+            assert!(
+                e.contains(&format!(
+                    "'{n}' for '--vcpus <N>': explore runs 2 to 8 vCPUs (at least 2: the \
+                     racing thread runs on CPU 1)"
+                )),
+                "{e}"
+            );
+        }
+        for n in ["2", "8"] {
+            let Command::Explore(x) = cli(&["explore", "--vcpus", n]) else {
+                panic!("not explore");
+            };
+            assert_eq!(x.vcpus.to_string(), n);
+        }
+    }
+
+    #[test]
     fn guest_options_are_checked() {
-        let Command::Boot(BootArgs { guest: g, .. }) = cli(&["boot", "--vcpus", "9"]) else {
+        // Options built by luo-vmm itself (a scenario's vcpus) are checked too.
+        let Command::Boot(BootArgs { guest: mut g, .. }) = cli(&["boot"]) else {
             panic!("not boot");
         };
+        g.vcpus = 9;
         assert_eq!(
             g.validate().unwrap_err().to_string(),
             "--vcpus 9: luo-vmm runs 1 to 8 vCPUs"

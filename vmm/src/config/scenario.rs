@@ -6,6 +6,7 @@ use std::time::Duration;
 use luo_protocol::message::Action;
 use luo_protocol::probe::Gate;
 use luo_protocol::script::{FileId, Script, StageScript, Step, Thread};
+use luo_protocol::session::{parse_size, MAX_SESSIONS};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -141,6 +142,50 @@ impl std::fmt::Display for ActionPattern {
             None => Ok(()),
         }
     }
+}
+
+/// The actions `step` announces, each with its argument: one for most steps, two for
+/// `retrieve-fd` (the retrieval, then the check of its data, docs/scenarios.md), none for
+/// `gate` and `if`.
+pub(crate) fn step_announces(step: Step) -> Vec<ActionPattern> {
+    let one = |action: Action, arg: u64| {
+        vec![ActionPattern {
+            action,
+            arg: Some(arg),
+        }]
+    };
+    match step {
+        Step::Create(s) => one(Action::CreateSession, u64::from(s)),
+        Step::Close(s) => one(Action::CloseSession, u64::from(s)),
+        Step::Finish(s) => one(Action::FinishSession, u64::from(s)),
+        Step::Retrieve(s) => one(Action::RetrieveSession, u64::from(s)),
+        Step::Preserve(id) => one(Action::PreserveFd, id.token()),
+        Step::RetrieveFd(id) => {
+            let mut both = one(Action::RetrieveFd, id.token());
+            both.extend(one(Action::CheckData, id.token()));
+            both
+        }
+        Step::Fill(id, _) => one(Action::Fill, id.token()),
+        Step::Memfd(id, _) => one(Action::Memfd, id.token()),
+        Step::Truncate(id, _) => one(Action::Truncate, id.token()),
+        Step::CloseFd(id) => one(Action::CloseFd, id.token()),
+        Step::KexecLoad => one(Action::KexecLoad, 0),
+        Step::Reboot => one(Action::Reboot, 0),
+        Step::Pressure(n) => one(Action::Pressure, n),
+        Step::Gate(_) | Step::If(_) => vec![],
+    }
+}
+
+/// What a caller that completes a scenario itself lets it leave open (`explore
+/// --workload`: explore replaces the rules of its action gates and adds the racing
+/// thread). A scenario file run as it is gets none ([`Leeway::default`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Leeway {
+    /// Gates whose `open_when` the caller replaces: not checked against the script.
+    pub(crate) replaced_rules: Vec<Gate>,
+    /// Gates a thread the caller adds waits at (what `wait N` may name besides the
+    /// script's own `gate N` steps).
+    pub(crate) waited_outside: Vec<Gate>,
 }
 
 /// Something that happens during a run, which opens gates, releases holds, arms hooks.
@@ -501,6 +546,74 @@ fn words(text: &str) -> Vec<&str> {
     text.split_whitespace().collect()
 }
 
+/// What an action's argument is, as its announcement carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArgKind {
+    /// A session index (`close-session 1`).
+    Session,
+    /// A memfd, `S.F` (its token on the wire).
+    File,
+    /// A number of bytes (`pressure 4096`, or `4K`).
+    Bytes,
+    /// Nothing (`kexec-load`, `reboot`; announced with 0).
+    Nothing,
+}
+
+fn arg_kind(action: Action) -> ArgKind {
+    match action {
+        Action::CreateSession
+        | Action::RetrieveSession
+        | Action::FinishSession
+        | Action::CloseSession => ArgKind::Session,
+        Action::KexecLoad | Action::Reboot => ArgKind::Nothing,
+        Action::Pressure => ArgKind::Bytes,
+        Action::PreserveFd
+        | Action::RetrieveFd
+        | Action::Memfd
+        | Action::Fill
+        | Action::CheckData
+        | Action::Truncate
+        | Action::CloseFd => ArgKind::File,
+    }
+}
+
+/// Parses `arg`, the argument of `action` in a trigger or condition, as that action
+/// announces it: a session index, a memfd `S.F` (its token), bytes, or nothing (0).
+fn action_arg(action: Action, arg: &str) -> Result<u64, String> {
+    let name = action.name();
+    let is_file = arg.contains('.');
+    match arg_kind(action) {
+        ArgKind::Session if is_file => Err(format!(
+            "{name} takes a session index (0 to {}), not a file",
+            MAX_SESSIONS - 1
+        )),
+        ArgKind::Session => arg
+            .parse::<u32>()
+            .ok()
+            .filter(|s| *s < MAX_SESSIONS)
+            .map(u64::from)
+            .ok_or_else(|| {
+                format!(
+                    "{name} takes a session index (0 to {}), not {arg:?}",
+                    MAX_SESSIONS - 1
+                )
+            }),
+        ArgKind::File if !is_file => Err(format!(
+            "{name} takes a file (SESSION.FILE, e.g. 0.1), not {arg:?}"
+        )),
+        ArgKind::File => match Step::parse(&format!("preserve {arg}")) {
+            Ok(Step::Preserve(id)) => Ok(id.token()),
+            Ok(_) => Err(format!("{arg:?}: not a file (SESSION.FILE, e.g. 0.1)")),
+            Err(e) => Err(e.to_string()),
+        },
+        ArgKind::Bytes if is_file => Err(format!("{name} takes a size in bytes, not a file")),
+        ArgKind::Bytes => parse_size(arg)
+            .ok_or_else(|| format!("{name} takes a size in bytes (e.g. 4096 or 4K), not {arg:?}")),
+        ArgKind::Nothing if arg == "0" => Ok(0),
+        ArgKind::Nothing => Err(format!("{name} takes no argument, not {arg:?}")),
+    }
+}
+
 fn action_pattern(w: &[&str]) -> Result<ActionPattern, String> {
     let (name, arg) = match w {
         [name] => (name, None),
@@ -509,20 +622,7 @@ fn action_pattern(w: &[&str]) -> Result<ActionPattern, String> {
     };
     let action = Action::from_name(name)
         .ok_or_else(|| format!("{name:?}: not an action ({})", Action::names()))?;
-    let arg = match arg {
-        None => None,
-        Some(a) if a.contains('.') => {
-            let step = Step::parse(&format!("preserve {a}")).map_err(|e| e.to_string())?;
-            match step {
-                Step::Preserve(id) => Some(id.token()),
-                _ => None,
-            }
-        }
-        Some(a) => Some(
-            a.parse::<u64>()
-                .map_err(|_| format!("{a:?}: not an argument"))?,
-        ),
-    };
+    let arg = arg.map(|a| action_arg(action, a)).transpose()?;
     Ok(ActionPattern { action, arg })
 }
 
@@ -546,7 +646,9 @@ pub(crate) fn parse_trigger(text: &str) -> Result<Trigger, String> {
         ["result", rest @ ..] => action_pattern(rest)
             .map(Trigger::Result)
             .map_err(|e| format!("{text:?}: {e}")),
-        ["wait", g] => gate(g).map(Trigger::Wait),
+        ["wait", g] => gate(g)
+            .map(Trigger::Wait)
+            .map_err(|e| format!("{text:?}: {e}")),
         _ => Err(bad()),
     }
 }
@@ -599,17 +701,27 @@ fn stage(raw: Option<RawStage>) -> Result<StageScript, String> {
 impl Scenario {
     /// Parses and checks the scenario in `text`; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Scenario, ScenarioFileError> {
+        Scenario::parse_with(text, source, &Leeway::default())
+    }
+
+    /// [`Scenario::parse`] for a caller that completes the scenario itself: `leeway` says
+    /// what it may leave to that caller.
+    pub(crate) fn parse_with(
+        text: &str,
+        source: &str,
+        leeway: &Leeway,
+    ) -> Result<Scenario, ScenarioFileError> {
         let raw: RawScenario = toml::from_str(text).map_err(|e| ScenarioFileError::Toml {
             origin: source.to_owned(),
             error: e.to_string(),
         })?;
-        Scenario::from_raw(raw).map_err(|what| ScenarioFileError::Invalid {
+        Scenario::from_raw(raw, leeway).map_err(|what| ScenarioFileError::Invalid {
             origin: source.to_owned(),
             what,
         })
     }
 
-    fn from_raw(raw: RawScenario) -> Result<Scenario, String> {
+    fn from_raw(raw: RawScenario, leeway: &Leeway) -> Result<Scenario, String> {
         let name_ok = !raw.name.is_empty()
             && raw.name.len() <= 64
             && !raw.name.starts_with('.')
@@ -651,7 +763,12 @@ impl Scenario {
             .map(|g| {
                 Ok(GateRule {
                     gate: Gate::new(g.id).ok_or_else(|| format!("gate {}: 0 to 63", g.id))?,
-                    open_when: g.open_when.as_deref().map(parse_trigger).transpose()?,
+                    open_when: g
+                        .open_when
+                        .as_deref()
+                        .map(parse_trigger)
+                        .transpose()
+                        .map_err(|e| format!("gate {}: open_when {e}", g.id))?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -735,7 +852,8 @@ impl Scenario {
                         .release_when
                         .iter()
                         .map(|t| parse_trigger(t))
-                        .collect::<Result<Vec<_>, _>>()?;
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("hook {}: release_when {e}", h.name))?;
                     HookKind::Hold {
                         max,
                         open,
@@ -777,12 +895,18 @@ impl Scenario {
             if hooks.iter().any(|o: &Hook| o.name == h.name) {
                 return Err(format!("two hooks named {}", h.name));
             }
+            let after = h
+                .after
+                .as_deref()
+                .map(parse_trigger)
+                .transpose()
+                .map_err(|e| format!("hook {}: after {e}", h.name))?;
             hooks.push(Hook {
                 name: h.name,
                 at,
                 vcpus: vcpus_sel,
                 kind,
-                after: h.after.as_deref().map(parse_trigger).transpose()?,
+                after,
                 call: h.call,
             });
         }
@@ -792,13 +916,15 @@ impl Scenario {
                 .correct
                 .iter()
                 .map(|c| parse_condition(c))
-                .collect::<Result<_, _>>()?,
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("verdict correct {e}"))?,
             bug: raw
                 .verdict
                 .bug
                 .iter()
                 .map(|c| parse_condition(c))
-                .collect::<Result<_, _>>()?,
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("verdict bug {e}"))?,
         };
         if verdict.correct.is_empty() || verdict.bug.is_empty() {
             return Err("verdict: both correct and bug need at least one condition".into());
@@ -807,7 +933,7 @@ impl Scenario {
             .end
             .map(|e| {
                 Ok::<_, String>(EndRule {
-                    when: parse_trigger(&e.when).map_err(|x| format!("[end] when: {x}"))?,
+                    when: parse_trigger(&e.when).map_err(|x| format!("[end] when {x}"))?,
                     after: e
                         .after
                         .as_deref()
@@ -830,40 +956,15 @@ impl Scenario {
             verdict,
             end,
         };
-        scenario.check_references()?;
+        scenario.check_references(leeway)?;
         Ok(scenario)
     }
 
-    /// Every hook a trigger or condition names exists; every gate a step waits at is
-    /// declared (else it would be open and the step would not wait).
-    fn check_references(&self) -> Result<(), String> {
-        let known = |n: &str| self.hooks.iter().any(|h| h.name == n);
-        let mut triggers: Vec<&Trigger> = self
-            .gates
-            .iter()
-            .filter_map(|g| g.open_when.as_ref())
-            .collect();
-        triggers.extend(self.end.as_ref().map(|e| &e.when));
-        for h in &self.hooks {
-            triggers.extend(&h.after);
-            if let HookKind::Hold { release, .. } = &h.kind {
-                triggers.extend(release);
-            }
-        }
-        for t in triggers {
-            if let Trigger::Hook(n) = t {
-                if !known(n) {
-                    return Err(format!("{t}: no hook is named {n}"));
-                }
-            }
-        }
-        for c in self.verdict.correct.iter().chain(&self.verdict.bug) {
-            if let Condition::Hook(n) = c {
-                if !known(n) {
-                    return Err(format!("verdict {c}: no hook is named {n}"));
-                }
-            }
-        }
+    /// [`Scenario::check_named`], and every gate a step waits at is declared (else it
+    /// would be open and the step would not wait) and something opens it. `leeway`: what
+    /// the caller completes itself.
+    fn check_references(&self, leeway: &Leeway) -> Result<(), String> {
+        self.check_named(leeway)?;
         let stages = self
             .script
             .stage1
@@ -898,6 +999,170 @@ impl Scenario {
             }
         }
         Ok(())
+    }
+
+    /// What the triggers and conditions name exists: every hook (`hook NAME`); every
+    /// action and argument, made by a step of the script (either stage; without an
+    /// argument, the action by any step); every gate a `wait N` names, waited at by a
+    /// step. The first that does not is named, with what the script does make.
+    pub(crate) fn check_named(&self, leeway: &Leeway) -> Result<(), String> {
+        // What names each trigger, as its error message starts.
+        let mut triggers: Vec<(String, &Trigger)> = Vec::new();
+        for g in &self.gates {
+            if let Some(t) = &g.open_when {
+                if !leeway.replaced_rules.contains(&g.gate) {
+                    triggers.push((format!("gate {}: open_when", g.gate.id()), t));
+                }
+            }
+        }
+        for h in &self.hooks {
+            if let HookKind::Hold { release, .. } = &h.kind {
+                for t in release {
+                    triggers.push((format!("hook {}: release_when", h.name), t));
+                }
+            }
+            if let Some(t) = &h.after {
+                triggers.push((format!("hook {}: after", h.name), t));
+            }
+        }
+        if let Some(e) = &self.end {
+            triggers.push(("[end] when".to_owned(), &e.when));
+        }
+        let made = ScriptMakes::of(&self.script, &leeway.waited_outside);
+        let known = |n: &str| {
+            if self.hooks.iter().any(|h| h.name == n) {
+                Ok(())
+            } else {
+                Err(format!("no hook is named {n}"))
+            }
+        };
+        for (whose, t) in triggers {
+            match t {
+                Trigger::Hook(n) => known(n),
+                Trigger::Start(p) | Trigger::Result(p) => made.check(p),
+                Trigger::Wait(g) => made.check_wait(*g),
+            }
+            .map_err(|e| format!("{whose} \"{t}\": {e}"))?;
+        }
+        for (list, conditions) in [
+            ("correct", &self.verdict.correct),
+            ("bug", &self.verdict.bug),
+        ] {
+            for c in conditions {
+                match c {
+                    Condition::Hook(n) => known(n),
+                    Condition::Blocked(p)
+                    | Condition::Returned(p)
+                    | Condition::ReturnedTwice(p)
+                    | Condition::Failed(p) => made.check(p),
+                    _ => Ok(()),
+                }
+                .map_err(|e| format!("verdict {list} \"{c}\": {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a script's steps make (both stages): the actions they announce with their
+/// arguments, in order of first appearance, and the gates they wait at.
+struct ScriptMakes {
+    /// Every announced action and argument, once each.
+    calls: Vec<(Action, u64)>,
+    /// Every gate a step waits at (and those waited at outside the script), once each.
+    waits: Vec<Gate>,
+}
+
+impl ScriptMakes {
+    fn of(script: &Script, waited_outside: &[Gate]) -> ScriptMakes {
+        let mut calls = Vec::new();
+        let mut waits = waited_outside.to_vec();
+        let steps = script
+            .stage1
+            .threads
+            .iter()
+            .chain(&script.stage2.threads)
+            .flat_map(|t| &t.steps);
+        for step in steps {
+            if let Step::Gate(g) = step {
+                if !waits.contains(g) {
+                    waits.push(*g);
+                }
+            }
+            for p in step_announces(*step) {
+                let call = (p.action, p.arg.unwrap_or(0));
+                if !calls.contains(&call) {
+                    calls.push(call);
+                }
+            }
+        }
+        ScriptMakes { calls, waits }
+    }
+
+    /// `action arg` as a scenario file writes it.
+    fn name(action: Action, arg: u64) -> String {
+        ActionPattern {
+            action,
+            arg: (arg_kind(action) != ArgKind::Nothing).then_some(arg),
+        }
+        .to_string()
+    }
+
+    /// Whether a step makes what `p` matches; else what the script does make.
+    fn check(&self, p: &ActionPattern) -> Result<(), String> {
+        if self.calls.iter().any(|&(a, arg)| p.matches(a, arg)) {
+            return Ok(());
+        }
+        let same: Vec<String> = self
+            .calls
+            .iter()
+            .filter(|(a, _)| *a == p.action)
+            .map(|&(a, arg)| ScriptMakes::name(a, arg))
+            .collect();
+        if !same.is_empty() {
+            return Err(format!(
+                "no step of the script makes {p}; it makes {}",
+                same.join(", ")
+            ));
+        }
+        let mut actions: Vec<&str> = Vec::new();
+        for (a, _) in &self.calls {
+            if !actions.contains(&a.name()) {
+                actions.push(a.name());
+            }
+        }
+        if actions.is_empty() {
+            return Err(format!(
+                "no step of the script makes {p}; its steps announce nothing"
+            ));
+        }
+        Err(format!(
+            "no step of the script makes {}; its steps announce {}",
+            p.action.name(),
+            actions.join(", ")
+        ))
+    }
+
+    /// Whether a step waits at gate `g`; else at which gates steps wait.
+    fn check_wait(&self, g: Gate) -> Result<(), String> {
+        if self.waits.contains(&g) {
+            return Ok(());
+        }
+        let mut ids: Vec<u8> = self.waits.iter().map(|g| g.id()).collect();
+        ids.sort_unstable();
+        if ids.is_empty() {
+            return Err(format!(
+                "no step of the script waits at gate {}; none waits at any gate",
+                g.id()
+            ));
+        }
+        let plural = if ids.len() == 1 { "" } else { "s" };
+        let ids: Vec<String> = ids.iter().map(u8::to_string).collect();
+        Err(format!(
+            "no step of the script waits at gate {}; steps wait at gate{plural} {}",
+            g.id(),
+            ids.join(", ")
+        ))
     }
 }
 
@@ -1084,6 +1349,205 @@ bug = ["returned close-session 0", "records differ", "kernel oops"]
             bad("[[gate]]\nid = 2\n", "[[gate]]\nid = 2\n[[gate]]\nid = 2\n")
                 .contains("declared twice")
         );
+    }
+
+    /// The error `EXAMPLE` with `from` replaced by `to` gives.
+    fn refused(from: &str, to: &str) -> String {
+        let text = EXAMPLE.replacen(from, to, 1);
+        assert_ne!(text, EXAMPLE, "{from}");
+        Scenario::parse(&text, "x.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_argument_of_the_wrong_kind_is_refused_where_it_is_named() {
+        let gate = "[[gate]]\nid = 2\n";
+        let e = refused(
+            gate,
+            "[[gate]]\nid = 2\nopen_when = \"result close-session 0.0\"\n",
+        );
+        assert_eq!(
+            e,
+            "x.toml: gate 2: open_when \"result close-session 0.0\": close-session takes a \
+             session index (0 to 999), not a file"
+        );
+        let e = refused("\"returned close-session 0\"", "\"returned retrieve-fd 3\"");
+        assert!(
+            e.ends_with(
+                "verdict bug \"returned retrieve-fd 3\": retrieve-fd takes a file \
+                 (SESSION.FILE, e.g. 0.1), not \"3\""
+            ),
+            "{e}"
+        );
+        let e = refused(
+            "after = \"start close-session 0\"",
+            "after = \"start reboot 1\"",
+        );
+        assert!(
+            e.contains("hook blocked: after \"start reboot 1\": reboot takes no argument"),
+            "{e}"
+        );
+        let e = refused("\"hook blocked\", ", "\"result pressure 0.1\", ");
+        assert!(
+            e.contains(
+                "hook serialized: release_when \"result pressure 0.1\": pressure takes a size"
+            ),
+            "{e}"
+        );
+        // What the agent announces is accepted: `reboot` with 0, pressure as a size.
+        assert_eq!(
+            parse_trigger("result pressure 4K"),
+            Ok(Trigger::Result(ActionPattern {
+                action: Action::Pressure,
+                arg: Some(4096),
+            }))
+        );
+        assert!(parse_trigger("result reboot 0").is_ok());
+        assert!(parse_condition("failed close-session 1000").is_err());
+    }
+
+    #[test]
+    fn events_and_conditions_name_what_the_script_makes() {
+        // A gate that waits on a call no step makes: named, with what the script makes.
+        let e = refused(
+            "[[gate]]\nid = 2\n",
+            "[[gate]]\nid = 2\nopen_when = \"result create-session 7\"\n",
+        );
+        assert_eq!(
+            e,
+            "x.toml: gate 2: open_when \"result create-session 7\": no step of the script \
+             makes create-session 7; it makes create-session 0"
+        );
+        // Either stage's steps count: stage 2 retrieves 0.0 (and checks its data).
+        let e = refused(
+            "\"returned close-session 0\"",
+            "\"returned retrieve-fd 3.0\"",
+        );
+        assert!(
+            e.ends_with(
+                "verdict bug \"returned retrieve-fd 3.0\": no step of the script \
+                 makes retrieve-fd 3.0; it makes retrieve-fd 0.0"
+            ),
+            "{e}"
+        );
+        // An action no step makes: the actions the steps announce are listed.
+        let e = refused("\"blocked close-session 0\"", "\"blocked truncate\"");
+        assert!(
+            e.ends_with(
+                "verdict correct \"blocked truncate\": no step of the script makes truncate; \
+                 its steps announce create-session, memfd, fill, preserve-fd, kexec-load, \
+                 reboot, close-session, retrieve-session, retrieve-fd, check-data, \
+                 finish-session"
+            ),
+            "{e}"
+        );
+        let e = refused("\"start close-session 0\"", "\"start finish-session 1\"");
+        assert!(
+            e.contains("hook blocked: after \"start finish-session 1\": no step of the script makes finish-session 1; it makes finish-session 0"),
+            "{e}"
+        );
+        let e = refused("\"result close-session 0\"", "\"result close-session 2\"");
+        assert!(
+            e.contains("hook serialized: release_when \"result close-session 2\""),
+            "{e}"
+        );
+        // `wait N` names a gate some step waits at.
+        let e = refused("open_when = \"wait 2\"", "open_when = \"wait 9\"");
+        assert_eq!(
+            e,
+            "x.toml: gate 1: open_when \"wait 9\": no step of the script waits at gate 9; \
+             steps wait at gates 1, 2"
+        );
+        let end = format!("{EXAMPLE}\n[end]\nwhen = \"result memfd 0.1\"\n");
+        let e = Scenario::parse(&end, "x.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("[end] when \"result memfd 0.1\": no step of the script makes memfd 0.1; it makes memfd 0.0"),
+            "{e}"
+        );
+        // Without an argument, any step of the action will do; check-data comes with
+        // retrieve-fd, kexec-load and reboot without one.
+        for ok in [
+            ("\"returned close-session 0\"", "\"returned close-session\""),
+            ("\"returned close-session 0\"", "\"failed check-data 0.0\""),
+            ("\"returned close-session 0\"", "\"blocked reboot\""),
+            ("\"returned close-session 0\"", "\"returned kexec-load 0\""),
+        ] {
+            let text = EXAMPLE.replacen(ok.0, ok.1, 1);
+            assert_ne!(text, EXAMPLE);
+            Scenario::parse(&text, "x.toml").unwrap();
+        }
+    }
+
+    #[test]
+    fn a_caller_that_completes_the_scenario_may_leave_its_gates_open() {
+        // A workload (explore --workload) declares gate 1 with a rule explore replaces, and
+        // explore's racing thread waits at gate 5.
+        let text = EXAMPLE
+            .replace(
+                "open_when = \"wait 2\"",
+                "open_when = \"result close-session 9\"",
+            )
+            .replace(
+                "[[gate]]\nid = 2\n",
+                "[[gate]]\nid = 2\nopen_when = \"wait 5\"\n",
+            );
+        let e = Scenario::parse(&text, "w.toml").unwrap_err().to_string();
+        assert!(e.contains("gate 1: open_when"), "{e}");
+        let gate = |id| Gate::new(id).unwrap();
+        let leeway = Leeway {
+            replaced_rules: vec![gate(1)],
+            waited_outside: vec![],
+        };
+        let e = Scenario::parse_with(&text, "w.toml", &leeway)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gate 2: open_when \"wait 5\": no step of the script waits at gate 5"),
+            "{e}"
+        );
+        let leeway = Leeway {
+            waited_outside: vec![gate(5)],
+            ..leeway
+        };
+        let s = Scenario::parse_with(&text, "w.toml", &leeway).unwrap();
+        assert_eq!(s.gates[1].open_when, Some(Trigger::Wait(gate(5))));
+    }
+
+    #[test]
+    fn a_step_announces_its_action_and_argument() {
+        let f = FileId {
+            session: 1,
+            file: 2,
+        };
+        let names = |step: &str| -> Vec<String> {
+            step_announces(Step::parse(step).unwrap())
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            names("retrieve-fd 1.2"),
+            ["retrieve-fd 1.2", "check-data 1.2"]
+        );
+        assert_eq!(names("close 3"), ["close-session 3"]);
+        assert_eq!(names("pressure 4K"), ["pressure 4096"]);
+        assert_eq!(names("reboot"), ["reboot 0"]);
+        assert!(names("gate 3").is_empty() && names("if 3").is_empty());
+        // What a step announces parses back to itself, as a trigger would name it.
+        for step in [
+            "create 2",
+            "truncate 1.2 4K",
+            "close-fd 1.2",
+            "fill 1.2 mmap",
+        ] {
+            for p in step_announces(Step::parse(step).unwrap()) {
+                assert_eq!(
+                    parse_trigger(&format!("start {p}")),
+                    Ok(Trigger::Start(p)),
+                    "{step}"
+                );
+            }
+        }
+        assert_eq!(step_announces(Step::Preserve(f))[0].arg, Some(f.token()));
     }
 
     #[test]

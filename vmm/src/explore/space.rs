@@ -108,28 +108,12 @@ impl RacingCall {
     }
 }
 
-/// The agent action a step announces, with its argument.
+/// The agent action a step announces (its first: `retrieve-fd` goes on with
+/// `check-data`), with its argument.
 pub fn announced(step: Step) -> Option<ActionPattern> {
-    let (action, arg) = match step {
-        Step::Create(s) => (Action::CreateSession, u64::from(s)),
-        Step::Close(s) => (Action::CloseSession, u64::from(s)),
-        Step::Finish(s) => (Action::FinishSession, u64::from(s)),
-        Step::Retrieve(s) => (Action::RetrieveSession, u64::from(s)),
-        Step::Preserve(id) => (Action::PreserveFd, id.token()),
-        Step::RetrieveFd(id) => (Action::RetrieveFd, id.token()),
-        Step::Fill(id, _) => (Action::Fill, id.token()),
-        Step::Memfd(id, _) => (Action::Memfd, id.token()),
-        Step::Truncate(id, _) => (Action::Truncate, id.token()),
-        Step::CloseFd(id) => (Action::CloseFd, id.token()),
-        Step::KexecLoad => (Action::KexecLoad, 0),
-        Step::Reboot => (Action::Reboot, 0),
-        Step::Pressure(n) => (Action::Pressure, n),
-        Step::Gate(_) | Step::If(_) => return None,
-    };
-    Some(ActionPattern {
-        action,
-        arg: Some(arg),
-    })
+    crate::config::scenario::step_announces(step)
+        .into_iter()
+        .next()
 }
 
 /// The size a racing `truncate` of memfd `id` gives it: half its size in `stage` (its
@@ -1341,6 +1325,7 @@ pub fn finding_scenario(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::scenario::Leeway;
 
     /// `trial`'s finding scenario, written as a file and read back (the same scenario):
     /// what was read, and the text.
@@ -1739,6 +1724,65 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_trial_scenario_names_only_what_its_script_makes() {
+        // The scenario checks a file gets (hooks, actions and arguments, waited gates)
+        // hold for what explore builds itself, and for its finding files read back.
+        let w = default_workload();
+        let mut trials = vec![Trial::Baseline, Trial::Baseline2];
+        for stage2 in [false, true] {
+            let calls = if stage2 { &w.calls2 } else { &w.calls };
+            trials.push(Trial::Map {
+                function: "luo_session_serialize".into(),
+                with: None,
+                stage2,
+            });
+            for call in 0..calls.len() {
+                for release in [Release::Settled, Release::AfterMs(20)] {
+                    for on_racer in [false, !stage2] {
+                        trials.push(Trial::Race {
+                            point: "luo_flb_serialize".into(),
+                            call,
+                            release,
+                            stage2,
+                            on_racer,
+                        });
+                    }
+                }
+                let with = (!stage2).then_some(call);
+                trials.push(Trial::Map {
+                    function: "luo_session_serialize".into(),
+                    with,
+                    stage2,
+                });
+                trials.push(Trial::Fail {
+                    function: "luo_file_freeze".into(),
+                    call: 1,
+                    failure: Failure::ErrorCode,
+                    with,
+                    stage2,
+                    boot: false,
+                });
+            }
+        }
+        trials.push(Trial::Fail {
+            function: "luo_session_setup_incoming".into(),
+            call: 1,
+            failure: Failure::ErrorCode,
+            with: None,
+            stage2: false,
+            boot: true,
+        });
+        for t in &trials {
+            let sc = trial_scenario(&w, t, 2, Duration::from_secs(30));
+            let id = t.id(&w);
+            sc.check_named(&Leeway::default())
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            written_back(&w, t, "finding", None);
+        }
+        assert!(trials.len() > 40, "{}", trials.len());
     }
 
     #[test]

@@ -41,6 +41,84 @@ pub enum StoreError {
     /// `--out` holds another exploration, or one `--resume` was not asked for.
     #[error("{0}")]
     Refused(String),
+    /// `--out` cannot be the results directory (a file, under a file, not writable).
+    #[error("--out {}: {why}", path.display())]
+    Out {
+        /// The path given.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
+}
+
+/// Checks, creating nothing, that `dir` can be the results directory: a directory, or a
+/// path not there yet under one; and that luo-vmm can write in the nearest of them
+/// (a file created and removed there).
+pub(crate) fn check_out(dir: &Path) -> Result<(), StoreError> {
+    let out = |why: String| StoreError::Out {
+        path: dir.to_owned(),
+        why,
+    };
+    // The nearest part of the path that exists ("" is the working directory).
+    let mut nearest = None;
+    for p in dir.ancestors() {
+        let p = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        match std::fs::metadata(p) {
+            Ok(meta) => {
+                nearest = Some((p, meta));
+                break;
+            }
+            // Not there, or under a file (named when the walk reaches it).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) => {}
+            Err(e) => return Err(out(format!("{}: {e}", p.display()))),
+        }
+    }
+    let Some((at, meta)) = nearest else {
+        return Err(out("no part of the path exists".into()));
+    };
+    let what = if meta.is_file() {
+        "is a file, not a directory"
+    } else {
+        "is not a directory"
+    };
+    if !meta.is_dir() {
+        return Err(out(if at == dir {
+            what.to_owned()
+        } else {
+            format!("{} {what}", at.display())
+        }));
+    }
+    let probe = at.join(format!(".luo-vmm-write-check.{}", std::process::id()));
+    match OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(f) => {
+            drop(f);
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if at == dir => Err(out(format!("is not writable: {e}"))),
+        Err(e) => Err(out(format!("{} is not writable: {e}", at.display()))),
+    }
+}
+
+/// Whether `dir` holds results: a recorded trial (a whole line of `trials.jsonl`) or a
+/// finding's file.
+fn holds_results(dir: &Path) -> Result<bool, StoreError> {
+    let tpath = dir.join("trials.jsonl");
+    if tpath.exists() && !read_trials(&tpath)?.is_empty() {
+        return Ok(true);
+    }
+    let findings = dir.join("findings");
+    match std::fs::read_dir(&findings) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(&findings)(e)),
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -162,12 +240,17 @@ pub struct Store {
     trials: File,
     /// Trials already finished (read back on `--resume`).
     pub done: Vec<TrialRecord>,
+    /// The directory held this exploration's manifest but no result (a run stopped
+    /// before its first trial was recorded): it starts afresh, as if empty.
+    pub(crate) started_afresh: bool,
 }
 
 impl Store {
-    /// Opens `dir` for `manifest`: a new exploration (refused if `dir` holds one and
-    /// `resume` is not set), or, with `resume`, the one there (refused if its manifest
-    /// differs). Checks that `dir` can be written before any guest boots.
+    /// Opens `dir` for `manifest`: a new exploration (refused if `dir` holds results of
+    /// one and `resume` is not set; a `dir` with the same manifest and no result, left by
+    /// a run stopped before its first trial, starts afresh), or, with `resume`, the one
+    /// there (refused if its manifest differs). Checks that `dir` can be written before
+    /// any guest boots.
     pub fn open(dir: &Path, manifest: &Manifest, resume: bool) -> Result<Store, StoreError> {
         if resume && !dir.join("manifest.json").exists() {
             return Err(StoreError::Refused(format!(
@@ -175,34 +258,51 @@ impl Store {
                 dir.display()
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+        check_out(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Out {
             path: dir.to_owned(),
-            why: format!("--out: {e}"),
+            why: e.to_string(),
         })?;
         let mpath = dir.join("manifest.json");
         let tpath = dir.join("trials.jsonl");
         let mut done = Vec::new();
-        if mpath.exists() {
+        let mut started_afresh = false;
+        let mut fresh = !mpath.exists();
+        if !fresh {
             let text = std::fs::read_to_string(&mpath).map_err(io(&mpath))?;
             let old: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Io {
                 path: mpath.clone(),
                 why: format!("not an exploration's manifest: {e}"),
             })?;
+            let mismatch = manifest.mismatch(&old);
             if !resume {
-                return Err(StoreError::Refused(format!(
-                    "--out {}: holds an exploration already (luo-vmm {}, {}): add --resume to go on with it, or give another --out",
-                    dir.display(),
-                    old.luo_vmm,
-                    old.kernel
-                )));
-            }
-            if let Some(m) = manifest.mismatch(&old) {
+                match (holds_results(dir)?, mismatch) {
+                    (false, None) => {
+                        fresh = true;
+                        started_afresh = true;
+                    }
+                    (false, Some(m)) => {
+                        return Err(StoreError::Refused(format!(
+                            "--out {}: holds another exploration ({m}), with no trial recorded: give another --out, or remove {} to start this one there",
+                            dir.display(),
+                            dir.display()
+                        )))
+                    }
+                    (true, _) => {
+                        return Err(StoreError::Refused(format!(
+                            "--out {}: holds an exploration already (luo-vmm {}, {}): add --resume to go on with it, or give another --out",
+                            dir.display(),
+                            old.luo_vmm,
+                            old.kernel
+                        )))
+                    }
+                }
+            } else if let Some(m) = mismatch {
                 return Err(StoreError::Refused(format!(
                     "--resume {}: another exploration ({m}); give another --out",
                     dir.display()
                 )));
-            }
-            if tpath.exists() {
+            } else if tpath.exists() {
                 done = read_trials(&tpath)?;
                 // A line cut short by a kill is dropped from the file too, so that the
                 // next record starts a line of its own.
@@ -216,20 +316,15 @@ impl Store {
                     f.set_len(keep as u64).map_err(io(&tpath))?;
                 }
             }
-        } else {
-            if resume {
-                return Err(StoreError::Refused(format!(
-                    "--resume: {} holds no exploration to go on with",
-                    dir.display()
-                )));
-            }
+        }
+        if fresh {
             let text = serde_json::to_string_pretty(manifest).map_err(|e| StoreError::Io {
                 path: mpath.clone(),
                 why: e.to_string(),
             })?;
             write_atomic(&mpath, text.as_bytes())?;
-            // A stale trials file or plan of an exploration whose manifest was lost is not
-            // ours.
+            // A stale trials file or plan of an exploration whose manifest was lost (or
+            // that recorded nothing) is not ours.
             let _ = std::fs::remove_file(&tpath);
             let _ = std::fs::remove_file(dir.join("plan.json"));
         }
@@ -246,6 +341,7 @@ impl Store {
             dir: dir.to_owned(),
             trials,
             done,
+            started_afresh,
         })
     }
 
@@ -394,6 +490,134 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(Store::open(&dir, &m, true).is_err(), "nothing to resume");
         assert!(!dir.exists(), "a refused resume creates nothing");
+    }
+
+    /// A fresh, empty temporary directory of this test.
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("luo-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_out_that_cannot_be_a_directory_is_named() {
+        let dir = temp("out");
+        let file = dir.join("a-file");
+        std::fs::write(&file, "x").unwrap();
+        let m = manifest();
+        let e = check_out(&file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("--out {}: is a file, not a directory", file.display())
+        );
+        // Store::open says the same, and changes nothing.
+        let e = Store::open(&file, &m, false).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!("--out {}: is a file, not a directory", file.display())
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+        let under = file.join("sub/out");
+        let e = check_out(&under).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "--out {}: {} is a file, not a directory",
+                under.display(),
+                file.display()
+            )
+        );
+        // A directory not there yet under one that is: fine, and nothing is made.
+        let new = dir.join("new/out");
+        check_out(&new).unwrap();
+        assert!(!dir.join("new").exists());
+        check_out(&dir).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "the write check leaves nothing behind");
+        // A directory luo-vmm cannot write in (root writes anywhere but in /proc).
+        let ro = dir.join("read-only");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+        let writable = std::fs::write(ro.join("w"), "").is_ok();
+        match check_out(&ro) {
+            Ok(()) => assert!(writable),
+            Err(e) => assert!(
+                !writable
+                    && e.to_string()
+                        .starts_with(&format!("--out {}: is not writable: ", ro.display())),
+                "{e}"
+            ),
+        }
+        match check_out(&ro.join("out")) {
+            Ok(()) => assert!(writable, "a directory nobody may write in was accepted"),
+            Err(e) => {
+                assert!(!writable);
+                let e = e.to_string();
+                assert!(
+                    e.starts_with(&format!(
+                        "--out {}: {} is not writable: ",
+                        ro.join("out").display(),
+                        ro.display()
+                    )) && e.contains("denied"),
+                    "{e}"
+                );
+            }
+        }
+        if Path::new("/proc/self").exists() {
+            let e = check_out(Path::new("/proc/luo-vmm-out"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("--out /proc/luo-vmm-out: /proc is not writable: "),
+                "{e}"
+            );
+        }
+        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_run_stopped_before_its_first_trial_leaves_nothing_to_resume() {
+        let dir = temp("afresh");
+        let out = dir.join("out");
+        let m = manifest();
+        // The first run wrote its manifest and stopped (a kill while booting).
+        let s = Store::open(&out, &m, false).unwrap();
+        assert!(!s.started_afresh);
+        drop(s);
+        // A torn first line is no recorded trial either.
+        std::fs::write(out.join("trials.jsonl"), "{\"id\":\"a\",\"tri").unwrap();
+        let mut s = Store::open(&out, &m, false).unwrap();
+        assert!(s.started_afresh);
+        assert!(s.done.is_empty());
+        assert_eq!(
+            std::fs::read_to_string(out.join("trials.jsonl")).unwrap(),
+            ""
+        );
+        // Another exploration with nothing recorded is still another exploration.
+        let mut other = m.clone();
+        other.seed = 2;
+        let e = Store::open(&out, &other, false).err().unwrap().to_string();
+        assert!(
+            e.contains("holds another exploration (seed: 2 here, 1 there), with no trial recorded"),
+            "{e}"
+        );
+        // Once a trial is recorded, going on needs --resume.
+        s.append(record("a")).unwrap();
+        drop(s);
+        let e = Store::open(&out, &m, false).err().unwrap().to_string();
+        assert!(e.contains("add --resume"), "{e}");
+        let s = Store::open(&out, &m, true).unwrap();
+        assert!(!s.started_afresh);
+        assert_eq!(s.done.len(), 1);
+        drop(s);
+        // A finding's file counts as a result too.
+        std::fs::write(out.join("trials.jsonl"), "").unwrap();
+        std::fs::write(out.join("findings/01-x.toml"), "name = \"x\"").unwrap();
+        let e = Store::open(&out, &m, false).err().unwrap().to_string();
+        assert!(e.contains("add --resume"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
