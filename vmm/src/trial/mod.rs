@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::config::options::{GuestOptions, InterceptOptions};
 use crate::config::scenario::Scenario;
-use crate::judge::scenario::{belief, compare, judge, Judgement, RunFacts};
+use crate::judge::scenario::{belief, discrepancies, judge, Judgement, RunFacts};
 use crate::machine::debug::MAX_BREAKPOINTS;
 use crate::machine::dirty::DirtyLog;
 use crate::machine::vcpu::control::VcpuControl;
@@ -319,12 +319,10 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> (RunF
     };
     let discrepancies = records.map(|records| match records {
         Ok(luo) => {
-            let believed = belief(boots.first().map_or(&[][..], Vec::as_slice));
+            let stage1 = boots.first().map_or(&[][..], Vec::as_slice);
+            let believed = belief(stage1);
             match luo {
-                Some(luo) => compare(&believed, luo)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
+                Some(luo) => discrepancies(stage1, luo),
                 None if believed.is_empty() => vec![],
                 None => vec!["no LUO records arrived".into()],
             }
