@@ -132,13 +132,25 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     let (stdout, _) = text(&o);
     assert!(stdout.contains("--time reached"), "{stdout}");
     let mapped = trial_ids(&out);
-    assert_eq!(mapped, ["baseline", "map:luo_flb_serialize"], "{stdout}");
+    // The point, then what each racing call reaches on CPU 1 (for holds there).
+    assert_eq!(
+        mapped[..2],
+        ["baseline", "map:luo_flb_serialize"],
+        "{stdout}"
+    );
+    assert_eq!(mapped.len(), 2 + 10, "{mapped:?}");
+    assert!(
+        mapped[2..]
+            .iter()
+            .all(|m| m.starts_with("map:luo_flb_serialize@")),
+        "{mapped:?}"
+    );
     // Resumed: the map is not run again, every search trial runs once.
     let mut second = base.to_vec();
     second.push("--resume");
     let o = luo_vmm(&second);
     let (stdout, stderr) = text(&o);
-    assert!(stdout.contains("resumed: 2 trials done"), "{stdout}");
+    assert!(stdout.contains("resumed: 12 trials done"), "{stdout}");
     assert!(!stdout.contains(" map]"), "the map ran again: {stdout}");
     assert_eq!(
         o.status.code(),
@@ -149,6 +161,7 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "a trial ran twice: {ids:?}");
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // No call reaches luo_flb_serialize on CPU 1: no holds there.
     assert_eq!(report["totals"]["search"], 20, "10 calls × 2 releases");
     assert_eq!(report["complete"], true);
     let findings = report["findings"].as_array().unwrap();
@@ -230,5 +243,102 @@ fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["totals"]["findings"], 0, "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cpu_1_is_held_inside_its_call_while_cpu_0_reboots() {
+    reference_image();
+    let dir = tmp("racer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let points = dir.join("points");
+    std::fs::write(&points, "luo_preserve_file\n").unwrap();
+    let out = dir.join("out");
+    let o = luo_vmm(&[
+        "explore",
+        "--stage",
+        "1",
+        "--mode",
+        "race",
+        "--points",
+        points.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    // The reference kernel: the reboot waits for the preserve CPU 1 is held in (the
+    // session's lock), which lands in the records; its return may be lost to the kexec.
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    let ids = trial_ids(&out);
+    // The reboot does not call luo_preserve_file: no hold on CPU 0; preserve-fd 0.1
+    // reaches it on CPU 1: a hold there under both releases.
+    let racer: BTreeSet<&str> = ids
+        .iter()
+        .filter(|i| i.starts_with("race"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        racer,
+        BTreeSet::from([
+            "race-cpu1:luo_preserve_file:preserve-fd-0.1:after-2000ms",
+            "race-cpu1:luo_preserve_file:preserve-fd-0.1:settled",
+        ]),
+        "{ids:?}"
+    );
+    let trials = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    for line in trials.lines().filter(|l| l.contains("race-cpu1:")) {
+        assert!(line.contains("records match"), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_next_kernel_s_boot_is_searched_through_the_kexec() {
+    reference_image();
+    let dir = tmp("boot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let points = dir.join("points");
+    std::fs::write(&points, "luo_session_setup_incoming\nkho_init\n").unwrap();
+    let out = dir.join("out");
+    let o = luo_vmm(&[
+        "explore",
+        "--stage",
+        "boot",
+        "--mode",
+        "fail",
+        "--points",
+        points.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    // The reference kernel: a failed boot restore panics on purpose (luo_restore_fail)
+    // or leaves stage 2's retrieves failing, and hands no preserved page back.
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    let ids: BTreeSet<String> = trial_ids(&out).into_iter().collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([
+            "baseline-boot".to_owned(),
+            "fail-boot:kho_init:1".to_owned(),
+            "fail-boot:luo_session_setup_incoming:1".to_owned(),
+        ]),
+        "no map: each boot function fails once, through the kexec"
+    );
+    let trials = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    let line = |id: &str| {
+        trials
+            .lines()
+            .find(|l| l.contains(&format!("\"id\":\"{id}\"")))
+            .unwrap_or_else(|| panic!("no {id}: {trials}"))
+            .to_owned()
+    };
+    assert!(
+        line("fail-boot:luo_session_setup_incoming:1").contains("as LUO means to"),
+        "{trials}"
+    );
+    let kho = line("fail-boot:kho_init:1");
+    assert!(kho.contains("restore(s) failed"), "{kho}");
+    assert!(kho.contains("preserved data not reused"), "{kho}");
     let _ = std::fs::remove_dir_all(&dir);
 }
