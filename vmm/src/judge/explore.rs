@@ -548,6 +548,23 @@ mod tests {
             );
             f.boots[1].pop();
         }
+        // But a page written before the finish started is the failed retrieve's own doing
+        // (its cleanup handing the folios back), which the finish does not explain.
+        f.boots[1][1] = call(Action::RetrieveFd, token, Some(-1));
+        f.boots[1].push(call(Action::FinishSession, 0, Some(0)));
+        f.written_before_end
+            .insert("luo-vmm-s0".into(), [0x1234_5000].into_iter().collect());
+        assert_eq!(
+            decide(&f, "x").signature().unwrap().site,
+            "memfd contents written after a failed retrieve-fd"
+        );
+        // Another session's end says nothing of this one's pages.
+        f.written_before_end.clear();
+        f.written_before_end
+            .insert("luo-vmm-s1".into(), [0x1234_5000].into_iter().collect());
+        assert!(matches!(decide(&f, "x"), TrialVerdict::Pass { .. }));
+        f.written_before_end.clear();
+        f.boots[1].pop();
         // A finish that failed discards nothing.
         f.boots[1].push(call(Action::FinishSession, 0, Some(-1)));
         assert_eq!(

@@ -69,6 +69,9 @@ pub(crate) struct RunFacts {
     /// kernel) or since the next kernel started (an intercepted run's leak check):
     /// `(gpa, owner)`. `None` where nobody watched.
     pub preserved_written: Option<Vec<(u64, String)>>,
+    /// Of those, per session name: the pages written before its first `finish` or `close`
+    /// started (which that end cannot account for).
+    pub written_before_end: BTreeMap<String, BTreeSet<u64>>,
 }
 
 /// The owner label of a preserved memfd's contents: `memfd:<session>/<token>/data`.
@@ -77,10 +80,12 @@ fn is_memfd_data(owner: &str) -> bool {
 }
 
 /// The pages of [`RunFacts::preserved_written`] that hold a memfd's contents and that
-/// nothing in the last boot accounts for: contents of a file whose `retrieve-fd` never returned success, in a
-/// session that no `finish` (nor `close` of it, which finishes a retrieved session:
-/// `luo_session_release()`) ended with success, those two discarding by design what was
-/// not retrieved (`memfd_luo_finish()`). Such a page was handed back to the allocator (a
+/// nothing in the last boot accounts for: contents of a file whose `retrieve-fd` never
+/// returned success, in a session that no `finish` (nor `close` of it, which finishes a
+/// retrieved session: `luo_session_release()`) ended with success, those two discarding by
+/// design what was not retrieved (`memfd_luo_finish()`), or written before that end
+/// started ([`RunFacts::written_before_end`]: a failed retrieve's own cleanup, which the
+/// finish after it does not explain). Such a page was handed back to the allocator (a
 /// freed page is written at once where the guest zeroes on free, `init_on_free=1`, as
 /// explore's stage 2 boots) or written in place; the maintainers' policy after a failed
 /// restore is "leak, never reuse" (../shared/context).
@@ -106,7 +111,7 @@ pub(crate) fn unaccounted_data_writes(facts: &RunFacts) -> Vec<(u64, String)> {
     written
         .iter()
         .filter(|(_, owner)| is_memfd_data(owner))
-        .filter(|(_, owner)| {
+        .filter(|(gpa, owner)| {
             let Some((session, token)) = owner
                 .strip_prefix("memfd:")
                 .and_then(|o| o.strip_suffix("/data"))
@@ -115,7 +120,11 @@ pub(crate) fn unaccounted_data_writes(facts: &RunFacts) -> Vec<(u64, String)> {
                 return false;
             };
             let token = u64::from_str_radix(token.trim_start_matches("0x"), 16).ok();
-            !ended.contains(session) && !token.is_some_and(|t| tokens.contains(&t))
+            let before_end = facts
+                .written_before_end
+                .get(session)
+                .is_some_and(|pages| pages.contains(gpa));
+            (!ended.contains(session) || before_end) && !token.is_some_and(|t| tokens.contains(&t))
         })
         .cloned()
         .collect()

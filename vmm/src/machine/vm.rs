@@ -174,8 +174,8 @@ pub(crate) trait RunObserver: Send + Sync {
     fn on_probe(&self, ev: &ProbeEvent);
     /// The same message, on the vCPU thread that wrote it, before the guest goes on: for
     /// what must happen before the guest's next instruction (arming a hook on the call
-    /// the agent just announced).
-    fn on_probe_now(&self, _ev: &ProbeEvent) {}
+    /// the agent just announced, reading the dirty log as the call starts).
+    fn on_probe_now(&self, _ev: &ProbeEvent, _dirty: &DirtyLog) {}
     /// Every vCPU has stopped; the VM, its memory and dirty log are still there.
     fn on_stopped(&self, _dirty: &DirtyLog) {}
     /// Whether nothing this observer did so far needed a vCPU stopped at one of its
@@ -337,8 +337,9 @@ impl Vm {
         set_slots(&vm_fd, &memory, false).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
         let observer: ObserverSlot = Arc::new(Mutex::new(spec.observer.clone()));
-        let devices = build_devices(&vm_fd, spec, &observer)?;
         let vm_fd = Arc::new(vm_fd);
+        let dirty = Arc::new(DirtyLog::new(vm_fd.clone(), memory.clone(), caps));
+        let devices = build_devices(&vm_fd, spec, &observer, &dirty)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -360,7 +361,6 @@ impl Vm {
             vcpu.configure_common(&cpuid, spec.vcpus, cpuid_host)?;
             vcpus.push(vcpu);
         }
-        let dirty = Arc::new(DirtyLog::new(vm_fd.clone(), memory.clone(), caps));
         Ok(Self {
             _kvm: kvm,
             caps,
@@ -643,7 +643,7 @@ impl Vm {
         // The snapshot's run, as far as it had gone: for this run's observers.
         for ev in run.replay {
             if let Some(o) = &observer {
-                o.on_probe_now(ev);
+                o.on_probe_now(ev, &self.dirty);
             }
             deliver(ev.clone());
         }
@@ -793,6 +793,7 @@ fn build_devices(
     vm_fd: &VmFd,
     spec: &MachineSpec<'_>,
     observer: &ObserverSlot,
+    dirty: &Arc<DirtyLog>,
 ) -> Result<Devices, VmError> {
     let host = |what| move |source| VmError::Host { what, source };
     let log = spec
@@ -821,9 +822,10 @@ fn build_devices(
     let (probe, probe_rx) = ProbePort::new(spec.gates.clone());
     let mut probe = probe.with_notifier(probe_ready.try_clone().map_err(host("eventfd clone"))?);
     let slot = observer.clone();
+    let log = dirty.clone();
     probe = probe.with_listener(Arc::new(move |ev: &ProbeEvent| {
         if let Some(o) = current(&slot) {
-            o.on_probe_now(ev);
+            o.on_probe_now(ev, &log);
         }
     }));
     let probe_port = Arc::new(Mutex::new(probe));

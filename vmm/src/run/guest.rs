@@ -465,9 +465,9 @@ impl RunObserver for SnapshotTrigger {
             o.on_probe(ev);
         }
     }
-    fn on_probe_now(&self, ev: &ProbeEvent) {
+    fn on_probe_now(&self, ev: &ProbeEvent, dirty: &DirtyLog) {
         if let Some(o) = &self.inner {
-            o.on_probe_now(ev);
+            o.on_probe_now(ev, dirty);
         }
         let Ok(msg) = &ev.item else { return };
         let reached = {

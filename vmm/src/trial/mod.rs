@@ -27,7 +27,9 @@ use crate::machine::vm::{RunObserver, StoppedVcpu, VmExit};
 use crate::report::RoundSeen;
 use crate::run::guest::{GuestError, GuestMachine, GuestOutcome, ResolvedGuest, SnapshotPoint};
 use crate::run::next::KernelSequence;
-use crate::watch::intercept::{pages_written, InterceptPoint, Interception, Interceptor};
+use crate::watch::intercept::{
+    session_end_starts, EndMarks, InterceptPoint, Interception, Interceptor, WrittenPages,
+};
 use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
 
 /// Errors of arming and running a scenario.
@@ -101,11 +103,14 @@ struct ScenarioObserver {
     watch: Option<PreservedWatch>,
 }
 
-/// A preserved set whose written pages the run's end reads from the dirty log, and what
-/// it read there: `(gpa, owner)`.
+/// A preserved set whose written pages the run reads from the dirty log as each session's
+/// end starts and at its end, and what it read there.
 struct PreservedWatch {
     set: Arc<ExtentSet>,
-    written: std::sync::Mutex<Option<Vec<(u64, String)>>>,
+    ends: std::sync::Mutex<EndMarks>,
+    /// `(gpa, owner)` of every page written, and per session the pages before its end;
+    /// once the run stopped.
+    written: std::sync::Mutex<Option<WrittenPages>>,
 }
 
 impl ScenarioObserver {
@@ -123,13 +128,14 @@ impl ScenarioObserver {
             snapshot_ignores_interception: plan.intercept_until_snapshot,
             watch: plan.watch_preserved.clone().map(|set| PreservedWatch {
                 set,
+                ends: std::sync::Mutex::default(),
                 written: std::sync::Mutex::default(),
             }),
         }
     }
 
     /// The watched set's pages written during the run, if watched.
-    fn preserved_written(&self) -> Option<Vec<(u64, String)>> {
+    fn preserved_written(&self) -> Option<WrittenPages> {
         let watch = self.watch.as_ref()?;
         let mut written = watch.written.lock().unwrap_or_else(|e| e.into_inner());
         written.take()
@@ -180,8 +186,21 @@ impl RunObserver for ScenarioObserver {
         self.interceptor.on_probe(ev);
     }
 
-    fn on_probe_now(&self, ev: &ProbeEvent) {
+    fn on_probe_now(&self, ev: &ProbeEvent, dirty: &DirtyLog) {
         self.scheduler.on_probe(ev);
+        if let Some(session) = session_end_starts(ev) {
+            match &self.watch {
+                Some(watch) => match dirty.take() {
+                    Ok(maps) => watch
+                        .ends
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .end_starts(&session, &watch.set, &maps),
+                    Err(e) => log::warn!("KVM_GET_DIRTY_LOG as {session}'s end starts: {e}"),
+                },
+                None => self.interceptor.on_session_end(&session, dirty),
+            }
+        }
     }
 
     fn on_stopped(&self, dirty: &DirtyLog) {
@@ -190,8 +209,10 @@ impl RunObserver for ScenarioObserver {
             // goes into what the next reset writes back.
             Some(watch) => match dirty.take() {
                 Ok(maps) => {
-                    *watch.written.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(pages_written(&watch.set, &maps));
+                    let mut ends =
+                        std::mem::take(&mut *watch.ends.lock().unwrap_or_else(|e| e.into_inner()));
+                    ends.add(&watch.set, &maps);
+                    *watch.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(ends.finish());
                 }
                 Err(e) => log::warn!(
                     "KVM_GET_DIRTY_LOG at the end of the run: {e}; the preserved pages it \
@@ -375,6 +396,11 @@ fn facts(outcome: &GuestOutcome, got: &Interception, log: &ScheduleLog) -> (RunF
             .and_then(|c| c.written_after.as_ref())
             .and_then(|w| w.as_ref().ok())
             .cloned(),
+        written_before_end: got
+            .rounds
+            .last()
+            .map(|c| c.written_before_end.clone())
+            .unwrap_or_default(),
     };
     (facts, not_verified)
 }
@@ -625,8 +651,9 @@ pub(crate) fn run(
     let got = observer.interceptor.finish(outcome.started);
     let mut log_seen = observer.scheduler.finish();
     let (mut f, not_verified) = facts(&outcome, &got, &log_seen);
-    if let Some(written) = observer.preserved_written() {
+    if let Some((written, before_end)) = observer.preserved_written() {
         f.preserved_written = Some(written);
+        f.written_before_end = before_end;
     }
     let handed_over = got
         .rounds

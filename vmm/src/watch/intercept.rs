@@ -241,6 +241,9 @@ pub struct RoundCapture {
     /// The leak check of the last round: the preserved pages (address, owner) the next
     /// kernel wrote between its start and the end of the run, or why that is not known.
     pub written_after: Option<Result<Vec<(u64, String)>, String>>,
+    /// Of those, per session: the pages written before its first `finish` or `close`
+    /// started ([`EndMarks`]).
+    pub written_before_end: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
 }
 
 /// The parts of the KHO state the report needs.
@@ -289,6 +292,8 @@ struct State {
     /// The preserved set handed over at the last next-kernel-start, watched since then
     /// for the leak check (its bits cleared there, whichever way the log is kept).
     watched_after: Option<ExtentSet>,
+    /// What the leak check read as each session's end started.
+    ends: EndMarks,
     rounds: Vec<RoundCapture>,
     current: RoundCapture,
     /// The outgoing LUO records at each point-of-no-return.
@@ -541,7 +546,10 @@ impl Interceptor {
                 // whole guest the log was just read, and so cleared.
                 let again = at.dirty.clear(&st.extents.set);
                 match again {
-                    Ok(_) => s.watched_after = Some(st.extents.set.clone()),
+                    Ok(_) => {
+                        s.watched_after = Some(st.extents.set.clone());
+                        s.ends = EndMarks::default();
+                    }
                     Err(e) => {
                         s.current.written_after = Some(Err(format!("KVM_CLEAR_DIRTY_LOG: {e}")))
                     }
@@ -694,6 +702,65 @@ fn hook_names(point: Option<InterceptPoint>, in_kexec: bool) -> (&'static str, &
 
 /// The pages of `set` that `maps` (a read of the dirty log) says were written, with their
 /// owners, ascending.
+/// The pages of a watched preserved set written before each session's end: a `finish` or
+/// `close` of a retrieved session discards what was not retrieved (`memfd_luo_finish()`),
+/// which explains a page written after it started but not one written before (a failed
+/// retrieve's own cleanup). The dirty log is read as each session's first end starts (on
+/// the vCPU that announced it, before it goes on), and at the run's end.
+#[derive(Debug, Default)]
+pub(crate) struct EndMarks {
+    /// Every page read so far, with its owner.
+    written: std::collections::BTreeMap<u64, String>,
+    /// Per session name, the pages written before its end started.
+    before_end: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
+}
+
+impl EndMarks {
+    /// Adds the pages of `set` in `maps` (a read of the dirty log) to what was written.
+    pub(crate) fn add(&mut self, set: &ExtentSet, maps: &[SlotBitmap]) {
+        self.written.extend(pages_written(set, maps));
+    }
+
+    /// `session`'s end starts now (the first one counts): `maps` is the log read now.
+    pub(crate) fn end_starts(&mut self, session: &str, set: &ExtentSet, maps: &[SlotBitmap]) {
+        self.add(set, maps);
+        if !self.before_end.contains_key(session) {
+            let so_far = self.written.keys().copied().collect();
+            self.before_end.insert(session.to_owned(), so_far);
+        }
+    }
+
+    /// Every page written, with its owner, and the pages before each session's end.
+    pub(crate) fn finish(self) -> WrittenPages {
+        (self.written.into_iter().collect(), self.before_end)
+    }
+}
+
+/// Every preserved page written `(gpa, owner)`, and per session name the pages written
+/// before its end started.
+pub(crate) type WrittenPages = (
+    Vec<(u64, String)>,
+    std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
+);
+
+/// The session whose end (`finish`, or `close`, which finishes a retrieved session)
+/// `ev` announces the start of, by name.
+pub(crate) fn session_end_starts(ev: &ProbeEvent) -> Option<String> {
+    match &ev.item {
+        Ok(luo_protocol::message::Message::ActionStart {
+            action:
+                luo_protocol::message::Action::FinishSession
+                | luo_protocol::message::Action::CloseSession,
+            arg,
+            ..
+        }) => {
+            let s = u32::try_from(*arg).ok()?;
+            Some(luo_protocol::workload::Memfds::session_name(s).to_string())
+        }
+        _ => None,
+    }
+}
+
 pub(crate) fn pages_written(set: &ExtentSet, maps: &[SlotBitmap]) -> Vec<(u64, String)> {
     maps.iter()
         .flat_map(|m| set.written_pages(&DirtyBitmap::new(m.base, &m.words)))
@@ -712,12 +779,32 @@ impl Interceptor {
         let Some(preserved) = s.watched_after.take() else {
             return;
         };
-        let written = dirty
-            .take()
-            .map(|maps| pages_written(&preserved, &maps))
-            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"));
+        let mut ends = std::mem::take(&mut s.ends);
+        let (written, before_end) = match dirty.take() {
+            Ok(maps) => {
+                ends.add(&preserved, &maps);
+                let (written, before) = ends.finish();
+                (Ok(written), before)
+            }
+            Err(e) => (Err(format!("KVM_GET_DIRTY_LOG: {e}")), Default::default()),
+        };
         if let Some(last) = s.rounds.last_mut() {
             last.written_after = Some(written);
+            last.written_before_end = before_end;
+        }
+    }
+
+    /// A session's end starts in the next kernel (a probe message, on the vCPU that sent
+    /// it): the leak check reads the log now, to tell what that end discards from what
+    /// was written before it ([`EndMarks`]).
+    pub fn on_session_end(&self, session: &str, dirty: &DirtyLog) {
+        let mut s = self.lock();
+        let Some(preserved) = s.watched_after.clone() else {
+            return;
+        };
+        match dirty.take() {
+            Ok(maps) => s.ends.end_starts(session, &preserved, &maps),
+            Err(e) => log::warn!("KVM_GET_DIRTY_LOG as {session}'s end starts: {e}"),
         }
     }
 }
@@ -864,6 +951,35 @@ impl std::fmt::Display for HookTime {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_session_s_end_keeps_what_was_written_before_it() {
+        let mut b = ExtentSet::builder();
+        b.add(0x10000, 0x12000, "memfd:luo-vmm-s0/0x0/data");
+        let set = b.build();
+        let page = |gpa: u64| SlotBitmap {
+            base: 0,
+            words: {
+                let mut w = vec![0u64; 1];
+                w[(gpa >> 12) as usize / 64] |= 1 << ((gpa >> 12) % 64);
+                w
+            },
+        };
+        let mut ends = EndMarks::default();
+        ends.end_starts("luo-vmm-s0", &set, &[page(0x10000)]);
+        // The second end of a session does not move its mark.
+        ends.end_starts("luo-vmm-s0", &set, &[page(0x11000)]);
+        ends.add(&set, &[page(0x11000)]);
+        let (written, before) = ends.finish();
+        assert_eq!(
+            written,
+            [
+                (0x10000, "memfd:luo-vmm-s0/0x0/data".to_owned()),
+                (0x11000, "memfd:luo-vmm-s0/0x0/data".to_owned())
+            ]
+        );
+        assert_eq!(before["luo-vmm-s0"], [0x10000].into_iter().collect());
+    }
+
     use super::*;
     use std::time::Duration;
 
