@@ -466,12 +466,28 @@ fn conditions_from(
 
 /// The header's racing calls: those of the stages searched (stage 2's are cleared when it
 /// is not).
-fn racing_counts(stage1: bool, calls: usize, calls2: usize) -> String {
-    match (stage1, calls2) {
-        (true, 0) => format!("{calls} racing calls"),
-        (true, n) => format!("{calls} racing calls in stage 1, {n} in stage 2"),
-        (false, n) => format!("{n} racing calls in stage 2"),
+fn racing_counts(stage: ExploreStage, calls: usize, calls2: usize, boot: usize) -> String {
+    let stage1 = stage.has(false);
+    let stage2 = stage.has(true) && calls2 > 0;
+    let mut parts = Vec::new();
+    if stage1 {
+        parts.push(if stage2 {
+            format!("{calls} racing calls in stage 1")
+        } else {
+            format!("{calls} racing calls")
+        });
     }
+    if stage2 {
+        parts.push(if stage1 {
+            format!("{calls2} in stage 2")
+        } else {
+            format!("{calls2} racing calls in stage 2")
+        });
+    }
+    if stage.has_boot() && boot > 0 {
+        parts.push(format!("{boot} boot functions to fail"));
+    }
+    parts.join(", ")
 }
 
 fn log_name(id: &str) -> String {
@@ -1018,7 +1034,16 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             n => format!(" ({n} of them lock sites)"),
         },
         fallible.len(),
-        racing_counts(args.stage.has(false), ex.w.calls.len(), ex.w.calls2.len()),
+        racing_counts(
+            args.stage,
+            ex.w.calls.len(),
+            ex.w.calls2.len(),
+            if args.mode.fails() {
+                fallible.iter().filter(|f| f.init).count()
+            } else {
+                0
+            }
+        ),
         format!("{:?}", args.mode).to_lowercase(),
         args.seed,
         out.display(),
@@ -1384,12 +1409,26 @@ open_when = "wait 5"
 
     #[test]
     fn the_header_counts_the_racing_calls_of_the_stages_searched() {
-        assert_eq!(racing_counts(true, 10, 0), "10 racing calls");
         assert_eq!(
-            racing_counts(true, 10, 8),
+            racing_counts(ExploreStage::One, 10, 0, 3),
+            "10 racing calls"
+        );
+        assert_eq!(
+            racing_counts(ExploreStage::Both, 10, 8, 3),
             "10 racing calls in stage 1, 8 in stage 2"
         );
-        assert_eq!(racing_counts(false, 10, 8), "8 racing calls in stage 2");
+        assert_eq!(
+            racing_counts(ExploreStage::Two, 10, 8, 3),
+            "8 racing calls in stage 2"
+        );
+        assert_eq!(
+            racing_counts(ExploreStage::All, 10, 8, 3),
+            "10 racing calls in stage 1, 8 in stage 2, 3 boot functions to fail"
+        );
+        assert_eq!(
+            racing_counts(ExploreStage::Boot, 10, 8, 3),
+            "3 boot functions to fail"
+        );
     }
 
     #[test]
