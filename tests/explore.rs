@@ -58,6 +58,17 @@ fn bad_input_is_refused_before_a_guest_boots() {
         &["--points", points.to_str().unwrap(), "--out", out_s],
         "past its end",
     );
+    // Data is no hold point (LUO's global state, in .bss).
+    std::fs::write(&points, "luo_global\n").unwrap();
+    refused(
+        &["--points", points.to_str().unwrap(), "--out", out_s],
+        "luo_global is not a function of the kernel",
+    );
+    // Only fail mode searches the next kernel's boot.
+    refused(
+        &["--stage", "boot", "--mode", "race", "--out", out_s],
+        "--stage boot: only fail mode",
+    );
     let workload = dir.join("workload.toml");
     std::fs::write(
         &workload,

@@ -331,16 +331,15 @@ fn points(
             })
         })
         .collect::<Result<_, _>>()?;
-    let with_offset: Vec<String> = parsed
-        .iter()
-        .filter(|(_, t)| t.offset != 0)
-        .map(|(_, t)| t.symbol.clone())
-        .collect();
-    let codes = if with_offset.is_empty() {
-        Default::default()
-    } else {
-        function_codes(&guest.kernel, syms, &with_offset)
-    };
+    let symbols: Vec<String> = parsed.iter().map(|(_, t)| t.symbol.clone()).collect();
+    let codes = function_codes(&guest.kernel, syms, &symbols);
+    // A vmlinux tells functions from data; a bzImage (its symbols from System.map) cannot.
+    let elf = std::fs::File::open(&guest.kernel)
+        .and_then(|mut f| {
+            let mut magic = [0u8; 4];
+            std::io::Read::read_exact(&mut f, &mut magic).map(|()| magic)
+        })
+        .is_ok_and(|m| m == *b"\x7fELF");
     let mut seen = BTreeSet::new();
     let mut names = Vec::new();
     let mut sites = BTreeMap::new();
@@ -348,6 +347,13 @@ fn points(
         let addr = syms
             .address(&t.symbol)
             .map_err(|e| options(format!("--points {spec}: unknown point {n:?}: {e}")))?;
+        if elf && !codes.contains_key(&t.symbol) {
+            return Err(options(format!(
+                "--points {spec}: {n}: {} is not a function of the kernel (no text symbol with a size in {}): a hold point is where code runs",
+                t.symbol,
+                guest.kernel.display()
+            )));
+        }
         if taken.contains(&addr.wrapping_add(t.offset)) {
             return Err(options(format!(
                 "--points {spec}: {n} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel); hold at the function it calls instead"
