@@ -7,7 +7,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::{luo_vmm, reference_image, text};
 use serde_json::Value;
@@ -91,6 +92,26 @@ threads = [{ cpu = 0, steps = ["create 0", "memfd 0.0 64K", "preserve 0.0"] }]
         "no exploration to go on with",
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `luo-vmm explore ARGS --points FILE --out DIR` on the reference kernel, `points` in
+/// FILE, in a fresh directory named `name`: the run, that directory and its `--out`.
+fn explore_at(name: &str, points: &str, args: &[&str]) -> (Output, PathBuf, PathBuf) {
+    reference_image();
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("points");
+    std::fs::write(&file, points).unwrap();
+    let out = dir.join("out");
+    let mut all = vec!["explore"];
+    all.extend_from_slice(args);
+    all.extend([
+        "--points",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    (luo_vmm(&all), dir, out)
 }
 
 /// The ids of `dir`'s trials.jsonl.
@@ -201,27 +222,11 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
 
 #[test]
 fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
-    reference_image();
-    let dir = tmp("stage2");
-    std::fs::create_dir_all(&dir).unwrap();
-    let points = dir.join("points");
-    std::fs::write(
-        &points,
+    let (o, dir, out) = explore_at(
+        "stage2",
         "luo_session_retrieve\nmemfd_luo_retrieve\nluo_session_deserialize\n",
-    )
-    .unwrap();
-    let out = dir.join("out");
-    let o = luo_vmm(&[
-        "explore",
-        "--stage",
-        "2",
-        "--mode",
-        "fail",
-        "--points",
-        points.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &["--stage", "2", "--mode", "fail"],
+    );
     let (stdout, stderr) = text(&o);
     // The reference kernel: a failed retrieve is an error returned, nothing worse.
     assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -259,23 +264,11 @@ fn stage_2_is_searched_from_a_snapshot_in_the_next_kernel() {
 
 #[test]
 fn cpu_1_is_held_inside_its_call_while_cpu_0_reboots() {
-    reference_image();
-    let dir = tmp("racer");
-    std::fs::create_dir_all(&dir).unwrap();
-    let points = dir.join("points");
-    std::fs::write(&points, "luo_preserve_file\n").unwrap();
-    let out = dir.join("out");
-    let o = luo_vmm(&[
-        "explore",
-        "--stage",
-        "1",
-        "--mode",
-        "race",
-        "--points",
-        points.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (o, dir, out) = explore_at(
+        "racer",
+        "luo_preserve_file\n",
+        &["--stage", "1", "--mode", "race"],
+    );
     let (stdout, stderr) = text(&o);
     // The reference kernel: the reboot waits for the preserve CPU 1 is held in (the
     // session's lock), which lands in the records; its return may be lost to the kexec.
@@ -305,23 +298,11 @@ fn cpu_1_is_held_inside_its_call_while_cpu_0_reboots() {
 
 #[test]
 fn the_next_kernel_s_boot_is_searched_through_the_kexec() {
-    reference_image();
-    let dir = tmp("boot");
-    std::fs::create_dir_all(&dir).unwrap();
-    let points = dir.join("points");
-    std::fs::write(&points, "luo_session_setup_incoming\nkho_init\n").unwrap();
-    let out = dir.join("out");
-    let o = luo_vmm(&[
-        "explore",
-        "--stage",
+    let (o, dir, out) = explore_at(
         "boot",
-        "--mode",
-        "fail",
-        "--points",
-        points.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        "luo_session_setup_incoming\nkho_init\n",
+        &["--stage", "boot", "--mode", "fail"],
+    );
     let (stdout, stderr) = text(&o);
     // The reference kernel: a failed boot restore panics on purpose (luo_restore_fail)
     // or leaves stage 2's retrieves failing, and hands no preserved page back.

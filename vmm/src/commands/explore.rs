@@ -630,17 +630,9 @@ impl Explorer {
         let sig = &f.signature;
         let name = slug(f.number, sig);
         let summary = match &record.trial {
-            Trial::Race {
-                point,
-                call,
-                release,
-                on_racer: true,
-                ..
-            } => format!(
-                "CPU 0's reboot while CPU 1 is held at {point} inside {} (released {release}): {}",
-                self.w.calls[*call].pattern(),
-                sig.oracle
-            ),
+            t @ Trial::Race { on_racer: true, .. } => {
+                format!("{}: {}", t.describe(&self.w), sig.oracle)
+            }
             Trial::Race {
                 point,
                 call,

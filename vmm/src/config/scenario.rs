@@ -560,20 +560,14 @@ enum ArgKind {
 }
 
 fn arg_kind(action: Action) -> ArgKind {
+    // The protocol says which actions name a memfd ([`Action::arg_is_token`]).
+    if action.arg_is_token() {
+        return ArgKind::File;
+    }
     match action {
-        Action::CreateSession
-        | Action::RetrieveSession
-        | Action::FinishSession
-        | Action::CloseSession => ArgKind::Session,
         Action::KexecLoad | Action::Reboot => ArgKind::Nothing,
         Action::Pressure => ArgKind::Bytes,
-        Action::PreserveFd
-        | Action::RetrieveFd
-        | Action::Memfd
-        | Action::Fill
-        | Action::CheckData
-        | Action::Truncate
-        | Action::CloseFd => ArgKind::File,
+        _ => ArgKind::Session,
     }
 }
 

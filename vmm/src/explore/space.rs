@@ -1064,6 +1064,61 @@ pub fn stage2_end(w: &Workload) -> Option<Trigger> {
         .map(Trigger::Result)
 }
 
+/// A hold of a race trial: one vCPU stopped at a point while the other makes its call.
+struct Held<'a> {
+    /// Where (a function's entry or a lock site).
+    point: &'a str,
+    /// The vCPU held (its first hit there, once `after` happened).
+    vcpu: u8,
+    /// Gates the hold opens (the other vCPU's call, or the action).
+    open: Vec<Gate>,
+    /// What arms the hold.
+    after: Option<Trigger>,
+    /// The other vCPU, and the call it makes while this one is held.
+    other: u8,
+    other_call: ActionPattern,
+}
+
+impl Held<'_> {
+    /// The hold's hook and, when it ends as the other call settles, the idle hook on the
+    /// other vCPU that says the call blocked (armed by the call's start).
+    fn hooks(self, release: Release, hold_max: Duration) -> Vec<Hook> {
+        let (max, release_when, timed) = match release {
+            Release::Settled => (
+                hold_max,
+                vec![
+                    Trigger::Result(self.other_call),
+                    Trigger::Hook("blocked".into()),
+                ],
+                false,
+            ),
+            Release::AfterMs(ms) => (Duration::from_millis(ms), vec![], true),
+        };
+        let mut hooks = vec![Hook {
+            name: "held".into(),
+            at: point_spec(self.point),
+            vcpus: VcpuSelect::One(self.vcpu),
+            kind: HookKind::Hold {
+                max,
+                open: self.open,
+                release: release_when,
+                timed,
+            },
+            after: self.after,
+            call: Some(1),
+        }];
+        if release == Release::Settled {
+            hooks.push(observe(
+                "blocked",
+                IDLE_SYMBOL,
+                VcpuSelect::One(self.other),
+                Some(Trigger::Start(self.other_call)),
+            ));
+        }
+        hooks
+    }
+}
+
 /// The hooks of `trial`. `hold_max`: the longest a settled hold waits; `select_all`: the
 /// hold opens the call's selector gate (the shared script's trials).
 fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> Vec<Hook> {
@@ -1101,41 +1156,18 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
             // CPU 1 held inside its call opens the action gate; the reboot settles by
             // returning (it failed) or by CPU 0 going idle (blocked on CPU 1).
             let side = side(w, false);
-            let c = &side.calls[*call];
-            let reboot = ActionPattern {
-                action: Action::Reboot,
-                arg: None,
-            };
-            let (max, release_when, timed) = match release {
-                Release::Settled => (
-                    hold_max,
-                    vec![Trigger::Result(reboot), Trigger::Hook("blocked".into())],
-                    false,
-                ),
-                Release::AfterMs(ms) => (Duration::from_millis(*ms), vec![], true),
-            };
-            let mut hooks = vec![Hook {
-                name: "held".into(),
-                at: point_spec(point),
-                vcpus: VcpuSelect::One(RACE_VCPU),
-                kind: HookKind::Hold {
-                    max,
-                    open: vec![side.action_gate],
-                    release: release_when,
-                    timed,
+            let held = Held {
+                point,
+                vcpu: RACE_VCPU,
+                open: vec![side.action_gate],
+                after: Some(Trigger::Start(side.calls[*call].pattern())),
+                other: ACTION_VCPU,
+                other_call: ActionPattern {
+                    action: Action::Reboot,
+                    arg: None,
                 },
-                after: Some(Trigger::Start(c.pattern())),
-                call: Some(1),
-            }];
-            if *release == Release::Settled {
-                hooks.push(observe(
-                    "blocked",
-                    IDLE_SYMBOL,
-                    VcpuSelect::One(ACTION_VCPU),
-                    Some(Trigger::Start(reboot)),
-                ));
-            }
-            hooks
+            };
+            held.hooks(*release, hold_max)
         }
         Trial::Race {
             point,
@@ -1145,45 +1177,20 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
             ..
         } => {
             let side = side(w, *stage2);
-            let c = &side.calls[*call];
             let mut open = Vec::new();
             if select_all {
                 open.push((side.selector)(*call));
             }
             open.push(side.race_gate);
-            let (max, release_when, timed) = match release {
-                Release::Settled => (
-                    hold_max,
-                    vec![
-                        Trigger::Result(c.pattern()),
-                        Trigger::Hook("blocked".into()),
-                    ],
-                    false,
-                ),
-                Release::AfterMs(ms) => (Duration::from_millis(*ms), vec![], true),
-            };
-            let mut hooks = vec![Hook {
-                name: "held".into(),
-                at: point_spec(point),
-                vcpus: VcpuSelect::One(ACTION_VCPU),
-                kind: HookKind::Hold {
-                    max,
-                    open,
-                    release: release_when,
-                    timed,
-                },
+            let held = Held {
+                point,
+                vcpu: ACTION_VCPU,
+                open,
                 after,
-                call: Some(1),
-            }];
-            if *release == Release::Settled {
-                hooks.push(observe(
-                    "blocked",
-                    IDLE_SYMBOL,
-                    VcpuSelect::One(RACE_VCPU),
-                    Some(Trigger::Start(c.pattern())),
-                ));
-            }
-            hooks
+                other: RACE_VCPU,
+                other_call: side.calls[*call].pattern(),
+            };
+            held.hooks(*release, hold_max)
         }
         Trial::Fail {
             function,
