@@ -332,20 +332,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn initial_values_of_data_symbols() {
-        // A real compiler's object file: `nr_cpu_ids` in .data with its initial value, a
-        // .bss symbol with no file bytes.
-        let dir = std::env::temp_dir().join(format!("luo-initial-u32-{}", std::process::id()));
+    /// The object file `cc -c FLAGS` makes of C `source` (a real compiler's ELF).
+    fn compile(name: &str, source: &str, flags: &[&str]) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("luo-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (src, obj) = (dir.join("smp.c"), dir.join("smp.o"));
-        std::fs::write(
-            &src,
-            "unsigned int before = 7;\nunsigned int nr_cpu_ids = 64;\nunsigned int in_bss;\n",
-        )
-        .unwrap();
+        let (src, obj) = (dir.join("t.c"), dir.join("t.o"));
+        std::fs::write(&src, source).unwrap();
         let status = std::process::Command::new("cc")
-            .args(["-c", "-O0"])
+            .arg("-c")
+            .args(flags)
             .arg(&src)
             .arg("-o")
             .arg(&obj)
@@ -354,6 +349,18 @@ mod tests {
         assert!(status.success());
         let data = std::fs::read(&obj).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+        data
+    }
+
+    #[test]
+    fn initial_values_of_data_symbols() {
+        // A real compiler's object file: `nr_cpu_ids` in .data with its initial value, a
+        // .bss symbol with no file bytes.
+        let data = compile(
+            "initial-u32",
+            "unsigned int before = 7;\nunsigned int nr_cpu_ids = 64;\nunsigned int in_bss;\n",
+            &["-O0"],
+        );
         assert_eq!(initial_u32(&data, "nr_cpu_ids"), Some(64));
         assert_eq!(initial_u32(&data, "before"), Some(7));
         assert_eq!(initial_u32(&data, "in_bss"), None);
@@ -365,24 +372,11 @@ mod tests {
     #[test]
     fn function_code_comes_from_the_symbol_table_and_its_section() {
         // A real compiler's object file: two functions of known sizes in .text.
-        let dir = std::env::temp_dir().join(format!("luo-function-code-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (src, obj) = (dir.join("f.c"), dir.join("f.o"));
-        std::fs::write(
-            &src,
+        let data = compile(
+            "function-code",
             "int g(int x) { return x + 1; }\nint f(int x) { return g(x) * 3; }\nint d = 5;\n",
-        )
-        .unwrap();
-        let status = std::process::Command::new("cc")
-            .args(["-c", "-O1", "-fno-inline", "-fcf-protection=none"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&obj)
-            .status()
-            .expect("cc (gcc) is needed for this test");
-        assert!(status.success());
-        let data = std::fs::read(&obj).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+            &["-O1", "-fno-inline", "-fcf-protection=none"],
+        );
         let elf = ElfFile64::<Endianness>::parse(&*data).unwrap();
         let addr = |n: &str| {
             elf.symbols()
