@@ -164,25 +164,15 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     let (stdout, _) = text(&o);
     assert!(stdout.contains("--time reached"), "{stdout}");
     let mapped = trial_ids(&out);
-    // The point, then what each racing call reaches on CPU 1 (for holds there).
-    assert_eq!(
-        mapped[..2],
-        ["baseline", "map:luo_flb_serialize"],
-        "{stdout}"
-    );
-    assert_eq!(mapped.len(), 2 + 10, "{mapped:?}");
-    assert!(
-        mapped[2..]
-            .iter()
-            .all(|m| m.starts_with("map:luo_flb_serialize@")),
-        "{mapped:?}"
-    );
+    // The point alone: it returns nothing, so no map of what each call reaches with it on
+    // CPU 1 (those are of the fallible functions).
+    assert_eq!(mapped, ["baseline", "map:luo_flb_serialize"], "{stdout}");
     // Resumed: the map is not run again, every search trial runs once.
     let mut second = base.to_vec();
     second.push("--resume");
     let o = luo_vmm(&second);
     let (stdout, stderr) = text(&o);
-    assert!(stdout.contains("resumed: 12 trials done"), "{stdout}");
+    assert!(stdout.contains("resumed: 2 trials done"), "{stdout}");
     assert!(!stdout.contains(" map]"), "the map ran again: {stdout}");
     assert_eq!(
         o.status.code(),
