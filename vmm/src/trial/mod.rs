@@ -28,7 +28,7 @@ use crate::report::RoundSeen;
 use crate::run::guest::{GuestError, GuestMachine, GuestOutcome, ResolvedGuest, SnapshotPoint};
 use crate::run::next::KernelSequence;
 use crate::watch::intercept::{
-    session_end_starts, EndMarks, InterceptPoint, Interception, Interceptor, WrittenPages,
+    EndMarks, InterceptPoint, Interception, Interceptor, SessionEnds, WrittenPages,
 };
 use crate::watch::schedule::{ArmedHook, ScheduleLog, Scheduler, TimelineEntry};
 
@@ -101,6 +101,9 @@ struct ScenarioObserver {
     snapshot_ignores_interception: bool,
     /// [`RunPlan::watch_preserved`].
     watch: Option<PreservedWatch>,
+    /// Which messages start a session's end in the next kernel (the dirty log is read
+    /// there: [`EndMarks`]).
+    session_ends: SessionEnds,
 }
 
 /// A preserved set whose written pages the run reads from the dirty log as each session's
@@ -131,6 +134,7 @@ impl ScenarioObserver {
                 ends: std::sync::Mutex::default(),
                 written: std::sync::Mutex::default(),
             }),
+            session_ends: SessionEnds::default(),
         }
     }
 
@@ -188,7 +192,7 @@ impl RunObserver for ScenarioObserver {
 
     fn on_probe_now(&self, ev: &ProbeEvent, dirty: &DirtyLog) {
         self.scheduler.on_probe(ev);
-        if let Some(session) = session_end_starts(ev) {
+        if let Some(session) = self.session_ends.starts(ev) {
             match &self.watch {
                 Some(watch) => match dirty.take() {
                     Ok(maps) => watch

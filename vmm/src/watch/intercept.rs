@@ -743,21 +743,39 @@ pub(crate) type WrittenPages = (
     std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
 );
 
-/// The session whose end (`finish`, or `close`, which finishes a retrieved session)
-/// `ev` announces the start of, by name.
-pub(crate) fn session_end_starts(ev: &ProbeEvent) -> Option<String> {
-    match &ev.item {
-        Ok(luo_protocol::message::Message::ActionStart {
-            action:
-                luo_protocol::message::Action::FinishSession
-                | luo_protocol::message::Action::CloseSession,
-            arg,
-            ..
-        }) => {
-            let s = u32::try_from(*arg).ok()?;
-            Some(luo_protocol::workload::Memfds::session_name(s).to_string())
+/// Tells which probe messages start a session's end in the next kernel: the agent's
+/// `finish` or `close` announcements (a `close` finishes a retrieved session) after it
+/// said it runs stage 2. A stage-1 `close` of the same session, replayed to a run from a
+/// snapshot taken in stage 2, is none.
+#[derive(Debug, Default)]
+pub(crate) struct SessionEnds {
+    /// The agent's last `Boot` message said stage 2.
+    stage2: std::sync::atomic::AtomicBool,
+}
+
+impl SessionEnds {
+    /// The session, by name, whose end `ev` announces the start of.
+    pub(crate) fn starts(&self, ev: &ProbeEvent) -> Option<String> {
+        use luo_protocol::message::{Action, Message};
+        use std::sync::atomic::Ordering;
+        match &ev.item {
+            Ok(Message::Boot { stage, .. }) => {
+                self.stage2.store(
+                    *stage == luo_protocol::workload::Stage::Two,
+                    Ordering::SeqCst,
+                );
+                None
+            }
+            Ok(Message::ActionStart {
+                action: Action::FinishSession | Action::CloseSession,
+                arg,
+                ..
+            }) if self.stage2.load(Ordering::SeqCst) => {
+                let s = u32::try_from(*arg).ok()?;
+                Some(luo_protocol::workload::Memfds::session_name(s).to_string())
+            }
+            _ => None,
         }
-        _ => None,
     }
 }
 
@@ -951,6 +969,38 @@ impl std::fmt::Display for HookTime {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_session_s_end_starts_in_stage_2_only() {
+        use luo_protocol::message::{Action, Message};
+        use luo_protocol::workload::Stage;
+        let ev = |item| ProbeEvent {
+            item: Ok(item),
+            at: Instant::now(),
+        };
+        let boot = |stage| ev(Message::Boot { stage, round: 0 });
+        let start = |action, arg| {
+            ev(Message::ActionStart {
+                seq: 1,
+                action,
+                arg,
+            })
+        };
+        let ends = SessionEnds::default();
+        assert_eq!(ends.starts(&boot(Stage::One)), None);
+        // Stage 1's racing close (replayed to a stage-2 run) is no end in the next kernel.
+        assert_eq!(ends.starts(&start(Action::CloseSession, 1)), None);
+        assert_eq!(ends.starts(&boot(Stage::Two)), None);
+        assert_eq!(
+            ends.starts(&start(Action::FinishSession, 0)).as_deref(),
+            Some("luo-vmm-s0")
+        );
+        assert_eq!(
+            ends.starts(&start(Action::CloseSession, 1)).as_deref(),
+            Some("luo-vmm-s1")
+        );
+        assert_eq!(ends.starts(&start(Action::RetrieveSession, 0)), None);
+    }
+
     #[test]
     fn each_session_s_end_keeps_what_was_written_before_it() {
         let mut b = ExtentSet::builder();
