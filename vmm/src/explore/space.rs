@@ -1070,6 +1070,11 @@ pub fn stage2_end(w: &Workload) -> Option<Trigger> {
         .map(Trigger::Result)
 }
 
+/// How long CPU 0's reboot may go on, neither returned nor idle, while CPU 1 is held: the
+/// reboot waits for every CPU without sleeping (`stop_machine()` to take CPU 1 down,
+/// `stop_other_cpus()`), so a hold on CPU 1 that nothing else settles ends then.
+pub const REBOOT_SPIN: Duration = Duration::from_secs(3);
+
 /// A hold of a race trial: one vCPU stopped at a point while the other makes its call.
 struct Held<'a> {
     /// Where (a function's entry or a lock site).
@@ -1083,6 +1088,10 @@ struct Held<'a> {
     /// The other vCPU, and the call it makes while this one is held.
     other: u8,
     other_call: ActionPattern,
+    /// The other call may wait for the held vCPU without sleeping (the reboot stops every
+    /// CPU: `stop_machine()`, IPIs answered with interrupts on, spinning, never idle):
+    /// a settled hold also ends after this long, as a release, not as undecided.
+    spins: Option<Duration>,
 }
 
 impl Held<'_> {
@@ -1091,12 +1100,12 @@ impl Held<'_> {
     fn hooks(self, release: Release, hold_max: Duration) -> Vec<Hook> {
         let (max, release_when, timed) = match release {
             Release::Settled => (
-                hold_max,
+                self.spins.map_or(hold_max, |d| d.min(hold_max)),
                 vec![
                     Trigger::Result(self.other_call),
                     Trigger::Hook("blocked".into()),
                 ],
-                false,
+                self.spins.is_some(),
             ),
             Release::AfterMs(ms) => (Duration::from_millis(ms), vec![], true),
         };
@@ -1172,6 +1181,7 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
                     action: Action::Reboot,
                     arg: None,
                 },
+                spins: Some(REBOOT_SPIN),
             };
             held.hooks(*release, hold_max)
         }
@@ -1195,6 +1205,7 @@ fn hooks(w: &Workload, trial: &Trial, hold_max: Duration, select_all: bool) -> V
                 after,
                 other: RACE_VCPU,
                 other_call: side.calls[*call].pattern(),
+                spins: None,
             };
             held.hooks(*release, hold_max)
         }
@@ -1511,7 +1522,12 @@ mod tests {
             Some(Trigger::Start(w.calls[3].pattern())),
             "armed by its call: not at the call's preparation"
         );
-        assert!(matches!(&held.kind, HookKind::Hold { open, .. } if open == &[gate(ACTION_GATE)]));
+        // The reboot waits for CPU 1 spinning (stop_machine), never idle: a settled hold
+        // there also ends after REBOOT_SPIN, as a release.
+        assert!(
+            matches!(&held.kind, HookKind::Hold { open, max, timed: true, .. }
+            if open == &[gate(ACTION_GATE)] && *max == REBOOT_SPIN)
+        );
         assert_eq!(sc.hooks[1].vcpus, VcpuSelect::One(ACTION_VCPU));
         // Its finding's file has the same order: the call at once, the reboot by the hold.
         let (f, _) = written_back(&w, &racer, "racer", None);

@@ -30,6 +30,19 @@ pub enum StateError {
         /// Its error.
         source: kvm_ioctls::Error,
     },
+    /// KVM accepted a register but reads back another value: the guest would go on from a
+    /// state that is not the snapshot's.
+    #[error("vCPU {vcpu}: {register} reads back {got:#x} after a restore of {wanted:#x}: this KVM did not take the saved state back")]
+    NotTaken {
+        /// The vCPU.
+        vcpu: u8,
+        /// Which register.
+        register: &'static str,
+        /// The saved value.
+        wanted: u64,
+        /// What KVM reads back.
+        got: u64,
+    },
     /// KVM took fewer MSRs than were saved, and skipping the one it refused did not help.
     #[error("vCPU {vcpu}: KVM_SET_MSRS: KVM refused MSR {index:#x} of the saved ones")]
     MsrRefused {
@@ -123,7 +136,36 @@ impl VcpuState {
             .map_err(kvm_err(who(), "KVM_SET_LAPIC"))?;
         write_msrs(self.id, fd, &self.msrs)?;
         fd.set_vcpu_events(&self.events)
-            .map_err(kvm_err(who(), "KVM_SET_VCPU_EVENTS"))
+            .map_err(kvm_err(who(), "KVM_SET_VCPU_EVENTS"))?;
+        self.verify(fd)
+    }
+
+    /// Reads back what the guest resumes with (where it is, its stack, its page tables,
+    /// its thread-local bases and the kernel's per-CPU base) and says which one KVM did not
+    /// take: a KVM that accepts a value and keeps another would let the guest run on in a
+    /// mix of two states.
+    fn verify(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        let who = || format!("vCPU {}", self.id);
+        let regs = fd.get_regs().map_err(kvm_err(who(), "KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err(who(), "KVM_GET_SREGS"))?;
+        let pairs = [
+            ("rip", self.regs.rip, regs.rip),
+            ("rsp", self.regs.rsp, regs.rsp),
+            ("cr3", self.sregs.cr3, sregs.cr3),
+            ("fs.base", self.sregs.fs.base, sregs.fs.base),
+            ("gs.base", self.sregs.gs.base, sregs.gs.base),
+        ];
+        for (register, wanted, got) in pairs {
+            if wanted != got {
+                return Err(StateError::NotTaken {
+                    vcpu: self.id,
+                    register,
+                    wanted,
+                    got,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
