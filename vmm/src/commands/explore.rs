@@ -49,6 +49,13 @@ const RELEASES: [Release; 2] = [Release::Settled, Release::AfterMs(2_000)];
 /// Runs of a finding's trial again from the snapshot to confirm it.
 const CONFIRM_RUNS: u32 = 3;
 
+/// How long after its boot the boot trials' machine is used: then it boots again. On the
+/// emulating KVM a reset cannot put the guest's clock back, and a stage-1 snapshot run on
+/// through the kexec from more than ~7 minutes back left the first kernel's agent with a
+/// zeroed thread pointer (docs/explore.md, "The next kernel's boot"); within this, dozens
+/// of trials ran clean.
+const BOOT_SNAPSHOT_AGE: Duration = Duration::from_secs(250);
+
 /// Largest workload or points file read.
 const MAX_INPUT: u64 = 1 << 20;
 
@@ -524,8 +531,65 @@ impl Explorer {
         self.earlier_s + self.started.elapsed().as_secs_f64()
     }
 
+    /// Boots `b`'s machine (a baseline: the workload alone), which keeps the snapshot its
+    /// trials reset to; refused when it kept none. Its run bound: `--hang-after`, and for
+    /// the boot trials' machine twice this boot besides (they go through a kexec and a
+    /// whole boot).
+    fn run_baseline(
+        &self,
+        machines: &mut Machines,
+        b: &Trial,
+        out: &Path,
+    ) -> Result<TrialRecord, ExploreError> {
+        let t0 = Instant::now();
+        if b.boot() {
+            machines.boot = None;
+        }
+        let base = self.run(machines, b, out, "")?;
+        let m = machines.of(b);
+        if !m.as_ref().is_some_and(GuestMachine::has_snapshot) {
+            let why = m
+                .as_ref()
+                .and_then(GuestMachine::no_snapshot)
+                .unwrap_or("the workload never waited at its gates")
+                .to_owned();
+            return Err(options(format!(
+                "the workload did not reach the action under test{} with a snapshot ({why}); see {}",
+                if b.stage2() { " in stage 2" } else { "" },
+                out.join(base.log.as_deref().unwrap_or("logs")).display()
+            )));
+        }
+        println!(
+            "booted and kept {} snapshot in {:.1} s; {}: {} ({})",
+            if b.stage2() {
+                "stage 2's"
+            } else if b.boot() {
+                "stage 1's (for the boot trials)"
+            } else {
+                "stage 1's"
+            },
+            t0.elapsed().as_secs_f64(),
+            base.id,
+            base.verdict.name(),
+            base.verdict.because().join("; ")
+        );
+        if let Some(m) = m.as_mut() {
+            m.set_run_bound(if b.boot() {
+                self.hang_after + t0.elapsed() * 2
+            } else {
+                self.hang_after
+            });
+        }
+        if b.boot() {
+            machines.boot_since = Some(Instant::now());
+        }
+        Ok(base)
+    }
+
     /// Runs `trial` (booting the machine if it has no snapshot yet), judges it, keeps its
-    /// log if it is a finding.
+    /// log if it is a finding. A boot trial's machine is booted first when it has none,
+    /// or again when its snapshot is older than [`BOOT_SNAPSHOT_AGE`] (its baseline's
+    /// record goes to `machines.baselines`).
     fn run(
         &self,
         machines: &mut Machines,
@@ -533,6 +597,15 @@ impl Explorer {
         out: &Path,
         log_suffix: &str,
     ) -> Result<TrialRecord, ExploreError> {
+        if trial.boot()
+            && *trial != Trial::BaselineBoot
+            && machines
+                .boot_since
+                .is_none_or(|t| t.elapsed() > BOOT_SNAPSHOT_AGE)
+        {
+            let base = self.run_baseline(machines, &Trial::BaselineBoot, out)?;
+            machines.baselines.push(base);
+        }
         let id = trial.id(&self.w);
         let sc = trial_scenario(&self.w, trial, self.vcpus, self.hold_max);
         let log_rel = format!("logs/{}{log_suffix}.log", log_name(&id));
@@ -791,6 +864,10 @@ struct Machines {
     /// kernel's boot (booted like stage 2's, `init_on_free=1`, intercepted with the dirty
     /// log: the leak check since the next kernel started).
     boot: Option<GuestMachine>,
+    /// When `boot` was booted (its baseline's end).
+    boot_since: Option<Instant>,
+    /// Baselines run on the way to a trial (the boot trials' machine), to record.
+    baselines: Vec<TrialRecord>,
 }
 
 impl Machines {
@@ -1063,53 +1140,9 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     if !ex.w.calls2.is_empty() && args.stage.has(true) {
         baselines.push(Trial::Baseline2);
     }
-    // The boot trials' machine, when there are any.
-    if !ex.w.calls2.is_empty()
-        && args.stage.has_boot()
-        && args.mode.fails()
-        && fallible.iter().any(|f| f.init)
-    {
-        baselines.push(Trial::BaselineBoot);
-    }
+    // The boot trials' machine boots when the first of them comes (they come last).
     for b in baselines {
-        let t0 = Instant::now();
-        let base = ex.run(&mut machines, &b, &out, "")?;
-        let m = machines.of(&b);
-        if !m.as_ref().is_some_and(GuestMachine::has_snapshot) {
-            let why = m
-                .as_ref()
-                .and_then(GuestMachine::no_snapshot)
-                .unwrap_or("the workload never waited at its gates")
-                .to_owned();
-            return Err(options(format!(
-                "the workload did not reach the action under test{} with a snapshot ({why}); see {}",
-                if b.stage2() { " in stage 2" } else { "" },
-                out.join(base.log.as_deref().unwrap_or("logs")).display()
-            )));
-        }
-        println!(
-            "booted and kept {} snapshot in {:.1} s; {}: {} ({})",
-            if b.stage2() {
-                "stage 2's"
-            } else if b.boot() {
-                "stage 1's (for the boot trials)"
-            } else {
-                "stage 1's"
-            },
-            t0.elapsed().as_secs_f64(),
-            base.id,
-            base.verdict.name(),
-            base.verdict.because().join("; ")
-        );
-        if let Some(m) = m.as_mut() {
-            // A boot trial goes through the kexec and a whole boot: it is bounded by twice
-            // the boot that kept its snapshot, and the hang bound.
-            m.set_run_bound(if b.boot() {
-                args.hang_after + t0.elapsed() * 2
-            } else {
-                args.hang_after
-            });
-        }
+        let base = ex.run_baseline(&mut machines, &b, &out)?;
         if !done.contains(&base.id) {
             store.append(base)?;
         }
@@ -1190,6 +1223,11 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             break;
         }
         let r = ex.run(&mut machines, t, &out, "")?;
+        for base in machines.baselines.drain(..) {
+            if !done.contains(&base.id) && !store.done.iter().any(|d| d.id == base.id) {
+                store.append(base)?;
+            }
+        }
         progress(i + 1, planned.len(), "search", &r, &ex.w);
         store.append(r)?;
         write_findings(&ex, &store.done, &out, &mut written)?;

@@ -843,8 +843,9 @@ pub fn map_trials(
 /// The search trials, in a deterministic order: for `mode`, race trials at the points
 /// reached on the action's vCPU × calls × `releases`, in each stage searched; fail trials
 /// for the fallible functions reached (in the reboot, in each racing call made first, in
-/// stage 2), on calls 1..=min(calls, [`MAX_FAIL_CALLS`]); then shuffled by `seed` (so a
-/// budget samples the whole space, and the same seed gives the same list).
+/// stage 2), on calls 1..=min(calls, [`MAX_FAIL_CALLS`]), and the `__init` ones once in the
+/// next kernel's boot; then shuffled by `seed` (so a budget samples the whole space, and
+/// the same seed gives the same list), the boot trials last.
 pub fn search_trials(
     w: &Workload,
     mode: Mode,
@@ -945,6 +946,9 @@ pub fn search_trials(
         }
     }
     shuffle(&mut out, seed);
+    // The boot trials last, together: their machine boots for them (and again when its
+    // snapshot is old), not while the others run.
+    out.sort_by_key(Trial::boot);
     out
 }
 
@@ -1542,6 +1546,7 @@ mod tests {
             boot: true,
         };
         assert!(one.contains(&boot));
+        assert_eq!(one.last(), Some(&boot), "the boot trials come last");
         assert_eq!(boot.id(&w), "fail-boot:b:1");
         assert!(boot.boot() && !boot.stage2());
         // It runs through the kexec to the end of stage 2, `init_on_free=1` like stage 2,
