@@ -65,6 +65,32 @@ fn bad_input_is_refused_before_a_guest_boots() {
         &["--points", points.to_str().unwrap(), "--out", out_s],
         "luo_global is not a function of the kernel",
     );
+    // No `__init` function among the points: nothing to fail in the next kernel's boot.
+    std::fs::write(&points, "luo_session_serialize\n").unwrap();
+    refused(
+        &[
+            "--stage",
+            "boot",
+            "--mode",
+            "fail",
+            "--points",
+            points.to_str().unwrap(),
+            "--out",
+            out_s,
+        ],
+        "--stage boot: none of the 1 points is an `__init` function",
+    );
+    // A variant and a source tree are two kernels.
+    let o = luo_vmm(&[
+        "explore",
+        "--variant",
+        "debug",
+        "--source",
+        "/tmp",
+        "--out",
+        out_s,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o).1);
     // Only fail mode searches the next kernel's boot.
     refused(
         &["--stage", "boot", "--mode", "race", "--out", out_s],

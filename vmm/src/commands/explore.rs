@@ -1007,6 +1007,12 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             points.len()
         )));
     }
+    if args.stage == ExploreStage::Boot && !fallible.iter().any(|f| f.init) {
+        return Err(options(format!(
+            "--stage boot: none of the {} points is an `__init` function that can fail: nothing to make fail in the next kernel's boot",
+            points.len()
+        )));
+    }
     // Every kind of trial arms within the debug registers (a race trial needs the most).
     let probe_race = |stage2, on_racer| Trial::Race {
         point: points[0].clone(),
@@ -1098,12 +1104,13 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         deliberate_panics,
     };
     println!(
-        "explore {} ({}): {} points{}, {} fallible, {}; mode {}, seed {}; results in {}{}",
+        "explore {} ({}): {} point{}{}, {} fallible, {}; mode {}, seed {}; results in {}{}",
         ex.kernel,
         ex.variant
             .as_deref()
             .map_or("the reference kernel".into(), |v| format!("variant {v}")),
         points.len(),
+        if points.len() == 1 { "" } else { "s" },
         match ex.w.sites.len() {
             0 => String::new(),
             n => format!(" ({n} of them lock sites)"),
@@ -1113,7 +1120,8 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             args.stage,
             ex.w.calls.len(),
             ex.w.calls2.len(),
-            if args.mode.fails() {
+            // Boot trials run on to the end of stage 2: a workload without one has none.
+            if args.mode.fails() && !ex.w.calls2.is_empty() {
                 fallible.iter().filter(|f| f.init).count()
             } else {
                 0
@@ -1189,6 +1197,14 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         &ex.w, args.mode, &points, &fallible, &reach, &RELEASES, args.seed,
     );
     trials.retain(wanted);
+    if trials.is_empty() {
+        return Err(options(format!(
+            "the workload reaches none of the {} point{} where a trial could act (the map's lines above; {}): nothing to search",
+            points.len(),
+            if points.len() == 1 { "" } else { "s" },
+            out.join("trials.jsonl").display()
+        )));
+    }
     // The budget takes the first trials of the list; a shard takes every N-th of those.
     let budget = args.budget.map_or(trials.len(), |b| {
         usize::try_from(b).unwrap_or(usize::MAX).min(trials.len())

@@ -228,7 +228,7 @@ pub struct ExploreArgs {
     #[arg(long)]
     pub variant: Option<String>,
     /// Explore the kernel of this source tree (built like the reference, out of tree).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "variant")]
     pub source: Option<PathBuf>,
     /// The workload: a scenario file whose CPU-0 thread waits at `gate 1` right before
     /// its `reboot` (default: two sessions with a memfd each; docs/explore.md).

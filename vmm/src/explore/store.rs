@@ -206,7 +206,11 @@ impl Manifest {
         let a = serde_json::to_value(self).ok()?;
         let b = serde_json::to_value(other).ok()?;
         let (a, b) = (a.as_object()?, b.as_object()?);
-        a.iter().find_map(|(k, v)| {
+        // The script follows from the rest (the stages searched, the workload): a field
+        // that differs is named before it.
+        let mut fields: Vec<(&String, &serde_json::Value)> = a.iter().collect();
+        fields.sort_by_key(|(k, _)| k.as_str() == "script");
+        fields.into_iter().find_map(|(k, v)| {
             let w = b.get(k).unwrap_or(&serde_json::Value::Null);
             (v != w).then(|| format!("{k}: {v} here, {w} there"))
         })
@@ -454,6 +458,17 @@ mod tests {
             at_s: 1.5,
             log: None,
         }
+    }
+
+    #[test]
+    fn a_mismatch_names_the_stage_before_the_script_it_makes() {
+        let m = manifest();
+        let mut other = m.clone();
+        other.stage = crate::config::options::ExploreStage::One;
+        other.script = "luo.script1=another".into();
+        let said = m.mismatch(&other).unwrap();
+        assert!(said.starts_with("stage: "), "{said}");
+        assert_eq!(m.mismatch(&m), None);
     }
 
     #[test]
