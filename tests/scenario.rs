@@ -250,3 +250,18 @@ fn a_failed_memfd_retrieve_frees_preserved_folios_on_the_reference_kernel() {
         "{t:?}"
     );
 }
+
+#[test]
+fn a_failed_kho_init_frees_the_incoming_scratch_on_the_reference_kernel() {
+    let (code, stdout, report) = scenario("scratch", &["kho-init-error-frees-incoming-scratch"]);
+    assert!(stdout.contains("expected reproduced"), "{stdout}");
+    assert_eq!(code, Some(0), "{stdout}");
+    let run = &report["runs"][0];
+    assert_eq!(run["judgement"]["verdict"], "reproduced", "{stdout}");
+    // The hook acted in the next kernel's boot (armed by the reboot), not in this one's.
+    let t = timeline(run);
+    assert!(
+        t.iter().any(|l| l.contains("kho_debugfs_init returned -5")),
+        "{t:?}"
+    );
+}

@@ -35,7 +35,7 @@ pub const EXIT_UNEXPECTED_VERDICT: u8 = 5;
 const MAX_FILE: u64 = 1 << 20;
 
 /// The built-in scenarios (`scenarios/*.toml`), by name.
-const BUILTIN: [(&str, &str); 6] = [
+const BUILTIN: [(&str, &str); 7] = [
     (
         "session-close-during-reboot",
         include_str!("../../../scenarios/session-close-during-reboot.toml"),
@@ -59,6 +59,10 @@ const BUILTIN: [(&str, &str); 6] = [
     (
         "memfd-retrieve-frees-preserved-folios",
         include_str!("../../../scenarios/memfd-retrieve-frees-preserved-folios.toml"),
+    ),
+    (
+        "kho-init-error-frees-incoming-scratch",
+        include_str!("../../../scenarios/kho-init-error-frees-incoming-scratch.toml"),
     ),
 ];
 
