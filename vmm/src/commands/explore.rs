@@ -1461,26 +1461,23 @@ open_when = "wait 5"
 
     #[test]
     fn the_header_counts_the_racing_calls_of_the_stages_searched() {
-        assert_eq!(
-            racing_counts(ExploreStage::One, 10, 0, 3),
-            "10 racing calls"
-        );
-        assert_eq!(
-            racing_counts(ExploreStage::Both, 10, 8, 3),
-            "10 racing calls in stage 1, 8 in stage 2"
-        );
-        assert_eq!(
-            racing_counts(ExploreStage::Two, 10, 8, 3),
-            "8 racing calls in stage 2"
-        );
-        assert_eq!(
-            racing_counts(ExploreStage::All, 10, 8, 3),
-            "10 racing calls in stage 1, 8 in stage 2, 3 boot functions to fail"
-        );
-        assert_eq!(
-            racing_counts(ExploreStage::Boot, 10, 8, 3),
-            "3 boot functions to fail"
-        );
+        for (stage, calls2, want) in [
+            (ExploreStage::One, 0, "10 racing calls"),
+            (
+                ExploreStage::Both,
+                8,
+                "10 racing calls in stage 1, 8 in stage 2",
+            ),
+            (ExploreStage::Two, 8, "8 racing calls in stage 2"),
+            (
+                ExploreStage::All,
+                8,
+                "10 racing calls in stage 1, 8 in stage 2, 3 boot functions to fail",
+            ),
+            (ExploreStage::Boot, 8, "3 boot functions to fail"),
+        ] {
+            assert_eq!(racing_counts(stage, 10, calls2, 3), want, "{stage:?}");
+        }
     }
 
     #[test]
