@@ -429,30 +429,23 @@ pub(crate) fn restore_fail_messages(source: &str) -> Vec<String> {
 /// [`restore_fail_messages`] of every source the kernel's list names (none when it has no
 /// list).
 pub(crate) fn read_restore_fail_messages(kernel_dir: &Path) -> Vec<String> {
-    let dir = kernel_dir.join("liveupdate");
-    let list = dir.join("functions");
-    let Ok(text) = read_small(&list) else {
+    let Ok((_, sources)) = read_sources(kernel_dir) else {
         return vec![];
     };
-    let Ok(functions) = parse_functions(&text, &list) else {
-        return vec![];
-    };
-    let files: BTreeSet<&str> = functions.iter().map(|(f, _)| f.as_str()).collect();
-    let mut out = BTreeSet::new();
-    for file in files {
-        if file.split('/').any(|c| c == ".." || c.is_empty()) {
-            continue;
-        }
-        if let Ok(src) = read_small(&dir.join(file)) {
-            out.extend(restore_fail_messages(&src));
-        }
-    }
-    out.into_iter().collect()
+    let messages: BTreeSet<String> = sources
+        .values()
+        .flat_map(|src| restore_fail_messages(src))
+        .collect();
+    messages.into_iter().collect()
 }
 
-/// The LUO/KHO functions of the kernel whose build directory (`kernels/<key>/`, where its
-/// vmlinux is) is `kernel_dir`.
-pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeError> {
+/// The kernel's list of LUO/KHO functions, `(file, function)`, and the source of each file
+/// it names, by path.
+type Sources = (Vec<(String, String)>, BTreeMap<String, String>);
+
+/// The kernel's [`Sources`], as its build recorded them; nothing outside the recorded tree
+/// is read.
+fn read_sources(kernel_dir: &Path) -> Result<Sources, CodeError> {
     let dir = kernel_dir.join("liveupdate");
     let list = dir.join("functions");
     if !list.is_file() {
@@ -473,6 +466,13 @@ pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeErro
             sources.insert(file.clone(), text);
         }
     }
+    Ok((functions, sources))
+}
+
+/// The LUO/KHO functions of the kernel whose build directory (`kernels/<key>/`, where its
+/// vmlinux is) is `kernel_dir`.
+pub(crate) fn read_code(kernel_dir: &Path) -> Result<Vec<CodeFunction>, CodeError> {
+    let (functions, sources) = read_sources(kernel_dir)?;
     let with_source: Vec<(&str, &str)> = functions
         .iter()
         .filter_map(|(file, name)| Some((name.as_str(), sources.get(file)?.as_str())))
