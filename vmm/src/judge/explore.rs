@@ -368,6 +368,8 @@ pub fn decide(facts: &RunFacts, cause: &str) -> TrialVerdict {
         because.push(stage2_pass(facts));
     } else if facts.point_of_no_return {
         because.push("records match at point-of-no-return".to_owned());
+    } else if facts.handover_seen {
+        because.push("the handover went through; the next kernel ran no stage 2".to_owned());
     } else {
         because.push("no handover (the workload ended without one)".to_owned());
     }
@@ -414,6 +416,12 @@ mod tests {
             Some(panic)
         );
         assert!(facts.kernel_trouble.is_empty());
+        // The handover went through; the next kernel stopped in its boot.
+        facts.handover_seen = true;
+        assert_eq!(
+            decide(&facts, "x").because(),
+            ["the handover went through; the next kernel ran no stage 2"]
+        );
         // An oops before it is trouble still; another panic is trouble.
         for lines in [
             vec![
