@@ -221,6 +221,23 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     for want in ["close-session", "create-session", "preserve-fd"] {
         assert!(causes.contains(want), "no {want} race found: {findings:?}");
     }
+    // Resumed once more, complete: no guest boots, no confirmation runs again, the same
+    // findings.
+    let o = luo_vmm(&second);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(6), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("booted"),
+        "a complete exploration booted: {stdout}"
+    );
+    assert_eq!(
+        stdout.matches("again from the snapshot").count(),
+        stdout.matches("(confirmed by an earlier run)").count(),
+        "a confirmation ran again: {stdout}"
+    );
+    assert_eq!(trial_ids(&out), ids, "{stdout}");
+    let again: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(again["findings"], report["findings"]);
     // Every finding is a scenario file `scenario` accepts, on the variant it was found on.
     for f in findings {
         let file = out.join(f["scenario"].as_str().unwrap());

@@ -265,3 +265,40 @@ fn a_failed_kho_init_frees_the_incoming_scratch_on_the_reference_kernel() {
         "{t:?}"
     );
 }
+
+/// A hook no breakpoint could fire at (inside an instruction, past its function's end, on
+/// data, where the interception itself breaks) is refused before a guest boots, by
+/// `check` and by `run` alike, as `explore --points` refuses such a point.
+#[test]
+fn a_hook_that_could_never_fire_is_refused_before_a_boot() {
+    reference_image();
+    let builtin = include_str!("../scenarios/session-close-during-reboot.toml");
+    let path = std::env::temp_dir().join(format!("bad-hook-{}.toml", std::process::id()));
+    for (at, why) in [
+        (
+            "luo_flb_serialize+0x3",
+            "offset 0x3 of luo_flb_serialize: not an instruction boundary",
+        ),
+        ("luo_flb_serialize+0x100000", "past its end"),
+        ("luo_global", "is not a function of the kernel"),
+        ("liveupdate_reboot", "where the interception itself breaks"),
+    ] {
+        let mine = builtin.replace("at = \"luo_flb_serialize\"", &format!("at = \"{at}\""));
+        assert_ne!(mine, builtin);
+        std::fs::write(&path, mine).unwrap();
+        for cmd in ["check", "run"] {
+            let o = luo_vmm(&["scenario", cmd, path.to_str().unwrap()]);
+            let (stdout, stderr) = text(&o);
+            assert_eq!(o.status.code(), Some(1), "{cmd} {at}: {stdout}\n{stderr}");
+            assert!(
+                stderr.contains(&format!("hook serialized: {at}")) && stderr.contains(why),
+                "{cmd} {at}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("guest agent up") && !stdout.contains("run 1"),
+                "{cmd} {at}: a guest booted: {stdout}\n{stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luo_handover::extents::ExtentSet;
-use luo_handover::symbols::{function_code, FunctionCode, KernelSymbols};
+use luo_handover::symbols::KernelSymbols;
 use luo_protocol::probe::Gate;
 use luo_protocol::script::Step;
 use serde::Serialize;
@@ -23,14 +23,15 @@ use crate::config::scenario::{
 use crate::config::trace::TraceSpec;
 use crate::explore::code::{read_code, read_restore_fail_messages, CodeError, Fallible};
 use crate::explore::findings::{deterministic, group, plot, slug, table, totals, Finding, Totals};
-use crate::explore::sites::{check_offset, lock_sites, LOCK_FUNCTIONS};
+use crate::explore::sites::{lock_sites, PointCheck, LOCK_FUNCTIONS};
 use crate::explore::space::{
     check_workload, default_workload, explore_owns, finding_scenario, lock_words, map_trials,
     racing_calls, racing_calls2, reach_key, script, search_trials, stage_cmdline, trial_scenario,
     Reach, Release, Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL, RACE2_GATE, RACE_GATE,
 };
 use crate::explore::store::{
-    check_out, list_digest, write_atomic, Manifest, Plan, Store, StoreError, TrialRecord,
+    check_json_out, check_out, list_digest, write_atomic, Confirmation, Manifest, Plan, Store,
+    StoreError, TrialRecord,
 };
 use crate::judge::explore::{decide, excuse_deliberate_panic, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
@@ -238,24 +239,6 @@ fn lock_addresses(syms: &KernelSymbols) -> BTreeMap<u64, String> {
     out
 }
 
-/// The code of the functions `names` in the kernel file `kernel`, each at the address
-/// `syms` gives it. Empty when the file is not an ELF `vmlinux` (a bzImage has no symbol
-/// table: no lock sites) or cannot be read; a function without file bytes is left out.
-fn function_codes(
-    kernel: &Path,
-    syms: &KernelSymbols,
-    names: &[String],
-) -> std::collections::HashMap<String, FunctionCode> {
-    let wanted: Vec<(String, u64)> = names
-        .iter()
-        .filter_map(|n| syms.address(n).ok().map(|a| (n.clone(), a)))
-        .collect();
-    std::fs::read(kernel)
-        .ok()
-        .and_then(|data| function_code(&data, &wanted).ok())
-        .unwrap_or_default()
-}
-
 /// The hold points and the fallible functions: `auto` (the kernel's LUO/KHO functions
 /// with an address in its vmlinux, then the lock sites of those functions,
 /// [`crate::explore::sites`]), or the points of a file (`FUNCTION` or `FUNCTION+0xOFF`,
@@ -299,11 +282,11 @@ fn points(
             names.push(f.name);
         }
         // Then each function's lock sites, in the functions' order, each by offset.
-        let codes = function_codes(&guest.kernel, syms, &names);
+        let check = PointCheck::new(&guest.kernel, syms, &names, taken);
         let mut sites = BTreeMap::new();
         let mut site_names = Vec::new();
         for f in &names {
-            let Some(c) = codes.get(f) else { continue };
+            let Some(c) = check.code(f) else { continue };
             for site in lock_sites(&c.bytes, c.address, &locks) {
                 let name = format!("{f}+{:#x}", site.offset);
                 sites.insert(name.clone(), site.lock);
@@ -339,59 +322,28 @@ fn points(
         })
         .collect::<Result<_, _>>()?;
     let symbols: Vec<String> = parsed.iter().map(|(_, t)| t.symbol.clone()).collect();
-    let codes = function_codes(&guest.kernel, syms, &symbols);
-    // A vmlinux tells functions from data; a bzImage (its symbols from System.map) cannot.
-    let elf = std::fs::File::open(&guest.kernel)
-        .and_then(|mut f| {
-            let mut magic = [0u8; 4];
-            std::io::Read::read_exact(&mut f, &mut magic).map(|()| magic)
-        })
-        .is_ok_and(|m| m == *b"\x7fELF");
+    let check = PointCheck::new(&guest.kernel, syms, &symbols, taken);
     let mut seen = BTreeSet::new();
     let mut names = Vec::new();
     let mut sites = BTreeMap::new();
     for (n, t) in parsed {
-        let addr = syms
-            .address(&t.symbol)
-            .map_err(|e| options(format!("--points {spec}: unknown point {n:?}: {e}")))?;
-        if elf && !codes.contains_key(&t.symbol) {
-            return Err(options(format!(
-                "--points {spec}: {n}: {} is not a function of the kernel (no text symbol with a size in {}): a hold point is where code runs",
-                t.symbol,
-                guest.kernel.display()
-            )));
-        }
-        if taken.contains(&addr.wrapping_add(t.offset)) {
-            return Err(options(format!(
-                "--points {spec}: {n} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel); hold at the function it calls instead"
-            )));
-        }
+        // A hold is on CPU 0, or on CPU 1 where the map saw a call reach it.
+        check
+            .check(&n, &t, true)
+            .map_err(|why| options(format!("--points {spec}: {why}")))?;
         // One spelling per address: `F+0` is `F`, `F+42` is `F+0x2a`.
-        let name = if t.offset == 0 {
-            t.symbol.clone()
-        } else {
-            let Some(c) = codes.get(&t.symbol) else {
-                return Err(options(format!(
-                    "--points {spec}: {n}: no code of {} in {} to check the offset against (not an ELF vmlinux, or a symbol without a size up to {} bytes)",
-                    t.symbol,
-                    guest.kernel.display(),
-                    luo_handover::symbols::MAX_FUNCTION_SIZE
-                )));
-            };
-            if let Some(why) = check_offset(&c.bytes, c.address, t.offset) {
-                return Err(options(format!(
-                    "--points {spec}: {n}: offset {:#x} of {}: {why}",
-                    t.offset, t.symbol
-                )));
+        let name = match check.code(&t.symbol).filter(|_| t.offset != 0) {
+            None => t.symbol.clone(),
+            Some(c) => {
+                let name = format!("{}+{:#x}", t.symbol, t.offset);
+                if let Some(site) = lock_sites(&c.bytes, c.address, &locks)
+                    .into_iter()
+                    .find(|s| s.offset == t.offset)
+                {
+                    sites.insert(name.clone(), site.lock);
+                }
+                name
             }
-            let name = format!("{}+{:#x}", t.symbol, t.offset);
-            if let Some(site) = lock_sites(&c.bytes, c.address, &locks)
-                .into_iter()
-                .find(|s| s.offset == t.offset)
-            {
-                sites.insert(name.clone(), site.lock);
-            }
-            name
         };
         if seen.insert(name.clone()) {
             names.push(name);
@@ -586,10 +538,11 @@ impl Explorer {
         Ok(base)
     }
 
-    /// Runs `trial` (booting the machine if it has no snapshot yet), judges it, keeps its
-    /// log if it is a finding. A boot trial's machine is booted first when it has none,
-    /// or again when its snapshot is older than [`BOOT_SNAPSHOT_AGE`] (its baseline's
-    /// record goes to `machines.baselines`).
+    /// Runs `trial`, judges it, keeps its log if it is a finding. The machine it runs on
+    /// boots first, through its baseline, when it keeps no snapshot yet (a resumed
+    /// exploration boots only the machines its remaining trials need), and a boot trial's
+    /// again when its snapshot is older than [`BOOT_SNAPSHOT_AGE`]; the baseline's record
+    /// goes to `machines.baselines`.
     fn run(
         &self,
         machines: &mut Machines,
@@ -597,13 +550,18 @@ impl Explorer {
         out: &Path,
         log_suffix: &str,
     ) -> Result<TrialRecord, ExploreError> {
-        if trial.boot()
-            && *trial != Trial::BaselineBoot
-            && machines
-                .boot_since
-                .is_none_or(|t| t.elapsed() > BOOT_SNAPSHOT_AGE)
+        let base = trial.baseline();
+        if base != *trial
+            && (machines
+                .of(trial)
+                .as_ref()
+                .is_none_or(|m| !m.has_snapshot())
+                || trial.boot()
+                    && machines
+                        .boot_since
+                        .is_none_or(|t| t.elapsed() > BOOT_SNAPSHOT_AGE))
         {
-            let base = self.run_baseline(machines, &Trial::BaselineBoot, out)?;
+            let base = self.run_baseline(machines, &base, out)?;
             machines.baselines.push(base);
         }
         let id = trial.id(&self.w);
@@ -871,6 +829,17 @@ struct Machines {
 }
 
 impl Machines {
+    /// Records the baselines booted on the way to a trial, each id once (a boot trials'
+    /// machine booted again repeats its baseline).
+    fn record_baselines(&mut self, store: &mut Store) -> Result<(), ExploreError> {
+        for base in self.baselines.drain(..) {
+            if !store.done.iter().any(|d| d.id == base.id) {
+                store.append(base)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The machine `trial` runs on.
     fn of(&mut self, trial: &Trial) -> &mut Option<GuestMachine> {
         if trial.stage2() {
@@ -976,16 +945,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
     if let Some(json) = &args.json {
-        // Writable, checked without touching what is there (written whole at the end).
-        let existed = json.exists();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(json)
-            .map_err(|e| options(format!("--json {}: {e}", json.display())))?;
-        if !existed {
-            let _ = std::fs::remove_file(json);
-        }
+        check_json_out(json)?;
     }
     let guest = ResolvedGuest::resolve(&opts)?;
     let syms = load_symbols(&guest.kernel)?;
@@ -1139,7 +1099,10 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
 
     // The boots: the baseline run keeps the snapshot every stage-1 trial starts from; the
     // second baseline (when stage 2 is searched) goes through the handover and keeps stage
-    // 2's.
+    // 2's. A new exploration boots both first (a workload that does not reach the action
+    // under test is refused before any trial); a resumed one boots a machine when the
+    // first trial left for it comes, and the boot trials' machine boots when the first of
+    // them comes (they come last).
     let mut machines = Machines::default();
     let mut baselines = Vec::new();
     if args.stage.has(false) {
@@ -1148,10 +1111,9 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     if !ex.w.calls2.is_empty() && args.stage.has(true) {
         baselines.push(Trial::Baseline2);
     }
-    // The boot trials' machine boots when the first of them comes (they come last).
     for b in baselines {
-        let base = ex.run_baseline(&mut machines, &b, &out)?;
-        if !done.contains(&base.id) {
+        if !done.contains(&b.id(&ex.w)) {
+            let base = ex.run_baseline(&mut machines, &b, &out)?;
             store.append(base)?;
         }
     }
@@ -1171,6 +1133,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             continue;
         }
         let r = ex.run(&mut machines, t, &out, "")?;
+        machines.record_baselines(&mut store)?;
         progress(i + 1, map.len(), "map", &r, &ex.w);
         store.append(r)?;
     }
@@ -1239,11 +1202,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             break;
         }
         let r = ex.run(&mut machines, t, &out, "")?;
-        for base in machines.baselines.drain(..) {
-            if !done.contains(&base.id) && !store.done.iter().any(|d| d.id == base.id) {
-                store.append(base)?;
-            }
-        }
+        machines.record_baselines(&mut store)?;
         progress(i + 1, planned.len(), "search", &r, &ex.w);
         store.append(r)?;
         write_findings(&ex, &store.done, &out, &mut written)?;
@@ -1253,7 +1212,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     // written from the first candidate that gives its signature every time.
     let mut findings = group(&store.done);
     for f in &mut findings {
-        confirm(&ex, &mut machines, f, &store.done, &out)?;
+        confirm(&ex, &mut machines, f, &mut store, &out)?;
         write_finding(&ex, f, &store.done, &out)?;
     }
     let t = totals(&store.done, trials.len());
@@ -1349,49 +1308,65 @@ fn write_finding(
 
 /// Runs finding `f`'s deterministic trials (its representative first, at most three) again
 /// from the snapshot, [`CONFIRM_RUNS`] times each, until one gives its signature every
-/// time; makes that one the representative and records `k/n`.
+/// time; makes that one the representative and records `k/n`. A trial the store has
+/// confirmed already (an earlier session of this `--out`) is not run again.
 fn confirm(
     ex: &Explorer,
     machines: &mut Machines,
     f: &mut Finding,
-    records: &[TrialRecord],
+    store: &mut Store,
     out: &Path,
 ) -> Result<(), ExploreError> {
-    let mut candidates: Vec<&TrialRecord> = Vec::new();
+    let mut candidates: Vec<TrialRecord> = Vec::new();
     for id in std::iter::once(&f.first).chain(&f.trials) {
-        if let Some(r) = records.iter().find(|r| &r.id == id) {
+        if let Some(r) = store.done.iter().find(|r| &r.id == id) {
             if !candidates.iter().any(|c| c.id == r.id)
                 && (deterministic(&r.trial) || candidates.is_empty())
             {
-                candidates.push(r);
+                candidates.push(r.clone());
             }
         }
         if candidates.len() == 3 {
             break;
         }
     }
-    let mut best: Option<(&TrialRecord, u32)> = None;
+    // The representative, how many runs gave the signature, whether they ran now.
+    let mut best: Option<(TrialRecord, u32, bool)> = None;
     for c in candidates {
-        let mut same = 0;
-        for _ in 0..CONFIRM_RUNS {
-            let again = ex.run(machines, &c.trial, out, "-again")?;
-            // The first run's log is the evidence; the confirmations' are not kept.
-            if let Some(log) = &again.log {
-                let _ = std::fs::remove_file(out.join(log));
+        let (same, now) = match store.confirmation(&c.id, &f.signature) {
+            Some((same, CONFIRM_RUNS)) => (same, false),
+            _ => {
+                let mut same = 0;
+                for _ in 0..CONFIRM_RUNS {
+                    let again = ex.run(machines, &c.trial, out, "-again")?;
+                    machines.record_baselines(store)?;
+                    // The first run's log is the evidence; the confirmations' are not kept.
+                    if let Some(log) = &again.log {
+                        let _ = std::fs::remove_file(out.join(log));
+                    }
+                    if matches!(&again.verdict, TrialVerdict::Finding { signature, .. } if *signature == f.signature)
+                    {
+                        same += 1;
+                    }
+                }
+                store.append_confirmation(Confirmation {
+                    trial: c.id.clone(),
+                    signature: f.signature.clone(),
+                    same,
+                    runs: CONFIRM_RUNS,
+                })?;
+                (same, true)
             }
-            if matches!(&again.verdict, TrialVerdict::Finding { signature, .. } if *signature == f.signature)
-            {
-                same += 1;
-            }
+        };
+        let full = same == CONFIRM_RUNS;
+        if best.as_ref().is_none_or(|(_, k, _)| same > *k) {
+            best = Some((c, same, now));
         }
-        if best.is_none_or(|(_, k)| same > k) {
-            best = Some((c, same));
-        }
-        if same == CONFIRM_RUNS {
+        if full {
             break;
         }
     }
-    if let Some((r, k)) = best {
+    if let Some((r, k, now)) = best {
         f.first = r.id.clone();
         f.log = r.log.clone();
         if let TrialVerdict::Finding { because, .. } = &r.verdict {
@@ -1399,8 +1374,14 @@ fn confirm(
         }
         f.confirmed = Some(format!("{k}/{CONFIRM_RUNS}"));
         println!(
-            "finding #{}: {} again from the snapshot: {k}/{CONFIRM_RUNS} the same",
-            f.number, r.id
+            "finding #{}: {} again from the snapshot: {k}/{CONFIRM_RUNS} the same{}",
+            f.number,
+            r.id,
+            if now {
+                ""
+            } else {
+                " (confirmed by an earlier run)"
+            }
         );
     }
     Ok(())

@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::commands::explore::EXIT_FINDINGS;
 use crate::config::options::MergeArgs;
 use crate::explore::merge::{html, load_shard, merge, text, MergeError, EXIT_INCOMPLETE};
-use crate::explore::store::{write_atomic, StoreError};
+use crate::explore::store::{check_json_out, check_out, write_atomic, StoreError};
 
 /// Errors of `luo-vmm explore merge`.
 #[derive(Debug, Error)]
@@ -51,6 +51,14 @@ pub fn run(args: &MergeArgs) -> Result<u8, MergeCommandError> {
         return Err(out_err(
             "holds an exploration (a shard's --out); give the merge a directory of its own".into(),
         ));
+    }
+    // Both outputs checked before anything is read or written.
+    check_out(&args.out).map_err(|e| match e {
+        StoreError::Out { why, .. } => out_err(why),
+        e => MergeCommandError::Write(e),
+    })?;
+    if let Some(json) = &args.json {
+        check_json_out(json)?;
     }
     let inputs = args
         .dirs

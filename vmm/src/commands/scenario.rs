@@ -19,6 +19,7 @@ use thiserror::Error;
 
 use crate::config::options::{GuestOptions, Profile, ScenarioRunArgs, ScenarioTarget};
 use crate::config::scenario::{Scenario, ScenarioFileError};
+use crate::explore::sites::PointCheck;
 use crate::judge::scenario::{vote, ScenarioVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
 use crate::run::image::ImageError;
@@ -268,12 +269,23 @@ fn prepare(
         }
         None => None,
     };
-    arm(
-        &sc,
-        &syms,
-        &interceptor(&syms, next_syms.as_ref(), false, false)?,
-        vcpus,
-    )?;
+    let interceptor = interceptor(&syms, next_syms.as_ref(), false, false)?;
+    // Each hook's `at` as `explore --points` checks a point: a function, not where the
+    // interception breaks on vCPU 0, an offset at one of its instructions (a breakpoint
+    // elsewhere would never fire, and the run would say "not reproduced").
+    let names: Vec<String> = sc.hooks.iter().map(|h| h.at.symbol.clone()).collect();
+    let taken = crate::machine::vm::RunObserver::breakpoints(&interceptor, 0);
+    let check = PointCheck::new(&guest.kernel, &syms, &names, taken);
+    for h in &sc.hooks {
+        let at = match h.at.offset {
+            0 => h.at.symbol.clone(),
+            off => format!("{}+{off:#x}", h.at.symbol),
+        };
+        check
+            .check(&at, &h.at, h.vcpus.has(0))
+            .map_err(|why| ScenarioError::Options(format!("hook {}: {why}", h.name)))?;
+    }
+    arm(&sc, &syms, &interceptor, vcpus)?;
     Ok(Prepared {
         sc,
         opts,

@@ -245,13 +245,13 @@ pub struct ExploreArgs {
     pub points: String,
     /// Run at most N search trials (the map of where the workload goes comes first and
     /// is not counted).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_budget)]
     pub budget: Option<u64>,
     /// Stop starting trials after this long (e.g. 30m, 2h).
     #[arg(long, value_name = "T", value_parser = parse_duration_arg)]
     pub time: Option<std::time::Duration>,
     /// vCPUs, 2 to 8 (at least 2: the racing thread runs on CPU 1).
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_explore_vcpus)]
+    #[arg(long, value_name = "N", default_value_t = 2, allow_negative_numbers = true, value_parser = parse_explore_vcpus)]
     pub vcpus: u8,
     /// Guest memory, e.g. 512M.
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
@@ -399,7 +399,7 @@ pub struct ScenarioTarget {
     #[arg(long, value_name = "DIR")]
     pub source: Option<PathBuf>,
     /// vCPUs, 1 to 8 (default: the scenario's).
-    #[arg(long, value_name = "N", value_parser = parse_vcpus)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_vcpus)]
     pub vcpus: Option<u8>,
     /// Guest memory, e.g. 512M.
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
@@ -512,7 +512,7 @@ pub struct GuestOptions {
     #[arg(long, default_value = "512M", value_parser = parse_bytes)]
     pub mem: u64,
     /// Number of vCPUs (1 to 8).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
+    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true, value_parser = parse_vcpus)]
     pub vcpus: u8,
     /// Give up after this many seconds (at least 1; default: never).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -740,6 +740,15 @@ fn parse_vcpus(s: &str) -> Result<u8, String> {
 }
 
 /// `--vcpus N` of `explore`: 2 to [`MAX_VCPUS`] (its racing thread runs on CPU 1).
+/// `--budget N`: a count of search trials, at least 1.
+fn parse_budget(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| "a number of search trials, at least 1".to_owned())
+}
+
 fn parse_explore_vcpus(s: &str) -> Result<u8, String> {
     vcpus_in(
         s,
@@ -965,7 +974,7 @@ mod tests {
             all.extend_from_slice(args);
             Cli::try_parse_from(all).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         };
-        for n in ["0", "9", "300", "two"] {
+        for n in ["0", "-1", "9", "300", "two"] {
             for cmd in [
                 &["boot"][..],
                 &["handover"],
@@ -989,12 +998,22 @@ mod tests {
             accepted(&["scenario", "run", "x", "--vcpus", n]);
         }
         // Explore needs a racing CPU: 1 and 9 alike are the parser's to refuse.
-        for n in ["0", "1", "9", "300"] {
+        for n in ["0", "-1", "1", "9", "300"] {
             let e = refused(&["explore", "--vcpus", n]);
             assert!(
                 e.contains(&format!(
                     "'{n}' for '--vcpus <N>': explore runs 2 to 8 vCPUs (at least 2: the \
                      racing thread runs on CPU 1)"
+                )),
+                "{e}"
+            );
+        }
+        // A search budget the same way.
+        for n in ["0", "-1", "many"] {
+            let e = refused(&["explore", "--budget", n]);
+            assert!(
+                e.contains(&format!(
+                    "'{n}' for '--budget <N>': a number of search trials, at least 1"
                 )),
                 "{e}"
             );

@@ -102,6 +102,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, M
 /// kept as the reason in `records`.
 pub fn load_shard(dir: &Path) -> Result<ShardInput, MergeError> {
     let name = dir.display().to_string();
+    // Missing is a shard that never started; something else there is no shard.
+    if dir.exists() && !dir.is_dir() {
+        return Err(MergeError::Read {
+            path: dir.to_owned(),
+            why: "not a directory (a shard's --out)".into(),
+        });
+    }
     let manifest: Option<Manifest> = read_json(&dir.join("manifest.json"))?;
     let plan: Option<Plan> = read_json(&dir.join("plan.json"))?;
     let tpath = dir.join("trials.jsonl");
@@ -1100,6 +1107,12 @@ mod tests {
         write("manifest.json", "{}".into());
         let e = load_shard(&dir).unwrap_err().to_string();
         assert!(e.contains("manifest.json"), "{e}");
+        // A file given as a shard: named as not one.
+        let e = load_shard(&dir.join("plan.json")).unwrap_err().to_string();
+        assert!(
+            e.ends_with("plan.json: not a directory (a shard's --out)"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

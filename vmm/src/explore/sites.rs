@@ -17,9 +17,13 @@
 //! thunks): those keep a direct `call`'s length, so its return address does not move.
 //! Nothing here panics on any bytes: the kernel image is input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+use luo_handover::symbols::{function_code, FunctionCode, KernelSymbols, MAX_FUNCTION_SIZE};
+
+use crate::config::trace::TraceSpec;
 
 /// The functions that acquire a lock and return holding it, by name, as `vmlinux` defines
 /// them on x86-64 (Linux 7.2: kernel/locking/{mutex,rwsem,spinlock}.c). `mutex_lock` and
@@ -159,6 +163,93 @@ pub(crate) fn check_offset(bytes: &[u8], start: u64, offset: u64) -> Option<Stri
             )
         }
     })
+}
+
+/// The kernel a hold point (`FUNCTION` or `FUNCTION+0xOFF`: an explore point, a scenario
+/// hook's `at`) is checked against before a guest boots: its symbols, the code of the
+/// functions named (from an ELF vmlinux; a bzImage's symbols come from System.map, which
+/// does not tell code from data), and the addresses where the interception breaks on
+/// vCPU 0 (`liveupdate_reboot`, `machine_kexec`, `start_kernel`).
+pub(crate) struct PointCheck<'a> {
+    syms: &'a KernelSymbols,
+    kernel: &'a Path,
+    /// Whether `kernel` is an ELF vmlinux.
+    elf: bool,
+    codes: HashMap<String, FunctionCode>,
+    taken: Vec<u64>,
+}
+
+impl<'a> PointCheck<'a> {
+    /// Reads the code of `functions` from `kernel` (none when it cannot be read as ELF).
+    pub(crate) fn new(
+        kernel: &'a Path,
+        syms: &'a KernelSymbols,
+        functions: &[String],
+        taken: Vec<u64>,
+    ) -> Self {
+        let data = std::fs::read(kernel).ok();
+        let elf = data.as_ref().is_some_and(|d| d.starts_with(b"\x7fELF"));
+        let wanted: Vec<(String, u64)> = functions
+            .iter()
+            .filter_map(|n| syms.address(n).ok().map(|a| (n.clone(), a)))
+            .collect();
+        let codes = data
+            .and_then(|d| function_code(&d, &wanted).ok())
+            .unwrap_or_default();
+        PointCheck {
+            syms,
+            kernel,
+            elf,
+            codes,
+            taken,
+        }
+    }
+
+    /// The code of `function`, if it was read.
+    pub(crate) fn code(&self, function: &str) -> Option<&FunctionCode> {
+        self.codes.get(function)
+    }
+
+    /// The address of point `t` (named `name` in messages), or why it cannot be a hold
+    /// point: an unknown symbol, data, the interception's own breakpoint (when `vcpu0`:
+    /// the hook runs there), or an offset that is past the function's end or not the
+    /// start of one of its instructions as decoded.
+    pub(crate) fn check(&self, name: &str, t: &TraceSpec, vcpu0: bool) -> Result<u64, String> {
+        let addr = self
+            .syms
+            .address(&t.symbol)
+            .map_err(|e| format!("unknown point {name:?}: {e}"))?;
+        let code = self.codes.get(&t.symbol);
+        if self.elf && code.is_none() {
+            return Err(format!(
+                "{name}: {} is not a function of the kernel (no text symbol with a size in {}): a hold point is where code runs",
+                t.symbol,
+                self.kernel.display()
+            ));
+        }
+        let at = addr.wrapping_add(t.offset);
+        if vcpu0 && self.taken.contains(&at) {
+            return Err(format!(
+                "{name} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel); hold at the function it calls instead"
+            ));
+        }
+        if t.offset != 0 {
+            let Some(c) = code else {
+                return Err(format!(
+                    "{name}: no code of {} in {} to check the offset against (not an ELF vmlinux, or a symbol without a size up to {MAX_FUNCTION_SIZE} bytes)",
+                    t.symbol,
+                    self.kernel.display(),
+                ));
+            };
+            if let Some(why) = check_offset(&c.bytes, c.address, t.offset) {
+                return Err(format!(
+                    "{name}: offset {:#x} of {}: {why}",
+                    t.offset, t.symbol
+                ));
+            }
+        }
+        Ok(at)
+    }
 }
 
 #[cfg(test)]

@@ -386,20 +386,20 @@ pub fn racing_calls(stage1: &StageScript) -> Vec<RacingCall> {
 pub fn check_workload(w: &Workload) -> Result<(), String> {
     let Some(main) = w.stage1.threads.iter().find(|t| t.cpu == 0) else {
         return Err(format!(
-            "workload {}: stage 1 has no thread on CPU 0 (the one that reboots)",
+            "--workload {}: stage 1 has no thread on CPU 0 (the one that reboots)",
             w.origin
         ));
     };
     let reboot = main.steps.iter().position(|s| *s == Step::Reboot);
     let Some(reboot) = reboot else {
         return Err(format!(
-            "workload {}: stage 1 never reaches the action under test: its CPU-0 thread has no `reboot`",
+            "--workload {}: stage 1 never reaches the action under test: its CPU-0 thread has no `reboot`",
             w.origin
         ));
     };
     if reboot == 0 || main.steps[reboot - 1] != Step::Gate(gate(ACTION_GATE)) {
         return Err(format!(
-            "workload {}: CPU 0's first `reboot` must come right after `gate {ACTION_GATE}` (where every trial starts)",
+            "--workload {}: CPU 0's first `reboot` must come right after `gate {ACTION_GATE}` (where every trial starts)",
             w.origin
         ));
     }
@@ -417,7 +417,7 @@ pub fn check_workload(w: &Workload) -> Result<(), String> {
         .collect();
     if let Some(g) = waits.iter().find(|&&g| explore_owns(g)) {
         return Err(format!(
-            "workload {}: uses gate {g}; explore owns gates {ACTION_GATE} to {RACE2_GATE}, {SELECT_BASE} to {} and {SELECT2_BASE} to {} (the workload waits at gate {ACTION_GATE} before its reboot, at gate {ACTION2_GATE} first in stage 2, at others of its own)",
+            "--workload {}: uses gate {g}; explore owns gates {ACTION_GATE} to {RACE2_GATE}, {SELECT_BASE} to {} and {SELECT2_BASE} to {} (the workload waits at gate {ACTION_GATE} before its reboot, at gate {ACTION2_GATE} first in stage 2, at others of its own)",
             w.origin,
             SELECT_BASE + MAX_CALLS - 1,
             SELECT2_BASE + MAX_CALLS2 - 1
@@ -429,13 +429,13 @@ pub fn check_workload(w: &Workload) -> Result<(), String> {
             .any(|r| r.gate.id() == g && r.open_when.is_some())
     }) {
         return Err(format!(
-            "workload {}: waits at gate {g}, which no [[gate]] with an open_when opens",
+            "--workload {}: waits at gate {g}, which no [[gate]] with an open_when opens",
             w.origin
         ));
     }
     if w.calls.is_empty() {
         return Err(format!(
-            "workload {}: creates no session, so there is no racing call to make",
+            "--workload {}: creates no session, so there is no racing call to make",
             w.origin
         ));
     }
@@ -650,6 +650,18 @@ impl Trial {
     /// snapshot, on the machine that keeps it for these).
     pub fn boot(&self) -> bool {
         matches!(self, Trial::BaselineBoot | Trial::Fail { boot: true, .. })
+    }
+
+    /// The baseline whose boot keeps the snapshot this trial starts from (itself for a
+    /// baseline).
+    pub fn baseline(&self) -> Trial {
+        if self.boot() {
+            Trial::BaselineBoot
+        } else if self.stage2() {
+            Trial::Baseline2
+        } else {
+            Trial::Baseline
+        }
     }
 
     /// Its id, unique in an exploration: `race:luo_flb_serialize:close-session-1:settled`.

@@ -7,6 +7,8 @@
 //!   rename); a resume must match it field for field.
 //! - `trials.jsonl`: one [`TrialRecord`] per line, appended and flushed to disk after each
 //!   trial; a line cut short by a kill is ignored (that trial runs again).
+//! - `confirmations.jsonl`: one [`Confirmation`] per line, the same way: a finding's
+//!   trial run again from the snapshot, so that a resume does not run it again.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::explore::space::{Mode, Release, Trial};
-use crate::judge::explore::TrialVerdict;
+use crate::judge::explore::{Signature, TrialVerdict};
 use crate::trial::RunTimes;
 
 /// Format name of `manifest.json`.
@@ -49,6 +51,32 @@ pub enum StoreError {
         /// Why not.
         why: String,
     },
+    /// `--json` cannot be written.
+    #[error("--json {}: {why}", path.display())]
+    Json {
+        /// The path given.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
+}
+
+/// Checks that the report file `path` (`--json`) can be written, without touching what is
+/// there (it is written whole at the end) and leaving nothing where nothing was.
+pub(crate) fn check_json_out(path: &Path) -> Result<(), StoreError> {
+    let existed = path.exists();
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| StoreError::Json {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
 }
 
 /// Checks, creating nothing, that `dir` can be the results directory: a directory, or a
@@ -238,12 +266,28 @@ pub struct TrialRecord {
     pub log: Option<String>,
 }
 
+/// A finding's trial run again from the snapshot: how many of `runs` gave `signature`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// The trial's id.
+    pub trial: String,
+    /// The finding's signature.
+    pub signature: Signature,
+    /// Runs that gave it.
+    pub same: u32,
+    /// Runs made.
+    pub runs: u32,
+}
+
 /// The results directory.
 pub struct Store {
     dir: PathBuf,
     trials: File,
+    confirmations_file: File,
     /// Trials already finished (read back on `--resume`).
     pub done: Vec<TrialRecord>,
+    /// Confirmations already made (read back on `--resume`).
+    confirmations: Vec<Confirmation>,
     /// The directory held this exploration's manifest but no result (a run stopped
     /// before its first trial was recorded): it starts afresh, as if empty.
     pub(crate) started_afresh: bool,
@@ -269,7 +313,9 @@ impl Store {
         })?;
         let mpath = dir.join("manifest.json");
         let tpath = dir.join("trials.jsonl");
+        let cpath = dir.join(CONFIRMATIONS);
         let mut done = Vec::new();
+        let mut confirmations = Vec::new();
         let mut started_afresh = false;
         let mut fresh = !mpath.exists();
         if !fresh {
@@ -306,18 +352,14 @@ impl Store {
                     "--resume {}: another exploration ({m}); give another --out",
                     dir.display()
                 )));
-            } else if tpath.exists() {
-                done = read_trials(&tpath)?;
-                // A line cut short by a kill is dropped from the file too, so that the
-                // next record starts a line of its own.
-                let text = std::fs::read(&tpath).map_err(io(&tpath))?;
-                let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                if keep < text.len() {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&tpath)
-                        .map_err(io(&tpath))?;
-                    f.set_len(keep as u64).map_err(io(&tpath))?;
+            } else {
+                if tpath.exists() {
+                    done = read_lines(&tpath)?;
+                    drop_cut_line(&tpath)?;
+                }
+                if cpath.exists() {
+                    confirmations = read_lines(&cpath)?;
+                    drop_cut_line(&cpath)?;
                 }
             }
         }
@@ -330,13 +372,18 @@ impl Store {
             // A stale trials file or plan of an exploration whose manifest was lost (or
             // that recorded nothing) is not ours.
             let _ = std::fs::remove_file(&tpath);
+            let _ = std::fs::remove_file(&cpath);
             let _ = std::fs::remove_file(dir.join("plan.json"));
         }
-        let trials = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&tpath)
-            .map_err(io(&tpath))?;
+        let append = |path: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io(path))
+        };
+        let trials = append(&tpath)?;
+        let confirmations_file = append(&cpath)?;
         for sub in ["findings", "logs"] {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d))?;
@@ -344,7 +391,9 @@ impl Store {
         Ok(Store {
             dir: dir.to_owned(),
             trials,
+            confirmations_file,
             done,
+            confirmations,
             started_afresh,
         })
     }
@@ -361,22 +410,69 @@ impl Store {
 
     /// Appends `record` and syncs it to disk.
     pub fn append(&mut self, record: TrialRecord) -> Result<(), StoreError> {
-        let path = self.dir.join("trials.jsonl");
-        let mut line = serde_json::to_string(&record).map_err(|e| StoreError::Io {
-            path: path.clone(),
-            why: e.to_string(),
-        })?;
-        line.push('\n');
-        self.trials.write_all(line.as_bytes()).map_err(io(&path))?;
-        self.trials.sync_data().map_err(io(&path))?;
+        append_line(&mut self.trials, &self.dir.join("trials.jsonl"), &record)?;
         self.done.push(record);
         Ok(())
     }
+
+    /// How many runs of trial `trial` gave `signature`, of how many, if it was confirmed.
+    pub fn confirmation(&self, trial: &str, signature: &Signature) -> Option<(u32, u32)> {
+        self.confirmations
+            .iter()
+            .find(|c| c.trial == trial && c.signature == *signature)
+            .map(|c| (c.same, c.runs))
+    }
+
+    /// Appends `c` and syncs it to disk.
+    pub fn append_confirmation(&mut self, c: Confirmation) -> Result<(), StoreError> {
+        append_line(
+            &mut self.confirmations_file,
+            &self.dir.join(CONFIRMATIONS),
+            &c,
+        )?;
+        self.confirmations.push(c);
+        Ok(())
+    }
+}
+
+/// The confirmations' file in the results directory.
+const CONFIRMATIONS: &str = "confirmations.jsonl";
+
+/// Appends `value` as a line of `file` (at `path`) and syncs it to disk.
+fn append_line(file: &mut File, path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
+    let mut line = serde_json::to_string(value).map_err(|e| StoreError::Io {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })?;
+    line.push('\n');
+    file.write_all(line.as_bytes()).map_err(io(path))?;
+    file.sync_data().map_err(io(path))
+}
+
+/// Drops a last line cut short by a kill from `path`, so that the next line appended
+/// starts a line of its own.
+fn drop_cut_line(path: &Path) -> Result<(), StoreError> {
+    let text = std::fs::read(path).map_err(io(path))?;
+    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if keep < text.len() {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        f.set_len(keep as u64).map_err(io(path))?;
+    }
+    Ok(())
 }
 
 /// The records of `path`; a last line cut short (a killed run) is dropped, any other bad
 /// line is an error.
 pub fn read_trials(path: &Path) -> Result<Vec<TrialRecord>, StoreError> {
+    read_lines(path)
+}
+
+/// The values of the JSON-lines file `path` (see [`parse_lines`]), refused past
+/// [`MAX_TRIALS_FILE`] bytes.
+fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StoreError> {
     let len = std::fs::metadata(path).map_err(io(path))?.len();
     if len > MAX_TRIALS_FILE {
         return Err(StoreError::Io {
@@ -385,14 +481,15 @@ pub fn read_trials(path: &Path) -> Result<Vec<TrialRecord>, StoreError> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    parse_trials(&text).map_err(|why| StoreError::Io {
+    parse_lines(&text).map_err(|why| StoreError::Io {
         path: path.to_owned(),
         why,
     })
 }
 
-/// Parses `trials.jsonl`'s text (see [`read_trials`]).
-pub fn parse_trials(text: &str) -> Result<Vec<TrialRecord>, String> {
+/// Parses JSON-lines text: a last line cut short (no newline after it, not a value) is
+/// dropped, any other bad line is an error.
+fn parse_lines<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, String> {
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::with_capacity(lines.len());
@@ -400,7 +497,7 @@ pub fn parse_trials(text: &str) -> Result<Vec<TrialRecord>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<TrialRecord>(line) {
+        match serde_json::from_str::<T>(line) {
             Ok(r) => out.push(r),
             Err(_) if i + 1 == lines.len() && !complete => break,
             Err(e) => return Err(format!("line {}: {e}", i + 1)),
@@ -505,6 +602,58 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(Store::open(&dir, &m, true).is_err(), "nothing to resume");
         assert!(!dir.exists(), "a refused resume creates nothing");
+    }
+
+    /// A finding's confirmation is kept for a resume (a torn last line dropped), and
+    /// forgotten by a new exploration in the same place.
+    #[test]
+    fn confirmations_are_kept_for_a_resume() {
+        let dir = temp("confirm");
+        let m = manifest();
+        let sig = Signature {
+            oracle: crate::judge::explore::Oracle::Hang,
+            site: "close-session N blocked".into(),
+            cause: "fail luo_file_freeze".into(),
+        };
+        let mut s = Store::open(&dir, &m, false).unwrap();
+        s.append(record("a")).unwrap();
+        s.append_confirmation(Confirmation {
+            trial: "a".into(),
+            signature: sig.clone(),
+            same: 3,
+            runs: 3,
+        })
+        .unwrap();
+        assert_eq!(s.confirmation("a", &sig), Some((3, 3)));
+        drop(s);
+        let path = dir.join(CONFIRMATIONS);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"trial\":\"b\",\"sig");
+        std::fs::write(&path, &text).unwrap();
+        let mut s = Store::open(&dir, &m, true).unwrap();
+        assert_eq!(s.confirmation("a", &sig), Some((3, 3)));
+        assert_eq!(s.confirmation("b", &sig), None);
+        let other = Signature {
+            cause: "fail luo_session_freeze".into(),
+            ..sig.clone()
+        };
+        assert_eq!(s.confirmation("a", &other), None, "another finding's");
+        s.append_confirmation(Confirmation {
+            trial: "b".into(),
+            signature: sig.clone(),
+            same: 2,
+            runs: 3,
+        })
+        .unwrap();
+        drop(s);
+        let s = Store::open(&dir, &m, true).unwrap();
+        assert_eq!(s.confirmation("b", &sig), Some((2, 3)));
+        drop(s);
+        // A new exploration there (its manifest lost): nothing of the old one.
+        std::fs::remove_file(dir.join("manifest.json")).unwrap();
+        let s = Store::open(&dir, &m, false).unwrap();
+        assert_eq!(s.confirmation("a", &sig), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A fresh, empty temporary directory of this test.
@@ -638,7 +787,12 @@ mod tests {
     #[test]
     fn a_bad_line_in_the_middle_is_an_error() {
         let good = serde_json::to_string(&record("a")).unwrap();
-        assert!(parse_trials(&format!("{good}\nnonsense\n{good}\n")).is_err());
-        assert_eq!(parse_trials(&format!("{good}\n{good}\n")).unwrap().len(), 2);
+        assert!(parse_lines::<TrialRecord>(&format!("{good}\nnonsense\n{good}\n")).is_err());
+        assert_eq!(
+            parse_lines::<TrialRecord>(&format!("{good}\n{good}\n"))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }
