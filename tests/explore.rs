@@ -241,6 +241,15 @@ fn a_blind_search_finds_the_reboot_races_and_resumes() {
     // Every finding is a scenario file `scenario` accepts, on the variant it was found on.
     for f in findings {
         let file = out.join(f["scenario"].as_str().unwrap());
+        // Its summary names the racing call first, then the hold.
+        let toml = std::fs::read_to_string(&file).unwrap();
+        let cause = f["signature"]["cause"].as_str().unwrap();
+        assert!(
+            toml.contains(&format!("summary = \"{cause} "))
+                && toml.contains(" on CPU 1 while CPU 0 is held at luo_flb_serialize (released "),
+            "{}: {toml}",
+            file.display()
+        );
         let o = luo_vmm(&[
             "scenario",
             "check",
@@ -365,5 +374,75 @@ fn the_next_kernel_s_boot_is_searched_through_the_kexec() {
     let kho = line("fail-boot:kho_init:1");
     assert!(kho.contains("restore(s) failed"), "{kho}");
     assert!(kho.contains("preserved data not reused"), "{kho}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ctrl-C during the search: the trial in progress comes to its decision and is recorded,
+/// the report says the exploration is incomplete and how to go on, and the exit status is
+/// 130; a second Ctrl-C is not needed.
+#[test]
+fn ctrl_c_ends_the_search_with_a_report() {
+    use std::io::BufRead as _;
+    reference_image();
+    let dir = tmp("ctrl-c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let points = dir.join("points");
+    std::fs::write(&points, "luo_flb_serialize\n").unwrap();
+    let out = dir.join("out");
+    let mut child = std::process::Command::new(common::LUO_VMM)
+        .args(["explore", "--mode", "race", "--stage", "1", "--points"])
+        .arg(&points)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let mut stdout = String::new();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        stdout.push_str(&line);
+        stdout.push('\n');
+        if line.starts_with("[   1/20   search]") {
+            let sent = std::process::Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            break;
+        }
+    }
+    for line in lines {
+        stdout.push_str(&line.unwrap());
+        stdout.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let stderr = stderr.join().unwrap();
+    eprintln!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+    assert_eq!(status.code(), Some(130), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("luo-vmm: interrupted: the trial in progress goes on"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("incomplete (interrupted): "), "{stdout}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["complete"], false);
+    // Every trial that began is recorded: the one running at the signal too, at most one
+    // more than the progress lines showed before it.
+    let ids = trial_ids(&out);
+    let search = ids.iter().filter(|i| i.starts_with("race:")).count();
+    assert!((1..=3).contains(&search), "{ids:?}");
+    assert_eq!(
+        report["totals"]["search"].as_u64(),
+        Some(search as u64),
+        "{ids:?}"
+    );
+    assert!(std::fs::read_to_string(out.join("report.txt"))
+        .unwrap()
+        .contains("--resume goes on"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,9 @@ pub enum ExploreError {
     /// Building the guest.
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// Ctrl-C before the search began ([`EXIT_INTERRUPTED`]).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 /// The JSON report (`--json`, and `report.json` in `--out`).
@@ -672,12 +676,12 @@ impl Explorer {
                 ..
             } => format!(
                 "{} on CPU 1 while CPU 0 is held at {point}{} (released {release}){}: {}",
-                lock_words(&self.w, point),
                 if *stage2 {
                     self.w.calls2[*call].pattern()
                 } else {
                     self.w.calls[*call].pattern()
                 },
+                lock_words(&self.w, point),
                 if *stage2 { " in stage 2" } else { "" },
                 sig.oracle
             ),
@@ -914,11 +918,17 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     if !args.stage.has(true) && !args.stage.has_boot() {
         w.calls2.clear();
     } else if w.calls2.is_empty() && !args.stage.has(false) {
-        return Err(options(format!(
-            "--stage {}: workload {} does not search stage 2 (its stage-2 thread on CPU 0 must start with `gate 4`)",
-            if args.stage.has_boot() { "boot" } else { "2" },
-            w.origin
-        )));
+        return Err(options(if args.stage.has_boot() {
+            format!(
+                "--stage {}: workload {} has no stage 2 to run on to (a boot trial goes through the kexec to the end of stage 2; its stage-2 thread on CPU 0 must start with `gate 4`)",
+                args.stage, w.origin
+            )
+        } else {
+            format!(
+                "--stage {}: workload {} does not search stage 2 (its stage-2 thread on CPU 0 must start with `gate 4`)",
+                args.stage, w.origin
+            )
+        }));
     }
     if let Some(v) = &args.variant {
         crate::config::image::check_variant(v).map_err(ImageError::from)?;
@@ -946,6 +956,11 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
     if let Some(json) = &args.json {
         check_json_out(json)?;
+    }
+    // A points file that cannot be read, before the kernel image is looked for (its
+    // points are checked against the kernel afterwards).
+    if args.points != "auto" {
+        read_input(Path::new(&args.points), "--points")?;
     }
     let guest = ResolvedGuest::resolve(&opts)?;
     let syms = load_symbols(&guest.kernel)?;
@@ -1063,8 +1078,8 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         earlier_s,
         deliberate_panics,
     };
-    println!(
-        "explore {} ({}): {} point{}{}, {} fallible, {}; mode {}, seed {}; results in {}{}",
+    let header = format!(
+        "explore {} ({}): {} point{}{}, {} fallible, {}; mode {}, stage {}, seed {}; results in {}",
         ex.kernel,
         ex.variant
             .as_deref()
@@ -1088,14 +1103,19 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             }
         ),
         format!("{:?}", args.mode).to_lowercase(),
+        args.stage,
         args.seed,
         out.display(),
+    );
+    println!(
+        "{header}{}",
         if done.is_empty() {
             String::new()
         } else {
             format!(" (resumed: {} trials done)", done.len())
         }
     );
+    let interrupt = Interrupt::install()?;
 
     // The boots: the baseline run keeps the snapshot every stage-1 trial starts from; the
     // second baseline (when stage 2 is searched) goes through the handover and keeps stage
@@ -1116,6 +1136,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
             let base = ex.run_baseline(&mut machines, &b, &out)?;
             store.append(base)?;
         }
+        interrupt.before_the_search(&out)?;
     }
 
     // The map: where the workload goes.
@@ -1136,6 +1157,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         machines.record_baselines(&mut store)?;
         progress(i + 1, map.len(), "map", &r, &ex.w);
         store.append(r)?;
+        interrupt.before_the_search(&out)?;
     }
     let reach: Reach = store
         .done
@@ -1186,19 +1208,24 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let plan_json =
         serde_json::to_string_pretty(&plan).map_err(|e| options(format!("plan.json: {e}")))?;
     write_atomic(&out.join("plan.json"), plan_json.as_bytes())?;
-    let mut complete = true;
+    // Why the search stopped before the end of its plan, if it did.
+    let mut stopped: Option<&str> = None;
     let mut written: BTreeSet<String> = BTreeSet::new();
     for (i, t) in planned.iter().enumerate() {
         if done.contains(&t.id(&ex.w)) {
             continue;
         }
-        if args.time.is_some_and(|limit| ex.started.elapsed() >= limit) {
-            println!(
-                "--time reached: {} of {} trials not run",
-                planned.len() - i,
-                planned.len()
-            );
-            complete = false;
+        if interrupt.requested() {
+            stopped = Some("interrupted");
+        } else if args.time.is_some_and(|limit| ex.started.elapsed() >= limit) {
+            stopped = Some("--time reached");
+        }
+        if let Some(why) = stopped {
+            let left = planned[i..]
+                .iter()
+                .filter(|t| !store.done.iter().any(|r| r.id == t.id(&ex.w)))
+                .count();
+            println!("{why}: {left} of {} trials not run", planned.len());
             break;
         }
         let r = ex.run(&mut machines, t, &out, "")?;
@@ -1210,13 +1237,32 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
 
     // Each finding's representative, run again from the snapshot: the scenario file is
     // written from the first candidate that gives its signature every time.
+    // Not after an interrupt: the user asked to stop; a resume confirms them.
     let mut findings = group(&store.done);
     for f in &mut findings {
+        if interrupt.requested() {
+            break;
+        }
         confirm(&ex, &mut machines, f, &mut store, &out)?;
         write_finding(&ex, f, &store.done, &out)?;
     }
+    let complete = stopped.is_none();
     let t = totals(&store.done, trials.len());
-    let text = table(&findings, &t);
+    let status = match stopped {
+        None => "complete".to_owned(),
+        Some(why) => {
+            let left = plan
+                .trials
+                .iter()
+                .filter(|id| !store.done.iter().any(|r| &r.id == *id))
+                .count();
+            format!(
+                "incomplete ({why}): {left} of {} planned search trials not run; --resume goes on",
+                plan.trials.len()
+            )
+        }
+    };
+    let text = format!("{status}\n{}", table(&findings, &t));
     println!("{text}");
     let report = ExploreReport {
         manifest,
@@ -1240,7 +1286,10 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| options(format!("the JSON report: {e}")))?;
     write_atomic(&out.join("report.json"), json.as_bytes())?;
-    write_atomic(&out.join("report.txt"), text.as_bytes())?;
+    write_atomic(
+        &out.join("report.txt"),
+        format!("{header}\n{text}").as_bytes(),
+    )?;
     let title = format!(
         "luo-vmm explore {}: trials and findings over time",
         ex.variant.as_deref().unwrap_or("(reference)")
@@ -1256,11 +1305,66 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         "report: {} (and report.json, progress.svg, findings/)",
         out.join("report.txt").display()
     );
-    Ok(if report.findings.is_empty() {
+    Ok(if interrupt.requested() {
+        EXIT_INTERRUPTED
+    } else if report.findings.is_empty() {
         0
     } else {
         EXIT_FINDINGS
     })
+}
+
+/// Exit status of an exploration stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Ctrl-C (SIGINT) or SIGTERM while exploring. The first lets the trial in progress come
+/// to its decision (each is bounded) and is recorded; then the search stops, the report is
+/// written (`complete: false`; findings not confirmed) and `--resume` goes on from there.
+/// Before the search list exists (the boots and the map) it stops at once with no report.
+/// A second one ends the process at once (exit 128 + the signal).
+struct Interrupt {
+    requested: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// Catches SIGINT and SIGTERM on a thread of its own.
+    fn install() -> Result<Self, ExploreError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let requested = Arc::new(AtomicBool::new(false));
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| options(format!("catching Ctrl-C: {e}")))?;
+        let flag = requested.clone();
+        std::thread::Builder::new()
+            .name("interrupt".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if flag.swap(true, Ordering::SeqCst) {
+                        eprintln!("luo-vmm: stopped at once; the trial in progress is not recorded");
+                        std::process::exit(128 + sig);
+                    }
+                    eprintln!(
+                        "luo-vmm: interrupted: the trial in progress goes on to its decision, then the report is written (again to stop at once)"
+                    );
+                }
+            })
+            .map_err(|e| options(format!("catching Ctrl-C: {e}")))?;
+        Ok(Interrupt { requested })
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Before the search list exists: an interrupt ends the exploration here.
+    fn before_the_search(&self, out: &Path) -> Result<(), ExploreError> {
+        if self.requested() {
+            return Err(ExploreError::Interrupted(format!(
+                "interrupted before the search began (what was mapped is kept): `--resume --out {}` goes on",
+                out.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Writes the scenario file of every finding of `records` not written yet (as they are

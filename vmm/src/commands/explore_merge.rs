@@ -66,20 +66,30 @@ pub fn run(args: &MergeArgs) -> Result<u8, MergeCommandError> {
         .map(|d| load_shard(d))
         .collect::<Result<Vec<_>, _>>()?;
     let mut merged = merge(&inputs)?;
-    // The confirmation of each finding, as the shard that ran it wrote it in its report.
+    // The confirmation of each finding, and the trial it confirmed (the representative
+    // the scenario file was written from), as the shard whose file is copied wrote them in
+    // its report (or else the first shard that has one).
     for f in &mut merged.findings {
-        f.finding.confirmed = f.shards.iter().find_map(|dir| {
-            let text =
-                std::fs::read_to_string(std::path::Path::new(dir).join("report.json")).ok()?;
+        let sig = serde_json::to_value(&f.finding.signature).ok();
+        let in_report = |dir: &String| -> Option<serde_json::Value> {
+            let text = std::fs::read_to_string(Path::new(dir).join("report.json")).ok()?;
             let report: serde_json::Value = serde_json::from_str(&text).ok()?;
-            let sig = serde_json::to_value(&f.finding.signature).ok()?;
             report["findings"]
                 .as_array()?
                 .iter()
-                .find(|g| g["signature"] == sig)?["confirmed"]
-                .as_str()
-                .map(str::to_owned)
-        });
+                .find(|g| Some(&g["signature"]) == sig.as_ref())
+                .cloned()
+        };
+        let source = f
+            .shards
+            .iter()
+            .filter(|d| f.source.starts_with(&format!("{d}/")));
+        if let Some(g) = source.chain(&f.shards).find_map(in_report) {
+            f.finding.confirmed = g["confirmed"].as_str().map(str::to_owned);
+            if let Some(first) = g["first"].as_str() {
+                f.finding.first = first.to_owned();
+            }
+        }
     }
     let findings_dir = args.out.join("findings");
     std::fs::create_dir_all(&findings_dir).map_err(|e| out_err(e.to_string()))?;

@@ -99,7 +99,14 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
         Command::Compat(args) => Ok(compat::run(&args)?),
         Command::Explore(args) => match &args.action {
             Some(crate::config::options::ExploreAction::Merge(m)) => Ok(explore_merge::run(m)?),
-            None => Ok(explore::run(&args)?),
+            None => match explore::run(&args) {
+                // Stopped by the user before the search: said, not an error.
+                Err(explore::ExploreError::Interrupted(why)) => {
+                    eprintln!("luo-vmm: {why}");
+                    Ok(explore::EXIT_INTERRUPTED)
+                }
+                r => Ok(r?),
+            },
         },
         Command::Handover(args) => intercepted(&args.guest, &args.intercept, || args.workload()),
         Command::Selftest(args) => intercepted(&args.guest, &args.intercept, || args.workload()),

@@ -183,7 +183,8 @@ impl ExploreMode {
     }
 }
 
-/// Which stages `explore` searches.
+/// Which stages `explore` searches; kept in a manifest as its command-line value (`1`,
+/// `2`, `boot`, `both`, `all`; `one` and `two` read back from older ones).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
@@ -191,9 +192,11 @@ impl ExploreMode {
 pub enum ExploreStage {
     /// Stage 1: the reboot and the calls around it.
     #[value(name = "1")]
+    #[serde(rename = "1", alias = "one")]
     One,
     /// Stage 2: retrieve and finish in the next kernel.
     #[value(name = "2")]
+    #[serde(rename = "2", alias = "two")]
     Two,
     /// The next kernel's boot: its `__init` LUO/KHO functions made to fail (fail mode),
     /// each trial through the kexec.
@@ -218,6 +221,17 @@ impl ExploreStage {
     /// Whether the next kernel's boot is searched.
     pub fn has_boot(self) -> bool {
         matches!(self, ExploreStage::Boot | ExploreStage::All)
+    }
+}
+
+/// As the command line spells it (`1`, `2`, `boot`, `both`, `all`).
+impl std::fmt::Display for ExploreStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
     }
 }
 
@@ -415,7 +429,8 @@ pub struct ScenarioRunArgs {
     /// The scenario and its guest.
     #[command(flatten)]
     pub target: ScenarioTarget,
-    /// How many runs (each a fresh VM).
+    /// How many runs: run 1 boots and keeps a snapshot at the scenario's first gates, runs
+    /// 2..N reset to it (`--no-snapshot`: each run boots a fresh VM).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
     /// Give up on a run after this many seconds, at least 1 (default: the scenario's

@@ -217,7 +217,11 @@ pub fn table(findings: &[Finding], t: &Totals) -> String {
         "#", "oracle", "cause", "where", "trials", "confirmed"
     );
     for f in findings {
-        let site: String = f.signature.site.chars().take(52).collect();
+        // Cut to its column, marked (the whole is in the scenario file and report.json).
+        let site: String = match f.signature.site.chars().count() {
+            n if n > 52 => f.signature.site.chars().take(51).chain(['…']).collect(),
+            _ => f.signature.site.clone(),
+        };
         let _ = writeln!(
             out,
             "  {:<3} {:<15} {:<28} {:<52} {:>6} {:>9}  {}",

@@ -599,7 +599,7 @@ pub fn text(m: &Merged) -> String {
     let man = &m.manifest;
     let _ = writeln!(
         out,
-        "campaign: luo-vmm {} on {} (release {}), mode {}, seed {}, budget {}, {} shard{}",
+        "campaign: luo-vmm {} on {} (release {}), mode {}, stage {}, seed {}, budget {}, {} shard{}",
         man.luo_vmm,
         man.kernel,
         if man.release.is_empty() {
@@ -611,6 +611,7 @@ pub fn text(m: &Merged) -> String {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default(),
+        man.stage,
         man.seed,
         man.budget.map_or("none".into(), |b| b.to_string()),
         m.shards_of,
@@ -627,7 +628,7 @@ pub fn text(m: &Merged) -> String {
         }
         let _ = writeln!(
             out,
-            "  shard {:<7} {}: {}; {} of {} search trials ({}), {} map, {} findings, {} undecided, {:.0} s, {:.0} trials/hour",
+            "  shard {:<7} {}: {}; {} of {} search trials ({}), {} boot and map, {} findings, {} undecided, {:.0} s, {:.0} trials/hour",
             s.shard,
             s.dir,
             s.state,
@@ -741,7 +742,7 @@ code {{ font-size: 90%; }}
     let t = &m.totals;
     let _ = writeln!(
         out,
-        "<p>Trials: {} map + {} search ({} passed, {} findings, {} undecided); {:.0} s of exploring over all shards (added up), {:.0} trials per machine-hour.</p>",
+        "<p>Trials: {} boot and map + {} search ({} passed, {} findings, {} undecided); {:.0} s of exploring over all shards (added up), {:.0} trials per machine-hour.</p>",
         t.map, t.search, t.passed, t.findings, t.undecided, t.seconds, t.trials_per_hour
     );
     out.push_str("<h2>Findings</h2>\n");

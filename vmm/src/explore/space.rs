@@ -403,6 +403,17 @@ pub fn check_workload(w: &Workload) -> Result<(), String> {
             w.origin
         ));
     }
+    // The reboot is a kexec: without a kernel loaded it fails at once (EINVAL), and the
+    // other threads wait for a handover that never comes.
+    let loads = |t: &luo_protocol::script::Thread| t.steps.contains(&Step::KexecLoad);
+    if !main.steps[..reboot].contains(&Step::KexecLoad)
+        && !w.stage1.threads.iter().filter(|t| t.cpu != 0).any(loads)
+    {
+        return Err(format!(
+            "--workload {}: stage 1 never loads the next kernel: add `kexec-load` to CPU 0's thread before its `reboot` (a kexec reboot without one fails with EINVAL)",
+            w.origin
+        ));
+    }
     let waits: Vec<u8> = w
         .stage1
         .threads
@@ -1474,6 +1485,15 @@ mod tests {
         let mut w = default_workload();
         w.gates.clear();
         assert!(check_workload(&w).unwrap_err().contains("no [[gate]]"));
+        // No kernel loaded: the reboot would fail, and nothing after it come.
+        let mut w = default_workload();
+        w.stage1.threads[0].steps.retain(|s| *s != Step::KexecLoad);
+        assert!(check_workload(&w)
+            .unwrap_err()
+            .contains("stage 1 never loads the next kernel: add `kexec-load`"));
+        // Loaded by another thread: the workload's own affair.
+        w.stage1.threads[1].steps.insert(0, Step::KexecLoad);
+        check_workload(&w).unwrap();
     }
 
     #[test]

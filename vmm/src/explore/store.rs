@@ -129,8 +129,11 @@ pub(crate) fn check_out(dir: &Path) -> Result<(), StoreError> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) if at == dir => Err(out(format!("is not writable: {e}"))),
-        Err(e) => Err(out(format!("{} is not writable: {e}", at.display()))),
+        Err(e) if at == dir => Err(out(format!("luo-vmm cannot create a file there: {e}"))),
+        Err(e) => Err(out(format!(
+            "luo-vmm cannot create a file in {}: {e}",
+            at.display()
+        ))),
     }
 }
 
@@ -565,7 +568,16 @@ mod tests {
         other.script = "luo.script1=another".into();
         let said = m.mismatch(&other).unwrap();
         assert!(said.starts_with("stage: "), "{said}");
+        // As the command line spells it.
+        assert!(said.ends_with("\"1\" there"), "{said}");
         assert_eq!(m.mismatch(&m), None);
+        // A manifest of an older luo-vmm (`"stage": "one"`) reads back as the same.
+        let text = serde_json::to_string(&other)
+            .unwrap()
+            .replace("\"stage\":\"1\"", "\"stage\":\"one\"");
+        assert!(text.contains("\"stage\":\"one\""), "{text}");
+        let old: Manifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(old.mismatch(&other), None);
     }
 
     #[test]
@@ -708,8 +720,10 @@ mod tests {
             Ok(()) => assert!(writable),
             Err(e) => assert!(
                 !writable
-                    && e.to_string()
-                        .starts_with(&format!("--out {}: is not writable: ", ro.display())),
+                    && e.to_string().starts_with(&format!(
+                        "--out {}: luo-vmm cannot create a file there: ",
+                        ro.display()
+                    )),
                 "{e}"
             ),
         }
@@ -720,7 +734,7 @@ mod tests {
                 let e = e.to_string();
                 assert!(
                     e.starts_with(&format!(
-                        "--out {}: {} is not writable: ",
+                        "--out {}: luo-vmm cannot create a file in {}: ",
                         ro.join("out").display(),
                         ro.display()
                     )) && e.contains("denied"),
@@ -733,7 +747,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.starts_with("--out /proc/luo-vmm-out: /proc is not writable: "),
+                e.starts_with("--out /proc/luo-vmm-out: luo-vmm cannot create a file in /proc: "),
                 "{e}"
             );
         }
