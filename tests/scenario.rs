@@ -274,16 +274,26 @@ fn a_hook_that_could_never_fire_is_refused_before_a_boot() {
     reference_image();
     let builtin = include_str!("../scenarios/session-close-during-reboot.toml");
     let path = std::env::temp_dir().join(format!("bad-hook-{}.toml", std::process::id()));
-    for (at, why) in [
+    for (at, vcpu, why) in [
         (
             "luo_flb_serialize+0x3",
+            0,
             "offset 0x3 of luo_flb_serialize: not an instruction boundary",
         ),
-        ("luo_flb_serialize+0x100000", "past its end"),
-        ("luo_global", "is not a function of the kernel"),
-        ("liveupdate_reboot", "where the interception itself breaks"),
+        ("luo_flb_serialize+0x100000", 0, "past its end"),
+        ("luo_global", 0, "is not a function of the kernel"),
+        (
+            "liveupdate_reboot",
+            0,
+            "where the interception itself breaks",
+        ),
+        // The interception breaks there on the other vCPUs too (a reboot from CPU 1).
+        ("machine_kexec", 1, "where the interception itself breaks"),
     ] {
-        let mine = builtin.replace("at = \"luo_flb_serialize\"", &format!("at = \"{at}\""));
+        let mine = builtin.replace(
+            "at = \"luo_flb_serialize\"\nvcpu = 0",
+            &format!("at = \"{at}\"\nvcpu = {vcpu}"),
+        );
         assert_ne!(mine, builtin);
         std::fs::write(&path, mine).unwrap();
         for cmd in ["check", "run"] {

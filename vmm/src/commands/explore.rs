@@ -286,7 +286,7 @@ fn points(
             names.push(f.name);
         }
         // Then each function's lock sites, in the functions' order, each by offset.
-        let check = PointCheck::new(&guest.kernel, syms, &names, taken);
+        let check = PointCheck::new(&guest.kernel, syms, &names);
         let mut sites = BTreeMap::new();
         let mut site_names = Vec::new();
         for f in &names {
@@ -326,14 +326,14 @@ fn points(
         })
         .collect::<Result<_, _>>()?;
     let symbols: Vec<String> = parsed.iter().map(|(_, t)| t.symbol.clone()).collect();
-    let check = PointCheck::new(&guest.kernel, syms, &symbols, taken);
+    let check = PointCheck::new(&guest.kernel, syms, &symbols);
     let mut seen = BTreeSet::new();
     let mut names = Vec::new();
     let mut sites = BTreeMap::new();
     for (n, t) in parsed {
         // A hold is on CPU 0, or on CPU 1 where the map saw a call reach it.
         check
-            .check(&n, &t, true)
+            .check(&n, &t, &taken)
             .map_err(|why| options(format!("--points {spec}: {why}")))?;
         // One spelling per address: `F+0` is `F`, `F+42` is `F+0x2a`.
         let name = match check.code(&t.symbol).filter(|_| t.offset != 0) {
@@ -917,7 +917,13 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     }
     if !args.stage.has(true) && !args.stage.has_boot() {
         w.calls2.clear();
-    } else if w.calls2.is_empty() && !args.stage.has(false) {
+    } else if w.calls2.is_empty() && args.stage == ExploreStage::All {
+        // `all` (the default) is everything the workload has: said, not refused.
+        eprintln!(
+            "luo-vmm: --stage all: workload {} has no stage 2 (its stage-2 thread on CPU 0 must start with `gate 4`): stage 1 only, and no boot trials (they run on to the end of stage 2)",
+            w.origin
+        );
+    } else if w.calls2.is_empty() && (args.stage == ExploreStage::Both || !args.stage.has(false)) {
         return Err(options(if args.stage.has_boot() {
             format!(
                 "--stage {}: workload {} has no stage 2 to run on to (a boot trial goes through the kexec to the end of stage 2; its stage-2 thread on CPU 0 must start with `gate 4`)",

@@ -274,15 +274,19 @@ fn prepare(
     // interception breaks on vCPU 0, an offset at one of its instructions (a breakpoint
     // elsewhere would never fire, and the run would say "not reproduced").
     let names: Vec<String> = sc.hooks.iter().map(|h| h.at.symbol.clone()).collect();
-    let taken = crate::machine::vm::RunObserver::breakpoints(&interceptor, 0);
-    let check = PointCheck::new(&guest.kernel, &syms, &names, taken);
+    let check = PointCheck::new(&guest.kernel, &syms, &names);
     for h in &sc.hooks {
         let at = match h.at.offset {
             0 => h.at.symbol.clone(),
             off => format!("{}+{off:#x}", h.at.symbol),
         };
+        // Where the interception breaks on the hook's vCPUs.
+        let taken: Vec<u64> = (0..vcpus)
+            .filter(|&v| h.vcpus.has(v))
+            .flat_map(|v| crate::machine::vm::RunObserver::breakpoints(&interceptor, v))
+            .collect();
         check
-            .check(&at, &h.at, h.vcpus.has(0))
+            .check(&at, &h.at, &taken)
             .map_err(|why| ScenarioError::Options(format!("hook {}: {why}", h.name)))?;
     }
     arm(&sc, &syms, &interceptor, vcpus)?;
@@ -329,16 +333,18 @@ pub fn check(args: &ScenarioTarget) -> Result<u8, ScenarioError> {
     let steps = |s: &luo_protocol::script::StageScript| {
         s.threads.iter().map(|t| t.steps.len()).sum::<usize>()
     };
+    // `1 thread`, `2 threads`.
+    let n = |k: usize, what: &str| format!("{k} {what}{}", if k == 1 { "" } else { "s" });
     println!(
-        "{}: ok ({} vCPUs; stage 1: {} threads, {} steps; stage 2: {} threads, {} steps; {} gates; {} hooks, every symbol found in {})",
+        "{}: ok ({}; stage 1: {}, {}; stage 2: {}, {}; {}; {}, every symbol found in {})",
         sc.name,
-        p.vcpus,
-        sc.script.stage1.threads.len(),
-        steps(&sc.script.stage1),
-        sc.script.stage2.threads.len(),
-        steps(&sc.script.stage2),
-        sc.gates.len(),
-        sc.hooks.len(),
+        n(usize::from(p.vcpus), "vCPU"),
+        n(sc.script.stage1.threads.len(), "thread"),
+        n(steps(&sc.script.stage1), "step"),
+        n(sc.script.stage2.threads.len(), "thread"),
+        n(steps(&sc.script.stage2), "step"),
+        n(sc.gates.len(), "gate"),
+        n(sc.hooks.len(), "hook"),
         p.guest.kernel.display()
     );
     Ok(0)

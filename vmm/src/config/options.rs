@@ -146,7 +146,9 @@ pub enum Command {
     /// code × every racing LUO call, and every fallible LUO function made to fail, each
     /// trial from one snapshot, judged by the oracles; each finding becomes a scenario
     /// file (docs/explore.md). `explore merge DIR...` merges the results of the shards
-    /// of a campaign (`--shard I/N`) into one report.
+    /// of a campaign (`--shard I/N`) into one report. Exit 0: nothing found; 6:
+    /// findings; 7 (merge): a shard missing or incomplete; 130: stopped by Ctrl-C (the
+    /// report written); 1: could not run; 2: an option refused.
     #[command(args_conflicts_with_subcommands = true)]
     Explore(ExploreArgs),
     /// The reference guest image.
@@ -390,7 +392,9 @@ pub enum ImageAction {
 pub enum ScenarioAction {
     /// Print each built-in scenario, what it tests, and the variant that reproduces it.
     List,
-    /// Run a scenario (a built-in one's name, or a scenario file) N times.
+    /// Run a scenario (a built-in one's name, or a scenario file) N times. Exit 0: every
+    /// run gave the verdict the scenario expects; 5: not; 1: could not run; 2: an option
+    /// refused.
     Run(ScenarioRunArgs),
     /// Check a scenario as `run` does before a guest boots (the file, the kernel's
     /// symbols, the breakpoint budget), and run nothing.
@@ -581,7 +585,8 @@ pub struct NextKernelOptions {
     /// vmlinux's symbols).
     #[arg(long, value_name = "vmlinux|bzImage")]
     pub next_kernel: Option<PathBuf>,
-    /// With --repeat: alternate A->B->A->... instead of A->B->B->...
+    /// Alternate A->B->A->... instead of A->B->B->... (`handover --repeat N`; a scenario
+    /// has one handover).
     #[arg(long)]
     pub alternate: bool,
 }

@@ -269,25 +269,6 @@ pub struct Merged {
     pub timeline: Vec<TrialRecord>,
 }
 
-/// The first field (but `shard`) whose value differs between `a` and `b`, with both
-/// values.
-fn first_difference(a: &Manifest, b: &Manifest) -> Option<(String, String, String)> {
-    let a = serde_json::to_value(a).ok()?;
-    let b = serde_json::to_value(b).ok()?;
-    let (a, b) = (a.as_object()?, b.as_object()?);
-    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    // The manifest's own field order reads best: luo_vmm and kernel come first.
-    let order: Vec<&String> = a
-        .keys()
-        .chain(keys.iter().copied().filter(|k| !a.contains_key(*k)))
-        .collect();
-    order.into_iter().filter(|k| *k != "shard").find_map(|k| {
-        let null = serde_json::Value::Null;
-        let (va, vb) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
-        (va != vb).then(|| (k.clone(), va.to_string(), vb.to_string()))
-    })
-}
-
 fn shard_of(m: &Manifest) -> Shard {
     m.shard.unwrap_or(Shard { index: 0, count: 1 })
 }
@@ -352,7 +333,7 @@ pub fn merge(inputs: &[ShardInput]) -> Result<Merged, MergeError> {
                 s.dir, m.format, m.version
             )));
         }
-        if let Some((field, va, vb)) = first_difference(&base, m) {
+        if let Some((field, va, vb)) = base.difference(m, &["shard"]) {
             return Err(MergeError::Mismatch(format!(
                 "{} and {} are not shards of one exploration: {field} is {va} in the first, {vb} in the second",
                 first.dir, s.dir
@@ -369,10 +350,13 @@ pub fn merge(inputs: &[ShardInput]) -> Result<Merged, MergeError> {
             )));
         }
         if let Some(other) = by_index.insert(b.index, s) {
-            return Err(MergeError::Mismatch(format!(
-                "shard {b} given twice: {} and {}",
-                other.dir, s.dir
-            )));
+            return Err(MergeError::Mismatch(match m.shard {
+                Some(_) => format!("shard {b} given twice: {} and {}", other.dir, s.dir),
+                None => format!(
+                    "one unsharded exploration given twice: {} and {}",
+                    other.dir, s.dir
+                ),
+            }));
         }
     }
     let n = shard_of(&base).count;
@@ -521,19 +505,25 @@ pub fn merge(inputs: &[ShardInput]) -> Result<Merged, MergeError> {
     // Findings: one per signature over the merged records, each pointing at the
     // scenario file its first shard wrote.
     let mut findings = Vec::new();
-    for f in group(&merged) {
+    for mut f in group(&merged) {
         // The shard that ran its first trial wrote its scenario file, numbered in that
-        // shard's own order.
-        let (source, source_log) = by_index
-            .values()
-            .find_map(|s| {
-                let rs = s.records.as_deref().ok()?;
-                let first = rs.iter().find(|r| r.id == f.first)?;
-                let local = group(rs).into_iter().find(|g| g.signature == f.signature)?;
-                let log = first.log.as_ref().map(|l| format!("{}/{l}", s.dir));
-                Some((format!("{}/{}", s.dir, local.scenario), log))
-            })
-            .unwrap_or_default();
+        // shard's own order, from that shard's first trial of it (the one confirmed, if
+        // the shard confirmed another, is read from its report by the merge command).
+        let found = by_index.values().find_map(|s| {
+            let rs = s.records.as_deref().ok()?;
+            rs.iter().find(|r| r.id == f.first)?;
+            let local = group(rs).into_iter().find(|g| g.signature == f.signature)?;
+            let first = rs.iter().find(|r| r.id == local.first)?;
+            let log = first.log.as_ref().map(|l| format!("{}/{l}", s.dir));
+            Some((format!("{}/{}", s.dir, local.scenario), log, local.first))
+        });
+        let (source, source_log) = match found {
+            Some((source, log, first)) => {
+                f.first = first;
+                (source, log)
+            }
+            None => Default::default(),
+        };
         findings.push(MergedFinding {
             shards: found_in.get(&f.signature).cloned().unwrap_or_default(),
             finding: f,
@@ -628,7 +618,7 @@ pub fn text(m: &Merged) -> String {
         }
         let _ = writeln!(
             out,
-            "  shard {:<7} {}: {}; {} of {} search trials ({}), {} boot and map, {} findings, {} undecided, {:.0} s, {:.0} trials/hour",
+            "  shard {:<7} {}: {}; {} of {} search trials ({}), {} boot and map, {} trials with a finding, {} undecided, {:.0} s, {:.0} trials/hour",
             s.shard,
             s.dir,
             s.state,

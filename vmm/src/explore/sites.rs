@@ -168,25 +168,18 @@ pub(crate) fn check_offset(bytes: &[u8], start: u64, offset: u64) -> Option<Stri
 /// The kernel a hold point (`FUNCTION` or `FUNCTION+0xOFF`: an explore point, a scenario
 /// hook's `at`) is checked against before a guest boots: its symbols, the code of the
 /// functions named (from an ELF vmlinux; a bzImage's symbols come from System.map, which
-/// does not tell code from data), and the addresses where the interception breaks on
-/// vCPU 0 (`liveupdate_reboot`, `machine_kexec`, `start_kernel`).
+/// does not tell code from data).
 pub(crate) struct PointCheck<'a> {
     syms: &'a KernelSymbols,
     kernel: &'a Path,
     /// Whether `kernel` is an ELF vmlinux.
     elf: bool,
     codes: HashMap<String, FunctionCode>,
-    taken: Vec<u64>,
 }
 
 impl<'a> PointCheck<'a> {
     /// Reads the code of `functions` from `kernel` (none when it cannot be read as ELF).
-    pub(crate) fn new(
-        kernel: &'a Path,
-        syms: &'a KernelSymbols,
-        functions: &[String],
-        taken: Vec<u64>,
-    ) -> Self {
+    pub(crate) fn new(kernel: &'a Path, syms: &'a KernelSymbols, functions: &[String]) -> Self {
         let data = std::fs::read(kernel).ok();
         let elf = data.as_ref().is_some_and(|d| d.starts_with(b"\x7fELF"));
         let wanted: Vec<(String, u64)> = functions
@@ -201,7 +194,6 @@ impl<'a> PointCheck<'a> {
             kernel,
             elf,
             codes,
-            taken,
         }
     }
 
@@ -210,11 +202,12 @@ impl<'a> PointCheck<'a> {
         self.codes.get(function)
     }
 
-    /// The address of point `t` (named `name` in messages), or why it cannot be a hold
-    /// point: an unknown symbol, data, the interception's own breakpoint (when `vcpu0`:
-    /// the hook runs there), or an offset that is past the function's end or not the
-    /// start of one of its instructions as decoded.
-    pub(crate) fn check(&self, name: &str, t: &TraceSpec, vcpu0: bool) -> Result<u64, String> {
+    /// The address of point `t` (named `name` in messages), or why no breakpoint there
+    /// would fire for it: an unknown symbol, data, one of `taken` (where the interception
+    /// breaks on a vCPU the point is armed on: it would share that breakpoint, and the
+    /// interception's slot comes first), or an offset that is past the function's end or
+    /// not the start of one of its instructions as decoded.
+    pub(crate) fn check(&self, name: &str, t: &TraceSpec, taken: &[u64]) -> Result<u64, String> {
         let addr = self
             .syms
             .address(&t.symbol)
@@ -228,9 +221,9 @@ impl<'a> PointCheck<'a> {
             ));
         }
         let at = addr.wrapping_add(t.offset);
-        if vcpu0 && self.taken.contains(&at) {
+        if taken.contains(&at) {
             return Err(format!(
-                "{name} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel); hold at the function it calls instead"
+                "{name} is where the interception itself breaks (liveupdate_reboot, machine_kexec, start_kernel), and its breakpoint would take the hit; choose a function it calls instead"
             ));
         }
         if t.offset != 0 {

@@ -137,6 +137,54 @@ pub(crate) fn check_out(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// The files an exploration keeps in its directory ([`Store`]), and their temporary
+/// siblings.
+const OURS: &[&str] = &[
+    "manifest.json",
+    "plan.json",
+    "trials.jsonl",
+    CONFIRMATIONS,
+    "findings",
+    "logs",
+    "report.txt",
+    "report.json",
+    "progress.svg",
+];
+
+/// Refuses a `dir` that holds files but no exploration's manifest: a new exploration would
+/// mix its files with another program's (and replace a `trials.jsonl` or `plan.json`
+/// there).
+fn refuse_unrelated_files(dir: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    if dir.join("manifest.json").exists() {
+        return Ok(());
+    }
+    let others: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            !OURS
+                .iter()
+                .any(|o| n == o || n.starts_with(&format!("{o}.tmp.")))
+        })
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = others.iter().map(String::as_str).take(3).collect();
+    shown.sort_unstable();
+    Err(StoreError::Out {
+        path: dir.to_owned(),
+        why: format!(
+            "holds files but no exploration ({}{}): give an empty or new directory",
+            shown.join(", "),
+            if others.len() > 3 { ", ..." } else { "" }
+        ),
+    })
+}
+
 /// Whether `dir` holds results: a recorded trial (a whole line of `trials.jsonl`) or a
 /// finding's file.
 fn holds_results(dir: &Path) -> Result<bool, StoreError> {
@@ -234,16 +282,40 @@ pub fn list_digest(ids: impl IntoIterator<Item = impl AsRef<str>>) -> String {
 impl Manifest {
     /// The first field that differs from `other`, as `field: this vs other`.
     pub fn mismatch(&self, other: &Manifest) -> Option<String> {
+        self.difference(other, &[])
+            .map(|(k, v, w)| format!("{k}: {v} here, {w} there"))
+    }
+
+    /// The first field but those in `ignore` whose value differs between `self` and
+    /// `other`, with both values as read (JSON; `none` for an absent one, a long one cut).
+    /// The script follows from the rest (the stages searched, the workload): a field
+    /// that differs is named before it.
+    pub fn difference(
+        &self,
+        other: &Manifest,
+        ignore: &[&str],
+    ) -> Option<(String, String, String)> {
         let a = serde_json::to_value(self).ok()?;
         let b = serde_json::to_value(other).ok()?;
         let (a, b) = (a.as_object()?, b.as_object()?);
-        // The script follows from the rest (the stages searched, the workload): a field
-        // that differs is named before it.
-        let mut fields: Vec<(&String, &serde_json::Value)> = a.iter().collect();
+        let mut fields: Vec<(&String, &serde_json::Value)> = a
+            .iter()
+            .filter(|(k, _)| !ignore.contains(&k.as_str()))
+            .collect();
         fields.sort_by_key(|(k, _)| k.as_str() == "script");
+        let shown = |v: &serde_json::Value| match v {
+            serde_json::Value::Null => "none".to_owned(),
+            v => {
+                let text = v.to_string();
+                match text.char_indices().nth(80) {
+                    Some((cut, _)) => format!("{}…", &text[..cut]),
+                    None => text,
+                }
+            }
+        };
         fields.into_iter().find_map(|(k, v)| {
             let w = b.get(k).unwrap_or(&serde_json::Value::Null);
-            (v != w).then(|| format!("{k}: {v} here, {w} there"))
+            (v != w).then(|| (k.clone(), shown(v), shown(w)))
         })
     }
 }
@@ -310,6 +382,7 @@ impl Store {
             )));
         }
         check_out(dir)?;
+        refuse_unrelated_files(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Out {
             path: dir.to_owned(),
             why: e.to_string(),
@@ -666,6 +739,48 @@ mod tests {
         let s = Store::open(&dir, &m, false).unwrap();
         assert_eq!(s.confirmation("a", &sig), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory of other files is no results directory; one of this exploration's
+    /// own files (a run killed before its first trial) is.
+    #[test]
+    fn a_directory_of_other_files_is_refused() {
+        let dir = temp("others");
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let e = Store::open(&dir, &manifest(), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.ends_with(
+                "holds files but no exploration (notes.txt): give an empty or new directory"
+            ),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("notes.txt")).unwrap();
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        std::fs::write(dir.join("report.txt.tmp.7"), "").unwrap();
+        Store::open(&dir, &manifest(), false).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A difference names an absent value `none` and cuts a long one.
+    #[test]
+    fn differences_read_as_values() {
+        let m = manifest();
+        let mut other = m.clone();
+        other.budget = Some(40);
+        assert_eq!(
+            m.difference(&other, &[]),
+            Some(("budget".into(), "none".into(), "40".into()))
+        );
+        assert_eq!(m.difference(&other, &["budget"]), None);
+        let mut long = m.clone();
+        long.script = "x".repeat(500);
+        let (field, _, there) = m.difference(&long, &[]).unwrap();
+        assert_eq!(field, "script");
+        assert_eq!(there.chars().count(), 81, "{there}");
+        assert!(there.ends_with('…'));
     }
 
     /// A fresh, empty temporary directory of this test.
