@@ -1216,7 +1216,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     write_atomic(&out.join("plan.json"), plan_json.as_bytes())?;
     // Why the search stopped before the end of its plan, if it did.
     let mut stopped: Option<&str> = None;
-    let mut written: BTreeSet<String> = BTreeSet::new();
+    let mut written: BTreeMap<String, String> = BTreeMap::new();
     for (i, t) in planned.iter().enumerate() {
         if done.contains(&t.id(&ex.w)) {
             continue;
@@ -1373,17 +1373,22 @@ impl Interrupt {
     }
 }
 
-/// Writes the scenario file of every finding of `records` not written yet (as they are
-/// found: an interrupted exploration keeps them).
+/// Writes the scenario file of every finding of `records` as it is found (an interrupted
+/// exploration keeps them), and again when its representative changes (a deterministic
+/// trial of it after a timed one); `written` holds each file's representative.
 fn write_findings(
     ex: &Explorer,
     records: &[TrialRecord],
     out: &Path,
-    written: &mut BTreeSet<String>,
+    written: &mut BTreeMap<String, String>,
 ) -> Result<(), ExploreError> {
     for f in group(records) {
-        if written.insert(f.scenario.clone()) {
+        let new = !written.contains_key(&f.scenario);
+        if written.get(&f.scenario) != Some(&f.first) {
             write_finding(ex, &f, records, out)?;
+            written.insert(f.scenario.clone(), f.first.clone());
+        }
+        if new {
             println!(
                 "finding #{}: {} -> {}",
                 f.number,
