@@ -1445,13 +1445,14 @@ fn confirm(
             break;
         }
     }
-    // The representative, how many runs gave the signature, whether they ran now.
-    let mut best: Option<(TrialRecord, u32, bool)> = None;
+    // The representative, its confirmation, whether it ran now.
+    let mut best: Option<(TrialRecord, Confirmation, bool)> = None;
     for c in candidates {
-        let (same, now) = match store.confirmation(&c.id, &f.signature) {
-            Some((same, CONFIRM_RUNS)) => (same, false),
+        let (done, now) = match store.confirmation(&c.id, &f.signature) {
+            Some(done) if done.runs == CONFIRM_RUNS => (done.clone(), false),
             _ => {
                 let mut same = 0;
+                let mut others = Vec::new();
                 for _ in 0..CONFIRM_RUNS {
                     let again = ex.run(machines, &c.trial, out, "-again")?;
                     machines.record_baselines(store)?;
@@ -1459,29 +1460,34 @@ fn confirm(
                     if let Some(log) = &again.log {
                         let _ = std::fs::remove_file(out.join(log));
                     }
-                    if matches!(&again.verdict, TrialVerdict::Finding { signature, .. } if *signature == f.signature)
-                    {
-                        same += 1;
+                    match &again.verdict {
+                        TrialVerdict::Finding { signature, .. } if *signature == f.signature => {
+                            same += 1;
+                        }
+                        v => others.push(format!("{}: {}", v.name(), v.because().join("; "))),
                     }
                 }
-                store.append_confirmation(Confirmation {
+                let done = Confirmation {
                     trial: c.id.clone(),
                     signature: f.signature.clone(),
                     same,
                     runs: CONFIRM_RUNS,
-                })?;
-                (same, true)
+                    others,
+                };
+                store.append_confirmation(done.clone())?;
+                (done, true)
             }
         };
-        let full = same == CONFIRM_RUNS;
-        if best.as_ref().is_none_or(|(_, k, _)| same > *k) {
-            best = Some((c, same, now));
+        let full = done.same == CONFIRM_RUNS;
+        if best.as_ref().is_none_or(|(_, b, _)| done.same > b.same) {
+            best = Some((c, done, now));
         }
         if full {
             break;
         }
     }
-    if let Some((r, k, now)) = best {
+    if let Some((r, done, now)) = best {
+        let k = done.same;
         f.first = r.id.clone();
         f.log = r.log.clone();
         if let TrialVerdict::Finding { because, .. } = &r.verdict {
@@ -1498,6 +1504,10 @@ fn confirm(
                 " (confirmed by an earlier run)"
             }
         );
+        // What the others gave: a finding that does not come every time, and why.
+        for other in &done.others {
+            println!("  not the same once: {other}");
+        }
     }
     Ok(())
 }

@@ -352,6 +352,9 @@ pub struct Confirmation {
     pub same: u32,
     /// Runs made.
     pub runs: u32,
+    /// What each run that did not give it gave instead (its verdict and reasons).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<String>,
 }
 
 /// The results directory.
@@ -491,12 +494,11 @@ impl Store {
         Ok(())
     }
 
-    /// How many runs of trial `trial` gave `signature`, of how many, if it was confirmed.
-    pub fn confirmation(&self, trial: &str, signature: &Signature) -> Option<(u32, u32)> {
+    /// The confirmation of trial `trial` for `signature`, if it was confirmed.
+    pub fn confirmation(&self, trial: &str, signature: &Signature) -> Option<&Confirmation> {
         self.confirmations
             .iter()
             .find(|c| c.trial == trial && c.signature == *signature)
-            .map(|c| (c.same, c.runs))
     }
 
     /// Appends `c` and syncs it to disk.
@@ -707,16 +709,17 @@ mod tests {
             signature: sig.clone(),
             same: 3,
             runs: 3,
+            others: vec![],
         })
         .unwrap();
-        assert_eq!(s.confirmation("a", &sig), Some((3, 3)));
+        assert_eq!(s.confirmation("a", &sig).map(|c| c.same), Some(3));
         drop(s);
         let path = dir.join(CONFIRMATIONS);
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"trial\":\"b\",\"sig");
         std::fs::write(&path, &text).unwrap();
         let mut s = Store::open(&dir, &m, true).unwrap();
-        assert_eq!(s.confirmation("a", &sig), Some((3, 3)));
+        assert_eq!(s.confirmation("a", &sig).map(|c| c.same), Some(3));
         assert_eq!(s.confirmation("b", &sig), None);
         let other = Signature {
             cause: "fail luo_session_freeze".into(),
@@ -728,11 +731,14 @@ mod tests {
             signature: sig.clone(),
             same: 2,
             runs: 3,
+            others: vec!["pass: records match at point-of-no-return".into()],
         })
         .unwrap();
         drop(s);
         let s = Store::open(&dir, &m, true).unwrap();
-        assert_eq!(s.confirmation("b", &sig), Some((2, 3)));
+        let b = s.confirmation("b", &sig).unwrap();
+        assert_eq!((b.same, b.runs), (2, 3));
+        assert_eq!(b.others, ["pass: records match at point-of-no-return"]);
         drop(s);
         // A new exploration there (its manifest lost): nothing of the old one.
         std::fs::remove_file(dir.join("manifest.json")).unwrap();
