@@ -1226,12 +1226,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         } else if args.time.is_some_and(|limit| ex.started.elapsed() >= limit) {
             stopped = Some("--time reached");
         }
-        if let Some(why) = stopped {
-            let left = planned[i..]
-                .iter()
-                .filter(|t| !store.done.iter().any(|r| r.id == t.id(&ex.w)))
-                .count();
-            println!("{why}: {left} of {} trials not run", planned.len());
+        if stopped.is_some() {
             break;
         }
         let r = ex.run(&mut machines, t, &out, "")?;
@@ -1256,17 +1251,14 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     let t = totals(&store.done, trials.len());
     let status = match stopped {
         None => "complete".to_owned(),
-        Some(why) => {
-            let left = plan
-                .trials
+        Some(why) => format!(
+            "incomplete ({why}): {} of {} planned search trials not run; --resume goes on",
+            plan.trials
                 .iter()
                 .filter(|id| !store.done.iter().any(|r| &r.id == *id))
-                .count();
-            format!(
-                "incomplete ({why}): {left} of {} planned search trials not run; --resume goes on",
-                plan.trials.len()
-            )
-        }
+                .count(),
+            plan.trials.len()
+        ),
     };
     let text = format!("{status}\n{}", table(&findings, &t));
     println!("{text}");
