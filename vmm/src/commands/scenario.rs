@@ -271,8 +271,8 @@ fn prepare(
     };
     let interceptor = interceptor(&syms, next_syms.as_ref(), false, false)?;
     // Each hook's `at` as `explore --points` checks a point: a function, not where the
-    // interception breaks on vCPU 0, an offset at one of its instructions (a breakpoint
-    // elsewhere would never fire, and the run would say "not reproduced").
+    // interception breaks on the hook's vCPUs, an offset at one of its instructions (a
+    // breakpoint elsewhere would never fire, and the run would say "not reproduced").
     let names: Vec<String> = sc.hooks.iter().map(|h| h.at.symbol.clone()).collect();
     let check = PointCheck::new(&guest.kernel, &syms, &names);
     for h in &sc.hooks {
