@@ -35,6 +35,20 @@ fn scenario_runs(name: &str, args: &[&str], runs: u32) -> (Option<i32>, String, 
     (out.status.code(), stdout, report)
 }
 
+/// Runs the shipped scenario `name` once on the reference kernel, which must reproduce
+/// it (exit 0, `expected reproduced`, run 1 `reproduced`); returns the text output and the
+/// JSON.
+fn reproduced_on_reference(tag: &str, name: &str) -> (String, Value) {
+    let (code, stdout, report) = scenario(tag, &[name]);
+    assert!(stdout.contains("expected reproduced"), "{stdout}");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(
+        report["runs"][0]["judgement"]["verdict"], "reproduced",
+        "{stdout}"
+    );
+    (stdout, report)
+}
+
 fn timeline(run: &Value) -> Vec<String> {
     run["timeline"]
         .as_array()
@@ -227,11 +241,9 @@ fn a_user_scenario_file_reproduces_the_close_race_on_the_variant_without_the_fix
 /// so written where the dirty log sees it), not leaked.
 #[test]
 fn a_failed_memfd_retrieve_frees_preserved_folios_on_the_reference_kernel() {
-    let (code, stdout, report) = scenario("reuse", &["memfd-retrieve-frees-preserved-folios"]);
-    assert!(stdout.contains("expected reproduced"), "{stdout}");
-    assert_eq!(code, Some(0), "{stdout}");
+    let (stdout, report) =
+        reproduced_on_reference("reuse", "memfd-retrieve-frees-preserved-folios");
     let run = &report["runs"][0];
-    assert_eq!(run["judgement"]["verdict"], "reproduced", "{stdout}");
     assert_eq!(
         run["judgement"]["because"],
         serde_json::json!(["preserved data written"]),
@@ -253,11 +265,8 @@ fn a_failed_memfd_retrieve_frees_preserved_folios_on_the_reference_kernel() {
 
 #[test]
 fn a_failed_kho_init_frees_the_incoming_scratch_on_the_reference_kernel() {
-    let (code, stdout, report) = scenario("scratch", &["kho-init-error-frees-incoming-scratch"]);
-    assert!(stdout.contains("expected reproduced"), "{stdout}");
-    assert_eq!(code, Some(0), "{stdout}");
+    let (_, report) = reproduced_on_reference("scratch", "kho-init-error-frees-incoming-scratch");
     let run = &report["runs"][0];
-    assert_eq!(run["judgement"]["verdict"], "reproduced", "{stdout}");
     // The hook acted in the next kernel's boot (armed by the reboot), not in this one's.
     let t = timeline(run);
     assert!(

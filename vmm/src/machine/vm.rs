@@ -1039,15 +1039,23 @@ mod tests {
         }
     }
 
+    /// A VM of 64 MiB with its snapshot kept ([`Vm::idle`]); `None` (said) without a
+    /// usable /dev/kvm.
+    fn idle_vm() -> Option<Vm> {
+        if open_kvm().is_err() {
+            eprintln!("no usable /dev/kvm: skipped");
+            return None;
+        }
+        Some(Vm::idle(64 << 20).unwrap())
+    }
+
     /// A reset the guest asked for in a run (the i8042's reset command, written twice)
     /// is not pending after a reset to the snapshot: the next run does not end on it.
     #[test]
     fn a_reset_to_the_snapshot_forgets_the_last_run_s_reset_requests() {
-        if open_kvm().is_err() {
-            eprintln!("no usable /dev/kvm: skipped");
+        let Some(mut vm) = idle_vm() else {
             return;
-        }
-        let mut vm = Vm::idle(64 << 20).unwrap();
+        };
         for _ in 0..2 {
             assert!(vm.bus.write(I8042_PORT + 4, &[0xfe]));
         }
@@ -1063,11 +1071,9 @@ mod tests {
     /// since the snapshot): the figure agrees with the TSC KVM reads back.
     #[test]
     fn a_reset_puts_the_tsc_back_or_says_how_far_ahead_it_is() {
-        if open_kvm().is_err() {
-            eprintln!("no usable /dev/kvm: skipped");
+        let Some(mut vm) = idle_vm() else {
             return;
-        }
-        let mut vm = Vm::idle(64 << 20).unwrap();
+        };
         let saved = vm.kept_snapshot().unwrap().vcpus[0].tsc().unwrap();
         let khz = u64::from(vm.vcpus[0].fd.get_tsc_khz().unwrap());
         std::thread::sleep(Duration::from_millis(300));
