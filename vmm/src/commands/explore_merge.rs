@@ -69,12 +69,23 @@ pub fn run(args: &MergeArgs) -> Result<u8, MergeCommandError> {
     // The confirmation of each finding, and the trial it confirmed (the representative
     // the scenario file was written from), as the shard whose file is copied wrote them in
     // its report (or else the first shard that has one).
+    // Each shard's report, read once (absent or unreadable: `Null`).
+    let reports: std::collections::BTreeMap<String, serde_json::Value> = merged
+        .findings
+        .iter()
+        .flat_map(|f| &f.shards)
+        .map(|dir| {
+            let report = std::fs::read_to_string(Path::new(dir).join("report.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default();
+            (dir.clone(), report)
+        })
+        .collect();
     for f in &mut merged.findings {
         let sig = serde_json::to_value(&f.finding.signature).ok();
         let in_report = |dir: &String| -> Option<serde_json::Value> {
-            let text = std::fs::read_to_string(Path::new(dir).join("report.json")).ok()?;
-            let report: serde_json::Value = serde_json::from_str(&text).ok()?;
-            report["findings"]
+            reports.get(dir)?["findings"]
                 .as_array()?
                 .iter()
                 .find(|g| Some(&g["signature"]) == sig.as_ref())
