@@ -31,8 +31,8 @@ use crate::explore::space::{
     Reach, Release, Trial, Workload, ACTION2_GATE, ACTION_GATE, IDLE_SYMBOL, RACE2_GATE, RACE_GATE,
 };
 use crate::explore::store::{
-    check_json_out, check_out, list_digest, write_atomic, Confirmation, Manifest, Plan, Store,
-    StoreError, TrialRecord,
+    check_json_out, check_results_dir, list_digest, write_atomic, Confirmation, Manifest, Plan,
+    Store, StoreError, TrialRecord,
 };
 use crate::judge::explore::{decide, excuse_deliberate_panic, Oracle, TrialVerdict};
 use crate::run::guest::{GuestError, GuestMachine, ResolvedGuest, SnapshotPoint};
@@ -106,6 +106,9 @@ pub struct ExploreReport {
     pub findings: Vec<Finding>,
     /// Whether every trial of the space (within the budget) ran.
     pub complete: bool,
+    /// Why the search stopped before its end (`interrupted`, `--time reached`), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// The space, in counts and names.
@@ -956,7 +959,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     opts.validate().map_err(|e| options(e.to_string()))?;
     // The results directory: a directory luo-vmm can write (or one it can make), checked
     // before a kernel is built or a guest boots.
-    check_out(&args.out)?;
+    check_results_dir(&args.out)?;
     let hold_max = args.hang_after / 2;
     let baseline = trial_scenario(&w, &Trial::Baseline, args.vcpus, hold_max);
     check_fits(&baseline, args.vcpus, args.mem).map_err(options)?;
@@ -1216,7 +1219,11 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
     write_atomic(&out.join("plan.json"), plan_json.as_bytes())?;
     // Why the search stopped before the end of its plan, if it did.
     let mut stopped: Option<&str> = None;
-    let mut written: BTreeMap<String, String> = BTreeMap::new();
+    // The files of findings an earlier session of this `--out` wrote are not new.
+    let mut written: BTreeMap<String, String> = group(&store.done)
+        .into_iter()
+        .map(|f| (f.scenario, f.first))
+        .collect();
     for (i, t) in planned.iter().enumerate() {
         if done.contains(&t.id(&ex.w)) {
             continue;
@@ -1280,6 +1287,7 @@ pub fn run(args: &ExploreArgs) -> Result<u8, ExploreError> {
         totals: t,
         findings,
         complete,
+        stopped: stopped.map(str::to_owned),
     };
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| options(format!("the JSON report: {e}")))?;

@@ -654,7 +654,7 @@ pub fn text(m: &Merged) -> String {
     for f in &m.findings {
         let _ = writeln!(
             out,
-            "  #{} first in {} (from {}), seen in {}",
+            "  #{} represented by {} (from {}), seen in {}",
             f.finding.number,
             f.finding.first,
             f.source,

@@ -151,6 +151,13 @@ const OURS: &[&str] = &[
     "progress.svg",
 ];
 
+/// [`check_out`], and a `dir` that holds files but no exploration refused: what a results
+/// directory must be, checked before the kernel is built or found, creating nothing.
+pub(crate) fn check_results_dir(dir: &Path) -> Result<(), StoreError> {
+    check_out(dir)?;
+    refuse_unrelated_files(dir)
+}
+
 /// Refuses a `dir` that holds files but no exploration's manifest: a new exploration would
 /// mix its files with another program's (and replace a `trials.jsonl` or `plan.json`
 /// there).
@@ -384,8 +391,7 @@ impl Store {
                 dir.display()
             )));
         }
-        check_out(dir)?;
-        refuse_unrelated_files(dir)?;
+        check_results_dir(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Out {
             path: dir.to_owned(),
             why: e.to_string(),
